@@ -1,0 +1,68 @@
+"""Resolve credential references and remember every resolved value so it can be redacted.
+
+A reference is `env:NAME`, `file:PATH` or `prefect-secret:BLOCK`. Whatever a reference
+resolves to is added to a process-wide redaction set that the logging pipeline, artifacts and
+error messages pass their text through (`redact`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+_lock = threading.Lock()
+_secrets: set[str] = set()
+MASK = "***"
+
+
+class SecretError(Exception):
+    """A reference could not be resolved; the message names the reference, never a value."""
+
+
+def remember(value: str) -> str:
+    """Register a secret value for redaction and return it unchanged."""
+    if value and len(value) >= 3:
+        with _lock:
+            _secrets.add(value)
+    return value
+
+
+def redact(text: str) -> str:
+    """Replace every known secret in text by ***."""
+    if not _secrets or not text:
+        return text
+    with _lock:
+        known = sorted(_secrets, key=len, reverse=True)
+    for secret in known:
+        if secret in text:
+            text = text.replace(secret, MASK)
+    return text
+
+
+def resolve(reference: str, *, base_dir: Path | None = None) -> str:
+    """Turn a credential reference into its value (and register it for redaction)."""
+    scheme, _, rest = reference.partition(":")
+    if scheme == "env":
+        value = os.environ.get(rest)
+        if value is None:
+            raise SecretError(f"environment variable {rest!r} (from {reference!r}) is not set")
+    elif scheme == "file":
+        path = Path(rest).expanduser()
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        try:
+            value = path.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise SecretError(f"cannot read secret file {str(path)!r} (from {reference!r}): {exc.strerror}") from None
+    elif scheme == "prefect-secret":
+        from prefect.blocks.system import Secret
+
+        try:
+            value = Secret.load(rest).get()
+        except Exception as exc:  # noqa: BLE001 - Prefect raises several kinds; the message is what matters
+            raise SecretError(f"cannot load Prefect Secret block {rest!r}: {type(exc).__name__}") from None
+        value = str(value)
+    else:
+        raise SecretError(f"unknown credential reference {reference!r}: use env:, file: or prefect-secret:")
+    return remember(value)

@@ -1,0 +1,197 @@
+"""The Connector protocol every transport implements, and the errors it raises.
+
+Connectors know nothing of patching or backups: they run commands, move files and tell
+whether a host is up. Transient faults (unreachable, timeout) are retried here with tenacity;
+authentication and host-key failures are not, since retrying cannot fix them.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+T = TypeVar("T")
+
+
+class ConnectorError(Exception):
+    """Base of every connector failure; always names the host."""
+
+    transient: bool = False
+
+    def __init__(self, host: str, message: str) -> None:
+        self.host = host
+        self.message = message
+        super().__init__(f"{host}: {message}")
+
+
+class HostUnreachable(ConnectorError):
+    """The host did not answer (refused, no route, DNS). Retried."""
+
+    transient = True
+
+
+class HostTimeout(ConnectorError):
+    """A connection or command ran past its time limit. Retried."""
+
+    transient = True
+
+
+class AuthenticationFailed(ConnectorError):
+    """Credentials were refused. Never retried: the message says what to fix."""
+
+
+class HostKeyRejected(ConnectorError):
+    """The host's key is unknown or changed. Never retried."""
+
+
+class CommandFailed(ConnectorError):
+    """A command ran and exited non-zero (raised only when the caller asks with check=True)."""
+
+    def __init__(self, host: str, command: str, exit_code: int, stderr: str) -> None:
+        self.command = command
+        self.exit_code = exit_code
+        self.stderr = stderr
+        tail = stderr.strip().splitlines()[-5:]
+        detail = ("; stderr: " + " | ".join(tail)) if tail else ""
+        super().__init__(host, f"command {_short(command)!r} exited {exit_code}{detail}")
+
+
+def _short(command: str, limit: int = 120) -> str:
+    return command if len(command) <= limit else command[: limit - 1] + "…"
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    host: str
+    command: str
+    exit_code: int
+    stdout: str
+    stderr: str
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    def check(self) -> "CommandResult":
+        if not self.ok:
+            raise CommandFailed(self.host, self.command, self.exit_code, self.stderr)
+        return self
+
+
+@dataclass(frozen=True)
+class BootIdentity:
+    """Who the host is since its last boot: changes on every reboot."""
+
+    host: str
+    os_family: str  # "linux" | "windows"
+    boot_id: str
+    os_name: str = ""
+    rtt_seconds: float = 0.0
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded exponential backoff with jitter for transient faults."""
+
+    attempts: int = 4
+    initial: float = 0.5
+    maximum: float = 8.0
+    deadline: float = 60.0
+
+    def call(self, fn: Callable[[], T], on_retry: Callable[[RetryCallState], None] | None = None) -> T:
+        retrying = Retrying(
+            retry=retry_if_exception_type((HostUnreachable, HostTimeout)),
+            stop=stop_after_attempt(self.attempts) | stop_after_delay(self.deadline),
+            wait=wait_exponential_jitter(initial=self.initial, max=self.maximum),
+            before_sleep=on_retry,
+            reraise=True,
+        )
+        return retrying(fn)
+
+
+class Connector(abc.ABC):
+    """One host, one transport. Reuses its connection within a run; close() releases it."""
+
+    name: str
+    os_family: str
+
+    @abc.abstractmethod
+    def run(self, command: str, *, timeout: float | None = None, check: bool = False,
+            env: dict[str, str] | None = None, stdin: bytes | None = None) -> CommandResult:
+        """Run a shell command (sh on Linux, PowerShell on Windows)."""
+
+    @abc.abstractmethod
+    def run_script(self, script: str, args: list[str] | None = None, *,
+                   timeout: float | None = None, check: bool = False) -> CommandResult:
+        """Run a script from connectors/remote/ (by file name) with arguments."""
+
+    @abc.abstractmethod
+    def put(self, local: Path, remote: str) -> None:
+        """Copy a local file to the host."""
+
+    @abc.abstractmethod
+    def get(self, remote: str, local: Path) -> None:
+        """Copy a file from the host."""
+
+    @abc.abstractmethod
+    def boot_identity(self) -> BootIdentity:
+        """Read the host's boot identity once (no retry)."""
+
+    def wait_until_up(self, timeout: float, *, interval: float = 1.0,
+                      not_boot_id: str | None = None) -> BootIdentity:
+        """Poll until the host answers (and, if given, with a boot id other than `not_boot_id`).
+
+        Reboot gates pass the pre-reboot boot id as `not_boot_id`, so a host that has not yet
+        gone down is not mistaken for one that came back.
+        """
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while True:
+            try:
+                self.close()
+                identity = self.boot_identity()
+                if not_boot_id is None or identity.boot_id != not_boot_id:
+                    return identity
+                last = None
+            except (HostUnreachable, HostTimeout) as exc:
+                last = exc
+            if time.monotonic() >= deadline:
+                if last is not None:
+                    raise HostTimeout(self.name, f"not up after {timeout:.0f}s (last error: {last.message})")
+                raise HostTimeout(self.name, f"still on boot {not_boot_id} after {timeout:.0f}s: it did not reboot")
+            time.sleep(interval)
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the connection; the next call reconnects."""
+
+    def __enter__(self) -> "Connector":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+REMOTE_DIR = Path(__file__).parent / "remote"
+
+
+def remote_script(name: str) -> str:
+    """The text of a script shipped in connectors/remote/."""
+    path = REMOTE_DIR / name
+    if not path.is_file():
+        raise FileNotFoundError(f"no remote script {name!r} in {REMOTE_DIR}")
+    return path.read_text(encoding="utf-8")
