@@ -1,3 +1,29 @@
 """Shared fixtures: each real test host lives in its own module under tests/hosts/."""
 
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+# Keep test processes away from the user's Prefect home and the network.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
 pytest_plugins = ["tests.hosts.sshd", "tests.hosts.winrm", "tests.hosts.azurite"]
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[None]:
+    """A real temporary Prefect server (SQLite) for flows run in tests.
+
+    Heartbeats are off here: a synchronous flow call otherwise waits ~1.2 s on its heartbeat
+    thread. Production keeps them on (they detect crashed runs).
+    """
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield

@@ -1,0 +1,55 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Each installs what it needs.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+export PATH := $(HOME)/.local/bin:$(PATH)
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+export UV_LINK_MODE := copy
+
+UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+APT_PACKAGES := openssh-server openssh-client apt-utils dpkg-dev restic
+
+.PHONY: help demo test server bootstrap uv python-deps node-deps system-deps bench clean
+
+help:
+	@echo "make demo    run the main job on the embedded lab (local store, local host)"
+	@echo "make test    run the whole test suite (installs everything it needs)"
+	@echo "make server  start a local Prefect server with its UI on http://127.0.0.1:4200"
+	@echo "make bench   run the benchmarks in bench/ (slow; not part of the tests)"
+
+uv:
+	@command -v uv >/dev/null 2>&1 || [ -x "$(HOME)/.local/bin/uv" ] || \
+	  python3 -m pip install --user --quiet uv 2>/dev/null || \
+	  python3 -m pip install --user --quiet --break-system-packages uv
+
+python-deps: uv
+	@$(UV) sync --frozen --compile-bytecode --quiet
+
+node-deps:
+	@[ -x node_modules/.bin/azurite-blob ] || npm ci --no-audit --no-fund --loglevel=error
+
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+bootstrap: python-deps node-deps system-deps
+
+demo: python-deps
+	@$(UV) run --frozen python -m flows.demo
+
+test: bootstrap
+	@$(UV) run --frozen pytest -q
+
+server: python-deps
+	@$(UV) run --frozen prefect server start --host 127.0.0.1 --port 4200
+
+bench: bootstrap
+	@$(UV) run --frozen python bench/backup_vs_restic.py
+	@$(UV) run --frozen python bench/fanout_vs_ansible.py
+
+clean:
+	rm -rf .lab .bench .pytest_cache

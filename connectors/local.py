@@ -1,0 +1,82 @@
+"""The local transport: the controller itself is the host (the embedded lab default)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from configs.models import HostConfig
+from connectors.base import BootIdentity, CommandResult, Connector, HostTimeout, remote_script
+
+BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+
+
+class LocalConnector(Connector):
+    """Runs commands with `sh -c` through subprocess; put/get are file copies."""
+
+    def __init__(self, host: HostConfig) -> None:
+        self.host = host
+        self.name = host.name
+        self.os_family = "linux"
+
+    def run(self, command: str, *, timeout: float | None = None, check: bool = False,
+            env: dict[str, str] | None = None, stdin: bytes | None = None) -> CommandResult:
+        return self._exec(["sh", "-c", command], command, timeout=timeout, check=check, env=env, stdin=stdin)
+
+    def run_script(self, script: str, args: list[str] | None = None, *,
+                   timeout: float | None = None, check: bool = False) -> CommandResult:
+        interpreter = ["python3", "-"] if script.endswith(".py") else ["sh", "-s", "--"]
+        text = remote_script(script).encode("utf-8")
+        label = " ".join([script, *(args or [])])
+        return self._exec([*interpreter, *(args or [])], label, timeout=timeout, check=check, stdin=text)
+
+    def _exec(self, argv: list[str], label: str, *, timeout: float | None, check: bool,
+              env: dict[str, str] | None = None, stdin: bytes | None = None) -> CommandResult:
+        started = time.monotonic()
+        try:
+            proc = subprocess.run(
+                argv, input=stdin if stdin is not None else b"", capture_output=True, timeout=timeout,
+                env={**os.environ, **env} if env else None,
+            )
+        except subprocess.TimeoutExpired:
+            raise HostTimeout(self.name, f"command {label!r} ran past {timeout}s") from None
+        result = CommandResult(
+            host=self.name, command=label, exit_code=proc.returncode,
+            stdout=proc.stdout.decode("utf-8", errors="replace"),
+            stderr=proc.stderr.decode("utf-8", errors="replace"),
+            seconds=time.monotonic() - started,
+        )
+        return result.check() if check else result
+
+    def put(self, local: Path, remote: str) -> None:
+        target = Path(remote)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.partial")
+        shutil.copyfile(local, partial)
+        os.replace(partial, target)
+
+    def get(self, remote: str, local: Path) -> None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(remote, local)
+
+    def boot_identity(self) -> BootIdentity:
+        started = time.monotonic()
+        boot_id = BOOT_ID_PATH.read_text().strip()
+        return BootIdentity(
+            host=self.name, os_family="linux", boot_id=boot_id,
+            os_name=_os_pretty_name(), rtt_seconds=time.monotonic() - started,
+        )
+
+    def close(self) -> None:
+        """Nothing to release: every call is its own process."""
+
+
+def _os_pretty_name() -> str:
+    try:
+        return platform.freedesktop_os_release().get("PRETTY_NAME", platform.platform())
+    except OSError:
+        return platform.platform()

@@ -1,0 +1,109 @@
+"""The `patchdrill` command: ad-hoc runs with no server needed."""
+
+from __future__ import annotations
+
+import json
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from configs.models import PatchdrillConfig
+from flows.cli_common import DEFAULT_CONFIG, ConfigOption, JsonOption, console, emit, fail, load_or_exit
+from flows.logs import configure
+
+app = typer.Typer(
+    name="patchdrill", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+    help="Patch, back up and rehearse disaster recovery for a mixed Windows/Linux fleet.",
+)
+config_app = typer.Typer(no_args_is_help=True, help="Validate configs and print their schema.")
+hosts_app = typer.Typer(no_args_is_help=True, help="Look at the inventory's hosts.")
+app.add_typer(config_app, name="config")
+app.add_typer(hosts_app, name="hosts")
+
+
+@app.callback()
+def _main(log_json: Annotated[bool, typer.Option("--log-json", help="Log events as JSON lines.")] = False) -> None:
+    configure(json=log_json)
+
+
+@app.command()
+def version(as_json: JsonOption = False) -> None:
+    """Print patchdrill's version."""
+    emit({"patchdrill": package_version("patchdrill")}, as_json, lambda d: console.print(f"patchdrill {d['patchdrill']}"))
+
+
+@config_app.command("check")
+def config_check(file: Annotated[Path, typer.Argument(help="Config file to validate.")], as_json: JsonOption = False) -> None:
+    """Validate a config; print every problem with its field and line (exit 1 if any)."""
+    from configs.loader import ConfigError, load_config
+
+    try:
+        loaded = load_config(file)
+    except ConfigError as exc:
+        if as_json:
+            typer.echo(json.dumps({"file": str(file), "ok": False, "problems": [p.__dict__ for p in exc.problems]}, indent=2))
+            raise typer.Exit(1) from None
+        load_or_exit(file)
+        return
+    cfg = loaded.config
+    summary = {"file": str(file), "ok": True, "hosts": len(cfg.hosts), "storage": cfg.storage.kind}
+    emit(summary, as_json, lambda d: console.print(f"[green]ok[/] {d['file']}: {d['hosts']} hosts, {d['storage']} storage"))
+
+
+@config_app.command("schema")
+def config_schema() -> None:
+    """Print the config's JSON Schema (for editor completion)."""
+    typer.echo(json.dumps(PatchdrillConfig.model_json_schema(), indent=2))
+
+
+@hosts_app.command("ping")
+def hosts_ping(
+    config: ConfigOption = DEFAULT_CONFIG,
+    group: Annotated[Optional[list[str]], typer.Option("--group", "-g", help="Only hosts in this group (repeatable).")] = None,
+    host: Annotated[Optional[list[str]], typer.Option("--host", help="Only this host (repeatable).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Connect to each host in parallel: OS, boot identity, round-trip time."""
+    from tasks.inventory import ping_hosts
+
+    loaded = load_or_exit(config)
+    try:
+        hosts = loaded.config.select(group, host)
+    except KeyError as exc:
+        fail(f"{config}: {exc.args[0]}")
+    if not hosts:
+        fail(f"{config}: no host matches the selection")
+    rows = ping_hosts(hosts, loaded.base_dir)
+    emit(rows, as_json, _render_ping)
+    if not all(r.reachable for r in rows):
+        raise typer.Exit(2)
+
+
+def _render_ping(rows: list) -> None:  # type: ignore[type-arg]
+    table = Table(title="hosts")
+    for column in ("host", "transport", "address", "state", "os", "boot id", "rtt ms"):
+        table.add_column(column)
+    for r in rows:
+        state = "[green]up[/]" if r.reachable else f"[red]unreachable[/] {r.error}"
+        table.add_row(r.host, r.transport, r.address, state, r.os, r.boot_id, "" if r.rtt_ms is None else f"{r.rtt_ms:.1f}")
+    console.print(table)
+
+
+def _register_pipelines() -> None:
+    """Pipelines add their own commands; each lives beside its flow."""
+    import importlib
+
+    for module in ("flows.backup_cli", "flows.patch_cli"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        mod.register(app)
+
+
+_register_pipelines()

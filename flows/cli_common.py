@@ -1,0 +1,55 @@
+"""What every `patchdrill` command shares: the config and --json options, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Callable, NoReturn
+
+import typer
+from pydantic import BaseModel
+from rich.console import Console
+
+from configs.loader import ConfigError, LoadedConfig, load_config
+from configs.secrets import redact
+
+DEFAULT_CONFIG = Path("configs/lab.yaml")
+
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Config file (YAML).")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """One clear line on stderr, no traceback."""
+    err_console.print(f"[bold red]error:[/] {redact(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def load_or_exit(path: Path) -> LoadedConfig:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            err_console.print(f"[bold red]error:[/] {problem}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def to_jsonable(data: Any) -> Any:
+    if isinstance(data, BaseModel):
+        return data.model_dump(mode="json")
+    if isinstance(data, (list, tuple)):
+        return [to_jsonable(item) for item in data]
+    if isinstance(data, dict):
+        return {key: to_jsonable(value) for key, value in data.items()}
+    return data
+
+
+def emit(data: Any, as_json: bool, render: Callable[[Any], None]) -> None:
+    """JSON on stdout for scripts, or a rich rendering for people."""
+    if as_json:
+        typer.echo(redact(json.dumps(to_jsonable(data), indent=2, default=str)))
+    else:
+        render(data)

@@ -1,0 +1,54 @@
+"""The local transport, for real: subprocesses on this machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from configs.models import HostConfig
+from connectors import connect
+from connectors.base import CommandFailed, HostTimeout
+from connectors.local import LocalConnector
+
+HOST = HostConfig(name="lab", transport="local")
+
+
+def test_command_exit_code_and_stderr() -> None:
+    conn = connect(HOST)
+    assert isinstance(conn, LocalConnector)
+    result = conn.run("echo out; echo err >&2; exit 3")
+    assert (result.exit_code, result.stdout, result.stderr) == (3, "out\n", "err\n")
+    with pytest.raises(CommandFailed) as caught:
+        conn.run("echo boom >&2; exit 4", check=True)
+    assert caught.value.exit_code == 4 and "boom" in str(caught.value) and "lab" in str(caught.value)
+
+
+def test_large_and_non_ascii_output_and_env() -> None:
+    conn = LocalConnector(HOST)
+    big = conn.run("head -c 10485760 /dev/zero | tr '\\0' 'x'")
+    assert len(big.stdout) == 10 * 1024 * 1024
+    assert conn.run("printf 'héllo ✓ 日本'").stdout == "héllo ✓ 日本"
+    assert conn.run('printf "$PD_X"', env={"PD_X": "from-env"}).stdout == "from-env"
+
+
+def test_timeout_raises_host_timeout() -> None:
+    with pytest.raises(HostTimeout, match="lab"):
+        LocalConnector(HOST).run("sleep 5", timeout=0.3)
+
+
+def test_put_get_round_trip(tmp_path: Path) -> None:
+    conn = LocalConnector(HOST)
+    src = tmp_path / "src.bin"
+    src.write_bytes(bytes(range(256)) * 4096)
+    conn.put(src, str(tmp_path / "remote" / "dst.bin"))
+    conn.get(str(tmp_path / "remote" / "dst.bin"), tmp_path / "back.bin")
+    assert (tmp_path / "back.bin").read_bytes() == src.read_bytes()
+    assert not list((tmp_path / "remote").glob(".*partial"))
+
+
+def test_wait_until_up_returns_boot_identity() -> None:
+    identity = LocalConnector(HOST).wait_until_up(5)
+    assert identity.boot_id == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    with pytest.raises(HostTimeout, match="did not reboot"):
+        LocalConnector(HOST).wait_until_up(0.5, interval=0.1, not_boot_id=identity.boot_id)
