@@ -8,14 +8,29 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import ipaddress
 import os
+import re
 import tempfile
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import BinaryIO, Iterator
+from urllib.parse import urlsplit
 
 import structlog
+from azure.core.exceptions import (
+    AzureError,
+    ClientAuthenticationError,
+    ResourceExistsError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from azure.storage.blob import BlobSasPermissions, ContainerClient, UserDelegationKey, generate_blob_sas
+
+from configs.models import AzureStorage, LocalStorage
+from configs.secrets import SecretError, redact, remember, resolve
 
 log = structlog.stdlib.get_logger("patchdrill.storage")
 
@@ -29,6 +44,15 @@ _TEMP_PREFIX = ".patchdrill-tmp-"
 
 class StoreError(Exception):
     """A store operation failed; names the store and key."""
+
+    #: whether trying again later may succeed (the service was unreachable or busy)
+    transient: bool = False
+
+
+class StoreUnavailable(StoreError):
+    """The store could not be reached or was busy. Worth retrying."""
+
+    transient = True
 
 
 class BlobExists(StoreError):
@@ -59,6 +83,13 @@ def validate_key(key: str, store: str = "store") -> str:
     if problem:
         raise InvalidKey(f"{store}: invalid key {key!r}: {problem}")
     return key
+
+
+def validate_prefix(prefix: str, store: str = "store") -> str:
+    """Return a list() prefix if it cannot climb out of the store, else raise InvalidKey."""
+    if "\\" in prefix or prefix.startswith("/") or ".." in prefix.split("/"):
+        raise InvalidKey(f"{store}: invalid prefix {prefix!r}: use a relative '/'-separated prefix")
+    return prefix
 
 
 def _key_problem(key: str) -> str | None:
@@ -222,8 +253,7 @@ class LocalBlobStore(BlobStore):
         return self._path(key).is_file()
 
     def list(self, prefix: str = "") -> Iterator[BlobInfo]:
-        if ".." in prefix.split("/") or prefix.startswith("/") or "\\" in prefix:
-            raise InvalidKey(f"{self.name}: invalid prefix {prefix!r}: use a relative '/'-separated prefix")
+        validate_prefix(prefix, self.name)
         # Only the directory the prefix's complete segments name needs walking.
         directory, _, _ = prefix.rpartition("/")
         start = self.root.joinpath(*directory.split("/")) if directory else self.root
@@ -310,3 +340,275 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class AzureBlobStore(BlobStore):
+    """Blobs in an Azure Storage container, optionally under a key prefix.
+
+    No-overwrite puts send If-None-Match: *, so the service itself refuses a second writer.
+    Large blobs move in parallel blocks (`max_concurrency`). Upload URLs are write-only SAS
+    URLs signed with the account key, or with a user delegation key when the store holds a
+    token credential instead.
+    """
+
+    supports_upload_url = True
+
+    def __init__(self, container: ContainerClient, prefix: str = "", *, account_key: str | None = None,
+                 max_concurrency: int = 4, create_container: bool = True) -> None:
+        self.container = container
+        self.prefix = _normalise_prefix(prefix, container.container_name)
+        # A client built from a connection string or account key carries the key on its
+        # credential; that is the key SAS URLs are signed with.
+        self._account_key = account_key or getattr(container.credential, "account_key", None)
+        if self._account_key:
+            remember(self._account_key)
+        self.max_concurrency = max_concurrency
+        location = f"{container.account_name}/{container.container_name}"
+        self.name = f"azure:{location}/{self.prefix.rstrip('/')}" if self.prefix else f"azure:{location}"
+        if create_container:
+            self._create_container()
+
+    @classmethod
+    def from_config(cls, cfg: AzureStorage, base_dir: Path | None = None, *,
+                    max_concurrency: int = 4) -> "AzureBlobStore":
+        """Build a store from configuration, resolving its credential references.
+
+        Relative `file:` references are read relative to base_dir (the config file's directory).
+        """
+        where = f"azure:{cfg.container}"
+        if cfg.connection_string:
+            text = _resolve_ref(cfg.connection_string, "connection_string", where, base_dir)
+            fields = _parse_connection_string(text)
+            for secret_field in ("AccountKey", "SharedAccessSignature"):
+                if fields.get(secret_field):
+                    remember(fields[secret_field])
+            try:
+                container = ContainerClient.from_connection_string(text, cfg.container)
+            except ValueError:
+                raise StoreError(
+                    f"{where}: the connection string from {cfg.connection_string!r} is malformed "
+                    "(expected AccountName=…;AccountKey=…;BlobEndpoint=… or DefaultEndpointsProtocol=…)"
+                ) from None
+            return cls(container, cfg.prefix, account_key=fields.get("AccountKey"), max_concurrency=max_concurrency)
+        assert cfg.account_url is not None  # AzureStorage requires one of the two
+        if cfg.account_key:
+            key = _resolve_ref(cfg.account_key, "account_key", where, base_dir)
+            credential: object = {"account_name": _account_name(cfg.account_url), "account_key": key}
+        else:
+            credential = _default_azure_credential(where)
+        container = ContainerClient(cfg.account_url, cfg.container, credential=credential)
+        return cls(container, cfg.prefix, max_concurrency=max_concurrency)
+
+    def _blob_name(self, key: str) -> str:
+        return self.prefix + validate_key(key, self.name)
+
+    def _create_container(self) -> None:
+        try:
+            self.container.create_container()
+        except ResourceExistsError:
+            pass
+        except AzureError as exc:
+            raise self._error(exc, "create the container for") from None
+
+    def _error(self, exc: AzureError, action: str, key: str | None = None) -> StoreError:
+        """A StoreError for exc that names store and key and carries no key, SAS or signature."""
+        target = f"{key!r}" if key is not None else "the store"
+        code = getattr(exc, "error_code", None)
+        code = getattr(code, "value", code)  # the SDK gives an enum member or a plain string
+        status = getattr(exc, "status_code", None)
+        if isinstance(exc, ResourceNotFoundError) and code != "ContainerNotFound" and key is not None:
+            return BlobNotFound(f"{self.name}: no blob {key!r}")
+        if isinstance(exc, ResourceExistsError) and key is not None:
+            return BlobExists(f"{self.name}: {key!r} already exists (put with overwrite=False)")
+        detail = _redact(_first_line(getattr(exc, "reason", None) or exc.message or type(exc).__name__))
+        label = f"{status} {code}" if status else code or type(exc).__name__
+        if isinstance(exc, ClientAuthenticationError) or status in (401, 403):
+            return StoreError(f"{self.name}: access denied while trying to {action} {target} ({label}): "
+                              "check the account key, connection string, SAS or role assignment")
+        if isinstance(exc, (ServiceRequestError, ServiceResponseError)) or status in (408, 429, 500, 502, 503, 504):
+            return StoreUnavailable(f"{self.name}: could not {action} {target}: service unavailable ({label}): {detail}")
+        return StoreError(f"{self.name}: could not {action} {target} ({label}): {detail}")
+
+    def put(self, key: str, data: bytes | BinaryIO, *, overwrite: bool = True) -> None:
+        """Upload data; with overwrite=False the service refuses an existing key (If-None-Match: *).
+
+        Errors reading a file object propagate unchanged; a put that fails midway leaves only
+        uncommitted blocks, which the service discards, never a visible partial blob.
+        """
+        name = self._blob_name(key)
+        try:
+            self.container.upload_blob(name, data, overwrite=overwrite, max_concurrency=self.max_concurrency)
+        except AzureError as exc:
+            raise self._error(exc, "store", key) from None
+        log.debug("blob stored", store=self.name, key=key)
+
+    def get(self, key: str) -> bytes:
+        return b"".join(self.open(key))
+
+    def open(self, key: str) -> Iterator[bytes]:
+        # download_blob fetches the first range at once, so a missing key fails at the call.
+        try:
+            downloader = self.container.download_blob(self._blob_name(key), max_concurrency=self.max_concurrency)
+        except AzureError as exc:
+            raise self._error(exc, "read", key) from None
+        return self._stream(key, downloader.chunks())
+
+    def _stream(self, key: str, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        try:
+            yield from chunks
+        except AzureError as exc:
+            raise self._error(exc, "read", key) from None
+
+    def exists(self, key: str) -> bool:
+        try:
+            return bool(self.container.get_blob_client(self._blob_name(key)).exists())
+        except AzureError as exc:
+            raise self._error(exc, "look up", key) from None
+
+    def list(self, prefix: str = "") -> Iterator[BlobInfo]:
+        validate_prefix(prefix, self.name)
+        return self._list(prefix)
+
+    def _list(self, prefix: str) -> Iterator[BlobInfo]:
+        start = len(self.prefix)
+        try:
+            for blob in self.container.list_blobs(name_starts_with=self.prefix + prefix):
+                yield BlobInfo(key=blob.name[start:], size=blob.size)
+        except AzureError as exc:
+            raise self._error(exc, f"list prefix {prefix!r} of") from None
+
+    def delete(self, key: str) -> None:
+        try:
+            self.container.delete_blob(self._blob_name(key))
+        except AzureError as exc:
+            raise self._error(exc, "delete", key) from None
+        log.debug("blob deleted", store=self.name, key=key)
+
+    def upload_url(self, key: str, *, expires_in: timedelta = timedelta(minutes=30)) -> str:
+        """A URL a host can PUT one block blob to (`x-ms-blob-type: BlockBlob`) until it expires.
+
+        The SAS grants create and write on this one blob only: it cannot read, list or delete.
+        It is limited to HTTPS unless the endpoint itself is plain HTTP (an emulator).
+        """
+        name = self._blob_name(key)
+        now = datetime.now(timezone.utc)
+        expiry = now + expires_in
+        blob = self.container.get_blob_client(name)
+        signing: dict[str, object]
+        if self._account_key:
+            signing = {"account_key": self._account_key}
+        else:
+            signing = {"user_delegation_key": self._delegation_key(key, now, expiry)}
+        try:
+            sas = generate_blob_sas(
+                account_name=self.container.account_name,
+                container_name=self.container.container_name,
+                blob_name=name,
+                permission=BlobSasPermissions(create=True, write=True),
+                expiry=expiry,
+                protocol="https" if blob.url.startswith("https:") else "https,http",
+                **signing,
+            )
+        except (ValueError, TypeError) as exc:
+            raise StoreError(f"{self.name}: cannot sign an upload URL for {key!r}: {_redact(str(exc))}") from None
+        remember(sas)
+        log.info("upload url issued", store=self.name, key=key, expires=expiry.isoformat(timespec="seconds"))
+        return f"{blob.url}?{sas}"
+
+    def _delegation_key(self, key: str, start: datetime, expiry: datetime) -> UserDelegationKey:
+        if not hasattr(self.container.credential, "get_token"):
+            raise UploadUrlUnsupported(
+                f"{self.name}: cannot sign an upload URL for {key!r}: the store has neither an account "
+                "key nor a token credential (a SAS-scoped client cannot issue further SAS URLs)"
+            )
+        # Clocks differ between us and the service; backdate the key's start a little.
+        try:
+            service = self.container._get_blob_service_client()  # the SDK's documented way back to the account
+            return service.get_user_delegation_key(start - timedelta(minutes=5), expiry)
+        except AzureError as exc:
+            raise self._error(exc, "get a user delegation key to sign an upload URL for", key) from None
+
+
+def open_store(cfg: LocalStorage | AzureStorage, base_dir: Path | None = None) -> BlobStore:
+    """The store a storage configuration describes.
+
+    base_dir is the configuration file's directory: relative local paths and `file:` secret
+    references are resolved against it (the working directory when None).
+    """
+    if isinstance(cfg, LocalStorage):
+        root = Path(cfg.path).expanduser()
+        if not root.is_absolute() and base_dir is not None:
+            root = base_dir / root
+        return LocalBlobStore(root)
+    if isinstance(cfg, AzureStorage):
+        return AzureBlobStore.from_config(cfg, base_dir)
+    raise TypeError(f"unknown storage configuration {type(cfg).__name__}")
+
+
+_SAS_SIGNATURE = re.compile(r"(?i)(\bsig=)[^&\s'\"]+")
+
+
+def _redact(text: str) -> str:
+    """Mask known secrets and any SAS signature in text bound for a message or log."""
+    return _SAS_SIGNATURE.sub(r"\1***", redact(text))
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text
+
+
+def _normalise_prefix(prefix: str, container: str) -> str:
+    """'fleet-a', 'fleet-a/' and '/fleet-a/' all mean keys under 'fleet-a/'."""
+    cleaned = prefix.strip("/")
+    if not cleaned:
+        return ""
+    problem = _key_problem(cleaned)
+    if problem:
+        raise InvalidKey(f"azure:{container}: invalid prefix {prefix!r}: {problem}")
+    return cleaned + "/"
+
+
+def _resolve_ref(reference: str, field: str, where: str, base_dir: Path | None) -> str:
+    try:
+        return resolve(reference, base_dir=base_dir)
+    except SecretError as exc:
+        raise StoreError(f"{where}: {field}: {exc}") from None
+
+
+def _parse_connection_string(text: str) -> dict[str, str]:
+    # Values (account keys are base64) may contain '=', so split each pair on the first one.
+    pairs = (part.partition("=") for part in text.strip().split(";") if part.strip())
+    return {name.strip(): value.strip() for name, _, value in pairs}
+
+
+def _account_name(account_url: str) -> str:
+    """ACCOUNT from https://ACCOUNT.blob.core.windows.net, or from an emulator's http://host:port/ACCOUNT."""
+    parsed = urlsplit(account_url)
+    host = parsed.hostname or ""
+    if host and not _is_ip_or_localhost(host) and "." in host:
+        return host.split(".", 1)[0]
+    segment = parsed.path.strip("/").split("/", 1)[0]
+    if not segment:
+        raise StoreError(f"cannot tell the storage account name from account_url {account_url!r}")
+    return segment
+
+
+def _is_ip_or_localhost(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _default_azure_credential(where: str) -> object:
+    try:
+        from azure.identity import DefaultAzureCredential
+    except ImportError:
+        raise StoreError(
+            f"{where}: account_url without account_key signs in with DefaultAzureCredential, which needs "
+            "the azure-identity package: install it, or set account_key or connection_string"
+        ) from None
+    return DefaultAzureCredential()
