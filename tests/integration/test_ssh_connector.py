@@ -1,0 +1,311 @@
+"""SshConnector against real OpenSSH servers (tests/hosts/sshd.py)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from configs.models import HostConfig
+from connectors.base import (
+    AuthenticationFailed,
+    CommandFailed,
+    ConnectorError,
+    HostKeyRejected,
+    HostTimeout,
+    HostUnreachable,
+    RetryPolicy,
+)
+from connectors.ssh import SshConnector
+from tests.hosts.sshd import SshdMaker
+from tests.hosts.sshd_server import SshdHost, make_key
+from tests.hosts.sshd_users import LocalUser
+
+pytestmark = pytest.mark.integration
+
+# Quick, bounded retries so "host down" tests finish fast but still retry for real.
+QUICK_RETRY = RetryPolicy(attempts=3, initial=0.01, maximum=0.05, deadline=30)
+PASSWORD_VAR = "PATCHDRILL_TEST_SSH_PASSWORD"
+
+
+@pytest.fixture
+def ssh(ssh_host_config: HostConfig) -> Iterator[SshConnector]:
+    connector = SshConnector(ssh_host_config)
+    yield connector
+    connector.close()
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+def test_run_returns_stdout_stderr_and_exit_code(ssh: SshConnector) -> None:
+    result = ssh.run("echo out; echo err >&2; exit 3")
+    assert (result.stdout, result.stderr, result.exit_code) == ("out\n", "err\n", 3)
+    assert not result.ok
+    assert result.host == ssh.name
+    assert result.seconds > 0
+
+
+def test_check_raises_command_failed_with_stderr(ssh: SshConnector) -> None:
+    with pytest.raises(CommandFailed) as caught:
+        ssh.run("echo 'disk full' >&2; exit 5", check=True)
+    assert caught.value.exit_code == 5
+    assert "disk full" in str(caught.value)
+    assert ssh.name in str(caught.value)
+
+
+def test_connection_is_reused_between_commands(ssh: SshConnector) -> None:
+    ssh.run("true", check=True)
+    with capture_logs() as events:
+        assert ssh.run("echo again", check=True).stdout == "again\n"
+    assert not [e for e in events if e["event"] == "ssh.connected"]
+
+
+def test_ten_megabytes_on_stdout_while_stderr_also_fills(ssh: SshConnector) -> None:
+    command = (
+        "head -c 2000000 /dev/zero | tr '\\0' e >&2 & "
+        "head -c 10485760 /dev/zero | tr '\\0' o; wait"
+    )
+    result = ssh.run(command, timeout=120, check=True)
+    assert len(result.stdout) == 10 * 1024 * 1024 and set(result.stdout) == {"o"}
+    assert len(result.stderr) == 2_000_000 and set(result.stderr) == {"e"}
+
+
+def test_non_ascii_text_round_trips_and_bad_bytes_are_replaced(ssh: SshConnector) -> None:
+    text = "Grüße — 東京 ✓ ÆØÅ"
+    echoed = ssh.run("cat", stdin=text.encode("utf-8"), check=True)
+    assert echoed.stdout == text
+    printed = ssh.run(f"printf '%s' '{text}'", check=True)
+    assert printed.stdout == text
+    broken = ssh.run("printf 'a\\377b'", check=True)
+    assert broken.stdout == "a\ufffdb"
+
+
+def test_large_stdin_with_large_output_does_not_deadlock(ssh: SshConnector) -> None:
+    data = os.urandom(2 * 1024 * 1024)
+    # od writes three bytes per byte it reads, so both directions are busy at once.
+    result = ssh.run("od -An -v -tx1", stdin=data, timeout=120, check=True)
+    assert bytes.fromhex(result.stdout) == data
+
+
+def test_command_timeout_raises_host_timeout_and_connection_stays_usable(ssh: SshConnector) -> None:
+    with pytest.raises(HostTimeout) as caught:
+        ssh.run("sleep 30", timeout=0.5)
+    assert "not re-run" in caught.value.message
+    assert "sleep 30" in caught.value.message
+    assert ssh.run("echo still here", check=True).stdout == "still here\n"
+
+
+def test_env_reaches_the_whole_command_without_accept_env(ssh: SshConnector) -> None:
+    env = {"PD_A": "two words", "PD_B": "it's $HOME; `x`"}
+    result = ssh.run('cd / && printf "%s|%s|%s" "$PD_A" "$PD_B" "$(pwd)"', env=env, check=True)
+    assert result.stdout == "two words|it's $HOME; `x`|/"
+    with pytest.raises(ValueError, match="PD-BAD"):
+        ssh.run("true", env={"PD-BAD": "1"})
+
+
+def test_sshd_set_env_reaches_sessions(sshd_factory: SshdMaker) -> None:
+    host = sshd_factory("ssh-setenv", extra_config={"SetEnv": {"APT_CONFIG": "/tmp/x y", "DPKG_ADMINDIR": "/tmp/z"}})
+    with SshConnector(host.config) as connector:
+        result = connector.run('printf "%s|%s" "$APT_CONFIG" "$DPKG_ADMINDIR"', check=True)
+    assert result.stdout == "/tmp/x y|/tmp/z"
+
+
+# -- scripts --------------------------------------------------------------------------------
+
+
+def test_run_script_feeds_sh_and_python_on_stdin(ssh_host_config: HostConfig, tmp_path: Path) -> None:
+    (tmp_path / "count.sh").write_text('printf "%s\\n" "$#" "$@"; echo "from $0" >&2\n')
+    (tmp_path / "hello.py").write_text("import sys\nprint('|'.join(sys.argv[1:]))\n")
+    (tmp_path / "nope.ps1").write_text("Write-Output 1\n")
+    with SshConnector(ssh_host_config, scripts_dir=tmp_path) as connector:
+        shell = connector.run_script("count.sh", ["a b", "it's", "-x"], check=True)
+        python = connector.run_script("hello.py", ["ü", "--flag"], check=True)
+        before = connector.run("ls -A /tmp", check=True).stdout
+        with pytest.raises(ValueError, match="nope.ps1"):
+            connector.run_script("nope.ps1")
+        with pytest.raises(FileNotFoundError, match="missing.sh"):
+            connector.run_script("missing.sh")
+        after = connector.run("ls -A /tmp", check=True).stdout
+    assert shell.stdout == "3\na b\nit's\n-x\n"
+    assert "from sh" in shell.stderr
+    assert python.stdout == "ü|--flag\n"
+    assert before == after
+
+
+# -- files ----------------------------------------------------------------------------------
+
+
+def test_put_and_get_round_trip_binary_without_leftovers(ssh: SshConnector, tmp_path: Path) -> None:
+    remote_dir = tmp_path / "remote"
+    remote_dir.mkdir()
+    source = tmp_path / "blob.bin"
+    source.write_bytes(os.urandom(3 * 1024 * 1024 + 17))
+    source.chmod(0o640)
+    ssh.put(source, f"{remote_dir}/blob.bin")
+    ssh.put(source, f"{remote_dir}/blob.bin")  # replacing an existing file is atomic too
+    fetched = tmp_path / "fetched.bin"
+    ssh.get(f"{remote_dir}/blob.bin", fetched)
+    assert fetched.read_bytes() == source.read_bytes()
+    listing = ssh.run(f"ls -A {remote_dir}; stat -c %a {remote_dir}/blob.bin", check=True).stdout.split()
+    assert listing == ["blob.bin", "640"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blob.bin", "fetched.bin", "remote"]
+
+
+def test_file_errors_name_host_and_path(ssh: SshConnector, tmp_path: Path) -> None:
+    with pytest.raises(ConnectorError) as missing:
+        ssh.get(f"{tmp_path}/no-such-file", tmp_path / "out")
+    assert ssh.name in str(missing.value) and "no-such-file" in str(missing.value)
+    assert not (tmp_path / "out").exists()
+    source = tmp_path / "x"
+    source.write_bytes(b"x")
+    with pytest.raises(ConnectorError, match="no-such-dir"):
+        ssh.put(source, f"{tmp_path}/no-such-dir/x")
+
+
+# -- authentication and host keys ----------------------------------------------------------
+
+
+def test_wrong_key_is_refused_without_retry(sshd_host: SshdHost, tmp_path: Path) -> None:
+    stranger = make_key(tmp_path / "stranger", "not-authorized")
+    config = sshd_host.host_config(ssh_key=str(stranger))
+    with capture_logs() as events, pytest.raises(AuthenticationFailed) as caught:
+        SshConnector(config, retry=QUICK_RETRY).connect()
+    message = str(caught.value)
+    assert "'root'" in message and str(stranger) in message and "ssh-ed25519" in message
+    assert not [e for e in events if e["event"] == "ssh.retry"]
+
+
+def test_missing_key_file_is_reported_before_connecting(tmp_path: Path) -> None:
+    config = HostConfig(name="nokey", address="127.0.0.1", port=1, transport="ssh", user="root",
+                        ssh_key="keys/absent", ssh_agent=False)
+    with pytest.raises(AuthenticationFailed) as caught:
+        SshConnector(config, base_dir=tmp_path).connect()
+    assert "ssh_key" in str(caught.value) and str(tmp_path / "keys/absent") in str(caught.value)
+
+
+@pytest.fixture
+def password_host(sshd_factory: SshdMaker, sshd_password_user: LocalUser) -> SshdHost:
+    return sshd_factory("ssh-password", extra_config={"PasswordAuthentication": True}, user=sshd_password_user.name)
+
+
+def _everything_logged(events: list[dict], caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> str:
+    captured = capsys.readouterr()
+    return "\n".join([repr(events), caplog.text, captured.out, captured.err])
+
+
+def test_password_login_works_and_secret_stays_out_of_errors_and_logs(
+        password_host: SshdHost, sshd_password_user: LocalUser, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
+    secret = sshd_password_user.password
+    monkeypatch.setenv(PASSWORD_VAR, secret)
+    config = password_host.host_config(ssh_key=None, password=f"env:{PASSWORD_VAR}")
+    caplog.set_level(logging.DEBUG)
+    with capture_logs() as events, SshConnector(config) as connector:
+        assert connector.run("id -un", check=True).stdout.strip() == sshd_password_user.name
+        with pytest.raises(CommandFailed) as failed:
+            connector.run(f"echo {secret} >&2; exit 1", check=True)
+    assert secret not in str(failed.value) and "***" in str(failed.value)
+    assert secret not in _everything_logged(events, caplog, capsys)
+
+
+def test_wrong_password_fails_clearly_and_never_shows_the_secret(
+        password_host: SshdHost, sshd_password_user: LocalUser, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
+    wrong = "wrong-" + sshd_password_user.password[::-1]
+    monkeypatch.setenv(PASSWORD_VAR, wrong)
+    config = password_host.host_config(ssh_key=None, password=f"env:{PASSWORD_VAR}")
+    caplog.set_level(logging.DEBUG)
+    with capture_logs() as events, pytest.raises(AuthenticationFailed) as caught:
+        SshConnector(config, retry=QUICK_RETRY).run("true")
+    message = str(caught.value)
+    assert sshd_password_user.name in message and f"password from env:{PASSWORD_VAR}" in message
+    assert wrong not in message and wrong not in repr(caught.value.args)
+    assert wrong not in _everything_logged(events, caplog, capsys)
+    assert not [e for e in events if e["event"] == "ssh.retry"]
+
+
+def test_unknown_host_key_is_rejected_with_fingerprint_and_fix(sshd_host: SshdHost, tmp_path: Path) -> None:
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    with pytest.raises(HostKeyRejected) as caught:
+        SshConnector(sshd_host.host_config(known_hosts=str(empty)), retry=QUICK_RETRY).connect()
+    message = str(caught.value)
+    assert sshd_host.name in message and sshd_host.known_hosts_name in message
+    assert sshd_host.fingerprint in message
+    assert "ssh-keyscan" in message and "accept_unknown_host_key" in message
+    assert empty.read_text() == ""
+
+
+def test_accepting_an_unknown_key_records_it_for_openssh_and_later_runs(sshd_host: SshdHost, tmp_path: Path) -> None:
+    known = tmp_path / "ssh" / "known_hosts"
+    with SshConnector(sshd_host.host_config(known_hosts=str(known), accept_unknown_host_key=True)) as first:
+        first.run("true", check=True)
+    # OpenSSH itself finds the recorded key under the [address]:port name.
+    found = subprocess.run(["ssh-keygen", "-F", sshd_host.known_hosts_name, "-f", str(known)],
+                           capture_output=True, text=True, check=False)
+    assert found.returncode == 0 and sshd_host.known_hosts_line.split()[2] in found.stdout
+    with SshConnector(sshd_host.host_config(known_hosts=str(known))) as strict:
+        assert strict.run("echo ok", check=True).stdout == "ok\n"
+    assert known.read_text().count("\n") == 1
+
+
+def test_changed_host_key_is_rejected_even_when_accepting_unknown_keys(sshd_host: SshdHost, tmp_path: Path) -> None:
+    impostor = make_key(tmp_path / "impostor", "impostor").with_suffix(".pub").read_text().split()
+    known = tmp_path / "known_hosts"
+    known.write_text(f"{sshd_host.known_hosts_name} {impostor[0]} {impostor[1]}\n")
+    before = known.read_text()
+    config = sshd_host.host_config(known_hosts=str(known), accept_unknown_host_key=True)
+    with pytest.raises(HostKeyRejected) as caught:
+        SshConnector(config, retry=QUICK_RETRY).connect()
+    message = str(caught.value)
+    assert "MAN-IN-THE-MIDDLE" in message and sshd_host.fingerprint in message and "ssh-keygen -R" in message
+    assert known.read_text() == before
+
+
+# -- host down, back up, rebooted ----------------------------------------------------------
+
+
+def test_host_down_is_retried_then_unreachable_and_recovers(sshd_factory: SshdMaker) -> None:
+    host = sshd_factory("ssh-flaky")
+    connector = SshConnector(host.config, retry=QUICK_RETRY)
+    assert connector.run("echo up", check=True).stdout == "up\n"
+    host.stop()
+    with capture_logs() as events, pytest.raises(HostUnreachable) as caught:
+        connector.run("echo again")
+    retries = [e for e in events if e["event"] == "ssh.retry"]
+    assert [e["attempt"] for e in retries] == [1, 2]
+    message = str(caught.value)
+    assert host.name in message and f"{host.address}:{host.port}" in message and "after 3 attempts" in message
+    host.start()
+    assert connector.run("echo back", check=True).stdout == "back\n"
+    connector.close()
+
+
+def test_wait_until_up_sees_a_new_boot_after_reboot(sshd_factory: SshdMaker) -> None:
+    host = sshd_factory("ssh-reboot", namespace=True)
+    with SshConnector(host.config, retry=QUICK_RETRY) as connector:
+        before = connector.boot_identity()
+        assert before.boot_id == host.boot_id
+        assert before.os_family == "linux" and before.os_name
+        connector.run("touch /run/reboot-required", check=True)
+        assert (host.run_dir / "reboot-required").exists()
+        host.reboot(down_for=0.3)
+        after = connector.wait_until_up(60, interval=0.1, not_boot_id=before.boot_id)
+        assert after.boot_id == host.boot_id != before.boot_id
+        assert connector.run("test -e /run/reboot-required").exit_code == 1
+
+
+def test_each_host_has_its_own_address_and_boot_id(sshd_factory: SshdMaker) -> None:
+    hosts = [sshd_factory(f"ssh-multi-{n}", namespace=True) for n in range(2)]
+    identities = []
+    for host in hosts:
+        with SshConnector(host.config) as connector:
+            identities.append(connector.boot_identity().boot_id)
+    assert len({h.address for h in hosts}) == 2
+    assert identities == [h.boot_id for h in hosts] and identities[0] != identities[1]
