@@ -1,0 +1,386 @@
+"""The backup repository inside a BlobStore, as specified in docs/repository.md.
+
+This module owns every key name and encoding: config.json, chunks, maps, points and locks.
+The engines (backup, restore, verify, prune) go through it and never build a key themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import uuid
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import blake3
+import zstandard
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from configs.secrets import redact, resolve
+from connectors.storage import BlobExists, BlobNotFound, BlobStore
+from tasks.backup import keys
+from tasks.backup.errors import (
+    ChunkCorrupt, ChunkMissing, KeyRequired, PointNotFound, RepositoryBusy, RepositoryError,
+)
+
+FORMAT = "patchdrill-repository"
+VERSION = 1
+CONFIG_KEY = "config.json"
+ID_SIZE = 32
+LOCK_REFRESH = timedelta(minutes=5)
+LOCK_STALE = timedelta(minutes=30)
+Consistency = Literal["application-consistent", "file-system-consistent", "crash-consistent"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def point_stamp(moment: datetime) -> str:
+    """A point's time as a key segment that sorts chronologically."""
+    return moment.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+
+
+def parse_stamp(stamp: str) -> datetime:
+    return datetime.strptime(stamp, "%Y%m%dT%H%M%S.%fZ").replace(tzinfo=timezone.utc)
+
+
+class Totals(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    size: int = 0
+    scanned: int = 0
+    changed_blocks: int = 0
+    changed_bytes: int = 0
+    uploaded_chunks: int = 0
+    uploaded_bytes: int = 0
+    stored_bytes: int = 0
+    skipped: int = 0
+
+
+class MapRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    blocks: int
+    files: int | None = None
+
+
+class RecoveryPoint(BaseModel):
+    """The manifest of one backup of one disk; see docs/repository.md, *Recovery points*."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    format: Literal["patchdrill-point"] = "patchdrill-point"
+    version: Literal[1] = 1
+    host: str
+    disk: str
+    time: datetime
+    kind: Literal["block", "directory"]
+    source_path: str
+    consistency: Consistency
+    snapshot_method: str = "none"
+    block_size: int
+    map: MapRef
+    parent: str | None = None
+    totals: Totals = Field(default_factory=Totals)
+    seconds: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return point_key(self.host, self.disk, self.time)
+
+
+def point_key(host: str, disk: str, moment: datetime) -> str:
+    return f"points/{host}/{disk}/{point_stamp(moment)}.json"
+
+
+class ChunkCodec:
+    """Hashing and the blob encoding of chunks and maps (zstd, optionally AES-256-GCM)."""
+
+    def __init__(self, level: int, master: keys.MasterKey | None) -> None:
+        self.level = level
+        self.master = master
+        self._aead = AESGCM(master.data_key) if master else None
+        # zstd contexts are not thread-safe; the engines call from a pool.
+        self._local = threading.local()
+
+    def chunk_id(self, data: bytes | bytearray | memoryview) -> bytes:
+        if self.master is None:
+            return blake3.blake3(data).digest()
+        return blake3.blake3(data, key=self.master.id_key).digest()
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        comp = getattr(self._local, "c", None)
+        if comp is None:
+            comp = self._local.c = zstandard.ZstdCompressor(level=self.level)
+        return comp
+
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        dec = getattr(self._local, "d", None)
+        if dec is None:
+            dec = self._local.d = zstandard.ZstdDecompressor()
+        return dec
+
+    def encode(self, chunk_id: bytes, data: bytes | bytearray | memoryview) -> bytes:
+        packed = self._compressor().compress(data)
+        if self._aead is None:
+            return packed
+        nonce = os.urandom(keys.NONCE_SIZE)
+        return nonce + self._aead.encrypt(nonce, packed, chunk_id)
+
+    def decode(self, chunk_id: bytes, blob: bytes, *, point: str | None) -> bytes:
+        """The plaintext of a chunk, or ChunkCorrupt if it is not exactly what its id says."""
+        hex_id = chunk_id.hex()
+        if self._aead is not None:
+            try:
+                blob = self._aead.decrypt(blob[:keys.NONCE_SIZE], blob[keys.NONCE_SIZE:], chunk_id)
+            except (InvalidTag, ValueError):
+                raise ChunkCorrupt(hex_id, point, "fails authentication (altered, truncated or from another repository)") from None
+        try:
+            data = self._decompressor().decompress(blob)
+        except zstandard.ZstdError as exc:
+            raise ChunkCorrupt(hex_id, point, f"does not decompress ({exc})") from None
+        if self.chunk_id(data) != chunk_id:
+            raise ChunkCorrupt(hex_id, point, "content does not hash to its id")
+        return data
+
+
+def chunk_key(chunk_id: bytes | str, prefix: str = "chunks") -> str:
+    hex_id = chunk_id if isinstance(chunk_id, str) else chunk_id.hex()
+    return f"{prefix}/{hex_id[:2]}/{hex_id}"
+
+
+class Repository:
+    """An opened repository: its config, its codec, and typed access to its files."""
+
+    def __init__(self, store: BlobStore, config: dict[str, Any], master: keys.MasterKey | None) -> None:
+        self.store = store
+        self.config = config
+        self.codec = ChunkCodec(int(config["compression"]["level"]), master)
+
+    @property
+    def name(self) -> str:
+        return self.store.name
+
+    @property
+    def encrypted(self) -> bool:
+        return self.codec.master is not None
+
+    # -- opening ---------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, store: BlobStore, *, key_reference: str | None = None, base_dir: Path | None = None,
+             create: bool = False, compression_level: int = 3) -> "Repository":
+        """Open the repository in store; with create=True make it first if the store has none.
+
+        key_reference is a credential reference (env:, file:, prefect-secret:); the passphrase
+        it resolves to is registered for redaction by configs.secrets.resolve.
+        """
+        passphrase = resolve(key_reference, base_dir=base_dir) if key_reference else None
+        try:
+            config = cls._read_config(store)
+        except BlobNotFound:
+            if not create:
+                raise RepositoryError(f"{store.name}: no repository here (no {CONFIG_KEY}); run a backup to create one") from None
+            config = cls._create(store, passphrase, compression_level)
+            if config is None:  # another process created it first
+                config = cls._read_config(store)
+        encryption = config.get("encryption")
+        master = None
+        if encryption:
+            if passphrase is None or key_reference is None:
+                raise KeyRequired(f"{store.name}: the repository is encrypted; give the policy's encryption_key reference")
+            master = keys.unwrap(encryption, passphrase, reference=key_reference, repository=store.name)
+        elif passphrase is not None:
+            raise KeyRequired(f"{store.name}: the repository is not encrypted, but a key ({key_reference}) was given; "
+                              "use a new store for an encrypted repository")
+        return cls(store, config, master)
+
+    @staticmethod
+    def _read_config(store: BlobStore) -> dict[str, Any]:
+        raw = store.get(CONFIG_KEY)
+        try:
+            config = json.loads(raw)
+        except ValueError as exc:
+            raise RepositoryError(f"{store.name}: {CONFIG_KEY} is not JSON ({exc})") from None
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
+            raise RepositoryError(f"{store.name}: {CONFIG_KEY} is not a patchdrill repository config")
+        if config.get("version") != VERSION:
+            raise RepositoryError(f"{store.name}: repository format version {config.get('version')!r} is not supported (this patchdrill reads {VERSION})")
+        return config
+
+    @staticmethod
+    def _create(store: BlobStore, passphrase: str | None, level: int) -> dict[str, Any] | None:
+        encryption = None
+        if passphrase is not None:
+            master = keys.MasterKey.generate()
+            encryption = {"algorithm": "AES-256-GCM", "kdf": keys.kdf_parameters(), "keys": [keys.wrap(master, passphrase)]}
+        config = {
+            "format": FORMAT, "version": VERSION, "id": uuid.uuid4().hex, "created": utcnow().isoformat(),
+            "hash": "blake3", "compression": {"algorithm": "zstd", "level": level}, "encryption": encryption,
+        }
+        try:
+            store.put(CONFIG_KEY, json.dumps(config, indent=2).encode(), overwrite=False)
+        except BlobExists:
+            return None
+        return config
+
+    # -- chunks and maps ---------------------------------------------------------------------
+
+    def chunk_ids(self) -> set[bytes]:
+        """Every chunk id in the store (one listing; cheaper than an exists() per block)."""
+        return {bytes.fromhex(info.key.rsplit("/", 1)[1]) for info in self.store.list("chunks/")}
+
+    def put_chunk(self, chunk_id: bytes, data: bytes | bytearray | memoryview) -> int:
+        """Store a chunk; returns the bytes written (0 if a concurrent writer stored it first)."""
+        blob = self.codec.encode(chunk_id, data)
+        try:
+            self.store.put(chunk_key(chunk_id), blob, overwrite=False)
+        except BlobExists:
+            return 0
+        return len(blob)
+
+    def get_chunk(self, chunk_id: bytes, *, point: str | None = None) -> bytes:
+        try:
+            blob = self.store.get(chunk_key(chunk_id))
+        except BlobNotFound:
+            raise ChunkMissing(chunk_id.hex(), point, f"missing from {self.name}") from None
+        return self.codec.decode(chunk_id, blob, point=point)
+
+    def put_map(self, content: dict[str, Any]) -> str:
+        data = json.dumps(content, separators=(",", ":")).encode()
+        map_id = self.codec.chunk_id(data)
+        try:
+            self.store.put(chunk_key(map_id, "maps"), self.codec.encode(map_id, data), overwrite=False)
+        except BlobExists:
+            pass
+        return map_id.hex()
+
+    def get_map(self, map_id: str, *, point: str | None = None) -> dict[str, Any]:
+        raw_id = bytes.fromhex(map_id)
+        try:
+            blob = self.store.get(chunk_key(map_id, "maps"))
+        except BlobNotFound:
+            raise ChunkMissing(map_id, point, f"block map missing from {self.name}") from None
+        return json.loads(self.codec.decode(raw_id, blob, point=point))
+
+    # -- points ------------------------------------------------------------------------------
+
+    def write_point(self, point: RecoveryPoint) -> str:
+        self.store.put(point.key, point.model_dump_json(indent=2).encode(), overwrite=False)
+        return point.key
+
+    def read_point(self, key: str) -> RecoveryPoint:
+        try:
+            raw = self.store.get(key)
+        except BlobNotFound:
+            raise PointNotFound(f"{self.name}: no recovery point {key!r}") from None
+        try:
+            return RecoveryPoint.model_validate_json(raw)
+        except ValidationError as exc:
+            raise RepositoryError(f"{self.name}: recovery point {key!r} is malformed: {exc.errors()[0]['msg']}") from None
+
+    def point_keys(self, host: str | None = None, disk: str | None = None) -> list[str]:
+        """Point keys, oldest first (the time stamp sorts as a string)."""
+        prefix = "points/" + (f"{host}/" if host else "") + (f"{disk}/" if host and disk else "")
+        keys_ = [i.key for i in self.store.list(prefix) if i.key.endswith(".json")]
+        if disk and not host:
+            keys_ = [k for k in keys_ if k.split("/")[2] == disk]
+        return sorted(keys_, key=lambda k: (k.rsplit("/", 1)[1], k))
+
+    def points(self, host: str | None = None, disk: str | None = None) -> list[RecoveryPoint]:
+        return [self.read_point(k) for k in self.point_keys(host, disk)]
+
+    def latest_point(self, host: str, disk: str) -> RecoveryPoint | None:
+        found = self.point_keys(host, disk)
+        return self.read_point(found[-1]) if found else None
+
+    def find_point(self, host: str, disk: str, when: str | None = None) -> RecoveryPoint:
+        """The latest point, or the one whose stamp or key is `when` (a unique prefix of the stamp works)."""
+        found = self.point_keys(host, disk)
+        if when:
+            found = [k for k in found if k == when or k.rsplit("/", 1)[1].startswith(when)]
+        if not found:
+            at = f" at {when!r}" if when else ""
+            raise PointNotFound(f"{self.name}: no recovery point for host {host!r} disk {disk!r}{at}")
+        return self.read_point(found[-1])
+
+    # -- locks -------------------------------------------------------------------------------
+
+    @contextmanager
+    def lock(self, kind: Literal["backup", "prune"], *, wait: timedelta = timedelta(0),
+             poll_seconds: float = 2.0, stale: timedelta = LOCK_STALE,
+             refresh: timedelta = LOCK_REFRESH) -> Iterator[str]:
+        """Hold a lock of `kind` for the duration; docs/repository.md, *Prune beside a running backup*.
+
+        Backups share with backups; prune excludes everything. Each side writes its lock before
+        looking for the other's, so simultaneous starts cannot both proceed.
+        """
+        deadline = utcnow() + wait
+        while True:
+            key = self._write_lock(kind)
+            blocker = self._conflicting_lock(key, kind, stale)
+            if blocker is None:
+                break
+            self._remove_lock(key)
+            if utcnow() >= deadline:
+                raise RepositoryBusy(f"{self.name}: repository busy: {blocker}")
+            threading.Event().wait(poll_seconds)
+        stop = threading.Event()
+        refresher = threading.Thread(target=self._refresh_lock, args=(key, kind, stop, refresh),
+                                     name="patchdrill-lock-refresh", daemon=True)
+        refresher.start()
+        try:
+            yield key
+        finally:
+            stop.set()
+            refresher.join()
+            self._remove_lock(key)
+
+    def _lock_body(self, kind: str, created: datetime) -> bytes:
+        return json.dumps({"kind": kind, "host": socket.gethostname(), "pid": os.getpid(),
+                           "created": created.isoformat(), "refreshed": utcnow().isoformat()}).encode()
+
+    def _write_lock(self, kind: str) -> str:
+        key = f"locks/{uuid.uuid4().hex}.json"
+        self.store.put(key, self._lock_body(kind, utcnow()), overwrite=False)
+        return key
+
+    def _refresh_lock(self, key: str, kind: str, stop: threading.Event, every: timedelta) -> None:
+        created = utcnow()
+        while not stop.wait(every.total_seconds()):
+            self.store.put(key, self._lock_body(kind, created), overwrite=True)
+
+    def _remove_lock(self, key: str) -> None:
+        try:
+            self.store.delete(key)
+        except BlobNotFound:
+            pass
+
+    def locks(self) -> list[tuple[str, dict[str, Any]]]:
+        found = []
+        for info in self.store.list("locks/"):
+            try:
+                found.append((info.key, json.loads(self.store.get(info.key))))
+            except (BlobNotFound, ValueError):
+                continue  # removed while listing, or torn by a crash: not a live lock
+        return found
+
+    def _conflicting_lock(self, own: str, kind: str, stale: timedelta) -> str | None:
+        now = utcnow()
+        for key, body in self.locks():
+            if key == own:
+                continue
+            refreshed = datetime.fromisoformat(body.get("refreshed", "1970-01-01T00:00:00+00:00"))
+            if now - refreshed > stale:
+                if kind == "prune":
+                    self._remove_lock(key)
+                continue
+            if kind == "prune" or body.get("kind") == "prune":
+                return redact(f"a {body.get('kind')} by pid {body.get('pid')} on {body.get('host')} "
+                              f"holds {key} since {body.get('created')}")
+        return None

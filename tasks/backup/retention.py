@@ -1,0 +1,136 @@
+"""Retention: which points a policy keeps (pure), forgetting the others, and prune.
+
+Selection follows restic's `forget`: keep the newest n points, and the newest point of each of
+the newest n days / ISO weeks / months that have one. Prune deletes chunks and maps no point
+names, under an exclusive lock (docs/repository.md, *Prune beside a running backup*).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Callable, Hashable, Sequence
+
+import structlog
+
+from connectors.storage import BlobNotFound
+from tasks.backup.repository import LOCK_STALE, RecoveryPoint, Repository
+from tasks.backup.verify import referenced_chunks
+
+log = structlog.stdlib.get_logger("patchdrill.backup")
+
+
+@dataclass(frozen=True)
+class KeepRules:
+    last: int | None = None
+    daily: int | None = None
+    weekly: int | None = None
+    monthly: int | None = None
+
+    @property
+    def keeps_everything(self) -> bool:
+        return not any((self.last, self.daily, self.weekly, self.monthly))
+
+
+_PERIODS: dict[str, Callable[[datetime], Hashable]] = {
+    "daily": lambda t: t.date(),
+    "weekly": lambda t: t.isocalendar()[:2],
+    "monthly": lambda t: (t.year, t.month),
+}
+
+
+def select_kept(times: Sequence[datetime], rules: KeepRules) -> set[int]:
+    """Indexes into times of the points the rules keep."""
+    if rules.keeps_everything:
+        return set(range(len(times)))
+    order = sorted(range(len(times)), key=lambda i: times[i], reverse=True)
+    kept = set(order[: rules.last or 0])
+    for name, period_of in _PERIODS.items():
+        budget = getattr(rules, name) or 0
+        seen: set[Hashable] = set()
+        for i in order:
+            if len(seen) >= budget:
+                break
+            period = period_of(times[i])
+            if period not in seen:
+                seen.add(period)
+                kept.add(i)
+    return kept
+
+
+@dataclass
+class ForgetReport:
+    kept: list[str] = field(default_factory=list)
+    forgotten: list[str] = field(default_factory=list)
+
+
+def forget(repo: Repository, rules: KeepRules, *, host: str | None = None, disk: str | None = None,
+           dry_run: bool = False) -> ForgetReport:
+    """Apply rules per host and disk; deletes only point files (data goes with prune)."""
+    report = ForgetReport()
+    groups: dict[tuple[str, str], list[RecoveryPoint]] = {}
+    for point in repo.points(host, disk):
+        groups.setdefault((point.host, point.disk), []).append(point)
+    for points in groups.values():
+        kept = select_kept([p.time for p in points], rules)
+        for i, point in enumerate(points):
+            if i in kept:
+                report.kept.append(point.key)
+                continue
+            report.forgotten.append(point.key)
+            if not dry_run:
+                try:
+                    repo.store.delete(point.key)
+                except BlobNotFound:
+                    pass  # forgotten by a concurrent run
+    log.info("retention.forget", kept=len(report.kept), forgotten=len(report.forgotten), dry_run=dry_run)
+    return report
+
+
+@dataclass
+class PruneReport:
+    points: int = 0
+    chunks_kept: int = 0
+    chunks_deleted: int = 0
+    maps_deleted: int = 0
+    bytes_freed: int = 0
+    dry_run: bool = False
+
+
+def prune(repo: Repository, *, dry_run: bool = False, stale: timedelta = LOCK_STALE,
+          lock_wait: timedelta = timedelta(0)) -> PruneReport:
+    """Delete every chunk and map that no point names. Raises RepositoryBusy beside a backup."""
+    report = PruneReport(dry_run=dry_run)
+    with repo.lock("prune", wait=lock_wait, stale=stale):
+        points = repo.points()
+        report.points = len(points)
+        # An unreadable map must stop prune: deleting "unreferenced" chunks without knowing
+        # what that point names could destroy it.
+        live = referenced_chunks(repo, points)
+        live_maps = {p.map.id for p in points}
+        for info in list(repo.store.list("chunks/")):
+            chunk_id = info.key.rsplit("/", 1)[1]
+            if bytes.fromhex(chunk_id) in live:
+                report.chunks_kept += 1
+                continue
+            report.chunks_deleted += 1
+            report.bytes_freed += info.size
+            if not dry_run:
+                _delete(repo, info.key)
+        for info in list(repo.store.list("maps/")):
+            if info.key.rsplit("/", 1)[1] not in live_maps:
+                report.maps_deleted += 1
+                report.bytes_freed += info.size
+                if not dry_run:
+                    _delete(repo, info.key)
+    log.info("retention.prune", points=report.points, kept=report.chunks_kept, deleted=report.chunks_deleted,
+             maps_deleted=report.maps_deleted, bytes_freed=report.bytes_freed, dry_run=dry_run)
+    return report
+
+
+def _delete(repo: Repository, key: str) -> None:
+    try:
+        repo.store.delete(key)
+    except BlobNotFound:
+        pass
+

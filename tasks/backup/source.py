@@ -1,0 +1,167 @@
+"""Where a backup reads from: the DiskSource protocols and their local implementations.
+
+A block source yields a disk's blocks in order. A local one reads every block (into reused
+buffers) and lets the engine hash it; a remote one (tasks/backup/remote_source.py) has the host
+hash its blocks and sends only the changed ones, so unchanged blocks arrive without data.
+A tree source walks a directory and yields entries whose file contents are read in blocks.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Protocol, runtime_checkable
+
+from tasks.backup.blockmap import BlockMap, TreeEntry
+from tasks.backup.errors import SourceError
+
+
+class BufferPool:
+    """A fixed set of block buffers: reused so a 4 MiB read costs no fresh allocation and page
+    faults, and bounded so the reader cannot run ahead of the workers by more than `count`."""
+
+    def __init__(self, count: int, size: int) -> None:
+        self.size = size
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        for _ in range(count):
+            self._free.put(bytearray(size))
+
+    def acquire(self) -> bytearray:
+        return self._free.get()
+
+    def release(self, buffer: bytearray) -> None:
+        self._free.put(buffer)
+
+
+@dataclass
+class SourceBlock:
+    """One block of a disk. `data` is None when the source already knows it is unchanged."""
+
+    index: int
+    length: int
+    data: memoryview | None
+    fingerprint: bytes | None
+    release: Callable[[], None]
+
+
+@runtime_checkable
+class BlockSource(Protocol):
+    path: str
+    #: "chunk-id" when the engine hashes the data it is given; otherwise the host-side hash name
+    fingerprint: str
+
+    def size(self) -> int: ...
+
+    def blocks(self, block_size: int, previous: BlockMap | None, pool: BufferPool) -> Iterator[SourceBlock]: ...
+
+
+@dataclass
+class SourceFile:
+    """A directory entry; for a file whose content must be read, `read_blocks` yields it."""
+
+    entry: TreeEntry
+    read_blocks: Callable[[int, BufferPool], Iterator[SourceBlock]] | None = None
+
+
+@runtime_checkable
+class TreeSource(Protocol):
+    path: str
+
+    def walk(self) -> Iterator[SourceFile]: ...
+
+
+def _read_blocks(handle_path: str, block_size: int, pool: BufferPool, size: int | None = None) -> Iterator[SourceBlock]:
+    try:
+        handle = open(handle_path, "rb", buffering=0)
+    except OSError as exc:
+        raise SourceError(f"cannot read {handle_path!r}: {exc.strerror}") from None
+    with handle:
+        index = 0
+        while True:
+            buffer = pool.acquire()
+            view = memoryview(buffer)[:block_size]
+            filled = 0
+            try:
+                while filled < block_size:
+                    got = handle.readinto(view[filled:])
+                    if not got:
+                        break
+                    filled += got
+            except OSError as exc:
+                pool.release(buffer)
+                raise SourceError(f"read error in {handle_path!r} at offset {index * block_size}: {exc.strerror}") from None
+            if filled == 0:
+                pool.release(buffer)
+                return
+            yield SourceBlock(index, filled, view[:filled], None, lambda b=buffer: pool.release(b))
+            index += 1
+            if size is not None and index * block_size >= size:
+                return
+
+
+class LocalBlockSource:
+    """An image file or block device on this machine, read directly."""
+
+    fingerprint = "chunk-id"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        try:
+            st = os.stat(self.path)
+        except OSError as exc:
+            raise SourceError(f"cannot back up {self.path!r}: {exc.strerror}") from None
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise SourceError(f"{self.path!r} is neither an image file nor a block device")
+
+    def size(self) -> int:
+        with open(self.path, "rb") as handle:
+            return handle.seek(0, os.SEEK_END)
+
+    def blocks(self, block_size: int, previous: BlockMap | None, pool: BufferPool) -> Iterator[SourceBlock]:
+        return _read_blocks(self.path, block_size, pool, self.size())
+
+
+class LocalTreeSource:
+    """A directory on this machine: entries in sorted path order, parents first."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        if not os.path.isdir(self.path):
+            raise SourceError(f"cannot back up {self.path!r}: not a directory")
+        self.skipped: list[str] = []
+
+    def walk(self) -> Iterator[SourceFile]:
+        yield from self._walk(self.path, "")
+
+    def _walk(self, directory: str, relative: str) -> Iterator[SourceFile]:
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError as exc:
+            raise SourceError(f"cannot list {directory!r}: {exc.strerror}") from None
+        for name in names:
+            full = os.path.join(directory, name)
+            rel = f"{relative}{name}"
+            try:
+                st = os.lstat(full)
+            except FileNotFoundError:
+                continue  # deleted while walking a live tree
+            common = dict(path=rel, mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns)
+            if stat.S_ISLNK(st.st_mode):
+                yield SourceFile(TreeEntry(type="symlink", target=os.readlink(full), **common))
+            elif stat.S_ISDIR(st.st_mode):
+                yield SourceFile(TreeEntry(type="dir", **common))
+                yield from self._walk(full, rel + "/")
+            elif stat.S_ISREG(st.st_mode):
+                entry = TreeEntry(type="file", size=st.st_size, **common)
+                yield SourceFile(entry, lambda bs, pool, f=full, n=st.st_size: _read_blocks(f, bs, pool, n))
+            else:
+                self.skipped.append(rel)
+
+
+def is_directory_disk(path: str, kind: str) -> bool:
+    if kind == "auto":
+        return os.path.isdir(path)
+    return kind == "directory"
