@@ -9,6 +9,7 @@ re-run by this module, since it may not be idempotent.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
 import select
@@ -141,6 +142,9 @@ class SshConnector(Connector):
                 raise self._negotiation_error(exc) from None
             except (EOFError, OSError) as exc:
                 raise HostUnreachable(self.name, f"connection to {self._where} dropped during the handshake: {exc}") from None
+            # start_client returns quietly when its timeout runs out mid-negotiation.
+            if not transport.initial_kex_done:
+                raise HostTimeout(self.name, self._handshake_timeout_message)
             self._verify_host_key(transport.get_remote_server_key(), known)
             self._authenticate(transport, credentials)
         except BaseException:
@@ -150,11 +154,15 @@ class SshConnector(Connector):
         log.info("ssh.connected", host=self.name, address=self._where, user=self.host.user)
         return transport
 
+    @property
+    def _handshake_timeout_message(self) -> str:
+        return f"{self._where} accepted the connection but did not complete the SSH handshake within {self.host.connect_timeout:g}s"
+
     def _negotiation_error(self, exc: paramiko.SSHException) -> ConnectorError:
         text = str(exc)
         # paramiko wraps the banner read's socket.timeout in a plain SSHException.
         if isinstance(exc.__context__, TimeoutError):
-            return HostTimeout(self.name, f"{self._where} sent no SSH banner within {self.host.connect_timeout:g}s")
+            return HostTimeout(self.name, self._handshake_timeout_message)
         return HostUnreachable(self.name, f"SSH handshake with {self._where} failed: {redact(text)}")
 
     def _ensure_transport(self) -> paramiko.Transport:
@@ -268,29 +276,42 @@ class SshConnector(Connector):
 
     def _record_host_key(self, name: str, key: paramiko.PKey, path: Path) -> None:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        line = f"{name} {key.get_name()} {key.get_base64()}\n"
-        # Append rather than rewrite: other tools' lines, comments and hashed entries stay as they are.
-        needs_newline = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
-        with path.open("a", encoding="ascii") as handle:
-            handle.write(("\n" if needs_newline else "") + line)
+        with path.open("a+", encoding="ascii") as handle:
+            # Several connectors may meet the same new host at once: decide under a lock,
+            # against the file as it is now, so a key is recorded once and a rival key is
+            # never written beside it.
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            handle.seek(0)
+            current = handle.read()
+            keys = paramiko.HostKeys()
+            keys.load(str(path))
+            entry = keys.lookup(name)
+            if entry:
+                self._verify_host_key(key, keys)
+                return
+            separator = "\n" if current and not current.endswith("\n") else ""
+            # Append rather than rewrite: other lines, comments and hashed entries stay as they are.
+            handle.write(f"{separator}{name} {key.get_name()} {key.get_base64()}\n")
         log.warning("ssh.host_key.recorded", host=self.name, known_hosts_name=name, key_type=key.get_name(),
-                          fingerprint=key.fingerprint, known_hosts=str(path))
+                    fingerprint=key.fingerprint, known_hosts=str(path))
 
     # -- authentication ---------------------------------------------------------------------
 
     def _credentials(self) -> list[_Credential]:
+        """Explicit credentials first, the agent last: sshd counts every refused key against
+        MaxAuthTries, and a full agent must not use up the tries before the configured ones."""
         host = self.host
         found: list[_Credential] = []
         if host.ssh_key:
             found.append(self._key_file_credential(host.ssh_key))
+        if host.password:
+            found.append(_Credential(label=f"password from {host.password}", password=self._secret(host.password, "password")))
         if host.ssh_agent:
             try:
                 agent_keys = paramiko.Agent().get_keys()
             except paramiko.SSHException:
                 agent_keys = ()
             found.extend(_Credential(label=f"agent key {k.get_name()} {k.fingerprint}", key=k) for k in agent_keys)
-        if host.password:
-            found.append(_Credential(label=f"password from {host.password}", password=self._secret(host.password, "password")))
         return found
 
     def _secret(self, reference: str, field_name: str) -> str:
@@ -304,10 +325,11 @@ class SshConnector(Connector):
         passphrase = (self._secret(self.host.ssh_key_passphrase, "ssh_key_passphrase")
                       if self.host.ssh_key_passphrase else None)
         try:
-            key = paramiko.PKey.from_path(path, passphrase)
+            key = paramiko.PKey.from_path(path, passphrase.encode("utf-8") if passphrase else None)
         except FileNotFoundError:
             raise AuthenticationFailed(self.name, f"field ssh_key: key file {str(path)!r} does not exist") from None
-        except paramiko.PasswordRequiredException:
+        except (paramiko.PasswordRequiredException, TypeError):
+            # cryptography raises TypeError for an encrypted key loaded without a passphrase.
             raise AuthenticationFailed(
                 self.name, f"field ssh_key: key file {str(path)!r} is encrypted; set ssh_key_passphrase to a reference") from None
         except (paramiko.SSHException, ValueError, OSError) as exc:
@@ -427,7 +449,10 @@ class SshConnector(Connector):
             writer.join()
         if writer_error and not isinstance(writer_error[0], OSError):
             raise writer_error[0]
-        # -1 means the command died by a signal (sshd sends exit-signal, not exit-status).
+        if channel.exit_status == -1 and not channel.get_transport().is_active():
+            raise EOFError("the connection closed before the command reported an exit status")
+        # -1 with a live connection: the command died by a signal (sshd sends exit-signal,
+        # which carries no exit status).
         return bytes(out), bytes(err), channel.exit_status
 
     @staticmethod
@@ -494,6 +519,8 @@ class SshConnector(Connector):
     def get(self, remote: str, local: Path) -> None:
         """Download to a temporary name beside the target, then rename it into place."""
         local = Path(local)
+        if not local.parent.is_dir():
+            raise FileNotFoundError(f"cannot copy {remote!r} from host {self.name!r}: no local directory {str(local.parent)!r}")
         sftp = self._sftp_session()
         temp = local.with_name(f".{local.name}.patchdrill-{uuid.uuid4().hex[:12]}")
         try:

@@ -214,6 +214,11 @@ class SshdHost:
         }
         return HostConfig.model_validate({**fields, **overrides})
 
+    def authorize(self, public_key: Path) -> None:
+        """Let one more client key in (sshd reads authorized_keys at each login)."""
+        with self.authorized_keys.open("a") as handle:
+            handle.write(public_key.read_text())
+
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None

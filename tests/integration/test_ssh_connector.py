@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,6 +92,21 @@ def test_large_stdin_with_large_output_does_not_deadlock(ssh: SshConnector) -> N
     # od writes three bytes per byte it reads, so both directions are busy at once.
     result = ssh.run("od -An -v -tx1", stdin=data, timeout=120, check=True)
     assert bytes.fromhex(result.stdout) == data
+
+
+def test_command_killed_by_a_signal_reports_minus_one(ssh: SshConnector) -> None:
+    result = ssh.run("echo before; kill -9 $$")
+    assert (result.exit_code, result.stdout) == (-1, "before\n")
+
+
+def test_connection_lost_mid_command_is_unreachable_and_not_rerun(ssh: SshConnector, tmp_path: Path) -> None:
+    marker = tmp_path / "runs"
+    # Killing the session's own sshd process drops the connection under the running command.
+    with pytest.raises(HostUnreachable) as caught:
+        ssh.run(f"echo x >> {marker}; kill -9 $PPID; sleep 5")
+    assert "not re-run" in caught.value.message
+    assert marker.read_text() == "x\n"
+    assert ssh.run("echo reconnected", check=True).stdout == "reconnected\n"
 
 
 def test_command_timeout_raises_host_timeout_and_connection_stays_usable(ssh: SshConnector) -> None:
@@ -189,6 +205,54 @@ def test_missing_key_file_is_reported_before_connecting(tmp_path: Path) -> None:
     assert "ssh_key" in str(caught.value) and str(tmp_path / "keys/absent") in str(caught.value)
 
 
+def test_encrypted_key_with_passphrase_file_relative_to_config(sshd_factory: SshdMaker, tmp_path: Path) -> None:
+    host = sshd_factory("ssh-passphrase")
+    passphrase = "correct horse battery"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", passphrase, "-f", str(tmp_path / "locked")], check=True)
+    (tmp_path / "passphrase.txt").write_text(passphrase + "\n")
+    host.authorize(tmp_path / "locked.pub")
+    config = host.host_config(ssh_key="locked", ssh_key_passphrase="file:passphrase.txt")
+    with SshConnector(config, base_dir=tmp_path) as connector:
+        assert connector.run("echo in", check=True).stdout == "in\n"
+    (tmp_path / "wrong.txt").write_text("not it\n")
+    wrong = host.host_config(ssh_key="locked", ssh_key_passphrase="file:wrong.txt")
+    with pytest.raises(AuthenticationFailed) as caught:
+        SshConnector(wrong, base_dir=tmp_path).connect()
+    assert "ssh_key_passphrase" in str(caught.value) and "not it" not in str(caught.value)
+    with pytest.raises(AuthenticationFailed, match="ssh_key_passphrase"):
+        SshConnector(host.host_config(ssh_key="locked"), base_dir=tmp_path).connect()
+
+
+@pytest.fixture
+def ssh_agent(tmp_path: Path, ssh_client_key: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    socket_path = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(socket_path)], stdout=subprocess.DEVNULL)
+    try:
+        env = {**os.environ, "SSH_AUTH_SOCK": str(socket_path)}
+        # ssh-add fails until the agent listens; a bounded number of tries, not a timer.
+        for _ in range(200):
+            if subprocess.run(["ssh-add", "-q", str(ssh_client_key)], env=env, capture_output=True).returncode == 0:
+                break
+        else:
+            pytest.fail(f"ssh-agent at {socket_path} never accepted the test key")
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(socket_path))
+        yield socket_path
+    finally:
+        agent.terminate()
+        agent.wait()
+
+
+def test_agent_keys_log_in(sshd_host: SshdHost, ssh_agent: Path) -> None:
+    with SshConnector(sshd_host.host_config(ssh_key=None, ssh_agent=True)) as connector:
+        assert connector.run("echo agent", check=True).stdout == "agent\n"
+
+
+def test_no_credentials_at_all_is_explained(sshd_host: SshdHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    with pytest.raises(AuthenticationFailed, match="no credentials for user 'root'"):
+        SshConnector(sshd_host.host_config(ssh_key=None, ssh_agent=True)).connect()
+
+
 @pytest.fixture
 def password_host(sshd_factory: SshdMaker, sshd_password_user: LocalUser) -> SshdHost:
     return sshd_factory("ssh-password", extra_config={"PasswordAuthentication": True}, user=sshd_password_user.name)
@@ -269,6 +333,29 @@ def test_changed_host_key_is_rejected_even_when_accepting_unknown_keys(sshd_host
 
 
 # -- host down, back up, rebooted ----------------------------------------------------------
+
+
+def test_unknown_name_is_unreachable_after_retries(ssh_client_key: Path) -> None:
+    config = HostConfig(name="ghost", address="no-such-host.invalid", transport="ssh", user="root",
+                        ssh_key=str(ssh_client_key), ssh_agent=False)
+    with pytest.raises(HostUnreachable) as caught:
+        SshConnector(config, retry=QUICK_RETRY).connect()
+    assert "cannot resolve address 'no-such-host.invalid'" in str(caught.value) and "after 3 attempts" in str(caught.value)
+
+
+def test_silent_server_is_a_handshake_timeout(ssh_client_key: Path) -> None:
+    """A real listening socket that never speaks SSH: the kernel completes the TCP handshake."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        config = HostConfig(name="mute", address="127.0.0.1", port=silent.getsockname()[1], transport="ssh",
+                            user="root", ssh_key=str(ssh_client_key), ssh_agent=False,
+                            connect_timeout=0.3)
+        with capture_logs() as events, pytest.raises(HostTimeout) as caught:
+            SshConnector(config, retry=RetryPolicy(attempts=2, initial=0.01, maximum=0.01)).connect()
+    assert "did not complete the SSH handshake within 0.3s" in str(caught.value) and "after 2 attempts" in str(caught.value)
+    assert len([e for e in events if e["event"] == "ssh.retry"]) == 1
+
 
 
 def test_host_down_is_retried_then_unreachable_and_recovers(sshd_factory: SshdMaker) -> None:
