@@ -145,6 +145,15 @@ class BlobStore(abc.ABC):
     def upload_url(self, key: str, *, expires_in: timedelta = timedelta(minutes=30)) -> str:
         """A short-lived URL a host can PUT the blob to directly (Azure: a write-only SAS)."""
 
+    def close(self) -> None:
+        """Release connections; the store must not be used afterwards."""
+
+    def __enter__(self) -> "BlobStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
 
@@ -351,8 +360,6 @@ class AzureBlobStore(BlobStore):
     token credential instead.
     """
 
-    supports_upload_url = True
-
     def __init__(self, container: ContainerClient, prefix: str = "", *, account_key: str | None = None,
                  max_concurrency: int = 4, create_container: bool = True) -> None:
         self.container = container
@@ -393,11 +400,20 @@ class AzureBlobStore(BlobStore):
         assert cfg.account_url is not None  # AzureStorage requires one of the two
         if cfg.account_key:
             key = _resolve_ref(cfg.account_key, "account_key", where, base_dir)
-            credential: object = {"account_name": _account_name(cfg.account_url), "account_key": key}
+            credential: object = {"account_name": _account_name(cfg.account_url, where), "account_key": key}
         else:
+            key = None
             credential = _default_azure_credential(where)
         container = ContainerClient(cfg.account_url, cfg.container, credential=credential)
-        return cls(container, cfg.prefix, max_concurrency=max_concurrency)
+        return cls(container, cfg.prefix, account_key=key, max_concurrency=max_concurrency)
+
+    @property
+    def supports_upload_url(self) -> bool:  # type: ignore[override]
+        # A SAS-scoped client can neither sign nor ask for a delegation key.
+        return bool(self._account_key) or hasattr(self.container.credential, "get_token")
+
+    def close(self) -> None:
+        self.container.close()
 
     def _blob_name(self, key: str) -> str:
         return self.prefix + validate_key(key, self.name)
@@ -581,7 +597,7 @@ def _parse_connection_string(text: str) -> dict[str, str]:
     return {name.strip(): value.strip() for name, _, value in pairs}
 
 
-def _account_name(account_url: str) -> str:
+def _account_name(account_url: str, where: str) -> str:
     """ACCOUNT from https://ACCOUNT.blob.core.windows.net, or from an emulator's http://host:port/ACCOUNT."""
     parsed = urlsplit(account_url)
     host = parsed.hostname or ""
@@ -589,7 +605,7 @@ def _account_name(account_url: str) -> str:
         return host.split(".", 1)[0]
     segment = parsed.path.strip("/").split("/", 1)[0]
     if not segment:
-        raise StoreError(f"cannot tell the storage account name from account_url {account_url!r}")
+        raise StoreError(f"{where}: account_url: cannot tell the storage account name from {account_url!r}")
     return segment
 
 

@@ -8,8 +8,11 @@ node_modules is missing.
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import hashlib
+import ipaddress
+import json
 import shutil
 import socket
 import subprocess
@@ -17,12 +20,18 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator
 
 import httpx
 import pytest
+from azure.core.credentials import AccessToken
 from azure.storage.blob import ContainerClient
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from connectors.storage import AzureBlobStore
 
@@ -33,9 +42,17 @@ AZURITE_BLOB = REPO_ROOT / "node_modules" / ".bin" / "azurite-blob"
 ACCOUNT_NAME = "devstoreaccount1"
 ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 
+# Identities inside the test tokens; any GUIDs do.
+TENANT_ID = "72f988bf-86f1-41af-91ab-2d7cd011db47"
+OBJECT_ID = "0b1f5d3a-7c2e-4e55-9a61-3f6c2d8e9b10"
+
 # Limits for a server that never comes up, not expectations of how fast it is.
 STARTUP_LIMIT = 90.0
 STOP_LIMIT = 15.0
+
+
+class AzuriteUnavailable(RuntimeError):
+    """Azurite could not be installed or started; the message says why and where its log is."""
 
 
 @dataclass(frozen=True)
@@ -43,10 +60,13 @@ class AzuriteServer:
     port: int
     workspace: Path
     log: Path
+    #: the self-signed certificate of an HTTPS server, None for plain HTTP
+    ca_cert: Path | None = None
 
     @property
     def blob_endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}/{ACCOUNT_NAME}"
+        scheme = "https" if self.ca_cert else "http"
+        return f"{scheme}://127.0.0.1:{self.port}/{ACCOUNT_NAME}"
 
     @property
     def connection_string(self) -> str:
@@ -65,7 +85,7 @@ def ensure_azurite_installed() -> Path:
         return AZURITE_BLOB
     npm = shutil.which("npm")
     if npm is None:
-        pytest.fail("Azurite is not installed and npm is not on PATH: install Node 20 and npm, then run `npm ci`")
+        raise AzuriteUnavailable("Azurite is not installed and npm is not on PATH: install Node 20 and npm, then run `npm ci`")
     checkout = hashlib.sha256(str(REPO_ROOT).encode()).hexdigest()[:16]
     lock_path = Path(tempfile.gettempdir()) / f"patchdrill-npm-ci-{checkout}.lock"
     with open(lock_path, "w") as lock:
@@ -74,7 +94,7 @@ def ensure_azurite_installed() -> Path:
             done = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=REPO_ROOT,
                                   capture_output=True, text=True)
             if done.returncode != 0 or not AZURITE_BLOB.exists():
-                pytest.fail(f"`npm ci` in {REPO_ROOT} failed ({done.returncode}): {done.stderr[-2000:]}")
+                raise AzuriteUnavailable(f"`npm ci` in {REPO_ROOT} failed ({done.returncode}): {done.stderr[-2000:]}")
     return AZURITE_BLOB
 
 
@@ -84,9 +104,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _answers(url: str) -> bool:
+def _answers(url: str, ca_cert: Path | None) -> bool:
     try:
-        httpx.get(url, timeout=2.0)
+        httpx.get(url, timeout=2.0, verify=str(ca_cert) if ca_cert else True)
     except httpx.TransportError:
         return False
     return True  # any HTTP answer, even an authentication error, means the server is serving
@@ -99,28 +119,37 @@ def _log_tail(log: Path) -> str:
         return "(no log)"
 
 
-def start_azurite(workspace: Path) -> tuple[subprocess.Popen[bytes], AzuriteServer]:
-    """Start azurite-blob and wait until it answers HTTP; retries if the free port was taken meanwhile."""
+def start_azurite(workspace: Path, *, oauth: bool = False) -> tuple[subprocess.Popen[bytes], AzuriteServer]:
+    """Start azurite-blob and wait until it answers; retries if the free port was taken meanwhile.
+
+    With oauth, the server speaks HTTPS with a fresh self-signed certificate and also accepts
+    bearer tokens (Azurite's basic OAuth check, which the SDK only uses over HTTPS).
+    """
     binary = ensure_azurite_installed()
     log = workspace / "azurite.log"
+    extra: list[str] = []
+    ca_cert: Path | None = None
+    if oauth:
+        ca_cert, key = write_self_signed_certificate(workspace)
+        extra = ["--oauth", "basic", "--cert", str(ca_cert), "--key", str(key)]
     for _ in range(3):
-        server = AzuriteServer(port=free_port(), workspace=workspace, log=log)
+        server = AzuriteServer(port=free_port(), workspace=workspace, log=log, ca_cert=ca_cert)
         with open(log, "ab") as out:
             process = subprocess.Popen(
                 [str(binary), "--blobHost", "127.0.0.1", "--blobPort", str(server.port),
                  "--location", str(workspace / "data"), "--skipApiVersionCheck", "--loose",
-                 "--disableTelemetry", "--silent"],
+                 "--disableTelemetry", "--silent", *extra],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workspace,
             )
         deadline = time.monotonic() + STARTUP_LIMIT
         while process.poll() is None and time.monotonic() < deadline:
-            if _answers(server.blob_endpoint + "?comp=list"):
+            if _answers(server.blob_endpoint + "?comp=list", ca_cert):
                 return process, server
             time.sleep(0.1)
         stop_process(process)
         if "EADDRINUSE" not in _log_tail(log):
             break
-    pytest.fail(f"Azurite did not start on 127.0.0.1 (log {log}):\n{_log_tail(log)}")
+    raise AzuriteUnavailable(f"Azurite did not start on 127.0.0.1 (log {log}):\n{_log_tail(log)}")
 
 
 def stop_process(process: subprocess.Popen[bytes]) -> None:
@@ -142,6 +171,59 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzuriteServer]
         yield server
     finally:
         stop_process(process)
+
+
+@pytest.fixture(scope="session")
+def azurite_oauth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzuriteServer]:
+    """A second Azurite over HTTPS that also accepts bearer tokens (see EmulatorTokenCredential)."""
+    process, server = start_azurite(tmp_path_factory.mktemp("azurite-oauth"), oauth=True)
+    try:
+        yield server
+    finally:
+        stop_process(process)
+
+
+class EmulatorTokenCredential:
+    """A TokenCredential issuing unsigned tokens that Azurite's basic OAuth check accepts.
+
+    There is no Microsoft Entra ID here to issue real tokens; Azurite checks a token's issuer,
+    audience and lifetime but not its signature, so these exercise the SDK's real bearer-token
+    and user-delegation-key paths against a real server.
+    """
+
+    def __init__(self, lifetime: timedelta = timedelta(hours=1)) -> None:
+        self.lifetime = lifetime
+
+    def get_token(self, *scopes: str, **kwargs: object) -> AccessToken:
+        now = int(time.time())
+        expires = now + int(self.lifetime.total_seconds())
+        claims = {
+            "aud": "https://storage.azure.com", "iss": f"https://sts.windows.net/{TENANT_ID}/",
+            "iat": now - 60, "nbf": now - 60, "exp": expires, "oid": OBJECT_ID, "tid": TENANT_ID,
+        }
+        encode = lambda part: base64.urlsafe_b64encode(json.dumps(part).encode()).rstrip(b"=").decode()  # noqa: E731
+        return AccessToken(f"{encode({'alg': 'none', 'typ': 'JWT'})}.{encode(claims)}.", expires)
+
+
+def write_self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, as PEM files in directory."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "azurite test host")])
+    now = datetime.now(timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject).issuer_name(subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1)).not_valid_after(now + timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import io
 import os
 import threading
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -26,7 +27,7 @@ from connectors.storage import (
 class FailingReader(io.RawIOBase):
     """A source that hands out `good` bytes, runs `during` once, then fails like a dropped link."""
 
-    def __init__(self, good: int, during: "callable[[], None] | None" = None) -> None:
+    def __init__(self, good: int, during: Callable[[], None] | None = None) -> None:
         self.remaining = good
         self.during = during
 
@@ -56,7 +57,7 @@ def store(tmp_path: Path) -> LocalBlobStore:
 
 def test_failed_put_leaves_no_blob_and_no_temp_file(store: LocalBlobStore) -> None:
     with pytest.raises(ConnectionResetError):
-        store.put("chunks/ab/abc", FailingReader(3 * 1024 * 1024))
+        store.put("chunks/ab/abc", io.BufferedReader(FailingReader(3 * 1024 * 1024)))
     assert not store.exists("chunks/ab/abc")
     assert list(store.list()) == []
     assert files_on_disk(store.root) == []
@@ -65,7 +66,7 @@ def test_failed_put_leaves_no_blob_and_no_temp_file(store: LocalBlobStore) -> No
 def test_failed_overwrite_keeps_the_old_content(store: LocalBlobStore) -> None:
     store.put("config.json", b'{"version": 1}')
     with pytest.raises(ConnectionResetError):
-        store.put("config.json", FailingReader(10_000))
+        store.put("config.json", io.BufferedReader(FailingReader(10_000)))
     assert store.get("config.json") == b'{"version": 1}'
     assert files_on_disk(store.root) == ["config.json"]
 
@@ -79,7 +80,7 @@ def test_list_never_shows_an_in_flight_temp_file(store: LocalBlobStore) -> None:
         seen["listed"] = sorted(info.key for info in store.list())
 
     with pytest.raises(ConnectionResetError):
-        store.put("points/web1/os/2.json", FailingReader(100, during=look))
+        store.put("points/web1/os/2.json", io.BufferedReader(FailingReader(100, during=look)))
     assert len(seen["disk"]) == 2, "the temp file should have been on disk while the put ran"
     assert seen["listed"] == ["points/web1/os/1.json"]
 
