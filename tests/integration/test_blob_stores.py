@@ -317,6 +317,24 @@ def test_an_unreachable_endpoint_is_transient(azure_container_name: str) -> None
     assert ACCOUNT_KEY not in str(caught.value)
 
 
+def test_an_unreachable_endpoint_error_carries_no_sas_signature(azure_container_name: str) -> None:
+    sas = generate_container_sas(
+        ACCOUNT_NAME, azure_container_name, account_key=ACCOUNT_KEY,
+        permission=ContainerSasPermissions(read=True, write=True, create=True),
+        expiry=datetime.now(timezone.utc) + timedelta(minutes=5),
+    )
+    signature = parse_qs(sas)["sig"][0]
+    with refusing_port() as port:
+        client = ContainerClient(f"http://127.0.0.1:{port}/{ACCOUNT_NAME}", azure_container_name,
+                                 credential=sas, retry_total=0)
+        store = AzureBlobStore(client, create_container=False)
+        for attempt in (lambda: store.put("k", b"v"), lambda: store.get("k"), lambda: list(store.list())):
+            with pytest.raises(StoreUnavailable) as caught:
+                attempt()
+            assert signature not in str(caught.value)
+            assert store.name in str(caught.value)
+
+
 @contextmanager
 def refusing_port() -> Iterator[int]:
     """A loopback port nobody listens on, held bound (not listening) so no one else takes it."""
