@@ -142,7 +142,7 @@ def _scan_blocks(repo: Repository, source: BlockSource, request: BackupRequest, 
     previous = None
     if parent is not None and parent.kind == "block" and parent.block_size == request.block_size:
         previous = BlockMap.from_json(repo.get_map(parent.map.id, point=parent.key), point=parent.key)
-    size = source.size()
+    size = source.prepare(request.block_size)
     sink.add_total("scanned", size)
     failed = threading.Event()
     futures: list[Future[tuple[bytes, bytes]]] = []

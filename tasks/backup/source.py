@@ -53,7 +53,8 @@ class BlockSource(Protocol):
     #: "chunk-id" when the engine hashes the data it is given; otherwise the host-side hash name
     fingerprint: str
 
-    def size(self) -> int: ...
+    def prepare(self, block_size: int) -> int:
+        """Get ready to yield blocks (a remote source scans here); returns the disk's size."""
 
     def blocks(self, block_size: int, previous: BlockMap | None, pool: BufferPool) -> Iterator[SourceBlock]: ...
 
@@ -109,6 +110,7 @@ class LocalBlockSource:
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
+        self._size: int | None = None
         try:
             st = os.stat(self.path)
         except OSError as exc:
@@ -116,12 +118,13 @@ class LocalBlockSource:
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise SourceError(f"{self.path!r} is neither an image file nor a block device")
 
-    def size(self) -> int:
+    def prepare(self, block_size: int) -> int:
         with open(self.path, "rb") as handle:
-            return handle.seek(0, os.SEEK_END)
+            self._size = handle.seek(0, os.SEEK_END)
+        return self._size
 
     def blocks(self, block_size: int, previous: BlockMap | None, pool: BufferPool) -> Iterator[SourceBlock]:
-        return _read_blocks(self.path, block_size, pool, self.size())
+        return _read_blocks(self.path, block_size, pool, self._size)
 
 
 class LocalTreeSource:

@@ -1,0 +1,79 @@
+"""Hash a disk's fixed-size blocks on the host, and read selected blocks back.
+
+Runs on the host with nothing but the Python 3 standard library (fed to `python3 -` by the
+connector, so nothing is left behind). Only hashes, and then only the changed blocks the
+controller asks for, cross the network.
+
+    python3 - scan PATH BLOCK_SIZE
+        one JSON object: {"hash": "blake2b-256", "size": N, "block_size": B, "fingerprints": "<hex>"}
+        (the 32-byte digests of every block, concatenated in order)
+    python3 - read PATH BLOCK_SIZE INDEX...
+        one line per index: "<index> <base64 of the block>"
+
+Exit status 2 with a one-line message on stderr when the path cannot be read.
+"""
+
+import base64
+import hashlib
+import json
+import os
+import sys
+
+DIGEST_SIZE = 32
+
+
+def disk_size(handle):
+    return handle.seek(0, os.SEEK_END)
+
+
+def scan(path, block_size):
+    buffer = bytearray(block_size)
+    view = memoryview(buffer)
+    digests = []
+    with open(path, "rb", buffering=0) as handle:
+        size = disk_size(handle)
+        handle.seek(0)
+        remaining = size
+        while remaining > 0:
+            want = min(block_size, remaining)
+            filled = 0
+            while filled < want:
+                got = handle.readinto(view[filled:want])
+                if not got:
+                    break
+                filled += got
+            if filled == 0:
+                break
+            digests.append(hashlib.blake2b(view[:filled], digest_size=DIGEST_SIZE).hexdigest())
+            remaining -= filled
+    json.dump({"hash": "blake2b-256", "size": size, "block_size": block_size, "fingerprints": "".join(digests)},
+              sys.stdout)
+
+
+def read(path, block_size, indexes):
+    out = sys.stdout
+    with open(path, "rb") as handle:
+        for index in indexes:
+            handle.seek(index * block_size)
+            data = handle.read(block_size)
+            out.write("%d %s\n" % (index, base64.b64encode(data).decode("ascii")))
+
+
+def main(argv):
+    if len(argv) < 3 or argv[0] not in ("scan", "read"):
+        sys.stderr.write("usage: blockscan.py scan|read PATH BLOCK_SIZE [INDEX...]\n")
+        return 64
+    mode, path, block_size = argv[0], argv[1], int(argv[2])
+    try:
+        if mode == "scan":
+            scan(path, block_size)
+        else:
+            read(path, block_size, [int(i) for i in argv[3:]])
+    except OSError as exc:
+        sys.stderr.write("blockscan: cannot read %s: %s\n" % (path, exc.strerror or exc))
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
