@@ -4,11 +4,12 @@ show the events, as JSON lines or console output on the CLI, with secrets redact
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from typing import Any
 
 import structlog
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.logging.handlers import APILogHandler
 
 from configs.secrets import redact
 
@@ -26,29 +27,60 @@ def _redact_event(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
 
 
 class RedactingFilter(logging.Filter):
-    """Redacts secrets in records that bypass structlog (Prefect's own, libraries')."""
+    """Redacts secrets in stdlib records of the 'patchdrill' logger tree before any handler
+    (Prefect's API handler included) sees them."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = redact(record.getMessage())
-        record.args = None
+        if record.args or isinstance(record.msg, str):
+            record.msg = redact(record.getMessage())
+            record.args = None
         return True
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is at the time of the event (test capture, redirects)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _: Any) -> None:
+        pass
+
+
+class RunLogHandler(APILogHandler):
+    """Ships events to the Prefect run's logs (so the UI shows them) when inside a run.
+
+    Prefect's PREFECT_LOGGING_EXTRA_LOGGERS does the same, but only if set before Prefect
+    configures logging, which a library cannot promise; outside a run (plain CLI use) the
+    event stays on the console instead of raising a missing-context warning.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if FlowRunContext.get() is not None or TaskRunContext.get() is not None:
+            super().emit(record)
+
+
 def configure(json: bool = False, level: int = logging.INFO) -> None:
-    """Set up structlog and the 'patchdrill' stdlib logger. Safe to call more than once."""
+    """Set up structlog and the 'patchdrill' stdlib logger. Safe to call more than once.
+
+    structlog renders each event to one string before the standard library sees it, so every
+    handler (the console here, Prefect's run-log handler in a flow) gets the same plain text.
+    """
     global _configured
-    # Prefect attaches its run-log handler to loggers named here; the level must be set too,
-    # or INFO events never reach the UI.
-    extra = os.environ.get("PREFECT_LOGGING_EXTRA_LOGGERS", "")
-    if LOGGER_NAME not in extra.split(","):
-        os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = ",".join(filter(None, [extra, LOGGER_NAME]))
     logger = logging.getLogger(LOGGER_NAME)
+    # The level must be set, or INFO events never reach Prefect's handler.
     logger.setLevel(level)
     if _configured:
         return
-    renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(structlog.stdlib.ProcessorFormatter(processor=renderer, foreign_pre_chain=[structlog.processors.TimeStamper(fmt="iso")]))
+    logger.addHandler(RunLogHandler())
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if json
+        else structlog.dev.ConsoleRenderer(colors=False, pad_event_to=0)
+    )
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
     handler.addFilter(RedactingFilter())
     logger.addHandler(handler)
     structlog.configure(
@@ -57,8 +89,9 @@ def configure(json: bool = False, level: int = logging.INFO) -> None:
             structlog.stdlib.add_log_level,
             structlog.stdlib.add_logger_name,
             structlog.processors.TimeStamper(fmt="iso"),
+            structlog.processors.format_exc_info,
             _redact_event,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+            renderer,
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,

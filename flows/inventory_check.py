@@ -1,0 +1,47 @@
+"""Fleet reachability: can we reach every host, and who is it since boot?
+
+The smallest whole flow: a task per host, a table artifact, logs in the UI. Runs from the
+CLI (`patchdrill hosts ping` calls the same task logic directly), a deployment or the UI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import structlog
+from prefect import flow, task
+from prefect.artifacts import create_table_artifact
+
+from configs.loader import load_config
+from flows.logs import configure
+from tasks.inventory import PingResult, ping_host
+
+log = structlog.stdlib.get_logger("patchdrill.inventory")
+
+
+@task(name="ping-host", task_run_name="ping {host_name}")
+def ping_task(config_path: str, host_name: str) -> PingResult:
+    loaded = load_config(config_path)
+    [host] = loaded.config.select(names=[host_name])
+    row = ping_host(host, loaded.base_dir)
+    if row.reachable:
+        log.info("host up", host=row.host, os=row.os, boot_id=row.boot_id, rtt_ms=row.rtt_ms)
+    else:
+        log.warning("host unreachable", host=row.host, error=row.error)
+    return row
+
+
+@flow(name="inventory-check", log_prints=True)
+def inventory_check(config_path: str = "configs/lab.yaml", groups: list[str] | None = None) -> list[PingResult]:
+    """Ping every selected host in parallel and publish a reachability table."""
+    configure()
+    loaded = load_config(Path(config_path))
+    hosts = loaded.config.select(groups)
+    futures = [ping_task.submit(config_path, h.name) for h in hosts]
+    rows = [f.result() for f in futures]
+    create_table_artifact(
+        key="inventory-check",
+        table=[r.model_dump(mode="json") for r in rows],
+        description=f"{sum(r.reachable for r in rows)}/{len(rows)} hosts reachable",
+    )
+    return rows
