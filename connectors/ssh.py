@@ -18,9 +18,10 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import paramiko
 import structlog
@@ -446,6 +447,8 @@ class SshConnector(Connector):
         if not channel.status_event.wait(remaining):
             raise HostTimeout(self.name, f"command {shown!r} sent no exit status within {timeout:g}s; not re-run")
         if writer is not None:
+            # Closing first wakes a writer still blocked on a command that never read its stdin.
+            channel.close()
             writer.join()
         if writer_error and not isinstance(writer_error[0], OSError):
             raise writer_error[0]
