@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,14 @@ def test_connection_is_reused_between_commands(ssh: SshConnector) -> None:
     with capture_logs() as events:
         assert ssh.run("echo again", check=True).stdout == "again\n"
     assert not [e for e in events if e["event"] == "ssh.connected"]
+
+
+def test_threads_share_one_lazily_made_connection(ssh_host_config: HostConfig) -> None:
+    with capture_logs() as events, SshConnector(ssh_host_config) as connector:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            outputs = list(pool.map(lambda n: connector.run(f"echo {n}", check=True).stdout, range(8)))
+    assert outputs == [f"{n}\n" for n in range(8)]
+    assert len([e for e in events if e["event"] == "ssh.connected"]) == 1
 
 
 def test_ten_megabytes_on_stdout_while_stderr_also_fills(ssh: SshConnector) -> None:
@@ -298,13 +307,14 @@ def test_wrong_password_fails_clearly_and_never_shows_the_secret(
 def test_unknown_host_key_is_rejected_with_fingerprint_and_fix(sshd_host: SshdHost, tmp_path: Path) -> None:
     empty = tmp_path / "known_hosts"
     empty.write_text("")
-    with pytest.raises(HostKeyRejected) as caught:
+    with capture_logs() as events, pytest.raises(HostKeyRejected) as caught:
         SshConnector(sshd_host.host_config(known_hosts=str(empty)), retry=QUICK_RETRY).connect()
     message = str(caught.value)
     assert sshd_host.name in message and sshd_host.known_hosts_name in message
     assert sshd_host.fingerprint in message
     assert "ssh-keyscan" in message and "accept_unknown_host_key" in message
     assert empty.read_text() == ""
+    assert not [e for e in events if e["event"] == "ssh.retry"]
 
 
 def test_accepting_an_unknown_key_records_it_for_openssh_and_later_runs(sshd_host: SshdHost, tmp_path: Path) -> None:
@@ -387,6 +397,12 @@ def test_wait_until_up_sees_a_new_boot_after_reboot(sshd_factory: SshdMaker) -> 
         after = connector.wait_until_up(60, interval=0.1, not_boot_id=before.boot_id)
         assert after.boot_id == host.boot_id != before.boot_id
         assert connector.run("test -e /run/reboot-required").exit_code == 1
+
+
+def test_wait_until_up_times_out_when_the_host_never_reboots(ssh: SshConnector) -> None:
+    current = ssh.boot_identity().boot_id
+    with pytest.raises(HostTimeout, match="did not reboot"):
+        ssh.wait_until_up(0.3, interval=0.1, not_boot_id=current)
 
 
 def test_each_host_has_its_own_address_and_boot_id(sshd_factory: SshdMaker) -> None:
