@@ -1,0 +1,525 @@
+"""WinRM transport: PowerShell over WS-Management, on pywinrm's Protocol.
+
+Security: HTTPS with certificate validation by default. Over plain HTTP only authentication
+that encrypts the messages (NTLM, Kerberos, CredSSP with pywinrm's message encryption) is
+used; Basic over HTTP is refused unless the host sets `allow_insecure_transport`.
+
+Commands: every command is a PowerShell script, sent as `powershell -EncodedCommand` with a
+prologue that makes output UTF-8, in one shell reused for the connector's lifetime. WinRM
+starts commands through cmd.exe, whose lines stop at 8191 characters, and the encoded form
+costs ~2.7 characters per script character; longer scripts are streamed on standard input to
+a small loader (remote/stdin_script.ps1) rather than written to a temporary .ps1 and run with
+-File: one command instead of one per chunk, nothing left on disk if the run is cut short,
+and no dependence on the host's execution policy, which governs -File but not
+-EncodedCommand.
+
+Files: put/get move small files (configuration, scripts, reports) in base64 chunks, one
+command per chunk, into a partial file that is checked (SHA-256) and then moved into place.
+WinRM is slow for bulk data; that goes to Azure Blob through a SAS URL instead, so copies
+larger than `max_transfer_bytes` are refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import json
+import math
+import re
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Callable
+
+import requests
+import structlog
+import winrm
+from tenacity import RetryCallState
+from winrm.exceptions import (
+    InvalidCredentialsError,
+    WinRMError,
+    WinRMOperationTimeoutError,
+    WinRMTransportError,
+    WSManFaultError,
+)
+
+from configs.models import HostConfig
+from configs.secrets import SecretError, redact, resolve
+from connectors.base import (
+    AuthenticationFailed,
+    BootIdentity,
+    CommandResult,
+    Connector,
+    ConnectorError,
+    HostKeyRejected,
+    HostTimeout,
+    HostUnreachable,
+    RetryPolicy,
+    remote_script,
+)
+
+log = structlog.stdlib.get_logger("patchdrill.connectors.winrm")
+
+#: Console output in UTF-8 whatever the host's code page, so non-ASCII text survives.
+PROLOGUE = (
+    "[Console]::OutputEncoding = [Text.Encoding]::UTF8\n"
+    "$OutputEncoding = [Text.Encoding]::UTF8\n"
+    "$ProgressPreference = 'SilentlyContinue'\n"
+)
+#: Below cmd.exe's 8191-character limit, with room for what WinRM adds.
+COMMAND_LINE_LIMIT = 8000
+#: Raw bytes per Send: their base64 stays under pywinrm's 153600-byte MaxEnvelopeSize.
+STDIN_CHUNK = 96 * 1024
+UPLOAD_CHUNK = 256 * 1024
+DOWNLOAD_CHUNK = 1024 * 1024
+DEFAULT_MAX_TRANSFER = 16 * 1024 * 1024
+UTF8_CODE_PAGE = 65001
+STDIN_LOADER = "stdin_script.ps1"
+#: WSManFault code of "the shell was not found on the server" (it restarted or expired the shell).
+SHELL_NOT_FOUND = 2150858843
+#: Consecutive HTTP read timeouts on Receive before the host counts as gone.
+MAX_READ_TIMEOUTS = 3
+
+_QUOTES = "'\u2018\u2019\u201a\u201b"
+_PARAMETER = re.compile(r"-[A-Za-z][A-Za-z0-9_]*:?")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def ps_quote(value: str) -> str:
+    """A PowerShell single-quoted string literal (typographic quotes count as quotes too)."""
+    return "'" + re.sub(f"([{_QUOTES}])", r"\1\1", value) + "'"
+
+
+def ps_arguments(args: list[str]) -> str:
+    """`-Name` tokens stay bare (parameter names); everything else becomes a quoted literal."""
+    return " ".join(arg if _PARAMETER.fullmatch(arg) else ps_quote(arg) for arg in args)
+
+
+def invoke_script(text: str, args: list[str]) -> str:
+    """Run a script's text as a script block with arguments; its param() block binds them."""
+    return f"& {{\n{text}\n}} {ps_arguments(args)}".rstrip() + "\n"
+
+
+def encode_command(script: str) -> str:
+    encoded = base64.b64encode(script.encode("utf-16-le")).decode("ascii")
+    return f"powershell -NoProfile -NonInteractive -EncodedCommand {encoded}"
+
+
+_STREAM_PREFIX = {"Warning": "WARNING: ", "Verbose": "VERBOSE: ", "Debug": "DEBUG: "}
+
+
+def clean_clixml(stderr: str) -> str:
+    """PowerShell's CLIXML on stderr (`#< CLIXML` + <Objs>) as the plain text a console shows.
+
+    Progress records are dropped, error/warning/verbose/debug strings kept with the console's
+    prefixes, `_xHHHH_` escapes decoded; text outside CLIXML documents is kept as it is.
+    """
+    if "#< CLIXML" not in stderr:
+        return stderr
+    pieces: list[str] = []
+    for part in stderr.split("#< CLIXML"):
+        start, end = part.find("<Objs"), part.rfind("</Objs>")
+        if start < 0:
+            if part.strip():
+                pieces.append(part)
+            continue
+        stop = end + len("</Objs>") if end >= 0 else len(part)
+        pieces += [part[:start].strip("\r\n"), _clixml_text(part[start:stop]), part[stop:]]
+    return "".join(pieces).replace("\r\n", "\n").strip()
+
+
+def _clixml_text(document: str) -> str:
+    try:
+        root = ET.fromstring(document)
+        records = [(el.get("S", ""), el.text or "") for el in root if el.tag.rsplit("}", 1)[-1] == "S"]
+    except ET.ParseError:
+        # A document cut short (the process was killed mid-write): salvage the complete strings.
+        records = [(s, html.unescape(t)) for s, t in re.findall(r'<S S="(\w+)">(.*?)</S>', document, re.S)]
+    return "".join(_STREAM_PREFIX.get(stream, "") + _decode_clixml_escapes(text) for stream, text in records)
+
+
+def _decode_clixml_escapes(text: str) -> str:
+    return re.sub(r"_x([0-9A-Fa-f]{4})_", lambda m: chr(int(m.group(1), 16)), text)
+
+
+def _reason(exc: BaseException) -> str:
+    """The useful bit of a requests/urllib3 error chain ('[Errno 111] Connection refused')."""
+    text = str(exc)
+    match = re.search(
+        r"\[SSL: [A-Z_]+\][^'\")]*|certificate verify failed[^'\")]*|[Hh]ostname '[^']+' doesn't match[^'\")]*"
+        r"|\[Errno -?\d+\][^'\")]*|Name or service not known|Connection (?:refused|reset by peer|aborted)",
+        text,
+    )
+    return (match.group(0) if match else text[-200:]).strip()
+
+
+class _Expired(Exception):
+    """The command outlived the caller's timeout."""
+
+
+class WinRmConnector(Connector):
+    """PowerShell on a Windows host over WinRM."""
+
+    os_family = "windows"
+
+    def __init__(self, host: HostConfig, *, retry: RetryPolicy | None = None, base_dir: Path | None = None,
+                 operation_timeout: int = 20, max_transfer_bytes: int = DEFAULT_MAX_TRANSFER) -> None:
+        """`operation_timeout`: seconds one WS-Man Receive may wait for output (the server answers
+        a "still running" fault after it and the connector asks again); `max_transfer_bytes`:
+        the largest file put/get will copy."""
+        if host.transport != "winrm":
+            raise ValueError(f"host {host.name!r}: transport is {host.transport!r}; WinRmConnector needs 'winrm'")
+        if operation_timeout < 1:
+            raise ValueError(f"host {host.name!r}: operation_timeout must be at least 1 second")
+        self.host = host
+        self.name = host.name
+        self._retry = retry or RetryPolicy()
+        self._base_dir = base_dir
+        self._operation_timeout = operation_timeout
+        self._max_transfer = max_transfer_bytes
+        self._protocol: winrm.Protocol | None = None
+        self._shell_id: str | None = None
+        self._log = log.bind(host=host.name)
+        self._refuse_insecure_transport()
+        if host.winrm_auth == "kerberos" and not winrm.transport.HAVE_KERBEROS:
+            raise ConnectorError(self.name, "winrm_auth kerberos needs the kerberos extra: pip install 'patchdrill[kerberos]'")
+
+    @property
+    def endpoint(self) -> str:
+        address = f"[{self.host.address}]" if ":" in self.host.address else self.host.address
+        return f"{self.host.winrm_scheme}://{address}:{self.host.effective_port}/wsman"
+
+    def _refuse_insecure_transport(self) -> None:
+        host = self.host
+        if host.winrm_scheme == "http" and host.winrm_auth == "basic" and not host.allow_insecure_transport:
+            raise ConnectorError(
+                self.name,
+                "winrm basic authentication over plain http would send the password and every command readable: "
+                "use winrm_scheme: https, NTLM/Kerberos (encrypted over http), or set allow_insecure_transport: true "
+                "for a lab",
+            )
+
+    # connection -------------------------------------------------------------------------------
+    def _password(self) -> str | None:
+        if self.host.password is None:
+            if self.host.winrm_auth == "kerberos":
+                return None  # the ticket cache authenticates
+            raise ConnectorError(self.name, f"winrm_auth {self.host.winrm_auth} needs a password reference (field password)")
+        try:
+            return resolve(self.host.password, base_dir=self._base_dir)
+        except SecretError as exc:
+            raise ConnectorError(self.name, f"password: {exc}") from None
+
+    def _ca_bundle(self) -> str | None:
+        if not self.host.winrm_ca_bundle:
+            return None
+        path = Path(self.host.winrm_ca_bundle).expanduser()
+        if not path.is_absolute() and self._base_dir is not None:
+            path = self._base_dir / path
+        if not path.is_file():
+            raise ConnectorError(self.name, f"winrm_ca_bundle {str(path)!r} is not a readable file")
+        return str(path)
+
+    def _new_protocol(self) -> winrm.Protocol:
+        protocol = winrm.Protocol(
+            self.endpoint,
+            transport=self.host.winrm_auth,
+            username=self.host.user,
+            password=self._password(),
+            server_cert_validation="validate" if self.host.winrm_verify_tls else "ignore",
+            ca_trust_path=self._ca_bundle(),  # type: ignore[arg-type]  # None: certifi's bundle, no env override
+            read_timeout_sec=self._operation_timeout + 10,
+            operation_timeout_sec=self._operation_timeout,
+            message_encryption="auto",
+            proxy=None,  # a WinRM listener is reached directly, never through an environment proxy
+        )
+        self._set_wait(protocol, self._operation_timeout)
+        return protocol
+
+    def _set_wait(self, protocol: winrm.Protocol, seconds: int) -> None:
+        protocol.operation_timeout_sec = seconds
+        # pywinrm hands read_timeout_sec straight to requests, which also takes a
+        # (connect, read) pair: that is how the host's connect_timeout applies.
+        protocol.transport.read_timeout_sec = (self.host.connect_timeout, seconds + 10)  # type: ignore[assignment]
+
+    def _ensure_shell(self, *, retry: bool = True) -> tuple[winrm.Protocol, str]:
+        if self._protocol is not None and self._shell_id is not None:
+            return self._protocol, self._shell_id
+
+        def attempt() -> tuple[winrm.Protocol, str]:
+            protocol = self._new_protocol()
+            try:
+                shell_id = protocol.open_shell(codepage=UTF8_CODE_PAGE, noprofile=True)
+            except Exception as exc:  # noqa: BLE001 - translated into the connector's typed errors
+                protocol.transport.close_session()
+                raise self._translate(exc, "open a shell") from None
+            self._check_encryption(protocol)
+            return protocol, shell_id
+
+        opened = self._retry.call(attempt, on_retry=self._log_retry) if retry else attempt()
+        self._protocol, self._shell_id = opened
+        return opened
+
+    def _check_encryption(self, protocol: winrm.Protocol) -> None:
+        host = self.host
+        if host.winrm_scheme == "http" and not host.allow_insecure_transport and protocol.transport.encryption is None:
+            protocol.transport.close_session()
+            raise ConnectorError(
+                self.name,
+                f"{self.endpoint}: {host.winrm_auth} did not set up message encryption over plain http; use "
+                "winrm_scheme: https or set allow_insecure_transport: true for a lab",
+            )
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        self._log.warning("winrm.retry", attempt=state.attempt_number, error=redact(str(error)))
+
+    def _discard(self) -> None:
+        """Forget the session without talking to the host (it may be gone)."""
+        if self._protocol is not None:
+            self._protocol.transport.close_session()
+        self._protocol = self._shell_id = None
+
+    def close(self) -> None:
+        protocol, shell_id = self._protocol, self._shell_id
+        self._protocol = self._shell_id = None
+        if protocol is None:
+            return
+        try:
+            if shell_id is not None:
+                protocol.close_shell(shell_id)
+        except Exception as exc:  # noqa: BLE001 - closing is best effort; the host may have gone
+            self._log.debug("winrm.close_failed", error=redact(_reason(exc)))
+        finally:
+            protocol.transport.close_session()
+
+    def _translate(self, exc: BaseException, doing: str) -> ConnectorError:
+        host, endpoint = self.host, self.endpoint
+        if isinstance(exc, ConnectorError):
+            return exc
+        if isinstance(exc, requests.exceptions.SSLError):
+            return HostKeyRejected(self.name, redact(
+                f"TLS certificate of {endpoint} not trusted ({_reason(exc)}); set winrm_ca_bundle to the CA that "
+                "issued it (winrm_verify_tls: false only in a lab)"))
+        if isinstance(exc, requests.exceptions.ConnectTimeout):
+            return HostTimeout(self.name, f"no connection to {endpoint} within {host.connect_timeout:g}s")
+        if isinstance(exc, (requests.exceptions.Timeout, WinRMOperationTimeoutError)):
+            return HostTimeout(self.name, f"{endpoint} did not answer in time while trying to {doing}")
+        if isinstance(exc, requests.exceptions.ConnectionError):
+            return HostUnreachable(self.name, redact(f"cannot reach {endpoint} to {doing}: {_reason(exc)}"))
+        if isinstance(exc, (InvalidCredentialsError, PermissionError)):
+            return AuthenticationFailed(
+                self.name,
+                f"{endpoint} rejected the {host.winrm_auth} credentials of user {host.user!r} (password from "
+                f"{host.password}); check the user, the password and that {host.winrm_auth} is enabled on the listener",
+            )
+        if isinstance(exc, WSManFaultError):
+            code = exc.wsman_fault_code or exc.fault_subcode
+            return ConnectorError(self.name, redact(f"{doing}: WS-Management fault {code}: {exc.reason}"))
+        if isinstance(exc, WinRMTransportError):
+            if exc.code in (502, 503, 504):
+                return HostUnreachable(self.name, f"{endpoint} answered HTTP {exc.code} to {doing}")
+            return ConnectorError(self.name, f"{endpoint} answered HTTP {exc.code} to {doing}")
+        if isinstance(exc, WinRMError):
+            return ConnectorError(self.name, redact(f"{doing}: {exc}"))
+        return ConnectorError(self.name, redact(f"{doing}: {type(exc).__name__}: {exc}"))
+
+    # commands ---------------------------------------------------------------------------------
+    def run(self, command: str, *, timeout: float | None = None, check: bool = False,
+            env: dict[str, str] | None = None, stdin: bytes | None = None) -> CommandResult:
+        """Run PowerShell. `env` becomes `$env:` variables; `stdin` is the process's standard
+        input (read it with [Console]::In)."""
+        env_lines = ""
+        for key, value in (env or {}).items():
+            if not _ENV_NAME.fullmatch(key):
+                raise ValueError(f"host {self.name!r}: environment variable name {key!r} is not valid")
+            env_lines += f"$env:{key} = {ps_quote(value)}\n"
+        return self._run_powershell(PROLOGUE + env_lines + command, command, timeout=timeout, check=check, stdin=stdin)
+
+    def run_script(self, script: str, args: list[str] | None = None, *,
+                   timeout: float | None = None, check: bool = False) -> CommandResult:
+        """Run connectors/remote/`script` with arguments: `-Name` items are parameter names,
+        every other item a value (passed as a literal string, never interpreted)."""
+        args = args or []
+        shown = " ".join([script, *(a if len(a) <= 60 else a[:57] + "..." for a in args)])
+        return self._run_powershell(PROLOGUE + invoke_script(remote_script(script), args), shown,
+                                    timeout=timeout, check=check)
+
+    def _run_powershell(self, script: str, shown: str, *, timeout: float | None, check: bool,
+                        stdin: bytes | None = None, retry: bool = True) -> CommandResult:
+        started = time.monotonic()
+        command_line = encode_command(script)
+        if len(command_line) > COMMAND_LINE_LIMIT:
+            payload = script.encode("utf-8")
+            loader = invoke_script(remote_script(STDIN_LOADER), ["-Length", str(len(payload))])
+            command_line = encode_command(PROLOGUE + loader)
+            stdin = payload + (stdin or b"")
+        out, err, exit_code = self._execute(command_line, stdin, timeout, shown, retry=retry)
+        result = CommandResult(
+            host=self.name, command=shown, exit_code=exit_code, stdout=out.decode("utf-8", errors="replace"),
+            stderr=clean_clixml(err.decode("utf-8", errors="replace")), seconds=time.monotonic() - started,
+        )
+        self._log.info("winrm.run", command=redact(shown[:200]), exit_code=exit_code, seconds=round(result.seconds, 3))
+        return result.check() if check else result
+
+    def _execute(self, command_line: str, stdin: bytes | None, timeout: float | None, shown: str,
+                 *, retry: bool) -> tuple[bytes, bytes, int]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        protocol, shell_id = self._ensure_shell(retry=retry)
+        try:
+            command_id = protocol.run_command(shell_id, command_line)
+        except WSManFaultError as exc:
+            if exc.wsman_fault_code != SHELL_NOT_FOUND:
+                raise self._translate(exc, f"start {shown}") from None
+            # The host restarted or expired our shell: a new one is all it takes.
+            self._discard()
+            protocol, shell_id = self._ensure_shell(retry=retry)
+            command_id = self._call(lambda: protocol.run_command(shell_id, command_line), f"start {shown}")
+        except Exception as exc:  # noqa: BLE001
+            self._discard()
+            raise self._translate(exc, f"start {shown}") from None
+        try:
+            if stdin is not None:
+                self._send_stdin(protocol, shell_id, command_id, stdin)
+            out, err, exit_code = self._collect(protocol, shell_id, command_id, deadline)
+        except _Expired:
+            self._stop_command(protocol, shell_id, command_id)
+            raise HostTimeout(self.name, redact(f"command {shown[:120]!r} still running after {timeout:g}s; stopped it")) from None
+        except ConnectorError:
+            self._discard()
+            raise
+        except Exception as exc:  # noqa: BLE001
+            self._discard()
+            raise self._translate(exc, f"run {shown}") from None
+        self._stop_command(protocol, shell_id, command_id)
+        return out, err, exit_code
+
+    def _call(self, fn: Callable[[], str], doing: str) -> str:
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001
+            self._discard()
+            raise self._translate(exc, doing) from None
+
+    def _send_stdin(self, protocol: winrm.Protocol, shell_id: str, command_id: str, data: bytes) -> None:
+        chunks = [data[i:i + STDIN_CHUNK] for i in range(0, len(data), STDIN_CHUNK)] or [b""]
+        for index, chunk in enumerate(chunks):
+            protocol.send_command_input(shell_id, command_id, chunk, end=index == len(chunks) - 1)
+
+    def _collect(self, protocol: winrm.Protocol, shell_id: str, command_id: str,
+                 deadline: float | None) -> tuple[bytes, bytes, int]:
+        out: list[bytes] = []
+        err: list[bytes] = []
+        read_timeouts = 0
+        while True:
+            wait = self._operation_timeout
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise _Expired()
+                wait = max(1, min(wait, math.ceil(remaining)))
+            self._set_wait(protocol, wait)
+            try:
+                stdout, stderr, exit_code, done = protocol.get_command_output_raw(shell_id, command_id)
+            except WinRMOperationTimeoutError:
+                continue  # normal for a long command: it printed nothing within the operation timeout
+            except requests.exceptions.ReadTimeout:
+                read_timeouts += 1
+                if read_timeouts >= MAX_READ_TIMEOUTS:
+                    raise HostTimeout(self.name, f"{self.endpoint} stopped answering while a command ran") from None
+                continue
+            read_timeouts = 0
+            out.append(stdout)
+            err.append(stderr)
+            if done:
+                return b"".join(out), b"".join(err), exit_code
+
+    def _stop_command(self, protocol: winrm.Protocol, shell_id: str, command_id: str) -> None:
+        """Signal terminate: ends the process if it still runs and frees the command on the host."""
+        self._set_wait(protocol, self._operation_timeout)
+        try:
+            protocol.cleanup_command(shell_id, command_id)
+        except Exception as exc:  # noqa: BLE001 - the result is already in hand; start afresh next time
+            self._log.debug("winrm.cleanup_failed", error=redact(_reason(exc)))
+            self._discard()
+
+    # files ------------------------------------------------------------------------------------
+    def _check_size(self, size: int, what: str) -> None:
+        if size > self._max_transfer:
+            raise ConnectorError(
+                self.name,
+                f"{what} is {size} bytes, over the {self._max_transfer}-byte limit for WinRM copies "
+                "(max_transfer_bytes): send bulk data through the blob store's upload URL instead",
+            )
+
+    def put(self, local: Path, remote: str) -> None:
+        """Copy a small file to the host: chunks into `<remote>.<id>.part`, checked, then moved."""
+        local = Path(local)
+        self._check_size(local.stat().st_size, str(local))
+        partial = f"{remote}.{uuid.uuid4().hex[:12]}.part"
+        digest = hashlib.sha256()
+        offset = 0
+        with local.open("rb") as handle:
+            while True:
+                chunk = handle.read(UPLOAD_CHUNK)
+                if not chunk and offset > 0:
+                    break
+                digest.update(chunk)
+                self.run_script("file_write_chunk.ps1", ["-Path", partial, "-Offset", str(offset),
+                                                         "-Data", base64.b64encode(chunk).decode("ascii")], check=True)
+                offset += len(chunk)
+                if not chunk:
+                    break
+        self.run_script("file_commit.ps1", ["-Partial", partial, "-Path", remote,
+                                            "-Sha256", digest.hexdigest().upper()], check=True)
+        self._log.info("winrm.put", local=str(local), remote=remote, bytes=offset)
+
+    def get(self, remote: str, local: Path) -> None:
+        """Copy a small file from the host, checked against its SHA-256 before it appears locally."""
+        local = Path(local)
+        stat = self._json_of("file_stat.ps1", ["-Path", remote], ("length", "sha256"))
+        size = int(stat["length"])
+        self._check_size(size, f"{remote} on {self.name}")
+        partial = local.with_name(f"{local.name}.{uuid.uuid4().hex[:12]}.part")
+        digest = hashlib.sha256()
+        try:
+            with partial.open("wb") as handle:
+                offset = 0
+                while offset < size:
+                    result = self.run_script("file_read_chunk.ps1", ["-Path", remote, "-Offset", str(offset),
+                                                                     "-Count", str(DOWNLOAD_CHUNK)], check=True)
+                    data = base64.b64decode(result.stdout.strip())
+                    if not data:
+                        raise ConnectorError(self.name, f"{remote} shrank while being copied ({offset} of {size} bytes)")
+                    handle.write(data)
+                    digest.update(data)
+                    offset += len(data)
+            if digest.hexdigest().upper() != str(stat["sha256"]).upper():
+                raise ConnectorError(self.name, f"{remote} changed while being copied (SHA-256 mismatch)")
+            partial.replace(local)
+        finally:
+            partial.unlink(missing_ok=True)
+        self._log.info("winrm.get", remote=remote, local=str(local), bytes=size)
+
+    def _json_of(self, script: str, args: list[str], keys: tuple[str, ...], *, retry: bool = True,
+                 timeout: float | None = None) -> dict[str, object]:
+        result = self._run_powershell(PROLOGUE + invoke_script(remote_script(script), args), script,
+                                      timeout=timeout, check=True, retry=retry)
+        try:
+            data = json.loads(result.stdout)
+        except json.JSONDecodeError:
+            data = None
+        if not isinstance(data, dict) or any(key not in data for key in keys):
+            raise ConnectorError(self.name, redact(f"{script} printed {result.stdout[:200]!r}, not JSON with {', '.join(keys)}"))
+        return data
+
+    # identity ---------------------------------------------------------------------------------
+    def boot_identity(self) -> BootIdentity:
+        started = time.monotonic()
+        data = self._json_of("boot_identity.ps1", [], ("last_boot_up_time", "caption"), retry=False,
+                             timeout=self.host.connect_timeout + 30)
+        extra = {key: str(value) for key, value in data.items() if value is not None}
+        return BootIdentity(host=self.name, os_family="windows", boot_id=str(data["last_boot_up_time"]),
+                            os_name=str(data["caption"]), rtt_seconds=time.monotonic() - started, extra=extra)
