@@ -1,0 +1,184 @@
+"""Enroll, assess, install and check reboots on a Linux host through any Connector.
+
+Whether an update really installed is judged by a fresh assessment afterwards, not by the
+package manager's exit code: an update is Installed when it is no longer missing. That holds
+for apt, dnf and zypper alike, and catches a tool that exits 0 having done nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from configs.secrets import redact
+from connectors.base import CommandFailed, CommandResult, Connector
+from tasks.patching import linux
+from tasks.patching.models import (
+    ComplianceState,
+    Enrollment,
+    PackageManager,
+    RebootDetection,
+    Update,
+    UpdateOutcome,
+)
+
+FACTS_SCRIPT = "linux_facts.sh"
+
+
+class LinuxFacts(BaseModel):
+    """The JSON printed by connectors/remote/linux_facts.sh."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    os_family: str
+    os_id: str
+    os_name: str
+    os_version: str
+    variant: str
+    kernel: str
+    package_manager: str
+    reboot_detection: str
+    timezone: str
+    boot_id: str
+
+
+def enroll(connector: Connector, *, now: datetime | None = None) -> Enrollment:
+    result = connector.run_script(FACTS_SCRIPT, check=True)
+    try:
+        facts = LinuxFacts.model_validate(json.loads(result.stdout))
+    except (json.JSONDecodeError, ValidationError) as exc:
+        raise ValueError(f"host {connector.name}: {FACTS_SCRIPT} printed unexpected facts: {exc}") from None
+    if facts.package_manager not in ("apt", "dnf", "yum", "zypper"):
+        raise ValueError(f"host {connector.name}: no supported package manager found (apt-get, dnf, yum, zypper)")
+    if not facts.boot_id:
+        raise ValueError(f"host {connector.name}: no boot id in /proc/sys/kernel/random/boot_id")
+    manager: PackageManager = facts.package_manager  # type: ignore[assignment]
+    detection: RebootDetection = facts.reboot_detection  # type: ignore[assignment]
+    return Enrollment(
+        host=connector.name,
+        os_family="linux",
+        os_name=facts.os_name or facts.os_id,
+        os_version=facts.os_version,
+        build=facts.kernel,
+        package_manager=manager,
+        timezone=facts.timezone,
+        hotpatch_eligible=False,  # hotpatch is a Windows Server Azure Edition feature
+        reboot_detection=detection,
+        boot_id=facts.boot_id,
+        enrolled_at=now or datetime.now(timezone.utc),
+    )
+
+
+def _run_all(connector: Connector, commands: list[str], env: dict[str, str] | None,
+             timeout: float | None) -> list[CommandResult]:
+    return [connector.run(command, env=env, timeout=timeout, check=True) for command in commands]
+
+
+def assess(connector: Connector, manager: PackageManager, *, env: dict[str, str] | None = None,
+           refresh: bool = True, timeout: float | None = None) -> list[Update]:
+    """Missing updates on the host. Changes nothing but the package lists (`refresh`)."""
+    if manager == "apt":
+        *_, full, security = _run_all(connector, linux.apt_assess_commands(refresh=refresh), env, timeout)
+        return linux.apt_updates(full.stdout, security.stdout)
+    if manager in ("dnf", "yum"):
+        check_update, updateinfo = _run_all(connector, linux.dnf_assess_commands(manager, refresh=refresh), env, timeout)
+        return linux.dnf_updates(check_update.stdout, updateinfo.stdout)
+    if manager == "zypper":
+        *_, patches = _run_all(connector, linux.zypper_assess_commands(refresh=refresh), env, timeout)
+        return linux.parse_zypper_patches(patches.stdout)
+    raise ValueError(f"host {connector.name}: {manager!r} is not a Linux package manager")
+
+
+def reboot_pending(connector: Connector, manager: PackageManager, *, env: dict[str, str] | None = None,
+                   timeout: float | None = None) -> bool:
+    result = connector.run(linux.reboot_check_command(manager), env=env, timeout=timeout)
+    try:
+        return linux.reboot_required(manager, result.exit_code)
+    except ValueError as exc:
+        raise ValueError(f"host {connector.name}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    outcomes: list[UpdateOutcome]
+    reboot_required: bool
+    commands: list[CommandResult] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(o.state is not ComplianceState.FAILED for o in self.outcomes)
+
+
+def _install_commands(manager: PackageManager, updates: list[Update]) -> list[str]:
+    if manager == "apt":
+        return [linux.apt_install_command(updates)]
+    if manager in ("dnf", "yum"):
+        return linux.dnf_install_commands(manager, updates)
+    if manager == "zypper":
+        return [linux.zypper_install_command(updates)]
+    raise ValueError(f"{manager!r} is not a Linux package manager")
+
+
+def _run_install(connector: Connector, manager: PackageManager, command: str, env: dict[str, str] | None,
+                 timeout: float | None) -> list[CommandResult]:
+    result = connector.run(command, env=env, timeout=timeout)
+    if manager == "zypper" and result.exit_code == linux.ZYPPER_RESTART_NEEDED:
+        # zypper updated itself first; the same command then installs the rest.
+        return [result, connector.run(command, env=env, timeout=timeout)]
+    return [result]
+
+
+def _failure_detail(results: list[CommandResult]) -> str:
+    failed = [r for r in results if r.exit_code not in (0, linux.ZYPPER_REBOOT_NEEDED)]
+    if not failed:
+        return "still missing after the install reported success"
+    last = failed[-1]
+    tail = " | ".join((last.stderr or last.stdout).strip().splitlines()[-3:])
+    return redact(f"install exited {last.exit_code}: {tail}" if tail else f"install exited {last.exit_code}")
+
+
+def _unconfigured_packages(connector: Connector, manager: PackageManager, updates: list[Update],
+                           env: dict[str, str] | None, timeout: float | None) -> set[str]:
+    if manager != "apt":
+        return set()  # rpm has no half-installed state that a fresh assessment would miss
+    packages = [p for u in updates for p in u.packages]
+    result = connector.run(linux.dpkg_state_command(packages), env=env, timeout=timeout)
+    states = linux.parse_dpkg_states(result.stdout)
+    return {p for p in packages if not states.get(p, ("", False))[1]}
+
+
+def install(connector: Connector, manager: PackageManager, updates: list[Update], *,
+            env: dict[str, str] | None = None, timeout: float | None = None) -> InstallResult:
+    """Install exactly these updates, then judge each by a fresh assessment and check for a reboot."""
+    if not updates:
+        return InstallResult(outcomes=[], reboot_required=reboot_pending(connector, manager, env=env, timeout=timeout))
+    results: list[CommandResult] = []
+    for command in _install_commands(manager, updates):
+        results.extend(_run_install(connector, manager, command, env, timeout))
+    try:
+        still_missing = {u.id for u in assess(connector, manager, env=env, refresh=False, timeout=timeout)}
+    except CommandFailed as exc:
+        raise ValueError(f"host {connector.name}: could not re-assess after installing: {exc.message}") from None
+    unconfigured = _unconfigured_packages(connector, manager, updates, env, timeout)
+    needs_reboot = reboot_pending(connector, manager, env=env, timeout=timeout) or any(
+        r.exit_code == linux.ZYPPER_REBOOT_NEEDED for r in results if manager == "zypper"
+    )
+    installed_state = ComplianceState.INSTALLED_PENDING_REBOOT if needs_reboot else ComplianceState.INSTALLED
+    outcomes = []
+    for u in updates:
+        broken = sorted(set(u.packages) & unconfigured)
+        failed = u.id in still_missing or bool(broken)
+        reason = ""
+        if failed:
+            reason = _failure_detail(results)
+            if broken:
+                reason = f"{', '.join(broken)} left unpacked but not configured; {reason}"
+        outcomes.append(UpdateOutcome(update_id=u.id, title=u.title, classification=u.classification,
+                                      state=ComplianceState.FAILED if failed else installed_state, reason=reason))
+    return InstallResult(outcomes=outcomes, reboot_required=needs_reboot, commands=results)
+
+
+__all__ = ["FACTS_SCRIPT", "InstallResult", "LinuxFacts", "assess", "enroll", "install", "reboot_pending"]

@@ -1,0 +1,107 @@
+"""Assessment, selection, install and reboot detection against real apt-get and dpkg.
+
+The host is the controller itself (LocalConnector) with the aptlab sandbox's environment; the
+SSH end-to-end tests run the same functions through sshd.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timezone
+
+import pytest
+
+from configs.models import HostConfig
+from connectors.local import LocalConnector
+from tasks.patching import linux_host
+from tasks.patching.models import Classification, ComplianceState, PatchPolicy
+from tasks.patching.selection import select
+from tests.hosts.aptlab import AptLab, aptlab  # noqa: F401 - the fixture is used by name
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def host() -> LocalConnector:
+    return LocalConnector(HostConfig(name="lab1", transport="local"))
+
+
+def test_assessment_tells_security_from_other_updates(aptlab: AptLab, host: LocalConnector) -> None:
+    updates = {u.id: u for u in linux_host.assess(host, "apt", env=aptlab.env)}
+    assert {uid: u.classification for uid, u in updates.items()} == {
+        "demo-db=1.2": Classification.OTHER,
+        "demo-kernel=1.1": Classification.SECURITY,
+        "demo-tools=1.1": Classification.OTHER,
+        "demo-web=1.1": Classification.SECURITY,
+        "demo-web=1.2": Classification.OTHER,
+    }
+    assert updates["demo-web=1.1"].source == "Debian-Security:12/stable-security"
+    # Assessment changes nothing on the host.
+    assert aptlab.installed_version("demo-web") == "1.0"
+    assert not (aptlab.root / "run/reboot-required").exists()
+
+
+def test_security_only_install_installs_exact_security_versions(aptlab: AptLab, host: LocalConnector) -> None:
+    updates = linux_host.assess(host, "apt", env=aptlab.env)
+    result = linux_host.install(host, "apt", [u for u in updates if u.is_security], env=aptlab.env)
+    assert result.ok
+    assert {o.update_id: o.state for o in result.outcomes} == {
+        "demo-kernel=1.1": ComplianceState.INSTALLED_PENDING_REBOOT,
+        "demo-web=1.1": ComplianceState.INSTALLED_PENDING_REBOOT,
+    }
+    assert aptlab.installed_version("demo-web") == "1.1"  # not the newer regular 1.2
+    assert aptlab.installed_version("demo-kernel") == "1.1"
+    assert aptlab.installed_version("demo-db") == "1.0"
+    assert result.reboot_required and (aptlab.root / "run/reboot-required").exists()
+    remaining = {u.id for u in linux_host.assess(host, "apt", env=aptlab.env, refresh=False)}
+    assert remaining == {"demo-db=1.2", "demo-tools=1.1", "demo-web=1.2"}
+
+
+def test_include_and_exclude_masks_decide_what_installs(aptlab: AptLab, host: LocalConnector) -> None:
+    enrollment = linux_host.enroll(host)
+    policy = PatchPolicy(classifications=[Classification.SECURITY, Classification.OTHER],
+                         include=["demo-*"], exclude=["demo-kernel", "demo-t*"])
+    decisions = select(linux_host.assess(host, "apt", env=aptlab.env), policy, enrollment, "baseline", date(2026, 1, 20))
+    chosen = [d.update for d in decisions if d.install]
+    assert sorted(u.id for u in chosen) == ["demo-db=1.2", "demo-web=1.1", "demo-web=1.2"]
+    excluded = {d.update.id: d.reason for d in decisions if d.state is ComplianceState.EXCLUDED}
+    assert excluded == {"demo-kernel=1.1": "excluded by 'demo-kernel'", "demo-tools=1.1": "excluded by 'demo-t*'"}
+    result = linux_host.install(host, "apt", chosen, env=aptlab.env)
+    assert result.ok and not result.reboot_required
+    assert {o.state for o in result.outcomes} == {ComplianceState.INSTALLED}
+    assert aptlab.installed_version("demo-web") == "1.2"
+    assert aptlab.installed_version("demo-db") == "1.2"
+    assert aptlab.installed_version("demo-kernel") == "1.0"
+    assert aptlab.installed_version("demo-tools") == "1.0"
+
+
+def test_a_package_whose_install_fails_is_reported_failed(aptlab: AptLab, host: LocalConnector) -> None:
+    aptlab.install_base("demo-broken", "1.0")
+    aptlab.publish("security", "demo-broken", "1.1", postinst="#!/bin/sh\necho 'postinst refuses' >&2\nexit 1\n")
+    aptlab.apt_get("update")
+    updates = {u.id: u for u in linux_host.assess(host, "apt", env=aptlab.env)}
+    result = linux_host.install(host, "apt", [updates["demo-broken=1.1"], updates["demo-db=1.2"]], env=aptlab.env)
+    states = {o.update_id: o for o in result.outcomes}
+    assert states["demo-db=1.2"].state is ComplianceState.INSTALLED
+    assert states["demo-broken=1.1"].state is ComplianceState.FAILED
+    assert "install exited 100" in states["demo-broken=1.1"].reason
+    assert not result.ok
+
+
+def test_reboot_pending_reads_the_reboot_required_file(aptlab: AptLab, host: LocalConnector) -> None:
+    assert not linux_host.reboot_pending(host, "apt", env=aptlab.env)
+    (aptlab.root / "run/reboot-required").touch()
+    assert linux_host.reboot_pending(host, "apt", env=aptlab.env)
+
+
+def test_enrollment_reads_the_real_host_facts(host: LocalConnector) -> None:
+    import platform
+
+    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    enrollment = linux_host.enroll(host, now=now)
+    release = platform.freedesktop_os_release()
+    assert enrollment.os_name == release["PRETTY_NAME"]
+    assert enrollment.os_version == release.get("VERSION_ID", "")
+    assert enrollment.package_manager == "apt" and enrollment.reboot_detection == "reboot-required-file"
+    with open("/proc/sys/kernel/random/boot_id") as boot_id:
+        assert enrollment.boot_id == boot_id.read().strip()
+    assert enrollment.enrolled_at == now and not enrollment.hotpatch_eligible
