@@ -27,6 +27,7 @@ import html
 import json
 import math
 import re
+import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -62,10 +63,12 @@ from connectors.base import (
 
 log = structlog.stdlib.get_logger("patchdrill.connectors.winrm")
 
-#: Console output in UTF-8 whatever the host's code page, so non-ASCII text survives.
+#: Console output in UTF-8 whatever the host's code page, so non-ASCII text survives; the
+#: encoding object is built without a byte-order mark, which [Text.Encoding]::UTF8 would
+#: prepend to what PowerShell pipes into native programs.
 PROLOGUE = (
-    "[Console]::OutputEncoding = [Text.Encoding]::UTF8\n"
-    "$OutputEncoding = [Text.Encoding]::UTF8\n"
+    "[Console]::OutputEncoding = New-Object System.Text.UTF8Encoding $false\n"
+    "$OutputEncoding = [Console]::OutputEncoding\n"
     "$ProgressPreference = 'SilentlyContinue'\n"
 )
 #: Below cmd.exe's 8191-character limit, with room for what WinRM adds.
@@ -160,7 +163,11 @@ class _Expired(Exception):
 
 
 class WinRmConnector(Connector):
-    """PowerShell on a Windows host over WinRM."""
+    """PowerShell on a Windows host over WinRM.
+
+    Safe to share between threads: calls are serialised, because one WinRM session (and NTLM
+    message sealing, whose sequence numbers must stay in order) carries one exchange at a time.
+    """
 
     os_family = "windows"
 
@@ -181,6 +188,7 @@ class WinRmConnector(Connector):
         self._max_transfer = max_transfer_bytes
         self._protocol: winrm.Protocol | None = None
         self._shell_id: str | None = None
+        self._lock = threading.RLock()
         self._log = log.bind(host=host.name)
         self._refuse_insecure_transport()
         if host.winrm_auth == "kerberos" and not winrm.transport.HAVE_KERBEROS:
@@ -249,11 +257,13 @@ class WinRmConnector(Connector):
             return self._protocol, self._shell_id
 
         def attempt() -> tuple[winrm.Protocol, str]:
-            protocol = self._new_protocol()
+            protocol: winrm.Protocol | None = None
             try:
+                protocol = self._new_protocol()
                 shell_id = protocol.open_shell(codepage=UTF8_CODE_PAGE, noprofile=True)
             except Exception as exc:  # noqa: BLE001 - translated into the connector's typed errors
-                protocol.transport.close_session()
+                if protocol is not None:
+                    protocol.transport.close_session()
                 raise self._translate(exc, "open a shell") from None
             self._check_encryption(protocol)
             return protocol, shell_id
@@ -283,8 +293,9 @@ class WinRmConnector(Connector):
         self._protocol = self._shell_id = None
 
     def close(self) -> None:
-        protocol, shell_id = self._protocol, self._shell_id
-        self._protocol = self._shell_id = None
+        with self._lock:
+            protocol, shell_id = self._protocol, self._shell_id
+            self._protocol = self._shell_id = None
         if protocol is None:
             return
         try:
@@ -356,9 +367,11 @@ class WinRmConnector(Connector):
             loader = invoke_script(remote_script(STDIN_LOADER), ["-Length", str(len(payload))])
             command_line = encode_command(PROLOGUE + loader)
             stdin = payload + (stdin or b"")
-        out, err, exit_code = self._execute(command_line, stdin, timeout, shown, retry=retry)
+        with self._lock:
+            out, err, exit_code = self._execute(command_line, stdin, timeout, shown, retry=retry)
         result = CommandResult(
-            host=self.name, command=shown, exit_code=exit_code, stdout=out.decode("utf-8", errors="replace"),
+            host=self.name, command=shown, exit_code=exit_code,
+            stdout=out.decode("utf-8", errors="replace").removeprefix("\ufeff"),
             stderr=clean_clixml(err.decode("utf-8", errors="replace")), seconds=time.monotonic() - started,
         )
         self._log.info("winrm.run", command=redact(shown[:200]), exit_code=exit_code, seconds=round(result.seconds, 3))
@@ -461,16 +474,14 @@ class WinRmConnector(Connector):
         partial = f"{remote}.{uuid.uuid4().hex[:12]}.part"
         digest = hashlib.sha256()
         offset = 0
-        with local.open("rb") as handle:
-            while True:
+        with self._lock, local.open("rb") as handle:
+            while True:  # at least once: an empty file is one empty chunk
                 chunk = handle.read(UPLOAD_CHUNK)
-                if not chunk and offset > 0:
-                    break
                 digest.update(chunk)
                 self.run_script("file_write_chunk.ps1", ["-Path", partial, "-Offset", str(offset),
                                                          "-Data", base64.b64encode(chunk).decode("ascii")], check=True)
                 offset += len(chunk)
-                if not chunk:
+                if len(chunk) < UPLOAD_CHUNK:
                     break
         self.run_script("file_commit.ps1", ["-Partial", partial, "-Path", remote,
                                             "-Sha256", digest.hexdigest().upper()], check=True)

@@ -1,8 +1,13 @@
 """Test host fixtures (winrm): WS-Management test hosts pywinrm talks to for real.
 
-What is real and what is simulated is spelled out in tests/hosts/wsman_server.py (the
-endpoint: HTTP/HTTPS, SOAP, Basic/NTLM, message encryption, shells, timeouts) and
-tests/hosts/wsman_sim.py (PowerShell and Windows behind it).
+Real: HTTP and HTTPS (certificates from a throwaway CA, validated by the client), the WS-Man
+SOAP envelopes, Basic and NTLM authentication (with channel binding over HTTPS), NTLM message
+encryption over HTTP, the shell lifecycle (Create, Command, Send, Receive, Signal, Delete) and
+its OperationTimeout fault, a host going down and coming back (tests/hosts/wsman_server.py).
+
+Simulated: PowerShell and Windows itself. There is no Windows here; scripts are answered by
+handlers that stand in for Windows, and plain shell text sent by transport tests runs under
+`sh` (tests/hosts/wsman_sim.py says exactly how).
 
 Fixtures:
   winrm_server            session: HTTPS + NTLM (channel binding checked), CA bundle for the client

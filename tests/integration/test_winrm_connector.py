@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -28,6 +29,7 @@ from connectors.base import (
     RetryPolicy,
 )
 from connectors.winrm import WinRmConnector, clean_clixml, ps_arguments
+from tests.hosts.wsman_auth import channel_bindings
 from tests.hosts.wsman_server import WsmanTestHost
 from tests.hosts.wsman_sim import SimResult
 from tests.hosts.wsman_tls import make_ca
@@ -103,10 +105,19 @@ def test_stdin_reaches_a_short_command(connector: WinRmConnector) -> None:
 
 
 @pytest.mark.integration
-def test_command_past_its_timeout_raises_and_is_stopped(connector: WinRmConnector) -> None:
+def test_one_connector_serves_several_threads(connector: WinRmConnector) -> None:
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        outputs = list(pool.map(lambda n: connector.run(f"echo {n}", check=True).stdout, range(12)))
+    assert outputs == [f"{n}\n" for n in range(12)]
+
+
+@pytest.mark.integration
+def test_command_past_its_timeout_raises_and_is_stopped(connector: WinRmConnector, winrm_server: WsmanTestHost) -> None:
     with pytest.raises(HostTimeout) as timed_out:
         connector.run("sleep 30", timeout=2)
     assert "still running after 2s" in str(timed_out.value)
+    # the connector signalled terminate: the host holds no command any more
+    assert not [shell.commands for shell in winrm_server.service.shells.values() if shell.commands]
     assert connector.run("echo still usable", check=True).stdout == "still usable\n"
 
 
@@ -212,6 +223,15 @@ def test_ntlm_over_http_is_encrypted(winrm_http_ntlm_server: WsmanTestHost) -> N
         assert conn.run("echo sealed", check=True).stdout == "sealed\n"
     # the http NTLM host refuses unencrypted bodies, so an answer at all proves the sealing
     assert not [r for r in winrm_http_ntlm_server.rejections if "unencrypted" in r]
+
+
+@pytest.mark.integration
+def test_ntlm_channel_binding_is_checked_over_https(fresh_winrm_server: WsmanTestHost) -> None:
+    """A relayed NTLM exchange carries the bindings of another TLS channel: refused."""
+    fresh_winrm_server.bindings = channel_bindings(b"the certificate of some other server")
+    with pytest.raises(AuthenticationFailed):
+        WinRmConnector(fresh_winrm_server.host_config(), retry=FAST_RETRY).run("echo never")
+    assert any("bindings" in reason for reason in fresh_winrm_server.rejections)
 
 
 @pytest.mark.integration
