@@ -5,13 +5,16 @@ do on Windows is simulated, and only that:
 
 * `powershell … -EncodedCommand <base64 UTF-16LE>` is decoded to the script text, as
   powershell.exe does. Leading statements that only set up the session (`[Console]::
-  OutputEncoding = [Text.Encoding]::UTF8`, `$OutputEncoding = …`, `$ProgressPreference = '…'`,
+  OutputEncoding = <a UTF-8 encoding>`, `$OutputEncoding = …`, `$ProgressPreference = '…'`,
   `$ErrorActionPreference = '…'`, `$env:NAME = '…'`) are interpreted; `& { <script> } -Name
   'value' …` is split into the script and its arguments.
 * The script then goes to the **handlers**, in list order; the first that returns a
   `SimResult` answers the command. Handlers stand in for Windows itself: built-in ones answer
   the boot-identity and file-transfer scripts of connectors/remote/; tests add more (a
   simulated Windows Update, VSS) with `script_handler` or any `Handler` callable.
+* A command line that does not start PowerShell (what cmd.exe would run) goes to the same
+  handlers and fallback as a script with no arguments; lines over cmd.exe's 8191 characters
+  fail as they do on Windows.
 * The connector's long-script loader (connectors/remote/stdin_script.ps1, which reads the real
   script from standard input) is interpreted by the runtime itself, before the handlers.
 * A script no handler claims runs with `pwsh` when one is installed; otherwise, if
@@ -242,7 +245,8 @@ def _unquote(value: str) -> str:
 
 _PREAMBLE = re.compile(
     r"""[ \t]*(?:
-        (?P<utf8>\[Console\]::OutputEncoding\s*=\s*\[(?:System\.)?Text\.Encoding\]::UTF8)
+        (?P<utf8>\[Console\]::OutputEncoding\s*=\s*(?:\[(?:System\.)?Text\.Encoding\]::UTF8
+                  |New-Object\s+(?:System\.)?Text\.UTF8Encoding(?:\s+\$(?:false|true))?))
       | \$OutputEncoding\s*=\s*[^\r\n;]+
       | \$(?:ProgressPreference|ErrorActionPreference)\s*=\s*'\w+'
       | \$env:(?P<env>\w+)\s*=\s*""" + _QUOTED + r"""
