@@ -1,0 +1,32 @@
+"""Restore a recovery point: a whole disk or directory, or selected files, delta-aware."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from prefect.artifacts import create_table_artifact
+
+from configs.loader import load_config
+from flows.logs import configure
+from tasks.backup.policy import policy_from_config
+from tasks.backup.restore import RestoreResult
+from tasks.backup.run import find_disk
+from tasks.backup.tasks import restore_task
+
+
+@flow(name="restore-run", log_prints=True)
+def restore_run(config_path: str, host: str, disk: str, target: str, point: str | None = None,
+                force: bool = False, include: list[str] | None = None, policy: str | None = None) -> RestoreResult:
+    """Restore host/disk's latest point (or `point`, a time stamp or key) to target on this machine.
+
+    An existing target is refused unless force; forced, only blocks that differ are written.
+    """
+    configure()
+    loaded = load_config(Path(config_path))
+    find_disk(loaded.config, host, disk)
+    chosen = policy_from_config(loaded.config.backup_policies, policy, source=config_path)
+    result = restore_task(config_path, host, disk, target, chosen, point=point, force=force, include=include)
+    create_table_artifact(key="restore-run", table=[vars(result)],
+                          description=f"restored {result.point} to {result.target}")
+    return result

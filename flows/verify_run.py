@@ -1,0 +1,39 @@
+"""Verify the repository: read back every chunk (or a sample) the points name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from prefect.artifacts import create_table_artifact
+
+from configs.loader import load_config
+from flows.logs import configure
+from tasks.backup.errors import BackupError
+from tasks.backup.policy import policy_from_config
+from tasks.backup.tasks import verify_task
+from tasks.backup.verify import VerifyReport
+
+
+class RepositoryDamaged(BackupError):
+    """Verify found missing or corrupt chunks."""
+
+
+@flow(name="verify-run", log_prints=True)
+def verify_run(config_path: str = "configs/lab.yaml", host: str | None = None, disk: str | None = None,
+               sample_percent: float = 100.0, policy: str | None = None) -> VerifyReport:
+    """Check chunks against their ids; the run fails (and the artifact lists them) on any damage."""
+    configure()
+    if not 0 < sample_percent <= 100:
+        raise BackupError(f"sample_percent must be in (0, 100], not {sample_percent}")
+    loaded = load_config(Path(config_path))
+    chosen = policy_from_config(loaded.config.backup_policies, policy, source=config_path)
+    report = verify_task(config_path, chosen, host=host, disk=disk, sample_percent=sample_percent)
+    rows = ([{"chunk": c, "problem": "missing", "points": ", ".join(p)} for c, p in report.missing.items()]
+            + [{"chunk": c, "problem": "corrupt", "points": ", ".join(p)} for c, p in report.corrupt.items()]
+            + [{"chunk": "(map)", "problem": why, "points": key} for key, why in report.broken_points.items()])
+    create_table_artifact(key="verify-run", table=rows or [{"chunk": "-", "problem": "none", "points": report.summary()}],
+                          description=report.summary())
+    if not report.ok:
+        raise RepositoryDamaged(report.summary())
+    return report

@@ -1,0 +1,123 @@
+"""One disk of one host, end to end, without Prefect: connect, snapshot, pick the source, back
+up, and always remove the snapshot. The Prefect tasks and the CLI both call this."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from pydantic import BaseModel
+
+from configs.models import DiskConfig, HostConfig, PatchdrillConfig
+from configs.secrets import redact
+from connectors import connect
+from connectors.base import Connector
+from connectors.storage import open_store
+from tasks.backup.engine import BackupRequest, backup, default_workers
+from tasks.backup.errors import BackupError, SourceError
+from tasks.backup.policy import BackupPolicy
+from tasks.backup.remote_source import RemoteBlockSource
+from tasks.backup.repository import Consistency, Repository
+from tasks.backup.source import BlockSource, LocalBlockSource, LocalTreeSource, TreeSource, is_directory_disk
+
+
+class DiskReport(BaseModel):
+    """One row of a backup run's report (and of its table artifact)."""
+
+    host: str
+    disk: str
+    status: str = "ok"
+    point: str | None = None
+    consistency: str | None = None
+    snapshot_method: str | None = None
+    scanned_bytes: int = 0
+    changed_bytes: int = 0
+    uploaded_bytes: int = 0
+    stored_bytes: int = 0
+    size_bytes: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class DirectRead:
+    """No snapshot: the disk is read where it is, so the point is only crash-consistent."""
+
+    read_path: str
+    consistency: Consistency = "crash-consistent"
+    method: str = "none"
+
+
+@contextlib.contextmanager
+def take_snapshot(connector: Connector, host: HostConfig, disk: DiskConfig, policy: BackupPolicy) -> Iterator[Any]:
+    """The snapshot pipeline's take_snapshot when it is installed, else a direct read.
+
+    Whatever is yielded has .read_path, .consistency and .method; leaving the block always
+    removes the snapshot, also when the backup in it failed.
+    """
+    try:
+        from tasks.backup.snapshot import take_snapshot as snapshot  # type: ignore[import-not-found]
+    except ImportError:
+        yield DirectRead(disk.path)
+        return
+    with snapshot(connector, host, disk, policy) as taken:
+        yield taken
+
+
+def open_repository(config: PatchdrillConfig, base_dir: Path, policy: BackupPolicy, *, create: bool = False) -> Repository:
+    store = open_store(config.storage, base_dir)
+    return Repository.open(store, key_reference=policy.encryption_key, base_dir=base_dir, create=create,
+                           compression_level=policy.compression_level)
+
+
+def _source(connector: Connector, host: HostConfig, disk: DiskConfig, path: str) -> BlockSource | TreeSource:
+    if host.transport == "local":
+        return LocalTreeSource(path) if is_directory_disk(path, disk.kind) else LocalBlockSource(path)
+    if host.transport == "ssh":
+        if disk.kind == "directory":
+            raise SourceError(f"host {host.name} disk {disk.name}: directory disks are backed up on local hosts only "
+                              "so far; back up the block device or image instead")
+        return RemoteBlockSource(connector, path)
+    raise SourceError(f"host {host.name} disk {disk.name}: Windows hosts upload straight to Azure Blob "
+                      "(docs/repository.md, *Windows hosts*); that path is not implemented yet")
+
+
+def back_up_disk(config: PatchdrillConfig, base_dir: Path, host: HostConfig, disk: DiskConfig,
+                 policy: BackupPolicy) -> DiskReport:
+    """Back up one disk; errors propagate (the caller decides what is retried)."""
+    started = time.monotonic()
+    repo = open_repository(config, base_dir, policy, create=True)
+    connector = connect(host, base_dir=base_dir)
+    try:
+        with take_snapshot(connector, host, disk, policy) as snap:
+            path = str(snap.read_path)
+            if host.transport == "local" and not Path(path).is_absolute():
+                path = str(base_dir / path)
+            request = BackupRequest(host=host.name, disk=disk.name, consistency=snap.consistency,
+                                    snapshot_method=snap.method, block_size=policy.block_size,
+                                    workers=policy.workers or default_workers())
+            point = backup(repo, _source(connector, host, disk, path), request)
+    finally:
+        connector.close()
+    t = point.totals
+    return DiskReport(host=host.name, disk=disk.name, point=point.key, consistency=point.consistency,
+                      snapshot_method=point.snapshot_method, scanned_bytes=t.scanned, changed_bytes=t.changed_bytes,
+                      uploaded_bytes=t.uploaded_bytes, stored_bytes=t.stored_bytes, size_bytes=t.size,
+                      seconds=round(time.monotonic() - started, 3))
+
+
+def failed_report(host: str, disk: str, error: BaseException) -> DiskReport:
+    return DiskReport(host=host, disk=disk, status="failed", error=redact(str(error) or type(error).__name__))
+
+
+def find_disk(config: PatchdrillConfig, host_name: str, disk_name: str) -> tuple[HostConfig, DiskConfig]:
+    hosts = {h.name: h for h in config.hosts}
+    if host_name not in hosts:
+        raise BackupError(f"no host {host_name!r} in the config (known: {', '.join(sorted(hosts)) or 'none'})")
+    disks = {d.name: d for d in hosts[host_name].disks}
+    if disk_name not in disks:
+        raise BackupError(f"host {host_name!r} has no disk {disk_name!r} (known: {', '.join(sorted(disks)) or 'none'})")
+    return hosts[host_name], disks[disk_name]

@@ -1,0 +1,66 @@
+"""Start work per host within bounds: at most N hosts at once, M items per host, host starts
+spaced by a stagger so a fleet does not hit storage all at the same second.
+
+Generic over the future type so flows use it with Prefect futures and tests with plain ones.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Generic, Hashable, Iterable, TypeVar
+
+F = TypeVar("F", bound=Hashable)
+H = TypeVar("H")
+I = TypeVar("I")
+
+
+@dataclass(frozen=True)
+class Bounds:
+    max_hosts: int = 4
+    max_per_host: int = 2
+    stagger_seconds: float = 0.0
+
+
+@dataclass
+class _Host(Generic[H, I]):
+    host: H
+    waiting: deque[I]
+    running: int = 0
+
+
+def run_bounded(work: Iterable[tuple[H, list[I]]], bounds: Bounds,
+                submit: Callable[[H, I], F], wait_one: Callable[[list[F]], F],
+                *, sleep: Callable[[float], None] = time.sleep,
+                clock: Callable[[], float] = time.monotonic) -> list[tuple[H, I, F]]:
+    """Submit every (host, item) respecting bounds; returns them with their futures, in
+    completion order. wait_one blocks until one of the given futures is done and returns it."""
+    queue = deque(_Host(host, deque(items)) for host, items in work)
+    active: list[_Host[H, I]] = []
+    running: dict[F, tuple[_Host[H, I], I]] = {}
+    finished: list[tuple[H, I, F]] = []
+    last_start: float | None = None
+    while queue or running or any(slot.waiting for slot in active):
+        for slot in active:
+            while slot.waiting and slot.running < bounds.max_per_host:
+                item = slot.waiting.popleft()
+                running[submit(slot.host, item)] = (slot, item)
+                slot.running += 1
+        if queue and len(active) < bounds.max_hosts:
+            if last_start is not None and bounds.stagger_seconds:
+                pause = last_start + bounds.stagger_seconds - clock()
+                if pause > 0:
+                    sleep(pause)
+            last_start = clock()
+            active.append(queue.popleft())
+            continue
+        if not running:
+            continue
+        done = wait_one(list(running))
+        slot, item = running.pop(done)
+        slot.running -= 1
+        finished.append((slot.host, item, done))
+        if not slot.waiting and not slot.running:
+            active.remove(slot)
+    return finished

@@ -1,0 +1,85 @@
+"""The Prefect tasks of the backup, restore and verify flows.
+
+Retries are declared here and only for transient faults: a host that dropped off the network
+mid-backup (connector HostUnreachable/HostTimeout that the connector itself did not retry) or a
+store that was briefly unavailable (StoreError.transient). The engine itself never retries, so
+attempts are not multiplied; a retried backup re-uploads only what the store still lacks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from configs.loader import load_config
+from connectors.base import ConnectorError
+from tasks.backup.errors import RepositoryBusy
+from tasks.backup.policy import BackupPolicy
+from tasks.backup.restore import RestoreResult, restore
+from tasks.backup.retention import forget, prune
+from tasks.backup.run import DiskReport, back_up_disk, find_disk, open_repository
+from tasks.backup.verify import VerifyReport, verify
+
+
+def is_transient(error: BaseException | None) -> bool:
+    if isinstance(error, ConnectorError):
+        return error.transient
+    return bool(getattr(error, "transient", False))
+
+
+def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    try:
+        state.result()
+    except BaseException as exc:  # noqa: BLE001 - the state's own exception, inspected not handled
+        return is_transient(exc)
+    return False
+
+
+@task(name="backup-disk", task_run_name="backup {host_name}/{disk_name}", retries=2, retry_delay_seconds=[15, 60],
+      retry_condition_fn=_retry_transient, cache_policy=NO_CACHE)
+def backup_disk_task(config_path: str, host_name: str, disk_name: str, policy: BackupPolicy) -> DiskReport:
+    loaded = load_config(config_path)
+    host, disk = find_disk(loaded.config, host_name, disk_name)
+    return back_up_disk(loaded.config, loaded.base_dir, host, disk, policy)
+
+
+@task(name="retention", cache_policy=NO_CACHE)
+def retention_task(config_path: str, policy: BackupPolicy, hosts: list[str]) -> dict[str, Any]:
+    """Forget points the policy no longer keeps, then prune (deferred, not failed, if busy)."""
+    loaded = load_config(config_path)
+    repo = open_repository(loaded.config, loaded.base_dir, policy)
+    forgotten: list[str] = []
+    if not policy.keep.keeps_everything:
+        for host in hosts:
+            forgotten += forget(repo, policy.keep, host=host).forgotten
+    summary: dict[str, Any] = {"forgotten": forgotten, "prune": None}
+    if policy.prune and forgotten:
+        try:
+            summary["prune"] = vars(prune(repo))
+        except RepositoryBusy as exc:
+            summary["prune"] = {"deferred": str(exc)}
+    return summary
+
+
+@task(name="restore-point", task_run_name="restore {host_name}/{disk_name}", cache_policy=NO_CACHE)
+def restore_task(config_path: str, host_name: str, disk_name: str, target: str, policy: BackupPolicy,
+                 point: str | None = None, force: bool = False, include: list[str] | None = None) -> RestoreResult:
+    loaded = load_config(config_path)
+    repo = open_repository(loaded.config, loaded.base_dir, policy)
+    chosen = repo.find_point(host_name, disk_name, point)
+    destination = Path(target)
+    if not destination.is_absolute():
+        destination = Path.cwd() / destination
+    return restore(repo, chosen, destination, force=force, include=include)
+
+
+@task(name="verify-repository", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=15,
+      retry_condition_fn=_retry_transient)
+def verify_task(config_path: str, policy: BackupPolicy, host: str | None = None, disk: str | None = None,
+                sample_percent: float = 100.0) -> VerifyReport:
+    loaded = load_config(config_path)
+    repo = open_repository(loaded.config, loaded.base_dir, policy)
+    return verify(repo, host=host, disk=disk, sample_percent=sample_percent)
