@@ -71,10 +71,10 @@ def parse_config(text: str, filename: str = "<config>") -> PatchdrillConfig:
     try:
         return PatchdrillConfig.model_validate(data)
     except ValidationError as exc:
-        problems = [
-            Problem(filename, _dotted(err["loc"]), _nearest_line(lines, err["loc"]), _message(err))
-            for err in exc.errors(include_input=False, include_url=False)
-        ]
+        problems = []
+        for err in exc.errors(include_input=False, include_url=False):
+            loc = _yaml_path(data, err["loc"])
+            problems.append(Problem(filename, _dotted(loc), _nearest_line(lines, loc), _message(err)))
         raise ConfigError(problems) from None
 
 
@@ -83,15 +83,25 @@ def _message(err: Any) -> str:
     return msg.removeprefix("Value error, ")
 
 
+def _yaml_path(data: Any, loc: Loc) -> Loc:
+    """pydantic's error path without the union tags it inserts (storage.local.path → storage.path)."""
+    path: list[str | int] = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and isinstance(part, str) and part not in node and node.get("kind") == part:
+            continue
+        path.append(part)
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            node = None
+    return tuple(path)
+
+
 def _dotted(loc: Loc) -> str:
     out = ""
     for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in ("local", "azure") and out == "storage":
-            continue  # the discriminator tag pydantic adds is not a YAML key
-        else:
-            out += ("." if out else "") + str(part)
+        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + str(part)
     return out
 
 
@@ -114,7 +124,7 @@ def _line_index(node: yaml.Node | None, loc: Loc = ()) -> dict[Loc, int]:
 
 
 def _nearest_line(lines: dict[Loc, int], loc: Loc) -> int | None:
-    path = tuple(p for p in loc if p not in ("local", "azure"))
+    path = loc
     while path:
         if path in lines:
             return lines[path]

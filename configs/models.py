@@ -12,6 +12,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tasks.patching.models import PatchPolicy
+
 CREDENTIAL_SCHEMES = ("env:", "file:", "prefect-secret:")
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -147,12 +149,6 @@ class AzureStorage(Strict):
 
 
 StorageConfig = Annotated[LocalStorage | AzureStorage, Field(discriminator="kind")]
-
-
-class PatchPolicy(Strict):
-    """Filled in by the patch pipeline."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
 
 
 class BackupPolicy(Strict):

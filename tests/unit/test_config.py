@@ -115,3 +115,12 @@ def test_schema_is_json_schema_with_descriptions() -> None:
     host = schema["$defs"]["HostConfig"]["properties"]
     assert "reference" in host["password"]["anyOf"][0]["description"] or "reference" in host["password"]["description"]
     assert host["transport"]["enum"] == ["local", "ssh", "winrm"]
+
+
+def test_problems_inside_tagged_unions_point_at_yaml_fields() -> None:
+    text = GOOD + "patch_policies:\n  web:\n    health_probes:\n      - {kind: http, url: 'http://x/', status: 200}\n"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "f.yaml")
+    [problem] = caught.value.problems
+    assert problem.field == "patch_policies.web.health_probes[0].status"
+    assert problem.line == 23
