@@ -1,0 +1,286 @@
+"""Patch runs: enroll the hosts, assess them, (approve,) roll updates out by update domain.
+
+The runbook, step by step:
+1. enroll every selected host (an unreachable host is a row, not a crash);
+2. assess what each one misses (read-only);
+3. select what installs this month (policy, hotpatch calendar) and plan the rollout: one
+   update domain at a time, at most `max_concurrency` hosts per batch, only hosts inside their
+   maintenance window (in their own time zone) unless the run overrides windows;
+4. with `dry_run`, publish the plan and stop: nothing on any host changed;
+5. if the policy asks for approval, pause until someone approves in the UI (or the CLI said --yes);
+6. patch batch after batch, each holding its update domain's concurrency slot: pre-hooks,
+   install, reboot gate, health probes, post-hooks; once failures exceed the budget no new
+   batch starts, while the hosts in flight finish;
+7. record a history entry per host, publish the compliance table and the summary.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import datetime, timezone
+
+import structlog
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import FlowRunContext
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+from pydantic import BaseModel, Field
+
+from flows.logs import configure
+from tasks.patching.models import HostPatchRecord
+from tasks.patching.rollout import Batch, Rollout, RolloutPlan, plan
+from tasks.patching.steps import (
+    EnrollmentRow,
+    HostAssessment,
+    HostPlan,
+    PatchContext,
+    PatchFleet,
+    assess_task,
+    compliance_rows,
+    enroll_task,
+    failed_assessment,
+    load_fleet,
+    patch_host_task,
+    plan_host,
+    record_for_unpatched,
+    reboot_limit_name,
+    rollout_host,
+    summary_markdown,
+    update_domain_slot,
+    write_records_task,
+)
+
+log = structlog.stdlib.get_logger("patchdrill.patch")
+
+# Prefect polls a paused run for its input at this interval (its own default is 10 s).
+APPROVAL_POLL_SECONDS = int(os.environ.get("PATCHDRILL_APPROVAL_POLL_SECONDS", "10"))
+
+
+class PatchApproval(RunInput):
+    """The Resume form of a paused patch run."""
+
+    approve: bool = Field(description="Install the updates listed in the assessment summary.")
+    reboot_outside_window: bool = Field(default=False, description="Also allow reboots outside maintenance windows.")
+    comment: str = Field(default="", description="Recorded in the run's logs.")
+
+
+class AssessmentReport(BaseModel):
+    enrollments: list[EnrollmentRow]
+    plans: list[HostPlan]
+    errors: dict[str, str] = Field(description="Host → why it could not be assessed.")
+
+
+class PatchRunReport(BaseModel):
+    run_id: str
+    policy: str
+    dry_run: bool
+    plan: RolloutPlan
+    assessment: AssessmentReport
+    records: list[HostPatchRecord] = Field(default_factory=list)
+    stopped: str | None = None
+
+
+# --------------------------------------------------------------------------- shared steps
+
+
+def _run_id() -> str:
+    context = FlowRunContext.get()
+    return str(context.flow_run.id) if context and context.flow_run else uuid.uuid4().hex
+
+
+def enroll_hosts(fleet: PatchFleet, config_path: str, *, record: bool) -> list[EnrollmentRow]:
+    futures = [enroll_task.submit(host, fleet.base_dir, config_path, record) for host in fleet.hosts]
+    return [future.result() for future in futures]
+
+
+def assess_hosts(fleet: PatchFleet, enrolled: list[EnrollmentRow], now: datetime, *,
+                 ignore_windows: bool = False) -> AssessmentReport:
+    hosts = {h.name: h for h in fleet.hosts}
+    reachable = [row for row in enrolled if row.reachable and row.enrollment is not None]
+    futures = {row.host: assess_task.submit(hosts[row.host], fleet.base_dir, row.enrollment) for row in reachable}
+    assessments: dict[str, HostAssessment] = {}
+    for name, future in futures.items():
+        try:
+            assessments[name] = future.result()
+        except Exception as exc:  # noqa: BLE001 - one host's failed assessment is a row
+            assessments[name] = failed_assessment(name, exc)
+    errors = {name: a.error for name, a in assessments.items() if not a.ok}
+    errors.update({row.host: f"unreachable: {row.error}" for row in enrolled if not row.reachable})
+    plans = [plan_host(hosts[row.host], row.enrollment, assessments[row.host], fleet.policy, now,
+                       ignore_windows=ignore_windows)
+             for row in reachable if assessments[row.host].ok and row.enrollment is not None]
+    return AssessmentReport(enrollments=enrolled, plans=plans, errors=errors)
+
+
+def assessment_markdown(report: AssessmentReport, rollout_plan: RolloutPlan) -> str:
+    lines = ["Updates selected for this run:", ""]
+    for host_plan in report.plans:
+        chosen = ", ".join(u.id for u in host_plan.install) or "nothing"
+        lines.append(f"- **{host_plan.host}** (update domain {host_plan.update_domain}, {host_plan.month_kind} month): "
+                     f"{chosen}" + (" — reboot expected" if host_plan.expects_reboot else ""))
+    lines += [f"- **{host}**: {error}" for host, error in report.errors.items()]
+    lines += ["", "```", rollout_plan.as_text(), "```"]
+    return "\n".join(lines)
+
+
+def request_approval(summary: str, timeout_minutes: int) -> PatchApproval:
+    """Pause until someone submits the Resume form; a timeout fails the run (nothing installed)."""
+    log.info("waiting for approval", timeout_minutes=timeout_minutes)
+    form = PatchApproval.with_initial_data(description=summary, reboot_outside_window=False, comment="")
+    return pause_flow_run(wait_for_input=form, timeout=timeout_minutes * 60, poll_interval=APPROVAL_POLL_SECONDS)
+
+
+def patch_batch(batch: Batch, fleet: PatchFleet, ctx: PatchContext, report: AssessmentReport,
+                slot_timeout_seconds: float) -> list[HostPatchRecord]:
+    hosts = {h.name: h for h in fleet.hosts}
+    plans = {p.host: p for p in report.plans}
+    enrollments = {row.host: row.enrollment for row in report.enrollments if row.enrollment is not None}
+    log.info("batch starting", batch=batch.index, update_domain=batch.update_domain, hosts=batch.hosts)
+    try:
+        with update_domain_slot(batch.update_domain, slot_timeout_seconds):
+            futures = [patch_host_task.submit(hosts[name], ctx, enrollments[name], plans[name]) for name in batch.hosts]
+            return [future.result() for future in futures]
+    except TimeoutError:
+        reason = (f"update domain {batch.update_domain} is being patched by another run "
+                  f"(concurrency limit {reboot_limit_name(batch.update_domain)} stayed busy)")
+        log.error("batch not started", batch=batch.index, reason=reason)
+        return [record_for_unpatched(ctx.run_id, name, datetime.now(timezone.utc), plans[name], "failed", reason)
+                for name in batch.hosts]
+
+
+def publish_report(report: PatchRunReport) -> None:
+    title = f"Patch run {report.run_id}" + (" (dry run)" if report.dry_run else "")
+    if report.dry_run:
+        create_markdown_artifact(key="patch-run-plan", description=title,
+                                 markdown=f"# {title}\n\n" + assessment_markdown(report.assessment, report.plan))
+        return
+    create_table_artifact(key="patch-run-compliance", table=compliance_rows(report.records),
+                          description=f"{title}: compliance per host and update")
+    create_markdown_artifact(key="patch-run-summary", description=title,
+                             markdown=summary_markdown(title, report.records, plan_text=report.plan.as_text(),
+                                                       stopped=report.stopped))
+
+
+# --------------------------------------------------------------------------- flows
+
+
+@flow(name="patch-enroll")
+def patch_enroll(config_path: str = "configs/fleet.yaml", groups: list[str] | None = None,
+                 hosts: list[str] | None = None) -> list[EnrollmentRow]:
+    """Enroll hosts: OS, build, package manager, hotpatch eligibility; store the records."""
+    configure()
+    fleet = load_fleet(config_path, groups, hosts, None)
+    rows = enroll_hosts(fleet, config_path, record=True)
+    create_table_artifact(key="patch-enrollment", description=f"{sum(r.reachable for r in rows)}/{len(rows)} enrolled",
+                          table=[{"host": r.host, "reachable": r.reachable, "os": r.enrollment.os_name if r.enrollment else "",
+                                  "package_manager": r.enrollment.package_manager if r.enrollment else "",
+                                  "hotpatch": bool(r.enrollment and r.enrollment.hotpatch_eligible), "error": r.error}
+                                 for r in rows])
+    return rows
+
+
+@flow(name="patch-assess")
+def patch_assess(config_path: str = "configs/fleet.yaml", groups: list[str] | None = None,
+                 hosts: list[str] | None = None, policy: str | None = None) -> AssessmentReport:
+    """What each host misses and what a run would install now. Changes nothing on any host."""
+    configure()
+    fleet = load_fleet(config_path, groups, hosts, policy)
+    report = assess_hosts(fleet, enroll_hosts(fleet, config_path, record=False), datetime.now(timezone.utc))
+    rows = [{"host": p.host, "update": u.id, "classification": u.classification.value,
+             "state": "Missing", "reason": "selected for the next run"} for p in report.plans for u in p.install]
+    rows += [{"host": p.host, "update": o.update_id, "classification": o.classification.value,
+              "state": o.state.value, "reason": o.reason} for p in report.plans for o in p.held]
+    rows += [{"host": host, "update": "", "classification": "", "state": "", "reason": error}
+             for host, error in report.errors.items()]
+    create_table_artifact(key="patch-assessment", table=rows, description=f"{len(report.plans)} host(s) assessed")
+    return report
+
+
+@flow(name="patch-run")
+def patch_run(
+    config_path: str = "configs/fleet.yaml",
+    groups: list[str] | None = None,
+    hosts: list[str] | None = None,
+    policy: str | None = None,
+    dry_run: bool = False,
+    ignore_windows: bool = False,
+    reboot_outside_window: bool = False,
+    approved: bool = False,
+    approval_timeout_minutes: int = 240,
+    domain_slot_timeout_minutes: float = 60.0,
+) -> PatchRunReport:
+    """Patch the selected hosts by update domain, inside their maintenance windows.
+
+    ignore_windows: install on hosts outside their window too (reboots there still need
+    reboot_outside_window or an approval that allows them). approved: skip the approval pause.
+    """
+    configure()
+    fleet = load_fleet(config_path, groups, hosts, policy)
+    run_id, now = _run_id(), datetime.now(timezone.utc)
+    log.info("patch run", run_id=run_id, hosts=len(fleet.hosts), policy=fleet.policy_name, dry_run=dry_run)
+
+    enrolled = enroll_hosts(fleet, config_path, record=not dry_run)
+    assessment = assess_hosts(fleet, enrolled, now, ignore_windows=ignore_windows)
+    with_work = [p for p in assessment.plans if p.has_work]
+    rollout_plan = plan([rollout_host(p) for p in with_work], fleet.policy.max_concurrency, fleet.policy.max_errors)
+    report = PatchRunReport(run_id=run_id, policy=fleet.policy_name, dry_run=dry_run, plan=rollout_plan,
+                            assessment=assessment)
+    if dry_run:
+        publish_report(report)
+        return report
+
+    unpatched = _records_of_hosts_without_work(run_id, now, assessment, rollout_plan)
+    if fleet.policy.approval_required and not approved and rollout_plan.batches:
+        answer = request_approval(assessment_markdown(assessment, rollout_plan), approval_timeout_minutes)
+        log.info("approval answered", approve=answer.approve, comment=answer.comment)
+        if not answer.approve:
+            refused = f"not approved{': ' + answer.comment if answer.comment else ''}"
+            unpatched += [record_for_unpatched(run_id, p.host, now, p, "skipped", refused) for p in with_work
+                          if p.host in rollout_plan.scheduled]
+            return _finish(report, fleet, config_path, unpatched, stopped=refused)
+        reboot_outside_window = reboot_outside_window or answer.reboot_outside_window
+
+    ctx = PatchContext(run_id=run_id, config_path=config_path, base_dir=fleet.base_dir, policy=fleet.policy,
+                       now=now, reboot_outside_window=reboot_outside_window or False)
+    rollout = Rollout(rollout_plan)
+    patched: list[HostPatchRecord] = []
+    while (batch := rollout.next_batch()) is not None:
+        for record in patch_batch(batch, fleet, ctx, assessment, domain_slot_timeout_minutes * 60):
+            rollout.record(record.host, record.status == "succeeded", record.reason)
+            patched.append(record)
+    if rollout.stop_reason:
+        log.error("rollout stopped", reason=rollout.stop_reason, not_started=rollout.not_started)
+        plans = {p.host: p for p in with_work}
+        unpatched += [record_for_unpatched(run_id, name, now, plans[name], "skipped", rollout.stop_reason)
+                      for name in rollout.not_started]
+    return _finish(report, fleet, config_path, unpatched, stopped=rollout.stop_reason, patched=patched)
+
+
+def _records_of_hosts_without_work(run_id: str, now: datetime, assessment: AssessmentReport,
+                                   rollout_plan: RolloutPlan) -> list[HostPatchRecord]:
+    records = [record_for_unpatched(run_id, host, now, None, "unreachable" if error.startswith("unreachable") else "failed",
+                                    error) for host, error in assessment.errors.items()]
+    for host_plan in assessment.plans:
+        if host_plan.host in rollout_plan.skipped:
+            records.append(record_for_unpatched(run_id, host_plan.host, now, host_plan, "skipped",
+                                                rollout_plan.skipped[host_plan.host]))
+        elif not host_plan.has_work:
+            held = len(host_plan.held)
+            records.append(record_for_unpatched(run_id, host_plan.host, now, host_plan, "succeeded",
+                                                f"nothing to install this run ({held} update(s) not selected)"
+                                                if held else "up to date"))
+    return records
+
+
+def _finish(report: PatchRunReport, fleet: PatchFleet, config_path: str, unpatched: list[HostPatchRecord], *,
+            stopped: str | None, patched: list[HostPatchRecord] | None = None) -> PatchRunReport:
+    if unpatched:
+        write_records_task(config_path, fleet.base_dir, unpatched, len(unpatched))
+    report = report.model_copy(update={"records": [*(patched or []), *unpatched], "stopped": stopped})
+    publish_report(report)
+    log.info("patch run finished", run_id=report.run_id, stopped=stopped,
+             succeeded=sum(r.status == "succeeded" for r in report.records),
+             failed=sum(r.status == "failed" for r in report.records))
+    return report
