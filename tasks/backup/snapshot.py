@@ -1,0 +1,503 @@
+"""Step 1 and step 5 of a backup run: take a consistent view of a disk, and always remove it.
+
+    with take_snapshot(connector, host, disk, policy) as snap:
+        back_up(snap.read_path)          # record snap.consistency, snap.method, snap.notes
+    # leaving the block removed the snapshot, also when the backup failed
+
+Consistency levels (DESIGN.md, *Backup consistency levels*), and what earns each one:
+
+* **application-consistent**: everything meant to quiesce the applications succeeded and a
+  point-in-time view was taken while they were quiet. On Windows that is VSS with every writer
+  stable (and the pre-script, when one is configured). On Linux it is a configured pre-script
+  that exited 0 within its timeout; as with Azure Backup's Linux pre/post scripts, patchdrill
+  trusts the script to have quiesced the application. With no snapshot method on Linux the
+  post-script is held back until removal, so the application stays quiet for the whole read.
+* **file-system-consistent**: a point-in-time view of a flushed file system, with nothing (or
+  nothing that succeeded) quiescing the applications: VSS without writers, an LVM snapshot (LVM
+  suspends the device, which freezes the file system on it), a reflink clone of an image file,
+  or a file system held frozen for the whole read.
+* **crash-consistent**: what a power cut would leave, at best. The host is off (its disk is at
+  rest), or no snapshot could be taken and the disk is read live.
+
+Methods on Linux, and why they work the way they do:
+
+* ``lvm``: ``lvcreate -s`` of the logical volume under the disk; a block disk is read from the
+  snapshot device, a file or folder from the snapshot mounted read-only. ``verify()`` fails
+  when the snapshot overflowed (LVM invalidates it, and what it held can no longer be trusted).
+* reflink (chosen by ``auto`` for an image file on XFS or Btrfs): ``cp --reflink=always``
+  clones the file at one instant (FICLONE holds both inodes while it shares the extents). It is
+  deliberately *not* wrapped in fsfreeze: the clone writes to the same file system, so cloning
+  a frozen one blocks until it is thawed.
+* ``fsfreeze`` (never chosen by ``auto``): freezing alone takes no copy, so the file system is
+  held frozen from ``take_snapshot`` until removal and read in place. Every writer on it blocks
+  for the whole read, so choose it only for a data file system that can pause. The root file
+  system is refused. The host thaws on its own after ``freeze_limit`` seconds in case patchdrill
+  never returns; ``verify()`` then fails, because the read may have seen changes.
+* ``auto``: VSS on Windows; on Linux LVM when the disk is on a logical volume, a reflink clone
+  for an image file where the file system can clone, otherwise none (pre/post scripts only).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import PurePosixPath, PureWindowsPath
+from types import TracebackType
+from typing import Any, Callable, Literal
+
+import structlog
+from pydantic import BaseModel, ConfigDict, Field
+
+from configs.models import DiskConfig, HostConfig
+from configs.secrets import redact
+from connectors.base import CommandResult, Connector, ConnectorError, HostTimeout
+
+log = structlog.stdlib.get_logger("patchdrill.backup")
+
+Consistency = Literal["application-consistent", "file-system-consistent", "crash-consistent"]
+APPLICATION: Consistency = "application-consistent"
+FILE_SYSTEM: Consistency = "file-system-consistent"
+CRASH: Consistency = "crash-consistent"
+_RANK = {CRASH: 0, FILE_SYSTEM: 1, APPLICATION: 2}
+
+LINUX_SCRIPT = "linux_snapshot.sh"
+VSS_SCRIPT = "vss_snapshot.ps1"
+VSS_REMOVE_SCRIPT = "vss_remove.ps1"
+#: Seconds for the snapshot helpers themselves (lvcreate, mount, VSS with its writers).
+HELPER_TIMEOUT = 900.0
+#: Grace after SIGTERM before `timeout` kills a user script that ignores it.
+_KILL_GRACE = 10
+#: Exit codes of linux_snapshot.sh.
+_EXIT_INVALID, _EXIT_NOT_APPLICABLE = 3, 4
+_GUID = re.compile(r"^\{[0-9A-Fa-f-]{36}\}$")
+
+
+class SnapshotPolicy(BaseModel):
+    """How a disk's consistent view is taken. Plain data: a UI form and a CLI option set."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["auto", "vss", "lvm", "fsfreeze", "none"] = Field(
+        default="auto", description="auto: VSS on Windows; LVM, else a reflink clone, else none on Linux.")
+    pre_script: str | None = Field(
+        default=None, description="Command run on the host before the snapshot (e.g. flush and lock a database). "
+        "Exit 0 within script_timeout makes the point application-consistent.")
+    post_script: str | None = Field(
+        default=None, description="Command run on the host after the snapshot; always runs once the pre-script ran.")
+    script_timeout: float = Field(default=300, gt=0, le=86400, description="Seconds each of pre_script and post_script may run.")
+    lvm_snapshot_size: str = Field(
+        default="10%ORIGIN", pattern=r"^(\d+(\.\d+)?[bBsSkKmMgGtTpPeE]?|\d+%(ORIGIN|VG|FREE|PVS))$",
+        description="Copy-on-write space for an LVM snapshot: a size (lvcreate -L, e.g. 2G) or extents (-l, e.g. 10%ORIGIN).")
+    fallback: bool = Field(
+        default=True, description="When a step fails, continue at the next lower consistency level (recorded in the "
+        "point's notes) instead of failing the backup.")
+    freeze_limit: float = Field(
+        default=3600, gt=0, le=86400, description="fsfreeze only: the host thaws the file system on its own after this "
+        "many seconds, so a lost controller cannot hang its writers for ever.")
+
+    @classmethod
+    def of(cls, policy: Any) -> "SnapshotPolicy":
+        """A SnapshotPolicy as is, or one read from a backup policy's snapshot_method,
+        pre_script and post_script (and snapshot_* fields, when it has them)."""
+        if isinstance(policy, cls):
+            return policy
+        if not hasattr(policy, "snapshot_method"):
+            raise TypeError(f"expected a SnapshotPolicy or a backup policy, not {type(policy).__name__}")
+        values: dict[str, Any] = {"method": policy.snapshot_method, "pre_script": getattr(policy, "pre_script", None),
+                                  "post_script": getattr(policy, "post_script", None)}
+        for name in ("script_timeout", "lvm_snapshot_size", "fallback", "freeze_limit"):
+            value = getattr(policy, f"snapshot_{name}", None)
+            if value is not None:
+                values[name] = value
+        return cls(**values)
+
+
+class SnapshotError(Exception):
+    """A snapshot could not be taken (or no longer holds); names the host and the disk."""
+
+    def __init__(self, host: str, disk: str, message: str) -> None:
+        self.host = host
+        self.disk = disk
+        self.message = redact(message)
+        super().__init__(f"host {host} disk {disk}: {self.message}")
+
+
+class SnapshotRemovalError(SnapshotError):
+    """Removal failed: something is left on the host (named in the message) to clean up."""
+
+
+@dataclass
+class _Step:
+    """One thing removal must do. `retry` steps stay pending when they fail."""
+
+    label: str
+    action: Callable[[], None]
+    retry: bool = True
+
+
+@dataclass
+class Snapshot:
+    """A consistent view of one disk, readable at `read_path` until `remove()`."""
+
+    host: str
+    disk: str
+    read_path: str
+    consistency: Consistency
+    method: str
+    notes: list[str] = field(default_factory=list)
+    snapshot_id: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+    taken_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    removal_error: SnapshotRemovalError | None = None
+    _steps: list[_Step] = field(default_factory=list, repr=False)
+    _check: Callable[[], None] | None = field(default=None, repr=False)
+
+    @property
+    def removed(self) -> bool:
+        return not self._steps
+
+    def verify(self) -> None:
+        """Raise SnapshotError when the view no longer holds what it held when taken.
+
+        Call it after reading and before writing the recovery point: an LVM snapshot that
+        overflowed, a shadow copy VSS deleted for space, or a file system the safety timer
+        thawed mean the data read cannot be trusted at the recorded level.
+        """
+        if self._check is not None and self._steps:
+            self._check()
+
+    def remove(self) -> None:
+        """Undo everything take_snapshot did on the host. Idempotent: done steps are not
+        repeated, failed snapshot deletions are retried by the next call."""
+        errors: list[str] = []
+        for step in list(self._steps):
+            if not step.retry:
+                self._steps.remove(step)
+            try:
+                step.action()
+            except (SnapshotError, ConnectorError) as exc:
+                errors.append(f"{step.label}: {getattr(exc, 'message', exc)}")
+                continue
+            if step in self._steps:
+                self._steps.remove(step)
+        if not errors:
+            self.removal_error = None
+            log.info("snapshot.removed", host=self.host, disk=self.disk, snapshot_id=self.snapshot_id, method=self.method)
+            return
+        self.removal_error = SnapshotRemovalError(
+            self.host, self.disk, f"removing {self.method} snapshot {self.snapshot_id} failed: {'; '.join(errors)}")
+        log.error("snapshot.removal_failed", host=self.host, disk=self.disk, snapshot_id=self.snapshot_id,
+                  method=self.method, errors=[redact(e) for e in errors])
+        raise self.removal_error
+
+    def record(self) -> dict[str, Any]:
+        """What the recovery point and the report keep about this snapshot."""
+        return {"method": self.method, "consistency": self.consistency, "notes": list(self.notes),
+                "snapshot_id": self.snapshot_id, "taken_at": self.taken_at.isoformat(), "details": dict(self.details)}
+
+    def __enter__(self) -> "Snapshot":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> Literal[False]:
+        try:
+            self.remove()
+        except SnapshotRemovalError as removal:
+            if exc is None:
+                raise
+            # The body's own failure is what the caller must see; the leftover is logged (in
+            # remove) and named on it and on self.removal_error.
+            exc.add_note(str(removal))
+        return False
+
+
+@dataclass
+class _View:
+    """What a snapshot method produced, before the consistency level is decided."""
+
+    read_path: str
+    method: str
+    level: Consistency
+    details: dict[str, Any] = field(default_factory=dict)
+    steps: list[_Step] = field(default_factory=list)
+    check: Callable[[], None] | None = None
+    #: False for a live read: the post-script then waits until removal.
+    point_in_time: bool = True
+    #: VSS writers quiesced the applications (application-consistent without a pre-script).
+    writers_quiesced: bool = False
+
+
+class _NotApplicable(Exception):
+    """The method cannot work for this disk (not on an LV, no reflink): not a transport fault."""
+
+
+def take_snapshot(connector: Connector, host: HostConfig, disk: DiskConfig, policy: SnapshotPolicy, *,
+                  host_online: bool = True) -> Snapshot:
+    """Take the most consistent view of `disk` the policy and the host allow (see the module doc)."""
+    return _Taking(connector, host, disk, SnapshotPolicy.of(policy), host_online).run()
+
+
+class _Taking:
+    """One take_snapshot call: the pre-script, the method, the post-script, the level."""
+
+    def __init__(self, connector: Connector, host: HostConfig, disk: DiskConfig, policy: SnapshotPolicy,
+                 host_online: bool) -> None:
+        self.connector = connector
+        self.host = host
+        self.disk = disk
+        self.policy = policy
+        self.online = host_online
+        self.snapshot_id = uuid.uuid4().hex[:12]
+        self.notes: list[str] = []
+        self.log = log.bind(host=host.name, disk=disk.name, snapshot_id=self.snapshot_id)
+
+    def error(self, message: str) -> SnapshotError:
+        return SnapshotError(self.host.name, self.disk.name, message)
+
+    def note(self, text: str) -> None:
+        self.notes.append(redact(text))
+        self.log.warning("snapshot.fallback", reason=redact(text))
+
+    # -- the sequence ----------------------------------------------------------------------
+
+    def run(self) -> Snapshot:
+        if not self.online:
+            return self.snapshot(_View(self.disk.path, "none", CRASH, point_in_time=False),
+                                 [f"host {self.host.name} is off: its disk is read at rest, crash-consistent"])
+        method = self.choose_method()
+        pre_failure: str | None = None
+        if self.policy.pre_script:
+            try:
+                pre_failure = self.user_script("pre", self.policy.pre_script)
+            except BaseException:
+                self.post_script_now()
+                raise
+            if pre_failure:
+                if not self.policy.fallback:
+                    self.post_script_now()
+                    raise self.error(f"{pre_failure}; fallback is off, so no backup without an application-consistent point")
+                self.note(f"{pre_failure}: the point cannot be application-consistent")
+        try:
+            view = self.create(method)
+        except BaseException as exc:
+            # Release the application at once: holding it quiesced for a whole live read is
+            # not what anyone who configured a snapshot method asked for.
+            self.post_script_now()
+            if not isinstance(exc, SnapshotError) or not self.policy.fallback:
+                raise
+            self.note(f"{exc.message}; reading the disk live instead")
+            return self.snapshot(self.live_view("none"), self.notes, CRASH)
+        held = bool(self.policy.pre_script) and pre_failure is None and not view.point_in_time
+        if held:
+            # No snapshot by choice: the application stays quiesced until the read is over.
+            view.steps.append(_Step("post-script", lambda: self.user_script_or_raise("post"), retry=False))
+        else:
+            self.post_script_now()
+        return self.snapshot(view, self.notes, self.level(view, pre_failure, held))
+
+    def level(self, view: _View, pre_failure: str | None, held: bool) -> Consistency:
+        quiesced_by_script = bool(self.policy.pre_script) and pre_failure is None and (view.point_in_time or held)
+        vss_writers_failed = view.method == "vss" and not view.writers_quiesced
+        if (quiesced_by_script or view.writers_quiesced) and not vss_writers_failed:
+            return APPLICATION
+        return view.level
+
+    def snapshot(self, view: _View, notes: list[str], level: Consistency | None = None) -> Snapshot:
+        snap = Snapshot(host=self.host.name, disk=self.disk.name, read_path=view.read_path,
+                        consistency=level or view.level, method=view.method, notes=list(notes),
+                        snapshot_id=self.snapshot_id, details=view.details, _steps=view.steps, _check=view.check)
+        self.log.info("snapshot.taken", method=snap.method, consistency=snap.consistency, read_path=snap.read_path,
+                      notes=snap.notes)
+        return snap
+
+    def choose_method(self) -> str:
+        method, family = self.policy.method, self.host.os_family
+        if method == "vss" and family != "windows" or method in ("lvm", "fsfreeze") and family != "linux":
+            raise self.error(f"field method: {method!r} does not exist on {family} hosts "
+                             f"(use {'vss' if family == 'windows' else 'lvm or fsfreeze'}, auto or none)")
+        if method != "auto":
+            if method in ("lvm", "fsfreeze") and not PurePosixPath(self.disk.path).is_absolute():
+                raise self.error(f"field path: {self.disk.path!r} must be an absolute path for method {method!r}")
+            return method
+        if family == "windows":
+            return "vss"
+        if not PurePosixPath(self.disk.path).is_absolute():
+            self.notes.append(f"disk path {self.disk.path!r} is relative: only the controller can place it, "
+                              "so no snapshot method is probed")
+            return "none"
+        probe = self.linux("probe", [self.disk.path])
+        if probe.get("lv"):
+            return "lvm"
+        if probe.get("kind") == "file":
+            return "reflink"
+        self.notes.append(f"{self.disk.path} is not on an LVM volume nor an image file: no snapshot method applies")
+        return "none"
+
+    # -- methods ---------------------------------------------------------------------------
+
+    def create(self, method: str) -> _View:
+        try:
+            if method == "vss":
+                return self.vss()
+            if method == "lvm":
+                return self.lvm()
+            if method == "reflink":
+                return self.reflink()
+            if method == "fsfreeze":
+                return self.fsfreeze()
+        except _NotApplicable as exc:
+            if self.policy.method == "auto":
+                self.notes.append(f"{exc}; no snapshot method applies")
+                return self.live_view("none")
+            raise self.error(f"method {method!r} does not apply: {exc}") from None
+        return self.live_view(method)
+
+    def live_view(self, method: str) -> _View:
+        return _View(self.disk.path, method, CRASH, point_in_time=False)
+
+    def lvm(self) -> _View:
+        out = self.linux("lvm-create", [self.snapshot_id, self.disk.path, self.policy.lvm_snapshot_size])
+        lv, mount_dir = out["snapshot_lv"], out.get("mount_dir", "")
+        return _View(out["read_path"], "lvm", FILE_SYSTEM, details={"snapshot_lv": lv, "mount_dir": mount_dir},
+                     steps=[_Step(f"lvm snapshot {lv}", lambda: self.linux_must("lvm-remove", [self.snapshot_id, lv, mount_dir]))],
+                     check=lambda: self.linux_must("lvm-check", [lv]))
+
+    def reflink(self) -> _View:
+        out = self.linux("reflink-create", [self.snapshot_id, self.disk.path])
+        return _View(out["read_path"], "reflink", FILE_SYSTEM, details={"clone": out["read_path"]},
+                     steps=[_Step(f"reflink clone {out['read_path']}",
+                                  lambda: self.linux_must("reflink-remove", [self.snapshot_id, self.disk.path]))])
+
+    def fsfreeze(self) -> _View:
+        out = self.linux("freeze", [self.snapshot_id, self.disk.path, f"{self.policy.freeze_limit:g}"])
+        mount = out["mount"]
+        self.notes.append(f"{mount} is held frozen until the snapshot is removed: its writers wait for the read")
+        return _View(out["read_path"], "fsfreeze", FILE_SYSTEM, details={"frozen_mount": mount},
+                     steps=[_Step(f"frozen file system {mount}", lambda: self.thaw(mount))],
+                     check=lambda: self.linux_must("freeze-check", [self.snapshot_id]))
+
+    def thaw(self, mount: str) -> None:
+        out = self.linux_must("thaw", [self.snapshot_id, mount])
+        if out.get("thawed_early"):
+            self.log.error("snapshot.thawed_early", mount=mount, at=out["thawed_early"],
+                           freeze_limit=self.policy.freeze_limit)
+
+    def vss(self) -> _View:
+        args = ["-Path", self.disk.path, "-SnapshotId", self.snapshot_id]
+        if self.policy.fallback:
+            args.append("-AllowFallback")
+        result = self.connector.run_script(VSS_SCRIPT, args, timeout=HELPER_TIMEOUT)
+        if not result.ok:
+            raise self.error(f"VSS shadow copy failed (exit {result.exit_code}): {_tail(result.stderr) or 'no error text'}")
+        report = self.json_line(result, VSS_SCRIPT)
+        shadow_id = str(report.get("id") or "")
+        if not _GUID.match(shadow_id) or not report.get("read_path"):
+            raise self.error(f"{VSS_SCRIPT} reported no shadow copy id or read path: {_tail(result.stdout)}")
+        writers = [{"name": str(w.get("name")), "state": w.get("state"), "state_text": w.get("state_text")}
+                   for w in report.get("writers") or []]
+        if report.get("fallback_reason"):
+            self.note(str(report["fallback_reason"]))
+        consistency = report.get("consistency")
+        details = {"shadow_id": shadow_id, "device": report.get("device"), "link": report.get("link"),
+                   "volume": report.get("volume"), "context": report.get("context"), "writers": writers}
+        return _View(str(report["read_path"]), "vss", FILE_SYSTEM, details=details,
+                     writers_quiesced=consistency == APPLICATION,
+                     steps=[_Step(f"shadow copy {shadow_id}", lambda: self.vss_remove(shadow_id))],
+                     check=lambda: self.vss_check(shadow_id))
+
+    def vss_remove(self, shadow_id: str) -> None:
+        result = self.connector.run_script(VSS_REMOVE_SCRIPT, ["-ShadowId", shadow_id, "-SnapshotId", self.snapshot_id],
+                                           timeout=HELPER_TIMEOUT)
+        if not result.ok:
+            raise self.error(f"{VSS_REMOVE_SCRIPT} exited {result.exit_code}: {_tail(result.stderr) or 'no error text'}")
+        self.json_line(result, VSS_REMOVE_SCRIPT)
+
+    def vss_check(self, shadow_id: str) -> None:
+        result = self.connector.run_script(VSS_REMOVE_SCRIPT, ["-ShadowId", shadow_id, "-CheckOnly"], timeout=HELPER_TIMEOUT)
+        report = self.json_line(result, VSS_REMOVE_SCRIPT) if result.ok else {}
+        if report.get("shadow") != "present":
+            raise self.error(f"shadow copy {shadow_id} is gone (VSS deletes copies whose diff area fills up): "
+                             "the data read from it cannot be trusted")
+
+    # -- host calls ------------------------------------------------------------------------
+
+    def linux(self, action: str, args: list[str]) -> dict[str, str]:
+        """Run one linux_snapshot.sh action; its key=value lines as a dict."""
+        result = self.connector.run_script(LINUX_SCRIPT, [action, *args], timeout=HELPER_TIMEOUT)
+        if result.exit_code == _EXIT_NOT_APPLICABLE:
+            raise _NotApplicable(_tail(result.stderr))
+        if not result.ok:
+            what = "no longer holds" if result.exit_code == _EXIT_INVALID else f"{action} failed (exit {result.exit_code})"
+            raise self.error(f"snapshot {self.snapshot_id} {what}: {_tail(result.stderr) or 'no error text'}")
+        pairs = (line.partition("=") for line in result.stdout.splitlines() if "=" in line)
+        return {key: value for key, _, value in pairs}
+
+    def linux_must(self, action: str, args: list[str]) -> dict[str, str]:
+        try:
+            return self.linux(action, args)
+        except _NotApplicable as exc:
+            raise self.error(f"{action}: {exc}") from None
+
+    def json_line(self, result: CommandResult, script: str) -> dict[str, Any]:
+        lines = [line for line in result.stdout.splitlines() if line.strip()]
+        try:
+            report = json.loads(lines[-1]) if lines else None
+        except json.JSONDecodeError:
+            report = None
+        if not isinstance(report, dict):
+            raise self.error(f"{script} printed no JSON report: {_tail(result.stdout) or 'nothing'}")
+        return report
+
+    def user_script(self, phase: Literal["pre", "post"], command: str) -> str | None:
+        """Run the pre- or post-script; None when it succeeded, else why not (secret-free)."""
+        timeout = self.policy.script_timeout
+        env = {"PATCHDRILL_PHASE": phase, "PATCHDRILL_HOST": self.host.name, "PATCHDRILL_DISK": self.disk.name,
+               "PATCHDRILL_DISK_PATH": self.disk.path, "PATCHDRILL_SNAPSHOT_ID": self.snapshot_id}
+        if self.host.os_family == "linux":
+            # `timeout` on the host stops the script itself; the connector's own limit, a little
+            # longer, only guards against a host that stops answering.
+            wire = f"timeout -k {_KILL_GRACE} {timeout:g} sh -c {shlex.quote(command)}"
+            limit = timeout + _KILL_GRACE + 30
+        else:
+            wire, limit = command, timeout
+        self.log.info("snapshot.script", phase=phase, timeout=timeout)
+        try:
+            result = self.connector.run(wire, timeout=limit, env=env)
+        except HostTimeout:
+            return f"{phase}-script timed out after {timeout:g}s"
+        if result.ok:
+            return None
+        if self.host.os_family == "linux" and result.exit_code in (124, 137):
+            return f"{phase}-script timed out after {timeout:g}s and was stopped"
+        return f"{phase}-script exited {result.exit_code}" + (f": {_tail(result.stderr)}" if result.stderr.strip() else "")
+
+    def user_script_or_raise(self, phase: Literal["pre", "post"]) -> None:
+        command = self.policy.post_script if phase == "post" else self.policy.pre_script
+        if command:
+            failure = self.user_script(phase, command)
+            if failure:
+                raise self.error(failure)
+
+    def post_script_now(self) -> None:
+        """The post-script runs once the pre-script ran, whatever happened since."""
+        if not self.policy.post_script:
+            return
+        try:
+            failure = self.user_script("post", self.policy.post_script)
+        except ConnectorError as exc:
+            failure = f"post-script could not run: {exc.message}"
+        if failure:
+            self.notes.append(redact(failure))
+            self.log.error("snapshot.post_script_failed", reason=redact(failure))
+
+
+def _tail(text: str, lines: int = 5) -> str:
+    return redact(" | ".join(text.strip().splitlines()[-lines:]))
+
+
+__all__ = ["APPLICATION", "CRASH", "FILE_SYSTEM", "Consistency", "Snapshot", "SnapshotError", "SnapshotPolicy",
+           "SnapshotRemovalError", "take_snapshot"]
