@@ -168,17 +168,22 @@ class Repository:
 
     @property
     def encrypted(self) -> bool:
-        return self.codec.master is not None
+        return bool(self.config.get("encryption"))
+
+    def _need_key(self) -> None:
+        if self.encrypted and self.codec.master is None:
+            raise KeyRequired(f"{self.name}: the repository is encrypted and was opened without its key")
 
     # -- opening ---------------------------------------------------------------------------
 
     @classmethod
     def open(cls, store: BlobStore, *, key_reference: str | None = None, base_dir: Path | None = None,
-             create: bool = False, compression_level: int = 3) -> "Repository":
+             create: bool = False, compression_level: int = 3, metadata_only: bool = False) -> "Repository":
         """Open the repository in store; with create=True make it first if the store has none.
 
         key_reference is a credential reference (env:, file:, prefect-secret:); the passphrase
-        it resolves to is registered for redaction by configs.secrets.resolve.
+        it resolves to is registered for redaction by configs.secrets.resolve. metadata_only
+        opens an encrypted repository without its key, for listing points (plaintext) only.
         """
         passphrase = resolve(key_reference, base_dir=base_dir) if key_reference else None
         try:
@@ -191,6 +196,8 @@ class Repository:
                 config = cls._read_config(store)
         encryption = config.get("encryption")
         master = None
+        if encryption and metadata_only and passphrase is None:
+            return cls(store, config, None)
         if encryption:
             if passphrase is None or key_reference is None:
                 raise KeyRequired(f"{store.name}: the repository is encrypted; give the policy's encryption_key reference")
@@ -237,6 +244,7 @@ class Repository:
 
     def put_chunk(self, chunk_id: bytes, data: bytes | bytearray | memoryview) -> int:
         """Store a chunk; returns the bytes written (0 if a concurrent writer stored it first)."""
+        self._need_key()
         blob = self.codec.encode(chunk_id, data)
         try:
             self.store.put(chunk_key(chunk_id), blob, overwrite=False)
@@ -245,6 +253,7 @@ class Repository:
         return len(blob)
 
     def get_chunk(self, chunk_id: bytes, *, point: str | None = None) -> bytes:
+        self._need_key()
         try:
             blob = self.store.get(chunk_key(chunk_id))
         except BlobNotFound:
@@ -252,6 +261,7 @@ class Repository:
         return self.codec.decode(chunk_id, blob, point=point)
 
     def put_map(self, content: dict[str, Any]) -> str:
+        self._need_key()
         data = json.dumps(content, separators=(",", ":")).encode()
         map_id = self.codec.chunk_id(data)
         try:
@@ -261,6 +271,7 @@ class Repository:
         return map_id.hex()
 
     def get_map(self, map_id: str, *, point: str | None = None) -> dict[str, Any]:
+        self._need_key()
         raw_id = bytes.fromhex(map_id)
         try:
             blob = self.store.get(chunk_key(map_id, "maps"))
