@@ -15,8 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from configs.models import DiskConfig, HostConfig
+from configs.secrets import remember
 from connectors.ssh import SshConnector
 from tasks.backup.snapshot import (
     APPLICATION,
@@ -79,6 +81,15 @@ def test_failed_pre_script_falls_back_with_a_note_and_still_runs_the_post_script
         assert snap.consistency == CRASH
         assert lines(journal) == ["pre data", "post data"], "the application must not stay half-quiesced"
     assert any("pre-script exited 3" in n and "cannot lock tables" in n for n in snap.notes), snap.notes
+
+
+def test_script_output_never_leaks_a_secret(ssh: SshConnector, ssh_host_config: HostConfig, tmp_path: Path) -> None:
+    secret = remember(f"db-password-{os.getpid()}")
+    policy = SnapshotPolicy(method="none", pre_script=f"echo 'login failed for {secret}' >&2; exit 1", fallback=False)
+    with capture_logs() as events, pytest.raises(SnapshotError) as failure:
+        take_snapshot(ssh, ssh_host_config, data_disk(tmp_path), policy)
+    assert "login failed for ***" in str(failure.value)
+    assert secret not in str(failure.value) and secret not in repr(events)
 
 
 def test_failed_pre_script_without_fallback_fails_after_the_post_script(
