@@ -240,3 +240,87 @@ def test_failed_health_probe_stops_the_rollout_before_the_next_update_domain(
     assert spared.versions() == {"demo-web": "1.0", "demo-kernel": "1.0", "demo-db": "1.0"}
     assert spared.sshd.boot_id == spared_boot and not spared.reboot_required
     assert {o.state for o in rows["budget-spared"].updates if o.update_id != "demo-db=1.2"} == {ComplianceState.MISSING}
+
+
+def test_hotpatch_month_installs_only_hotpatches_and_does_not_reboot(
+        prefect_server: None, wsman_host_factory: HostFactory, tmp_path: Path) -> None:
+    winrm = wsman_host_factory(scheme="https", auth=("ntlm",))
+    wu = SimulatedWindowsUpdate(winrm, [
+        SimulatedUpdate("KB5060001", "2026-11 Hotpatch for Windows Server Azure Edition", hotpatch=True),
+        SimulatedUpdate("KB5060002", "2026-11 Cumulative Update for Windows Server", reboot_behaviour="always"),
+    ]).attach()
+    windows = winrm.host_config("hot-win", maintenance_windows=ALWAYS_OPEN)
+    cfg = write_config(tmp_path / "fleet.yaml", [windows.model_dump(mode="json", exclude_none=True)],
+                       {"baseline_months": hotpatch_now(), "reboot": "Always"})
+    boot_before = winrm.boot_time
+
+    report = patch_run(config_path=str(cfg))
+
+    [record] = report.records
+    assert record.month_kind == "hotpatch" and record.status == "succeeded", record.reason
+    assert wu.installed == {"KB5060001"} and wu.install_requests == [["KB5060001"]]
+    assert states(record)["KB5060002"] is ComplianceState.MISSING
+    assert "waits for the baseline of" in {o.update_id: o.reason for o in record.updates}["KB5060002"]
+    # Even a policy of Always does not reboot a hotpatching host in a hotpatch month.
+    assert not record.rebooted and wu.reboots == 0 and winrm.boot_time == boot_before
+
+
+def test_a_busy_update_domain_slot_keeps_a_second_run_off_the_domain(
+        prefect_server: None, lab_host: LabMaker, tmp_path: Path) -> None:
+    from prefect.concurrency.sync import concurrency
+
+    from tasks.patching.steps import reboot_limit_name, update_domain_slot
+
+    host = lab_host("slot-busy", 7)
+    cfg = write_config(tmp_path / "fleet.yaml", [host.config()], {"baseline_months": baseline_now()})
+    boot_before = host.sshd.boot_id
+    # Another run holds update domain 7 (its limit created as a run would create it).
+    with update_domain_slot(7, timeout_seconds=30):
+        report = patch_run(config_path=str(cfg), domain_slot_timeout_minutes=0.02)
+    [record] = report.records
+    assert record.status == "failed" and reboot_limit_name(7) in record.reason
+    assert host.versions() == {"demo-web": "1.0", "demo-kernel": "1.0", "demo-db": "1.0"}
+    assert host.sshd.boot_id == boot_before
+    # Once released, the slot is free again for the next run.
+    with concurrency(reboot_limit_name(7), occupy=1, timeout_seconds=30, strict=True):
+        pass
+
+
+def test_approval_pause_is_resumed_through_the_prefect_api(
+        prefect_server: None, lab_host: LabMaker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import flows.patch_run as patch_flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.flow_runs import resume_flow_run
+
+    monkeypatch.setattr(patch_flow, "APPROVAL_POLL_SECONDS", 1)
+    host = lab_host("approve-me", 1)
+    cfg = write_config(tmp_path / "fleet.yaml", [host.config()],
+                       {"baseline_months": baseline_now(), "approval_required": True})
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["report"] = patch_run(config_path=str(cfg), approval_timeout_minutes=5)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, name="paused-patch-run")
+    worker.start()
+    paused_filter = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
+    paused = []
+    while not paused and worker.is_alive():
+        with get_client(sync_client=True) as client:
+            paused = client.read_flow_runs(flow_run_filter=paused_filter)
+        time.sleep(0.2)
+    assert paused, outcome.get("error")
+    # Nothing is installed while the run waits for its approval.
+    assert host.versions()["demo-web"] == "1.0"
+    resume_flow_run(paused[0].id, run_input={"approve": True, "comment": "change 42"})
+    worker.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    [record] = outcome["report"].records
+    assert record.status == "succeeded", record.reason
+    assert host.versions() == {"demo-web": "1.1", "demo-kernel": "1.1", "demo-db": "1.0"}

@@ -1,0 +1,208 @@
+"""`patchdrill patch …`: enroll, assess, run, calendar, history from the command line.
+
+enroll, assess and run start the same flows a deployment or the UI starts (with no server
+configured, Prefect's ephemeral API); calendar and history only read.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from flows.cli_common import DEFAULT_CONFIG, ConfigOption, JsonOption, console, emit, fail, load_or_exit
+
+GroupOption = Annotated[Optional[list[str]], typer.Option("--group", "-g", help="Only hosts in this group (repeatable).")]
+HostOption = Annotated[Optional[list[str]], typer.Option("--host", help="Only this host (repeatable).")]
+PolicyOption = Annotated[Optional[str], typer.Option("--policy", help="Patch policy name (default: the group's, else 'default').")]
+
+patch_app = typer.Typer(no_args_is_help=True, help="Patch runs: enroll, assess, install by update domain, report.")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(patch_app, name="patch")
+
+
+def _fleet_or_exit(config: Path, group: list[str] | None, host: list[str] | None, policy: str | None) -> Any:
+    """Check the config, the selection and the policy before any flow starts (and before
+    Prefect's ephemeral API spends seconds starting): one clear line per problem."""
+    from tasks.patching.steps import RunSetupError, load_fleet
+
+    load_or_exit(config)
+    try:
+        return load_fleet(str(config), group, host, policy)
+    except RunSetupError as exc:
+        fail(str(exc))
+
+
+@patch_app.command("enroll")
+def enroll(config: ConfigOption = DEFAULT_CONFIG, group: GroupOption = None, host: HostOption = None,
+           as_json: JsonOption = False) -> None:
+    """Enroll hosts: OS, build, package manager, hotpatch eligibility (exit 2 if any is unreachable)."""
+    from flows.patch_run import patch_enroll
+
+    _fleet_or_exit(config, group, host, None)
+    rows = patch_enroll(config_path=str(config), groups=group, hosts=host)
+
+    def render(data: list[Any]) -> None:
+        table = Table(title="enrollment")
+        for column in ("host", "state", "os", "build", "package manager", "hotpatch", "reboot detection"):
+            table.add_column(column)
+        for r in data:
+            e = r.enrollment
+            if e is None:
+                table.add_row(r.host, f"[red]unreachable[/] {r.error}", "", "", "", "", "")
+            else:
+                table.add_row(r.host, "[green]enrolled[/]", e.os_name, e.build, e.package_manager,
+                              "yes" if e.hotpatch_eligible else "no", e.reboot_detection)
+        console.print(table)
+
+    emit(rows, as_json, render)
+    if not all(r.reachable for r in rows):
+        raise typer.Exit(2)
+
+
+def _render_assessment(report: Any) -> None:
+    table = Table(title="assessment")
+    for column in ("host", "update", "classification", "state", "reason"):
+        table.add_column(column)
+    for plan in report.plans:
+        for update in plan.install:
+            table.add_row(plan.host, update.id, update.classification.value, "Missing", "selected for the next run")
+        for held in plan.held:
+            table.add_row(plan.host, held.update_id, held.classification.value, held.state.value, held.reason)
+        if not plan.install and not plan.held:
+            table.add_row(plan.host, "", "", "", "up to date")
+    for host_name, error in report.errors.items():
+        table.add_row(host_name, "", "", "[red]error[/]", error)
+    console.print(table)
+
+
+@patch_app.command("assess")
+def assess(config: ConfigOption = DEFAULT_CONFIG, group: GroupOption = None, host: HostOption = None,
+           policy: PolicyOption = None, as_json: JsonOption = False) -> None:
+    """What each host misses and what a run would install now. Changes nothing on any host."""
+    from flows.patch_run import patch_assess
+
+    _fleet_or_exit(config, group, host, policy)
+    report = patch_assess(config_path=str(config), groups=group, hosts=host, policy=policy)
+    emit(report, as_json, _render_assessment)
+    if report.errors:
+        raise typer.Exit(2)
+
+
+def _render_run(report: Any) -> None:
+    if report.dry_run:
+        console.print("[bold]Dry run[/]: nothing was changed on any host.")
+        _render_assessment(report.assessment)
+        console.print(report.plan.as_text(), highlight=False)
+        return
+    table = Table(title=f"patch run {report.run_id}")
+    for column in ("host", "status", "rebooted", "installed", "failed", "missing", "reason"):
+        table.add_column(column)
+    from tasks.patching.models import ComplianceState as S
+
+    for r in sorted(report.records, key=lambda r: r.host):
+        installed = r.count(S.INSTALLED) + r.count(S.INSTALLED_PENDING_REBOOT)
+        table.add_row(r.host, r.status, "yes" if r.rebooted else "no", str(installed), str(r.count(S.FAILED)),
+                      str(r.count(S.MISSING)), r.reason)
+    console.print(table)
+    if report.stopped:
+        console.print(f"[bold red]rollout stopped:[/] {report.stopped}", highlight=False)
+
+
+@patch_app.command("run")
+def run(
+    config: ConfigOption = DEFAULT_CONFIG,
+    group: GroupOption = None,
+    host: HostOption = None,
+    policy: PolicyOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the rollout plan (batches, windows, expected reboots); change nothing.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Approve the run here (for policies that require approval).")] = False,
+    ignore_windows: Annotated[bool, typer.Option("--ignore-windows", help="Install on hosts outside their maintenance window too.")] = False,
+    reboot_outside_window: Annotated[bool, typer.Option("--reboot-outside-window", help="Allow reboots outside maintenance windows.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Patch hosts by update domain inside their windows (exit 1 if a host failed or the rollout stopped)."""
+    from flows.patch_run import patch_run
+
+    fleet = _fleet_or_exit(config, group, host, policy)
+    if fleet.policy.approval_required and not dry_run and not yes:
+        fail(f"policy {fleet.policy_name!r} requires approval: review `patchdrill patch run --dry-run`, then run "
+             "again with --yes (runs started from a deployment pause for approval in the UI instead)")
+    report = patch_run(config_path=str(config), groups=group, hosts=host, policy=policy, dry_run=dry_run,
+                       ignore_windows=ignore_windows, reboot_outside_window=reboot_outside_window, approved=yes)
+    emit(report, as_json, _render_run)
+    if report.stopped or any(r.status in ("failed", "unreachable") for r in report.records):
+        raise typer.Exit(1)
+
+
+@patch_app.command("calendar")
+def calendar(
+    year: Annotated[int, typer.Option("--year", help="Calendar year.")] = datetime.now(timezone.utc).year,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Config whose policy to use (default: built-in policy).")] = None,
+    policy: PolicyOption = None,
+    group: GroupOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Print the year's months: Patch Tuesday and whether each is a baseline or hotpatch month."""
+    from tasks.patching.calendar import year_calendar
+    from tasks.patching.models import PatchPolicy
+    from tasks.patching.steps import RunSetupError, resolve_policy
+
+    if not 1 <= year <= 9999:
+        fail(f"--year {year} is not a calendar year")
+    chosen = PatchPolicy()
+    if config is not None:
+        try:
+            _, chosen = resolve_policy(load_or_exit(config), policy, group)
+        except RunSetupError as exc:
+            fail(str(exc))
+    months = [{"month": m.label, "patch_tuesday": m.patch_tuesday.isoformat(), "kind": m.kind, "unplanned": m.unplanned}
+              for m in year_calendar(year, chosen)]
+
+    def render(data: list[dict[str, Any]]) -> None:
+        table = Table(title=f"patch calendar {year}")
+        for column in ("month", "Patch Tuesday", "kind"):
+            table.add_column(column)
+        for m in data:
+            kind = m["kind"] + (" (unplanned)" if m["unplanned"] else "")
+            table.add_row(m["month"], m["patch_tuesday"], f"[bold]{kind}[/]" if m["kind"] == "baseline" else kind)
+        console.print(table)
+
+    emit(months, as_json, render)
+
+
+@patch_app.command("history")
+def history_command(
+    host: Annotated[str, typer.Argument(help="Host name.")],
+    config: ConfigOption = DEFAULT_CONFIG,
+    days: Annotated[int, typer.Option("--days", min=1, help="How far back.")] = 30,
+    as_json: JsonOption = False,
+) -> None:
+    """The host's patch runs of the last days (30 by default), newest first."""
+    from connectors.storage import StoreError, open_store
+    from tasks.patching.history import HistoryError, history
+
+    loaded = load_or_exit(config)
+    if host not in {h.name for h in loaded.config.hosts}:
+        fail(f"{config}: no such host: {host}")
+    try:
+        with open_store(loaded.config.storage, loaded.base_dir) as store:
+            records = history(store, host, days=days)
+    except (StoreError, HistoryError) as exc:
+        fail(str(exc))
+
+    def render(data: list[Any]) -> None:
+        table = Table(title=f"{host}: last {days} days")
+        for column in ("started", "run", "month", "status", "rebooted", "updates", "reason"):
+            table.add_column(column)
+        for r in data:
+            table.add_row(r.started_at.isoformat(timespec="minutes"), r.run_id[:8], r.month_kind, r.status,
+                          "yes" if r.rebooted else "no", str(len(r.updates)), r.reason)
+        console.print(table)
+
+    emit(records, as_json, render)
