@@ -9,6 +9,10 @@ controller asks for, cross the network.
         (the 32-byte digests of every block, concatenated in order)
     python3 - read PATH BLOCK_SIZE INDEX...
         one line per index: "<index> <base64 of the block>"
+    python3 - tree PATH 0
+        one JSON object per line for every entry under PATH, parents first, in path order:
+        {"path", "type": "file"|"dir"|"symlink"|"other", "mode", "uid", "gid", "mtime_ns",
+         "size", "target"} (metadata only: the controller decides which files to read)
 
 Exit status 2 with a one-line message on stderr when the path cannot be read.
 """
@@ -17,6 +21,7 @@ import base64
 import hashlib
 import json
 import os
+import stat
 import sys
 
 DIGEST_SIZE = 32
@@ -59,14 +64,46 @@ def read(path, block_size, indexes):
             out.write("%d %s\n" % (index, base64.b64encode(data).decode("ascii")))
 
 
+def tree(root):
+    out = sys.stdout
+
+    def walk(directory, relative):
+        for name in sorted(os.listdir(directory)):
+            full = os.path.join(directory, name)
+            rel = relative + name
+            try:
+                st = os.lstat(full)
+            except FileNotFoundError:
+                continue  # deleted while walking a live tree
+            entry = {"path": rel, "mode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid,
+                     "mtime_ns": st.st_mtime_ns, "size": 0}
+            if stat.S_ISLNK(st.st_mode):
+                entry.update(type="symlink", target=os.readlink(full))
+            elif stat.S_ISDIR(st.st_mode):
+                entry["type"] = "dir"
+            elif stat.S_ISREG(st.st_mode):
+                entry.update(type="file", size=st.st_size)
+            else:
+                entry["type"] = "other"
+            out.write(json.dumps(entry) + "\n")
+            if entry["type"] == "dir":
+                walk(full, rel + "/")
+
+    if not os.path.isdir(root):
+        raise NotADirectoryError(20, "not a directory")
+    walk(root, "")
+
+
 def main(argv):
-    if len(argv) < 3 or argv[0] not in ("scan", "read"):
-        sys.stderr.write("usage: blockscan.py scan|read PATH BLOCK_SIZE [INDEX...]\n")
+    if len(argv) < 3 or argv[0] not in ("scan", "read", "tree"):
+        sys.stderr.write("usage: blockscan.py scan|read|tree PATH BLOCK_SIZE [INDEX...]\n")
         return 64
     mode, path, block_size = argv[0], argv[1], int(argv[2])
     try:
         if mode == "scan":
             scan(path, block_size)
+        elif mode == "tree":
+            tree(path)
         else:
             read(path, block_size, [int(i) for i in argv[3:]])
     except OSError as exc:

@@ -1,8 +1,9 @@
-"""A block source on another host: the host hashes, the controller fetches only changed blocks.
+"""Disks on another host: the host scans, the controller fetches only what changed.
 
 The scan runs on the host (connectors/remote/blockscan.py, standard library only). Changed
 blocks are read over the connector's SFTP session when it offers one (`sftp()`), else through
-blockscan's read mode, which works over any connector that runs Python.
+blockscan's read mode, which works over any connector that runs Python. A block source compares
+host-side block hashes; a tree source compares file size and mtime with the parent point.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import json
 from typing import Any, Iterator
 
 from connectors.base import Connector
-from tasks.backup.blockmap import BlockMap
+from tasks.backup.blockmap import BlockMap, TreeEntry
 from tasks.backup.errors import SourceError
-from tasks.backup.source import BufferPool, SourceBlock
+from tasks.backup.source import BufferPool, SourceBlock, SourceFile
 
 FINGERPRINT = "blake2b-256"
 SCRIPT = "blockscan.py"
@@ -67,7 +68,7 @@ class RemoteBlockSource:
             old = previous.fingerprints or []
         changed = [i for i, fp in enumerate(fingerprints) if i >= len(old) or old[i] != fp]
         wanted = set(changed)
-        fetched = self._fetch(changed, block_size, size)
+        fetched = self.fetch(changed, block_size, size)
         for index, fp in enumerate(fingerprints):
             length = min(block_size, size - index * block_size)
             if index in wanted:
@@ -83,7 +84,7 @@ class RemoteBlockSource:
             else:
                 yield SourceBlock(index, length, None, fp, lambda: None)
 
-    def _fetch(self, indexes: list[int], block_size: int, size: int) -> Iterator[tuple[int, bytes]]:
+    def fetch(self, indexes: list[int], block_size: int, size: int) -> Iterator[tuple[int, bytes]]:
         sftp_factory = getattr(self.connector, "sftp", None)
         if callable(sftp_factory):
             yield from self._fetch_sftp(sftp_factory(), indexes, block_size, size)
@@ -106,3 +107,38 @@ class RemoteBlockSource:
                 ranges = [(i * block_size, min(block_size, size - i * block_size)) for i in batch]
                 # readv pipelines the requests: one round trip per batch, not per block.
                 yield from zip(batch, handle.readv(ranges))
+
+
+class RemoteTreeSource:
+    """A directory on another host: the host lists metadata; files the engine finds changed
+    (by size and mtime against the parent point) are read block by block through blockscan."""
+
+    def __init__(self, connector: Connector, path: str) -> None:
+        self.connector = connector
+        self.path = path.rstrip("/") or "/"
+        self.skipped: list[str] = []
+
+    def walk(self) -> Iterator[SourceFile]:
+        result = self.connector.run_script(SCRIPT, ["tree", self.path, "0"], timeout=_SCAN_TIMEOUT)
+        if not result.ok:
+            problem = result.stderr.strip().splitlines()[-1:] or [f"exit {result.exit_code}"]
+            raise SourceError(f"host {self.connector.name}: listing {self.path!r} failed: {problem[0]}")
+        for line in result.stdout.splitlines():
+            body = json.loads(line)
+            if body["type"] == "other":
+                self.skipped.append(body["path"])
+                continue
+            entry = TreeEntry(path=body["path"], type=body["type"], mode=body["mode"], uid=body["uid"],
+                              gid=body["gid"], mtime_ns=body["mtime_ns"], size=body["size"], target=body.get("target"))
+            reader = None
+            if entry.type == "file":
+                full = f"{self.path}/{entry.path}"
+                reader = lambda bs, pool, f=full, n=entry.size: self._read_file(f, n, bs, pool)  # noqa: E731
+            yield SourceFile(entry, reader)
+
+    def _read_file(self, path: str, size: int, block_size: int, pool: BufferPool) -> Iterator[SourceBlock]:
+        source = RemoteBlockSource(self.connector, path)
+        for index, data in source.fetch(list(range(-(-size // block_size))), block_size, size):
+            buffer = pool.acquire()
+            buffer[:len(data)] = data
+            yield SourceBlock(index, len(data), memoryview(buffer)[:len(data)], None, lambda b=buffer: pool.release(b))

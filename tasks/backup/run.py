@@ -4,6 +4,7 @@ up, and always remove the snapshot. The Prefect tasks and the CLI both call this
 from __future__ import annotations
 
 import contextlib
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from connectors.storage import open_store
 from tasks.backup.engine import BackupRequest, backup, default_workers
 from tasks.backup.errors import BackupError, SourceError
 from tasks.backup.policy import BackupPolicy
-from tasks.backup.remote_source import RemoteBlockSource
+from tasks.backup.remote_source import RemoteBlockSource, RemoteTreeSource
 from tasks.backup.repository import Consistency, Repository
 from tasks.backup.source import BlockSource, LocalBlockSource, LocalTreeSource, TreeSource, is_directory_disk
 
@@ -77,10 +78,9 @@ def _source(connector: Connector, host: HostConfig, disk: DiskConfig, path: str)
     if host.transport == "local":
         return LocalTreeSource(path) if is_directory_disk(path, disk.kind) else LocalBlockSource(path)
     if host.transport == "ssh":
-        if disk.kind == "directory":
-            raise SourceError(f"host {host.name} disk {disk.name}: directory disks are backed up on local hosts only "
-                              "so far; back up the block device or image instead")
-        return RemoteBlockSource(connector, path)
+        directory = disk.kind == "directory" or (
+            disk.kind == "auto" and connector.run(f"test -d {shlex.quote(path)}", timeout=60).ok)
+        return RemoteTreeSource(connector, path) if directory else RemoteBlockSource(connector, path)
     raise SourceError(f"host {host.name} disk {disk.name}: Windows hosts upload straight to Azure Blob "
                       "(docs/repository.md, *Windows hosts*); that path is not implemented yet")
 

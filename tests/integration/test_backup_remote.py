@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from connectors.local import LocalConnector
 from connectors.storage import AzureBlobStore, LocalBlobStore
 from tasks.backup.engine import BackupRequest, backup
 from tasks.backup.errors import SourceError
-from tasks.backup.remote_source import RemoteBlockSource
+from tasks.backup.remote_source import RemoteBlockSource, RemoteTreeSource
 from tasks.backup.repository import Repository
 from tasks.backup.restore import restore
 from tasks.backup.source import LocalBlockSource
@@ -78,3 +79,28 @@ def test_engine_round_trip_on_azurite(azure_store: AzureBlobStore, tmp_path: Pat
     assert verify(repo).ok
     restore(repo, point, tmp_path / "back.img")
     assert (tmp_path / "back.img").read_bytes() == image.read_bytes()
+
+
+def test_directory_on_an_ssh_host_round_trip(ssh_host_config: HostConfig, tmp_path: Path) -> None:
+    src = tmp_path / "srv"
+    (src / "www").mkdir(parents=True)
+    (src / "www" / "index.html").write_text("<h1>hello</h1>\n")
+    (src / "www" / "big.bin").write_bytes(random.Random(4).randbytes(2 * BLOCK + 10))
+    (src / "current").symlink_to("www")
+    os.chmod(src / "www" / "index.html", 0o604)
+    os.mkfifo(src / "pipe")
+    repo = Repository.open(LocalBlobStore(tmp_path / "repo"), create=True)
+    request = BackupRequest(host=ssh_host_config.name, disk="srv", block_size=BLOCK, workers=2)
+    with connect(ssh_host_config) as connector:
+        first = backup(repo, RemoteTreeSource(connector, str(src)), request)
+        assert first.totals.skipped == 1  # the FIFO
+        (src / "www" / "index.html").write_text("<h1>changed</h1>\n")
+        second = backup(repo, RemoteTreeSource(connector, str(src)), request)
+    assert second.totals.scanned == len("<h1>changed</h1>\n")  # big.bin did not cross the wire again
+    out = tmp_path / "out"
+    restore(repo, second, out)
+    assert (out / "www" / "index.html").read_text() == "<h1>changed</h1>\n"
+    assert (out / "www" / "big.bin").read_bytes() == (src / "www" / "big.bin").read_bytes()
+    assert os.readlink(out / "current") == "www"
+    assert (out / "www" / "index.html").stat().st_mode & 0o777 == 0o604
+    assert not (out / "pipe").exists()
