@@ -292,12 +292,24 @@ class _Taking:
             self.note(f"{exc.message}; reading the disk live instead")
             return self.snapshot(self.live_view("none"), self.notes, CRASH)
         held = bool(self.policy.pre_script) and pre_failure is None and not view.point_in_time
-        if held:
-            # No snapshot by choice: the application stays quiesced until the read is over.
-            view.steps.append(_Step("post-script", lambda: self.user_script_or_raise("post"), retry=False))
-        else:
-            self.post_script_now()
+        try:
+            if held:
+                # No snapshot by choice: the application stays quiesced until the read is over.
+                view.steps.append(_Step("post-script", lambda: self.user_script_or_raise("post"), retry=False))
+            else:
+                self.post_script_now()
+        except BaseException:
+            self.discard(view)
+            raise
         return self.snapshot(view, self.notes, self.level(view, pre_failure, held))
+
+    def discard(self, view: _View) -> None:
+        """Undo a view nobody will receive (take_snapshot is failing after creating it)."""
+        for step in view.steps:
+            try:
+                step.action()
+            except (SnapshotError, ConnectorError) as exc:
+                self.log.error("snapshot.removal_failed", step=step.label, error=redact(str(exc)))
 
     def level(self, view: _View, pre_failure: str | None, held: bool) -> Consistency:
         quiesced_by_script = bool(self.policy.pre_script) and pre_failure is None and (view.point_in_time or held)
@@ -418,8 +430,9 @@ class _Taking:
 
     def vss_check(self, shadow_id: str) -> None:
         result = self.connector.run_script(VSS_REMOVE_SCRIPT, ["-ShadowId", shadow_id, "-CheckOnly"], timeout=HELPER_TIMEOUT)
-        report = self.json_line(result, VSS_REMOVE_SCRIPT) if result.ok else {}
-        if report.get("shadow") != "present":
+        if not result.ok:
+            raise self.error(f"cannot check shadow copy {shadow_id}: {_tail(result.stderr) or f'exit {result.exit_code}'}")
+        if self.json_line(result, VSS_REMOVE_SCRIPT).get("shadow") != "present":
             raise self.error(f"shadow copy {shadow_id} is gone (VSS deletes copies whose diff area fills up): "
                              "the data read from it cannot be trusted")
 
