@@ -37,7 +37,9 @@ pytestmark = pytest.mark.e2e
 
 ALWAYS_OPEN = [{"days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"], "start": "00:00", "duration_minutes": 1440}]
 REBOOT_REQUEST = "patchdrill-test-reboot"
-SHUTDOWN_STUB = f"#!/bin/sh\n# The test host's power button: the test's watcher reboots the host.\ntouch /run/{REBOOT_REQUEST}\n"
+# The test host's power button: the watcher reboots the host, which kills this session as a
+# real shutdown does, so the product reconnects only once the host is down.
+SHUTDOWN_STUB = f"#!/bin/sh\ntouch /run/{REBOOT_REQUEST}\nexec sleep 60\n"
 HEALTH_PROBE = {"kind": "command", "command": 'grep -qx ok "$DPKG_ROOT/etc/demo/health"', "timeout_seconds": 20}
 # An update that breaks the application it patches: its host fails the health probe afterwards.
 BREAKING_POSTINST = REBOOT_POSTINST + 'echo broken > "$DPKG_ROOT/etc/demo/health"\n'
@@ -197,6 +199,7 @@ def test_patch_run_reboots_through_the_gate_and_records_history(
 
     report = patch_run(config_path=str(cfg))
 
+    assert report.plan.expected_reboots == ["run-win"]  # its cumulative update always reboots
     rows = records(report)
     assert rows["run-linux"].status == "succeeded", rows["run-linux"].reason
     assert linux.versions() == {"demo-web": "1.1", "demo-kernel": "1.1", "demo-db": "1.0"}
@@ -324,3 +327,43 @@ def test_approval_pause_is_resumed_through_the_prefect_api(
     [record] = outcome["report"].records
     assert record.status == "succeeded", record.reason
     assert host.versions() == {"demo-web": "1.1", "demo-kernel": "1.1", "demo-db": "1.0"}
+
+
+def test_window_override_installs_but_holds_the_reboot_back(
+        prefect_server: None, lab_host: LabMaker, tmp_path: Path) -> None:
+    host = lab_host("override", 1, windows=[])
+    cfg = write_config(tmp_path / "fleet.yaml", [host.config()], {"baseline_months": baseline_now()})
+    boot_before = host.sshd.boot_id
+
+    report = patch_run(config_path=str(cfg), ignore_windows=True)
+
+    [record] = report.records
+    assert record.status == "succeeded" and not record.rebooted
+    assert "outside the maintenance window" in record.reason
+    assert set(states(record).values()) == {ComplianceState.INSTALLED_PENDING_REBOOT, ComplianceState.EXCLUDED}
+    assert host.versions()["demo-kernel"] == "1.1" and host.reboot_required and host.sshd.boot_id == boot_before
+
+
+def test_cli_assess_and_dry_run_report_without_changing_the_host(
+        prefect_server: None, lab_host: LabMaker, tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    host = lab_host("cli-host", 4)
+    cfg = write_config(tmp_path / "fleet.yaml", [host.config()], {"baseline_months": baseline_now()})
+    runner = CliRunner()
+
+    assessed = runner.invoke(app, ["patch", "assess", "--config", str(cfg), "--json"])
+    assert assessed.exit_code == 0, assessed.output
+    [plan] = json.loads(assessed.stdout)["plans"]
+    assert sorted(u["id"] for u in plan["install"]) == ["demo-kernel=1.1", "demo-web=1.1"]
+
+    planned = runner.invoke(app, ["patch", "run", "--config", str(cfg), "--group", "lab", "--dry-run"])
+    assert planned.exit_code == 0, planned.output
+    assert "Dry run" in planned.output and "batch 1  update domain 4  cli-host" in planned.output
+
+    assert host.versions() == {"demo-web": "1.0", "demo-kernel": "1.0", "demo-db": "1.0"}
+    assert not host.reboot_required and not (tmp_path / "store").exists()
