@@ -81,6 +81,8 @@ class BackupRequest:
     disk: str
     consistency: Consistency = "crash-consistent"
     snapshot_method: str = "none"
+    #: why the consistency level is what it is (fallbacks taken by the snapshot step)
+    notes: tuple[str, ...] = ()
     block_size: int = 4 * 1024 * 1024
     workers: int = field(default_factory=default_workers)
     #: how long to wait for a running prune to finish before failing with RepositoryBusy
@@ -107,7 +109,7 @@ def backup(repo: Repository, source: BlockSource | TreeSource, request: BackupRe
         totals = writer.totals.model_copy(update={"size": size, "skipped": len(getattr(source, "skipped", []))})
         point = RecoveryPoint(
             host=request.host, disk=request.disk, time=moment, kind=kind, source_path=source.path,
-            consistency=request.consistency, snapshot_method=request.snapshot_method,
+            consistency=request.consistency, snapshot_method=request.snapshot_method, notes=list(request.notes),
             block_size=request.block_size, map=MapRef(id=map_id, blocks=count, files=files),
             parent=parent.key if parent else None,
             totals=totals,

@@ -83,6 +83,7 @@ class RecoveryPoint(BaseModel):
     source_path: str
     consistency: Consistency
     snapshot_method: str = "none"
+    notes: list[str] = Field(default_factory=list)
     block_size: int
     map: MapRef
     parent: str | None = None

@@ -105,8 +105,12 @@ def _check_target(target: Path, force: bool, point: RecoveryPoint) -> bool:
 
 def restore(repo: Repository, point: RecoveryPoint, target: str | Path, *, force: bool = False,
             include: list[str] | None = None, workers: int | None = None,
-            progress: ProgressSink | None = None) -> RestoreResult:
-    """Restore point to target (a file/device path, or a directory for directory points)."""
+            progress: ProgressSink | None = None, sync: bool = True) -> RestoreResult:
+    """Restore point to target (a file/device path, or a directory for directory points).
+
+    sync=True (the default) flushes an image to stable storage before it is renamed into place
+    or reported restored: after a disaster, "restored" should survive the next power cut.
+    """
     sink = progress or progress_mod.current()
     started = time.monotonic()
     target = Path(target).absolute()
@@ -118,7 +122,7 @@ def restore(repo: Repository, point: RecoveryPoint, target: str | Path, *, force
             block_map = BlockMap.from_json(body, point=point.key)
             recurring = {c for c, n in Counter(block_map.chunks).items() if n > 1}
             blocks = _Blocks(repo, point, recurring, sink)
-            _restore_image(block_map, target, force, point, blocks, pool, sink)
+            _restore_image(block_map, target, force, point, blocks, pool, sink, sync)
             total, files = len(block_map.chunks), None
         else:
             tree = TreeMap.from_json(body, point=point.key)
@@ -135,7 +139,7 @@ def restore(repo: Repository, point: RecoveryPoint, target: str | Path, *, force
 
 
 def _restore_image(block_map: BlockMap, target: Path, force: bool, point: RecoveryPoint, blocks: _Blocks,
-                   pool: ThreadPoolExecutor, sink: ProgressSink) -> None:
+                   pool: ThreadPoolExecutor, sink: ProgressSink, sync: bool) -> None:
     exists = _check_target(target, force, point)
     sink.add_total("restored", block_map.size)
     if exists:
@@ -145,7 +149,8 @@ def _restore_image(block_map: BlockMap, target: Path, force: bool, point: Recove
             _write_blocks(fd, block_map.chunks, block_map.block_size, block_map.size, blocks, pool, delta=True, zero=None)
             if not is_device:
                 os.ftruncate(fd, block_map.size)
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         return
@@ -156,7 +161,8 @@ def _restore_image(block_map: BlockMap, target: Path, force: bool, point: Recove
             os.ftruncate(fd, block_map.size)
             zero = blocks.repo.codec.chunk_id(bytes(block_map.block_size))
             _write_blocks(fd, block_map.chunks, block_map.block_size, block_map.size, blocks, pool, delta=False, zero=zero)
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(temp, target)

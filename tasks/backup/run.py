@@ -89,17 +89,17 @@ def back_up_disk(config: PatchdrillConfig, base_dir: Path, host: HostConfig, dis
                  policy: BackupPolicy) -> DiskReport:
     """Back up one disk; errors propagate (the caller decides what is retried)."""
     started = time.monotonic()
+    if host.transport == "local" and not Path(disk.path).is_absolute():
+        # The lab's paths are relative to the config file, not to wherever the run started.
+        disk = disk.model_copy(update={"path": str(base_dir / disk.path)})
     repo = open_repository(config, base_dir, policy, create=True)
     connector = connect(host, base_dir=base_dir)
     try:
         with take_snapshot(connector, host, disk, policy) as snap:
-            path = str(snap.read_path)
-            if host.transport == "local" and not Path(path).is_absolute():
-                path = str(base_dir / path)
             request = BackupRequest(host=host.name, disk=disk.name, consistency=snap.consistency,
-                                    snapshot_method=snap.method, block_size=policy.block_size,
-                                    workers=policy.workers or default_workers())
-            point = backup(repo, _source(connector, host, disk, path), request)
+                                    snapshot_method=snap.method, notes=tuple(getattr(snap, "notes", ()) or ()),
+                                    block_size=policy.block_size, workers=policy.workers or default_workers())
+            point = backup(repo, _source(connector, host, disk, str(snap.read_path)), request)
     finally:
         connector.close()
     t = point.totals
