@@ -126,12 +126,12 @@ def backup(config: ConfigOption = DEFAULT_CONFIG, host: HostsOption = None, grou
 
 
 def _render_backup(reports: list[Any]) -> None:
-    table = Table(title="backup")
-    for column in ("host", "disk", "consistency", "scanned", "changed", "uploaded", "stored", "seconds", "point"):
-        table.add_column(column)
+    table = Table(title="backup (sizes in MiB)")
+    for column in ("host", "disk", "consistency", "scanned", "changed", "uploaded", "stored", "s"):
+        table.add_column(column, justify="right" if column in ("scanned", "changed", "uploaded", "stored", "s") else "left")
     for r in reports:
-        table.add_row(r.host, r.disk, r.consistency, _mib(r.scanned_bytes), _mib(r.changed_bytes),
-                      _mib(r.uploaded_bytes), _mib(r.stored_bytes), f"{r.seconds:.1f}", r.point or "")
+        table.add_row(r.host, r.disk, (r.consistency or "").removesuffix("-consistent"), *(f"{n / 1048576:,.1f}" for n in (
+            r.scanned_bytes, r.changed_bytes, r.uploaded_bytes, r.stored_bytes)), f"{r.seconds:.1f}")
     console.print(table)
 
 
@@ -171,12 +171,14 @@ def points(config: ConfigOption = DEFAULT_CONFIG,
 
 
 def _render_points(found: list[Any]) -> None:
-    table = Table(title="recovery points")
-    for column in ("host", "disk", "time (UTC)", "kind", "consistency", "size", "uploaded", "seconds"):
-        table.add_column(column)
+    table = Table(title="recovery points (sizes in MiB)")
+    for column in ("host", "disk", "time (UTC)", "kind", "consistency", "size", "uploaded", "s"):
+        table.add_column(column, no_wrap=column == "time (UTC)",
+                         justify="right" if column in ("size", "uploaded", "s") else "left")
     for p in found:
-        table.add_row(p.host, p.disk, p.time.strftime("%Y-%m-%d %H:%M:%S"), p.kind, p.consistency,
-                      _mib(p.totals.size), _mib(p.totals.uploaded_bytes), f"{p.seconds:.1f}")
+        table.add_row(p.host, p.disk, p.time.strftime("%Y-%m-%d %H:%M:%S"), p.kind,
+                      p.consistency.removesuffix("-consistent"), f"{p.totals.size / 1048576:,.1f}",
+                      f"{p.totals.uploaded_bytes / 1048576:,.1f}", f"{p.seconds:.1f}")
     console.print(table)
 
 

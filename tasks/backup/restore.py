@@ -98,7 +98,7 @@ def _check_target(target: Path, force: bool, point: RecoveryPoint) -> bool:
     if target.is_dir() and point.kind == "directory" and not any(target.iterdir()):
         return False  # an empty directory holds nothing to lose
     if not force:
-        raise TargetExists(f"restore target {str(target)!r} exists; pass force to overwrite it "
+        raise TargetExists(f"restore target {str(target)!r} exists; use --force (force=True) to overwrite it "
                            f"(only blocks that differ from point {point.key} are written)")
     return True
 
