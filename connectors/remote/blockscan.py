@@ -9,6 +9,13 @@ controller asks for, cross the network.
         (the 32-byte digests of every block, concatenated in order)
     python3 - read PATH BLOCK_SIZE INDEX...
         one line per index: "<index> <base64 of the block>"
+    python3 - files ROOT BLOCK_SIZE RELPATH...
+        every block of each file: one line per block, "<file number> <base64 of the block>"
+        (file number = position in the argument list; an empty file has no line)
+    python3 - apply PATCH WORK BLOCK_SIZE SIZE FINISH RENAME
+        write the blocks in PATCH (records: 8-byte big-endian index, 4-byte length, data) into
+        WORK at index * BLOCK_SIZE, then delete PATCH; with FINISH=1 also cut WORK to SIZE
+        (regular files), fsync it and, unless RENAME is "-", rename it to RENAME
     python3 - tree PATH 0
         one JSON object per line for every entry under PATH, parents first, in path order:
         {"path", "type": "file"|"dir"|"symlink"|"other", "mode", "uid", "gid", "mtime_ns",
@@ -22,6 +29,7 @@ import hashlib
 import json
 import os
 import stat
+import struct
 import sys
 
 DIGEST_SIZE = 32
@@ -64,6 +72,41 @@ def read(path, block_size, indexes):
             out.write("%d %s\n" % (index, base64.b64encode(data).decode("ascii")))
 
 
+def apply(patch, work, block_size, size, finish, rename):
+    fd = os.open(work, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with open(patch, "rb") as records:
+            while True:
+                head = records.read(12)
+                if len(head) < 12:
+                    break
+                index, length = struct.unpack(">QI", head)
+                data = records.read(length)
+                if len(data) != length:
+                    raise OSError(5, "truncated patch file")
+                os.pwrite(fd, data, index * block_size)
+        os.unlink(patch)
+        if finish:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.ftruncate(fd, size)
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    if finish and rename != "-":
+        os.replace(work, rename)
+
+
+def files(root, block_size, names):
+    out = sys.stdout
+    for number, name in enumerate(names):
+        with open(os.path.join(root, name), "rb") as handle:
+            while True:
+                data = handle.read(block_size)
+                if not data:
+                    break
+                out.write("%d %s\n" % (number, base64.b64encode(data).decode("ascii")))
+
+
 def tree(root):
     out = sys.stdout
 
@@ -95,8 +138,15 @@ def tree(root):
 
 
 def main(argv):
-    if len(argv) < 3 or argv[0] not in ("scan", "read", "tree"):
-        sys.stderr.write("usage: blockscan.py scan|read|tree PATH BLOCK_SIZE [INDEX...]\n")
+    if argv[:1] == ["apply"] and len(argv) == 7:
+        try:
+            apply(argv[1], argv[2], int(argv[3]), int(argv[4]), argv[5] == "1", argv[6])
+        except OSError as exc:
+            sys.stderr.write("blockscan: cannot write %s: %s\n" % (argv[2], exc.strerror or exc))
+            return 2
+        return 0
+    if len(argv) < 3 or argv[0] not in ("scan", "read", "tree", "files"):
+        sys.stderr.write("usage: blockscan.py scan|read|tree|files PATH BLOCK_SIZE [INDEX...|RELPATH...] | apply ...\n")
         return 64
     mode, path, block_size = argv[0], argv[1], int(argv[2])
     try:
@@ -104,6 +154,8 @@ def main(argv):
             scan(path, block_size)
         elif mode == "tree":
             tree(path)
+        elif mode == "files":
+            files(path, block_size, argv[3:])
         else:
             read(path, block_size, [int(i) for i in argv[3:]])
     except OSError as exc:

@@ -23,7 +23,7 @@ from tasks.backup.progress import ProgressSink
 from tasks.backup.repository import (
     Consistency, MapRef, RecoveryPoint, Repository, Totals, utcnow,
 )
-from tasks.backup.source import BlockSource, BufferPool, SourceBlock, TreeSource
+from tasks.backup.source import BlockSource, BufferPool, SourceBlock, TreeSource, unchanged
 
 log = structlog.stdlib.get_logger("patchdrill.backup")
 
@@ -171,14 +171,14 @@ def _scan_tree(repo: Repository, source: TreeSource, request: BackupRequest, par
     failed = threading.Event()
     entries: list[TreeEntry] = []
     pending: list[tuple[TreeEntry, list[Future[tuple[bytes, bytes]]], list[int]]] = []
-    for item in source.walk():
+    for item in source.walk(previous):
         entry = item.entry
         entries.append(entry)
         if entry.type != "file" or item.read_blocks is None:
             continue
         old = previous.get(entry.path)
-        if old is not None and old.type == "file" and old.size == entry.size and old.mtime_ns == entry.mtime_ns:
-            entry.chunks = list(old.chunks)  # unchanged by size and mtime: not read at all
+        if unchanged(old, entry):
+            entry.chunks = list(old.chunks)  # type: ignore[union-attr]  # not read at all
             continue
         sink.add_total("scanned", entry.size)
         futures, lengths = [], []

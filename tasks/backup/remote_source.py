@@ -11,18 +11,24 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from connectors.base import Connector
 from tasks.backup.blockmap import BlockMap, TreeEntry
 from tasks.backup.errors import SourceError
-from tasks.backup.source import BufferPool, SourceBlock, SourceFile
+from tasks.backup.source import BufferPool, SourceBlock, SourceFile, unchanged
 
 FINGERPRINT = "blake2b-256"
 SCRIPT = "blockscan.py"
-#: blocks per read request: bounds the text a read returns over a connector's stdout
-_READ_BATCH = 8
+#: block data per read request: bounds the text one call returns over a connector's stdout
+_READ_BYTES = 32 * 1024 * 1024
 _SCAN_TIMEOUT = 6 * 3600.0
+
+
+def _batches(indexes: list[int], block_size: int) -> Iterator[list[int]]:
+    per_call = max(1, _READ_BYTES // block_size)
+    for start in range(0, len(indexes), per_call):
+        yield indexes[start:start + per_call]
 
 
 def host_fingerprint(data: bytes | bytearray | memoryview) -> bytes:
@@ -89,8 +95,7 @@ class RemoteBlockSource:
         if callable(sftp_factory):
             yield from self._fetch_sftp(sftp_factory(), indexes, block_size, size)
             return
-        for start in range(0, len(indexes), _READ_BATCH):
-            batch = indexes[start:start + _READ_BATCH]
+        for batch in _batches(indexes, block_size):
             result = self.connector.run_script(SCRIPT, ["read", self.path, str(block_size), *map(str, batch)],
                                                timeout=_SCAN_TIMEOUT)
             if not result.ok:
@@ -102,43 +107,76 @@ class RemoteBlockSource:
 
     def _fetch_sftp(self, sftp: Any, indexes: list[int], block_size: int, size: int) -> Iterator[tuple[int, bytes]]:
         with sftp.open(self.path, "rb") as handle:
-            for start in range(0, len(indexes), _READ_BATCH):
-                batch = indexes[start:start + _READ_BATCH]
+            for batch in _batches(indexes, block_size):
                 ranges = [(i * block_size, min(block_size, size - i * block_size)) for i in batch]
                 # readv pipelines the requests: one round trip per batch, not per block.
                 yield from zip(batch, handle.readv(ranges))
 
 
 class RemoteTreeSource:
-    """A directory on another host: the host lists metadata; files the engine finds changed
-    (by size and mtime against the parent point) are read block by block through blockscan."""
+    """A directory on another host: the host lists metadata; the files the engine will read
+    (changed by size or mtime against the parent point) come over in batches, many small files
+    per round trip, large ones block by block."""
 
-    def __init__(self, connector: Connector, path: str) -> None:
+    def __init__(self, connector: Connector, path: str, *, batch_bytes: int = _READ_BYTES) -> None:
         self.connector = connector
         self.path = path.rstrip("/") or "/"
+        self.batch_bytes = batch_bytes
         self.skipped: list[str] = []
+        self._queue: list[tuple[str, int]] = []  # files still to read, in walk order
+        self._fetched: dict[str, list[bytes]] = {}
 
-    def walk(self) -> Iterator[SourceFile]:
+    def walk(self, previous: Mapping[str, TreeEntry]) -> Iterator[SourceFile]:
         result = self.connector.run_script(SCRIPT, ["tree", self.path, "0"], timeout=_SCAN_TIMEOUT)
         if not result.ok:
             problem = result.stderr.strip().splitlines()[-1:] or [f"exit {result.exit_code}"]
             raise SourceError(f"host {self.connector.name}: listing {self.path!r} failed: {problem[0]}")
+        entries = []
         for line in result.stdout.splitlines():
             body = json.loads(line)
             if body["type"] == "other":
                 self.skipped.append(body["path"])
                 continue
-            entry = TreeEntry(path=body["path"], type=body["type"], mode=body["mode"], uid=body["uid"],
-                              gid=body["gid"], mtime_ns=body["mtime_ns"], size=body["size"], target=body.get("target"))
+            entries.append(TreeEntry(path=body["path"], type=body["type"], mode=body["mode"], uid=body["uid"],
+                                     gid=body["gid"], mtime_ns=body["mtime_ns"], size=body["size"],
+                                     target=body.get("target")))
+        self._queue = [(e.path, e.size) for e in entries if e.type == "file" and not unchanged(previous.get(e.path), e)]
+        for entry in entries:
             reader = None
             if entry.type == "file":
-                full = f"{self.path}/{entry.path}"
-                reader = lambda bs, pool, f=full, n=entry.size: self._read_file(f, n, bs, pool)  # noqa: E731
+                reader = lambda bs, pool, p=entry.path, n=entry.size: self._read_file(p, n, bs, pool)  # noqa: E731
             yield SourceFile(entry, reader)
 
     def _read_file(self, path: str, size: int, block_size: int, pool: BufferPool) -> Iterator[SourceBlock]:
-        source = RemoteBlockSource(self.connector, path)
-        for index, data in source.fetch(list(range(-(-size // block_size))), block_size, size):
+        if size > self.batch_bytes:
+            source = RemoteBlockSource(self.connector, f"{self.path}/{path}")
+            pieces: Iterator[tuple[int, bytes]] = source.fetch(list(range(-(-size // block_size))), block_size, size)
+        else:
+            if path not in self._fetched:
+                self._fetch_batch(path, block_size)
+            pieces = enumerate(self._fetched.pop(path))
+        for index, data in pieces:
             buffer = pool.acquire()
             buffer[:len(data)] = data
             yield SourceBlock(index, len(data), memoryview(buffer)[:len(data)], None, lambda b=buffer: pool.release(b))
+
+    def _fetch_batch(self, first: str, block_size: int) -> None:
+        """Read `first` and the small files queued after it, up to batch_bytes, in one call."""
+        names = [p for p, _ in self._queue]
+        start = names.index(first) if first in names else len(names)
+        batch, total = [first], 0
+        for path, size in self._queue[start + 1:]:
+            if size > self.batch_bytes or total + size > self.batch_bytes:
+                break
+            batch.append(path)
+            total += size
+        self._queue = self._queue[start + len(batch):]
+        result = self.connector.run_script(SCRIPT, ["files", self.path, str(block_size), *batch], timeout=_SCAN_TIMEOUT)
+        if not result.ok:
+            problem = result.stderr.strip().splitlines()[-1:] or [f"exit {result.exit_code}"]
+            raise SourceError(f"host {self.connector.name}: reading files under {self.path!r} failed: {problem[0]}")
+        fetched: dict[str, list[bytes]] = {p: [] for p in batch}
+        for line in result.stdout.splitlines():
+            number, _, data = line.partition(" ")
+            fetched[batch[int(number)]].append(base64.b64decode(data))
+        self._fetched.update(fetched)

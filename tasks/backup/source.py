@@ -13,7 +13,7 @@ import queue
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, runtime_checkable
+from typing import Callable, Iterator, Mapping, Protocol, runtime_checkable
 
 from tasks.backup.blockmap import BlockMap, TreeEntry
 from tasks.backup.errors import SourceError
@@ -67,11 +67,19 @@ class SourceFile:
     read_blocks: Callable[[int, BufferPool], Iterator[SourceBlock]] | None = None
 
 
+def unchanged(old: TreeEntry | None, new: TreeEntry) -> bool:
+    """A file whose size and mtime match the parent point's is not read again (as restic does)."""
+    return (old is not None and old.type == "file" and new.type == "file"
+            and old.size == new.size and old.mtime_ns == new.mtime_ns)
+
+
 @runtime_checkable
 class TreeSource(Protocol):
     path: str
 
-    def walk(self) -> Iterator[SourceFile]: ...
+    def walk(self, previous: Mapping[str, TreeEntry]) -> Iterator[SourceFile]:
+        """Entries in path order, parents first. `previous` (the parent point's entries by path)
+        lets a source plan which file contents the engine will ask for."""
 
 
 def _read_blocks(handle_path: str, block_size: int, pool: BufferPool, size: int | None = None) -> Iterator[SourceBlock]:
@@ -136,7 +144,7 @@ class LocalTreeSource:
             raise SourceError(f"cannot back up {self.path!r}: not a directory")
         self.skipped: list[str] = []
 
-    def walk(self) -> Iterator[SourceFile]:
+    def walk(self, previous: Mapping[str, TreeEntry]) -> Iterator[SourceFile]:
         yield from self._walk(self.path, "")
 
     def _walk(self, directory: str, relative: str) -> Iterator[SourceFile]:

@@ -15,9 +15,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from configs.loader import load_config
+from connectors import connect
 from connectors.base import ConnectorError
 from tasks.backup.errors import RepositoryBusy
 from tasks.backup.policy import BackupPolicy
+from tasks.backup.remote_restore import restore_to_host
 from tasks.backup.restore import RestoreResult, restore
 from tasks.backup.retention import forget, prune
 from tasks.backup.run import DiskReport, back_up_disk, find_disk, open_repository
@@ -66,10 +68,16 @@ def retention_task(config_path: str, policy: BackupPolicy, hosts: list[str]) -> 
 
 @task(name="restore-point", task_run_name="restore {host_name}/{disk_name}", cache_policy=NO_CACHE)
 def restore_task(config_path: str, host_name: str, disk_name: str, target: str, policy: BackupPolicy,
-                 point: str | None = None, force: bool = False, include: list[str] | None = None) -> RestoreResult:
+                 point: str | None = None, force: bool = False, include: list[str] | None = None,
+                 target_host: str | None = None) -> RestoreResult:
     loaded = load_config(config_path)
     repo = open_repository(loaded.config, loaded.base_dir, policy)
     chosen = repo.find_point(host_name, disk_name, point)
+    if target_host is not None:
+        [host] = loaded.config.select(names=[target_host])
+        if host.transport != "local":
+            with connect(host, base_dir=loaded.base_dir) as connector:
+                return restore_to_host(repo, chosen, connector, target, force=force, include=include)
     destination = Path(target)
     if not destination.is_absolute():
         destination = Path.cwd() / destination

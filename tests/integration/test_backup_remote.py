@@ -13,11 +13,12 @@ from connectors import connect
 from connectors.local import LocalConnector
 from connectors.storage import AzureBlobStore, LocalBlobStore
 from tasks.backup.engine import BackupRequest, backup
-from tasks.backup.errors import SourceError
+from tasks.backup.errors import SourceError, TargetExists
+from tasks.backup.remote_restore import restore_to_host
 from tasks.backup.remote_source import RemoteBlockSource, RemoteTreeSource
 from tasks.backup.repository import Repository
 from tasks.backup.restore import restore
-from tasks.backup.source import LocalBlockSource
+from tasks.backup.source import LocalBlockSource, LocalTreeSource
 from tasks.backup.verify import verify
 
 pytestmark = pytest.mark.integration
@@ -104,3 +105,76 @@ def test_directory_on_an_ssh_host_round_trip(ssh_host_config: HostConfig, tmp_pa
     assert os.readlink(out / "current") == "www"
     assert (out / "www" / "index.html").stat().st_mode & 0o777 == 0o604
     assert not (out / "pipe").exists()
+
+
+def test_restore_onto_an_ssh_host_sends_only_differing_blocks(ssh_host_config: HostConfig, tmp_path: Path) -> None:
+    image = _image(tmp_path / "vm.img", 24)
+    repo = Repository.open(LocalBlobStore(tmp_path / "repo"), create=True)
+    point = backup(repo, LocalBlockSource(image), BackupRequest(host="src", disk="vm", block_size=BLOCK, workers=2))
+    target = tmp_path / "dr" / "vm.img"
+    target.parent.mkdir()
+    with connect(ssh_host_config) as connector:
+        fresh = restore_to_host(repo, point, connector, str(target))
+        assert target.read_bytes() == image.read_bytes() and fresh.blocks_written == 25
+        with pytest.raises(TargetExists, match="vm.img"):
+            restore_to_host(repo, point, connector, str(target))
+        _rewrite(target, [4, 9])  # the DR copy drifted
+        again = restore_to_host(repo, point, connector, str(target), force=True)
+    assert again.blocks_written == 2
+    assert target.read_bytes() == image.read_bytes()
+    assert [p.name for p in target.parent.iterdir()] == ["vm.img"]  # no patch or temp file left
+
+
+def test_directory_restore_onto_an_ssh_host(ssh_host_config: HostConfig, tmp_path: Path) -> None:
+    src = tmp_path / "etc"
+    (src / "app").mkdir(parents=True)
+    (src / "app" / "app.conf").write_text("port = 1\n")
+    (src / "app" / "current").symlink_to("app.conf")
+    os.chmod(src / "app" / "app.conf", 0o640)
+    os.utime(src / "app" / "app.conf", ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+    os.chown(src / "app" / "app.conf", 4321, 8765)
+    repo = Repository.open(LocalBlobStore(tmp_path / "repo"), create=True)
+    point = backup(repo, LocalTreeSource(src), BackupRequest(host="src", disk="etc", block_size=BLOCK, workers=2))
+    target = tmp_path / "restored-etc"
+    with connect(ssh_host_config) as connector:
+        restore_to_host(repo, point, connector, str(target))
+    restored = target / "app" / "app.conf"
+    assert restored.read_text() == "port = 1\n"
+    st = restored.stat()
+    assert (st.st_mode & 0o777, st.st_mtime_ns, st.st_uid, st.st_gid) == (0o640, 1_600_000_000_000_000_000, 4321, 8765)
+    assert os.readlink(target / "app" / "current") == "app.conf"
+    assert sorted(p.name for p in tmp_path.iterdir() if "patchdrill" in p.name) == []
+
+
+class CountingConnector(LocalConnector):
+    """The real local connector (python3 subprocesses), counting the scripts it runs."""
+
+    def __init__(self, host: HostConfig) -> None:
+        super().__init__(host)
+        self.calls: list[str] = []
+
+    def run_script(self, script, args=None, *, timeout=None, check=False):  # type: ignore[no-untyped-def]
+        self.calls.append((args or [""])[0])
+        return super().run_script(script, args, timeout=timeout, check=check)
+
+
+def test_many_small_files_cross_in_few_round_trips(tmp_path: Path) -> None:
+    src = tmp_path / "many"
+    src.mkdir()
+    for i in range(40):
+        (src / f"f{i:02d}.txt").write_text(f"file {i}\n" * (i + 1))
+    (src / "large.bin").write_bytes(random.Random(9).randbytes(3 * BLOCK))
+    repo = Repository.open(LocalBlobStore(tmp_path / "repo"), create=True)
+    connector = CountingConnector(HostConfig(name="lab", transport="local"))
+    request = BackupRequest(host="lab", disk="many", block_size=BLOCK, workers=2)
+    source = RemoteTreeSource(connector, str(src), batch_bytes=2 * BLOCK)
+    first = backup(repo, source, request)
+    assert connector.calls == ["tree", "files", "read"]  # the listing, 40 small files at once, the large one
+    (src / "f07.txt").write_text("changed\n")
+    connector.calls.clear()
+    second = backup(repo, RemoteTreeSource(connector, str(src), batch_bytes=2 * BLOCK), request)
+    assert connector.calls == ["tree", "files"] and second.totals.scanned == len("changed\n")
+    restore(repo, second, tmp_path / "out")
+    for path in src.iterdir():
+        assert (tmp_path / "out" / path.name).read_bytes() == path.read_bytes()
+    assert first.map.files == 41
