@@ -231,37 +231,47 @@ def patch_run(
         publish_report(report)
         return report
 
-    unpatched = _records_of_hosts_without_work(run_id, now, assessment, rollout_plan)
+    unpatched = records_outside_rollout(run_id, now, assessment, rollout_plan)
     if fleet.policy.approval_required and not approved and rollout_plan.batches:
         answer = request_approval(assessment_markdown(assessment, rollout_plan), approval_timeout_minutes)
         log.info("approval answered", approve=answer.approve, comment=answer.comment)
         if not answer.approve:
             refused = f"not approved{': ' + answer.comment if answer.comment else ''}"
-            unpatched += [record_for_unpatched(run_id, p.host, now, p, "skipped", refused) for p in with_work
-                          if p.host in rollout_plan.scheduled]
+            unpatched += [record_for_unpatched(run_id, p.host, now, p, "skipped", refused)
+                          for p in with_work if p.host in rollout_plan.scheduled]
             return _finish(report, fleet, config_path, unpatched, stopped=refused)
         reboot_outside_window = reboot_outside_window or answer.reboot_outside_window
 
     ctx = PatchContext(run_id=run_id, config_path=config_path, base_dir=fleet.base_dir, policy=fleet.policy,
-                       now=now, reboot_outside_window=reboot_outside_window or False)
-    rollout = Rollout(rollout_plan)
-    patched: list[HostPatchRecord] = []
-    while (batch := rollout.next_batch()) is not None:
-        for record in patch_batch(batch, fleet, ctx, assessment, domain_slot_timeout_minutes * 60):
-            rollout.record(record.host, record.status == "succeeded", record.reason)
-            patched.append(record)
+                       reboot_outside_window=reboot_outside_window)
+    rollout, patched = roll_out(rollout_plan, fleet, ctx, assessment, domain_slot_timeout_minutes * 60)
     if rollout.stop_reason:
-        log.error("rollout stopped", reason=rollout.stop_reason, not_started=rollout.not_started)
         plans = {p.host: p for p in with_work}
         unpatched += [record_for_unpatched(run_id, name, now, plans[name], "skipped", rollout.stop_reason)
                       for name in rollout.not_started]
     return _finish(report, fleet, config_path, unpatched, stopped=rollout.stop_reason, patched=patched)
 
 
-def _records_of_hosts_without_work(run_id: str, now: datetime, assessment: AssessmentReport,
-                                   rollout_plan: RolloutPlan) -> list[HostPatchRecord]:
-    records = [record_for_unpatched(run_id, host, now, None, "unreachable" if error.startswith("unreachable") else "failed",
-                                    error) for host, error in assessment.errors.items()]
+def roll_out(rollout_plan: RolloutPlan, fleet: PatchFleet, ctx: PatchContext, assessment: AssessmentReport,
+             slot_timeout_seconds: float) -> tuple[Rollout, list[HostPatchRecord]]:
+    """Batch after batch, one update domain at a time, until done or the budget is spent."""
+    rollout, records = Rollout(rollout_plan), []
+    while (batch := rollout.next_batch()) is not None:
+        for record in patch_batch(batch, fleet, ctx, assessment, slot_timeout_seconds):
+            rollout.record(record.host, record.status == "succeeded", record.reason)
+            records.append(record)
+    if rollout.stop_reason:
+        log.error("rollout stopped", reason=rollout.stop_reason, not_started=rollout.not_started)
+    return rollout, records
+
+
+def records_outside_rollout(run_id: str, now: datetime, assessment: AssessmentReport,
+                            rollout_plan: RolloutPlan) -> list[HostPatchRecord]:
+    """Records of hosts the rollout will not touch: unreachable, unassessable, outside their
+    window, or with nothing to do."""
+    unreachable = {row.host for row in assessment.enrollments if not row.reachable}
+    records = [record_for_unpatched(run_id, host, now, None, "unreachable" if host in unreachable else "failed", error)
+               for host, error in assessment.errors.items()]
     for host_plan in assessment.plans:
         if host_plan.host in rollout_plan.skipped:
             records.append(record_for_unpatched(run_id, host_plan.host, now, host_plan, "skipped",

@@ -263,7 +263,6 @@ class PatchContext:
     config_path: str
     base_dir: Path
     policy: PatchPolicy
-    now: datetime
     reboot_outside_window: bool
 
 

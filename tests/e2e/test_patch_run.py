@@ -12,6 +12,7 @@ tests/hosts/wu_sim.py (what is simulated is listed there).
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass
@@ -35,12 +36,15 @@ from tests.hosts.wu_sim import SimulatedUpdate, SimulatedWindowsUpdate
 
 pytestmark = pytest.mark.e2e
 
+# Generous: the machine may be shared and busy; nothing here measures speed.
+SLOW_HOST_SECONDS = 60.0
 ALWAYS_OPEN = [{"days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"], "start": "00:00", "duration_minutes": 1440}]
 REBOOT_REQUEST = "patchdrill-test-reboot"
 # The test host's power button: the watcher reboots the host, which kills this session as a
 # real shutdown does, so the product reconnects only once the host is down.
 SHUTDOWN_STUB = f"#!/bin/sh\ntouch /run/{REBOOT_REQUEST}\nexec sleep 60\n"
-HEALTH_PROBE = {"kind": "command", "command": 'grep -qx ok "$DPKG_ROOT/etc/demo/health"', "timeout_seconds": 20}
+HEALTH_PROBE = {"kind": "command", "command": 'grep -qx ok "$DPKG_ROOT/etc/demo/health"',
+                "timeout_seconds": SLOW_HOST_SECONDS}
 # An update that breaks the application it patches: its host fails the health probe afterwards.
 BREAKING_POSTINST = REBOOT_POSTINST + 'echo broken > "$DPKG_ROOT/etc/demo/health"\n'
 
@@ -60,7 +64,7 @@ class LabHost:
 
     def config(self) -> dict[str, Any]:
         host = self.sshd.host_config(update_domain=self.update_domain, groups=["lab"],
-                                     maintenance_windows=self.windows)
+                                     maintenance_windows=self.windows, connect_timeout=SLOW_HOST_SECONDS)
         return host.model_dump(mode="json", exclude_none=True)
 
     def versions(self) -> dict[str, str | None]:
@@ -136,7 +140,7 @@ def lab_host(sshd_factory: SshdMaker, tmp_path_factory: pytest.TempPathFactory,
 
 def write_config(path: Path, hosts: list[dict[str, Any]], policy: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump({"storage": {"kind": "local", "path": "store"}, "hosts": hosts,
-                                    "patch_policies": {"default": policy}}))
+                                    "patch_policies": {"default": {"reboot_timeout_minutes": 3, **policy}}}))
     return path
 
 
@@ -155,6 +159,18 @@ def records(report: PatchRunReport) -> dict[str, HostPatchRecord]:
 
 def states(record: HostPatchRecord) -> dict[str, ComplianceState]:
     return {o.update_id: o.state for o in record.updates}
+
+
+def run_artifacts(run_id: str) -> dict[str, Any]:
+    """The run's artifacts by key, read back from the Prefect server."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(run_id)])))
+    return {a.key: (json.loads(a.data) if a.type == "table" else a.data) for a in found if a.key}
 
 
 def test_dry_run_plans_batches_and_touches_nothing(prefect_server: None, lab_host: LabMaker, tmp_path: Path) -> None:
@@ -191,7 +207,7 @@ def test_patch_run_reboots_through_the_gate_and_records_history(
         SimulatedUpdate("KB5050002", "Update for Microsoft Defender", classification="Definition Updates",
                         reboot_behaviour="never"),
     ], caption="Microsoft Windows Server 2022 Datacenter").attach()
-    windows = winrm.host_config("run-win", update_domain=2, groups=["lab"], maintenance_windows=ALWAYS_OPEN)
+    windows = winrm.host_config("run-win", connect_timeout=SLOW_HOST_SECONDS, update_domain=2, groups=["lab"], maintenance_windows=ALWAYS_OPEN)
     cfg = write_config(tmp_path / "fleet.yaml",
                        [linux.config(), closed.config(), windows.model_dump(mode="json", exclude_none=True)],
                        {"baseline_months": baseline_now()})
@@ -217,6 +233,11 @@ def test_patch_run_reboots_through_the_gate_and_records_history(
 
     assert rows["run-closed"].status == "skipped" and "maintenance window" in rows["run-closed"].reason
     assert closed.versions() == {"demo-web": "1.0", "demo-kernel": "1.0", "demo-db": "1.0"}
+
+    artifacts = run_artifacts(report.run_id)
+    table = {(row["host"], row["update"]): row["state"] for row in artifacts["patch-run-compliance"]}
+    assert table[("run-win", "KB5050001")] == "Installed" and table[("run-closed", "demo-web=1.1")] == "Missing"
+    assert "| run-linux | succeeded | yes | 2 | 0 | 0 | 0 | reboot pending |" in artifacts["patch-run-summary"]
 
     store = LocalBlobStore(tmp_path / "store")
     stored = history(store, "run-linux")
@@ -252,7 +273,7 @@ def test_hotpatch_month_installs_only_hotpatches_and_does_not_reboot(
         SimulatedUpdate("KB5060001", "2026-11 Hotpatch for Windows Server Azure Edition", hotpatch=True),
         SimulatedUpdate("KB5060002", "2026-11 Cumulative Update for Windows Server", reboot_behaviour="always"),
     ]).attach()
-    windows = winrm.host_config("hot-win", maintenance_windows=ALWAYS_OPEN)
+    windows = winrm.host_config("hot-win", connect_timeout=SLOW_HOST_SECONDS, maintenance_windows=ALWAYS_OPEN)
     cfg = write_config(tmp_path / "fleet.yaml", [windows.model_dump(mode="json", exclude_none=True)],
                        {"baseline_months": hotpatch_now(), "reboot": "Always"})
     boot_before = winrm.boot_time
@@ -346,8 +367,6 @@ def test_window_override_installs_but_holds_the_reboot_back(
 
 def test_cli_assess_and_dry_run_report_without_changing_the_host(
         prefect_server: None, lab_host: LabMaker, tmp_path: Path) -> None:
-    import json
-
     from typer.testing import CliRunner
 
     from flows.cli import app

@@ -30,6 +30,8 @@ from tests.hosts.wsman_server import WsmanTestHost
 from tests.hosts.wu_sim import SimulatedUpdate, SimulatedWindowsUpdate
 
 pytestmark = pytest.mark.integration
+# Generous: the machine may be shared and busy; nothing here measures speed.
+SLOW_HOST_SECONDS = 60.0
 
 
 def _host_with_shutdown(sshd_factory: SshdMaker, tmp_path: Path, name: str, stub: str) -> SshdHost:
@@ -43,7 +45,8 @@ def _host_with_shutdown(sshd_factory: SshdMaker, tmp_path: Path, name: str, stub
 def test_a_host_that_does_not_reboot_fails_the_gate(sshd_factory: SshdMaker, tmp_path: Path) -> None:
     host = _host_with_shutdown(sshd_factory, tmp_path, "gate-stuck", "#!/bin/sh\nexit 0\n")
     recorded: list[BootIdentity] = []
-    with connect(host.config) as conn, pytest.raises(RebootFailed, match="did not come back as a new boot within 2s"):
+    with connect(host.host_config(connect_timeout=SLOW_HOST_SECONDS)) as conn, \
+            pytest.raises(RebootFailed, match="did not come back as a new boot within 2s"):
         reboot_and_wait(conn, timeout=2, interval=0.2, before_reboot=recorded.append)
     # The record of the attempt was written first, with the boot the host is still on.
     assert [b.boot_id for b in recorded] == [host.boot_id]
@@ -52,7 +55,8 @@ def test_a_host_that_does_not_reboot_fails_the_gate(sshd_factory: SshdMaker, tmp
 def test_a_refused_reboot_request_is_reported_with_its_error(sshd_factory: SshdMaker, tmp_path: Path) -> None:
     stub = "#!/bin/sh\necho 'shutdown: Permission denied' >&2\nexit 1\n"
     host = _host_with_shutdown(sshd_factory, tmp_path, "gate-refused", stub)
-    with connect(host.config) as conn, pytest.raises(RebootFailed, match="reboot request exited 1: shutdown: Permission denied"):
+    with connect(host.host_config(connect_timeout=SLOW_HOST_SECONDS)) as conn, \
+            pytest.raises(RebootFailed, match="reboot request exited 1: shutdown: Permission denied"):
         reboot_and_wait(conn, timeout=30, before_reboot=lambda _: None)
 
 
@@ -71,7 +75,7 @@ def windows_update(wsman_host_factory: HostFactory) -> Iterator[tuple[WsmanTestH
 def test_windows_enroll_assess_install_and_reboot_through_the_gate(
         windows_update: tuple[WsmanTestHost, SimulatedWindowsUpdate]) -> None:
     host, wu = windows_update
-    with connect(host.host_config("win-gate", timezone="Europe/Paris")) as conn:
+    with connect(host.host_config("win-gate", timezone="Europe/Paris", connect_timeout=SLOW_HOST_SECONDS)) as conn:
         enrollment = windows_host.enroll(conn, timezone_name="Europe/Paris")
         assert enrollment.hotpatch_eligible and enrollment.build == "20348.2227"
         assert enrollment.package_manager == "windows-update" and enrollment.timezone == "Europe/Paris"
@@ -113,16 +117,16 @@ def http_status_server() -> Iterator[int]:
 
 
 def test_health_probes_pass_and_fail_for_the_right_reasons(sshd_host: SshdHost, http_status_server: int) -> None:
-    config = sshd_host.config
+    config = sshd_host.host_config(connect_timeout=SLOW_HOST_SECONDS)
     closed_port = free_port(config.address)
     probes = [
-        TcpProbe(port=sshd_host.port),
+        TcpProbe(port=sshd_host.port, timeout_seconds=SLOW_HOST_SECONDS),
         TcpProbe(port=closed_port, timeout_seconds=2),
-        HttpProbe(url=f"http://127.0.0.1:{http_status_server}/healthz"),
-        HttpProbe(url=f"http://127.0.0.1:{http_status_server}/broken"),
-        CommandProbe(command="test -d /etc"),
-        CommandProbe(command="echo 'app not ready' >&2; exit 3"),
-        ServiceProbe(name="patchdrill-no-such-unit", expect_state="stopped"),
+        HttpProbe(url=f"http://127.0.0.1:{http_status_server}/healthz", timeout_seconds=SLOW_HOST_SECONDS),
+        HttpProbe(url=f"http://127.0.0.1:{http_status_server}/broken", timeout_seconds=SLOW_HOST_SECONDS),
+        CommandProbe(command="test -d /etc", timeout_seconds=SLOW_HOST_SECONDS),
+        CommandProbe(command="echo 'app not ready' >&2; exit 3", timeout_seconds=SLOW_HOST_SECONDS),
+        ServiceProbe(name="patchdrill-no-such-unit", expect_state="stopped", timeout_seconds=SLOW_HOST_SECONDS),
     ]
     with connect(config) as conn:
         results = check_health(config, conn, probes)
