@@ -31,6 +31,14 @@ def _batches(indexes: list[int], block_size: int) -> Iterator[list[int]]:
         yield indexes[start:start + per_call]
 
 
+def changed_blocks(fingerprints: list[bytes], previous: BlockMap | None, algorithm: str, block_size: int) -> list[int]:
+    """Indexes whose host-side hash differs from the parent point's (all, when not comparable)."""
+    old: list[bytes] = []
+    if previous is not None and previous.fingerprint == algorithm and previous.block_size == block_size:
+        old = previous.fingerprints or []
+    return [i for i, fp in enumerate(fingerprints) if i >= len(old) or old[i] != fp]
+
+
 def host_fingerprint(data: bytes | bytearray | memoryview) -> bytes:
     return hashlib.blake2b(data, digest_size=32).digest()
 
@@ -69,10 +77,7 @@ class RemoteBlockSource:
     def blocks(self, block_size: int, previous: BlockMap | None, pool: BufferPool) -> Iterator[SourceBlock]:
         fingerprints = self.scan(block_size)
         size = self.prepare(block_size)
-        old: list[bytes] = []
-        if previous is not None and previous.fingerprint == FINGERPRINT and previous.block_size == block_size:
-            old = previous.fingerprints or []
-        changed = [i for i, fp in enumerate(fingerprints) if i >= len(old) or old[i] != fp]
+        changed = changed_blocks(fingerprints, previous, FINGERPRINT, block_size)
         wanted = set(changed)
         fetched = self.fetch(changed, block_size, size)
         for index, fp in enumerate(fingerprints):

@@ -93,6 +93,7 @@ class PruneReport:
     chunks_kept: int = 0
     chunks_deleted: int = 0
     maps_deleted: int = 0
+    staged_deleted: int = 0
     bytes_freed: int = 0
     dry_run: bool = False
 
@@ -123,6 +124,12 @@ def prune(repo: Repository, *, dry_run: bool = False, stale: timedelta = LOCK_ST
                 report.bytes_freed += info.size
                 if not dry_run:
                     _delete(repo, info.key)
+        # No backup holds a lock now, so staged blocks belong to runs that died.
+        for info in list(repo.store.list("staging/")):
+            report.staged_deleted += 1
+            report.bytes_freed += info.size
+            if not dry_run:
+                _delete(repo, info.key)
     log.info("retention.prune", points=report.points, kept=report.chunks_kept, deleted=report.chunks_deleted,
              maps_deleted=report.maps_deleted, bytes_freed=report.bytes_freed, dry_run=dry_run)
     return report

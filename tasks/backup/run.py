@@ -82,7 +82,8 @@ def _source(connector: Connector, host: HostConfig, disk: DiskConfig, path: str)
             disk.kind == "auto" and connector.run(f"test -d {shlex.quote(path)}", timeout=60).ok)
         return RemoteTreeSource(connector, path) if directory else RemoteBlockSource(connector, path)
     raise SourceError(f"host {host.name} disk {disk.name}: Windows hosts upload straight to Azure Blob "
-                      "(docs/repository.md, *Windows hosts*); that path is not implemented yet")
+                      "(docs/repository.md, *Windows hosts*); the host-side PowerShell scanner that feeds "
+                      "tasks/backup/staged.py is not written yet")
 
 
 def back_up_disk(config: PatchdrillConfig, base_dir: Path, host: HostConfig, disk: DiskConfig,
