@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 from zoneinfo import ZoneInfo
@@ -178,8 +178,7 @@ def assess_host(host: HostConfig, base_dir: Path, enrollment: Enrollment) -> Hos
     """Missing updates and whether a reboot is already pending. Changes nothing on the host."""
     with connect(host, base_dir=base_dir) as conn:
         if enrollment.os_family == "windows":
-            report_updates = windows_host.assess(conn)
-            pending = windows_host.reboot_pending(conn)
+            report_updates, pending = windows_host.assess_with_reboot_state(conn)
         else:
             report_updates = linux_host.assess(conn, enrollment.package_manager)
             pending = linux_host.reboot_pending(conn, enrollment.package_manager)
@@ -220,7 +219,7 @@ class HostPlan(BaseModel):
         return bool(self.install) or self.reboot_pending or self.expects_reboot
 
 
-def _local_today(host: HostConfig, now: datetime) -> tuple[int, int, Any]:
+def _local_today(host: HostConfig, now: datetime) -> tuple[int, int, date]:
     local = now.astimezone(ZoneInfo(host.timezone))
     return local.year, local.month, local.date()
 

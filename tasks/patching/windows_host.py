@@ -29,6 +29,12 @@ def assess(connector: Connector, *, timeout: float | None = None) -> list[Update
     return windows_update.assess(connector, timeout=timeout).missing
 
 
+def assess_with_reboot_state(connector: Connector, *, timeout: float | None = None) -> tuple[list[Update], bool]:
+    """Missing updates and whether a reboot is pending, from one search (a search is slow)."""
+    report = windows_update.assess(connector, timeout=timeout)
+    return report.missing, report.reboot_pending.any
+
+
 def reboot_pending(connector: Connector, *, timeout: float | None = None) -> bool:
     """Any of CBS RebootPending, WindowsUpdate RebootRequired, PendingFileRenameOperations."""
     return windows_update.assess(connector, timeout=timeout).reboot_pending.any
@@ -45,4 +51,4 @@ def install(connector: Connector, updates: list[Update], *, timeout: float | Non
     )
 
 
-__all__ = ["assess", "enroll", "install", "reboot_pending"]
+__all__ = ["assess", "assess_with_reboot_state", "enroll", "install", "reboot_pending"]
