@@ -144,15 +144,16 @@ def _scan_blocks(repo: Repository, source: BlockSource, request: BackupRequest, 
     previous = None
     if parent is not None and parent.kind == "block" and parent.block_size == request.block_size:
         previous = BlockMap.from_json(repo.get_map(parent.map.id, point=parent.key), point=parent.key)
-    size = source.prepare(request.block_size)
-    sink.add_total("scanned", size)
+    sink.add_total("scanned", source.prepare(request.block_size))
     failed = threading.Event()
     futures: list[Future[tuple[bytes, bytes]]] = []
+    size = 0
     for block in source.blocks(request.block_size, previous, buffers):
         if failed.is_set():
             block.release()
             break  # a worker failed: stop reading, the error surfaces in _collect
         prev_id = previous.chunks[block.index] if previous and block.index < len(previous.chunks) else None
+        size += block.length  # what was read: a live image may have shrunk since prepare()
         futures.append(_submit(executor, writer, block, prev_id, failed))
     results = _collect(futures, failed)
     host_side = source.fingerprint != "chunk-id"

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import blake3
+import structlog
 import zstandard
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from configs.secrets import redact, resolve
-from connectors.storage import BlobExists, BlobNotFound, BlobStore
+from connectors.storage import BlobExists, BlobNotFound, BlobStore, StoreError
 from tasks.backup import keys
 from tasks.backup.errors import (
     ChunkCorrupt, ChunkMissing, KeyRequired, PointNotFound, RepositoryBusy, RepositoryError,
@@ -31,6 +32,8 @@ from tasks.backup.errors import (
 
 FORMAT = "patchdrill-repository"
 VERSION = 1
+log = structlog.stdlib.get_logger("patchdrill.backup")
+
 CONFIG_KEY = "config.json"
 ID_SIZE = 32
 LOCK_REFRESH = timedelta(minutes=5)
@@ -365,7 +368,12 @@ class Repository:
     def _refresh_lock(self, key: str, kind: str, stop: threading.Event, every: timedelta) -> None:
         created = utcnow()
         while not stop.wait(every.total_seconds()):
-            self.store.put(key, self._lock_body(kind, created), overwrite=True)
+            try:
+                self.store.put(key, self._lock_body(kind, created), overwrite=True)
+            except StoreError as exc:
+                # One missed refresh is harmless (the stale limit is six intervals); the next
+                # attempt follows at the next interval.
+                log.warning("lock.refresh_failed", lock=key, error=str(exc))
 
     def _remove_lock(self, key: str) -> None:
         try:

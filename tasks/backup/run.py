@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from configs.models import DiskConfig, HostConfig, PatchdrillConfig
 from configs.secrets import redact
 from connectors import connect
-from connectors.base import Connector
+from connectors.base import Connector, RetryPolicy
 from connectors.storage import open_store
 from tasks.backup.engine import BackupRequest, backup, default_workers
 from tasks.backup.errors import BackupError, SourceError
@@ -94,7 +94,9 @@ def back_up_disk(config: PatchdrillConfig, base_dir: Path, host: HostConfig, dis
         # The lab's paths are relative to the config file, not to wherever the run started.
         disk = disk.model_copy(update={"path": str(base_dir / disk.path)})
     repo = open_repository(config, base_dir, policy, create=True)
-    connector = connect(host, base_dir=base_dir)
+    # Transient host faults are retried once, by the Prefect task around this call (the run is
+    # resumable); a connector retrying too would multiply the attempts.
+    connector = connect(host, base_dir=base_dir, retry=RetryPolicy(attempts=1))
     try:
         with take_snapshot(connector, host, disk, policy) as snap:
             request = BackupRequest(host=host.name, disk=disk.name, consistency=snap.consistency,

@@ -1,9 +1,9 @@
 """The Prefect tasks of the backup, restore and verify flows.
 
-Retries are declared here and only for transient faults: a host that dropped off the network
-mid-backup (connector HostUnreachable/HostTimeout that the connector itself did not retry) or a
-store that was briefly unavailable (StoreError.transient). The engine itself never retries, so
-attempts are not multiplied; a retried backup re-uploads only what the store still lacks.
+Retries are declared here and only for transient faults: a host that is unreachable or timed
+out (HostUnreachable/HostTimeout; the backup opens its connector with a single attempt, so this
+is the only retry layer for them) or a store that was briefly unavailable (StoreError.transient).
+The engine itself never retries; a retried backup re-uploads only what the store still lacks.
 """
 
 from __future__ import annotations
