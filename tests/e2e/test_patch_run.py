@@ -353,7 +353,11 @@ def test_approval_pause_is_resumed_through_the_prefect_api(
 def test_window_override_installs_but_holds_the_reboot_back(
         prefect_server: None, lab_host: LabMaker, tmp_path: Path) -> None:
     host = lab_host("override", 1, windows=[])
-    cfg = write_config(tmp_path / "fleet.yaml", [host.config()], {"baseline_months": baseline_now()})
+    hooks = host.lab.root / "etc/demo/hooks"
+    cfg = write_config(tmp_path / "fleet.yaml", [host.config()], {
+        "baseline_months": baseline_now(),
+        "pre_hooks": ['echo "pre $(cat "$DPKG_ROOT/usr/share/demo-web/version")" > "$DPKG_ROOT/etc/demo/hooks"'],
+        "post_hooks": ['echo "post $(cat "$DPKG_ROOT/usr/share/demo-web/version")" >> "$DPKG_ROOT/etc/demo/hooks"']})
     boot_before = host.sshd.boot_id
 
     report = patch_run(config_path=str(cfg), ignore_windows=True)
@@ -363,6 +367,20 @@ def test_window_override_installs_but_holds_the_reboot_back(
     assert "outside the maintenance window" in record.reason
     assert set(states(record).values()) == {ComplianceState.INSTALLED_PENDING_REBOOT, ComplianceState.EXCLUDED}
     assert host.versions()["demo-kernel"] == "1.1" and host.reboot_required and host.sshd.boot_id == boot_before
+    assert hooks.read_text() == "pre 1.0\npost 1.1\n"  # before and after the install, on the host
+
+
+def test_a_failing_pre_hook_skips_the_host_untouched(prefect_server: None, lab_host: LabMaker, tmp_path: Path) -> None:
+    host = lab_host("drained", 1)
+    cfg = write_config(tmp_path / "fleet.yaml", [host.config()], {
+        "baseline_months": baseline_now(), "max_errors": 1,
+        "pre_hooks": ["echo 'load balancer still sends traffic' >&2; exit 4"]})
+
+    [record] = patch_run(config_path=str(cfg)).records
+
+    assert record.status == "skipped"
+    assert record.reason == "pre hook \"echo 'load balancer still sends traffic' >&2; exit 4\" exited 4: load balancer still sends traffic"
+    assert host.versions() == {"demo-web": "1.0", "demo-kernel": "1.0", "demo-db": "1.0"}
 
 
 def test_cli_assess_and_dry_run_report_without_changing_the_host(
