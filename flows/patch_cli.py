@@ -17,7 +17,8 @@ from flows.cli_common import DEFAULT_CONFIG, ConfigOption, JsonOption, console, 
 
 GroupOption = Annotated[Optional[list[str]], typer.Option("--group", "-g", help="Only hosts in this group (repeatable).")]
 HostOption = Annotated[Optional[list[str]], typer.Option("--host", help="Only this host (repeatable).")]
-PolicyOption = Annotated[Optional[str], typer.Option("--policy", help="Patch policy name (default: the group's, else 'default').")]
+PolicyOption = Annotated[Optional[str], typer.Option(
+    "--policy", help="Patch policy name (default: the group's, else 'default').")]
 
 patch_app = typer.Typer(no_args_is_help=True, help="Patch runs: enroll, assess, install by update domain, report.")
 
@@ -120,10 +121,14 @@ def run(
     group: GroupOption = None,
     host: HostOption = None,
     policy: PolicyOption = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the rollout plan (batches, windows, expected reboots); change nothing.")] = False,
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="Approve the run here (for policies that require approval).")] = False,
-    ignore_windows: Annotated[bool, typer.Option("--ignore-windows", help="Install on hosts outside their maintenance window too.")] = False,
-    reboot_outside_window: Annotated[bool, typer.Option("--reboot-outside-window", help="Allow reboots outside maintenance windows.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Print the rollout plan (batches, windows, expected reboots); change nothing.")] = False,
+    yes: Annotated[bool, typer.Option(
+        "--yes", "-y", help="Approve the run here (for policies that require approval).")] = False,
+    ignore_windows: Annotated[bool, typer.Option(
+        "--ignore-windows", help="Install on hosts outside their maintenance window too.")] = False,
+    reboot_outside_window: Annotated[bool, typer.Option(
+        "--reboot-outside-window", help="Allow reboots outside maintenance windows.")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Patch hosts by update domain inside their windows (exit 1 if a host failed or the rollout stopped)."""
@@ -143,7 +148,8 @@ def run(
 @patch_app.command("calendar")
 def calendar(
     year: Annotated[int, typer.Option("--year", help="Calendar year.")] = datetime.now(timezone.utc).year,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Config whose policy to use (default: built-in policy).")] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", "-c", help="Config whose policy to use (default: built-in policy).")] = None,
     policy: PolicyOption = None,
     group: GroupOption = None,
     as_json: JsonOption = False,

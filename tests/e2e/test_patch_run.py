@@ -23,7 +23,6 @@ from typing import Any, Callable, Iterator
 import pytest
 import yaml
 
-from configs.models import HostConfig
 from connectors.storage import LocalBlobStore
 from flows.patch_run import PatchRunReport, patch_run
 from tasks.patching.history import history
@@ -207,7 +206,8 @@ def test_patch_run_reboots_through_the_gate_and_records_history(
         SimulatedUpdate("KB5050002", "Update for Microsoft Defender", classification="Definition Updates",
                         reboot_behaviour="never"),
     ], caption="Microsoft Windows Server 2022 Datacenter").attach()
-    windows = winrm.host_config("run-win", connect_timeout=SLOW_HOST_SECONDS, update_domain=2, groups=["lab"], maintenance_windows=ALWAYS_OPEN)
+    windows = winrm.host_config("run-win", connect_timeout=SLOW_HOST_SECONDS, update_domain=2, groups=["lab"],
+                                maintenance_windows=ALWAYS_OPEN)
     cfg = write_config(tmp_path / "fleet.yaml",
                        [linux.config(), closed.config(), windows.model_dump(mode="json", exclude_none=True)],
                        {"baseline_months": baseline_now()})
@@ -379,7 +379,8 @@ def test_a_failing_pre_hook_skips_the_host_untouched(prefect_server: None, lab_h
     [record] = patch_run(config_path=str(cfg)).records
 
     assert record.status == "skipped"
-    assert record.reason == "pre hook \"echo 'load balancer still sends traffic' >&2; exit 4\" exited 4: load balancer still sends traffic"
+    assert record.reason == ("pre hook \"echo 'load balancer still sends traffic' >&2; exit 4\" exited 4: "
+                             "load balancer still sends traffic")
     assert host.versions() == {"demo-web": "1.0", "demo-kernel": "1.0", "demo-db": "1.0"}
 
 
