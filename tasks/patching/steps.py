@@ -325,8 +325,10 @@ def reboot_gate_task(host: HostConfig, ctx: PatchContext, enrollment: Enrollment
         log.info("reboot not needed" if not decision.deferred else "reboot held back", host=host.name, reason=decision.reason)
         return GateResult(rebooted=False, reason=decision.reason, still_pending=pending)
     store = open_store(load_config(ctx.config_path).config.storage, ctx.base_dir)
+    requested_on: list[str] = []
 
     def record_going_down(before: BootIdentity) -> None:
+        requested_on.append(before.boot_id)
         # Written before the restart: a run that dies now still says this host was rebooting.
         history.write_record(store, record.model_copy(update={
             "status": "failed", "boot_id_before": before.boot_id,
@@ -340,7 +342,8 @@ def reboot_gate_task(host: HostConfig, ctx: PatchContext, enrollment: Enrollment
             pending_after = still_pending(conn, enrollment)
     except (RebootFailed, ConnectorError) as exc:
         log.error("reboot failed", host=host.name, error=_error_text(exc))
-        return GateResult(rebooted=False, reason=decision.reason, error=_error_text(exc), still_pending=pending)
+        return GateResult(rebooted=False, reason=decision.reason, error=_error_text(exc), still_pending=pending,
+                          boot_id_before=requested_on[0] if requested_on else None)
     finally:
         store.close()
     log.info("rebooted", host=host.name, boot_id=outcome.after.boot_id, seconds=round(outcome.seconds, 1))

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime
 
 from tests.hosts.wsman_server import WsmanTestHost
 from tests.hosts.wsman_sim import SimResult, script_handler, windows_datetime
@@ -64,7 +64,8 @@ class SimulatedWindowsUpdate:
     installed: set[str] = field(default_factory=set)
     install_requests: list[list[str]] = field(default_factory=list)
     reboots: int = 0
-    _pending_on_boot: object = None
+    #: the boot during which an install asked for a reboot; pending until the host boots again
+    _pending_on_boot: datetime | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def attach(self) -> "SimulatedWindowsUpdate":
