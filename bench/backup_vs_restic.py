@@ -2,7 +2,7 @@
 
 Not a test: it measures, it asserts nothing. One run does, for each tool, on the same image:
 full backup, incremental after rewriting 1% of the 4 MiB blocks at random, and a restore of the
-latest backup; then prints seconds, MB/s, bytes added to the repository, and the
+latest backup (best of --runs); then prints seconds, MB/s, bytes added to the repository, and the
 patchdrill/other ratios.
 
     uv run python bench/backup_vs_restic.py --size 2GiB [--workdir DIR] [--keep]
@@ -184,18 +184,19 @@ def main() -> None:
     parser.add_argument("--size", default="2GiB", help="image size (e.g. 512MiB, 2GiB)")
     parser.add_argument("--workdir", type=Path, default=None, help="where to put the image and repositories")
     parser.add_argument("--workers", type=int, default=None, help="patchdrill threads per disk (default: engine's)")
+    parser.add_argument("--runs", type=int, default=2, help="restores per tool; the best is reported")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     size = parse_size(args.size)
     work = Path(tempfile.mkdtemp(prefix="pd-bench-", dir=args.workdir))
     try:
-        run(work, size, args.workers)
+        run(work, size, args.workers, args.runs)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def run(work: Path, size: int, workers: int | None) -> None:
+def run(work: Path, size: int, workers: int | None, runs: int) -> None:
     tools: list[Patchdrill | Restic | Borg] = [Patchdrill(work, workers)]
     if shutil.which("restic"):
         tools.append(Restic(work))
@@ -211,12 +212,17 @@ def run(work: Path, size: int, workers: int | None) -> None:
     expected = digest(image)
     for tool in tools:
         results[tool.name]["incremental"] = timed(tool.repo_dir, lambda t=tool: t.backup(image))
-    for tool in tools:
-        target = work / f"restored-{tool.name}.img"
-        results[tool.name]["restore"] = timed(tool.repo_dir, lambda t=tool, p=target: t.restore(p))
-        if digest(target) != expected:
-            raise SystemExit(f"{tool.name}: the restored image differs from the source")
-        target.unlink()
+    # Restores can be repeated; the best of `runs`, taken in alternating tool order, keeps one
+    # tool from paying for whatever else the shared machine was doing at that moment.
+    for attempt in range(runs):
+        for tool in tools if attempt % 2 == 0 else tools[::-1]:
+            target = work / f"restored-{tool.name}.img"
+            step = timed(tool.repo_dir, lambda t=tool, p=target: t.restore(p))
+            if digest(target) != expected:
+                raise SystemExit(f"{tool.name}: the restored image differs from the source")
+            target.unlink()
+            best = results[tool.name].get("restore")
+            results[tool.name]["restore"] = step if best is None or step.seconds < best.seconds else best
     synced = work / "restored-synced.img"
     results["patchdrill"]["restore+fsync"] = timed(tools[0].repo_dir, lambda: tools[0].restore_synced(synced))
     synced.unlink()
