@@ -357,6 +357,11 @@ class SshConnector(Connector):
                 server_accepts = list(exc.allowed_types)
                 continue
             except paramiko.AuthenticationException:
+                if not transport.is_active():
+                    # paramiko reports a connection dropped mid-authentication (a host going
+                    # down for a reboot) as a refusal; it is a transient fault, not bad credentials.
+                    raise HostUnreachable(
+                        self.name, f"connection to {self._where} dropped during authentication") from None
                 continue
             except (paramiko.SSHException, EOFError, OSError) as exc:
                 raise HostUnreachable(

@@ -1,4 +1,4 @@
-"""deployments/patch.yaml: every monthly rule fires on Patch Tuesday + N at the window's start,
+"""deployments/prefect.yaml's patch deployments: every monthly rule fires on Patch Tuesday + N at the window's start,
 in the group's zone, and every deployment passes parameters its flow accepts."""
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from prefect.client.schemas.schedules import CronSchedule, RRuleSchedule
 
 from tasks.patching.calendar import patch_tuesday, rrule_for_patch_tuesday_offset
 
-FRAGMENT = Path(__file__).resolve().parents[2] / "deployments" / "patch.yaml"
-DEPLOYMENTS = yaml.safe_load(FRAGMENT.read_text())["deployments"]
+PREFECT_YAML = Path(__file__).resolve().parents[2] / "deployments" / "prefect.yaml"
+DEPLOYMENTS = [d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]
+               if d["entrypoint"].startswith("flows/patch_run.py:")]
 
 
 def _flow(entrypoint: str):  # type: ignore[no-untyped-def]
