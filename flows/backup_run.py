@@ -14,10 +14,10 @@ from configs.loader import load_config
 from configs.models import DiskConfig, HostConfig
 from flows.logs import configure
 from tasks.backup.errors import BackupError
-from tasks.backup.policy import BackupPolicy, policy_from_config
+from tasks.backup.policy import policy_from_config
 from tasks.backup.run import DiskReport, failed_report
 from tasks.backup.scheduling import Bounds, run_bounded
-from tasks.backup.tasks import backup_disk_task, retention_task
+from tasks.backup.tasks import RetentionSummary, backup_disk_task, retention_task
 
 log = structlog.stdlib.get_logger("patchdrill.backup")
 
@@ -81,10 +81,10 @@ def _report(host: str, disk: str, future: PrefectFuture[DiskReport]) -> DiskRepo
         return failed_report(host, disk, exc)
 
 
-def _publish(reports: list[DiskReport], retention: dict[str, object]) -> None:
+def _publish(reports: list[DiskReport], retention: RetentionSummary) -> None:
     ok = sum(r.status == "ok" for r in reports)
     create_table_artifact(
         key="backup-run",
         table=[{c: getattr(r, c) for c in REPORT_COLUMNS} for r in reports],
-        description=f"{ok}/{len(reports)} disks backed up; retention forgot {len(retention.get('forgotten') or [])} points",
+        description=f"{ok}/{len(reports)} disks backed up; retention forgot {len(retention.forgotten)} points",
     )

@@ -14,6 +14,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any, Literal
 
 import structlog
 
@@ -101,16 +102,14 @@ def backup(repo: Repository, source: BlockSource | TreeSource, request: BackupRe
         writer = _ChunkWriter(repo, known, sink)
         with ThreadPoolExecutor(max_workers=request.workers, thread_name_prefix=f"backup-{request.disk}") as pool_exec:
             buffers = BufferPool(request.workers * 2 + 1, request.block_size)
-            if isinstance(source, TreeSource):
-                kind, map_body, size, count, files = "directory", *_scan_tree(repo, source, request, parent, writer, pool_exec, buffers, sink)
-            else:
-                kind, map_body, size, count, files = "block", *_scan_blocks(repo, source, request, parent, writer, pool_exec, buffers, sink)
-        map_id = repo.put_map(map_body)
-        totals = writer.totals.model_copy(update={"size": size, "skipped": len(getattr(source, "skipped", []))})
+            scan = _scan_tree if isinstance(source, TreeSource) else _scan_blocks
+            scanned = scan(repo, source, request, parent, writer, pool_exec, buffers, sink)  # type: ignore[arg-type]
+        map_id = repo.put_map(scanned.map_body)
+        totals = writer.totals.model_copy(update={"size": scanned.size, "skipped": len(getattr(source, "skipped", []))})
         point = RecoveryPoint(
-            host=request.host, disk=request.disk, time=moment, kind=kind, source_path=source.path,
+            host=request.host, disk=request.disk, time=moment, kind=scanned.kind, source_path=source.path,
             consistency=request.consistency, snapshot_method=request.snapshot_method, notes=list(request.notes),
-            block_size=request.block_size, map=MapRef(id=map_id, blocks=count, files=files),
+            block_size=request.block_size, map=MapRef(id=map_id, blocks=scanned.blocks, files=scanned.files),
             parent=parent.key if parent else None,
             totals=totals,
             seconds=round(time.monotonic() - started, 3),
@@ -131,16 +130,30 @@ def _collect(futures: list[Future[tuple[bytes, bytes]]], failed: threading.Event
         raise
 
 
+@dataclass(frozen=True)
+class _Scanned:
+    kind: Literal["block", "directory"]
+    map_body: dict[str, Any]
+    size: int
+    blocks: int
+    files: int | None
+
+
 def _submit(executor: ThreadPoolExecutor, writer: _ChunkWriter, block: SourceBlock, previous_id: bytes | None,
             failed: threading.Event) -> Future[tuple[bytes, bytes]]:
     future = executor.submit(writer.process, block, previous_id)
-    future.add_done_callback(lambda f: f.exception() and failed.set() if not f.cancelled() else None)
+
+    def note_failure(done: Future[tuple[bytes, bytes]]) -> None:
+        if not done.cancelled() and done.exception() is not None:
+            failed.set()  # the reader stops feeding blocks at its next step
+
+    future.add_done_callback(note_failure)
     return future
 
 
 def _scan_blocks(repo: Repository, source: BlockSource, request: BackupRequest, parent: RecoveryPoint | None,
                  writer: _ChunkWriter, executor: ThreadPoolExecutor, buffers: BufferPool,
-                 sink: ProgressSink) -> tuple[dict, int, int, None]:
+                 sink: ProgressSink) -> _Scanned:
     previous = None
     if parent is not None and parent.kind == "block" and parent.block_size == request.block_size:
         previous = BlockMap.from_json(repo.get_map(parent.map.id, point=parent.key), point=parent.key)
@@ -160,12 +173,12 @@ def _scan_blocks(repo: Repository, source: BlockSource, request: BackupRequest, 
     block_map = BlockMap(size=size, block_size=request.block_size, chunks=[cid for cid, _ in results],
                          fingerprint=source.fingerprint,
                          fingerprints=[fp for _, fp in results] if host_side else None)
-    return block_map.to_json(), size, len(results), None
+    return _Scanned("block", block_map.to_json(), size, len(results), None)
 
 
 def _scan_tree(repo: Repository, source: TreeSource, request: BackupRequest, parent: RecoveryPoint | None,
                writer: _ChunkWriter, executor: ThreadPoolExecutor, buffers: BufferPool,
-               sink: ProgressSink) -> tuple[dict, int, int, int]:
+               sink: ProgressSink) -> _Scanned:
     previous: dict[str, TreeEntry] = {}
     if parent is not None and parent.kind == "directory" and parent.block_size == request.block_size:
         previous = TreeMap.from_json(repo.get_map(parent.map.id, point=parent.key), point=parent.key).by_path()
@@ -196,4 +209,4 @@ def _scan_tree(repo: Repository, source: TreeSource, request: BackupRequest, par
         entry.size = sum(lengths)  # what was read, should the file have changed under the scan
     tree = TreeMap(block_size=request.block_size, entries=entries)
     size = sum(e.size for e in entries)
-    return tree.to_json(), size, sum(len(e.chunks) for e in entries), len(entries)
+    return _Scanned("directory", tree.to_json(), size, sum(len(e.chunks) for e in entries), len(entries))

@@ -11,12 +11,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from functools import partial
 from typing import Any, Iterator, Mapping
 
 from connectors.base import Connector
 from tasks.backup.blockmap import BlockMap, TreeEntry
 from tasks.backup.errors import SourceError
-from tasks.backup.source import BufferPool, SourceBlock, SourceFile, unchanged
+from tasks.backup.source import BufferPool, SourceBlock, SourceFile, nothing_to_release, unchanged
 
 FINGERPRINT = "blake2b-256"
 SCRIPT = "blockscan.py"
@@ -91,9 +92,9 @@ class RemoteBlockSource:
                 buffer[:length] = data
                 # Hash what actually arrived: the disk may have changed since the scan.
                 view = memoryview(buffer)[:length]
-                yield SourceBlock(index, length, view, host_fingerprint(view), lambda b=buffer: pool.release(b))
+                yield SourceBlock(index, length, view, host_fingerprint(view), partial(pool.release, buffer))
             else:
-                yield SourceBlock(index, length, None, fp, lambda: None)
+                yield SourceBlock(index, length, None, fp, nothing_to_release)
 
     def fetch(self, indexes: list[int], block_size: int, size: int) -> Iterator[tuple[int, bytes]]:
         sftp_factory = getattr(self.connector, "sftp", None)
@@ -115,7 +116,7 @@ class RemoteBlockSource:
             for batch in _batches(indexes, block_size):
                 ranges = [(i * block_size, min(block_size, size - i * block_size)) for i in batch]
                 # readv pipelines the requests: one round trip per batch, not per block.
-                yield from zip(batch, handle.readv(ranges))
+                yield from zip(batch, handle.readv(ranges), strict=True)
 
 
 class RemoteTreeSource:
@@ -147,9 +148,7 @@ class RemoteTreeSource:
                                      target=body.get("target")))
         self._queue = [(e.path, e.size) for e in entries if e.type == "file" and not unchanged(previous.get(e.path), e)]
         for entry in entries:
-            reader = None
-            if entry.type == "file":
-                reader = lambda bs, pool, p=entry.path, n=entry.size: self._read_file(p, n, bs, pool)  # noqa: E731
+            reader = partial(self._read_file, entry.path, entry.size) if entry.type == "file" else None
             yield SourceFile(entry, reader)
 
     def _read_file(self, path: str, size: int, block_size: int, pool: BufferPool) -> Iterator[SourceBlock]:
@@ -163,7 +162,7 @@ class RemoteTreeSource:
         for index, data in pieces:
             buffer = pool.acquire()
             buffer[:len(data)] = data
-            yield SourceBlock(index, len(data), memoryview(buffer)[:len(data)], None, lambda b=buffer: pool.release(b))
+            yield SourceBlock(index, len(data), memoryview(buffer)[:len(data)], None, partial(pool.release, buffer))
 
     def _fetch_batch(self, first: str, block_size: int) -> None:
         """Read `first` and the small files queued after it, up to batch_bytes, in one call."""

@@ -195,9 +195,9 @@ class Repository:
         except BlobNotFound:
             if not create:
                 raise RepositoryError(f"{store.name}: no repository here (no {CONFIG_KEY}); run a backup to create one") from None
-            config = cls._create(store, passphrase, compression_level)
-            if config is None:  # another process created it first
-                config = cls._read_config(store)
+            created = cls._create(store, passphrase, compression_level)
+            # None: another process created it first, and its config is the one that counts.
+            config = created if created is not None else cls._read_config(store)
         encryption = config.get("encryption")
         master = None
         if encryption and metadata_only and passphrase is None:

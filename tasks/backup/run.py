@@ -6,9 +6,8 @@ from __future__ import annotations
 import contextlib
 import shlex
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from pydantic import BaseModel
 
@@ -17,11 +16,13 @@ from configs.secrets import redact
 from connectors import connect
 from connectors.base import Connector, RetryPolicy
 from connectors.storage import open_store
+from tasks.backup import snapshot as snapshots
 from tasks.backup.engine import BackupRequest, backup, default_workers
 from tasks.backup.errors import BackupError, SourceError
 from tasks.backup.policy import BackupPolicy
 from tasks.backup.remote_source import RemoteBlockSource, RemoteTreeSource
-from tasks.backup.repository import Consistency, Repository
+from tasks.backup.repository import Repository
+from tasks.backup.snapshot import Snapshot
 from tasks.backup.source import BlockSource, LocalBlockSource, LocalTreeSource, TreeSource, is_directory_disk
 
 
@@ -43,28 +44,12 @@ class DiskReport(BaseModel):
     error: str | None = None
 
 
-@dataclass(frozen=True)
-class DirectRead:
-    """No snapshot: the disk is read where it is, so the point is only crash-consistent."""
-
-    read_path: str
-    consistency: Consistency = "crash-consistent"
-    method: str = "none"
-
-
 @contextlib.contextmanager
-def take_snapshot(connector: Connector, host: HostConfig, disk: DiskConfig, policy: BackupPolicy) -> Iterator[Any]:
-    """The snapshot pipeline's take_snapshot when it is installed, else a direct read.
-
-    Whatever is yielded has .read_path, .consistency and .method; leaving the block always
-    removes the snapshot, also when the backup in it failed.
-    """
-    try:
-        from tasks.backup.snapshot import take_snapshot as snapshot  # type: ignore[import-not-found]
-    except ImportError:
-        yield DirectRead(disk.path)
-        return
-    with snapshot(connector, host, disk, policy) as taken:
+def take_snapshot(connector: Connector, host: HostConfig, disk: DiskConfig, policy: BackupPolicy) -> Iterator[Snapshot]:
+    """The most consistent view the policy and host allow; leaving the block always removes it,
+    also when the backup inside failed."""
+    # Looked up at call time, so a test can watch the snapshot step without replacing this module.
+    with snapshots.take_snapshot(connector, host, disk, snapshots.SnapshotPolicy.of(policy)) as taken:
         yield taken
 
 

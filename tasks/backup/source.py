@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import queue
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Protocol, runtime_checkable
 
@@ -45,6 +46,10 @@ class SourceBlock:
     data: memoryview | None
     fingerprint: bytes | None
     release: Callable[[], None]
+
+
+def nothing_to_release() -> None:
+    """The release of a block that came without data."""
 
 
 @runtime_checkable
@@ -105,10 +110,14 @@ def _read_blocks(handle_path: str, block_size: int, pool: BufferPool, size: int 
             if filled == 0:
                 pool.release(buffer)
                 return
-            yield SourceBlock(index, filled, view[:filled], None, lambda b=buffer: pool.release(b))
+            yield SourceBlock(index, filled, view[:filled], None, partial(pool.release, buffer))
             index += 1
             if size is not None and index * block_size >= size:
                 return
+
+
+def _read_file(path: str, size: int, block_size: int, pool: BufferPool) -> Iterator[SourceBlock]:
+    return _read_blocks(path, block_size, pool, size)
 
 
 class LocalBlockSource:
@@ -159,15 +168,15 @@ class LocalTreeSource:
                 st = os.lstat(full)
             except FileNotFoundError:
                 continue  # deleted while walking a live tree
-            common = dict(path=rel, mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns)
+            entry = TreeEntry(path=rel, type="dir", mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid,
+                              mtime_ns=st.st_mtime_ns)
             if stat.S_ISLNK(st.st_mode):
-                yield SourceFile(TreeEntry(type="symlink", target=os.readlink(full), **common))
+                yield SourceFile(replace(entry, type="symlink", target=os.readlink(full)))
             elif stat.S_ISDIR(st.st_mode):
-                yield SourceFile(TreeEntry(type="dir", **common))
+                yield SourceFile(entry)
                 yield from self._walk(full, rel + "/")
             elif stat.S_ISREG(st.st_mode):
-                entry = TreeEntry(type="file", size=st.st_size, **common)
-                yield SourceFile(entry, lambda bs, pool, f=full, n=st.st_size: _read_blocks(f, bs, pool, n))
+                yield SourceFile(replace(entry, type="file", size=st.st_size), partial(_read_file, full, st.st_size))
             else:
                 self.skipped.append(rel)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from functools import partial
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterator
@@ -21,7 +22,7 @@ from tasks.backup.blockmap import BlockMap
 from tasks.backup.errors import SourceError
 from tasks.backup.remote_source import changed_blocks
 from tasks.backup.repository import Repository
-from tasks.backup.source import BufferPool, SourceBlock
+from tasks.backup.source import BufferPool, SourceBlock, nothing_to_release
 
 FINGERPRINT = "sha256"
 
@@ -84,7 +85,7 @@ class StagedBlockSource:
         for index, fingerprint in enumerate(plan.fingerprints):
             length = min(block_size, plan.size - index * block_size)
             if index not in plan.urls:
-                yield SourceBlock(index, length, None, fingerprint, lambda: None)
+                yield SourceBlock(index, length, None, fingerprint, nothing_to_release)
                 continue
             try:
                 data = self.store.get(f"{plan.prefix}/{index}")
@@ -96,7 +97,7 @@ class StagedBlockSource:
                                   "the host reported (changed during upload, or truncated)")
             buffer = pool.acquire()
             buffer[:length] = data
-            yield SourceBlock(index, length, memoryview(buffer)[:length], fingerprint, lambda b=buffer: pool.release(b))
+            yield SourceBlock(index, length, memoryview(buffer)[:length], fingerprint, partial(pool.release, buffer))
 
     def discard(self) -> None:
         """Remove the staging prefix (after the point is written, or after giving up)."""

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
+from pydantic import BaseModel
 from prefect.cache_policies import NO_CACHE
 
 from configs.loader import load_config
@@ -21,7 +22,7 @@ from tasks.backup.errors import RepositoryBusy
 from tasks.backup.policy import BackupPolicy
 from tasks.backup.remote_restore import restore_to_host
 from tasks.backup.restore import RestoreResult, restore
-from tasks.backup.retention import forget, prune
+from tasks.backup.retention import PruneReport, forget, prune
 from tasks.backup.run import DiskReport, back_up_disk, find_disk, open_repository
 from tasks.backup.verify import VerifyReport, verify
 
@@ -48,21 +49,27 @@ def backup_disk_task(config_path: str, host_name: str, disk_name: str, policy: B
     return back_up_disk(loaded.config, loaded.base_dir, host, disk, policy)
 
 
+class RetentionSummary(BaseModel):
+    forgotten: list[str] = []
+    prune: PruneReport | None = None
+    #: why prune did not run now (a backup elsewhere held the repository)
+    prune_deferred: str | None = None
+
+
 @task(name="retention", cache_policy=NO_CACHE)
-def retention_task(config_path: str, policy: BackupPolicy, hosts: list[str]) -> dict[str, Any]:
+def retention_task(config_path: str, policy: BackupPolicy, hosts: list[str]) -> RetentionSummary:
     """Forget points the policy no longer keeps, then prune (deferred, not failed, if busy)."""
     loaded = load_config(config_path)
     repo = open_repository(loaded.config, loaded.base_dir, policy)
-    forgotten: list[str] = []
+    summary = RetentionSummary()
     if not policy.keep.keeps_everything:
         for host in hosts:
-            forgotten += forget(repo, policy.keep, host=host).forgotten
-    summary: dict[str, Any] = {"forgotten": forgotten, "prune": None}
-    if policy.prune and forgotten:
+            summary.forgotten += forget(repo, policy.keep, host=host).forgotten
+    if policy.prune and summary.forgotten:
         try:
-            summary["prune"] = vars(prune(repo))
+            summary.prune = prune(repo)
         except RepositoryBusy as exc:
-            summary["prune"] = {"deferred": str(exc)}
+            summary.prune_deferred = str(exc)
     return summary
 
 
