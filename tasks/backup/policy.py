@@ -2,17 +2,21 @@
 
 `configs.models.PatchdrillConfig.backup_policies` maps names to this model; until the config
 schema references it directly, `policy_from_config` validates the placeholder's fields here.
+This module imports nothing heavier than pydantic and configs.models at import time, so the
+config schema can reference it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from configs.models import _check_reference
 from tasks.backup.errors import BackupError
-from tasks.backup.retention import KeepRules
+
+if TYPE_CHECKING:
+    from tasks.backup.retention import KeepRules
 
 MIB = 1024 * 1024
 SnapshotMethod = Literal["auto", "vss", "lvm", "fsfreeze", "none"]
@@ -51,7 +55,11 @@ class BackupPolicy(BaseModel):
         return _check_reference(value, "encryption_key")
 
     @property
-    def keep(self) -> KeepRules:
+    def keep(self) -> "KeepRules":
+        # Imported here so configs.models can import this module without pulling in the
+        # repository, the stores and their SDKs.
+        from tasks.backup.retention import KeepRules
+
         return KeepRules(last=self.keep_last, daily=self.keep_daily, weekly=self.keep_weekly, monthly=self.keep_monthly)
 
 
