@@ -12,26 +12,16 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from configs.secrets import check_reference
+from tasks.backup.policy import BackupPolicy
 from tasks.patching.models import PatchPolicy
 
-CREDENTIAL_SCHEMES = ("env:", "file:", "prefect-secret:")
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _check_reference(value: str | None, what: str) -> str | None:
-    if value is None:
-        return None
-    if not value.startswith(CREDENTIAL_SCHEMES) or value.split(":", 1)[1] == "":
-        raise ValueError(
-            f"{what} must be a reference, not a literal: write 'env:VARIABLE', 'file:/path/to/secret' "
-            "or 'prefect-secret:block-name' and keep the secret itself out of this file"
-        )
-    return value
 
 
 CredentialRef = Annotated[
@@ -82,7 +72,7 @@ class HostConfig(Strict):
     @field_validator("password", "ssh_key_passphrase")
     @classmethod
     def _reference_only(cls, value: str | None, info) -> str | None:  # type: ignore[no-untyped-def]
-        return _check_reference(value, info.field_name)
+        return check_reference(value, info.field_name)
 
     @field_validator("timezone")
     @classmethod
@@ -139,7 +129,7 @@ class AzureStorage(Strict):
     @field_validator("connection_string", "account_key")
     @classmethod
     def _reference_only(cls, value: str | None, info) -> str | None:  # type: ignore[no-untyped-def]
-        return _check_reference(value, info.field_name)
+        return check_reference(value, info.field_name)
 
     @model_validator(mode="after")
     def _one_way_in(self) -> "AzureStorage":
@@ -149,12 +139,6 @@ class AzureStorage(Strict):
 
 
 StorageConfig = Annotated[LocalStorage | AzureStorage, Field(discriminator="kind")]
-
-
-class BackupPolicy(Strict):
-    """Filled in by the backup pipeline."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
 
 
 class RecoveryPlan(Strict):

@@ -14,10 +14,23 @@ from pathlib import Path
 _lock = threading.Lock()
 _secrets: set[str] = set()
 MASK = "***"
+CREDENTIAL_SCHEMES = ("env:", "file:", "prefect-secret:")
 
 
 class SecretError(Exception):
     """A reference could not be resolved; the message names the reference, never a value."""
+
+
+def check_reference(value: str | None, what: str) -> str | None:
+    """A config field that holds a secret must hold a reference to it, never the secret."""
+    if value is None:
+        return None
+    if not value.startswith(CREDENTIAL_SCHEMES) or value.split(":", 1)[1] == "":
+        raise ValueError(
+            f"{what} must be a reference, not a literal: write 'env:VARIABLE', 'file:/path/to/secret' "
+            "or 'prefect-secret:block-name' and keep the secret itself out of this file"
+        )
+    return value
 
 
 def remember(value: str) -> str:

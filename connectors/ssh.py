@@ -494,6 +494,11 @@ class SshConnector(Connector):
 
     # -- files ------------------------------------------------------------------------------
 
+    def sftp(self) -> paramiko.SFTPClient:
+        """The connection's SFTP session (opened once, reused): for ranged reads of large files,
+        which SFTP pipelines (readv) where a command's stdout would need base64."""
+        return self._sftp_session()
+
     def _sftp_session(self) -> paramiko.SFTPClient:
         with self._lock:
             if self._sftp is not None and self._transport is not None and self._transport.is_active():

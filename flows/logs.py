@@ -75,6 +75,9 @@ def configure(json: bool = False, level: int = logging.INFO) -> None:
     if _configured:
         return
     logger.addHandler(RunLogHandler())
+    # Our own handlers render every event once; Prefect's console handler on the root logger
+    # would print each a second time.
+    logger.propagate = False
     renderer: Any = (
         structlog.processors.JSONRenderer() if json
         else structlog.dev.ConsoleRenderer(colors=False, pad_event_to=0)

@@ -1,9 +1,8 @@
 """The backup policy: how often, how, and how long recovery points live.
 
-`configs.models.PatchdrillConfig.backup_policies` maps names to this model; until the config
-schema references it directly, `policy_from_config` validates the placeholder's fields here.
-This module imports nothing heavier than pydantic and configs.models at import time, so the
-config schema can reference it.
+`configs.models.PatchdrillConfig.backup_policies` maps names to this model, so `config check`
+validates policies with the rest of the file. This module imports nothing heavier than pydantic
+at import time, so the config schema can reference it.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from configs.models import _check_reference
+from configs.secrets import check_reference
 from tasks.backup.errors import BackupError
 
 if TYPE_CHECKING:
@@ -52,7 +51,7 @@ class BackupPolicy(BaseModel):
     @field_validator("encryption_key")
     @classmethod
     def _reference_only(cls, value: str | None) -> str | None:
-        return _check_reference(value, "encryption_key")
+        return check_reference(value, "encryption_key")
 
     @property
     def keep(self) -> "KeepRules":

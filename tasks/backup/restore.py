@@ -115,6 +115,8 @@ def restore(repo: Repository, point: RecoveryPoint, target: str | Path, *, force
     started = time.monotonic()
     target = Path(target).absolute()
     body = repo.get_map(point.map.id, point=point.key)
+    # A restore into a fresh location (a DR target, an empty volume) creates the path to it.
+    target.parent.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="restore") as pool:
         if point.kind == "block":
             if include:

@@ -45,7 +45,7 @@ import shlex
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import PurePosixPath, PureWindowsPath
+from pathlib import PurePosixPath
 from types import TracebackType
 from typing import Any, Callable, Literal
 
