@@ -13,16 +13,21 @@ Everything lives in one temp dir that is deleted at the end, Ctrl-C and SIGTERM 
 
 The work compared, chosen to be the same questions answered from the same data:
 
-- patchdrill CLI: `patchdrill patch assess --config CFG --json`, a Prefect flow on the
-  ephemeral API (or PREFECT_API_URL's server, when set): per host, enroll (os-release, kernel,
-  package manager, time zone, boot id) then assess (`apt-get update` from the local flat repo,
-  two `apt-get -s dist-upgrade` simulations to tell security from other updates, the
-  /run/reboot-required check). The JSON must list every host as assessed; a run with failed
-  hosts is reported as such, not just timed. Task concurrency is set to --forks
-  (PREFECT_TASK_RUNNER_THREAD_POOL_MAX_WORKERS) so both tools run with the same parallelism.
-- patchdrill library: the same per-host work (tasks.patching.linux_host enroll, assess and
-  reboot_pending over one SshConnector per host) in a thread pool of --forks, in a fresh Python
-  process, without Prefect. It shows what the fan-out costs apart from orchestration.
+- patchdrill CLI: `patchdrill patch assess --config CFG --json --forks FORKS`, a Prefect flow on
+  the ephemeral API (or PREFECT_API_URL's server, when set): per host one connection and one
+  SSH session running connectors/remote/linux_facts.sh + linux_assess.sh (os-release, kernel,
+  package manager, time zone, boot id; `apt-get update` from the local flat repo; an
+  `apt-get -s dist-upgrade` simulation, and the security-preferring one where a security suite
+  offers a version besides the candidate, as demo-web's superseded fix does on every host here;
+  the /run/reboot-required check). `--forks` is the number of hosts in flight at once, as
+  Ansible's forks. The JSON must list every host as assessed; a run with failed hosts is
+  reported as such, not just timed.
+- patchdrill CLI with `--no-refresh`: the same without `apt-get update`, reading the lists
+  the host has. This is the like-for-like row: Ansible's setup and package_facts read local
+  state and refresh nothing.
+- patchdrill library: the same per-host work (tasks.patching.linux_host.survey over one
+  SshConnector per host) in a thread pool of --forks, in a fresh Python process, without
+  Prefect. It shows what the fan-out costs apart from orchestration.
 - Ansible play: `ansible-playbook -f FORKS` of one play, `gather_facts` with
   `gather_subset: min` (distribution, kernel, date/time, package manager: the OS facts
   patchdrill enrolls) followed by `package_facts` (every installed package with its version,
@@ -268,9 +273,11 @@ def _problems(errors: dict[str, str], limit: int = 3) -> list[str]:
     return shown
 
 
-def run_patchdrill_cli(config: Path, env: dict[str, str], out: Path,
-                       watch: ContactWatch | None) -> Outcome:
-    argv = [str(BIN / "patchdrill"), "patch", "assess", "--config", str(config), "--json"]
+def run_patchdrill_cli(config: Path, env: dict[str, str], out: Path, watch: ContactWatch | None, *,
+                       forks: int, refresh: bool = True) -> Outcome:
+    argv = [str(BIN / "patchdrill"), "patch", "assess", "--config", str(config), "--json", "--forks", str(forks)]
+    if not refresh:
+        argv.append("--no-refresh")
     wall, code = timed(argv, env, out, watch)
     names = _config_hosts(config)
     try:
@@ -401,9 +408,8 @@ def library_worker(config_path: Path, forks: int) -> None:
     def one(host: Any) -> dict[str, Any]:
         conn = connect(host, base_dir=loaded.base_dir)
         try:
-            enrollment = linux_host.enroll(conn)
-            updates = linux_host.assess(conn, enrollment.package_manager)
-            pending = linux_host.reboot_pending(conn, enrollment.package_manager)
+            found = linux_host.survey(conn)
+            enrollment, updates, pending = found.enrollment, found.updates, found.reboot_pending
         except Exception as exc:  # noqa: BLE001 - a failed host is a row, as in a patch run
             return {"host": host.name, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
         finally:
@@ -549,8 +555,8 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir()
         config = write_patchdrill_config(hosts, hosts.workdir / "patchdrill.yaml")
         ansible_dir = write_ansible_files(hosts, args.forks)
-        cli_env = {**base_env, "PREFECT_HOME": str(hosts.workdir / "prefect-home"),
-                   "PREFECT_TASK_RUNNER_THREAD_POOL_MAX_WORKERS": str(args.forks)}
+        # --forks alone sets the CLI's parallelism (hosts in flight), as -f does Ansible's.
+        cli_env = {**base_env, "PREFECT_HOME": str(hosts.workdir / "prefect-home")}
         ansible_env = {**base_env, "ANSIBLE_CONFIG": str(ansible_dir / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1"}
 
         costs: list[tuple[str, float, str]] = []
@@ -563,13 +569,17 @@ def main(argv: list[str] | None = None) -> int:
 
         runners: list[tuple[Row, Callable[[Path, ContactWatch], Outcome]]] = []
         if have_cli:
-            runners.append((Row("patchdrill patch assess (CLI)"),
-                            lambda out, w: run_patchdrill_cli(config, cli_env, out, w)))
+            runners.append((Row("patchdrill patch assess (CLI)", note="refreshes every host's lists (apt-get update)"),
+                            lambda out, w: run_patchdrill_cli(config, cli_env, out, w, forks=args.forks)))
+            runners.append((Row("patchdrill patch assess --no-refresh (CLI)",
+                                note="the hosts' cached lists, as package_facts reads them: the like-for-like row"),
+                            lambda out, w: run_patchdrill_cli(config, cli_env, out, w, forks=args.forks,
+                                                              refresh=False)))
         else:
             print("flows/patch_cli.py is not there yet: only the library row measures patchdrill", file=sys.stderr)
         runners.append((Row("patchdrill library (no Prefect)",
-                            note="linux_host.enroll + assess + reboot_pending, one SshConnector per host, "
-                                 "thread pool; not the CLI"),
+                            note="linux_host.survey (refreshing), one SshConnector per host, thread pool; "
+                                 "not the CLI"),
                         lambda out, w: run_library(hosts, config, args.forks, base_env, out, w)))
         if args.ansible in ("play", "both"):
             runners.append((Row("ansible-playbook (gather_facts min + package_facts)"),

@@ -19,6 +19,9 @@ GroupOption = Annotated[Optional[list[str]], typer.Option("--group", "-g", help=
 HostOption = Annotated[Optional[list[str]], typer.Option("--host", help="Only this host (repeatable).")]
 PolicyOption = Annotated[Optional[str], typer.Option(
     "--policy", help="Patch policy name (default: the group's, else 'default').")]
+# Kept in step with flows.patch_run.DEFAULT_FORKS (not imported: that module loads Prefect).
+ForksOption = Annotated[int, typer.Option("--forks", "-f", min=1, help="Hosts enrolled and assessed at once.")]
+DEFAULT_FORKS = 25
 
 patch_app = typer.Typer(no_args_is_help=True, help="Patch runs: enroll, assess, install by update domain, report.")
 
@@ -83,16 +86,32 @@ def _render_assessment(report: Any) -> None:
 
 
 @patch_app.command("assess")
-def assess(config: ConfigOption = DEFAULT_CONFIG, group: GroupOption = None, host: HostOption = None,
-           policy: PolicyOption = None, as_json: JsonOption = False) -> None:
+def assess(
+    config: ConfigOption = DEFAULT_CONFIG,
+    group: GroupOption = None,
+    host: HostOption = None,
+    policy: PolicyOption = None,
+    refresh: Annotated[bool, typer.Option(
+        "--refresh/--no-refresh", help="Refresh each host's package lists first (apt-get update, dnf --refresh, "
+        "zypper refresh); --no-refresh reads the lists the host already has.")] = True,
+    forks: ForksOption = DEFAULT_FORKS,
+    as_json: JsonOption = False,
+) -> None:
     """What each host misses and what a run would install now. Changes nothing on any host."""
     from flows.patch_run import patch_assess
 
     _fleet_or_exit(config, group, host, policy)
-    report = patch_assess(config_path=str(config), groups=group, hosts=host, policy=policy)
+    report = patch_assess(config_path=str(config), groups=group, hosts=host, policy=policy, refresh=refresh,
+                          forks=forks)
     emit(report, as_json, _render_assessment)
     if report.errors:
         raise typer.Exit(2)
+
+
+def _status(status: str) -> str:
+    # A "rebooting" record is one the run never finished: the host may still be down.
+    return {"failed": "[red]failed[/]", "unreachable": "[red]unreachable[/]",
+            "rebooting": "[yellow]rebooting[/]"}.get(status, status)
 
 
 def _render_run(report: Any) -> None:
@@ -108,7 +127,7 @@ def _render_run(report: Any) -> None:
 
     for r in sorted(report.records, key=lambda r: r.host):
         installed = r.count(S.INSTALLED) + r.count(S.INSTALLED_PENDING_REBOOT)
-        table.add_row(r.host, r.status, "yes" if r.rebooted else "no", str(installed), str(r.count(S.FAILED)),
+        table.add_row(r.host, _status(r.status), "yes" if r.rebooted else "no", str(installed), str(r.count(S.FAILED)),
                       str(r.count(S.MISSING)), r.reason)
     console.print(table)
     if report.stopped:
@@ -129,6 +148,7 @@ def run(
         "--ignore-windows", help="Install on hosts outside their maintenance window too.")] = False,
     reboot_outside_window: Annotated[bool, typer.Option(
         "--reboot-outside-window", help="Allow reboots outside maintenance windows.")] = False,
+    forks: ForksOption = DEFAULT_FORKS,
     as_json: JsonOption = False,
 ) -> None:
     """Patch hosts by update domain inside their windows (exit 1 if a host failed or the rollout stopped)."""
@@ -139,9 +159,10 @@ def run(
         fail(f"policy {fleet.policy_name!r} requires approval: review `patchdrill patch run --dry-run`, then run "
              "again with --yes (runs started from a deployment pause for approval in the UI instead)")
     report = patch_run(config_path=str(config), groups=group, hosts=host, policy=policy, dry_run=dry_run,
-                       ignore_windows=ignore_windows, reboot_outside_window=reboot_outside_window, approved=yes)
+                       ignore_windows=ignore_windows, reboot_outside_window=reboot_outside_window, approved=yes,
+                       forks=forks)
     emit(report, as_json, _render_run)
-    if report.stopped or any(r.status in ("failed", "unreachable") for r in report.records):
+    if report.stopped or any(r.status in ("failed", "unreachable", "rebooting") for r in report.records):
         raise typer.Exit(1)
 
 
@@ -207,7 +228,7 @@ def history_command(
         for column in ("started", "run", "month", "status", "rebooted", "updates", "reason"):
             table.add_column(column)
         for r in data:
-            table.add_row(r.started_at.isoformat(timespec="minutes"), r.run_id[:8], r.month_kind, r.status,
+            table.add_row(r.started_at.isoformat(timespec="minutes"), r.run_id[:8], r.month_kind, _status(r.status),
                           "yes" if r.rebooted else "no", str(len(r.updates)), r.reason)
         console.print(table)
 

@@ -37,10 +37,8 @@ from tasks.patching.steps import (
     HostPlan,
     PatchContext,
     PatchFleet,
-    assess_task,
     compliance_rows,
     enroll_task,
-    failed_assessment,
     load_fleet,
     patch_host_task,
     plan_host,
@@ -48,12 +46,17 @@ from tasks.patching.steps import (
     reboot_limit_name,
     rollout_host,
     summary_markdown,
+    survey_batches,
+    survey_task,
     update_domain_slot,
     write_records_task,
 )
 
 log = structlog.stdlib.get_logger("patchdrill.patch")
 
+# Hosts enrolled and assessed at once unless a run says otherwise (Ansible's default is 5; an
+# assessment mostly waits on its hosts, so the controller can hold many more).
+DEFAULT_FORKS = 25
 # Prefect polls a paused run for its input at this interval (its own default is 10 s).
 APPROVAL_POLL_SECONDS = int(os.environ.get("PATCHDRILL_APPROVAL_POLL_SECONDS", "10"))
 
@@ -95,17 +98,22 @@ def enroll_hosts(fleet: PatchFleet, config_path: str, *, record: bool) -> list[E
     return [future.result() for future in futures]
 
 
-def assess_hosts(fleet: PatchFleet, enrolled: list[EnrollmentRow], now: datetime, *,
+def survey_hosts(fleet: PatchFleet, config_path: str, now: datetime, *, record: bool, refresh: bool, forks: int,
                  ignore_windows: bool = False) -> AssessmentReport:
+    """Enroll and assess every host over one connection each, `forks` hosts at a time, in a few
+    task runs (steps.survey_batches) rather than two per host."""
+    futures = [survey_task.submit(batch, fleet.base_dir, config_path, record, refresh, parallel, len(batch))
+               for batch, parallel in survey_batches(fleet.hosts, forks)]
+    surveys = {s.enrolled.host: s for future in futures for s in future.result()}
+    enrolled = [surveys[h.name].enrolled for h in fleet.hosts]
+    assessments = {name: s.assessment for name, s in surveys.items() if s.assessment is not None}
+    return assessment_report(fleet, enrolled, assessments, now, ignore_windows=ignore_windows)
+
+
+def assessment_report(fleet: PatchFleet, enrolled: list[EnrollmentRow], assessments: dict[str, HostAssessment],
+                      now: datetime, *, ignore_windows: bool) -> AssessmentReport:
     hosts = {h.name: h for h in fleet.hosts}
     reachable = [row for row in enrolled if row.reachable and row.enrollment is not None]
-    futures = {row.host: assess_task.submit(hosts[row.host], fleet.base_dir, row.enrollment) for row in reachable}
-    assessments: dict[str, HostAssessment] = {}
-    for name, future in futures.items():
-        try:
-            assessments[name] = future.result()
-        except Exception as exc:  # noqa: BLE001 - one host's failed assessment is a row
-            assessments[name] = failed_assessment(name, exc)
     errors = {name: a.error for name, a in assessments.items() if not a.ok}
     errors.update({row.host: f"unreachable: {row.error}" for row in enrolled if not row.reachable})
     plans = [plan_host(hosts[row.host], row.enrollment, assessments[row.host], fleet.policy, now,
@@ -183,11 +191,16 @@ def patch_enroll(config_path: str = "configs/fleet.yaml", groups: list[str] | No
 
 @flow(name="patch-assess")
 def patch_assess(config_path: str = "configs/fleet.yaml", groups: list[str] | None = None,
-                 hosts: list[str] | None = None, policy: str | None = None) -> AssessmentReport:
-    """What each host misses and what a run would install now. Changes nothing on any host."""
+                 hosts: list[str] | None = None, policy: str | None = None, refresh: bool = True,
+                 forks: int = DEFAULT_FORKS) -> AssessmentReport:
+    """What each host misses and what a run would install now. Changes nothing on any host
+    (but its package lists, unless refresh is off: then the host's cached lists are read).
+
+    forks: hosts assessed at once.
+    """
     configure()
     fleet = load_fleet(config_path, groups, hosts, policy)
-    report = assess_hosts(fleet, enroll_hosts(fleet, config_path, record=False), datetime.now(timezone.utc))
+    report = survey_hosts(fleet, config_path, datetime.now(timezone.utc), record=False, refresh=refresh, forks=forks)
     rows = [{"host": p.host, "update": u.id, "classification": u.classification.value,
              "state": "Missing", "reason": "selected for the next run"} for p in report.plans for u in p.install]
     rows += [{"host": p.host, "update": o.update_id, "classification": o.classification.value,
@@ -210,19 +223,21 @@ def patch_run(
     approved: bool = False,
     approval_timeout_minutes: int = 240,
     domain_slot_timeout_minutes: float = 60.0,
+    forks: int = DEFAULT_FORKS,
 ) -> PatchRunReport:
     """Patch the selected hosts by update domain, inside their maintenance windows.
 
     ignore_windows: install on hosts outside their window too (reboots there still need
     reboot_outside_window or an approval that allows them). approved: skip the approval pause.
+    forks: hosts enrolled and assessed at once (the rollout's batches follow the policy).
     """
     configure()
     fleet = load_fleet(config_path, groups, hosts, policy)
     run_id, now = _run_id(), datetime.now(timezone.utc)
     log.info("patch run", run_id=run_id, hosts=len(fleet.hosts), policy=fleet.policy_name, dry_run=dry_run)
 
-    enrolled = enroll_hosts(fleet, config_path, record=not dry_run)
-    assessment = assess_hosts(fleet, enrolled, now, ignore_windows=ignore_windows)
+    assessment = survey_hosts(fleet, config_path, now, record=not dry_run, refresh=True, forks=forks,
+                              ignore_windows=ignore_windows)
     with_work = [p for p in assessment.plans if p.has_work]
     rollout_plan = plan([rollout_host(p) for p in with_work], fleet.policy.max_concurrency, fleet.policy.max_errors)
     report = PatchRunReport(run_id=run_id, policy=fleet.policy_name, dry_run=dry_run, plan=rollout_plan,

@@ -5,9 +5,9 @@ Layout (docs/repository.md lists it with the rest of the store):
     history/<host>/<started YYYYMMDDTHHMMSSZ>-<run id>.json   one HostPatchRecord per host per run
     enrollments/<host>.json                                  the host's latest Enrollment
 
-A run writes a host's record before it reboots the host (status "failed", no finish time,
-the reason saying a reboot is under way) and again once the reboot gate and the probes are
-done, so a run that dies mid-reboot still leaves a record that says where it stopped. The
+A run writes a host's record before it reboots the host (status "rebooting", no finish time,
+the reason naming the boot it left) and again once the reboot gate and the probes are done, so
+a run that dies mid-reboot still leaves a record that says where it stopped. The
 start time leads the key so a listing sorts by time and `history` can skip old records by
 name alone, without reading them.
 """

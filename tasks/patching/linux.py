@@ -115,6 +115,82 @@ def apt_assess_commands(*, refresh: bool) -> list[str]:
     return commands + [simulate, f"{simulate} -t {shlex.quote(APT_SECURITY_TARGET)}"]
 
 
+# connectors/remote/linux_assess.sh frames each step's output with lines starting with this.
+ASSESSMENT_MARKER = "@@patchdrill-assess@@"
+
+
+def apt_assess_script_args(*, refresh: bool) -> list[str]:
+    """Arguments of connectors/remote/linux_assess.sh: the commands above, in its order."""
+    *update, simulate, secure = apt_assess_commands(refresh=refresh)
+    suites = APT_SECURITY_TARGET.strip("/")
+    return [ASSESSMENT_MARKER, update[0] if update else "", simulate, secure, suites, reboot_check_command("apt")]
+
+
+@dataclass(frozen=True)
+class AssessmentStep:
+    """One step of linux_assess.sh: what the command printed and how it exited."""
+
+    name: str
+    exit_code: int
+    stdout: str = ""
+    stderr: str = ""
+
+
+@dataclass(frozen=True)
+class AssessmentOutput:
+    """linux_assess.sh's output: the facts JSON printed before it, then its framed steps."""
+
+    facts: str
+    steps: dict[str, AssessmentStep]
+    exit_code: int
+
+    @property
+    def failed(self) -> AssessmentStep | None:
+        return next((s for s in self.steps.values() if s.exit_code != 0 and s.name != "reboot"), None)
+
+    def step(self, name: str) -> AssessmentStep:
+        try:
+            return self.steps[name]
+        except KeyError:
+            raise ParseError(f"linux_assess.sh printed no {name!r} step") from None
+
+    def security_simulation(self) -> str:
+        """The security-preferring simulation; the plain one where the script showed it would
+        print the same (no security version besides the candidates)."""
+        return self.step("simulation" if "security.same" in self.steps else "security").stdout
+
+
+def parse_assessment_sections(text: str) -> AssessmentOutput:
+    """Split linux_assess.sh's output at its frame lines (`MARKER name exit_code`)."""
+    chunks: list[tuple[str, int, list[str]]] = [("facts", 0, [])]
+    for line in text.split("\n"):
+        if line.startswith(ASSESSMENT_MARKER + " "):
+            fields = line.split()
+            if len(fields) != 3 or not fields[2].lstrip("-").isdigit():
+                raise ParseError(f"linux_assess.sh frame line is not 'marker name exit_code': {line!r}")
+            chunks.append((fields[1], int(fields[2]), []))
+        else:
+            chunks[-1][2].append(line)
+    if chunks[-1][0] != "end":
+        raise ParseError("linux_assess.sh output ended before its 'end' frame: the script did not finish")
+
+    def body(lines: list[str]) -> str:
+        # The script writes a newline before each frame line: the line split has already taken
+        # it, so joining gives back exactly what the command printed.
+        return "\n".join(lines)
+
+    steps: dict[str, AssessmentStep] = {}
+    for name, code, lines in chunks[1:-1]:
+        step, _, stream = name.partition(".")
+        if stream in ("stdout", "stderr"):
+            known = steps.get(step, AssessmentStep(step, code))
+            steps[step] = AssessmentStep(step, code, *((body(lines), known.stderr) if stream == "stdout"
+                                                       else (known.stdout, body(lines))))
+        else:
+            steps[name] = AssessmentStep(name, code)
+    return AssessmentOutput(facts=body(chunks[0][2]), steps=steps, exit_code=chunks[-1][1])
+
+
 def apt_install_command(updates: list[Update]) -> str:
     """`apt-get install --only-upgrade pkg=version …`: exact versions, never a new package."""
     chosen: dict[str, Update] = {}
@@ -384,7 +460,8 @@ def reboot_required(manager: PackageManager, exit_code: int) -> bool:
 
 
 __all__ = [
-    "APT_SECURITY_TARGET", "Advisory", "AptChange", "Nevra", "ParseError", "REBOOT_CHECKS", "ZYPPER_REBOOT_NEEDED",
+    "APT_SECURITY_TARGET", "ASSESSMENT_MARKER", "AssessmentOutput", "AssessmentStep", "apt_assess_script_args",
+    "parse_assessment_sections", "Advisory", "AptChange", "Nevra", "ParseError", "REBOOT_CHECKS", "ZYPPER_REBOOT_NEEDED",
     "ZYPPER_RESTART_NEEDED", "apt_assess_commands", "apt_install_command", "apt_updates", "dnf_assess_commands",
     "dnf_install_commands", "dnf_updates", "dpkg_state_command", "parse_dpkg_states", "parse_apt_simulation", "parse_dnf_check_update", "parse_dnf_updateinfo",
     "parse_nevra", "parse_zypper_patches", "reboot_check_command", "reboot_required", "zypper_assess_commands",

@@ -8,13 +8,14 @@ for apt, dnf and zypper alike, and catches a tool that exits 0 having done nothi
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from configs.secrets import redact
-from connectors.base import CommandFailed, CommandResult, Connector
+from connectors.base import CommandFailed, CommandResult, Connector, remote_script
 from tasks.patching import linux
 from tasks.patching.models import (
     ComplianceState,
@@ -26,6 +27,7 @@ from tasks.patching.models import (
 )
 
 FACTS_SCRIPT = "linux_facts.sh"
+ASSESS_SCRIPT = "linux_assess.sh"
 
 
 class LinuxFacts(BaseModel):
@@ -47,8 +49,12 @@ class LinuxFacts(BaseModel):
 
 def enroll(connector: Connector, *, now: datetime | None = None) -> Enrollment:
     result = connector.run_script(FACTS_SCRIPT, check=True)
+    return _enrollment(connector, result.stdout, now)
+
+
+def _enrollment(connector: Connector, facts_json: str, now: datetime | None) -> Enrollment:
     try:
-        facts = LinuxFacts.model_validate(json.loads(result.stdout))
+        facts = LinuxFacts.model_validate(json.loads(facts_json))
     except (json.JSONDecodeError, ValidationError) as exc:
         raise ValueError(f"host {connector.name}: {FACTS_SCRIPT} printed unexpected facts: {exc}") from None
     if facts.package_manager not in ("apt", "dnf", "yum", "zypper"):
@@ -77,12 +83,89 @@ def _run_all(connector: Connector, commands: list[str], env: dict[str, str] | No
     return [connector.run(command, env=env, timeout=timeout, check=True) for command in commands]
 
 
+def _script_text(connector: Connector, name: str) -> str:
+    # An SSH connector may be pointed at another scripts directory (tests of the scripts do).
+    directory = getattr(connector, "scripts_dir", None)
+    return (directory / name).read_text(encoding="utf-8") if directory is not None else remote_script(name)
+
+
+def survey_output(connector: Connector, *, refresh: bool = True, env: dict[str, str] | None = None,
+                  timeout: float | None = None) -> linux.AssessmentOutput:
+    """The facts and, on an apt host, the whole assessment, in one session: linux_facts.sh and
+    linux_assess.sh sent as one script. Raises only when the script itself could not run; a
+    failed step is in the output (see `survey_updates`)."""
+    script = _script_text(connector, FACTS_SCRIPT) + "\n" + _script_text(connector, ASSESS_SCRIPT)
+    args = " ".join(shlex.quote(a) for a in linux.apt_assess_script_args(refresh=refresh))
+    result = connector.run(f"sh -s -- {args}", env=env, timeout=timeout, stdin=script.encode("utf-8"))
+    if not result.ok:
+        raise CommandFailed(connector.name, f"{FACTS_SCRIPT} + {ASSESS_SCRIPT}", result.exit_code, redact(result.stderr))
+    try:
+        return linux.parse_assessment_sections(result.stdout)
+    except linux.ParseError as exc:
+        raise ValueError(f"host {connector.name}: {exc}") from None
+
+
+def survey_enrollment(connector: Connector, output: linux.AssessmentOutput, *,
+                      now: datetime | None = None) -> Enrollment:
+    return _enrollment(connector, output.facts, now)
+
+
+def _apt_updates(connector: Connector, output: linux.AssessmentOutput, refresh: bool) -> list[Update]:
+    failed = output.failed
+    if failed is not None:
+        # The same error as running the step's command alone with check=True.
+        *refresh_command, simulate, secure = linux.apt_assess_commands(refresh=refresh)
+        commands = {"refresh": refresh_command[0] if refresh_command else "", "simulation": simulate, "security": secure}
+        raise CommandFailed(connector.name, commands.get(failed.name) or failed.name, failed.exit_code,
+                            redact(failed.stderr))
+    if "simulation" not in output.steps:
+        raise ValueError(f"host {connector.name}: apt-get was not found, so apt cannot assess it")
+    try:
+        return linux.apt_updates(output.step("simulation").stdout, output.security_simulation())
+    except linux.ParseError as exc:
+        raise ValueError(f"host {connector.name}: {exc}") from None
+
+
+def survey_updates(connector: Connector, output: linux.AssessmentOutput, enrollment: Enrollment, *,
+                   refresh: bool = True, env: dict[str, str] | None = None,
+                   timeout: float | None = None) -> tuple[list[Update], bool]:
+    """Missing updates and whether a reboot is pending, from the survey's output on an apt host;
+    on dnf, yum and zypper hosts each command runs in a session of its own."""
+    manager = enrollment.package_manager
+    if manager != "apt":
+        return (assess(connector, manager, env=env, refresh=refresh, timeout=timeout),
+                reboot_pending(connector, manager, env=env, timeout=timeout))
+    updates = _apt_updates(connector, output, refresh)
+    try:
+        return updates, linux.reboot_required("apt", output.step("reboot").exit_code)
+    except ValueError as exc:
+        raise ValueError(f"host {connector.name}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Survey:
+    """A Linux host's read-only picture: enrollment facts, missing updates, pending reboot."""
+
+    enrollment: Enrollment
+    updates: list[Update]
+    reboot_pending: bool
+
+
+def survey(connector: Connector, *, env: dict[str, str] | None = None, refresh: bool = True,
+           timeout: float | None = None, now: datetime | None = None) -> Survey:
+    """Enroll and assess in as few sessions as the host allows: one on an apt host (facts,
+    refresh, simulations and reboot check in one script)."""
+    output = survey_output(connector, refresh=refresh, env=env, timeout=timeout)
+    enrollment = survey_enrollment(connector, output, now=now)
+    updates, pending = survey_updates(connector, output, enrollment, refresh=refresh, env=env, timeout=timeout)
+    return Survey(enrollment, updates, pending)
+
+
 def assess(connector: Connector, manager: PackageManager, *, env: dict[str, str] | None = None,
            refresh: bool = True, timeout: float | None = None) -> list[Update]:
     """Missing updates on the host. Changes nothing but the package lists (`refresh`)."""
     if manager == "apt":
-        *_, full, security = _run_all(connector, linux.apt_assess_commands(refresh=refresh), env, timeout)
-        return linux.apt_updates(full.stdout, security.stdout)
+        return _apt_updates(connector, survey_output(connector, refresh=refresh, env=env, timeout=timeout), refresh)
     if manager in ("dnf", "yum"):
         check_update, updateinfo = _run_all(connector, linux.dnf_assess_commands(manager, refresh=refresh), env, timeout)
         return linux.dnf_updates(check_update.stdout, updateinfo.stdout)
@@ -181,4 +264,5 @@ def install(connector: Connector, manager: PackageManager, updates: list[Update]
     return InstallResult(outcomes=outcomes, reboot_required=needs_reboot, commands=results)
 
 
-__all__ = ["FACTS_SCRIPT", "InstallResult", "LinuxFacts", "assess", "enroll", "install", "reboot_pending"]
+__all__ = ["ASSESS_SCRIPT", "FACTS_SCRIPT", "InstallResult", "LinuxFacts", "Survey", "assess", "enroll", "install",
+           "reboot_pending", "survey", "survey_enrollment", "survey_output", "survey_updates"]

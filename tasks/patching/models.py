@@ -300,8 +300,10 @@ class HostPatchRecord(_Frozen):
     started_at: AwareDatetime
     finished_at: AwareDatetime | None = None
     month_kind: MonthKind
-    status: Literal["succeeded", "failed", "skipped", "unreachable"]
-    reason: str = Field(default="", description="Why the host was skipped, failed or unreachable.")
+    # "rebooting" is written just before the host is told to restart and replaced once the
+    # reboot gate has an answer; a record left so means the run stopped while the host rebooted.
+    status: Literal["succeeded", "failed", "skipped", "unreachable", "rebooting"]
+    reason: str = Field(default="", description="Why the host was skipped, failed, unreachable or left rebooting.")
     rebooted: bool = False
     boot_id_before: str | None = None
     boot_id_after: str | None = None

@@ -8,6 +8,8 @@ fix. The reboot itself is never retried: asking twice could reboot a host twice.
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
@@ -174,27 +176,112 @@ class HostAssessment(BaseModel):
     error: str = ""
 
 
-def assess_host(host: HostConfig, base_dir: Path, enrollment: Enrollment) -> HostAssessment:
-    """Missing updates and whether a reboot is already pending. Changes nothing on the host."""
-    with connect(host, base_dir=base_dir) as conn:
-        if enrollment.os_family == "windows":
-            report_updates, pending = windows_host.assess_with_reboot_state(conn)
-        else:
-            report_updates = linux_host.assess(conn, enrollment.package_manager)
-            pending = linux_host.reboot_pending(conn, enrollment.package_manager)
-    log.info("assessed", host=host.name, missing=len(report_updates), reboot_pending=pending)
-    return HostAssessment(host=host.name, ok=True, updates=report_updates, reboot_pending=pending)
-
-
-@task(name="assess-host", task_run_name="assess {host.name}", retries=2, retry_delay_seconds=[2, 10],
-      retry_condition_fn=only_transient)
-def assess_task(host: HostConfig, base_dir: Path, enrollment: Enrollment) -> HostAssessment:
-    return assess_host(host, base_dir, enrollment)
-
-
 def failed_assessment(host: str, exc: BaseException) -> HostAssessment:
     log.warning("assessment failed", host=host, error=_error_text(exc))
     return HostAssessment(host=host, ok=False, error=_error_text(exc))
+
+
+# --------------------------------------------------------------------------- survey: enroll + assess at once
+
+# Transient faults of a survey's commands are retried here, per host, not by Prefect: a survey
+# task holds many hosts and must not re-survey the healthy ones (one retry layer per fault).
+SURVEY_RETRY_DELAYS = (2.0, 10.0)
+# Task runs a survey is split into. Hosts run in threads inside each task, so more task runs
+# add no speed, only API round trips (each costs the Prefect server and the run ~0.1 CPU-s);
+# four keep a run's progress visible and fit every default task-runner pool.
+SURVEY_TASKS = 4
+
+
+class HostSurvey(BaseModel):
+    """One host's enrollment row and, when it was reachable, its assessment."""
+
+    enrolled: EnrollmentRow
+    assessment: HostAssessment | None = None
+
+
+def _survey_connected(host: HostConfig, conn: Connector, refresh: bool) -> tuple[Enrollment, HostAssessment]:
+    if host.os_family == "windows":
+        enrollment = windows_host.enroll(conn, timezone_name=host.timezone)
+        try:
+            updates, pending = windows_host.assess_with_reboot_state(conn)
+        except (ConnectorError, ValueError) as exc:
+            return enrollment, _assessment_error(host, exc)
+        return enrollment, HostAssessment(host=host.name, ok=True, updates=updates, reboot_pending=pending)
+    output = linux_host.survey_output(conn, refresh=refresh)
+    enrollment = linux_host.survey_enrollment(conn, output)
+    try:
+        updates, pending = linux_host.survey_updates(conn, output, enrollment, refresh=refresh)
+    except (ConnectorError, ValueError) as exc:
+        return enrollment, _assessment_error(host, exc)
+    return enrollment, HostAssessment(host=host.name, ok=True, updates=updates, reboot_pending=pending)
+
+
+class _TransientAssessment(Exception):
+    def __init__(self, cause: ConnectorError) -> None:
+        super().__init__(cause.message)
+        self.cause = cause
+
+
+def _assessment_error(host: HostConfig, exc: Exception) -> HostAssessment:
+    if isinstance(exc, ConnectorError) and exc.transient:
+        raise _TransientAssessment(exc) from exc
+    return failed_assessment(host.name, exc)
+
+
+def survey_host(host: HostConfig, base_dir: Path, store: BlobStore | None, *, refresh: bool = True) -> HostSurvey:
+    """Enroll and assess one host over one connection (one SSH session on an apt host).
+
+    An unreachable host or unreadable facts make an unreachable row, as enrollment alone does;
+    a failed assessment of a reachable host is its assessment's error. Changes nothing on the
+    host but, with `refresh`, its package lists."""
+    row = EnrollmentRow(host=host.name, os_family=host.os_family, update_domain=host.update_domain, reachable=False)
+    for attempt, delay in enumerate((*SURVEY_RETRY_DELAYS, None)):
+        try:
+            with connect(host, base_dir=base_dir) as conn:
+                enrollment, assessment = _survey_connected(host, conn, refresh)
+            break
+        except _TransientAssessment as exc:
+            if delay is None:
+                return HostSurvey(enrolled=row.model_copy(update={"reachable": True}),
+                                  assessment=failed_assessment(host.name, exc.cause))
+            log.warning("assessment retried", host=host.name, attempt=attempt + 1, error=_error_text(exc.cause))
+            time.sleep(delay)
+        except (ConnectorError, SecretError, ValueError, OSError) as exc:
+            log.warning("enrollment failed", host=host.name, error=_error_text(exc))
+            return HostSurvey(enrolled=row.model_copy(update={"error": _error_text(exc)}))
+    if store is not None:
+        history.write_enrollment(store, enrollment)
+    log.info("enrolled", host=host.name, os=enrollment.os_name, package_manager=enrollment.package_manager,
+             hotpatch_eligible=enrollment.hotpatch_eligible)
+    if assessment.ok:
+        log.info("assessed", host=host.name, missing=len(assessment.updates), reboot_pending=assessment.reboot_pending)
+    return HostSurvey(enrolled=row.model_copy(update={"reachable": True, "enrollment": enrollment}),
+                      assessment=assessment)
+
+
+@task(name="survey-hosts", task_run_name="survey {hosts[0].name}… ({count} host(s))")
+def survey_task(hosts: list[HostConfig], base_dir: Path, config_path: str, record: bool, refresh: bool,
+                parallel: int, count: int) -> list[HostSurvey]:
+    """Enroll and assess these hosts, `parallel` at a time; every host is a result, never a raise."""
+    store = open_store(load_config(config_path).config.storage, base_dir) if record else None
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(hosts))),
+                                thread_name_prefix="survey") as pool:
+            return list(pool.map(lambda h: survey_host(h, base_dir, store, refresh=refresh), hosts))
+    finally:
+        if store is not None:
+            store.close()
+
+
+def survey_batches(hosts: list[HostConfig], forks: int) -> list[tuple[list[HostConfig], int]]:
+    """Split the hosts over at most SURVEY_TASKS task runs, with threads per run so that `forks`
+    hosts are surveyed at once in all (the same meaning as Ansible's forks)."""
+    if forks < 1:
+        raise ValueError(f"forks must be at least 1, got {forks}")
+    tasks = max(1, min(SURVEY_TASKS, len(hosts), forks))
+    batches = [hosts[i::tasks] for i in range(tasks)]
+    per_task = -(-forks // tasks)
+    return [(batch, per_task) for batch in batches if batch]
 
 
 # --------------------------------------------------------------------------- selection and plan
@@ -331,8 +418,8 @@ def reboot_gate_task(host: HostConfig, ctx: PatchContext, enrollment: Enrollment
         requested_on.append(before.boot_id)
         # Written before the restart: a run that dies now still says this host was rebooting.
         history.write_record(store, record.model_copy(update={
-            "status": "failed", "boot_id_before": before.boot_id,
-            "reason": f"rebooting (boot {before.boot_id}); no result was recorded after the reboot"}))
+            "status": "rebooting", "boot_id_before": before.boot_id,
+            "reason": f"reboot requested on boot {before.boot_id}; no result was recorded after the reboot"}))
         log.info("rebooting", host=host.name, boot_id=before.boot_id, reason=decision.reason)
 
     try:
@@ -443,9 +530,11 @@ def update_domain_slot(update_domain: int, timeout_seconds: float) -> Iterator[N
 
 
 __all__ = [
-    "EnrollmentRow", "GateResult", "HostAssessment", "HostPlan", "PatchContext", "PatchFleet", "REBOOT_LIMIT_PREFIX",
-    "RunSetupError", "assess_task", "enroll_task", "failed_assessment", "load_fleet", "only_transient",
-    "patch_host_task", "plan_host", "reboot_limit_name", "resolve_policy", "rollout_host", "update_domain_slot",
+    "EnrollmentRow", "GateResult", "HostAssessment", "HostPlan", "HostSurvey", "PatchContext", "PatchFleet",
+    "REBOOT_LIMIT_PREFIX", "SURVEY_TASKS",
+    "RunSetupError", "enroll_task", "failed_assessment", "load_fleet", "only_transient",
+    "patch_host_task", "plan_host", "reboot_limit_name", "resolve_policy", "rollout_host", "survey_batches",
+    "survey_host", "survey_task", "update_domain_slot",
 ]
 
 

@@ -11,11 +11,12 @@ from datetime import date, datetime, timezone
 import pytest
 
 from configs.models import HostConfig
+from connectors.base import CommandFailed, CommandResult
 from connectors.local import LocalConnector
 from tasks.patching import linux_host
 from tasks.patching.models import Classification, ComplianceState, PatchPolicy
 from tasks.patching.selection import select
-from tests.hosts.aptlab import AptLab, aptlab  # noqa: F401 - the fixture is used by name
+from tests.hosts.aptlab import REBOOT_POSTINST, AptLab
 
 pytestmark = pytest.mark.integration
 
@@ -105,3 +106,55 @@ def test_enrollment_reads_the_real_host_facts(host: LocalConnector) -> None:
     with open("/proc/sys/kernel/random/boot_id") as boot_id:
         assert enrollment.boot_id == boot_id.read().strip()
     assert enrollment.enrolled_at == now and not enrollment.hotpatch_eligible
+
+
+class CountingConnector(LocalConnector):
+    """The local host, counting the commands (an SSH session each over SSH)."""
+
+    def __init__(self, host: HostConfig) -> None:
+        super().__init__(host)
+        self.commands: list[str] = []
+
+    def run(self, command: str, **kwargs: object) -> CommandResult:  # type: ignore[override]
+        self.commands.append(command)
+        return super().run(command, **kwargs)  # type: ignore[arg-type]
+
+
+def test_survey_enrolls_and_assesses_in_one_command(aptlab: AptLab) -> None:
+    host = CountingConnector(HostConfig(name="lab1", transport="local"))
+    (aptlab.root / "run/reboot-required").touch()
+    found = linux_host.survey(host, env=aptlab.env)
+    assert len(host.commands) == 1
+    assert found.enrollment.package_manager == "apt" and found.reboot_pending
+    assert {u.id: u.classification for u in found.updates} == {
+        u.id: u.classification for u in linux_host.assess(host, "apt", env=aptlab.env)}
+    # The superseded security fix needs the security-preferring simulation, and it ran.
+    assert "security" in linux_host.survey_output(host, env=aptlab.env).steps
+
+
+def test_the_security_simulation_is_skipped_only_when_it_cannot_differ(aptlab: AptLab, host: LocalConnector) -> None:
+    # Withdraw the superseded security fix: every security version left is its package's candidate.
+    (aptlab.repository("security") / "demo-web_1.1_all.deb").unlink()
+    aptlab.publish("security", "demo-kernel", "1.1", postinst=REBOOT_POSTINST)
+    aptlab.apt_get("update")
+    output = linux_host.survey_output(host, env=aptlab.env)
+    assert "security.same" in output.steps and "security" not in output.steps
+    updates = {u.id: u.classification for u in linux_host.assess(host, "apt", env=aptlab.env)}
+    assert updates == {"demo-db=1.2": Classification.OTHER, "demo-kernel=1.1": Classification.SECURITY,
+                       "demo-tools=1.1": Classification.OTHER, "demo-web=1.2": Classification.OTHER}
+
+
+def test_without_refresh_the_lists_are_not_refreshed(aptlab: AptLab, host: LocalConnector) -> None:
+    # apt reads a file: repository in place, so what is compared is the command run, not stale lists.
+    cached = linux_host.survey_output(host, env=aptlab.env, refresh=False)
+    refreshed = linux_host.survey_output(host, env=aptlab.env)
+    assert "refresh" not in cached.steps
+    assert refreshed.steps["refresh"].exit_code == 0 and "Reading package lists" in refreshed.steps["refresh"].stdout
+    assert cached.steps["simulation"].stdout == refreshed.steps["simulation"].stdout
+
+
+def test_a_failing_refresh_is_the_commands_failure(aptlab: AptLab, host: LocalConnector) -> None:
+    (aptlab.root / "etc/apt/sources.list").write_text("deb [trusted=yes] file:/nonexistent/repo ./\n")
+    with pytest.raises(CommandFailed) as failed:
+        linux_host.assess(host, "apt", env=aptlab.env)
+    assert "apt-get -q update" in failed.value.message

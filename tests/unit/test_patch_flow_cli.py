@@ -69,3 +69,16 @@ def test_run_names_the_unknown_host_or_policy(tmp_path: Path) -> None:
     assert host.exit_code == 1 and "no such host: web-9" in host.output and "Traceback" not in host.output
     policy = runner.invoke(app, ["patch", "assess", "--config", str(cfg), "--policy", "weekly"])
     assert policy.exit_code == 1 and f"{cfg}: patch_policies: no policy named 'weekly'" in policy.output
+
+
+def test_history_shows_a_host_left_rebooting(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    started = datetime.now(timezone.utc).replace(microsecond=0)
+    write_record(LocalBlobStore(tmp_path / "store"), HostPatchRecord(
+        run_id="7d1e9b", host="web-1", started_at=started, month_kind="baseline", status="rebooting",
+        boot_id_before="b-1", reason="reboot requested on boot b-1; no result was recorded after the reboot"))
+    result = runner.invoke(app, ["patch", "history", "web-1", "--config", str(cfg), "--json"])
+    [row] = json.loads(result.stdout)
+    assert (row["status"], row["finished_at"], row["boot_id_before"]) == ("rebooting", None, "b-1")
+    text = runner.invoke(app, ["patch", "history", "web-1", "--config", str(cfg)])
+    assert text.exit_code == 0 and "rebooting" in text.output.split()

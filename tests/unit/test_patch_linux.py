@@ -200,3 +200,37 @@ def test_dpkg_states_tell_configured_from_half_installed() -> None:
     states = linux.parse_dpkg_states("demo-web\t1.1\tii \ndemo-broken\t1.1\tiF \n")
     assert states == {"demo-web": ("1.1", True), "demo-broken": ("1.1", False)}
     assert linux.dpkg_state_command(["b", "a", "b"]).endswith(" a b")
+
+
+def _framed(*frames: tuple[str, int, str]) -> str:
+    marker = linux.ASSESSMENT_MARKER
+    return '{"os_id": "debian"}\n' + "".join(f"\n{marker} {name} {code}\n{body}" for name, code, body in frames)
+
+
+def test_assessment_frames_give_back_each_steps_output_exactly() -> None:
+    text = _framed(("simulation.stdout", 0, "Inst a [1] (2 D:1/s [all])\n"), ("simulation.stderr", 0, "W: no newline"),
+                   ("security.same", 0, ""), ("reboot", 1, ""), ("end", 0, ""))
+    output = linux.parse_assessment_sections(text)
+    assert output.facts == '{"os_id": "debian"}\n'
+    assert output.steps["simulation"] == linux.AssessmentStep("simulation", 0, "Inst a [1] (2 D:1/s [all])\n",
+                                                               "W: no newline")
+    assert output.security_simulation() == output.steps["simulation"].stdout
+    assert output.steps["reboot"].exit_code == 1 and output.failed is None
+
+
+def test_a_failed_assessment_step_is_named() -> None:
+    output = linux.parse_assessment_sections(_framed(("refresh.stdout", 100, ""), ("refresh.stderr", 100, "E: no lists"),
+                                                     ("end", 100, "")))
+    assert output.failed == linux.AssessmentStep("refresh", 100, "", "E: no lists")
+
+
+def test_an_assessment_cut_short_is_a_parse_error() -> None:
+    with pytest.raises(linux.ParseError, match="did not finish"):
+        linux.parse_assessment_sections(_framed(("simulation.stdout", 0, "Inst a [1] (2 D:1/s [all])\n")))
+
+
+def test_assessment_script_arguments_carry_the_commands() -> None:
+    marker, refresh, simulate, secure, suites, reboot = linux.apt_assess_script_args(refresh=True)
+    assert marker == linux.ASSESSMENT_MARKER and [refresh, simulate, secure] == linux.apt_assess_commands(refresh=True)
+    assert suites == "-security$" and reboot == linux.reboot_check_command("apt")
+    assert linux.apt_assess_script_args(refresh=False)[1] == ""
