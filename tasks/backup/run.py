@@ -17,6 +17,7 @@ from connectors import connect
 from connectors.base import Connector, RetryPolicy
 from connectors.storage import open_store
 from tasks.backup import snapshot as snapshots
+from tasks.backup import staged
 from tasks.backup.engine import BackupRequest, backup, default_workers
 from tasks.backup.errors import BackupError, SourceError
 from tasks.backup.policy import BackupPolicy
@@ -66,9 +67,7 @@ def _source(connector: Connector, host: HostConfig, disk: DiskConfig, path: str)
         directory = disk.kind == "directory" or (
             disk.kind == "auto" and connector.run(f"test -d {shlex.quote(path)}", timeout=60).ok)
         return RemoteTreeSource(connector, path) if directory else RemoteBlockSource(connector, path)
-    raise SourceError(f"host {host.name} disk {disk.name}: Windows hosts upload straight to Azure Blob "
-                      "(docs/repository.md, *Windows hosts*); the host-side PowerShell scanner that feeds "
-                      "tasks/backup/staged.py is not written yet")
+    raise SourceError(f"host {host.name} disk {disk.name}: no block source for transport {host.transport!r}")
 
 
 def back_up_disk(config: PatchdrillConfig, base_dir: Path, host: HostConfig, disk: DiskConfig,
@@ -79,6 +78,10 @@ def back_up_disk(config: PatchdrillConfig, base_dir: Path, host: HostConfig, dis
         # The lab's paths are relative to the config file, not to wherever the run started.
         disk = disk.model_copy(update={"path": str(base_dir / disk.path)})
     repo = open_repository(config, base_dir, policy, create=True)
+    windows = host.transport == "winrm"
+    if windows:
+        # Before the snapshot: a disk that cannot go this way should not cost a VSS copy.
+        staged.check_direct_upload(repo.store, host.name, disk.name, disk.kind)
     # Transient host faults are retried once, by the Prefect task around this call (the run is
     # resumable); a connector retrying too would multiply the attempts.
     connector = connect(host, base_dir=base_dir, retry=RetryPolicy(attempts=1))
@@ -87,7 +90,11 @@ def back_up_disk(config: PatchdrillConfig, base_dir: Path, host: HostConfig, dis
             request = BackupRequest(host=host.name, disk=disk.name, consistency=snap.consistency,
                                     snapshot_method=snap.method, notes=tuple(getattr(snap, "notes", ()) or ()),
                                     block_size=policy.block_size, workers=policy.workers or default_workers())
-            point = backup(repo, _source(connector, host, disk, str(snap.read_path)), request)
+            if windows:
+                # Windows hosts upload straight to Azure Blob (docs/repository.md, *Windows hosts*).
+                point = staged.back_up_from_host(repo, connector, str(snap.read_path), request)
+            else:
+                point = backup(repo, _source(connector, host, disk, str(snap.read_path)), request)
     finally:
         connector.close()
     t = point.totals

@@ -1,0 +1,238 @@
+"""Backups of a Windows host's disk image, end to end through tasks/backup/run.py: a VSS
+snapshot, the host scanning it and uploading changed blocks straight to Azure Blob with SAS
+URLs, the controller turning them into chunks, the point, and the cleanup.
+
+Real: pywinrm over HTTPS with NTLM to the WS-Management test host, connectors/winrm.py sending
+the shipped win_blockscan.ps1, vss_snapshot.ps1 and vss_remove.ps1 with their arguments,
+Azurite with SAS URLs signed by the store and PUT over real HTTP, the repository, restore.
+
+Simulated (there is no Windows here): what those scripts do on Windows. `SimulatedWindowsDisk`
+answers them, matched on their exact shipped text: the shadow copy is a point-in-time copy of
+the image file, and the scanner does in Python what win_blockscan.ps1 does in PowerShell.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import shutil
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from configs.models import AzureStorage, DiskConfig, HostConfig, LocalStorage, PatchdrillConfig
+from connectors.base import remote_script
+from connectors.storage import AzureBlobStore
+from tasks.backup.errors import SourceError
+from tasks.backup.policy import BackupPolicy
+from tasks.backup.restore import restore
+from tasks.backup.run import back_up_disk, open_repository
+from tests.hosts.azurite import AzuriteServer
+from tests.hosts.wsman_server import WsmanTestHost
+from tests.hosts.wsman_sim import SimResult, script_handler
+
+pytestmark = pytest.mark.integration
+BLOCK = 64 * 1024
+BLOCKS = 24
+POLICY = BackupPolicy(block_size=BLOCK, workers=2)
+
+
+@dataclass
+class SimulatedWindowsDisk:
+    """VSS and win_blockscan.ps1 on one simulated Windows host whose "C:" is a local directory."""
+
+    shadow_root: Path
+    failing_writer: str | None = None
+    shadows: dict[str, Path] = field(default_factory=dict)  # shadow id -> the copy VSS would expose
+    scans: list[str] = field(default_factory=list)
+    uploaded: list[list[int]] = field(default_factory=list)  # block indexes, one list per upload call
+    #: write into the image between the scan and the upload, as a live (unsnapshotted) disk would change
+    change_before_upload: bool = False
+
+    # vss_snapshot.ps1 / vss_remove.ps1 -------------------------------------------------------
+    def snapshot(self, args: dict[str, str]) -> SimResult:
+        """A shadow copy is a point-in-time view: a copy of the image taken now."""
+        shadow_id = "{" + str(uuid.uuid4()).upper() + "}"
+        source = Path(args["Path"])
+        copy = self.shadow_root / args["SnapshotId"] / source.name
+        copy.parent.mkdir(parents=True)
+        shutil.copyfile(source, copy)
+        self.shadows[shadow_id] = copy
+        writers = [{"name": "System Writer", "state": 1, "state_text": "Stable"},
+                   {"name": "Microsoft Hyper-V VSS Writer", "state": 9 if self.failing_writer else 1,
+                    "state_text": "Failed at freeze" if self.failing_writer else "Stable"}]
+        consistency, reason = "application-consistent", None
+        if self.failing_writer:
+            if args.get("AllowFallback") != "true":
+                return SimResult(errors=["VSS writers failed during the shadow copy"], exit_code=1)
+            consistency = "file-system-consistent"
+            reason = f"VSS writers failed: {self.failing_writer} [9] Failed at freeze; the shadow copy is kept as file-system-consistent"
+        report = {"id": shadow_id, "device": "\\\\?\\GLOBALROOT\\Device\\HarddiskVolumeShadowCopy3",
+                  "link": str(copy.parent), "volume": "C:\\", "read_path": str(copy), "consistency": consistency,
+                  "context": "ClientAccessibleWriters", "writers": writers, "writers_failed_before": [],
+                  "fallback_reason": reason}
+        return SimResult(stdout=json.dumps(report) + "\r\n")
+
+    def remove(self, args: dict[str, str]) -> SimResult:
+        shadow_id = args["ShadowId"]
+        if args.get("CheckOnly") == "true":
+            state = "present" if shadow_id in self.shadows else "missing"
+            return SimResult(stdout=json.dumps({"id": shadow_id, "shadow": state, "link": "none"}) + "\r\n")
+        copy = self.shadows.pop(shadow_id, None)
+        if copy is not None:
+            shutil.rmtree(copy.parent)
+        state = "removed" if copy else "already-gone"
+        return SimResult(stdout=json.dumps({"id": shadow_id, "shadow": state, "link": "removed"}) + "\r\n")
+
+    # win_blockscan.ps1 -----------------------------------------------------------------------
+    def blockscan(self, args: dict[str, str]) -> SimResult:
+        """Simulates win_blockscan.ps1 (PowerShell cannot run here): SHA-256 of every block in
+        Scan mode; in Upload mode each listed block is read and PUT raw to its SAS URL with
+        `x-ms-blob-type: BlockBlob` over real HTTP, several at once, and the same JSON report
+        is printed."""
+        path, block_size = Path(args["Path"]), int(args["BlockSize"])
+        if args["Mode"] == "Scan":
+            self.scans.append(str(path))
+            if path.is_dir():
+                return SimResult(stdout=json.dumps({"kind": "directory", "path": str(path)}))
+            data = path.read_bytes()
+            digests = "".join(hashlib.sha256(data[i:i + block_size]).hexdigest()
+                              for i in range(0, len(data), block_size))
+            return SimResult(stdout=json.dumps({"kind": "block", "hash": "sha256", "size": len(data),
+                                                "block_size": block_size, "fingerprints": digests}) + "\r\n")
+        if self.change_before_upload:
+            with path.open("r+b") as handle:
+                handle.write(b"changed after the scan")
+        work = []
+        for line in args["Uploads"].splitlines():
+            index, url = line.split(" ", 1)
+            work.append((int(index), url))
+
+        def put(item: tuple[int, str]) -> dict[str, object]:
+            index, url = item
+            with path.open("rb") as handle:
+                handle.seek(index * block_size)
+                block = handle.read(block_size)
+            answer = httpx.put(url, content=block, headers={"x-ms-blob-type": "BlockBlob"})
+            answer.raise_for_status()
+            return {"index": index, "bytes": len(block), "sha256": hashlib.sha256(block).hexdigest()}
+
+        with ThreadPoolExecutor(max_workers=int(args.get("Threads", "4"))) as pool:
+            blocks = list(pool.map(put, work))
+        self.uploaded.append([i for i, _ in work])
+        return SimResult(stdout=json.dumps({"blocks": blocks, "bytes_sent": sum(b["bytes"] for b in blocks)}) + "\r\n")
+
+
+@pytest.fixture
+def simulated(fresh_winrm_server: WsmanTestHost, tmp_path: Path) -> SimulatedWindowsDisk:
+    disk = SimulatedWindowsDisk(shadow_root=tmp_path / "shadows")
+    handlers = [script_handler("vss_snapshot.ps1", disk.snapshot), script_handler("vss_remove.ps1", disk.remove),
+                script_handler("win_blockscan.ps1", disk.blockscan)]
+    fresh_winrm_server.handlers[:0] = handlers
+    return disk
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "c" / "vm.vhdx"
+    path.parent.mkdir()
+    path.write_bytes(random.Random(21).randbytes(BLOCKS * BLOCK + 777))
+    return path
+
+
+@pytest.fixture
+def config(azure_store: AzureBlobStore, azurite: AzuriteServer, azure_container_name: str,
+           fresh_winrm_server: WsmanTestHost, image: Path, monkeypatch: pytest.MonkeyPatch) -> PatchdrillConfig:
+    monkeypatch.setenv("PATCHDRILL_TEST_AZURE", azurite.connection_string)
+    host = fresh_winrm_server.host_config("win-1", disks=[DiskConfig(name="vm", path=str(image), kind="block"),
+                                                      DiskConfig(name="docs", path=str(image.parent), kind="directory")])
+    storage = AzureStorage(container=azure_container_name, connection_string="env:PATCHDRILL_TEST_AZURE")
+    return PatchdrillConfig(storage=storage, hosts=[host])
+
+
+def _disk(config: PatchdrillConfig, name: str) -> tuple[HostConfig, DiskConfig]:
+    host = config.hosts[0]
+    return host, next(d for d in host.disks if d.name == name)
+
+
+def _rewrite(path: Path, indexes: list[int]) -> None:
+    rng = random.Random(22)
+    with path.open("r+b") as handle:
+        for index in indexes:
+            handle.seek(index * BLOCK + 100)
+            handle.write(rng.randbytes(50))
+
+
+def test_full_then_incremental_straight_to_azure(config: PatchdrillConfig, simulated: SimulatedWindowsDisk,
+                                                 azure_store: AzureBlobStore, image: Path, tmp_path: Path) -> None:
+    host, disk = _disk(config, "vm")
+    full = back_up_disk(config, tmp_path, host, disk, POLICY)
+    assert full.status == "ok" and full.consistency == "application-consistent" and full.snapshot_method == "vss"
+    assert simulated.uploaded == [list(range(BLOCKS + 1))]
+    assert simulated.scans[0].startswith(str(simulated.shadow_root)), "the scan read the live disk, not the shadow copy"
+
+    changed = [0, 7, 8, 24]
+    _rewrite(image, changed)
+    second = back_up_disk(config, tmp_path, host, disk, POLICY)
+    # Exactly the changed blocks went from the host to staging, and became new chunks.
+    assert simulated.uploaded[1] == changed
+    repo = open_repository(config, tmp_path, POLICY)
+    point = repo.find_point("win-1", "vm", None)
+    assert point.key == second.point and point.parent == full.point
+    assert (point.totals.changed_blocks, point.totals.uploaded_chunks) == (len(changed), len(changed))
+    assert point.consistency == "application-consistent" and point.snapshot_method == "vss"
+    assert point.source_path.startswith(str(simulated.shadow_root))
+
+    assert list(azure_store.list("staging/")) == []
+    assert list(azure_store.list("locks/")) == []
+    assert simulated.shadows == {}, "a shadow copy outlived its backup"
+    restore(repo, point, tmp_path / "restored.vhdx")
+    assert (tmp_path / "restored.vhdx").read_bytes() == image.read_bytes()
+
+
+def test_a_failed_writer_is_recorded_as_file_system_consistent(config: PatchdrillConfig, simulated: SimulatedWindowsDisk,
+                                                               tmp_path: Path) -> None:
+    simulated.failing_writer = "Microsoft Hyper-V VSS Writer"
+    host, disk = _disk(config, "vm")
+    report = back_up_disk(config, tmp_path, host, disk, POLICY)
+    point = open_repository(config, tmp_path, POLICY).find_point("win-1", "vm", None)
+    assert report.consistency == point.consistency == "file-system-consistent"
+    assert any("Hyper-V VSS Writer" in note for note in point.notes), point.notes
+
+
+def test_a_block_changed_after_the_scan_leaves_no_point_and_no_staging(
+        config: PatchdrillConfig, simulated: SimulatedWindowsDisk, azure_store: AzureBlobStore, tmp_path: Path) -> None:
+    """Reading the live disk instead of a snapshot would do this; the host's report gives it away."""
+    simulated.change_before_upload = True
+    host, disk = _disk(config, "vm")
+    with pytest.raises(SourceError, match="block 0 .* changed between the scan and the upload"):
+        back_up_disk(config, tmp_path, host, disk, POLICY)
+    assert list(azure_store.list("points/")) == []
+    assert list(azure_store.list("staging/")) == []
+    assert simulated.shadows == {}
+
+
+def test_directory_disks_and_local_stores_are_refused_before_any_snapshot(
+        config: PatchdrillConfig, simulated: SimulatedWindowsDisk, tmp_path: Path) -> None:
+    host, disk = _disk(config, "docs")
+    with pytest.raises(SourceError, match="directory disks of Windows hosts are not supported"):
+        back_up_disk(config, tmp_path, host, disk, POLICY)
+    local = config.model_copy(update={"storage": LocalStorage(path=str(tmp_path / "repo"))})
+    host, disk = _disk(local, "vm")
+    with pytest.raises(SourceError, match="Windows backups need an Azure Blob repository"):
+        back_up_disk(local, tmp_path, host, disk, POLICY)
+    assert simulated.scans == [] and simulated.shadows == {} and not (tmp_path / "shadows").exists()
+
+
+def test_the_controller_passes_only_parameters_the_script_declares() -> None:
+    """The simulation cannot catch a parameter renamed in the .ps1 alone; this can."""
+    text = remote_script("win_blockscan.ps1")
+    declared = set(re.findall(r"\]\$(\w+)", text[text.index("param("):text.index("$ErrorActionPreference")]))
+    assert {"Mode", "Path", "BlockSize", "Uploads", "Threads"} <= declared
+    assert "'Scan', 'Upload'" in text and "x-ms-blob-type" in text
