@@ -4,6 +4,7 @@ up, and always remove the snapshot. The Prefect tasks and the CLI both call this
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
 import time
 from pathlib import Path
@@ -76,7 +77,7 @@ def back_up_disk(config: PatchdrillConfig, base_dir: Path, host: HostConfig, dis
     started = time.monotonic()
     if host.transport == "local" and not Path(disk.path).is_absolute():
         # The lab's paths are relative to the config file, not to wherever the run started.
-        disk = disk.model_copy(update={"path": str(base_dir / disk.path)})
+        disk = disk.model_copy(update={"path": os.path.normpath(base_dir / disk.path)})
     repo = open_repository(config, base_dir, policy, create=True)
     windows = host.transport == "winrm"
     if windows:
