@@ -279,9 +279,9 @@ def survey_batches(hosts: list[HostConfig], forks: int) -> list[tuple[list[HostC
     if forks < 1:
         raise ValueError(f"forks must be at least 1, got {forks}")
     tasks = max(1, min(SURVEY_TASKS, len(hosts), forks))
-    batches = [hosts[i::tasks] for i in range(tasks)]
-    per_task = -(-forks // tasks)
-    return [(batch, per_task) for batch in batches if batch]
+    # Threads add up to exactly `forks`, never more: the first forks % tasks runs get one extra.
+    threads = [forks // tasks + (1 if i < forks % tasks else 0) for i in range(tasks)]
+    return [(hosts[i::tasks], threads[i]) for i in range(tasks) if hosts[i::tasks]]
 
 
 # --------------------------------------------------------------------------- selection and plan

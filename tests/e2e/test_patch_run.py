@@ -405,3 +405,24 @@ def test_cli_assess_and_dry_run_report_without_changing_the_host(
 
     assert host.versions() == {"demo-web": "1.0", "demo-kernel": "1.0", "demo-db": "1.0"}
     assert not host.reboot_required and not (tmp_path / "store").exists()
+
+
+def test_cli_assess_surveys_each_host_in_one_connection_and_one_session(
+        prefect_server: None, lab_host: LabMaker, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    host = lab_host("survey-host", 5)
+    cfg = write_config(tmp_path / "fleet.yaml", [host.config()], {"baseline_months": baseline_now()})
+    seen = host.sshd.log_path.read_text(errors="replace")
+    for extra in ([], ["--no-refresh", "--forks", "1"]):
+        assessed = CliRunner().invoke(app, ["patch", "assess", "--config", str(cfg), "--json", *extra])
+        assert assessed.exit_code == 0, assessed.output
+        [plan] = json.loads(assessed.stdout)["plans"]
+        assert sorted(u["id"] for u in plan["install"]) == ["demo-kernel=1.1", "demo-web=1.1"]
+        log = host.sshd.log_path.read_text(errors="replace")
+        new, seen = log[len(seen):], log
+        assert (new.count("Connection from "), new.count("Starting session: ")) == (1, 1), new
+    assert host.versions() == {"demo-web": "1.0", "demo-kernel": "1.0", "demo-db": "1.0"}
+    assert not host.reboot_required and not (tmp_path / "store").exists()

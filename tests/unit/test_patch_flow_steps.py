@@ -13,7 +13,7 @@ from configs.loader import load_config
 from configs.models import HostConfig
 from configs.secrets import remember
 from connectors.storage import LocalBlobStore
-from tasks.patching import history
+from tasks.patching import history, steps
 from tasks.patching.models import (
     Classification,
     ComplianceState,
@@ -166,3 +166,13 @@ def test_reports_list_every_update_and_never_a_secret() -> None:
     assert "**1** failed, **1** succeeded" in markdown and "**Rollout stopped:** budget" in markdown
     assert "| b | succeeded | no | 1 | 0 | 0 | 1 |" in markdown
     assert secret not in markdown and "***" in markdown
+
+
+@pytest.mark.parametrize(("hosts", "forks"), [(100, 50), (100, 5), (3, 50), (7, 2), (1, 1), (9, 4)])
+def test_survey_batches_keep_every_host_once_and_exactly_forks_in_flight(hosts: int, forks: int) -> None:
+    fleet = [HostConfig(name=f"h{i}", transport="local") for i in range(hosts)]
+    batches = steps.survey_batches(fleet, forks)
+    assert sorted(h.name for batch, _ in batches for h in batch) == sorted(h.name for h in fleet)
+    assert len(batches) <= steps.SURVEY_TASKS
+    in_flight = sum(min(threads, len(batch)) for batch, threads in batches)
+    assert in_flight == min(forks, hosts) and sum(threads for _, threads in batches) <= forks
