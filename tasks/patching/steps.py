@@ -3,7 +3,10 @@
 Retries: connecting is retried by the connector itself (tenacity, backoff and jitter), so a
 task is retried by Prefect only when a transient fault (a timeout, a dropped host) hit a
 command; never for a refused login, a parse error or a failed install, which a retry cannot
-fix. The reboot itself is never retried: asking twice could reboot a host twice.
+fix. The reboot itself is never retried: asking twice could reboot a host twice. The survey
+(enrollment and assessment together) is the exception in form, not in rule: one of its task
+runs holds many hosts, so it retries a host's transient fault itself rather than have Prefect
+re-survey every host of the task.
 """
 
 from __future__ import annotations
