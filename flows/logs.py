@@ -8,13 +8,12 @@ import sys
 from typing import Any
 
 import structlog
-from prefect.context import FlowRunContext, TaskRunContext
-from prefect.logging.handlers import APILogHandler
 
 from configs.secrets import redact
 
 LOGGER_NAME = "patchdrill"
 _configured = False
+_run_handler_attached = False
 
 
 def _redact_event(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -27,8 +26,8 @@ def _redact_event(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
 
 
 class RedactingFilter(logging.Filter):
-    """Redacts secrets in stdlib records of the 'patchdrill' logger tree before any handler
-    (Prefect's API handler included) sees them."""
+    """Redacts secrets in stdlib records of the 'patchdrill' logger tree; set on each of our
+    handlers (a logger's own filters do not see its children's records)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.args or isinstance(record.msg, str):
@@ -49,32 +48,43 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
-class RunLogHandler(APILogHandler):
-    """Ships events to the Prefect run's logs (so the UI shows them) when inside a run.
+def _run_log_handler() -> logging.Handler:
+    """A handler that ships events to the Prefect run's logs (so the UI shows them) when inside
+    a run. Built on first use so commands that run no flow never import Prefect.
 
     Prefect's PREFECT_LOGGING_EXTRA_LOGGERS does the same, but only if set before Prefect
     configures logging, which a library cannot promise; outside a run (plain CLI use) the
     event stays on the console instead of raising a missing-context warning.
     """
+    from prefect.context import FlowRunContext, TaskRunContext
+    from prefect.logging.handlers import APILogHandler
 
-    def emit(self, record: logging.LogRecord) -> None:
-        if FlowRunContext.get() is not None or TaskRunContext.get() is not None:
-            super().emit(record)
+    class RunLogHandler(APILogHandler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if FlowRunContext.get() is not None or TaskRunContext.get() is not None:
+                super().emit(record)
+
+    handler = RunLogHandler()
+    handler.addFilter(RedactingFilter())
+    return handler
 
 
 def configure(json: bool = False, level: int = logging.INFO) -> None:
-    """Set up structlog and the 'patchdrill' stdlib logger. Safe to call more than once.
+    """Set up structlog and the 'patchdrill' stdlib logger. Safe to call more than once; every
+    flow calls it, which attaches the Prefect run-log handler once Prefect is loaded.
 
     structlog renders each event to one string before the standard library sees it, so every
     handler (the console here, Prefect's run-log handler in a flow) gets the same plain text.
     """
-    global _configured
+    global _configured, _run_handler_attached
     logger = logging.getLogger(LOGGER_NAME)
     # The level must be set, or INFO events never reach Prefect's handler.
     logger.setLevel(level)
+    if not _run_handler_attached and "prefect" in sys.modules:
+        logger.addHandler(_run_log_handler())
+        _run_handler_attached = True
     if _configured:
         return
-    logger.addHandler(RunLogHandler())
     # Our own handlers render every event once; Prefect's console handler on the root logger
     # would print each a second time.
     logger.propagate = False

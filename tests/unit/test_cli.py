@@ -75,3 +75,14 @@ def test_unknown_group_and_host_are_clear_errors() -> None:
     assert result.exit_code == 1 and "no such host: nope" in result.output
     result = runner.invoke(app, ["hosts", "ping", "--config", lab, "--group", "nope"])
     assert result.exit_code == 1 and "no host matches" in result.output
+
+
+def test_commands_that_run_no_flow_do_not_load_prefect() -> None:
+    """Prefect costs about a second to import; `--help`, `config check` and `hosts ping` don't need it."""
+    import subprocess
+    import sys
+
+    probe = "import sys, flows.cli; print('prefect' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
