@@ -561,7 +561,11 @@ def record_for_unpatched(run_id: str, host: str, started: datetime, plan: HostPl
 def write_records_task(config_path: str, base_dir: Path, records: list[HostPatchRecord], count: int) -> list[str]:
     store = open_store(load_config(config_path).config.storage, base_dir)
     try:
-        return [history.write_record(store, record) for record in records]
+        written = [history.write_record(store, record) for record in records]
+        # The store keeps 30 days of history (docs/repository.md); each run trims what aged out.
+        for key in history.prune(store):
+            log.info("history record expired", key=key)
+        return written
     finally:
         store.close()
 

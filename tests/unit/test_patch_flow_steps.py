@@ -176,3 +176,16 @@ def test_survey_batches_keep_every_host_once_and_exactly_forks_in_flight(hosts: 
     assert len(batches) <= steps.SURVEY_TASKS
     in_flight = sum(min(threads, len(batch)) for batch, threads in batches)
     assert in_flight == min(forks, hosts) and sum(threads for _, threads in batches) <= forks
+
+
+def test_writing_a_runs_records_trims_history_older_than_30_days(tmp_path: Path) -> None:
+    config = tmp_path / "fleet.yaml"
+    config.write_text(yaml.safe_dump({"storage": {"kind": "local", "path": "store"}, "hosts": []}))
+    store = LocalBlobStore(tmp_path / "store")
+    now = datetime.now(timezone.utc)
+    history.write_record(store, _record("h1", now - timedelta(days=31), run_id="expired"))
+    history.write_record(store, _record("h1", now - timedelta(days=29), run_id="kept"))
+    written = steps.write_records_task.fn(str(config), tmp_path, [_record("h1", now, run_id="current")], 1)
+    remaining = sorted(info.key.rsplit("-", 1)[-1] for info in store.list("history/h1/"))
+    assert remaining == ["current.json", "kept.json"]
+    assert written == [info.key for info in store.list("history/h1/") if info.key.endswith("-current.json")]
