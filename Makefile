@@ -7,7 +7,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export UV_LINK_MODE := copy
 
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
-APT_PACKAGES := openssh-server openssh-client apt-utils dpkg-dev restic
+APT_PACKAGES := openssh-server openssh-client apt-utils dpkg-dev restic xfsprogs
 
 .PHONY: help demo test server bootstrap uv python-deps node-deps system-deps bench clean
 
