@@ -21,15 +21,15 @@ from rich.table import Table
 from configs.secrets import SecretError, redact
 from connectors.base import ConnectorError
 from connectors.storage import StoreError
-from flows.cli_common import DEFAULT_CONFIG, ConfigOption, JsonOption, console, emit, err_console, fail, load_or_exit
+from flows.cli_common import (
+    DEFAULT_CONFIG, ConfigOption, GroupsOption, HostsOption, JsonOption, console, emit, err_console, fail, load_or_exit,
+)
 from tasks.backup import progress
 from tasks.backup.errors import BackupError
 from tasks.backup.policy import BackupPolicy, policy_from_config
 
 T = TypeVar("T")
 
-HostsOption = Annotated[Optional[list[str]], typer.Option("--host", help="Only this host (repeatable).")]
-GroupsOption = Annotated[Optional[list[str]], typer.Option("--group", "-g", help="Only hosts in this group (repeatable).")]
 PolicyOption = Annotated[Optional[str], typer.Option("--policy", "-p", help="Backup policy name (default: 'default' or the only one).")]
 _EXPECTED = (BackupError, StoreError, ConnectorError, SecretError, OSError, KeyError)
 

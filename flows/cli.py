@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from configs.models import PatchdrillConfig
-from flows.cli_common import DEFAULT_CONFIG, ConfigOption, JsonOption, console, emit, fail, load_or_exit
+from flows.cli_common import (
+    DEFAULT_CONFIG, ConfigOption, GroupsOption, HostsOption, JsonOption, console, emit, fail, load_or_exit,
+)
 from flows.logs import configure
 
 app = typer.Typer(
@@ -62,8 +64,8 @@ def config_schema() -> None:
 @hosts_app.command("ping")
 def hosts_ping(
     config: ConfigOption = DEFAULT_CONFIG,
-    group: Annotated[Optional[list[str]], typer.Option("--group", "-g", help="Only hosts in this group (repeatable).")] = None,
-    host: Annotated[Optional[list[str]], typer.Option("--host", help="Only this host (repeatable).")] = None,
+    group: GroupsOption = None,
+    host: HostsOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Connect to each host in parallel: OS, boot identity, round-trip time."""

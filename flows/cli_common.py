@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Callable, NoReturn
+from typing import Annotated, Any, Callable, NoReturn, Optional
 
 import typer
 from pydantic import BaseModel
@@ -20,6 +20,8 @@ err_console = Console(stderr=True)
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Config file (YAML).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+GroupsOption = Annotated[Optional[list[str]], typer.Option("--group", "-g", help="Only hosts in this group (repeatable).")]
+HostsOption = Annotated[Optional[list[str]], typer.Option("--host", help="Only this host (repeatable).")]
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

@@ -13,10 +13,10 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from flows.cli_common import DEFAULT_CONFIG, ConfigOption, JsonOption, console, emit, fail, load_or_exit
+from flows.cli_common import (
+    DEFAULT_CONFIG, ConfigOption, GroupsOption, HostsOption, JsonOption, console, emit, fail, load_or_exit,
+)
 
-GroupOption = Annotated[Optional[list[str]], typer.Option("--group", "-g", help="Only hosts in this group (repeatable).")]
-HostOption = Annotated[Optional[list[str]], typer.Option("--host", help="Only this host (repeatable).")]
 PolicyOption = Annotated[Optional[str], typer.Option(
     "--policy", help="Patch policy name (default: the group's, else 'default').")]
 # Kept in step with flows.patch_run.DEFAULT_FORKS (not imported: that module loads Prefect).
@@ -43,7 +43,7 @@ def _fleet_or_exit(config: Path, group: list[str] | None, host: list[str] | None
 
 
 @patch_app.command("enroll")
-def enroll(config: ConfigOption = DEFAULT_CONFIG, group: GroupOption = None, host: HostOption = None,
+def enroll(config: ConfigOption = DEFAULT_CONFIG, group: GroupsOption = None, host: HostsOption = None,
            as_json: JsonOption = False) -> None:
     """Enroll hosts: OS, build, package manager, hotpatch eligibility (exit 2 if any is unreachable)."""
     from flows.patch_run import patch_enroll
@@ -88,8 +88,8 @@ def _render_assessment(report: Any) -> None:
 @patch_app.command("assess")
 def assess(
     config: ConfigOption = DEFAULT_CONFIG,
-    group: GroupOption = None,
-    host: HostOption = None,
+    group: GroupsOption = None,
+    host: HostsOption = None,
     policy: PolicyOption = None,
     refresh: Annotated[bool, typer.Option(
         "--refresh/--no-refresh", help="Refresh each host's package lists first (apt-get update, dnf --refresh, "
@@ -137,8 +137,8 @@ def _render_run(report: Any) -> None:
 @patch_app.command("run")
 def run(
     config: ConfigOption = DEFAULT_CONFIG,
-    group: GroupOption = None,
-    host: HostOption = None,
+    group: GroupsOption = None,
+    host: HostsOption = None,
     policy: PolicyOption = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Print the rollout plan (batches, windows, expected reboots); change nothing.")] = False,
@@ -172,7 +172,7 @@ def calendar(
     config: Annotated[Optional[Path], typer.Option(
         "--config", "-c", help="Config whose policy to use (default: built-in policy).")] = None,
     policy: PolicyOption = None,
-    group: GroupOption = None,
+    group: GroupsOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Print the year's months: Patch Tuesday and whether each is a baseline or hotpatch month."""
