@@ -27,6 +27,11 @@ from tasks.backup.run import DiskReport, back_up_disk, find_disk, open_repositor
 from tasks.backup.verify import VerifyReport, verify
 
 
+# Two layers on purpose, at different time scales: the Azure SDK retries a single request within
+# seconds (a dropped connection mid-upload), and this task retries the whole disk after 15 s and
+# 60 s when the store or host stayed unreachable longer than that. Connectors open with one
+# attempt here, so host faults are retried by this layer only. A retried disk uploads only what
+# the store still lacks, so the outer layer costs a rescan, never a second copy of the data.
 def is_transient(error: BaseException | None) -> bool:
     if isinstance(error, ConnectorError):
         return error.transient
