@@ -3,11 +3,15 @@
 A reference is `env:NAME`, `file:PATH` or `prefect-secret:BLOCK`. Whatever a reference
 resolves to is added to a process-wide redaction set that the logging pipeline, artifacts and
 error messages pass their text through (`redact`).
+
+SAS tokens are redacted by their shape instead: a backup signs one per uploaded block, tens of
+thousands a run, and a set that grew with each would make every later `redact` slower.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -15,6 +19,12 @@ _lock = threading.Lock()
 _secrets: set[str] = set()
 MASK = "***"
 CREDENTIAL_SCHEMES = ("env:", "file:", "prefect-secret:")
+
+# A SAS token is a query string (a URL's, or a connection string's SharedAccessSignature=…)
+# whose `sig` field signs the others. The whole query is masked, not only `sig`: the other
+# fields are harmless alone, but with the signature they make a working credential.
+_QUERY_VALUE = r"[^&\s'\"#;<>]*"
+_SAS_QUERY = re.compile(rf"(?i)(?:[\w-]+={_QUERY_VALUE}&)*(?<![\w-])sig=[^&\s'\"#;<>]+(?:&[\w-]+={_QUERY_VALUE})*")
 
 
 class SecretError(Exception):
@@ -42,15 +52,24 @@ def remember(value: str) -> str:
 
 
 def redact(text: str) -> str:
-    """Replace every known secret in text by ***."""
-    if not _secrets or not text:
+    """Replace every known secret and every SAS token in text by ***."""
+    if not text:
         return text
-    with _lock:
-        known = sorted(_secrets, key=len, reverse=True)
-    for secret in known:
-        if secret in text:
-            text = text.replace(secret, MASK)
+    if _secrets:
+        with _lock:
+            known = sorted(_secrets, key=len, reverse=True)
+        for secret in known:
+            if secret in text:
+                text = text.replace(secret, MASK)
+    if "sig=" in text.lower():
+        text = _SAS_QUERY.sub(MASK, text)
     return text
+
+
+def remembered_count() -> int:
+    """How many values redact() compares text with (SAS tokens are matched by shape, not kept)."""
+    with _lock:
+        return len(_secrets)
 
 
 def resolve(reference: str, *, base_dir: Path | None = None) -> str:
