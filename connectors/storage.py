@@ -10,7 +10,6 @@ import abc
 import contextlib
 import ipaddress
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -27,7 +26,13 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
-from azure.storage.blob import BlobSasPermissions, ContainerClient, UserDelegationKey, generate_blob_sas
+from azure.storage.blob import (
+    BlobLeaseClient,
+    BlobSasPermissions,
+    ContainerClient,
+    UserDelegationKey,
+    generate_blob_sas,
+)
 
 from configs.models import AzureStorage, LocalStorage
 from configs.secrets import SecretError, redact, remember, resolve
@@ -134,8 +139,12 @@ class BlobStore(abc.ABC):
     def exists(self, key: str) -> bool: ...
 
     @abc.abstractmethod
-    def list(self, prefix: str = "") -> Iterator[BlobInfo]:
-        """Every key under prefix, in no particular order."""
+    def list(self, prefix: str = "", *, uncommitted: bool = False) -> Iterator[BlobInfo]:
+        """Every key under prefix, in no particular order.
+
+        uncommitted: also keys that hold only uploaded-but-never-committed data (an Azure block
+        upload that was killed, or a host's Put Block); a local store has no such thing.
+        """
 
     @abc.abstractmethod
     def delete(self, key: str) -> None:
@@ -261,7 +270,7 @@ class LocalBlobStore(BlobStore):
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
-    def list(self, prefix: str = "") -> Iterator[BlobInfo]:
+    def list(self, prefix: str = "", *, uncommitted: bool = False) -> Iterator[BlobInfo]:
         validate_prefix(prefix, self.name)
         # Only the directory the prefix's complete segments name needs walking.
         directory, _, _ = prefix.rpartition("/")
@@ -351,6 +360,19 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+#: delete rounds against a lease someone keeps taking again
+_DELETE_ATTEMPTS = 3
+_LEASED = frozenset({"LeaseIdMissing", "LeaseIdMismatchWithBlobOperation", "LeaseIdMismatchWithContainerOperation"})
+#: Azurite's well-known development account: plain HTTP to it is a lab, never production
+_EMULATOR_ACCOUNT = "devstoreaccount1"
+_DELEGATION_KEY_LIFETIME = timedelta(hours=1)
+
+
+def _error_code(exc: AzureError) -> str | None:
+    code = getattr(exc, "error_code", None)
+    return getattr(code, "value", code)  # the SDK gives an enum member or a plain string
+
+
 class AzureBlobStore(BlobStore):
     """Blobs in an Azure Storage container, optionally under a key prefix.
 
@@ -370,6 +392,7 @@ class AzureBlobStore(BlobStore):
         if self._account_key:
             remember(self._account_key)
         self.max_concurrency = max_concurrency
+        self._delegation: tuple[UserDelegationKey, datetime] | None = None
         location = f"{container.account_name}/{container.container_name}"
         self.name = f"azure:{location}/{self.prefix.rstrip('/')}" if self.prefix else f"azure:{location}"
         if create_container:
@@ -429,14 +452,13 @@ class AzureBlobStore(BlobStore):
     def _error(self, exc: AzureError, action: str, key: str | None = None) -> StoreError:
         """A StoreError for exc that names store and key and carries no key, SAS or signature."""
         target = f"{key!r}" if key is not None else "the store"
-        code = getattr(exc, "error_code", None)
-        code = getattr(code, "value", code)  # the SDK gives an enum member or a plain string
+        code = _error_code(exc)
         status = getattr(exc, "status_code", None)
         if isinstance(exc, ResourceNotFoundError) and code != "ContainerNotFound" and key is not None:
             return BlobNotFound(f"{self.name}: no blob {key!r}")
         if isinstance(exc, ResourceExistsError) and key is not None:
             return BlobExists(f"{self.name}: {key!r} already exists (put with overwrite=False)")
-        detail = _redact(_first_line(getattr(exc, "reason", None) or exc.message or type(exc).__name__))
+        detail = redact(_first_line(getattr(exc, "reason", None) or exc.message or type(exc).__name__))
         label = f"{status} {code}" if status else code or type(exc).__name__
         if isinstance(exc, ClientAuthenticationError) or status in (401, 403):
             return StoreError(f"{self.name}: access denied while trying to {action} {target} ({label}): "
@@ -481,35 +503,59 @@ class AzureBlobStore(BlobStore):
         except AzureError as exc:
             raise self._error(exc, "look up", key) from None
 
-    def list(self, prefix: str = "") -> Iterator[BlobInfo]:
+    def list(self, prefix: str = "", *, uncommitted: bool = False) -> Iterator[BlobInfo]:
         validate_prefix(prefix, self.name)
-        return self._list(prefix)
+        return self._list(prefix, ["uncommittedblobs"] if uncommitted else None)
 
-    def _list(self, prefix: str) -> Iterator[BlobInfo]:
+    def _list(self, prefix: str, include: list[str] | None) -> Iterator[BlobInfo]:
         start = len(self.prefix)
         try:
-            for blob in self.container.list_blobs(name_starts_with=self.prefix + prefix):
+            for blob in self.container.list_blobs(name_starts_with=self.prefix + prefix, include=include):
                 yield BlobInfo(key=blob.name[start:], size=blob.size)
         except AzureError as exc:
             raise self._error(exc, f"list prefix {prefix!r} of") from None
 
     def delete(self, key: str) -> None:
-        try:
-            self.container.delete_blob(self._blob_name(key))
-        except AzureError as exc:
-            raise self._error(exc, "delete", key) from None
+        """Delete the blob with its snapshots, breaking any lease on it.
+
+        The repository never leases or snapshots a blob, but a write SAS lets its holder do both
+        (a host with an upload URL can take an infinite lease), and either makes a plain delete
+        fail. The blob is the repository's, so the lease is broken and the delete repeated; a
+        holder that leases it again at once gets a few rounds, then the error.
+        """
+        name = self._blob_name(key)
+        for attempt in range(_DELETE_ATTEMPTS):
+            try:
+                self.container.delete_blob(name, delete_snapshots="include")
+                break
+            except AzureError as exc:
+                if _error_code(exc) not in _LEASED or attempt == _DELETE_ATTEMPTS - 1:
+                    raise self._error(exc, "delete", key) from None
+                log.warning("blob lease broken", store=self.name, key=key)
+                self._break_lease(name, key)
         log.debug("blob deleted", store=self.name, key=key)
+
+    def _break_lease(self, name: str, key: str) -> None:
+        try:
+            BlobLeaseClient(self.container.get_blob_client(name)).break_lease(lease_break_period=0)
+        except AzureError as exc:
+            # Someone else broke or released it meanwhile: the next delete attempt will tell.
+            if _error_code(exc) != "LeaseNotPresentWithLeaseOperation":
+                raise self._error(exc, "break the lease on", key) from None
 
     def upload_url(self, key: str, *, expires_in: timedelta = timedelta(minutes=30)) -> str:
         """A URL a host can PUT one block blob to (`x-ms-blob-type: BlockBlob`) until it expires.
 
         The SAS grants create and write on this one blob only: it cannot read, list or delete.
-        It is limited to HTTPS unless the endpoint itself is plain HTTP (an emulator).
+        It is limited to HTTPS (`spr=https`); only an emulator in a lab (plain HTTP on a loopback
+        or private address, or Azurite's development account) also gets HTTP. The SAS is not
+        added to the redaction list: redact() masks SAS tokens by their shape.
         """
         name = self._blob_name(key)
         now = datetime.now(timezone.utc)
         expiry = now + expires_in
         blob = self.container.get_blob_client(name)
+        protocol = self._upload_protocol(blob.url, key)
         signing: dict[str, object]
         if self._account_key:
             signing = {"account_key": self._account_key}
@@ -522,27 +568,45 @@ class AzureBlobStore(BlobStore):
                 blob_name=name,
                 permission=BlobSasPermissions(create=True, write=True),
                 expiry=expiry,
-                protocol="https" if blob.url.startswith("https:") else "https,http",
+                protocol=protocol,
                 **signing,
             )
         except (ValueError, TypeError) as exc:
-            raise StoreError(f"{self.name}: cannot sign an upload URL for {key!r}: {_redact(str(exc))}") from None
-        remember(sas)
-        log.info("upload url issued", store=self.name, key=key, expires=expiry.isoformat(timespec="seconds"))
+            raise StoreError(f"{self.name}: cannot sign an upload URL for {key!r}: {redact(str(exc))}") from None
         return f"{blob.url}?{sas}"
 
+    def _upload_protocol(self, url: str, key: str) -> str:
+        if url.startswith("https:"):
+            return "https"
+        host = urlsplit(url).hostname or ""
+        if _is_lab_host(host) or self.container.account_name == _EMULATOR_ACCOUNT:
+            return "https,http"
+        raise UploadUrlUnsupported(
+            f"{self.name}: refusing to sign an upload URL for {key!r} over plain HTTP to {host}: raw disk blocks "
+            "would cross the network unencrypted; use the account's https:// endpoint"
+        )
+
     def _delegation_key(self, key: str, start: datetime, expiry: datetime) -> UserDelegationKey:
+        """A user delegation key valid until at least expiry, reused while it lasts: asking the
+        service for one per URL would cost a round trip per uploaded block."""
+        cached = self._delegation
+        if cached is not None and cached[1] >= expiry:
+            return cached[0]
         if not hasattr(self.container.credential, "get_token"):
             raise UploadUrlUnsupported(
                 f"{self.name}: cannot sign an upload URL for {key!r}: the store has neither an account "
                 "key nor a token credential (a SAS-scoped client cannot issue further SAS URLs)"
             )
-        # Clocks differ between us and the service; backdate the key's start a little.
+        # Clocks differ between us and the service; backdate the key's start a little. The key
+        # outlives this URL so later batches can reuse it; each SAS still ends at its own expiry.
+        valid_until = max(expiry, start + _DELEGATION_KEY_LIFETIME)
         try:
             service = self.container._get_blob_service_client()  # the SDK's documented way back to the account
-            return service.get_user_delegation_key(start - timedelta(minutes=5), expiry)
+            delegation = service.get_user_delegation_key(start - timedelta(minutes=5), valid_until)
         except AzureError as exc:
             raise self._error(exc, "get a user delegation key to sign an upload URL for", key) from None
+        self._delegation = (delegation, valid_until)
+        return delegation
 
 
 def open_store(cfg: LocalStorage | AzureStorage, base_dir: Path | None = None) -> BlobStore:
@@ -559,14 +623,6 @@ def open_store(cfg: LocalStorage | AzureStorage, base_dir: Path | None = None) -
     if isinstance(cfg, AzureStorage):
         return AzureBlobStore.from_config(cfg, base_dir)
     raise TypeError(f"unknown storage configuration {type(cfg).__name__}")
-
-
-_SAS_SIGNATURE = re.compile(r"(?i)(\bsig=)[^&\s'\"]+")
-
-
-def _redact(text: str) -> str:
-    """Mask known secrets and any SAS signature in text bound for a message or log."""
-    return _SAS_SIGNATURE.sub(r"\1***", redact(text))
 
 
 def _first_line(text: str) -> str:
@@ -607,6 +663,17 @@ def _account_name(account_url: str, where: str) -> str:
     if not segment:
         raise StoreError(f"{where}: account_url: cannot tell the storage account name from {account_url!r}")
     return segment
+
+
+def _is_lab_host(host: str) -> bool:
+    """Loopback or a private address: where an emulator runs, not a storage account."""
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_private
 
 
 def _is_ip_or_localhost(host: str) -> bool:

@@ -13,7 +13,7 @@ import socket
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -32,6 +32,7 @@ from connectors.storage import (
     LocalBlobStore,
     StoreError,
     StoreUnavailable,
+    UploadUrlUnsupported,
     open_store,
 )
 from tests.hosts.azurite import (
@@ -200,6 +201,22 @@ def test_expired_sas_url_is_refused(azure_store: AzureBlobStore) -> None:
     assert requests.put(fresh, data=b"on time", headers={"x-ms-blob-type": "BlockBlob"}, timeout=30).status_code == 201
 
 
+def _offline_store(account_url: str) -> AzureBlobStore:
+    """A store that only signs: SAS URLs are made locally, so no service need answer."""
+    client = ContainerClient(account_url, "c", credential={"account_name": "acct", "account_key": ACCOUNT_KEY})
+    return AzureBlobStore(client, create_container=False)
+
+
+def test_upload_urls_are_https_only_outside_a_lab(azure_store: AzureBlobStore) -> None:
+    url = _offline_store("https://acct.blob.core.windows.net").upload_url("staging/h/d/r/0")
+    assert parse_qs(urlsplit(url).query)["spr"] == ["https"] and url.startswith("https://")
+    # Azurite over plain HTTP on loopback is a lab: the emulator has no TLS to insist on.
+    assert parse_qs(urlsplit(azure_store.upload_url("k")).query)["spr"] == ["https,http"]
+    with pytest.raises(UploadUrlUnsupported, match="refusing to sign an upload URL for 'k' over plain HTTP to "
+                                                   "acct.blob.core.windows.net"):
+        _offline_store("http://acct.blob.core.windows.net").upload_url("k")
+
+
 def test_prefix_scopes_keys_and_upload_urls(azurite: AzuriteServer, azure_container_name: str,
                                             azure_store: AzureBlobStore) -> None:
     scoped = AzureBlobStore(azurite.container(azure_container_name), prefix="fleet-a")
@@ -360,8 +377,14 @@ def test_token_credential_store_signs_upload_urls_with_a_user_delegation_key(azu
     headers and query parameters), which Azurite 3.35, the last release for Node 20, does not
     know, so it would refuse a correct URL. Account-key SAS URLs are checked end to end above.
     """
+    key_requests: list[str] = []
+
+    def count_key_requests(response: Any) -> None:
+        if "comp=userdelegationkey" in response.http_request.url:
+            key_requests.append(response.http_request.url)
+
     client = ContainerClient(azurite_oauth.blob_endpoint, azure_container_name, credential=EmulatorTokenCredential(),
-                             connection_verify=str(azurite_oauth.ca_cert))
+                             connection_verify=str(azurite_oauth.ca_cert), raw_response_hook=count_key_requests)
     store = AzureBlobStore(client)
     try:
         store.put("config.json", b"{}")
@@ -369,5 +392,9 @@ def test_token_credential_store_signs_upload_urls_with_a_user_delegation_key(azu
         query = parse_qs(urlsplit(store.upload_url("uploads/disk0.img")).query)
         assert query["sp"] == ["cw"] and query["spr"] == ["https"] and query["sr"] == ["b"]
         assert query["skoid"] == [OBJECT_ID] and query["sktid"] == [TENANT_ID]
+        # One delegation key serves many URLs: not a round trip to the service per uploaded block.
+        for index in range(50):
+            store.upload_url(f"uploads/block/{index}", expires_in=timedelta(minutes=5))
+        assert len(key_requests) == 1
     finally:
         client.delete_container()
