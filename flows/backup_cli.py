@@ -229,6 +229,9 @@ def prune(config: ConfigOption = DEFAULT_CONFIG, policy: PolicyOption = None,
         f"{'would forget' if dry_run else 'forgot'} {len(s['forgotten'])} points; "
         f"{'would delete' if dry_run else 'deleted'} {s['chunks_deleted']} chunks and {s['maps_deleted']} maps, "
         f"{_mib(s['bytes_freed'])}; {s['chunks_kept']} chunks kept"))
+    if report.staged_left:
+        err_console.print(f"[yellow]warning:[/] {report.staged_left} staged upload blobs could not be deleted "
+                          "(see the log); the next prune tries again", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

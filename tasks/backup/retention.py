@@ -15,6 +15,7 @@ import structlog
 
 from connectors.storage import BlobNotFound
 from tasks.backup.repository import LOCK_STALE, RecoveryPoint, Repository
+from tasks.backup.staged import remove_staged
 from tasks.backup.verify import referenced_chunks
 
 log = structlog.stdlib.get_logger("patchdrill.backup")
@@ -94,6 +95,8 @@ class PruneReport:
     chunks_deleted: int = 0
     maps_deleted: int = 0
     staged_deleted: int = 0
+    #: staged blobs that could not be deleted (warned about; the next prune tries again)
+    staged_left: int = 0
     bytes_freed: int = 0
     dry_run: bool = False
 
@@ -124,12 +127,11 @@ def prune(repo: Repository, *, dry_run: bool = False, stale: timedelta = LOCK_ST
                 report.bytes_freed += info.size
                 if not dry_run:
                     _delete(repo, info.key)
-        # No backup holds a lock now, so staged blocks belong to runs that died.
-        for info in list(repo.store.list("staging/")):
-            report.staged_deleted += 1
-            report.bytes_freed += info.size
-            if not dry_run:
-                _delete(repo, info.key)
+        # No backup holds a lock now, so staged blocks belong to runs that died. What cannot be
+        # deleted is counted, never raised: a leftover costs space, not a backup.
+        staging = remove_staged(repo.store, dry_run=dry_run)
+        report.staged_deleted, report.staged_left = staging.deleted, len(staging.left)
+        report.bytes_freed += staging.bytes
     log.info("retention.prune", points=report.points, kept=report.chunks_kept, deleted=report.chunks_deleted,
              maps_deleted=report.maps_deleted, bytes_freed=report.bytes_freed, dry_run=dry_run)
     return report

@@ -8,24 +8,29 @@ with `StagedBlockSource` verifies each against the hash the host reported, store
 like any other, writes the point, and `discard` removes the staging prefix.
 
 `back_up_from_host` drives the host's side over a connector: connectors/remote/win_blockscan.ps1
-scans the snapshot (one call), then PUTs the changed blocks in batches of signed URLs.
+scans the snapshot (one call), then PUTs the changed blocks in batches; each batch's URLs are
+signed just before the host gets them and live only as long as that batch needs.
+
+The host holds write URLs, so it can do more with them than upload: lease or snapshot its
+staging blobs, Put Block without committing, upload more than a block. The controller checks a
+staged blob's size before reading it, deletes staging with leases broken and snapshots and
+uncommitted blocks included, and never lets a leftover turn a written point into a failure.
 """
 
 from __future__ import annotations
 
 import hashlib
-import time
 import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from functools import partial
-from dataclasses import dataclass
-from datetime import timedelta
 from typing import Iterator, Literal
 
 import structlog
 from pydantic import BaseModel, Field, ValidationError
 
 from connectors.base import CommandResult, Connector
-from connectors.storage import BlobNotFound, BlobStore
+from connectors.storage import BlobNotFound, BlobStore, StoreError
 from tasks.backup.blockmap import BlockMap
 from tasks.backup.engine import BackupRequest, backup
 from tasks.backup.errors import SourceError
@@ -37,10 +42,20 @@ log = structlog.stdlib.get_logger("patchdrill.backup")
 
 FINGERPRINT = "sha256"
 HOST_SCRIPT = "win_blockscan.ps1"
-#: Upload URLs per host call: ~300 characters each, so one call's text stays modest, and a long
-#: upload gets its later URLs signed when their batch starts rather than all at plan time.
+MIB = 1024 * 1024
+STAGING = "staging/"
+#: A host call uploads at most this many blocks (URLs are ~300 characters each, so one call's
+#: text stays modest) and this many bytes (so its URLs need to live only minutes).
 URLS_PER_CALL = 256
-URL_LIFETIME = timedelta(minutes=30)
+BYTES_PER_CALL = 256 * MIB
+#: The slowest upload a batch's URLs allow for: a URL need only be valid when its PUT starts,
+#: and at this rate the last PUT of a full batch starts within about four minutes. A slower host
+#: gets 403s late in a batch and the run fails, never a point with holes.
+SLOWEST_UPLOAD_BYTES_PER_SECOND = 1 * MIB
+#: Added to every batch's lifetime: the WinRM call's start, clock skew with the service, the
+#: host's retries of a failed PUT.
+URL_LIFETIME_MARGIN = timedelta(minutes=5)
+URL_LIFETIME_LIMIT = timedelta(minutes=30)
 _HOST_TIMEOUT = 6 * 3600.0
 
 
@@ -50,7 +65,8 @@ def sha256_fingerprint(data: bytes | bytearray | memoryview) -> bytes:
 
 @dataclass(frozen=True)
 class UploadPlan:
-    """What a host is asked to upload: block index -> URL, all under one staging prefix."""
+    """What a host is asked to upload: the changed blocks, under one staging prefix. URLs are
+    signed per batch (`sign_batch`), when the host is about to use them."""
 
     host: str
     disk: str
@@ -58,12 +74,49 @@ class UploadPlan:
     size: int
     block_size: int
     fingerprints: list[bytes]
+    changed: tuple[int, ...]
+
+    def key(self, index: int) -> str:
+        return f"{self.prefix}/{index}"
+
+    def length(self, index: int) -> int:
+        return min(self.block_size, self.size - index * self.block_size)
+
+    def batches(self) -> Iterator[list[int]]:
+        """The changed blocks in host calls of at most URLS_PER_CALL blocks and BYTES_PER_CALL bytes."""
+        per_call = max(1, min(URLS_PER_CALL, BYTES_PER_CALL // self.block_size))
+        for start in range(0, len(self.changed), per_call):
+            yield list(self.changed[start:start + per_call])
+
+
+@dataclass(frozen=True)
+class SignedBatch:
+    """Upload URLs for one host call, all signed at `signed_at` and expiring `lifetime` later."""
+
     urls: dict[int, str]
+    signed_at: datetime
+    lifetime: timedelta
 
 
-def plan_upload(repo: Repository, host: str, disk: str, size: int, block_size: int, fingerprints: list[bytes],
-                *, expires_in: timedelta = timedelta(minutes=30)) -> UploadPlan:
-    """Upload URLs for the blocks that changed since the last point of host/disk.
+def url_lifetime(blocks: int, block_size: int) -> timedelta:
+    """How long a batch's URLs must stay valid: until its last PUT can start at the slowest rate."""
+    needed = URL_LIFETIME_MARGIN + timedelta(seconds=blocks * block_size / SLOWEST_UPLOAD_BYTES_PER_SECOND)
+    return min(needed, URL_LIFETIME_LIMIT)
+
+
+def sign_batch(store: BlobStore, plan: UploadPlan, indexes: list[int]) -> SignedBatch:
+    """A write-only URL for each of these blocks, valid from now for what uploading them needs."""
+    lifetime = url_lifetime(len(indexes), plan.block_size)
+    signed_at = datetime.now(timezone.utc)
+    urls = {i: store.upload_url(plan.key(i), expires_in=lifetime) for i in indexes}
+    log.debug("backup.urls_signed", prefix=plan.prefix, blocks=len(urls),
+              expires=(signed_at + lifetime).isoformat(timespec="seconds"))
+    return SignedBatch(urls, signed_at, lifetime)
+
+
+def plan_upload(repo: Repository, host: str, disk: str, size: int, block_size: int,
+                fingerprints: list[bytes]) -> UploadPlan:
+    """The blocks that changed since the last point of host/disk, and where they are staged.
 
     Hold `repo.lock("backup")` from here until the staged backup is done and discarded: prune
     deletes staging blobs whenever no backup holds a lock.
@@ -75,14 +128,47 @@ def plan_upload(repo: Repository, host: str, disk: str, size: int, block_size: i
     previous = None
     if parent is not None and parent.kind == "block":
         previous = BlockMap.from_json(repo.get_map(parent.map.id, point=parent.key), point=parent.key)
-    prefix = f"staging/{host}/{disk}/{uuid.uuid4().hex}"
-    urls = sign_urls(repo.store, prefix, changed_blocks(fingerprints, previous, FINGERPRINT, block_size), expires_in)
-    return UploadPlan(host, disk, prefix, size, block_size, fingerprints, urls)
+    prefix = f"{STAGING}{host}/{disk}/{uuid.uuid4().hex}"
+    changed = tuple(changed_blocks(fingerprints, previous, FINGERPRINT, block_size))
+    return UploadPlan(host, disk, prefix, size, block_size, fingerprints, changed)
 
 
-def sign_urls(store: BlobStore, prefix: str, indexes: list[int], expires_in: timedelta = URL_LIFETIME) -> dict[int, str]:
-    """A write-only URL for each block index under the staging prefix."""
-    return {i: store.upload_url(f"{prefix}/{i}", expires_in=expires_in) for i in indexes}
+@dataclass
+class StagingCleanup:
+    """What removing staging blobs did: leftovers are reported, never raised."""
+
+    deleted: int = 0
+    bytes: int = 0
+    left: list[str] = field(default_factory=list)
+    #: why the listing itself failed, if it did (then what is left is unknown)
+    error: str | None = None
+
+
+def remove_staged(store: BlobStore, prefix: str = STAGING, *, dry_run: bool = False) -> StagingCleanup:
+    """Delete staged blobs under prefix, uncommitted ones (a killed block upload, a host's Put
+    Block never committed) included; count and log what cannot be deleted instead of raising.
+
+    Staged blobs are raw copies of data already in chunks, or of a run that failed: a leftover
+    costs space, not a backup, so it must not fail the point that was written or a prune.
+    """
+    report = StagingCleanup()
+    try:
+        for info in list(store.list(prefix, uncommitted=True)):
+            if not dry_run:
+                try:
+                    store.delete(info.key)
+                except BlobNotFound:
+                    continue
+                except StoreError as exc:
+                    report.left.append(info.key)
+                    log.warning("staging.left", key=info.key, error=str(exc))
+                    continue
+            report.deleted += 1
+            report.bytes += info.size
+    except StoreError as exc:
+        report.error = str(exc)
+        log.warning("staging.unlisted", prefix=prefix, error=str(exc))
+    return report
 
 
 class StagedBlockSource:
@@ -105,30 +191,57 @@ class StagedBlockSource:
 
     def blocks(self, block_size: int, previous: BlockMap | None, pool: BufferPool) -> Iterator[SourceBlock]:
         plan = self.plan
+        changed = set(plan.changed)
+        # Sizes from the listing (the blobs' properties), so a blob the host made larger than its
+        # block is refused before a byte of it is downloaded.
+        staged = {info.key: info.size for info in self.store.list(plan.prefix + "/")} if changed else {}
         for index, fingerprint in enumerate(plan.fingerprints):
-            length = min(block_size, plan.size - index * block_size)
-            if index not in plan.urls:
+            length = plan.length(index)
+            if index not in changed:
                 yield SourceBlock(index, length, None, fingerprint, nothing_to_release)
                 continue
-            try:
-                data = self.store.get(f"{plan.prefix}/{index}")
-            except BlobNotFound:
+            size = staged.get(plan.key(index))
+            if size is None:
                 raise SourceError(f"host {plan.host} disk {plan.disk}: block {index} was never uploaded to "
-                                  f"{plan.prefix}") from None
-            if len(data) != length or sha256_fingerprint(data) != fingerprint:
-                raise SourceError(f"host {plan.host} disk {plan.disk}: staged block {index} does not match the hash "
-                                  "the host reported (changed during upload, or truncated)")
+                                  f"{plan.prefix}")
+            if size != length:
+                raise SourceError(f"host {plan.host} disk {plan.disk}: staged block {index} is {size} bytes, not "
+                                  f"{length}: refused unread")
             buffer = pool.acquire()
-            buffer[:length] = data
+            try:
+                read = self._read_into(index, buffer, length)
+            except BaseException:
+                pool.release(buffer)
+                raise
+            if read != length or sha256_fingerprint(memoryview(buffer)[:length]) != fingerprint:
+                pool.release(buffer)
+                raise SourceError(f"host {plan.host} disk {plan.disk}: staged block {index} does not match the hash "
+                                  "the host reported (changed during upload, cut short or grown)")
             yield SourceBlock(index, length, memoryview(buffer)[:length], fingerprint, partial(pool.release, buffer))
 
-    def discard(self) -> None:
-        """Remove the staging prefix (after the point is written, or after giving up)."""
-        for info in list(self.store.list(self.plan.prefix + "/")):
-            try:
-                self.store.delete(info.key)
-            except BlobNotFound:
-                pass
+    def _read_into(self, index: int, buffer: bytearray, length: int) -> int:
+        """Stream the staged block into buffer; a blob grown since it was listed stops the read
+        at its block's length instead of being downloaded whole."""
+        try:
+            pieces = self.store.open(self.plan.key(index))
+        except BlobNotFound:
+            raise SourceError(f"host {self.plan.host} disk {self.plan.disk}: staged block {index} vanished from "
+                              f"{self.plan.prefix} before it was read") from None
+        read = 0
+        for piece in pieces:
+            if read + len(piece) > length:
+                close = getattr(pieces, "close", None)
+                if close is not None:
+                    close()
+                return read + len(piece)
+            buffer[read:read + len(piece)] = piece
+            read += len(piece)
+        return read
+
+    def discard(self) -> StagingCleanup:
+        """Remove the staging prefix (after the point is written, or after giving up); what
+        cannot be removed is logged and left for prune, never raised."""
+        return remove_staged(self.store, self.plan.prefix + "/")
 
 
 # The host's side, driven over a connector -------------------------------------------------------
@@ -198,19 +311,13 @@ def scan_on_host(connector: Connector, path: str, block_size: int) -> HostScan:
     return scan
 
 
-def upload_from_host(connector: Connector, store: BlobStore, plan: UploadPlan, path: str, *, threads: int = 4,
-                     expires_in: timedelta = URL_LIFETIME) -> int:
+def upload_from_host(connector: Connector, store: BlobStore, plan: UploadPlan, path: str, *, threads: int = 4) -> int:
     """Have the host PUT the plan's blocks to staging; returns the bytes it sent."""
-    signed_at = time.monotonic()
-    indexes = sorted(plan.urls)
     sent = 0
-    for start in range(0, len(indexes), URLS_PER_CALL):
-        batch = indexes[start:start + URLS_PER_CALL]
-        urls = {i: plan.urls[i] for i in batch}
-        if time.monotonic() - signed_at > expires_in.total_seconds() / 3:
-            # Earlier batches took long enough that these URLs could expire mid-batch.
-            urls = sign_urls(store, plan.prefix, batch, expires_in)
-        listing = "\n".join(f"{i} {url}" for i, url in urls.items())
+    for batch in plan.batches():
+        # Signed now, not at plan time: a late batch reaches the host with its full lifetime.
+        signed = sign_batch(store, plan, batch)
+        listing = "\n".join(f"{i} {url}" for i, url in signed.urls.items())
         result = connector.run_script(HOST_SCRIPT, ["-Mode", "Upload", "-Path", path, "-BlockSize", str(plan.block_size),
                                                     "-Threads", str(threads), "-Uploads", listing],
                                       timeout=_HOST_TIMEOUT)
@@ -240,7 +347,11 @@ def back_up_from_host(repo: Repository, connector: Connector, path: str, request
         source = StagedBlockSource(repo.store, plan, path)
         try:
             sent = upload_from_host(connector, repo.store, plan, path, threads=request.workers)
-            log.info("backup.staged", host=request.host, disk=request.disk, blocks=len(plan.urls), bytes_sent=sent)
+            log.info("backup.staged", host=request.host, disk=request.disk, blocks=len(plan.changed), bytes_sent=sent)
             return backup(repo, source, request)
         finally:
-            source.discard()
+            cleanup = source.discard()
+            if cleanup.left or cleanup.error:
+                log.warning("backup.staging_left", host=request.host, disk=request.disk, prefix=plan.prefix,
+                            blobs=len(cleanup.left), error=cleanup.error,
+                            hint="the point stands; the next prune removes what is left")

@@ -22,6 +22,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -29,7 +31,10 @@ import pytest
 from configs.models import AzureStorage, DiskConfig, HostConfig, LocalStorage, PatchdrillConfig
 from connectors.base import remote_script
 from connectors.storage import AzureBlobStore
+from flows.cli import app
+from tasks.backup import staged
 from tasks.backup.errors import SourceError
+from tasks.backup.retention import prune
 from tasks.backup.policy import BackupPolicy
 from tasks.backup.restore import restore
 from tasks.backup.run import back_up_disk, open_repository
@@ -54,6 +59,10 @@ class SimulatedWindowsDisk:
     uploaded: list[list[int]] = field(default_factory=list)  # block indexes, one list per upload call
     #: write into the image between the scan and the upload, as a live (unsnapshotted) disk would change
     change_before_upload: bool = False
+    #: what a hostile host does with each upload URL after its PUT (lease, snapshot, …)
+    after_put: Callable[[str], None] | None = None
+    #: called as each Upload call arrives, with the URLs it carries
+    on_upload: Callable[[list[str]], None] | None = None
 
     # vss_snapshot.ps1 / vss_remove.ps1 -------------------------------------------------------
     def snapshot(self, args: dict[str, str]) -> SimResult:
@@ -113,6 +122,8 @@ class SimulatedWindowsDisk:
         for line in args["Uploads"].splitlines():
             index, url = line.split(" ", 1)
             work.append((int(index), url))
+        if self.on_upload:
+            self.on_upload([url for _, url in work])
 
         def put(item: tuple[int, str]) -> dict[str, object]:
             index, url = item
@@ -121,6 +132,8 @@ class SimulatedWindowsDisk:
                 block = handle.read(block_size)
             answer = httpx.put(url, content=block, headers={"x-ms-blob-type": "BlockBlob"})
             answer.raise_for_status()
+            if self.after_put:
+                self.after_put(url)
             return {"index": index, "bytes": len(block), "sha256": hashlib.sha256(block).hexdigest()}
 
         with ThreadPoolExecutor(max_workers=int(args.get("Threads", "4"))) as pool:
@@ -236,3 +249,97 @@ def test_the_controller_passes_only_parameters_the_script_declares() -> None:
     declared = set(re.findall(r"\]\$(\w+)", text[text.index("param("):text.index("$ErrorActionPreference")]))
     assert {"Mode", "Path", "BlockSize", "Uploads", "Threads"} <= declared
     assert "'Scan', 'Upload'" in text and "x-ms-blob-type" in text
+
+
+# A host that turns its upload URLs against the cleanup ------------------------------------------
+
+def _lease_forever(url: str) -> None:
+    answer = httpx.put(url + "&comp=lease", headers={"x-ms-lease-action": "acquire", "x-ms-lease-duration": "-1"})
+    assert answer.status_code == 201, answer.text
+
+
+def _lease_and_snapshot(url: str) -> None:
+    assert httpx.put(url + "&comp=snapshot").status_code == 201
+    _lease_forever(url)
+
+
+def _staging_as_stored(store: AzureBlobStore) -> list[str]:
+    blobs = store.container.list_blobs(name_starts_with="staging/", include=["snapshots", "uncommittedblobs"])
+    return [blob.name for blob in blobs]
+
+
+def test_a_host_leasing_and_snapshotting_its_staging_blobs_gets_them_deleted(
+        config: PatchdrillConfig, simulated: SimulatedWindowsDisk, azure_store: AzureBlobStore, tmp_path: Path) -> None:
+    simulated.after_put = _lease_and_snapshot
+    host, disk = _disk(config, "vm")
+    report = back_up_disk(config, tmp_path, host, disk, POLICY)
+    assert report.status == "ok" and report.point
+    assert _staging_as_stored(azure_store) == []
+
+
+def test_staging_the_backup_cannot_delete_is_a_warning_and_prune_still_succeeds(
+        config: PatchdrillConfig, simulated: SimulatedWindowsDisk, azure_store: AzureBlobStore, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A host that takes its lease again the instant it is broken. That race cannot be staged on
+    cue against Azurite, so the host's re-acquire (a real lease through its own URL) is hooked in
+    right after each break."""
+    simulated.after_put = _lease_forever
+    urls: dict[str, str] = {}
+    simulated.on_upload = lambda batch: urls.update({urlsplit(u).path.split("/", 3)[3]: u for u in batch})
+    original = AzureBlobStore._break_lease
+
+    def host_leases_again(store: AzureBlobStore, name: str, key: str) -> None:
+        original(store, name, key)
+        _lease_forever(urls[name])
+
+    monkeypatch.setattr(AzureBlobStore, "_break_lease", host_leases_again)
+    host, disk = _disk(config, "vm")
+    report = back_up_disk(config, tmp_path, host, disk, POLICY)
+    assert report.status == "ok"
+    repo = open_repository(config, tmp_path, POLICY)
+    assert repo.find_point("win-1", "vm", None).key == report.point
+    logged = capsys.readouterr()
+    assert "backup.staging_left" in logged.out + logged.err
+    assert len(list(azure_store.list("staging/"))) == BLOCKS + 1
+
+    cfg = tmp_path / "fleet.yaml"
+    cfg.write_text(json.dumps({"storage": config.storage.model_dump(mode="json", exclude_none=True), "hosts": []}))
+    try:
+        app(["prune", "-c", str(cfg), "--json"], standalone_mode=False)
+    except SystemExit as exc:
+        assert not exc.code
+    out, err = capsys.readouterr()
+    assert json.loads(out)["staged_left"] == BLOCKS + 1
+    assert f"warning: {BLOCKS + 1} staged upload blobs could not be deleted" in err
+
+    monkeypatch.undo()  # the host stops: the next prune removes everything
+    assert prune(repo).staged_deleted == BLOCKS + 1
+    assert _staging_as_stored(azure_store) == []
+
+
+def test_each_batch_of_urls_is_signed_when_the_host_needs_it(
+        config: PatchdrillConfig, simulated: SimulatedWindowsDisk, monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    monkeypatch.setattr(staged, "URLS_PER_CALL", 8)
+    signed = 0
+    original = AzureBlobStore.upload_url
+
+    def counting(store: AzureBlobStore, key: str, **kwargs: object) -> str:
+        nonlocal signed
+        signed += 1
+        return original(store, key, **kwargs)
+
+    monkeypatch.setattr(AzureBlobStore, "upload_url", counting)
+    signed_when_called: list[int] = []
+    expiries: list[set[str]] = []
+
+    def arrived(batch: list[str]) -> None:
+        signed_when_called.append(signed)
+        expiries.append({parse_qs(urlsplit(url).query)["se"][0] for url in batch})
+
+    simulated.on_upload = arrived
+    host, disk = _disk(config, "vm")
+    assert back_up_disk(config, tmp_path, host, disk, POLICY).status == "ok"
+    # Signed batch by batch, never ahead of the host: 8, 16, 24, then the last block.
+    assert signed_when_called == [8, 16, 24, 25]
+    assert all(len(batch) == 1 for batch in expiries)  # one signing time per batch
