@@ -528,12 +528,31 @@ class AzureBlobStore(BlobStore):
             try:
                 self.container.delete_blob(name, delete_snapshots="include")
                 break
+            except ResourceNotFoundError as exc:
+                # A blob of uncommitted blocks only may not exist for Delete Blob; committing an
+                # empty block list discards those blocks and leaves an empty blob to delete.
+                if attempt == _DELETE_ATTEMPTS - 1 or not self._discard_uncommitted(name, key):
+                    raise self._error(exc, "delete", key) from None
             except AzureError as exc:
                 if _error_code(exc) not in _LEASED or attempt == _DELETE_ATTEMPTS - 1:
                     raise self._error(exc, "delete", key) from None
                 log.warning("blob lease broken", store=self.name, key=key)
                 self._break_lease(name, key)
         log.debug("blob deleted", store=self.name, key=key)
+
+    def _discard_uncommitted(self, name: str, key: str) -> bool:
+        """Commit an empty block list over uncommitted blocks; False when there are none."""
+        blob = self.container.get_blob_client(name)
+        try:
+            _, uncommitted = blob.get_block_list("uncommitted")
+            if not uncommitted:
+                return False
+            blob.commit_block_list([])
+        except ResourceNotFoundError:
+            return False
+        except AzureError as exc:
+            raise self._error(exc, "discard the uncommitted blocks of", key) from None
+        return True
 
     def _break_lease(self, name: str, key: str) -> None:
         try:

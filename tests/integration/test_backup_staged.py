@@ -255,3 +255,15 @@ def test_urls_expire_with_their_batch_and_speak_https_outside_a_lab(azure_store:
 
     # The largest batch of the largest blocks still ends well before the old 30 minutes.
     assert url_lifetime(BYTES_PER_CALL // (64 * 1024 * 1024), 64 * 1024 * 1024) <= timedelta(minutes=10)
+
+
+def test_uncommitted_blocks_are_discarded_by_committing_an_empty_list(azure_store: AzureBlobStore) -> None:
+    """Azurite's Delete Blob removes a blob of uncommitted blocks only; should Azure's answer 404
+    instead, delete() falls back to committing an empty block list first. That fallback, here."""
+    blob = azure_store.container.get_blob_client("staging/h/d/run/0")
+    blob.stage_block(base64.b64encode(b"block-0").decode(), b"raw block")
+    assert azure_store._discard_uncommitted(blob.blob_name, "staging/h/d/run/0")
+    assert blob.get_block_list("all") == ([], []) and blob.get_blob_properties().size == 0
+    assert not azure_store._discard_uncommitted(blob.blob_name, "staging/h/d/run/0")  # nothing left to discard
+    azure_store.delete("staging/h/d/run/0")
+    assert _everything_staged(azure_store) == []
