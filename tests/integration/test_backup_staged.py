@@ -27,6 +27,7 @@ from tasks.backup.engine import BackupRequest, backup
 from tasks.backup.errors import SourceError
 from tasks.backup.repository import RecoveryPoint, Repository
 from tasks.backup.retention import prune
+from tasks.backup.source import BufferPool
 from tasks.backup.restore import restore
 from tasks.backup.staged import BYTES_PER_CALL, StagedBlockSource, UploadPlan, plan_upload, sign_batch, url_lifetime
 from tests.hosts.azurite import AzuriteServer
@@ -267,3 +268,24 @@ def test_uncommitted_blocks_are_discarded_by_committing_an_empty_list(azure_stor
     assert not azure_store._discard_uncommitted(blob.blob_name, "staging/h/d/run/0")  # nothing left to discard
     azure_store.delete("staging/h/d/run/0")
     assert _everything_staged(azure_store) == []
+
+
+def test_a_staged_blob_grown_after_the_listing_is_read_no_further_than_its_block(
+        azurite: AzuriteServer, azure_store: AzureBlobStore) -> None:
+    """The host rewrites a staged blob larger between the controller's listing and its read."""
+    image = random.Random(11).randbytes(2 * BLOCK)
+    repo = Repository.open(azure_store, create=True)
+    plan = plan_upload(repo, "win-10", "c", len(image), BLOCK, _hashes(image))
+    urls = _host_uploads(azure_store, plan, image)
+    downloads = _CountingDownloads()
+    counted = ContainerClient.from_connection_string(azurite.connection_string, azure_store.container.container_name,
+                                                     raw_response_hook=downloads, max_single_get_size=BLOCK,
+                                                     max_chunk_get_size=BLOCK)
+    store = AzureBlobStore(counted, create_container=False, max_concurrency=1)
+    blocks = StagedBlockSource(store, plan).blocks(BLOCK, None, BufferPool(2, BLOCK))
+    next(blocks).release()  # block 0: listed and read as uploaded
+    grown = 64 * BLOCK
+    assert httpx.put(urls[1], content=bytes(grown), headers={"x-ms-blob-type": "BlockBlob"}).status_code == 201
+    with pytest.raises(SourceError, match="staged block 1 does not match the hash"):
+        next(blocks)
+    assert downloads.bytes <= 3 * BLOCK < grown
