@@ -112,7 +112,8 @@ def prune(repo: Repository, *, dry_run: bool = False, stale: timedelta = LOCK_ST
         # what that point names could destroy it.
         live = referenced_chunks(repo, points)
         live_maps = {p.map.id for p in points}
-        for info in list(repo.store.list("chunks/")):
+        # Uncommitted too: a chunk upload killed midway (the SDK uploads blocks past 64 MiB).
+        for info in list(repo.store.list("chunks/", uncommitted=True)):
             chunk_id = info.key.rsplit("/", 1)[1]
             if bytes.fromhex(chunk_id) in live:
                 report.chunks_kept += 1

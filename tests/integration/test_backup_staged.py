@@ -289,3 +289,13 @@ def test_a_staged_blob_grown_after_the_listing_is_read_no_further_than_its_block
     with pytest.raises(SourceError, match="staged block 1 does not match the hash"):
         next(blocks)
     assert downloads.bytes <= 3 * BLOCK < grown
+
+
+def test_prune_removes_the_uncommitted_blocks_of_a_killed_chunk_upload(azure_store: AzureBlobStore) -> None:
+    repo = Repository.open(azure_store, create=True)
+    chunk_id = hashlib.sha256(b"never committed").hexdigest()
+    blob = azure_store.container.get_blob_client(f"chunks/{chunk_id[:2]}/{chunk_id}")
+    blob.stage_block(base64.b64encode(b"block-0").decode(), b"part of a large chunk")
+    assert list(azure_store.list("chunks/")) == []
+    assert prune(repo).chunks_deleted == 1
+    assert list(azure_store.list("chunks/", uncommitted=True)) == []
