@@ -1,0 +1,106 @@
+"""Repository locks know their holder: a dead process on this host, a recycled pid, a silent other
+host. Holders are real processes (a child killed with SIGKILL), on a real local store."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+from datetime import timedelta
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from connectors.storage import LocalBlobStore
+from tasks.backup.engine import BackupRequest, backup
+from tasks.backup.errors import RepositoryBusy
+from tasks.backup.locks import process_identity, this_host
+from tasks.backup.repository import Repository, utcnow
+from tasks.backup.retention import KeepRules, forget_and_prune, prune
+from tasks.backup.source import LocalBlockSource
+
+ROOT = Path(__file__).resolve().parents[2]
+BLOCK = 64 * 1024
+
+HOLDER = textwrap.dedent("""
+    import sys, threading
+    from connectors.storage import LocalBlobStore
+    from tasks.backup.repository import Repository
+    repo = Repository.open(LocalBlobStore(sys.argv[1]))
+    with repo.lock("backup"):
+        print("locked", file=sys.stderr, flush=True)
+        threading.Event().wait()
+""")
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Repository:
+    return Repository.open(LocalBlobStore(tmp_path / "repo"), create=True)
+
+
+@pytest.fixture
+def holder(repo: Repository) -> Iterator[subprocess.Popen[str]]:
+    """A separate process holding a backup lock until the test kills it."""
+    child = subprocess.Popen([sys.executable, "-c", HOLDER, str(repo.store.root)], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stderr is not None and child.stderr.readline().strip() == "locked"
+        yield child
+    finally:
+        child.kill()
+        child.wait()
+
+
+def _lock(repo: Repository, name: str, **body: object) -> None:
+    now = utcnow().isoformat()
+    repo.store.put(f"locks/{name}.json", json.dumps({"kind": "backup", "created": now, "refreshed": now} | body).encode())
+
+
+def test_a_killed_holder_on_this_host_is_stale_at_once(repo: Repository, holder: subprocess.Popen[str]) -> None:
+    with pytest.raises(RepositoryBusy, match=f"pid {holder.pid} on host {this_host()}: the process is running"):
+        prune(repo)
+    assert len(list(repo.store.list("locks/"))) == 1
+
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    # Well inside the 30-minute heartbeat limit: the pid alone says the holder is gone.
+    report = prune(repo)
+    assert len(report.stale_locks_removed) == 1
+    assert f"pid {holder.pid} on host {this_host()}: the process is dead" in report.stale_locks_removed[0]
+    assert list(repo.store.list("locks/")) == []
+
+
+def test_a_recycled_pid_is_not_mistaken_for_the_holder(repo: Repository) -> None:
+    # This process is alive, but it is not the process that wrote the lock (other start time).
+    _lock(repo, "old", host=this_host(), pid=os.getpid(), process=f"{process_identity(os.getpid())}0")
+    report = prune(repo)
+    assert "the pid now belongs to another process" in report.stale_locks_removed[0]
+
+
+def test_other_hosts_locks_expire_by_their_heartbeat(repo: Repository) -> None:
+    _lock(repo, "fresh", host="db-7.example", pid=4242)
+    with pytest.raises(RepositoryBusy, match=r"pid 4242 on host db-7.example: refreshed \d+ s ago \(stale after 30 min"):
+        prune(repo)
+    old = (utcnow() - timedelta(hours=2)).isoformat()
+    _lock(repo, "fresh", host="db-7.example", pid=4242, refreshed=old)
+    report = prune(repo)
+    assert report.stale_locks_removed == [
+        "a backup lock (locks/fresh.json) of pid 4242 on host db-7.example: last refreshed 2 h 0 min ago "
+        "(stale after 30 min)"]
+
+
+def test_prune_beside_a_running_backup_deletes_no_point(repo: Repository, tmp_path: Path,
+                                                        holder: subprocess.Popen[str]) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(random.Random(1).randbytes(2 * BLOCK))
+    request = BackupRequest(host="h", disk="d", block_size=BLOCK, workers=1)
+    # The holder shares with backups, so these run beside it.
+    made = [backup(repo, LocalBlockSource(image), request).key for _ in range(3)]
+    with pytest.raises(RepositoryBusy, match="process is running"):
+        forget_and_prune(repo, KeepRules(last=1))
+    assert repo.point_keys() == made
