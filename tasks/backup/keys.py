@@ -60,7 +60,7 @@ def check_passphrase(passphrase: str, *, reference: str) -> None:
     """Refuse a passphrase that does not meet PASSPHRASE_RULE, naming the reference, never the value."""
     if len(passphrase) < MIN_PASSPHRASE_LENGTH or len(set(passphrase)) < MIN_DISTINCT_CHARACTERS:
         what = "is empty" if not passphrase else "is too weak"
-        raise WeakKey(f"the passphrase from {reference} {what} to create an encrypted repository: use {PASSPHRASE_RULE}")
+        raise WeakKey(f"the passphrase from {reference} {what}: a new encrypted repository needs {PASSPHRASE_RULE}")
 
 
 def wrap(master: MasterKey, passphrase: str) -> dict[str, Any]:

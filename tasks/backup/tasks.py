@@ -64,11 +64,11 @@ class RetentionSummary(BaseModel):
 @task(name="retention", cache_policy=NO_CACHE)
 def retention_task(config_path: str, policy: BackupPolicy, hosts: list[str]) -> RetentionSummary:
     """Forget points the policy no longer keeps, then prune (deferred, not failed, if busy)."""
+    summary = RetentionSummary()
+    if policy.keep.keeps_everything or not hosts:
+        return summary  # nothing to forget (no disk backed up: maybe no repository either)
     loaded = load_config(config_path)
     repo = open_repository(loaded.config, loaded.base_dir, policy)
-    summary = RetentionSummary()
-    if policy.keep.keeps_everything:
-        return summary
     try:
         # One exclusive lock, taken before anything is forgotten (docs/repository.md, *Locks*).
         forgotten, pruned = forget_and_prune(repo, policy.keep, hosts=hosts,

@@ -116,7 +116,7 @@ def test_version_1_repositories_stay_readable(encrypted: Repository, tmp_path: P
 def test_weak_passphrases_create_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, passphrase: str) -> None:
     monkeypatch.setenv("PD_TEST_WEAK", passphrase)
     store = LocalBlobStore(tmp_path / "repo")
-    with pytest.raises(WeakKey, match="env:PD_TEST_WEAK .* use at least 12 characters, at least 5 of them different") as caught:
+    with pytest.raises(WeakKey, match="env:PD_TEST_WEAK .*: a new encrypted repository needs at least 12 characters, at least 5 of them different") as caught:
         Repository.open(store, key_reference="env:PD_TEST_WEAK", create=True)
     assert not passphrase or passphrase not in str(caught.value)  # the rule, never the value
     assert list(store.list("")) == []
