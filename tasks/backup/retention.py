@@ -2,7 +2,7 @@
 
 Selection follows restic's `forget`: keep the newest n points, and the newest point of each of
 the newest n days / ISO weeks / months that have one. Prune deletes chunks and maps no point
-names, under an exclusive lock (docs/repository.md, *Prune beside a running backup*).
+names, under an exclusive lock (docs/repository.md, *Locks*).
 """
 
 from __future__ import annotations
@@ -146,6 +146,10 @@ def _prune(repo: Repository, dry_run: bool, stale_removed: list[str]) -> PruneRe
             report.bytes_freed += info.size
             if not dry_run:
                 _delete(repo, info.key)
+    # A damage record of a chunk no point names any more has nothing left to repair.
+    for chunk_id in repo.damaged_chunks():
+        if chunk_id not in live and not dry_run:
+            repo.clear_damage(chunk_id.hex())
     # No backup holds a lock now, so staged blocks belong to runs that died.
     for info in list(repo.store.list("staging/")):
         report.staged_deleted += 1

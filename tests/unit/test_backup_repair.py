@@ -16,8 +16,10 @@ from tasks.backup.errors import ChunkCorrupt, SourceError
 from tasks.backup.repair import repair
 from tasks.backup.repository import Repository, chunk_key
 from tasks.backup.restore import restore
+from tasks.backup.retention import prune
 from tasks.backup.source import BlockSource, LocalBlockSource, LocalTreeSource, TreeSource
 from tasks.backup.verify import verify
+from tests.unit.test_backup_engine import repo, store  # noqa: F401 - fixtures
 
 BLOCK = 64 * 1024
 
@@ -31,16 +33,6 @@ def flip_byte(store: LocalBlobStore, chunk_id: bytes) -> None:
     blob = bytearray(path.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     path.write_bytes(bytes(blob))
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> LocalBlobStore:
-    return LocalBlobStore(tmp_path / "repo")
-
-
-@pytest.fixture
-def repo(store: LocalBlobStore) -> Repository:
-    return Repository.open(store, create=True)
 
 
 def test_flipped_chunk_is_rewritten_by_the_next_backup(repo: Repository, store: LocalBlobStore, tmp_path: Path) -> None:
@@ -124,7 +116,11 @@ def test_repair_rewrites_from_the_live_disk_and_names_what_stays_damaged(repo: R
     assert repo.get_chunk(healable) == data[2 * BLOCK:3 * BLOCK]
     with pytest.raises(ChunkCorrupt, match=lost.hex()):
         repo.get_chunk(lost)
-    assert list(repo.store.list("points/")) and len(list(repo.store.list("points/"))) == 1  # repair writes no point
+    assert len(list(repo.store.list("points/"))) == 1  # repair writes no point
+    # Once no point names the lost chunk, prune deletes it and its record.
+    repo.store.delete(first.key)
+    prune(repo)
+    assert repo.damaged_chunks() == {}
 
 
 def test_repair_reports_a_disk_it_cannot_read(repo: Repository, store: LocalBlobStore, tmp_path: Path) -> None:
