@@ -126,7 +126,7 @@ def backup(repo: Repository, source: BlockSource | TreeSource, request: BackupRe
         previous = _previous_map(repo, parent, request.block_size)
         damaged = set(repo.damaged_chunks()) | (_chunks_of(previous) - known)
         writer = _ChunkWriter(repo, known, sink, damaged)
-        scanned = _scan(repo, source, request, previous, writer, sink)
+        scanned = _scan(source, request, previous, writer, sink)
         map_id = repo.put_map(scanned.map_body)
         totals = writer.totals.model_copy(update={"size": scanned.size, "skipped": len(getattr(source, "skipped", []))})
         point = RecoveryPoint(
@@ -152,13 +152,14 @@ def rewrite_damaged(repo: Repository, source: BlockSource | TreeSource, request:
     returns the ids rewritten. Writes no map and no point. `points` are this disk's points that
     name damaged chunks: every block or file they had at a damaged chunk is read again."""
     sink = progress or progress_mod.current()
-    maps = [m for m in (_previous_map(repo, p, p.block_size) for p in points) if m is not None]
-    if not maps:
+    if not points:
         return set()
+    # Positions mean the same only at one block size: the newest point's.
+    block_size = points[-1].block_size
+    maps = [m for m in (_previous_map(repo, p, block_size) for p in points) if m is not None]
     writer = _ChunkWriter(repo, repo.chunk_ids(), sink, damaged, only_damaged=True)
-    request = replace(request, block_size=points[-1].block_size)
     # The newest map drives the scan; the others add the positions they had damaged chunks at.
-    _scan(repo, source, request, maps[-1], writer, sink, also=maps[:-1])
+    _scan(source, replace(request, block_size=block_size), maps[-1], writer, sink, also=maps[:-1])
     for chunk_id in writer.repaired:
         repo.clear_damage(chunk_id.hex())
     return writer.repaired
@@ -183,7 +184,7 @@ def _chunks_of(previous: PreviousMap) -> set[bytes]:
     return {cid for entry in (previous or {}).values() for cid in entry.chunks}
 
 
-def _scan(repo: Repository, source: BlockSource | TreeSource, request: BackupRequest, previous: PreviousMap,
+def _scan(source: BlockSource | TreeSource, request: BackupRequest, previous: PreviousMap,
           writer: _ChunkWriter, sink: ProgressSink, also: Sequence[PreviousMap] = ()) -> "_Scanned":
     with ThreadPoolExecutor(max_workers=request.workers, thread_name_prefix=f"backup-{request.disk}") as pool_exec:
         buffers = BufferPool(request.workers * 2 + 1, request.block_size)
