@@ -437,7 +437,7 @@ class Repository:
         deadline = utcnow() + wait
         held = HeldLock("")
         while True:
-            held.key = self._write_lock(kind)
+            held.key, created = self._write_lock(kind)
             blocker = self._conflicting_lock(held, kind, stale)
             if blocker is None:
                 break
@@ -446,7 +446,7 @@ class Repository:
                 raise RepositoryBusy(f"{self.name}: repository busy: {blocker}")
             threading.Event().wait(poll_seconds)
         stop = threading.Event()
-        refresher = threading.Thread(target=self._refresh_lock, args=(held.key, kind, stop, refresh),
+        refresher = threading.Thread(target=self._refresh_lock, args=(held.key, kind, created, stop, refresh),
                                      name="patchdrill-lock-refresh", daemon=True)
         refresher.start()
         try:
@@ -456,14 +456,13 @@ class Repository:
             refresher.join()
             self._remove_lock(held.key)
 
-    def _write_lock(self, kind: str) -> str:
+    def _write_lock(self, kind: str) -> tuple[str, datetime]:
         key = f"locks/{uuid.uuid4().hex}.json"
         now = utcnow()
         self.store.put(key, json.dumps(locks.lock_body(kind, now, now)).encode(), overwrite=False)
-        return key
+        return key, now
 
-    def _refresh_lock(self, key: str, kind: str, stop: threading.Event, every: timedelta) -> None:
-        created = utcnow()
+    def _refresh_lock(self, key: str, kind: str, created: datetime, stop: threading.Event, every: timedelta) -> None:
         while not stop.wait(every.total_seconds()):
             try:
                 self.store.put(key, json.dumps(locks.lock_body(kind, created, utcnow())).encode(), overwrite=True)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
@@ -32,7 +33,7 @@ HOLDER = textwrap.dedent("""
     from connectors.storage import LocalBlobStore
     from tasks.backup.repository import Repository
     repo = Repository.open(LocalBlobStore(sys.argv[1]))
-    with repo.lock("backup"):
+    with repo.lock(sys.argv[2]):
         print("locked", file=sys.stderr, flush=True)
         threading.Event().wait()
 """)
@@ -44,9 +45,10 @@ def repo(tmp_path: Path) -> Repository:
 
 
 @pytest.fixture
-def holder(repo: Repository) -> Iterator[subprocess.Popen[str]]:
-    """A separate process holding a backup lock until the test kills it."""
-    child = subprocess.Popen([sys.executable, "-c", HOLDER, str(repo.store.root)], cwd=ROOT,
+def holder(repo: Repository, request: pytest.FixtureRequest) -> Iterator[subprocess.Popen[str]]:
+    """A separate process holding a lock (backup unless parametrized) until the test kills it."""
+    kind = getattr(request, "param", "backup")
+    child = subprocess.Popen([sys.executable, "-c", HOLDER, str(repo.store.root), kind], cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         assert child.stderr is not None and child.stderr.readline().strip() == "locked"
@@ -104,3 +106,26 @@ def test_prune_beside_a_running_backup_deletes_no_point(repo: Repository, tmp_pa
     with pytest.raises(RepositoryBusy, match="process is running"):
         forget_and_prune(repo, KeepRules(last=1))
     assert repo.point_keys() == made
+
+
+@pytest.mark.parametrize("holder", ["prune"], indirect=True)
+def test_a_killed_prune_does_not_hold_up_backups(repo: Repository, tmp_path: Path,
+                                                 holder: subprocess.Popen[str]) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(random.Random(2).randbytes(BLOCK))
+    request = BackupRequest(host="h", disk="d", block_size=BLOCK, workers=1, lock_wait=timedelta(0))
+    with pytest.raises(RepositoryBusy, match="a prune lock .* the process is running"):
+        backup(repo, LocalBlockSource(image), request)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert backup(repo, LocalBlockSource(image), request).totals.uploaded_chunks == 1
+
+
+def test_a_held_lock_keeps_its_heartbeat(repo: Repository) -> None:
+    with repo.lock("backup", refresh=timedelta(milliseconds=20)) as held:
+        first = json.loads(repo.store.get(held.key))
+        while json.loads(repo.store.get(held.key))["refreshed"] == first["refreshed"]:
+            threading.Event().wait(0.01)
+        body = json.loads(repo.store.get(held.key))
+    assert body["created"] == first["created"] and body["process"] == process_identity(os.getpid())
+    assert list(repo.store.list("locks/")) == []
