@@ -210,6 +210,9 @@ def _render_verify(report: Any) -> None:
     for key, why in report.broken_points.items():
         err_console.print(f"[red]unreadable[/] point {key}: {why}", highlight=False)
     console.print(("[green]ok[/] " if report.ok else "[red]damaged[/] ") + report.summary())
+    if report.missing or report.corrupt:
+        console.print("recorded: the next backup rewrites these chunks where it reads their data; "
+                      "`patchdrill repair` does it now from the live disks")
 
 
 def prune(config: ConfigOption = DEFAULT_CONFIG, policy: PolicyOption = None,
@@ -233,7 +236,7 @@ def prune(config: ConfigOption = DEFAULT_CONFIG, policy: PolicyOption = None,
         f"{_mib(s['bytes_freed'])}; {s['chunks_kept']} chunks kept"))
 
 
-def unlock(config: ConfigOption = DEFAULT_CONFIG, policy: PolicyOption = None,
+def unlock(config: ConfigOption = DEFAULT_CONFIG,
            remove_all: Annotated[bool, typer.Option("--all", help="Also remove locks whose holders look alive (a host that is gone for good).")] = False,
            as_json: JsonOption = False) -> None:
     """Remove stale locks (their process is dead, or their host stopped refreshing them); --all removes every lock."""
