@@ -213,3 +213,24 @@ def test_ssh_host_sends_a_damaged_block_again_and_repair_reads_it(ssh_host_confi
         again = backup(repo, RemoteBlockSource(connector, str(image)), request)
     assert again.totals.scanned == BLOCK and again.totals.repaired_chunks == 1  # that one block only
     assert verify(repo).ok
+
+
+def test_ssh_directory_file_with_a_damaged_chunk_crosses_the_wire_again(ssh_host_config: HostConfig,
+                                                                         tmp_path: Path) -> None:
+    src = tmp_path / "srv"
+    src.mkdir()
+    (src / "big.bin").write_bytes(random.Random(8).randbytes(3 * BLOCK))
+    (src / "small.txt").write_text("unchanged\n")
+    store = LocalBlobStore(tmp_path / "repo")
+    repo = Repository.open(store, create=True)
+    request = BackupRequest(host=ssh_host_config.name, disk="srv", block_size=BLOCK, workers=2)
+    victim = repo.codec.chunk_id((src / "big.bin").read_bytes()[BLOCK:2 * BLOCK])
+    with connect(ssh_host_config) as connector:
+        backup(repo, RemoteTreeSource(connector, str(src)), request)
+        path = store.root / chunk_key(victim)
+        path.write_bytes(path.read_bytes()[:-1] + b"\x00")
+        assert list(verify(repo).corrupt) == [victim.hex()]
+        again = backup(repo, RemoteTreeSource(connector, str(src)), request)
+    # Size and mtime are unchanged: only the file holding the damaged chunk was sent again.
+    assert again.totals.scanned == 3 * BLOCK and again.totals.repaired_chunks == 1
+    assert verify(repo).ok
