@@ -24,6 +24,7 @@ from tasks.backup.locks import process_identity, this_host
 from tasks.backup.repository import Repository, utcnow
 from tasks.backup.retention import KeepRules, forget_and_prune, prune
 from tasks.backup.source import LocalBlockSource
+from tests.unit.test_backup_engine import _STALLING_BACKUP
 
 ROOT = Path(__file__).resolve().parents[2]
 BLOCK = 64 * 1024
@@ -129,3 +130,25 @@ def test_a_held_lock_keeps_its_heartbeat(repo: Repository) -> None:
         body = json.loads(repo.store.get(held.key))
     assert body["created"] == first["created"] and body["process"] == process_identity(os.getpid())
     assert list(repo.store.list("locks/")) == []
+
+
+def test_prune_right_after_a_backup_killed_mid_upload(tmp_path: Path) -> None:
+    """The reported case: `kill -9` of a running backup used to block prune for 30 minutes."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(random.Random(3).randbytes(16 * BLOCK))
+    store = LocalBlobStore(tmp_path / "repo")
+    proc = subprocess.Popen([sys.executable, "-c", _STALLING_BACKUP, str(store.root), str(image), "4"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while len(list(store.list("chunks/"))) < 4:
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "exited"
+            threading.Event().wait(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    [lock] = list(store.list("locks/"))
+
+    report = prune(Repository.open(store))
+    assert report.stale_locks_removed == [
+        f"a backup lock ({lock.key}) of pid {proc.pid} on host {this_host()}: the process is dead"]
+    assert report.chunks_deleted == 4 and list(store.list("locks/")) == []
