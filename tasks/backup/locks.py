@@ -1,10 +1,12 @@
 """Who holds a repository lock, and whether that holder is still alive.
 
-A lock records the host, the pid and the identity of the process (its boot and start time), so
-that on the same host a dead holder is recognised at once, and a pid the kernel has since given
-to another process is not mistaken for the holder. Locks of other hosts cannot be checked that
-way: they expire when their heartbeat (`refreshed`, rewritten by the holder) grows older than the
-stale limit. docs/repository.md, *Locks*, is the specification.
+A lock records the host, the pid and the identity of the process: the kernel's boot id, its pid
+namespace and the process's start time. A reader in the same boot and pid namespace (the same
+machine, the same process table) recognises a dead holder at once, and a pid the kernel has
+since given to another process is not mistaken for the holder. Every other lock (another
+machine, another container, the same name after a reboot) cannot be checked that way: it
+expires when its heartbeat (`refreshed`, rewritten by the holder) grows older than the stale
+limit. docs/repository.md, *Locks*, is the specification.
 """
 
 from __future__ import annotations
@@ -28,9 +30,23 @@ def _boot_id() -> str | None:
         return None
 
 
+def _process_table() -> str | None:
+    """`<boot id>/<pid namespace>`: where a pid means one process (None where /proc cannot tell)."""
+    boot = _boot_id()
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+    return f"{boot}/{namespace}" if boot else None
+
+
 def process_identity(pid: int) -> str | None:
-    """`<boot id>/<start time in clock ticks>` of a live process, or None when it is gone (a
-    zombie counts as gone: it will never release its lock) or /proc cannot tell (not Linux)."""
+    """`<boot id>/<pid namespace>/<start time in clock ticks>` of a live process in this process
+    table, or None when it is gone (a zombie counts as gone: it will never release its lock) or
+    /proc cannot tell (not Linux)."""
+    table = _process_table()
+    if table is None:
+        return None
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -40,19 +56,7 @@ def process_identity(pid: int) -> str | None:
     state, start_ticks = fields[0], fields[19]
     if state in ("Z", "X"):
         return None
-    return f"{_boot_id()}/{start_ticks}"
-
-
-def pid_alive(pid: int) -> bool:
-    if Path("/proc/self/stat").exists():
-        return process_identity(pid) is not None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
+    return f"{table}/{start_ticks}"
 
 
 def lock_body(kind: str, created: datetime, refreshed: datetime) -> dict[str, Any]:
@@ -89,14 +93,14 @@ def judge(key: str, body: dict[str, Any], *, now: datetime, stale_after: timedel
     except ValueError:
         refreshed = datetime(1970, 1, 1, tzinfo=timezone.utc)
     age = now - refreshed
-    if host == this_host() and isinstance(pid, int):
+    table = _process_table()
+    if isinstance(pid, int) and isinstance(identity, str) and table and identity.rsplit("/", 1)[0] == table:
         current = process_identity(pid)
-        if not pid_alive(pid):
+        if current is None:
             return LockState(key, kind, True, f"{holder}: the process is dead")
-        if identity and current and current != identity:
+        if current != identity:
             return LockState(key, kind, True, f"{holder}: the pid now belongs to another process (the holder is dead)")
-        if identity and current:
-            return LockState(key, kind, False, f"{holder}: the process is running (held since {body.get('created')})")
+        return LockState(key, kind, False, f"{holder}: the process is running (held since {body.get('created')})")
     if age > stale_after:
         return LockState(key, kind, True, f"{holder}: last refreshed {_age(age)} ago (stale after {_age(stale_after)})")
     return LockState(key, kind, False, f"{holder}: refreshed {_age(age)} ago (stale after {_age(stale_after)} "

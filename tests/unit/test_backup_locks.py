@@ -85,6 +85,18 @@ def test_a_recycled_pid_is_not_mistaken_for_the_holder(repo: Repository) -> None
     assert "the pid now belongs to another process" in report.stale_locks_removed[0]
 
 
+def test_a_pid_from_another_boot_or_container_is_judged_by_its_heartbeat(repo: Repository) -> None:
+    """Same host name, but another process table (a reboot since, or a container of the same
+    name): its pid says nothing here, even if no such pid runs here now."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    for other_table in ("00000000-0000-0000-0000-000000000000/pid:[4026531836]",
+                        f"{Path('/proc/sys/kernel/random/boot_id').read_text().strip()}/pid:[1]"):
+        _lock(repo, "twin", host=this_host(), pid=dead_pid, process=f"{other_table}/12345")
+        with pytest.raises(RepositoryBusy, match=rf"pid {dead_pid} on host {this_host()}: refreshed \d+ s ago"):
+            prune(repo)
+
+
 def test_other_hosts_locks_expire_by_their_heartbeat(repo: Repository) -> None:
     _lock(repo, "fresh", host="db-7.example", pid=4242)
     with pytest.raises(RepositoryBusy, match=r"pid 4242 on host db-7.example: refreshed \d+ s ago \(stale after 30 min"):
