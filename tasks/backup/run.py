@@ -42,6 +42,8 @@ class DiskReport(BaseModel):
     uploaded_bytes: int = 0
     stored_bytes: int = 0
     size_bytes: int = 0
+    #: damaged chunks (found by verify, or missing) this backup wrote again
+    repaired_chunks: int = 0
     seconds: float = 0.0
     error: str | None = None
 
@@ -137,6 +139,7 @@ def back_up_disk(config: PatchdrillConfig, base_dir: Path, host: HostConfig, dis
     return DiskReport(host=host.name, disk=disk.name, point=point.key, consistency=point.consistency,
                       snapshot_method=point.snapshot_method, scanned_bytes=t.scanned, changed_bytes=t.changed_bytes,
                       uploaded_bytes=t.uploaded_bytes, stored_bytes=t.stored_bytes, size_bytes=t.size,
+                      repaired_chunks=t.repaired_chunks,
                       seconds=round(time.monotonic() - started, 3))
 
 

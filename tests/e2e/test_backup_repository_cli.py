@@ -45,6 +45,7 @@ def test_a_flipped_chunk_heals_by_backup_and_by_repair(prefect_server: None, lab
     assert cli("verify", "-c", str(lab))[0] == 1
     code, out, err = cli("backup", "-c", str(lab), "--json")  # the disk did not change
     assert code == 0, err
+    assert [row["repaired_chunks"] for row in json.loads(out)] == [1]
     code, out, err = cli("verify", "-c", str(lab), "--json")
     assert code == 0 and json.loads(out)["ok"], err
 
