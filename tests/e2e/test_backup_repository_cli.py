@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Callable
 
@@ -46,6 +47,10 @@ def test_a_flipped_chunk_heals_by_backup_and_by_repair(prefect_server: None, lab
     code, out, err = cli("backup", "-c", str(lab), "--json")  # the disk did not change
     assert code == 0, err
     assert [row["repaired_chunks"] for row in json.loads(out)] == [1]
+    code, out, err = cli("points", "-c", str(lab), "--json")
+    [point] = json.loads(out)  # keep_last: 1
+    assert (point["version"], point["policy"], point["tool"]) == (2, "default", package_version("patchdrill"))
+    assert point["completed"] >= point["time"] and point["source_path"] is None  # sealed: listed without the key
     code, out, err = cli("verify", "-c", str(lab), "--json")
     assert code == 0 and json.loads(out)["ok"], err
 
