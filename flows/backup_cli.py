@@ -1,4 +1,4 @@
-"""`patchdrill backup | restore | points | verify | prune`: the backup pipeline from a shell.
+"""`patchdrill backup | restore | points | verify | prune | repair | unlock`: the backup pipeline from a shell.
 
 backup and restore run the same Prefect flows a deployment runs (on the ephemeral API when no
 server is configured); points, verify and prune work on the repository directly, so they answer
@@ -210,21 +210,26 @@ def _render_verify(report: Any) -> None:
     for key, why in report.broken_points.items():
         err_console.print(f"[red]unreadable[/] point {key}: {why}", highlight=False)
     console.print(("[green]ok[/] " if report.ok else "[red]damaged[/] ") + report.summary())
+    if report.missing or report.corrupt:
+        console.print("recorded: the next backup rewrites these chunks where it reads their data; "
+                      "`patchdrill repair` does it now from the live disks")
 
 
 def prune(config: ConfigOption = DEFAULT_CONFIG, policy: PolicyOption = None,
           dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would go; delete nothing.")] = False,
           as_json: JsonOption = False) -> None:
-    """Forget points the policy no longer keeps, then delete data no point references."""
-    from tasks.backup.retention import forget, prune as prune_repository
+    """Forget points the policy no longer keeps, then delete data no point references (one lock, taken first)."""
+    from tasks.backup.retention import forget_and_prune
     from tasks.backup.run import open_repository
 
     loaded = load_or_exit(config)
     chosen = _policy(config, policy)
     repo = _run(lambda: open_repository(loaded.config, loaded.base_dir, chosen))
-    forgotten = _run(lambda: forget(repo, chosen.keep, dry_run=dry_run)) if not chosen.keep.keeps_everything else None
-    report = _run(lambda: prune_repository(repo, dry_run=dry_run))
-    summary = {"forgotten": forgotten.forgotten if forgotten else [], **vars(report)}
+    forgotten, report = _run(lambda: forget_and_prune(repo, chosen.keep, dry_run=dry_run))
+    assert report is not None
+    summary = {"forgotten": forgotten.forgotten, **vars(report)}
+    for why in report.stale_locks_removed:
+        err_console.print(f"[yellow]removed stale lock[/] {why}", highlight=False)
     emit(summary, as_json, lambda s: console.print(
         f"{'would forget' if dry_run else 'forgot'} {len(s['forgotten'])} points; "
         f"{'would delete' if dry_run else 'deleted'} {s['chunks_deleted']} chunks and {s['maps_deleted']} maps, "
@@ -234,6 +239,73 @@ def prune(config: ConfigOption = DEFAULT_CONFIG, policy: PolicyOption = None,
                           "(see the log); the next prune tries again", highlight=False)
 
 
+def unlock(config: ConfigOption = DEFAULT_CONFIG,
+           remove_all: Annotated[bool, typer.Option("--all", help="Also remove locks whose holders look alive (a host that is gone for good).")] = False,
+           as_json: JsonOption = False) -> None:
+    """Remove stale locks (their process is dead, or their host stopped refreshing them); --all removes every lock."""
+    from connectors.storage import open_store
+    from tasks.backup.repository import Repository
+
+    loaded = load_or_exit(config)
+    store = _run(lambda: open_store(loaded.config.storage, loaded.base_dir))
+    # Locks are plaintext: removing them needs the store, not the key.
+    repo = _run(lambda: Repository.open(store, metadata_only=True))
+    removed = _run(lambda: repo.remove_locks(include_live=remove_all))
+    left = _run(lambda: repo.lock_states())
+    for state in removed:
+        if not state.stale:
+            err_console.print(f"[yellow]warning:[/] removed a live lock: {redact(state.why)}. If that process is still "
+                              "running, a prune can now delete data it is writing; stop it or re-run it.", highlight=False)
+    summary = {"removed": [{"lock": s.key, "kind": s.kind, "stale": s.stale, "why": redact(s.why)} for s in removed],
+               "held": [{"lock": s.key, "kind": s.kind, "why": redact(s.why)} for s in left]}
+    emit(summary, as_json, _render_unlock)
+
+
+def _render_unlock(summary: dict[str, Any]) -> None:
+    for row in summary["removed"]:
+        console.print(f"removed {row['lock']}: {row['why']}", highlight=False)
+    for row in summary["held"]:
+        console.print(f"[yellow]still held[/] {row['why']}; `patchdrill unlock --all` removes it", highlight=False)
+    if not summary["removed"] and not summary["held"]:
+        console.print("no locks")
+
+
+def repair(config: ConfigOption = DEFAULT_CONFIG, policy: PolicyOption = None, as_json: JsonOption = False) -> None:
+    """After `verify`: rewrite damaged chunks from the live disks that still hold their data; exit 1
+    and list the points that stay damaged."""
+    from functools import partial
+
+    from tasks.backup.repair import repair as repair_repository
+    from tasks.backup.run import live_source, open_repository
+
+    loaded = load_or_exit(config)
+    chosen = _policy(config, policy)
+    with _progress(not as_json):
+        repo = _run(lambda: open_repository(loaded.config, loaded.base_dir, chosen))
+        report = _run(lambda: repair_repository(repo, partial(live_source, loaded.config, loaded.base_dir),
+                                                workers=chosen.workers))
+    emit(vars(report) | {"damaged_points": report.damaged_points, "ok": report.ok}, as_json,
+         lambda _: _render_repair(report))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _render_repair(report: Any) -> None:
+    if not report.recorded:
+        console.print("nothing to repair: no damage recorded (run `patchdrill verify` first)")
+        return
+    for where, why in report.unreadable_disks.items():
+        err_console.print(f"[yellow]could not read[/] {where}: {why}", highlight=False)
+    for chunk, users in report.remaining.items():
+        err_console.print(f"[red]still damaged[/] chunk {chunk} (points: {', '.join(users)})", highlight=False)
+    for key, why in report.broken_points.items():
+        err_console.print(f"[red]unreadable[/] point {key}: {why}", highlight=False)
+    damaged = report.damaged_points
+    console.print(f"repaired {len(report.repaired)} of {report.recorded} damaged chunks; "
+                  + (f"[red]{len(damaged)} points remain damaged[/]: {', '.join(damaged)}" if damaged
+                     else "[green]no point remains damaged[/]"), highlight=False)
+
+
 def register(app: typer.Typer) -> None:
-    for command in (backup, restore, points, verify, prune):
+    for command in (backup, restore, points, verify, prune, repair, unlock):
         app.command(command.__name__)(command)

@@ -86,5 +86,6 @@ def _publish(reports: list[DiskReport], retention: RetentionSummary) -> None:
     create_table_artifact(
         key="backup-run",
         table=[{c: getattr(r, c) for c in REPORT_COLUMNS} for r in reports],
-        description=f"{ok}/{len(reports)} disks backed up; retention forgot {len(retention.forgotten)} points",
+        description=f"{ok}/{len(reports)} disks backed up; retention forgot {len(retention.forgotten)} points"
+                    + (f"; prune deferred: {retention.prune_deferred}" if retention.prune_deferred else ""),
     )

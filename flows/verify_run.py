@@ -35,5 +35,6 @@ def verify_run(config_path: str = "configs/lab.yaml", host: str | None = None, d
     create_table_artifact(key="verify-run", table=rows or [{"chunk": "-", "problem": "none", "points": report.summary()}],
                           description=report.summary())
     if not report.ok:
-        raise RepositoryDamaged(report.summary())
+        # verify() has recorded the damage: the next backup rewrites what the disks still hold.
+        raise RepositoryDamaged(f"{report.summary()}; recorded for the next backup and `patchdrill repair`")
     return report

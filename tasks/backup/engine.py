@@ -12,9 +12,9 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import Any, Literal
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any, Literal, Sequence
 
 import structlog
 
@@ -22,7 +22,7 @@ from tasks.backup import progress as progress_mod
 from tasks.backup.blockmap import BlockMap, TreeEntry, TreeMap
 from tasks.backup.progress import ProgressSink
 from tasks.backup.repository import (
-    Consistency, MapRef, RecoveryPoint, Repository, Totals, utcnow,
+    Consistency, MapRef, RecoveryPoint, Repository, Totals, tool_version, utcnow,
 )
 from tasks.backup.source import BlockSource, BufferPool, SourceBlock, TreeSource, unchanged
 
@@ -34,11 +34,21 @@ def default_workers() -> int:
 
 
 class _ChunkWriter:
-    """Hashes blocks, decides what is new, uploads it; shared by the pool's workers."""
+    """Hashes blocks, decides what is new, uploads it; shared by the pool's workers.
 
-    def __init__(self, repo: Repository, known: set[bytes], progress: ProgressSink) -> None:
+    `damaged` holds chunk ids the store has in a bad state (verify recorded them corrupt, or a
+    point names them and the listing lacks them): a block hashing to one is written again,
+    replacing the bad blob, even when the block is unchanged since the parent point.
+    `only_damaged` (repair) writes nothing else.
+    """
+
+    def __init__(self, repo: Repository, known: set[bytes], progress: ProgressSink,
+                 damaged: set[bytes] | None = None, *, only_damaged: bool = False) -> None:
         self.repo = repo
-        self.known = known
+        self.damaged = set(damaged or ())
+        self.known = known - self.damaged
+        self.repaired: set[bytes] = set()
+        self.only_damaged = only_damaged
         self.progress = progress
         self.totals = Totals()
         self._totals_lock = threading.Lock()
@@ -52,18 +62,25 @@ class _ChunkWriter:
                 return previous_id, block.fingerprint
             chunk_id = self.repo.codec.chunk_id(block.data)
             self._count(scanned=block.length)
-            if chunk_id != previous_id:
+            changed = chunk_id != previous_id
+            if changed:
                 self._count(changed_blocks=1, changed_bytes=block.length)
-                with self._known_lock:
-                    new = chunk_id not in self.known
-                    self.known.add(chunk_id)
-                if new:
-                    # Claimed before the upload: a sibling worker with the same block skips it,
-                    # and if this upload fails the whole backup fails before any point is written.
-                    stored = self.repo.put_chunk(chunk_id, block.data)
-                    self._count(uploaded_chunks=1 if stored else 0, uploaded_bytes=block.length if stored else 0,
-                                stored_bytes=stored)
-                    self.progress.advance("uploaded", block.length)
+            with self._known_lock:
+                # Claimed before the upload: a sibling worker with the same block skips it,
+                # and if this upload fails the whole backup fails before any point is written.
+                rewrite = chunk_id in self.damaged
+                self.damaged.discard(chunk_id)
+                new = changed and not self.only_damaged and chunk_id not in self.known
+                self.known.add(chunk_id)
+            if rewrite or new:
+                stored = self.repo.put_chunk(chunk_id, block.data, replace=rewrite)
+                self._count(uploaded_chunks=1 if stored else 0, uploaded_bytes=block.length if stored else 0,
+                            stored_bytes=stored, repaired_chunks=int(rewrite))
+                if rewrite:
+                    with self._known_lock:
+                        self.repaired.add(chunk_id)
+                    log.warning("backup.chunk_repaired", chunk=chunk_id.hex())
+                self.progress.advance("uploaded", block.length)
             return chunk_id, block.fingerprint or chunk_id
         finally:
             block.release()
@@ -88,6 +105,11 @@ class BackupRequest:
     workers: int = field(default_factory=default_workers)
     #: how long to wait for a running prune to finish before failing with RepositoryBusy
     lock_wait: timedelta = timedelta(minutes=30)
+    #: when the snapshot the source reads was taken; None when the source is live, and the
+    #: point's time is then the moment reading began (after any wait for the lock)
+    snapshot_time: datetime | None = None
+    #: the name of the backup policy that made the point, recorded in it
+    policy: str | None = None
 
 
 def backup(repo: Repository, source: BlockSource | TreeSource, request: BackupRequest,
@@ -95,15 +117,16 @@ def backup(repo: Repository, source: BlockSource | TreeSource, request: BackupRe
     """Back up one disk and return its recovery point (already written to the repository)."""
     sink = progress or progress_mod.current()
     started = time.monotonic()
-    moment = utcnow()
     with repo.lock("backup", wait=request.lock_wait):
+        # Stamped here, not before the wait: a live source's data is from now on; a snapshot's
+        # from when it was taken.
+        moment = request.snapshot_time or utcnow()
         parent = repo.latest_point(request.host, request.disk)
         known = repo.chunk_ids()
-        writer = _ChunkWriter(repo, known, sink)
-        with ThreadPoolExecutor(max_workers=request.workers, thread_name_prefix=f"backup-{request.disk}") as pool_exec:
-            buffers = BufferPool(request.workers * 2 + 1, request.block_size)
-            scan = _scan_tree if isinstance(source, TreeSource) else _scan_blocks
-            scanned = scan(repo, source, request, parent, writer, pool_exec, buffers, sink)  # type: ignore[arg-type]
+        previous = _previous_map(repo, parent, request.block_size)
+        damaged = set(repo.damaged_chunks()) | (_chunks_of(previous) - known)
+        writer = _ChunkWriter(repo, known, sink, damaged)
+        scanned = _scan(source, request, previous, writer, sink)
         map_id = repo.put_map(scanned.map_body)
         totals = writer.totals.model_copy(update={"size": scanned.size, "skipped": len(getattr(source, "skipped", []))})
         point = RecoveryPoint(
@@ -113,11 +136,67 @@ def backup(repo: Repository, source: BlockSource | TreeSource, request: BackupRe
             parent=parent.key if parent else None,
             totals=totals,
             seconds=round(time.monotonic() - started, 3),
+            completed=utcnow(), tool=tool_version(), policy=request.policy,
         )
         repo.write_point(point)
+        for chunk_id in writer.repaired:
+            repo.clear_damage(chunk_id.hex())
     log.info("backup.point", host=request.host, disk=request.disk, point=point.key, consistency=point.consistency,
              changed_blocks=totals.changed_blocks, uploaded_bytes=totals.uploaded_bytes, seconds=point.seconds)
     return point
+
+
+def rewrite_damaged(repo: Repository, source: BlockSource | TreeSource, request: BackupRequest,
+                    points: list[RecoveryPoint], damaged: set[bytes], progress: ProgressSink | None = None) -> set[bytes]:
+    """Read the live source for blocks that hash to damaged chunk ids and rewrite those chunks;
+    returns the ids rewritten. Writes no map and no point. `points` are this disk's points that
+    name damaged chunks: every block or file they had at a damaged chunk is read again."""
+    sink = progress or progress_mod.current()
+    if not points:
+        return set()
+    # Positions mean the same only at one block size: the newest point's.
+    block_size = points[-1].block_size
+    maps = [m for m in (_previous_map(repo, p, block_size) for p in points) if m is not None]
+    writer = _ChunkWriter(repo, repo.chunk_ids(), sink, damaged, only_damaged=True)
+    # The newest map drives the scan; the others add the positions they had damaged chunks at.
+    _scan(source, replace(request, block_size=block_size), maps[-1], writer, sink, also=maps[:-1])
+    for chunk_id in writer.repaired:
+        repo.clear_damage(chunk_id.hex())
+    return writer.repaired
+
+
+PreviousMap = BlockMap | dict[str, TreeEntry] | None
+
+
+def _previous_map(repo: Repository, point: RecoveryPoint | None, block_size: int) -> PreviousMap:
+    """The parent's block map or its tree entries by path, if comparable with this backup."""
+    if point is None or point.block_size != block_size:
+        return None
+    body = repo.get_map(point.map.id, point=point.key)
+    if point.kind == "block":
+        return BlockMap.from_json(body, point=point.key)
+    return TreeMap.from_json(body, point=point.key).by_path()
+
+
+def _chunks_of(previous: PreviousMap) -> set[bytes]:
+    if isinstance(previous, BlockMap):
+        return set(previous.chunks)
+    return {cid for entry in (previous or {}).values() for cid in entry.chunks}
+
+
+def _scan(source: BlockSource | TreeSource, request: BackupRequest, previous: PreviousMap,
+          writer: _ChunkWriter, sink: ProgressSink, also: Sequence[PreviousMap] = ()) -> "_Scanned":
+    with ThreadPoolExecutor(max_workers=request.workers, thread_name_prefix=f"backup-{request.disk}") as pool_exec:
+        buffers = BufferPool(request.workers * 2 + 1, request.block_size)
+        if isinstance(source, TreeSource):
+            entries = previous if isinstance(previous, dict) else {}
+            forced = {path for m in [entries, *also] if isinstance(m, dict)
+                      for path, e in m.items() if writer.damaged.intersection(e.chunks)}
+            return _scan_tree(source, request, entries, forced, writer, pool_exec, buffers, sink)
+        blocks = previous if isinstance(previous, BlockMap) else None
+        forced = {i for m in [blocks, *also] if isinstance(m, BlockMap)
+                  for i, cid in enumerate(m.chunks) if cid in writer.damaged}
+        return _scan_blocks(source, request, blocks, forced, writer, pool_exec, buffers, sink)
 
 
 def _collect(futures: list[Future[tuple[bytes, bytes]]], failed: threading.Event) -> list[tuple[bytes, bytes]]:
@@ -151,17 +230,14 @@ def _submit(executor: ThreadPoolExecutor, writer: _ChunkWriter, block: SourceBlo
     return future
 
 
-def _scan_blocks(repo: Repository, source: BlockSource, request: BackupRequest, parent: RecoveryPoint | None,
+def _scan_blocks(source: BlockSource, request: BackupRequest, previous: BlockMap | None, forced: set[int],
                  writer: _ChunkWriter, executor: ThreadPoolExecutor, buffers: BufferPool,
                  sink: ProgressSink) -> _Scanned:
-    previous = None
-    if parent is not None and parent.kind == "block" and parent.block_size == request.block_size:
-        previous = BlockMap.from_json(repo.get_map(parent.map.id, point=parent.key), point=parent.key)
     sink.add_total("scanned", source.prepare(request.block_size))
     failed = threading.Event()
     futures: list[Future[tuple[bytes, bytes]]] = []
     size = 0
-    for block in source.blocks(request.block_size, previous, buffers):
+    for block in source.blocks(request.block_size, _unmatchable(previous, forced), buffers):
         if failed.is_set():
             block.release()
             break  # a worker failed: stop reading, the error surfaces in _collect
@@ -176,22 +252,29 @@ def _scan_blocks(repo: Repository, source: BlockSource, request: BackupRequest, 
     return _Scanned("block", block_map.to_json(), size, len(results), None)
 
 
-def _scan_tree(repo: Repository, source: TreeSource, request: BackupRequest, parent: RecoveryPoint | None,
+def _unmatchable(previous: BlockMap | None, forced: set[int]) -> BlockMap | None:
+    """The parent map as a source sees it: forced blocks get fingerprints that match nothing,
+    so a host that compares fingerprints itself sends those blocks' data again."""
+    if previous is None or not forced or previous.fingerprints is None:
+        return previous
+    fingerprints = [bytes(len(fp)) if i in forced else fp for i, fp in enumerate(previous.fingerprints)]
+    return replace(previous, fingerprints=fingerprints)
+
+
+def _scan_tree(source: TreeSource, request: BackupRequest, previous: dict[str, TreeEntry], forced: set[str],
                writer: _ChunkWriter, executor: ThreadPoolExecutor, buffers: BufferPool,
                sink: ProgressSink) -> _Scanned:
-    previous: dict[str, TreeEntry] = {}
-    if parent is not None and parent.kind == "directory" and parent.block_size == request.block_size:
-        previous = TreeMap.from_json(repo.get_map(parent.map.id, point=parent.key), point=parent.key).by_path()
     failed = threading.Event()
     entries: list[TreeEntry] = []
     pending: list[tuple[TreeEntry, list[Future[tuple[bytes, bytes]]], list[int]]] = []
-    for item in source.walk(previous):
+    # Files with damaged chunks look new to the source, so it reads them again.
+    for item in source.walk({p: e for p, e in previous.items() if p not in forced}):
         entry = item.entry
         entries.append(entry)
         if entry.type != "file" or item.read_blocks is None:
             continue
         old = previous.get(entry.path)
-        if unchanged(old, entry):
+        if unchanged(old, entry) and entry.path not in forced:
             entry.chunks = list(old.chunks)  # type: ignore[union-attr]  # not read at all
             continue
         sink.add_total("scanned", entry.size)

@@ -15,6 +15,14 @@ class WrongKey(RepositoryError):
     """The credential given does not unwrap the repository's master key."""
 
 
+class WeakKey(RepositoryError):
+    """A passphrase too weak to protect a new encrypted repository."""
+
+
+class PointTampered(RepositoryError):
+    """A recovery point of an encrypted repository fails authentication."""
+
+
 class KeyRequired(RepositoryError):
     """The repository is encrypted and no key reference was given (or the reverse)."""
 

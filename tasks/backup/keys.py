@@ -18,11 +18,18 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from tasks.backup.errors import RepositoryError, WrongKey
+from tasks.backup.errors import RepositoryError, WeakKey, WrongKey
 
 NONCE_SIZE = 12
 _KDF = {"name": "scrypt", "n": 2**15, "r": 8, "p": 1}
 _WRAP_AAD = b"patchdrill master key v1"
+#: The rule for a new repository's passphrase: long enough that scrypt makes guessing it slow,
+#: and not one character repeated. An empty value (an unset-but-present variable, an empty
+#: file) would otherwise create an "encrypted" repository anyone can open.
+MIN_PASSPHRASE_LENGTH = 12
+MIN_DISTINCT_CHARACTERS = 5
+PASSPHRASE_RULE = (f"at least {MIN_PASSPHRASE_LENGTH} characters, at least {MIN_DISTINCT_CHARACTERS} of them different "
+                   "(e.g. four random words)")
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,13 @@ def _derive(passphrase: str, salt: bytes, kdf: dict[str, Any]) -> bytes:
         raise RepositoryError(f"unsupported key derivation {kdf.get('name')!r} in config.json")
     return Scrypt(salt=salt, length=32, n=int(kdf["n"]), r=int(kdf["r"]), p=int(kdf["p"])).derive(
         passphrase.encode("utf-8"))
+
+
+def check_passphrase(passphrase: str, *, reference: str) -> None:
+    """Refuse a passphrase that does not meet PASSPHRASE_RULE, naming the reference, never the value."""
+    if len(passphrase) < MIN_PASSPHRASE_LENGTH or len(set(passphrase)) < MIN_DISTINCT_CHARACTERS:
+        what = "is empty" if not passphrase else "is too weak"
+        raise WeakKey(f"the passphrase from {reference} {what}: a new encrypted repository needs {PASSPHRASE_RULE}")
 
 
 def wrap(master: MasterKey, passphrase: str) -> dict[str, Any]:

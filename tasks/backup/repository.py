@@ -6,12 +6,13 @@ The engines (backup, restore, verify, prune) go through it and never build a key
 
 from __future__ import annotations
 
+import base64
 import json
 import os
-import socket
 import threading
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -25,19 +26,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from configs.secrets import redact, resolve
 from connectors.storage import BlobExists, BlobNotFound, BlobStore, StoreError
-from tasks.backup import keys
+from tasks.backup import keys, locks
 from tasks.backup.errors import (
-    ChunkCorrupt, ChunkMissing, KeyRequired, PointNotFound, RepositoryBusy, RepositoryError,
+    ChunkCorrupt, ChunkMissing, KeyRequired, PointNotFound, PointTampered, RepositoryBusy, RepositoryError,
 )
 
 FORMAT = "patchdrill-repository"
-VERSION = 1
+#: Version 2 seals the private fields of points in encrypted repositories and authenticates the
+#: rest; version 1 repositories stay readable (their points are unauthenticated; see the docs).
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 log = structlog.stdlib.get_logger("patchdrill.backup")
 
 CONFIG_KEY = "config.json"
 ID_SIZE = 32
 LOCK_REFRESH = timedelta(minutes=5)
 LOCK_STALE = timedelta(minutes=30)
+DAMAGE_PREFIX = "damaged/"
 Consistency = Literal["application-consistent", "file-system-consistent", "crash-consistent"]
 
 
@@ -64,6 +69,8 @@ class Totals(BaseModel):
     uploaded_bytes: int = 0
     stored_bytes: int = 0
     skipped: int = 0
+    #: chunks a backup wrote again because verify had found them corrupt or they were missing
+    repaired_chunks: int = 0
 
 
 class MapRef(BaseModel):
@@ -78,12 +85,19 @@ class RecoveryPoint(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     format: Literal["patchdrill-point"] = "patchdrill-point"
-    version: Literal[1] = 1
+    version: Literal[1, 2] = 2
     host: str
     disk: str
+    #: the moment the data is from: when the snapshot was taken (or, without one, when reading began)
     time: datetime
+    #: when the point was written (None in version 1 points)
+    completed: datetime | None = None
+    #: the patchdrill version and the backup policy that made the point
+    tool: str | None = None
+    policy: str | None = None
     kind: Literal["block", "directory"]
-    source_path: str
+    #: sealed in an encrypted repository: None when its points were read without the key
+    source_path: str | None
     consistency: Consistency
     snapshot_method: str = "none"
     notes: list[str] = Field(default_factory=list)
@@ -96,6 +110,31 @@ class RecoveryPoint(BaseModel):
     @property
     def key(self) -> str:
         return point_key(self.host, self.disk, self.time)
+
+
+#: What an encrypted repository seals inside a point (they name paths on the host).
+SEALED_FIELDS = ("source_path", "notes")
+_POINT_AAD = b"patchdrill point v2\n"
+
+
+def tool_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("patchdrill")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _canonical(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+@dataclass
+class HeldLock:
+    key: str
+    #: stale locks of others that taking this one removed (prune only), with why each was stale
+    removed_stale: list[str] = field(default_factory=list)
 
 
 def point_key(host: str, disk: str, moment: datetime) -> str:
@@ -195,6 +234,8 @@ class Repository:
         except BlobNotFound:
             if not create:
                 raise RepositoryError(f"{store.name}: no repository here (no {CONFIG_KEY}); run a backup to create one") from None
+            if passphrase is not None and key_reference is not None:
+                keys.check_passphrase(passphrase, reference=key_reference)
             created = cls._create(store, passphrase, compression_level)
             # None: another process created it first, and its config is the one that counts.
             config = created if created is not None else cls._read_config(store)
@@ -220,8 +261,9 @@ class Repository:
             raise RepositoryError(f"{store.name}: {CONFIG_KEY} is not JSON ({exc})") from None
         if not isinstance(config, dict) or config.get("format") != FORMAT:
             raise RepositoryError(f"{store.name}: {CONFIG_KEY} is not a patchdrill repository config")
-        if config.get("version") != VERSION:
-            raise RepositoryError(f"{store.name}: repository format version {config.get('version')!r} is not supported (this patchdrill reads {VERSION})")
+        if config.get("version") not in READABLE_VERSIONS:
+            raise RepositoryError(f"{store.name}: repository format version {config.get('version')!r} is not supported "
+                                  f"(this patchdrill reads {', '.join(map(str, READABLE_VERSIONS))})")
         return config
 
     @staticmethod
@@ -246,10 +288,19 @@ class Repository:
         """Every chunk id in the store (one listing; cheaper than an exists() per block)."""
         return {bytes.fromhex(info.key.rsplit("/", 1)[1]) for info in self.store.list("chunks/")}
 
-    def put_chunk(self, chunk_id: bytes, data: bytes | bytearray | memoryview) -> int:
-        """Store a chunk; returns the bytes written (0 if a concurrent writer stored it first)."""
+    def put_chunk(self, chunk_id: bytes, data: bytes | bytearray | memoryview, *, replace: bool = False) -> int:
+        """Store a chunk; returns the bytes written (0 if a concurrent writer stored it first).
+
+        replace=True overwrites a chunk known to be damaged. Both stores replace a blob
+        atomically (a rename; a single Put Blob), so a reader sees the old or the new blob,
+        never a torn one; the new blob is read back and checked before this returns.
+        """
         self._need_key()
         blob = self.codec.encode(chunk_id, data)
+        if replace:
+            self.store.put(chunk_key(chunk_id), blob, overwrite=True)
+            self.get_chunk(chunk_id)
+            return len(blob)
         try:
             self.store.put(chunk_key(chunk_id), blob, overwrite=False)
         except BlobExists:
@@ -285,8 +336,25 @@ class Repository:
 
     # -- points ------------------------------------------------------------------------------
 
+    def point_blob(self, point: RecoveryPoint) -> bytes:
+        """A point as stored: in an encrypted repository its SEALED_FIELDS are encrypted, and the
+        whole point (with its key) is the associated data, so no field can be altered unseen."""
+        body = point.model_dump(mode="json")
+        if self.encrypted:
+            self._need_key()
+            assert self.codec.master is not None
+            private = {name: body.pop(name) for name in SEALED_FIELDS}
+            nonce = os.urandom(keys.NONCE_SIZE)
+            sealed = AESGCM(self.codec.master.data_key).encrypt(nonce, _canonical(private), self._point_aad(point.key, body))
+            body["sealed"] = base64.b64encode(nonce + sealed).decode()
+        return json.dumps(body, indent=2).encode()
+
+    @staticmethod
+    def _point_aad(key: str, public: dict[str, Any]) -> bytes:
+        return _POINT_AAD + key.encode() + b"\n" + _canonical(public)
+
     def write_point(self, point: RecoveryPoint) -> str:
-        self.store.put(point.key, point.model_dump_json(indent=2).encode(), overwrite=False)
+        self.store.put(point.key, self.point_blob(point), overwrite=False)
         return point.key
 
     def read_point(self, key: str) -> RecoveryPoint:
@@ -295,9 +363,39 @@ class Repository:
         except BlobNotFound:
             raise PointNotFound(f"{self.name}: no recovery point {key!r}") from None
         try:
-            return RecoveryPoint.model_validate_json(raw)
+            body = json.loads(raw)
+            if not isinstance(body, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            raise RepositoryError(f"{self.name}: recovery point {key!r} is malformed: {exc}") from None
+        body = self._unseal(key, body)
+        try:
+            return RecoveryPoint.model_validate(body)
         except ValidationError as exc:
             raise RepositoryError(f"{self.name}: recovery point {key!r} is malformed: {exc.errors()[0]['msg']}") from None
+
+    def _unseal(self, key: str, body: dict[str, Any]) -> dict[str, Any]:
+        sealed = body.pop("sealed", None)
+        if not self.encrypted:
+            if sealed is not None:
+                raise PointTampered(f"{self.name}: recovery point {key!r} is sealed, but the repository is not encrypted: refused")
+            return body
+        if sealed is None:
+            # Only a version 1 repository may hold unsealed (unauthenticated) points.
+            if self.config.get("version", 1) >= 2 or body.get("version", 1) >= 2:
+                raise PointTampered(f"{self.name}: recovery point {key!r} is not sealed, but the repository is "
+                                    "encrypted: refused (it was not written by this repository's key holder)")
+            return body
+        if self.codec.master is None:
+            return body | {"source_path": None, "notes": []}  # metadata-only listing: private fields stay sealed
+        try:
+            blob = base64.b64decode(str(sealed), validate=True)
+            private = json.loads(AESGCM(self.codec.master.data_key).decrypt(
+                blob[:keys.NONCE_SIZE], blob[keys.NONCE_SIZE:], self._point_aad(key, body)))
+        except (InvalidTag, ValueError):
+            raise PointTampered(f"{self.name}: recovery point {key!r} fails authentication (altered, renamed or from "
+                                "another repository): refused") from None
+        return body | {name: private.get(name) for name in SEALED_FIELDS}
 
     def point_keys(self, host: str | None = None, disk: str | None = None) -> list[str]:
         """Point keys, oldest first (the time stamp sorts as a string)."""
@@ -329,47 +427,45 @@ class Repository:
     @contextmanager
     def lock(self, kind: Literal["backup", "prune"], *, wait: timedelta = timedelta(0),
              poll_seconds: float = 2.0, stale: timedelta = LOCK_STALE,
-             refresh: timedelta = LOCK_REFRESH) -> Iterator[str]:
-        """Hold a lock of `kind` for the duration; docs/repository.md, *Prune beside a running backup*.
+             refresh: timedelta = LOCK_REFRESH) -> Iterator[HeldLock]:
+        """Hold a lock of `kind` for the duration; docs/repository.md, *Locks*.
 
         Backups share with backups; prune excludes everything. Each side writes its lock before
-        looking for the other's, so simultaneous starts cannot both proceed.
+        looking for the other's, so simultaneous starts cannot both proceed. Prune removes the
+        stale locks it finds (their holders are dead or silent) and says so in the HeldLock.
         """
         deadline = utcnow() + wait
+        held = HeldLock("")
         while True:
-            key = self._write_lock(kind)
-            blocker = self._conflicting_lock(key, kind, stale)
+            held.key, created = self._write_lock(kind)
+            blocker = self._conflicting_lock(held, kind, stale)
             if blocker is None:
                 break
-            self._remove_lock(key)
+            self._remove_lock(held.key)
             if utcnow() >= deadline:
                 raise RepositoryBusy(f"{self.name}: repository busy: {blocker}")
             threading.Event().wait(poll_seconds)
         stop = threading.Event()
-        refresher = threading.Thread(target=self._refresh_lock, args=(key, kind, stop, refresh),
+        refresher = threading.Thread(target=self._refresh_lock, args=(held.key, kind, created, stop, refresh),
                                      name="patchdrill-lock-refresh", daemon=True)
         refresher.start()
         try:
-            yield key
+            yield held
         finally:
             stop.set()
             refresher.join()
-            self._remove_lock(key)
+            self._remove_lock(held.key)
 
-    def _lock_body(self, kind: str, created: datetime) -> bytes:
-        return json.dumps({"kind": kind, "host": socket.gethostname(), "pid": os.getpid(),
-                           "created": created.isoformat(), "refreshed": utcnow().isoformat()}).encode()
-
-    def _write_lock(self, kind: str) -> str:
+    def _write_lock(self, kind: str) -> tuple[str, datetime]:
         key = f"locks/{uuid.uuid4().hex}.json"
-        self.store.put(key, self._lock_body(kind, utcnow()), overwrite=False)
-        return key
+        now = utcnow()
+        self.store.put(key, json.dumps(locks.lock_body(kind, now, now)).encode(), overwrite=False)
+        return key, now
 
-    def _refresh_lock(self, key: str, kind: str, stop: threading.Event, every: timedelta) -> None:
-        created = utcnow()
+    def _refresh_lock(self, key: str, kind: str, created: datetime, stop: threading.Event, every: timedelta) -> None:
         while not stop.wait(every.total_seconds()):
             try:
-                self.store.put(key, self._lock_body(kind, created), overwrite=True)
+                self.store.put(key, json.dumps(locks.lock_body(kind, created, utcnow())).encode(), overwrite=True)
             except StoreError as exc:
                 # One missed refresh is harmless (the stale limit is six intervals); the next
                 # attempt follows at the next interval.
@@ -385,22 +481,60 @@ class Repository:
         found = []
         for info in self.store.list("locks/"):
             try:
-                found.append((info.key, json.loads(self.store.get(info.key))))
+                body = json.loads(self.store.get(info.key))
             except (BlobNotFound, ValueError):
                 continue  # removed while listing, or torn by a crash: not a live lock
+            if isinstance(body, dict):
+                found.append((info.key, body))
         return found
 
-    def _conflicting_lock(self, own: str, kind: str, stale: timedelta) -> str | None:
+    def lock_states(self, stale: timedelta = LOCK_STALE) -> list[locks.LockState]:
+        """Every lock in the repository, judged: is its holder alive, and why we think so."""
         now = utcnow()
-        for key, body in self.locks():
-            if key == own:
+        return [locks.judge(key, body, now=now, stale_after=stale) for key, body in self.locks()]
+
+    def remove_locks(self, *, include_live: bool = False, stale: timedelta = LOCK_STALE) -> list[locks.LockState]:
+        """Remove stale locks (all locks with include_live); returns what was removed."""
+        removed = [state for state in self.lock_states(stale) if state.stale or include_live]
+        for state in removed:
+            self._remove_lock(state.key)
+            log.warning("lock.removed", lock=state.key, why=redact(state.why), live=not state.stale)
+        return removed
+
+    def _conflicting_lock(self, held: HeldLock, kind: str, stale: timedelta) -> str | None:
+        for state in self.lock_states(stale):
+            if state.key == held.key:
                 continue
-            refreshed = datetime.fromisoformat(body.get("refreshed", "1970-01-01T00:00:00+00:00"))
-            if now - refreshed > stale:
+            if state.stale:
                 if kind == "prune":
-                    self._remove_lock(key)
+                    self._remove_lock(state.key)
+                    held.removed_stale.append(redact(state.why))
+                    log.warning("lock.stale_removed", lock=state.key, why=redact(state.why))
                 continue
-            if kind == "prune" or body.get("kind") == "prune":
-                return redact(f"a {body.get('kind')} by pid {body.get('pid')} on {body.get('host')} "
-                              f"holds {key} since {body.get('created')}")
+            if kind == "prune" or state.kind == "prune":
+                return redact(state.why)
         return None
+
+    # -- damage found by verify ----------------------------------------------------------------
+
+    def record_damage(self, chunk_id: str, problem: str, points: list[str]) -> None:
+        """Remember a chunk verify found corrupt or missing, so backups and repair rewrite it."""
+        body = {"chunk": chunk_id, "problem": problem, "points": points, "found": utcnow().isoformat()}
+        self.store.put(f"{DAMAGE_PREFIX}{chunk_id}.json", json.dumps(body).encode(), overwrite=True)
+
+    def clear_damage(self, chunk_id: str) -> None:
+        try:
+            self.store.delete(f"{DAMAGE_PREFIX}{chunk_id}.json")
+        except BlobNotFound:
+            pass
+
+    def damaged_chunks(self) -> dict[bytes, dict[str, Any]]:
+        """Chunk id -> the damage record verify wrote for it."""
+        found: dict[bytes, dict[str, Any]] = {}
+        for info in self.store.list(DAMAGE_PREFIX):
+            hex_id = info.key.rsplit("/", 1)[1].removesuffix(".json")
+            try:
+                found[bytes.fromhex(hex_id)] = json.loads(self.store.get(info.key))
+            except (BlobNotFound, ValueError):
+                continue  # cleared meanwhile, or not a record of ours
+        return found

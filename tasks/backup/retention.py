@@ -2,14 +2,14 @@
 
 Selection follows restic's `forget`: keep the newest n points, and the newest point of each of
 the newest n days / ISO weeks / months that have one. Prune deletes chunks and maps no point
-names, under an exclusive lock (docs/repository.md, *Prune beside a running backup*).
+names, under an exclusive lock (docs/repository.md, *Locks*).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Callable, Hashable, Sequence
+from typing import Callable, Hashable, Literal, Sequence
 
 import structlog
 
@@ -65,29 +65,6 @@ class ForgetReport:
     forgotten: list[str] = field(default_factory=list)
 
 
-def forget(repo: Repository, rules: KeepRules, *, host: str | None = None, disk: str | None = None,
-           dry_run: bool = False) -> ForgetReport:
-    """Apply rules per host and disk; deletes only point files (data goes with prune)."""
-    report = ForgetReport()
-    groups: dict[tuple[str, str], list[RecoveryPoint]] = {}
-    for point in repo.points(host, disk):
-        groups.setdefault((point.host, point.disk), []).append(point)
-    for points in groups.values():
-        kept = select_kept([p.time for p in points], rules)
-        for i, point in enumerate(points):
-            if i in kept:
-                report.kept.append(point.key)
-                continue
-            report.forgotten.append(point.key)
-            if not dry_run:
-                try:
-                    repo.store.delete(point.key)
-                except BlobNotFound:
-                    pass  # forgotten by a concurrent run
-    log.info("retention.forget", kept=len(report.kept), forgotten=len(report.forgotten), dry_run=dry_run)
-    return report
-
-
 @dataclass
 class PruneReport:
     points: int = 0
@@ -99,40 +76,89 @@ class PruneReport:
     staged_left: int = 0
     bytes_freed: int = 0
     dry_run: bool = False
+    #: locks of dead or silent holders that prune removed, with why each was judged stale
+    stale_locks_removed: list[str] = field(default_factory=list)
+
+
+def forget(repo: Repository, rules: KeepRules, *, hosts: Sequence[str] | None = None, disk: str | None = None,
+           dry_run: bool = False, stale: timedelta = LOCK_STALE, lock_wait: timedelta = timedelta(0)) -> ForgetReport:
+    """Apply rules per host and disk under the exclusive lock; deletes only point files."""
+    with repo.lock("prune", wait=lock_wait, stale=stale):
+        return _forget(repo, rules, hosts, disk, dry_run)
 
 
 def prune(repo: Repository, *, dry_run: bool = False, stale: timedelta = LOCK_STALE,
           lock_wait: timedelta = timedelta(0)) -> PruneReport:
     """Delete every chunk and map that no point names. Raises RepositoryBusy beside a backup."""
-    report = PruneReport(dry_run=dry_run)
-    with repo.lock("prune", wait=lock_wait, stale=stale):
-        points = repo.points()
-        report.points = len(points)
-        # An unreadable map must stop prune: deleting "unreferenced" chunks without knowing
-        # what that point names could destroy it.
-        live = referenced_chunks(repo, points)
-        live_maps = {p.map.id for p in points}
-        # Uncommitted too: a chunk upload killed midway (the SDK uploads blocks past 64 MiB).
-        for info in list(repo.store.list("chunks/", uncommitted=True)):
-            chunk_id = info.key.rsplit("/", 1)[1]
-            if bytes.fromhex(chunk_id) in live:
-                report.chunks_kept += 1
+    with repo.lock("prune", wait=lock_wait, stale=stale) as held:
+        return _prune(repo, dry_run, held.removed_stale)
+
+
+def forget_and_prune(repo: Repository, rules: KeepRules, *, hosts: Sequence[str] | None = None,
+                     prune_data: Literal["always", "after-forget", "never"] = "always", dry_run: bool = False, stale: timedelta = LOCK_STALE,
+                     lock_wait: timedelta = timedelta(0)) -> tuple[ForgetReport, PruneReport | None]:
+    """Retention as one step under one exclusive lock, taken first: beside a running backup this
+    raises RepositoryBusy having deleted nothing, never after forgetting points."""
+    with repo.lock("prune", wait=lock_wait, stale=stale) as held:
+        forgotten = _forget(repo, rules, hosts, None, dry_run) if not rules.keeps_everything else ForgetReport()
+        if prune_data == "never" or (prune_data == "after-forget" and not forgotten.forgotten):
+            return forgotten, None
+        return forgotten, _prune(repo, dry_run, held.removed_stale)
+
+
+def _forget(repo: Repository, rules: KeepRules, hosts: Sequence[str] | None, disk: str | None,
+            dry_run: bool) -> ForgetReport:
+    report = ForgetReport()
+    groups: dict[tuple[str, str], list[RecoveryPoint]] = {}
+    for host in (hosts if hosts is not None else [None]):
+        for point in repo.points(host, disk):
+            groups.setdefault((point.host, point.disk), []).append(point)
+    for points in groups.values():
+        kept = select_kept([p.time for p in points], rules)
+        for i, point in enumerate(points):
+            if i in kept:
+                report.kept.append(point.key)
                 continue
-            report.chunks_deleted += 1
+            report.forgotten.append(point.key)
+            if not dry_run:
+                _delete(repo, point.key)
+    log.info("retention.forget", kept=len(report.kept), forgotten=len(report.forgotten), dry_run=dry_run)
+    return report
+
+
+def _prune(repo: Repository, dry_run: bool, stale_removed: list[str]) -> PruneReport:
+    report = PruneReport(dry_run=dry_run, stale_locks_removed=list(stale_removed))
+    points = repo.points()
+    report.points = len(points)
+    # An unreadable map must stop prune: deleting "unreferenced" chunks without knowing
+    # what that point names could destroy it.
+    live = referenced_chunks(repo, points)
+    live_maps = {p.map.id for p in points}
+    # Uncommitted too: a chunk upload killed midway (the SDK uploads blocks past 64 MiB).
+    for info in list(repo.store.list("chunks/", uncommitted=True)):
+        chunk_id = info.key.rsplit("/", 1)[1]
+        if bytes.fromhex(chunk_id) in live:
+            report.chunks_kept += 1
+            continue
+        report.chunks_deleted += 1
+        report.bytes_freed += info.size
+        if not dry_run:
+            _delete(repo, info.key)
+    for info in list(repo.store.list("maps/")):
+        if info.key.rsplit("/", 1)[1] not in live_maps:
+            report.maps_deleted += 1
             report.bytes_freed += info.size
             if not dry_run:
                 _delete(repo, info.key)
-        for info in list(repo.store.list("maps/")):
-            if info.key.rsplit("/", 1)[1] not in live_maps:
-                report.maps_deleted += 1
-                report.bytes_freed += info.size
-                if not dry_run:
-                    _delete(repo, info.key)
-        # No backup holds a lock now, so staged blocks belong to runs that died. What cannot be
-        # deleted is counted, never raised: a leftover costs space, not a backup.
-        staging = remove_staged(repo.store, dry_run=dry_run)
-        report.staged_deleted, report.staged_left = staging.deleted, len(staging.left)
-        report.bytes_freed += staging.bytes
+    # A damage record of a chunk no point names any more has nothing left to repair.
+    for chunk_id in repo.damaged_chunks():
+        if chunk_id not in live and not dry_run:
+            repo.clear_damage(chunk_id.hex())
+    # No backup holds a lock now, so staged blocks belong to runs that died. What cannot be
+    # deleted is counted, never raised: a leftover costs space, not a backup.
+    staging = remove_staged(repo.store, dry_run=dry_run)
+    report.staged_deleted, report.staged_left = staging.deleted, len(staging.left)
+    report.bytes_freed += staging.bytes
     log.info("retention.prune", points=report.points, kept=report.chunks_kept, deleted=report.chunks_deleted,
              maps_deleted=report.maps_deleted, bytes_freed=report.bytes_freed, dry_run=dry_run)
     return report
@@ -142,5 +168,4 @@ def _delete(repo: Repository, key: str) -> None:
     try:
         repo.store.delete(key)
     except BlobNotFound:
-        pass
-
+        pass  # removed by a concurrent run

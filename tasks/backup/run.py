@@ -21,7 +21,7 @@ from tasks.backup import snapshot as snapshots
 from tasks.backup import staged
 from tasks.backup.engine import BackupRequest, backup, default_workers
 from tasks.backup.errors import BackupError, SourceError
-from tasks.backup.policy import BackupPolicy
+from tasks.backup.policy import BackupPolicy, policy_from_config
 from tasks.backup.remote_source import RemoteBlockSource, RemoteTreeSource
 from tasks.backup.repository import Repository
 from tasks.backup.snapshot import Snapshot
@@ -42,6 +42,8 @@ class DiskReport(BaseModel):
     uploaded_bytes: int = 0
     stored_bytes: int = 0
     size_bytes: int = 0
+    #: damaged chunks (found by verify, or missing) this backup wrote again
+    repaired_chunks: int = 0
     seconds: float = 0.0
     error: str | None = None
 
@@ -71,13 +73,45 @@ def _source(connector: Connector, host: HostConfig, disk: DiskConfig, path: str)
     raise SourceError(f"host {host.name} disk {disk.name}: no block source for transport {host.transport!r}")
 
 
+def _placed(host: HostConfig, disk: DiskConfig, base_dir: Path) -> DiskConfig:
+    if host.transport == "local" and not Path(disk.path).is_absolute():
+        # The lab's paths are relative to the config file, not to wherever the run started.
+        return disk.model_copy(update={"path": os.path.normpath(base_dir / disk.path)})
+    return disk
+
+
+def policy_name(config: PatchdrillConfig, policy: BackupPolicy) -> str | None:
+    """The name under which the config defines this policy (recorded in each point it makes)."""
+    for name in sorted(config.backup_policies):
+        try:
+            if policy_from_config(config.backup_policies, name) == policy:
+                return name
+        except BackupError:
+            continue
+    return None
+
+
+@contextlib.contextmanager
+def live_source(config: PatchdrillConfig, base_dir: Path, host_name: str, disk_name: str) -> Iterator[BlockSource | TreeSource]:
+    """A disk read as it is now, without a snapshot: what repair reads damaged chunks back from
+    (each block is checked against the chunk id it should have, so a moving disk is harmless)."""
+    host, disk = find_disk(config, host_name, disk_name)
+    if host.transport == "winrm":
+        raise SourceError(f"host {host_name} disk {disk_name}: repair does not read Windows hosts yet; "
+                          "back the disk up again instead (the backup rewrites damaged chunks it meets)")
+    disk = _placed(host, disk, base_dir)
+    connector = connect(host, base_dir=base_dir)
+    try:
+        yield _source(connector, host, disk, disk.path)
+    finally:
+        connector.close()
+
+
 def back_up_disk(config: PatchdrillConfig, base_dir: Path, host: HostConfig, disk: DiskConfig,
                  policy: BackupPolicy) -> DiskReport:
     """Back up one disk; errors propagate (the caller decides what is retried)."""
     started = time.monotonic()
-    if host.transport == "local" and not Path(disk.path).is_absolute():
-        # The lab's paths are relative to the config file, not to wherever the run started.
-        disk = disk.model_copy(update={"path": os.path.normpath(base_dir / disk.path)})
+    disk = _placed(host, disk, base_dir)
     repo = open_repository(config, base_dir, policy, create=True)
     windows = host.transport == "winrm"
     if windows:
@@ -90,7 +124,10 @@ def back_up_disk(config: PatchdrillConfig, base_dir: Path, host: HostConfig, dis
         with take_snapshot(connector, host, disk, policy) as snap:
             request = BackupRequest(host=host.name, disk=disk.name, consistency=snap.consistency,
                                     snapshot_method=snap.method, notes=tuple(getattr(snap, "notes", ()) or ()),
-                                    block_size=policy.block_size, workers=policy.workers or default_workers())
+                                    block_size=policy.block_size, workers=policy.workers or default_workers(),
+                                    # A live view ("none") is read after the lock: the engine stamps it then.
+                                    snapshot_time=snap.taken_at if snap.method != "none" else None,
+                                    policy=policy_name(config, policy))
             if windows:
                 # Windows hosts upload straight to Azure Blob (docs/repository.md, *Windows hosts*).
                 point = staged.back_up_from_host(repo, connector, str(snap.read_path), request)
@@ -102,6 +139,7 @@ def back_up_disk(config: PatchdrillConfig, base_dir: Path, host: HostConfig, dis
     return DiskReport(host=host.name, disk=disk.name, point=point.key, consistency=point.consistency,
                       snapshot_method=point.snapshot_method, scanned_bytes=t.scanned, changed_bytes=t.changed_bytes,
                       uploaded_bytes=t.uploaded_bytes, stored_bytes=t.stored_bytes, size_bytes=t.size,
+                      repaired_chunks=t.repaired_chunks,
                       seconds=round(time.monotonic() - started, 3))
 
 

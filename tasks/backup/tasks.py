@@ -22,7 +22,7 @@ from tasks.backup.errors import RepositoryBusy
 from tasks.backup.policy import BackupPolicy
 from tasks.backup.remote_restore import restore_to_host
 from tasks.backup.restore import RestoreResult, restore
-from tasks.backup.retention import PruneReport, forget, prune
+from tasks.backup.retention import PruneReport, forget_and_prune
 from tasks.backup.run import DiskReport, back_up_disk, find_disk, open_repository
 from tasks.backup.verify import VerifyReport, verify
 
@@ -57,24 +57,26 @@ def backup_disk_task(config_path: str, host_name: str, disk_name: str, policy: B
 class RetentionSummary(BaseModel):
     forgotten: list[str] = []
     prune: PruneReport | None = None
-    #: why prune did not run now (a backup elsewhere held the repository)
+    #: why retention did not run now (a backup elsewhere held the repository); nothing was deleted
     prune_deferred: str | None = None
 
 
 @task(name="retention", cache_policy=NO_CACHE)
 def retention_task(config_path: str, policy: BackupPolicy, hosts: list[str]) -> RetentionSummary:
     """Forget points the policy no longer keeps, then prune (deferred, not failed, if busy)."""
+    summary = RetentionSummary()
+    if policy.keep.keeps_everything or not hosts:
+        return summary  # nothing to forget (no disk backed up: maybe no repository either)
     loaded = load_config(config_path)
     repo = open_repository(loaded.config, loaded.base_dir, policy)
-    summary = RetentionSummary()
-    if not policy.keep.keeps_everything:
-        for host in hosts:
-            summary.forgotten += forget(repo, policy.keep, host=host).forgotten
-    if policy.prune and summary.forgotten:
-        try:
-            summary.prune = prune(repo)
-        except RepositoryBusy as exc:
-            summary.prune_deferred = str(exc)
+    try:
+        # One exclusive lock, taken before anything is forgotten (docs/repository.md, *Locks*).
+        forgotten, pruned = forget_and_prune(repo, policy.keep, hosts=hosts,
+                                             prune_data="after-forget" if policy.prune else "never")
+    except RepositoryBusy as exc:
+        summary.prune_deferred = str(exc)
+        return summary
+    summary.forgotten, summary.prune = forgotten.forgotten, pruned
     return summary
 
 

@@ -1,4 +1,8 @@
-"""Verifying a repository: read chunks back and check each decodes to its id."""
+"""Verifying a repository: read chunks back and check each decodes to its id.
+
+What verify finds damaged it records in the repository (`damaged/<id>.json`), so the next backup
+that reads the same data writes the chunk again and `patchdrill repair` knows what to look for;
+a chunk that checks good again has its record removed."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import structlog
 from tasks.backup import progress as progress_mod
 from tasks.backup.blockmap import BlockMap, TreeMap
 from tasks.backup.engine import default_workers
-from tasks.backup.errors import BackupError, ChunkCorrupt, ChunkMissing
+from tasks.backup.errors import BackupError, ChunkCorrupt, ChunkMissing, RepositoryError
 from tasks.backup.progress import ProgressSink
 from tasks.backup.repository import RecoveryPoint, Repository
 
@@ -60,15 +64,28 @@ def referenced_chunks(repo: Repository, points: list[RecoveryPoint],
     return users
 
 
+def readable_points(repo: Repository, broken: dict[str, str], host: str | None = None,
+                    disk: str | None = None) -> list[RecoveryPoint]:
+    """The selected points; one that cannot be read or fails authentication goes to `broken`."""
+    found = []
+    for key in repo.point_keys(host, disk):
+        try:
+            found.append(repo.read_point(key))
+        except RepositoryError as exc:
+            broken[key] = str(exc)
+    return found
+
+
 def verify(repo: Repository, *, host: str | None = None, disk: str | None = None, sample_percent: float = 100.0,
            seed: int | None = None, workers: int | None = None, progress: ProgressSink | None = None) -> VerifyReport:
     """Check every chunk the selected points name (or a random sample_percent of them)."""
     sink = progress or progress_mod.current()
     started = time.monotonic()
     report = VerifyReport()
-    points = repo.points(host, disk)
-    report.points = len(points)
+    points = readable_points(repo, report.broken_points, host, disk)
+    report.points = len(points) + len(report.broken_points)
     users = referenced_chunks(repo, points, report.broken_points)
+    recorded = repo.damaged_chunks()
     report.chunks_total = len(users)
     chosen = list(users)
     if sample_percent < 100.0:
@@ -84,12 +101,17 @@ def verify(repo: Repository, *, host: str | None = None, disk: str | None = None
         except ChunkCorrupt:
             report.corrupt[chunk_id.hex()] = sorted(users[chunk_id])
             return 0
+        if chunk_id in recorded:
+            repo.clear_damage(chunk_id.hex())
         sink.advance("verified", size)
         return size
 
     sink.add_total("verified", len(chosen))
     with ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="verify") as pool:
         sizes = list(pool.map(check, chosen))
+    for problem, found in (("missing", report.missing), ("corrupt", report.corrupt)):
+        for chunk_hex, names in found.items():
+            repo.record_damage(chunk_hex, problem, names)
     report.chunks_checked = len(chosen)
     report.bytes_checked = sum(sizes)
     report.seconds = round(time.monotonic() - started, 3)

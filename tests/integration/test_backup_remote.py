@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import random
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -16,7 +18,8 @@ from tasks.backup.engine import BackupRequest, backup
 from tasks.backup.errors import SourceError, TargetExists
 from tasks.backup.remote_restore import restore_to_host
 from tasks.backup.remote_source import RemoteBlockSource, RemoteTreeSource
-from tasks.backup.repository import Repository
+from tasks.backup.repair import repair
+from tasks.backup.repository import Repository, chunk_key
 from tasks.backup.restore import restore
 from tasks.backup.source import LocalBlockSource, LocalTreeSource
 from tasks.backup.verify import verify
@@ -178,3 +181,56 @@ def test_many_small_files_cross_in_few_round_trips(tmp_path: Path) -> None:
     for path in src.iterdir():
         assert (tmp_path / "out" / path.name).read_bytes() == path.read_bytes()
     assert first.map.files == 41
+
+
+def test_ssh_host_sends_a_damaged_block_again_and_repair_reads_it(ssh_host_config: HostConfig, tmp_path: Path) -> None:
+    """The host compares block fingerprints itself, so an unchanged block never crosses the wire,
+    unless its chunk is damaged: then the next backup and repair must ask for it again."""
+    image = _image(tmp_path / "vm.img", 8)
+    store = LocalBlobStore(tmp_path / "repo")
+    repo = Repository.open(store, create=True)
+    request = BackupRequest(host=ssh_host_config.name, disk="vm", block_size=BLOCK, workers=2)
+    data = image.read_bytes()
+    first_bad, second_bad = (repo.codec.chunk_id(data[i * BLOCK:(i + 1) * BLOCK]) for i in (3, 5))
+    with connect(ssh_host_config) as connector:
+        backup(repo, RemoteBlockSource(connector, str(image)), request)
+        for victim in (first_bad, second_bad):
+            path = store.root / chunk_key(victim)
+            path.write_bytes(path.read_bytes()[:-1] + b"\x00")
+        assert len(verify(repo).corrupt) == 2
+
+        @contextmanager
+        def live(host: str, disk: str) -> Iterator[RemoteBlockSource]:
+            yield RemoteBlockSource(connector, str(image))
+
+        repaired = repair(repo, live)
+        assert repaired.repaired == sorted([first_bad.hex(), second_bad.hex()]) and repaired.ok
+        assert verify(repo).ok
+
+        path = store.root / chunk_key(first_bad)
+        path.write_bytes(path.read_bytes()[:-1] + b"\x00")
+        verify(repo)
+        again = backup(repo, RemoteBlockSource(connector, str(image)), request)
+    assert again.totals.scanned == BLOCK and again.totals.repaired_chunks == 1  # that one block only
+    assert verify(repo).ok
+
+
+def test_ssh_directory_file_with_a_damaged_chunk_crosses_the_wire_again(ssh_host_config: HostConfig,
+                                                                         tmp_path: Path) -> None:
+    src = tmp_path / "srv"
+    src.mkdir()
+    (src / "big.bin").write_bytes(random.Random(8).randbytes(3 * BLOCK))
+    (src / "small.txt").write_text("unchanged\n")
+    store = LocalBlobStore(tmp_path / "repo")
+    repo = Repository.open(store, create=True)
+    request = BackupRequest(host=ssh_host_config.name, disk="srv", block_size=BLOCK, workers=2)
+    victim = repo.codec.chunk_id((src / "big.bin").read_bytes()[BLOCK:2 * BLOCK])
+    with connect(ssh_host_config) as connector:
+        backup(repo, RemoteTreeSource(connector, str(src)), request)
+        path = store.root / chunk_key(victim)
+        path.write_bytes(path.read_bytes()[:-1] + b"\x00")
+        assert list(verify(repo).corrupt) == [victim.hex()]
+        again = backup(repo, RemoteTreeSource(connector, str(src)), request)
+    # Size and mtime are unchanged: only the file holding the damaged chunk was sent again.
+    assert again.totals.scanned == 3 * BLOCK and again.totals.repaired_chunks == 1
+    assert verify(repo).ok
