@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import structlog
 
-from tasks.backup import progress as progress_mod
+from tasks.backup import cancel, progress as progress_mod
 from tasks.backup.blockmap import BlockMap, TreeEntry, TreeMap
 from tasks.backup.progress import ProgressSink
 from tasks.backup.repository import (
@@ -47,6 +47,7 @@ class _ChunkWriter:
     def process(self, block: SourceBlock, previous_id: bytes | None) -> tuple[bytes, bytes]:
         """(chunk id, fingerprint) of the block; uploads it if the store lacks it."""
         try:
+            cancel.check()  # blocks queued before a stop are dropped, not uploaded
             if block.data is None:
                 assert previous_id is not None and block.fingerprint is not None
                 return previous_id, block.fingerprint
@@ -96,6 +97,7 @@ def backup(repo: Repository, source: BlockSource | TreeSource, request: BackupRe
     sink = progress or progress_mod.current()
     started = time.monotonic()
     moment = utcnow()
+    cancel.check()
     with repo.lock("backup", wait=request.lock_wait):
         parent = repo.latest_point(request.host, request.disk)
         known = repo.chunk_ids()
@@ -104,6 +106,8 @@ def backup(repo: Repository, source: BlockSource | TreeSource, request: BackupRe
             buffers = BufferPool(request.workers * 2 + 1, request.block_size)
             scan = _scan_tree if isinstance(source, TreeSource) else _scan_blocks
             scanned = scan(repo, source, request, parent, writer, pool_exec, buffers, sink)  # type: ignore[arg-type]
+        # The last moment to stop: a scan cut short by a stop holds only part of the disk.
+        cancel.check()
         map_id = repo.put_map(scanned.map_body)
         totals = writer.totals.model_copy(update={"size": scanned.size, "skipped": len(getattr(source, "skipped", []))})
         point = RecoveryPoint(
@@ -162,9 +166,9 @@ def _scan_blocks(repo: Repository, source: BlockSource, request: BackupRequest, 
     futures: list[Future[tuple[bytes, bytes]]] = []
     size = 0
     for block in source.blocks(request.block_size, previous, buffers):
-        if failed.is_set():
+        if failed.is_set() or cancel.requested():
             block.release()
-            break  # a worker failed: stop reading, the error surfaces in _collect
+            break  # a worker failed or a stop was asked for: stop reading
         prev_id = previous.chunks[block.index] if previous and block.index < len(previous.chunks) else None
         size += block.length  # what was read: a live image may have shrunk since prepare()
         futures.append(_submit(executor, writer, block, prev_id, failed))
@@ -186,6 +190,8 @@ def _scan_tree(repo: Repository, source: TreeSource, request: BackupRequest, par
     entries: list[TreeEntry] = []
     pending: list[tuple[TreeEntry, list[Future[tuple[bytes, bytes]]], list[int]]] = []
     for item in source.walk(previous):
+        if failed.is_set() or cancel.requested():
+            break
         entry = item.entry
         entries.append(entry)
         if entry.type != "file" or item.read_blocks is None:
@@ -197,7 +203,7 @@ def _scan_tree(repo: Repository, source: TreeSource, request: BackupRequest, par
         sink.add_total("scanned", entry.size)
         futures, lengths = [], []
         for block in item.read_blocks(request.block_size, buffers):
-            if failed.is_set():
+            if failed.is_set() or cancel.requested():
                 block.release()
                 break
             prev_id = old.chunks[block.index] if old and old.type == "file" and block.index < len(old.chunks) else None

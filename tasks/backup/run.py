@@ -17,7 +17,7 @@ from configs.secrets import redact
 from connectors import connect
 from connectors.base import Connector, RetryPolicy
 from connectors.storage import open_store
-from tasks.backup import snapshot as snapshots
+from tasks.backup import cancel, snapshot as snapshots
 from tasks.backup import staged
 from tasks.backup.engine import BackupRequest, backup, default_workers
 from tasks.backup.errors import BackupError, SourceError
@@ -74,6 +74,7 @@ def _source(connector: Connector, host: HostConfig, disk: DiskConfig, path: str)
 def back_up_disk(config: PatchdrillConfig, base_dir: Path, host: HostConfig, disk: DiskConfig,
                  policy: BackupPolicy) -> DiskReport:
     """Back up one disk; errors propagate (the caller decides what is retried)."""
+    cancel.check()
     started = time.monotonic()
     if host.transport == "local" and not Path(disk.path).is_absolute():
         # The lab's paths are relative to the config file, not to wherever the run started.
@@ -91,6 +92,7 @@ def back_up_disk(config: PatchdrillConfig, base_dir: Path, host: HostConfig, dis
             request = BackupRequest(host=host.name, disk=disk.name, consistency=snap.consistency,
                                     snapshot_method=snap.method, notes=tuple(getattr(snap, "notes", ()) or ()),
                                     block_size=policy.block_size, workers=policy.workers or default_workers())
+            cancel.check()  # stopped while the snapshot was taken: leaving the block removes it
             if windows:
                 # Windows hosts upload straight to Azure Blob (docs/repository.md, *Windows hosts*).
                 point = staged.back_up_from_host(repo, connector, str(snap.read_path), request)
@@ -106,7 +108,8 @@ def back_up_disk(config: PatchdrillConfig, base_dir: Path, host: HostConfig, dis
 
 
 def failed_report(host: str, disk: str, error: BaseException) -> DiskReport:
-    return DiskReport(host=host, disk=disk, status="failed", error=redact(str(error) or type(error).__name__))
+    status = "cancelled" if isinstance(error, cancel.Interrupted) else "failed"
+    return DiskReport(host=host, disk=disk, status=status, error=redact(str(error) or type(error).__name__))
 
 
 def find_disk(config: PatchdrillConfig, host_name: str, disk_name: str) -> tuple[HostConfig, DiskConfig]:
