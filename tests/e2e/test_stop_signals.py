@@ -11,6 +11,8 @@ guards against a hang.
 
 from __future__ import annotations
 
+import contextlib
+import filecmp
 import os
 import signal
 import subprocess
@@ -77,6 +79,25 @@ def _env(lab: Lab, **extra: str) -> dict[str, str]:
     return env
 
 
+#: session leaders the test started, each with how to tell it is still that process
+_launched: list[tuple[int, Callable[[], bool]]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_leftovers() -> Iterator[None]:
+    """Whatever a failing test leaves running (the command, its temporary server) is killed."""
+    yield
+    for pid, still_ours in _launched:
+        if still_ours():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+    _launched.clear()
+
+
+def _launch(process: subprocess.Popen[bytes]) -> None:
+    _launched.append((process.pid, lambda: process.poll() is None))
+
+
 @dataclass
 class Command:
     process: subprocess.Popen[bytes]
@@ -98,6 +119,7 @@ def _start(lab: Lab, name: str, *args: str) -> Command:
     with open(stderr, "wb") as sink:
         process = subprocess.Popen([str(PATCHDRILL), *args], cwd=lab.root, env=_env(lab), stdout=subprocess.DEVNULL,
                                    stderr=sink, start_new_session=True)
+    _launch(process)
     return Command(process, stderr)
 
 
@@ -139,9 +161,18 @@ def _ended(pid: int) -> bool:
         return True
 
 
+def _is_server(pid: int) -> bool:
+    try:
+        return not _ended(pid) and b"prefect.server.api.server" in (Path("/proc") / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def _server_of(command: Command) -> list[int]:
     servers = [pid for pid, cmdline in _children(command.pid).items() if "prefect.server.api.server" in cmdline]
     assert servers, f"the command runs no temporary Prefect server: {_children(command.pid)}"
+    # Each leads a session of its own; not the test's child, so recognised by its command line.
+    _launched.extend((pid, lambda pid=pid: _is_server(pid)) for pid in servers)
     return servers
 
 
@@ -163,6 +194,25 @@ def _unlocked(lab: Lab, cfg: Path) -> None:
                             capture_output=True, text=True, timeout=HANG_GUARD)
     assert pruned.returncode == 0, pruned.stderr
     assert not _files(lab.store(cfg.stem) / "locks")
+
+
+@pytest.fixture(scope="module")
+def restorable(lab: Lab) -> Path:
+    """A config whose store holds one point of the image, made without Prefect (it is not what
+    these tests are about)."""
+    from configs.loader import load_config
+    from tasks.backup.policy import policy_from_config
+    from tasks.backup.run import back_up_disk
+
+    cfg = lab.config("restore")
+    loaded = load_config(cfg)
+    [host] = loaded.config.hosts
+    back_up_disk(loaded.config, loaded.base_dir, host, host.disks[0], policy_from_config(loaded.config.backup_policies, None))
+    return cfg
+
+
+def _allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512 if path.exists() else 0
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
@@ -187,10 +237,18 @@ def test_a_signal_stops_a_backup_cleanly(lab: Lab, signum: int) -> None:
     _unlocked(lab, cfg)
 
 
-def test_a_second_signal_exits_at_once(lab: Lab) -> None:
-    cfg = lab.config("backup-twice")
-    command = _start(lab, "backup-twice", "backup", "-c", str(cfg))
-    _wait_for("the upload start", lambda: bool(_files(lab.store("backup-twice") / "chunks")), command)
+@pytest.mark.parametrize("what", ["backup", "restore"])
+def test_a_second_signal_exits_at_once(lab: Lab, restorable: Path, what: str) -> None:
+    name = f"{what}-twice"
+    if what == "backup":
+        cfg = lab.config(name)
+        command = _start(lab, name, "backup", "-c", str(cfg))
+        _wait_for("the upload start", lambda: bool(_files(lab.store(name) / "chunks")), command)
+    else:
+        target = lab.root / f"{name}.img"
+        command = _start(lab, name, "restore", "lab-1", "os", str(target), "-c", str(restorable))
+        _wait_for("the restore writing", lambda: any(_allocated(p) for p in lab.root.glob(f".{target.name}.*")),
+                  command)
     servers = _server_of(command)
 
     _send(command, signal.SIGINT)
@@ -201,5 +259,93 @@ def test_a_second_signal_exits_at_once(lab: Lab) -> None:
     assert code == 128 + signal.SIGTERM, err
     assert "SIGTERM again: exiting at once" in err
     assert "Stopping temporary server" not in err, "exited through the normal teardown, not at once"
-    assert not _files(lab.store("backup-twice") / "points")
     assert all(_ended(pid) for pid in servers), "the temporary Prefect server outlived the command"
+    if what == "backup":
+        assert not _files(lab.store(name) / "points")
+
+
+def test_ctrl_c_stops_a_restore_and_leaves_no_target_and_no_temporary_file(lab: Lab, restorable: Path) -> None:
+    target = lab.root / "restored-new.img"
+    command = _start(lab, "restore-new", "restore", "lab-1", "os", str(target), "-c", str(restorable))
+    temporary = lambda: list(lab.root.glob(f".{target.name}.*"))  # noqa: E731
+    _wait_for("the restore writing", lambda: any(_allocated(p) for p in temporary()), command)
+    servers = _server_of(command)
+
+    _send(command, signal.SIGINT)
+    code, err = _finish(command)
+
+    assert code == 130, err
+    assert f"stopped; {target} was not created and nothing is left behind" in err
+    assert not target.exists() and not temporary()
+    assert all(_ended(pid) for pid in servers), "the temporary Prefect server outlived the command"
+    _unlocked(lab, restorable)
+
+
+def test_sigterm_stops_a_forced_restore_in_place_and_says_so(lab: Lab, restorable: Path) -> None:
+    target = lab.root / "restored-in-place.img"
+    with open(target, "wb") as handle:
+        handle.truncate(IMAGE_MIB * MIB)  # sparse: every block differs from the point
+    command = _start(lab, "restore-in-place", "restore", "lab-1", "os", str(target), "--force", "-c", str(restorable))
+    _wait_for("the restore writing", lambda: _allocated(target) > 0, command)
+    servers = _server_of(command)
+
+    _send(command, signal.SIGTERM)
+    code, err = _finish(command)
+
+    assert code == 143, err
+    assert f"stopped part-way; {target} was being overwritten in place" in err and "run the restore again" in err
+    assert _allocated(target) < IMAGE_MIB * MIB, "the restore ran to the end"
+    assert not list(lab.root.glob(f".{target.name}.*"))
+    assert all(_ended(pid) for pid in servers), "the temporary Prefect server outlived the command"
+
+    again = subprocess.run([str(PATCHDRILL), "restore", "lab-1", "os", str(target), "--force", "-c", str(restorable)],
+                           cwd=lab.root, env=_env(lab), capture_output=True, text=True, timeout=HANG_GUARD)
+    assert again.returncode == 0, again.stderr
+    assert filecmp.cmp(target, lab.image, shallow=False)
+
+
+def test_a_prefect_cancellation_stops_a_served_backup(prefect_server: None, lab: Lab) -> None:
+    """Cancelled as the UI cancels (the run set to Cancelling on the server), with the run in a
+    process started by `serve()`, whose runner then sends that process SIGTERM."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL
+    from prefect.states import Cancelling
+
+    cfg = lab.config("served")
+    env = _env(lab, PREFECT_API_URL=str(PREFECT_API_URL.value()), PREFECT_RUNNER_POLL_FREQUENCY="1")
+    serve = subprocess.Popen(
+        [sys.executable, "-c", "from flows.backup_run import backup_run; backup_run.serve(name='stop-test')"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(lab.root / "serve.stderr", "wb"),
+        start_new_session=True)
+    _launch(serve)
+    try:
+        async def deployed() -> bool:
+            async with get_client() as client:
+                return any(d.name == "stop-test" for d in await client.read_deployments())
+
+        _wait_for("the served deployment", lambda: anyio.run(deployed))
+        run = run_deployment("backup-run/stop-test", parameters={"config_path": str(cfg)}, timeout=0)
+        chunks = lab.store("served") / "chunks"
+        _wait_for("the upload start", lambda: bool(_files(chunks)))
+
+        async def cancel() -> None:
+            async with get_client() as client:
+                await client.set_flow_run_state(run.id, Cancelling())
+
+        async def state() -> object:
+            async with get_client() as client:
+                return (await client.read_flow_run(run.id)).state
+
+        anyio.run(cancel)
+        _wait_for("the run's final state", lambda: anyio.run(state).is_final())  # type: ignore[attr-defined]
+        final = anyio.run(state)
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)
+        serve.wait(timeout=HANG_GUARD)
+
+    assert final.is_cancelled(), (final, (lab.root / "serve.stderr").read_text()[-3000:])  # type: ignore[attr-defined]
+    assert not _files(lab.store("served") / "points")
+    assert len(_files(chunks)) < IMAGE_MIB * MIB // BLOCK, "the upload ran to the end"
+    assert lab.snapshot_removed("served")
+    _unlocked(lab, cfg)
