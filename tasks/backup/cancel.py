@@ -35,7 +35,8 @@ class Interrupted(BackupError):
 
 
 _stop = threading.Event()
-_lock = threading.Lock()
+# Reentrant: the signal handler takes it on the main thread, which may hold it already.
+_lock = threading.RLock()
 _reason: str | None = None
 _signal: int | None = None
 _hard_exit: list[Callable[[], None]] = []
@@ -113,7 +114,7 @@ def _handle(signum: int, _frame: FrameType | None) -> None:
                 callback()
         os._exit(128 + signum)
     request(f"interrupted by {name}", signum)
-    _say(f"{name}: stopping cleanly (no recovery point is written); send it again to exit at once")
+    _say(f"{name}: stopping cleanly at the next block; send it again to exit at once")
 
 
 def _ours() -> bool:

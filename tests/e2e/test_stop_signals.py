@@ -79,23 +79,24 @@ def _env(lab: Lab, **extra: str) -> dict[str, str]:
     return env
 
 
-#: session leaders the test started, each with how to tell it is still that process
-_launched: list[tuple[int, Callable[[], bool]]] = []
+#: what the test started, each as (still running and still that process?, kill it)
+_launched: list[tuple[Callable[[], bool], Callable[[], None]]] = []
 
 
 @pytest.fixture(autouse=True)
 def _no_leftovers() -> Iterator[None]:
     """Whatever a failing test leaves running (the command, its temporary server) is killed."""
     yield
-    for pid, still_ours in _launched:
+    for still_ours, kill in _launched:
         if still_ours():
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
+                kill()
     _launched.clear()
 
 
 def _launch(process: subprocess.Popen[bytes]) -> None:
-    _launched.append((process.pid, lambda: process.poll() is None))
+    """Track a process started in a session of its own: it and its group are killed after a failure."""
+    _launched.append((lambda: process.poll() is None, lambda: os.killpg(process.pid, signal.SIGKILL)))
 
 
 @dataclass
@@ -171,8 +172,9 @@ def _is_server(pid: int) -> bool:
 def _server_of(command: Command) -> list[int]:
     servers = [pid for pid, cmdline in _children(command.pid).items() if "prefect.server.api.server" in cmdline]
     assert servers, f"the command runs no temporary Prefect server: {_children(command.pid)}"
-    # Each leads a session of its own; not the test's child, so recognised by its command line.
-    _launched.extend((pid, lambda pid=pid: _is_server(pid)) for pid in servers)
+    # Not the test's child, so recognised by its command line before it is killed.
+    _launched.extend((lambda pid=pid: _is_server(pid), lambda pid=pid: os.kill(pid, signal.SIGKILL))
+                     for pid in servers)
     return servers
 
 
