@@ -7,7 +7,9 @@ the real command.
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Iterator
@@ -159,3 +161,26 @@ def test_a_stop_cuts_a_stagger_pause_short() -> None:
                            lambda fs: fs[0], sleep=wait, stopped=lambda: cancel.requested() is not None)
 
     assert [h for h, _, _ in finished] == ["a"] and len(waits) == 1
+
+
+def test_a_signal_inside_stop_on_signals_asks_for_a_stop_and_nested_scopes_share_it() -> None:
+    before = {number: signal.getsignal(number) for number in cancel.STOP_SIGNALS}
+    with cancel.stop_on_signals():
+        with cancel.stop_on_signals():  # a flow inside the command: the same token
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert cancel.requested() == "interrupted by SIGTERM"
+        assert cancel.exit_code() == 143
+        with pytest.raises(cancel.Interrupted, match="interrupted by SIGTERM"):
+            cancel.check()
+    # The process is on its way out after a stop: the handlers stay, so a second signal still
+    # exits at once during teardown. Put back what pytest had.
+    assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
+    for number, handler in before.items():
+        signal.signal(number, handler)
+
+
+def test_without_a_stop_stop_on_signals_puts_the_handlers_back() -> None:
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with cancel.stop_on_signals():
+        assert cancel.requested() is None
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
