@@ -312,14 +312,15 @@ def test_a_prefect_cancellation_stops_a_served_backup(prefect_server: None, lab:
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL
+    from prefect.client.schemas.objects import State
     from prefect.states import Cancelling
 
     cfg = lab.config("served")
     env = _env(lab, PREFECT_API_URL=str(PREFECT_API_URL.value()), PREFECT_RUNNER_POLL_FREQUENCY="1")
-    serve = subprocess.Popen(
-        [sys.executable, "-c", "from flows.backup_run import backup_run; backup_run.serve(name='stop-test')"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(lab.root / "serve.stderr", "wb"),
-        start_new_session=True)
+    with open(lab.root / "serve.stderr", "wb") as sink:
+        serve = subprocess.Popen(
+            [sys.executable, "-c", "from flows.backup_run import backup_run; backup_run.serve(name='stop-test')"],
+            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=sink, start_new_session=True)
     _launch(serve)
     try:
         async def deployed() -> bool:
@@ -335,18 +336,20 @@ def test_a_prefect_cancellation_stops_a_served_backup(prefect_server: None, lab:
             async with get_client() as client:
                 await client.set_flow_run_state(run.id, Cancelling())
 
-        async def state() -> object:
+        async def state() -> State:
             async with get_client() as client:
-                return (await client.read_flow_run(run.id)).state
+                found = (await client.read_flow_run(run.id)).state
+            assert found is not None
+            return found
 
         anyio.run(cancel)
-        _wait_for("the run's final state", lambda: anyio.run(state).is_final())  # type: ignore[attr-defined]
+        _wait_for("the run's final state", lambda: anyio.run(state).is_final())
         final = anyio.run(state)
     finally:
         os.killpg(serve.pid, signal.SIGTERM)
         serve.wait(timeout=HANG_GUARD)
 
-    assert final.is_cancelled(), (final, (lab.root / "serve.stderr").read_text()[-3000:])  # type: ignore[attr-defined]
+    assert final.is_cancelled(), (final, (lab.root / "serve.stderr").read_text()[-3000:])
     assert not _files(lab.store("served") / "points")
     assert len(_files(chunks)) < IMAGE_MIB * MIB // BLOCK, "the upload ran to the end"
     assert lab.snapshot_removed("served")
