@@ -24,7 +24,9 @@ from connectors.storage import StoreError
 from flows.cli_common import (
     DEFAULT_CONFIG, ConfigOption, GroupsOption, HostsOption, JsonOption, console, emit, err_console, fail, load_or_exit,
 )
-from tasks.backup import progress
+from flows.interrupts import stoppable
+from tasks.backup import cancel, progress
+from tasks.backup.cancel import Interrupted
 from tasks.backup.errors import BackupError
 from tasks.backup.policy import BackupPolicy, policy_from_config
 
@@ -93,15 +95,26 @@ def _progress(enabled: bool) -> Iterator[None]:
 
 
 def _run(action: Callable[[], T]) -> T:
-    """Run a flow or engine call; any failure becomes one clear line and exit 1."""
+    """Run a flow or engine call; any failure becomes one clear line and exit 1, a run stopped
+    by a signal one line and the shell's code for that signal (130 for Ctrl-C, 143 for SIGTERM)."""
     try:
         return action()
     except typer.Exit:
         raise
+    except Interrupted as exc:
+        fail(str(exc), code=cancel.exit_code())
     except _EXPECTED as exc:
         fail(str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc))
     except Exception as exc:  # noqa: BLE001 - the command line shows one line, never a traceback
         fail(f"{type(exc).__name__}: {redact(str(exc))}")
+
+
+def _outcome(state: Any) -> Any:
+    """A flow run's result from its final state; a Cancelled run (stopped by a signal) raises
+    Interrupted with the run's own account of what it left."""
+    if state.is_cancelled():
+        raise Interrupted(state.message or "interrupted")
+    return state.result()
 
 
 def _policy(config: Path, name: str | None) -> BackupPolicy:
@@ -120,8 +133,9 @@ def backup(config: ConfigOption = DEFAULT_CONFIG, host: HostsOption = None, grou
     from flows.backup_run import backup_run
 
     _policy(config, policy)
-    with _progress(not as_json):
-        reports = _run(lambda: backup_run(str(config), hosts=host, groups=group, policy=policy, disks=disk))
+    with stoppable(), _progress(not as_json):
+        reports = _run(lambda: _outcome(backup_run(str(config), hosts=host, groups=group, policy=policy, disks=disk,
+                                                   return_state=True)))
     emit(reports, as_json, _render_backup)
 
 
@@ -148,10 +162,11 @@ def restore(host: Annotated[str, typer.Argument(help="Host whose disk to restore
     from flows.restore_run import restore_run
 
     _policy(config, policy)
-    with _progress(not as_json):
+    with stoppable(), _progress(not as_json):
         where = str(target) if to_host else str(target.absolute())
-        result = _run(lambda: restore_run(str(config), host, disk, where, point=point, force=force,
-                                          include=include, policy=policy, target_host=to_host))
+        result = _run(lambda: _outcome(restore_run(str(config), host, disk, where, point=point, force=force,
+                                                   include=include, policy=policy, target_host=to_host,
+                                                   return_state=True)))
     emit(vars(result), as_json, lambda r: console.print(
         f"[green]restored[/] {r['point']} to {r['target']}: {r['blocks_written']}/{r['blocks']} blocks written "
         f"({_mib(r['bytes_written'])}) in {r['seconds']:.1f}s"))

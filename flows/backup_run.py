@@ -9,10 +9,12 @@ import structlog
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 from prefect.futures import PrefectFuture, as_completed
+from prefect.states import Cancelled, State
 
 from configs.loader import load_config
 from configs.models import DiskConfig, HostConfig
 from flows.logs import configure
+from tasks.backup import cancel
 from tasks.backup.errors import BackupError
 from tasks.backup.policy import policy_from_config
 from tasks.backup.run import DiskReport, failed_report
@@ -46,8 +48,18 @@ def _first_done(futures: list[PrefectFuture[DiskReport]]) -> PrefectFuture[DiskR
 
 @flow(name="backup-run", log_prints=True)
 def backup_run(config_path: str = "configs/lab.yaml", hosts: list[str] | None = None, groups: list[str] | None = None,
-               policy: str | None = None, disks: list[str] | None = None) -> list[DiskReport]:
-    """Back up every disk of the selected hosts (all hosts when none are selected)."""
+               policy: str | None = None, disks: list[str] | None = None) -> list[DiskReport] | State:
+    """Back up every disk of the selected hosts (all hosts when none are selected).
+
+    Ctrl-C, SIGTERM or a cancellation from the Prefect UI stops it cleanly: no point for the
+    disks still running, their locks released and snapshots removed, the run Cancelled.
+    """
+    with cancel.stop_on_signals():
+        return _back_up(config_path, hosts, groups, policy, disks)
+
+
+def _back_up(config_path: str, hosts: list[str] | None, groups: list[str] | None, policy: str | None,
+             disks: list[str] | None) -> list[DiskReport] | State:
     configure()
     loaded = load_config(Path(config_path))
     chosen = policy_from_config(loaded.config.backup_policies, policy, source=config_path)
@@ -61,8 +73,11 @@ def backup_run(config_path: str = "configs/lab.yaml", hosts: list[str] | None = 
         Bounds(chosen.max_parallel_hosts, chosen.max_parallel_disks, chosen.stagger_seconds),
         lambda host, disk: backup_disk_task.submit(config_path, host, disk, chosen),
         _first_done,
+        sleep=cancel.wait, stopped=lambda: cancel.requested() is not None,
     )
     reports = [_report(host, disk, future) for host, disk, future in finished]
+    if (reason := cancel.requested()) is not None:
+        return _stopped(reason, work, reports)
     reports.sort(key=lambda r: (r.host, r.disk))
 
     retention = retention_task(config_path, chosen, sorted({r.host for r in reports if r.status == "ok"}))
@@ -73,11 +88,30 @@ def backup_run(config_path: str = "configs/lab.yaml", hosts: list[str] | None = 
     return reports
 
 
+def _stopped(reason: str, work: list[tuple[HostConfig, list[DiskConfig]]], reports: list[DiskReport]) -> State:
+    """The run's end after a stop: no retention (it would prune beside a half-finished run's
+    chunks for nothing), the table of what did and did not get a point, and a Cancelled state."""
+    ran = {(r.host, r.disk) for r in reports}
+    reports += [failed_report(h.name, d.name, cancel.Interrupted(f"not started: {reason}"))
+                for h, ds in work for d in ds if (h.name, d.name) not in ran]
+    reports.sort(key=lambda r: (r.host, r.disk))
+    _publish(reports, RetentionSummary())
+    done = [f"{r.host}/{r.disk}" for r in reports if r.status == "ok"]
+    missed = [f"{r.host}/{r.disk}" for r in reports if r.status != "ok"]
+    message = f"backup {reason}: stopped cleanly"
+    message += f", no recovery point written for {', '.join(missed)}" if missed else ", retention skipped"
+    if done:
+        message += f" (points written before the stop: {', '.join(done)})"
+    log.warning("backup.cancelled", reason=reason, points_written=len(done))
+    return Cancelled(message=message)
+
+
 def _report(host: str, disk: str, future: PrefectFuture[DiskReport]) -> DiskReport:
     try:
         return future.result()
     except Exception as exc:  # noqa: BLE001 - one disk's failure is reported, the others go on
-        log.error("backup.failed", host=host, disk=disk, error=str(exc))
+        if not isinstance(exc, cancel.Interrupted):
+            log.error("backup.failed", host=host, disk=disk, error=str(exc))
         return failed_report(host, disk, exc)
 
 

@@ -18,7 +18,7 @@ from typing import Any, Literal, Sequence
 
 import structlog
 
-from tasks.backup import progress as progress_mod
+from tasks.backup import cancel, progress as progress_mod
 from tasks.backup.blockmap import BlockMap, TreeEntry, TreeMap
 from tasks.backup.progress import ProgressSink
 from tasks.backup.repository import (
@@ -57,6 +57,7 @@ class _ChunkWriter:
     def process(self, block: SourceBlock, previous_id: bytes | None) -> tuple[bytes, bytes]:
         """(chunk id, fingerprint) of the block; uploads it if the store lacks it."""
         try:
+            cancel.check()  # blocks queued before a stop are dropped, not uploaded
             if block.data is None:
                 assert previous_id is not None and block.fingerprint is not None
                 return previous_id, block.fingerprint
@@ -117,6 +118,7 @@ def backup(repo: Repository, source: BlockSource | TreeSource, request: BackupRe
     """Back up one disk and return its recovery point (already written to the repository)."""
     sink = progress or progress_mod.current()
     started = time.monotonic()
+    cancel.check()
     with repo.lock("backup", wait=request.lock_wait):
         # Stamped here, not before the wait: a live source's data is from now on; a snapshot's
         # from when it was taken.
@@ -127,6 +129,8 @@ def backup(repo: Repository, source: BlockSource | TreeSource, request: BackupRe
         damaged = set(repo.damaged_chunks()) | (_chunks_of(previous) - known)
         writer = _ChunkWriter(repo, known, sink, damaged)
         scanned = _scan(source, request, previous, writer, sink)
+        # The last moment to stop: a scan cut short by a stop holds only part of the disk.
+        cancel.check()
         map_id = repo.put_map(scanned.map_body)
         totals = writer.totals.model_copy(update={"size": scanned.size, "skipped": len(getattr(source, "skipped", []))})
         point = RecoveryPoint(
@@ -238,9 +242,9 @@ def _scan_blocks(source: BlockSource, request: BackupRequest, previous: BlockMap
     futures: list[Future[tuple[bytes, bytes]]] = []
     size = 0
     for block in source.blocks(request.block_size, _unmatchable(previous, forced), buffers):
-        if failed.is_set():
+        if failed.is_set() or cancel.requested():
             block.release()
-            break  # a worker failed: stop reading, the error surfaces in _collect
+            break  # a worker failed or a stop was asked for: stop reading
         prev_id = previous.chunks[block.index] if previous and block.index < len(previous.chunks) else None
         size += block.length  # what was read: a live image may have shrunk since prepare()
         futures.append(_submit(executor, writer, block, prev_id, failed))
@@ -269,6 +273,8 @@ def _scan_tree(source: TreeSource, request: BackupRequest, previous: dict[str, T
     pending: list[tuple[TreeEntry, list[Future[tuple[bytes, bytes]]], list[int]]] = []
     # Files with damaged chunks look new to the source, so it reads them again.
     for item in source.walk({p: e for p, e in previous.items() if p not in forced}):
+        if failed.is_set() or cancel.requested():
+            break
         entry = item.entry
         entries.append(entry)
         if entry.type != "file" or item.read_blocks is None:
@@ -280,7 +286,7 @@ def _scan_tree(source: TreeSource, request: BackupRequest, previous: dict[str, T
         sink.add_total("scanned", entry.size)
         futures, lengths = [], []
         for block in item.read_blocks(request.block_size, buffers):
-            if failed.is_set():
+            if failed.is_set() or cancel.requested():
                 block.release()
                 break
             prev_id = old.chunks[block.index] if old and old.type == "file" and block.index < len(old.chunks) else None

@@ -22,6 +22,7 @@ from pathlib import Path
 import structlog
 
 from connectors.base import Connector
+from tasks.backup import cancel
 from tasks.backup.blockmap import BlockMap
 from tasks.backup.errors import BackupError, TargetExists
 from tasks.backup.remote_source import FINGERPRINT, SCRIPT, RemoteBlockSource, host_fingerprint
@@ -103,6 +104,7 @@ def _restore_image(repo: Repository, point: RecoveryPoint, connector: Connector,
     patches = _Patches(connector, work, block_map, scratch)
     try:
         for index, chunk_id in enumerate(block_map.chunks):
+            cancel.check()
             if not exists and chunk_id == zero:
                 continue  # a fresh file reads as zeros there already
             if exists and known is not None and index < len(theirs) and theirs[index] == known[index]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import structlog
 
-from tasks.backup import progress as progress_mod
+from tasks.backup import cancel, progress as progress_mod
 from tasks.backup.blockmap import BlockMap, TreeEntry, TreeMap
 from tasks.backup.engine import default_workers
 from tasks.backup.errors import PointNotFound, TargetExists
@@ -73,6 +73,7 @@ class _Blocks:
         return data
 
     def write(self, fd: int, chunk_id: bytes, offset: int, length: int, *, delta: bool, skip_zero: bytes | None) -> None:
+        cancel.check()  # every block is queued up front: a stop drops the rest unwritten
         if delta:
             current = os.pread(fd, length, offset)
             if len(current) == length and self.repo.codec.chunk_id(current) == chunk_id:
@@ -226,6 +227,7 @@ def _write_tree(entries: list[TreeEntry], block_size: int, root: Path, blocks: _
                 pool: ThreadPoolExecutor, *, delta: bool) -> None:
     as_root = hasattr(os, "geteuid") and os.geteuid() == 0
     for entry in entries:
+        cancel.check()
         path = root.joinpath(*entry.path.split("/"))
         if entry.type == "dir":
             if os.path.lexists(path) and not path.is_dir():

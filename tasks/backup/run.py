@@ -17,7 +17,7 @@ from configs.secrets import redact
 from connectors import connect
 from connectors.base import Connector, RetryPolicy
 from connectors.storage import open_store
-from tasks.backup import snapshot as snapshots
+from tasks.backup import cancel, snapshot as snapshots
 from tasks.backup import staged
 from tasks.backup.engine import BackupRequest, backup, default_workers
 from tasks.backup.errors import BackupError, SourceError
@@ -110,6 +110,7 @@ def live_source(config: PatchdrillConfig, base_dir: Path, host_name: str, disk_n
 def back_up_disk(config: PatchdrillConfig, base_dir: Path, host: HostConfig, disk: DiskConfig,
                  policy: BackupPolicy) -> DiskReport:
     """Back up one disk; errors propagate (the caller decides what is retried)."""
+    cancel.check()
     started = time.monotonic()
     disk = _placed(host, disk, base_dir)
     repo = open_repository(config, base_dir, policy, create=True)
@@ -128,6 +129,7 @@ def back_up_disk(config: PatchdrillConfig, base_dir: Path, host: HostConfig, dis
                                     # A live view ("none") is read after the lock: the engine stamps it then.
                                     snapshot_time=snap.taken_at if snap.method != "none" else None,
                                     policy=policy_name(config, policy))
+            cancel.check()  # stopped while the snapshot was taken: leaving the block removes it
             if windows:
                 # Windows hosts upload straight to Azure Blob (docs/repository.md, *Windows hosts*).
                 point = staged.back_up_from_host(repo, connector, str(snap.read_path), request)
@@ -144,7 +146,8 @@ def back_up_disk(config: PatchdrillConfig, base_dir: Path, host: HostConfig, dis
 
 
 def failed_report(host: str, disk: str, error: BaseException) -> DiskReport:
-    return DiskReport(host=host, disk=disk, status="failed", error=redact(str(error) or type(error).__name__))
+    status = "cancelled" if isinstance(error, cancel.Interrupted) else "failed"
+    return DiskReport(host=host, disk=disk, status=status, error=redact(str(error) or type(error).__name__))
 
 
 def find_disk(config: PatchdrillConfig, host_name: str, disk_name: str) -> tuple[HostConfig, DiskConfig]:

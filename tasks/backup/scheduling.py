@@ -32,16 +32,25 @@ class _Host(Generic[H, I]):
 
 def run_bounded(work: Iterable[tuple[H, list[I]]], bounds: Bounds,
                 submit: Callable[[H, I], F], wait_one: Callable[[list[F]], F],
-                *, sleep: Callable[[float], None] = time.sleep,
-                clock: Callable[[], float] = time.monotonic) -> list[tuple[H, I, F]]:
+                *, sleep: Callable[[float], object] = time.sleep,
+                clock: Callable[[], float] = time.monotonic,
+                stopped: Callable[[], bool] = lambda: False) -> list[tuple[H, I, F]]:
     """Submit every (host, item) respecting bounds; returns them with their futures, in
-    completion order. wait_one blocks until one of the given futures is done and returns it."""
+    completion order. wait_one blocks until one of the given futures is done and returns it.
+
+    Once stopped() is true nothing more is submitted: the work already running is waited for
+    (it stops on its own) and the items never started are left out of the result.
+    """
     queue = deque(_Host(host, deque(items)) for host, items in work)
     active: list[_Host[H, I]] = []
     running: dict[F, tuple[_Host[H, I], I]] = {}
     finished: list[tuple[H, I, F]] = []
     last_start: float | None = None
     while queue or running or any(slot.waiting for slot in active):
+        if stopped():
+            queue.clear()
+            for slot in active:
+                slot.waiting.clear()
         for slot in active:
             while slot.waiting and slot.running < bounds.max_per_host:
                 item = slot.waiting.popleft()
@@ -52,6 +61,7 @@ def run_bounded(work: Iterable[tuple[H, list[I]]], bounds: Bounds,
                 pause = last_start + bounds.stagger_seconds - clock()
                 if pause > 0:
                     sleep(pause)
+                    continue  # the sleep may have been cut short by a stop: look again
             last_start = clock()
             active.append(queue.popleft())
             continue

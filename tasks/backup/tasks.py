@@ -8,8 +8,11 @@ The engine itself never retries; a retried backup re-uploads only what the store
 
 from __future__ import annotations
 
+import os
+import shlex
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from prefect import task
 from pydantic import BaseModel
@@ -18,6 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from configs.loader import load_config
 from connectors import connect
 from connectors.base import ConnectorError
+from tasks.backup.cancel import Interrupted
 from tasks.backup.errors import RepositoryBusy
 from tasks.backup.policy import BackupPolicy
 from tasks.backup.remote_restore import restore_to_host
@@ -91,11 +95,29 @@ def restore_task(config_path: str, host_name: str, disk_name: str, target: str, 
         [host] = loaded.config.select(names=[target_host])
         if host.transport != "local":
             with connect(host, base_dir=loaded.base_dir) as connector:
-                return restore_to_host(repo, chosen, connector, target, force=force, include=include)
+                existed = connector.run(f"test -e {shlex.quote(target)}", timeout=60).ok
+                with _say_what_an_interruption_left(f"{host.name}:{target}", existed, chosen.key):
+                    return restore_to_host(repo, chosen, connector, target, force=force, include=include)
     destination = Path(target)
     if not destination.is_absolute():
         destination = Path.cwd() / destination
-    return restore(repo, chosen, destination, force=force, include=include)
+    with _say_what_an_interruption_left(str(destination), os.path.lexists(destination), chosen.key):
+        return restore(repo, chosen, destination, force=force, include=include)
+
+
+@contextmanager
+def _say_what_an_interruption_left(target: str, existed: bool, point: str) -> Iterator[None]:
+    """A stopped restore names the state of its target: a new one is never half there (it is
+    built under a temporary name, removed on the way out); an existing one forced in place is."""
+    try:
+        yield
+    except Interrupted as exc:
+        if existed:
+            raise Interrupted(f"{exc}: restore of {point} stopped part-way; {target} was being overwritten in place "
+                              f"and now holds a mix of its old content and the point's: run the restore again "
+                              f"(with --force) to finish it") from None
+        raise Interrupted(f"{exc}: restore of {point} stopped; {target} was not created and nothing is left "
+                          f"behind") from None
 
 
 @task(name="verify-repository", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=15,
