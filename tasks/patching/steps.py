@@ -485,7 +485,8 @@ def _patch_host(host: HostConfig, ctx: PatchContext, enrollment: Enrollment, pla
         with connect(host, base_dir=ctx.base_dir) as conn:
             refused = _run_hooks(conn, policy.pre_hooks, policy.hook_timeout_seconds, "pre")
         if refused:
-            return record.model_copy(update={"status": "skipped", "reason": refused})
+            return record.model_copy(update={"status": "skipped", "reason": refused,
+                                             "updates": unpatched_updates(plan, refused)})
     installed = install_task(host, ctx.base_dir, enrollment, plan.install, policy.max_duration_minutes * 60.0)
     outcomes = list(installed.outcomes)
     gate = reboot_gate_task(host, ctx, enrollment, plan, installed.reboot_required or plan.reboot_pending,
@@ -544,14 +545,17 @@ __all__ = [
 # --------------------------------------------------------------------------- records and reports
 
 
+def unpatched_updates(plan: HostPlan, reason: str) -> list[UpdateOutcome]:
+    """A host left unpatched still misses everything it was to install, beside what it held back."""
+    waiting = [UpdateOutcome(update_id=u.id, title=u.title, classification=u.classification,
+                             state=ComplianceState.MISSING, reason=f"not installed: {reason}") for u in plan.install]
+    return [*plan.held, *waiting]
+
+
 def record_for_unpatched(run_id: str, host: str, started: datetime, plan: HostPlan | None,
                          status: str, reason: str) -> HostPatchRecord:
     """The record of a host the rollout did not patch: everything it needs is still Missing."""
-    updates: list[UpdateOutcome] = []
-    if plan is not None:
-        waiting = [UpdateOutcome(update_id=u.id, title=u.title, classification=u.classification,
-                                 state=ComplianceState.MISSING, reason=f"not installed: {reason}") for u in plan.install]
-        updates = [*plan.held, *waiting]
+    updates = unpatched_updates(plan, reason) if plan is not None else []
     return HostPatchRecord(run_id=run_id, host=host, started_at=started, finished_at=started,
                            month_kind=plan.month_kind if plan else "baseline", status=status,  # type: ignore[arg-type]
                            reason=reason, updates=updates)
