@@ -127,7 +127,9 @@ def apt_updates(full_simulation: str, security_simulation: str) -> list[Update]:
 
 
 def apt_assess_commands(*, refresh: bool) -> list[str]:
-    simulate = f"{_APT_ENV} apt-get -s -q -o Debug::NoLocking=1 dist-upgrade"
+    # A simulation as root still writes the plan it simulated to /var/log/apt/eipp.log.xz:
+    # sent to /dev/null (which apt special-cases), an assessment leaves the host as it was.
+    simulate = f"{_APT_ENV} apt-get -s -q -o Debug::NoLocking=1 -o Dir::Log::Planner=/dev/null dist-upgrade"
     commands = [f"{_APT_ENV} apt-get -q update"] if refresh else []
     return commands + [simulate, f"{simulate} -t {shlex.quote(APT_SECURITY_TARGET)}"]
 
