@@ -26,7 +26,7 @@ DEFAULT_FORKS = 25
 RefreshOption = Annotated[bool, typer.Option(
     "--refresh/--no-refresh", help="Refresh each host's package lists first (apt-get update, dnf --refresh, "
     "zypper refresh: the one change it makes to a host); --no-refresh reads the lists the host already has "
-    "and leaves every host byte for byte as it was.")]
+    "and leaves its package status and lists byte for byte as they were.")]
 
 # Exit codes of `patch run`, as its flow run's final state: Completed 0, Failed 1 (also every
 # mistake in the input), Cancelled 3 (not approved).
@@ -101,7 +101,11 @@ def _render_assessment(report: Any) -> None:
     for host_name, error in report.errors.items():
         table.add_row(host_name, "", "", "[red]error[/]", error)
     console.print(table)
-    console.print(f"Read-only check: {_changes_made(report)}.", highlight=False)
+
+
+def _render_assess(report: Any) -> None:
+    _render_assessment(report)
+    console.print(f"Assessment: {_changes_made(report)}.", highlight=False)
 
 
 @patch_app.command("assess")
@@ -121,7 +125,7 @@ def assess(
     _fleet_or_exit(config, group, host, policy)
     report = patch_assess(config_path=str(config), groups=group, hosts=host, policy=policy, refresh=refresh,
                           forks=forks)
-    emit(report, as_json, _render_assessment)
+    emit(report, as_json, _render_assess)
     if report.errors:
         raise typer.Exit(2)
 
