@@ -240,26 +240,19 @@ def _assessment_error(host: HostConfig, exc: Exception) -> HostAssessment:
     return failed_assessment(host.name, exc)
 
 
-def survey_host(host: HostConfig, base_dir: Path, store: BlobStore | None, *, refresh: bool = True,
-                slot_timeout_seconds: float = HOST_SLOT_TIMEOUT_SECONDS) -> HostSurvey:
+def survey_host(host: HostConfig, base_dir: Path, store: BlobStore | None, *, refresh: bool = True) -> HostSurvey:
     """Enroll and assess one host over one connection (one SSH session on an apt host).
 
     An unreachable host or unreadable facts make an unreachable row, as enrollment alone does;
     a failed assessment of a reachable host is its assessment's error. Changes nothing on the
-    host but, with `refresh`, its package lists; that refresh holds the host's slot, so it never
-    runs while another run patches the host."""
+    host but, with `refresh`, its package lists."""
     row = EnrollmentRow(host=host.name, os_family=host.os_family, update_domain=host.update_domain, reachable=False)
     attempt = 0
     while True:
         try:
-            # Refreshing the lists changes the host: not while another run works on it.
-            with host_slot(host.name, slot_timeout_seconds) if refresh else nullcontext():
-                with connect(host, base_dir=base_dir) as conn:
-                    enrollment, assessment = _survey_connected(host, conn, refresh)
+            with connect(host, base_dir=base_dir) as conn:
+                enrollment, assessment = _survey_connected(host, conn, refresh)
             break
-        except TimeoutError:
-            return HostSurvey(enrolled=row.model_copy(update={"reachable": True}),
-                              assessment=HostAssessment(host=host.name, ok=False, error=host_busy(host.name)))
         except _TransientAssessment as exc:
             delays = LOCK_RETRY_DELAYS if isinstance(exc.cause, linux_host.PackageManagerBusy) else SURVEY_RETRY_DELAYS
             if attempt >= len(delays):
@@ -284,12 +277,21 @@ def survey_host(host: HostConfig, base_dir: Path, store: BlobStore | None, *, re
 @task(name="survey-hosts", task_run_name="survey {hosts[0].name}… ({count} host(s))")
 def survey_task(hosts: list[HostConfig], base_dir: Path, config_path: str, record: bool, refresh: bool,
                 parallel: int, count: int) -> list[HostSurvey]:
-    """Enroll and assess these hosts, `parallel` at a time; every host is a result, never a raise."""
+    """Enroll and assess these hosts, `parallel` at a time; every host is a result, never a raise.
+
+    Refreshing package lists changes a host, so a refreshing survey holds its hosts' slots: it
+    waits while another run works on any of them.
+    """
     store = open_store(load_config(config_path).config.storage, base_dir) if record else None
     try:
-        with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(hosts))),
-                                thread_name_prefix="survey") as pool:
-            return list(pool.map(lambda h: survey_host(h, base_dir, store, refresh=refresh), hosts))
+        with host_slots([h.name for h in hosts], HOST_SLOT_TIMEOUT_SECONDS) if refresh else nullcontext():
+            with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(hosts))),
+                                    thread_name_prefix="survey") as pool:
+                return list(pool.map(lambda h: survey_host(h, base_dir, store, refresh=refresh), hosts))
+    except TimeoutError:
+        return [HostSurvey(enrolled=EnrollmentRow(host=h.name, os_family=h.os_family, update_domain=h.update_domain,
+                                                  reachable=True),
+                           assessment=HostAssessment(host=h.name, ok=False, error=host_busy(h.name))) for h in hosts]
     finally:
         if store is not None:
             store.close()
@@ -485,7 +487,7 @@ def patch_host_task(host: HostConfig, ctx: PatchContext, enrollment: Enrollment,
     record = HostPatchRecord(run_id=ctx.run_id, host=host.name, started_at=datetime.now(timezone.utc),
                              month_kind=plan.month_kind, status="failed", updates=list(plan.held))
     try:
-        with host_slot(host.name, ctx.host_slot_timeout_seconds):
+        with host_slots([host.name], ctx.host_slot_timeout_seconds):
             record = _patch_host(host, ctx, enrollment, plan, record)
     except TimeoutError:
         log.error("host busy", host=host.name, reason=host_busy(host.name))
@@ -553,24 +555,26 @@ def host_busy(host: str) -> str:
 
 
 @contextmanager
-def _exclusive(name: str, timeout_seconds: float) -> Iterator[None]:
-    """Hold the one slot of a Prefect global concurrency limit, shared by every worker of the
-    server; TimeoutError when it stays busy. The limit is (re)set to 1 first: a missing limit
+def _exclusive(names: list[str], timeout_seconds: float) -> Iterator[None]:
+    """Hold the one slot of each of these Prefect global concurrency limits, all at once (the
+    server grants all or none, so two holders never deadlock), shared by every worker of the
+    server; TimeoutError when they stay busy. Each limit is (re)set to 1 first: a missing limit
     would let Prefect grant every request."""
     with get_client(sync_client=True) as client:
-        try:
-            limit = client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
+        for name in names:
             try:
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-            except ObjectAlreadyExists:
-                pass  # another run created it between the read and the create: it has one slot too
-        else:
+                limit = client.read_global_concurrency_limit_by_name(name)
+            except ObjectNotFound:
+                try:
+                    client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+                except ObjectAlreadyExists:
+                    pass  # another run created it between the read and the create: it has one slot too
+                continue
             if limit.limit != 1:
                 client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=1))
             if limit.active_slots:
                 log.info("waiting for a concurrency slot", limit=name, reason="another run holds it")
-    with concurrency(name, occupy=1, timeout_seconds=timeout_seconds, strict=True):
+    with concurrency(names, occupy=1, timeout_seconds=timeout_seconds, strict=True):
         yield
 
 
@@ -580,20 +584,22 @@ def update_domain_slot(update_domain: int, timeout_seconds: float) -> AbstractCo
     The slot spans the whole batch, not each reboot: hosts of one batch reboot together by
     design, and what must never happen is a second run rebooting the same domain meanwhile.
     """
-    return _exclusive(reboot_limit_name(update_domain), timeout_seconds)
+    return _exclusive([reboot_limit_name(update_domain)], timeout_seconds)
 
 
-def host_slot(host: str, timeout_seconds: float) -> AbstractContextManager[None]:
-    """Hold the host's one slot while a run changes it (refreshes its package lists, patches
-    it): two runs never work on one host at once, whatever update domain their configs give it."""
-    return _exclusive(host_limit_name(host), timeout_seconds)
+def host_slots(hosts: list[str], timeout_seconds: float) -> AbstractContextManager[None]:
+    """Hold the hosts' slots while a run changes them (refreshes their package lists, patches
+    them): two runs never work on one host at once, whatever update domain their configs give
+    it. A survey takes its hosts' slots together: one acquisition per task run, not per host,
+    costs the server and the run a fraction of the CPU."""
+    return _exclusive([host_limit_name(host) for host in hosts], timeout_seconds)
 
 
 __all__ = [
     "EnrollmentRow", "GateResult", "HostAssessment", "HostPlan", "HostSurvey", "PatchContext", "PatchFleet",
     "HOST_LIMIT_PREFIX", "REBOOT_LIMIT_PREFIX", "SURVEY_TASKS",
     "RunSetupError", "enroll_task", "failed_assessment", "load_fleet", "only_transient",
-    "host_limit_name", "host_slot", "patch_host_task", "plan_host", "reboot_limit_name", "resolve_policy", "rollout_host", "survey_batches",
+    "host_limit_name", "host_slots", "patch_host_task", "plan_host", "reboot_limit_name", "resolve_policy", "rollout_host", "survey_batches",
     "survey_host", "survey_task", "update_domain_slot",
 ]
 
