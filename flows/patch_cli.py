@@ -23,6 +23,16 @@ PolicyOption = Annotated[Optional[str], typer.Option(
 ForksOption = Annotated[int, typer.Option("--forks", "-f", min=1, help="Hosts enrolled and assessed at once.")]
 DEFAULT_FORKS = 25
 
+RefreshOption = Annotated[bool, typer.Option(
+    "--refresh/--no-refresh", help="Refresh each host's package lists first (apt-get update, dnf --refresh, "
+    "zypper refresh: the one change it makes to a host); --no-refresh reads the lists the host already has "
+    "and leaves its package status and lists byte for byte as they were.")]
+
+# Exit codes of `patch run`, as its flow run's final state: Completed 0, Failed 1 (also every
+# mistake in the input), Cancelled 3 (not approved).
+EXIT_FAILED = 1
+EXIT_CANCELLED = 3
+
 patch_app = typer.Typer(no_args_is_help=True, help="Patch runs: enroll, assess, install by update domain, report.")
 
 
@@ -69,6 +79,14 @@ def enroll(config: ConfigOption = DEFAULT_CONFIG, group: GroupsOption = None, ho
         raise typer.Exit(2)
 
 
+def _changes_made(assessment: Any) -> str:
+    """What an assessment or a dry run changed on the hosts, in words that stay true."""
+    if not assessment.refreshed:
+        return "nothing on any host changed (the package lists the hosts already had were read)"
+    return (f"nothing was installed or rebooted, but the package lists of {len(assessment.refreshed)} host(s) "
+            f"were refreshed ({', '.join(assessment.refreshed)}); --no-refresh changes nothing")
+
+
 def _render_assessment(report: Any) -> None:
     table = Table(title="assessment")
     for column in ("host", "update", "classification", "state", "reason"):
@@ -85,25 +103,29 @@ def _render_assessment(report: Any) -> None:
     console.print(table)
 
 
+def _render_assess(report: Any) -> None:
+    _render_assessment(report)
+    console.print(f"Assessment: {_changes_made(report)}.", highlight=False)
+
+
 @patch_app.command("assess")
 def assess(
     config: ConfigOption = DEFAULT_CONFIG,
     group: GroupsOption = None,
     host: HostsOption = None,
     policy: PolicyOption = None,
-    refresh: Annotated[bool, typer.Option(
-        "--refresh/--no-refresh", help="Refresh each host's package lists first (apt-get update, dnf --refresh, "
-        "zypper refresh); --no-refresh reads the lists the host already has.")] = True,
+    refresh: RefreshOption = True,
     forks: ForksOption = DEFAULT_FORKS,
     as_json: JsonOption = False,
 ) -> None:
-    """What each host misses and what a run would install now. Changes nothing on any host."""
+    """What each host misses and what a run would install now. Installs nothing; refreshes the
+    hosts' package lists first unless --no-refresh (exit 2 if a host could not be assessed)."""
     from flows.patch_run import patch_assess
 
     _fleet_or_exit(config, group, host, policy)
     report = patch_assess(config_path=str(config), groups=group, hosts=host, policy=policy, refresh=refresh,
                           forks=forks)
-    emit(report, as_json, _render_assessment)
+    emit(report, as_json, _render_assess)
     if report.errors:
         raise typer.Exit(2)
 
@@ -116,9 +138,9 @@ def _status(status: str) -> str:
 
 def _render_run(report: Any) -> None:
     if report.dry_run:
-        console.print("[bold]Dry run[/]: nothing was changed on any host.")
         _render_assessment(report.assessment)
         console.print(report.plan.as_text(), highlight=False)
+        console.print(f"[bold]Dry run[/]: {_changes_made(report.assessment)}.", highlight=False)
         return
     table = Table(title=f"patch run {report.run_id}")
     for column in ("host", "status", "rebooted", "installed", "failed", "missing", "reason"):
@@ -148,22 +170,41 @@ def run(
         "--ignore-windows", help="Install on hosts outside their maintenance window too.")] = False,
     reboot_outside_window: Annotated[bool, typer.Option(
         "--reboot-outside-window", help="Allow reboots outside maintenance windows.")] = False,
+    wait_for_approval: Annotated[bool, typer.Option(
+        "--wait-for-approval", help="Pause for approval in the Prefect UI, as a deployment's run does "
+        "(needs a Prefect server: PREFECT_API_URL).")] = False,
+    refresh: RefreshOption = True,
     forks: ForksOption = DEFAULT_FORKS,
     as_json: JsonOption = False,
 ) -> None:
-    """Patch hosts by update domain inside their windows (exit 1 if a host failed or the rollout stopped)."""
-    from flows.patch_run import patch_run
+    """Patch hosts by update domain inside their windows.
+
+    Exit 0 when the run completed, 1 when a host failed or the rollout stopped (the run's state
+    is Failed), 3 when the run was not approved (Cancelled).
+    """
+    from prefect.settings import get_current_settings
+
+    from flows.patch_run import PatchRunReport, patch_run
 
     fleet = _fleet_or_exit(config, group, host, policy)
-    if fleet.policy.approval_required and not dry_run and not yes:
+    if wait_for_approval and yes:
+        fail("--yes and --wait-for-approval contradict each other: choose one")
+    if wait_for_approval and not get_current_settings().api.url:
+        fail("--wait-for-approval needs a Prefect server to approve on: set PREFECT_API_URL")
+    if fleet.policy.approval_required and not dry_run and not yes and not wait_for_approval:
         fail(f"policy {fleet.policy_name!r} requires approval: review `patchdrill patch run --dry-run`, then run "
-             "again with --yes (runs started from a deployment pause for approval in the UI instead)")
-    report = patch_run(config_path=str(config), groups=group, hosts=host, policy=policy, dry_run=dry_run,
-                       ignore_windows=ignore_windows, reboot_outside_window=reboot_outside_window, approved=yes,
-                       forks=forks)
+             "again with --yes, or with --wait-for-approval to approve in the Prefect UI")
+    state = patch_run(config_path=str(config), groups=group, hosts=host, policy=policy, dry_run=dry_run,
+                      ignore_windows=ignore_windows, reboot_outside_window=reboot_outside_window, approved=yes,
+                      forks=forks, refresh=refresh, return_state=True)
+    report = state.result(raise_on_failure=False)
+    if not isinstance(report, PatchRunReport):
+        fail(f"patch run {state.name}: {state.message or report}")
     emit(report, as_json, _render_run)
-    if report.stopped or any(r.status in ("failed", "unreachable", "rebooting") for r in report.records):
-        raise typer.Exit(1)
+    if state.is_cancelled():
+        raise typer.Exit(EXIT_CANCELLED)
+    if not state.is_completed():
+        raise typer.Exit(EXIT_FAILED)
 
 
 @patch_app.command("calendar")

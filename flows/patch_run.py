@@ -6,7 +6,8 @@ The runbook, step by step:
 3. select what installs this month (policy, hotpatch calendar) and plan the rollout: one
    update domain at a time, at most `max_concurrency` hosts per batch, only hosts inside their
    maintenance window (in their own time zone) unless the run overrides windows;
-4. with `dry_run`, publish the plan and stop: nothing on any host changed;
+4. with `dry_run`, publish the plan and stop: nothing installed, rebooted or recorded (the
+   package lists were refreshed unless `refresh` is off: then no host changed at all);
 5. if the policy asks for approval, pause until someone approves in the UI (or the CLI said --yes);
 6. patch batch after batch, each holding its update domain's concurrency slot: pre-hooks,
    install, reboot gate, health probes, post-hooks; once failures exceed the budget no new
@@ -26,6 +27,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
+from prefect.states import Cancelled, Completed, Failed, State
 from pydantic import BaseModel, Field
 
 from flows.logs import configure
@@ -73,6 +75,8 @@ class AssessmentReport(BaseModel):
     enrollments: list[EnrollmentRow]
     plans: list[HostPlan]
     errors: dict[str, str] = Field(description="Host → why it could not be assessed.")
+    refreshed: list[str] = Field(default_factory=list,
+                                 description="Hosts whose package lists were refreshed: the one change an assessment makes.")
 
 
 class PatchRunReport(BaseModel):
@@ -107,7 +111,10 @@ def survey_hosts(fleet: PatchFleet, config_path: str, now: datetime, *, record: 
     surveys = {s.enrolled.host: s for future in futures for s in future.result()}
     enrolled = [surveys[h.name].enrolled for h in fleet.hosts]
     assessments = {name: s.assessment for name, s in surveys.items() if s.assessment is not None}
-    return assessment_report(fleet, enrolled, assessments, now, ignore_windows=ignore_windows)
+    report = assessment_report(fleet, enrolled, assessments, now, ignore_windows=ignore_windows)
+    # Windows Update has no local list to refresh: its search asks the update service.
+    refreshed = [row.host for row in enrolled if refresh and row.reachable and row.os_family == "linux"]
+    return report.model_copy(update={"refreshed": refreshed})
 
 
 def assessment_report(fleet: PatchFleet, enrolled: list[EnrollmentRow], assessments: dict[str, HostAssessment],
@@ -224,7 +231,8 @@ def patch_run(
     approval_timeout_minutes: int = 240,
     domain_slot_timeout_minutes: float = 60.0,
     forks: int = DEFAULT_FORKS,
-) -> PatchRunReport:
+    refresh: bool = True,
+) -> State[PatchRunReport]:
     """Patch the selected hosts by update domain, inside their maintenance windows.
 
     ignore_windows: install on hosts outside their window too (reboots there still need
@@ -236,7 +244,7 @@ def patch_run(
     run_id, now = _run_id(), datetime.now(timezone.utc)
     log.info("patch run", run_id=run_id, hosts=len(fleet.hosts), policy=fleet.policy_name, dry_run=dry_run)
 
-    assessment = survey_hosts(fleet, config_path, now, record=not dry_run, refresh=True, forks=forks,
+    assessment = survey_hosts(fleet, config_path, now, record=not dry_run, refresh=refresh, forks=forks,
                               ignore_windows=ignore_windows)
     with_work = [p for p in assessment.plans if p.has_work]
     rollout_plan = plan([rollout_host(p) for p in with_work], fleet.policy.max_concurrency, fleet.policy.max_errors)
@@ -244,7 +252,7 @@ def patch_run(
                             assessment=assessment)
     if dry_run:
         publish_report(report)
-        return report
+        return Completed(message="dry run: nothing installed", data=report)
 
     unpatched = records_outside_rollout(run_id, now, assessment, rollout_plan)
     if fleet.policy.approval_required and not approved and rollout_plan.batches:
@@ -254,7 +262,8 @@ def patch_run(
             refused = f"not approved{': ' + answer.comment if answer.comment else ''}"
             unpatched += [record_for_unpatched(run_id, p.host, now, p, "skipped", refused)
                           for p in with_work if p.host in rollout_plan.scheduled]
-            return _finish(report, fleet, config_path, unpatched, stopped=refused)
+            report = _finish(report, fleet, config_path, unpatched, stopped=refused)
+            return Cancelled(message=answer.comment or "not approved", data=report)
         reboot_outside_window = reboot_outside_window or answer.reboot_outside_window
 
     ctx = PatchContext(run_id=run_id, config_path=config_path, base_dir=fleet.base_dir, policy=fleet.policy,
@@ -264,7 +273,8 @@ def patch_run(
         plans = {p.host: p for p in with_work}
         unpatched += [record_for_unpatched(run_id, name, now, plans[name], "skipped", rollout.stop_reason)
                       for name in rollout.not_started]
-    return _finish(report, fleet, config_path, unpatched, stopped=rollout.stop_reason, patched=patched)
+    report = _finish(report, fleet, config_path, unpatched, stopped=rollout.stop_reason, patched=patched)
+    return run_state(report, failed_hosts(patched, unpatched))
 
 
 def roll_out(rollout_plan: RolloutPlan, fleet: PatchFleet, ctx: PatchContext, assessment: AssessmentReport,
@@ -297,6 +307,31 @@ def records_outside_rollout(run_id: str, now: datetime, assessment: AssessmentRe
                                                 f"nothing to install this run ({held} update(s) not selected)"
                                                 if held else "up to date"))
     return records
+
+
+# A record in one of these states means the host is not where the run was to leave it.
+UNFINISHED_STATUSES = ("failed", "unreachable", "rebooting")
+
+
+def failed_hosts(patched: list[HostPatchRecord], unpatched: list[HostPatchRecord]) -> list[str]:
+    """Hosts that make the run Failed: every host the rollout worked on and did not succeed
+    (the failure budget counts the same ones), and hosts that could not be reached or assessed."""
+    return sorted({r.host for r in patched if r.status != "succeeded"}
+                  | {r.host for r in unpatched if r.status in UNFINISHED_STATUSES})
+
+
+def run_state(report: PatchRunReport, failed: list[str]) -> State[PatchRunReport]:
+    """The run's final state: Failed when a host failed or the rollout stopped, so the runs list
+    and "on Failed" automations tell the outcome; the report (and its artifacts) either way."""
+    problems = ([f"rollout stopped: {report.stopped}"] if report.stopped else []) + (
+        [f"{len(failed)} host(s) not patched: {', '.join(failed)}"] if failed else [])
+    if problems:
+        return Failed(message="; ".join(problems), data=report)
+    counts: dict[str, int] = {}
+    for record in report.records:
+        counts[record.status] = counts.get(record.status, 0) + 1
+    return Completed(message=", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "no hosts",
+                     data=report)
 
 
 def _finish(report: PatchRunReport, fleet: PatchFleet, config_path: str, unpatched: list[HostPatchRecord], *,

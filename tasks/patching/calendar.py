@@ -3,8 +3,9 @@
 Baseline months (quarterly by default) carry a cumulative update that needs a reboot; the
 months between carry hotpatches released on Patch Tuesday that need none. An unplanned baseline
 listed in the policy replaces that month's hotpatch. Only hotpatch-eligible hosts (Windows
-Server Azure Edition) hotpatch; for every other host a hotpatch month holds updates back until
-the next baseline unless the policy's `between_baselines` says otherwise.
+Server Azure Edition) hotpatch; every other host (Linux, ordinary Windows) takes what the policy
+selects every month, unless the policy's `between_baselines` narrows hotpatch months to security
+updates or makes them wait for the next baseline.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def updates_allowed(
             return CalendarVerdict(True, "hotpatch month: hotpatchable security update, no reboot", rebootable)
         return CalendarVerdict(False, f"hotpatch month: waits for {waits_for}", rebootable)
     if policy.between_baselines == "all":
-        return CalendarVerdict(True, "hotpatch month: policy installs everything between baselines", rebootable)
+        return CalendarVerdict(True, "monthly update: this host does not hotpatch", rebootable)
     if policy.between_baselines == "security" and update.is_security:
         return CalendarVerdict(True, "hotpatch month: policy installs security updates between baselines", rebootable)
     return CalendarVerdict(False, f"hotpatch month: waits for {waits_for}", rebootable)

@@ -30,6 +30,23 @@ from tasks.patching.models import Classification, PackageManager, RebootBehaviou
 # Plain C locale and no prompts: the parsers read apt's English output.
 _APT_ENV = "env LC_ALL=C DEBIAN_FRONTEND=noninteractive"
 APT_SECURITY_TARGET = "/-security$/"
+# An install waits this long for dpkg's lock when another client (unattended-upgrades, an
+# operator) holds it. apt-get update does not wait for the lists lock whatever this says (apt
+# 2.6), so a refresh that finds it busy is retried instead (tasks.patching.steps).
+APT_LOCK_TIMEOUT_SECONDS = 300
+
+# What apt, dpkg and zypper print when another process holds their lock (C locale); dnf and
+# yum wait for each other by themselves.
+_LOCK_BUSY = re.compile(
+    r"Could not get lock|Unable to lock (?:directory|the administration directory)|"
+    r"Unable to acquire the dpkg frontend lock|dpkg frontend lock was locked by another process|"
+    r"System management is locked by the application"
+)
+
+
+def lock_busy(output: str) -> bool:
+    """Whether a package manager failed only because another process held its lock."""
+    return bool(_LOCK_BUSY.search(output))
 
 
 class ParseError(ValueError):
@@ -110,7 +127,9 @@ def apt_updates(full_simulation: str, security_simulation: str) -> list[Update]:
 
 
 def apt_assess_commands(*, refresh: bool) -> list[str]:
-    simulate = f"{_APT_ENV} apt-get -s -q -o Debug::NoLocking=1 dist-upgrade"
+    # A simulation as root still writes the plan it simulated to /var/log/apt/eipp.log.xz:
+    # sent to /dev/null (which apt special-cases), an assessment leaves the host as it was.
+    simulate = f"{_APT_ENV} apt-get -s -q -o Debug::NoLocking=1 -o Dir::Log::Planner=/dev/null dist-upgrade"
     commands = [f"{_APT_ENV} apt-get -q update"] if refresh else []
     return commands + [simulate, f"{simulate} -t {shlex.quote(APT_SECURITY_TARGET)}"]
 
@@ -201,7 +220,8 @@ def apt_install_command(updates: list[Update]) -> str:
         if package not in chosen or not update.is_security:
             chosen[package] = update
     specs = [f"{package}={update.candidate_version}" for package, update in sorted(chosen.items())]
-    return (f"{_APT_ENV} apt-get install -y -q --only-upgrade -o Dpkg::Options::=--force-confold "
+    return (f"{_APT_ENV} apt-get install -y -q --only-upgrade -o DPkg::Lock::Timeout={APT_LOCK_TIMEOUT_SECONDS} "
+            f"-o Dpkg::Options::=--force-confold "
             f"-o Dpkg::Options::=--force-confdef {' '.join(shlex.quote(s) for s in specs)}")
 
 

@@ -26,6 +26,12 @@ from tasks.patching.models import (
     UpdateOutcome,
 )
 
+class PackageManagerBusy(CommandFailed):
+    """The package manager's lock was held by another process: transient, worth a retry."""
+
+    transient = True
+
+
 FACTS_SCRIPT = "linux_facts.sh"
 ASSESS_SCRIPT = "linux_assess.sh"
 
@@ -78,9 +84,17 @@ def _enrollment(connector: Connector, facts_json: str, now: datetime | None) -> 
     )
 
 
+def _checked(connector: Connector, command: str, result: CommandResult) -> CommandResult:
+    """The result of a command that must succeed; a busy package-manager lock is transient."""
+    if not result.ok:
+        error = PackageManagerBusy if linux.lock_busy(result.stderr + result.stdout) else CommandFailed
+        raise error(connector.name, command, result.exit_code, redact(result.stderr))
+    return result
+
+
 def _run_all(connector: Connector, commands: list[str], env: dict[str, str] | None,
              timeout: float | None) -> list[CommandResult]:
-    return [connector.run(command, env=env, timeout=timeout, check=True) for command in commands]
+    return [_checked(connector, command, connector.run(command, env=env, timeout=timeout)) for command in commands]
 
 
 def _script_text(connector: Connector, name: str) -> str:
@@ -116,8 +130,8 @@ def _apt_updates(connector: Connector, output: linux.AssessmentOutput, refresh: 
         # The same error as running the step's command alone with check=True.
         *refresh_command, simulate, secure = linux.apt_assess_commands(refresh=refresh)
         commands = {"refresh": refresh_command[0] if refresh_command else "", "simulation": simulate, "security": secure}
-        raise CommandFailed(connector.name, commands.get(failed.name) or failed.name, failed.exit_code,
-                            redact(failed.stderr))
+        error = PackageManagerBusy if linux.lock_busy(failed.stderr) else CommandFailed
+        raise error(connector.name, commands.get(failed.name) or failed.name, failed.exit_code, redact(failed.stderr))
     if "simulation" not in output.steps:
         raise ValueError(f"host {connector.name}: apt-get was not found, so apt cannot assess it")
     try:
@@ -241,6 +255,10 @@ def install(connector: Connector, manager: PackageManager, updates: list[Update]
     results: list[CommandResult] = []
     for command in _install_commands(manager, updates):
         results.extend(_run_install(connector, manager, command, env, timeout))
+        if not results[-1].ok and linux.lock_busy(results[-1].stderr + results[-1].stdout):
+            # Another process kept the lock past the package manager's own wait: a transient
+            # fault, so install_task tries again (installing exact versions twice is harmless).
+            _checked(connector, command, results[-1])
     try:
         still_missing = {u.id for u in assess(connector, manager, env=env, refresh=False, timeout=timeout)}
     except CommandFailed as exc:
@@ -264,5 +282,5 @@ def install(connector: Connector, manager: PackageManager, updates: list[Update]
     return InstallResult(outcomes=outcomes, reboot_required=needs_reboot, commands=results)
 
 
-__all__ = ["ASSESS_SCRIPT", "FACTS_SCRIPT", "InstallResult", "LinuxFacts", "Survey", "assess", "enroll", "install",
+__all__ = ["ASSESS_SCRIPT", "FACTS_SCRIPT", "InstallResult", "LinuxFacts", "PackageManagerBusy", "Survey", "assess", "enroll", "install",
            "reboot_pending", "survey", "survey_enrollment", "survey_output", "survey_updates"]

@@ -220,11 +220,15 @@ class PatchPolicy(_Frozen):
     unplanned_baselines: list[str] = Field(
         default_factory=list, description="'YYYY-MM' months whose hotpatch release is replaced by a baseline."
     )
-    hotpatch: bool = Field(default=True, description="Use hotpatch months on hotpatch-eligible hosts.")
-    between_baselines: Literal["wait", "security", "all"] = Field(
-        default="wait",
-        description="What hosts that do not hotpatch install in a hotpatch month: wait for the baseline (default), "
-        "security updates only, or everything the policy selects.",
+    hotpatch: bool = Field(default=True, description="Use hotpatch months on hotpatch-eligible hosts "
+                           "(Windows Server Azure Edition enrolled for hotpatch).")
+    # The hotpatch calendar is a Windows Server Azure Edition feature: every other host gets its
+    # updates monthly from its vendor, so holding them for a quarterly baseline must be a choice.
+    between_baselines: Literal["all", "security", "wait"] = Field(
+        default="all",
+        description="What hosts that do not hotpatch (Linux, ordinary Windows, Azure Edition with hotpatch off) "
+        "install in a hotpatch month: 'all' (default) every update the policy selects, as in any month; "
+        "'security' only Security and Critical ones; 'wait' nothing until the next baseline month.",
     )
     max_concurrency: Quota = Field(default=1, validate_default=True, description="Hosts patched at once within an update domain: a count or 'N%' of the domain.")
     max_errors: Quota = Field(default=0, validate_default=True, description="Failures tolerated before no new batch starts: a count or 'N%' of the run's hosts.")

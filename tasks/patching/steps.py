@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -23,6 +23,8 @@ from zoneinfo import ZoneInfo
 import structlog
 from prefect import Task, task
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.concurrency.sync import concurrency
 from pydantic import BaseModel
@@ -53,6 +55,10 @@ from tasks.patching.selection import Decision, select
 log = structlog.stdlib.get_logger("patchdrill.patch")
 
 REBOOT_LIMIT_PREFIX = "patchdrill-reboot-ud-"
+HOST_LIMIT_PREFIX = "patchdrill-host-"
+# How long a run waits for a host that another run is working on (refreshing its lists or
+# patching it) before it gives the host up for this run.
+HOST_SLOT_TIMEOUT_SECONDS = 3600.0
 DEFAULT_POLICY = "default"
 
 
@@ -189,6 +195,9 @@ def failed_assessment(host: str, exc: BaseException) -> HostAssessment:
 # Transient faults of a survey's commands are retried here, per host, not by Prefect: a survey
 # task holds many hosts and must not re-survey the healthy ones (one retry layer per fault).
 SURVEY_RETRY_DELAYS = (2.0, 10.0)
+# A package manager busy with another client (unattended-upgrades, an operator's apt-get) holds
+# its lock for minutes, not seconds: waited out on a longer schedule (about 4 minutes in all).
+LOCK_RETRY_DELAYS = (5.0, 15.0, 30.0, 60.0, 120.0)
 # Task runs a survey is split into. Hosts run in threads inside each task, so more task runs
 # add no speed, only API round trips (each costs the Prefect server and the run ~0.1 CPU-s);
 # four keep a run's progress visible and fit every default task-runner pool.
@@ -238,17 +247,20 @@ def survey_host(host: HostConfig, base_dir: Path, store: BlobStore | None, *, re
     a failed assessment of a reachable host is its assessment's error. Changes nothing on the
     host but, with `refresh`, its package lists."""
     row = EnrollmentRow(host=host.name, os_family=host.os_family, update_domain=host.update_domain, reachable=False)
-    for attempt, delay in enumerate((*SURVEY_RETRY_DELAYS, None)):
+    attempt = 0
+    while True:
         try:
             with connect(host, base_dir=base_dir) as conn:
                 enrollment, assessment = _survey_connected(host, conn, refresh)
             break
         except _TransientAssessment as exc:
-            if delay is None:
+            delays = LOCK_RETRY_DELAYS if isinstance(exc.cause, linux_host.PackageManagerBusy) else SURVEY_RETRY_DELAYS
+            if attempt >= len(delays):
                 return HostSurvey(enrolled=row.model_copy(update={"reachable": True}),
                                   assessment=failed_assessment(host.name, exc.cause))
             log.warning("assessment retried", host=host.name, attempt=attempt + 1, error=_error_text(exc.cause))
-            time.sleep(delay)
+            time.sleep(delays[attempt])
+            attempt += 1
         except (ConnectorError, SecretError, ValueError, OSError) as exc:
             log.warning("enrollment failed", host=host.name, error=_error_text(exc))
             return HostSurvey(enrolled=row.model_copy(update={"error": _error_text(exc)}))
@@ -265,12 +277,21 @@ def survey_host(host: HostConfig, base_dir: Path, store: BlobStore | None, *, re
 @task(name="survey-hosts", task_run_name="survey {hosts[0].name}… ({count} host(s))")
 def survey_task(hosts: list[HostConfig], base_dir: Path, config_path: str, record: bool, refresh: bool,
                 parallel: int, count: int) -> list[HostSurvey]:
-    """Enroll and assess these hosts, `parallel` at a time; every host is a result, never a raise."""
+    """Enroll and assess these hosts, `parallel` at a time; every host is a result, never a raise.
+
+    Refreshing package lists changes a host, so a refreshing survey holds its hosts' slots: it
+    waits while another run works on any of them.
+    """
     store = open_store(load_config(config_path).config.storage, base_dir) if record else None
     try:
-        with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(hosts))),
-                                thread_name_prefix="survey") as pool:
-            return list(pool.map(lambda h: survey_host(h, base_dir, store, refresh=refresh), hosts))
+        with host_slots([h.name for h in hosts], HOST_SLOT_TIMEOUT_SECONDS) if refresh else nullcontext():
+            with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(hosts))),
+                                    thread_name_prefix="survey") as pool:
+                return list(pool.map(lambda h: survey_host(h, base_dir, store, refresh=refresh), hosts))
+    except TimeoutError:
+        return [HostSurvey(enrolled=EnrollmentRow(host=h.name, os_family=h.os_family, update_domain=h.update_domain,
+                                                  reachable=True),
+                           assessment=HostAssessment(host=h.name, ok=False, error=host_busy(h.name))) for h in hosts]
     finally:
         if store is not None:
             store.close()
@@ -353,6 +374,7 @@ class PatchContext:
     base_dir: Path
     policy: PatchPolicy
     reboot_outside_window: bool
+    host_slot_timeout_seconds: float = HOST_SLOT_TIMEOUT_SECONDS
 
 
 def _run_hooks(conn: Connector, commands: list[str], timeout: float, stage: str) -> str | None:
@@ -465,7 +487,12 @@ def patch_host_task(host: HostConfig, ctx: PatchContext, enrollment: Enrollment,
     record = HostPatchRecord(run_id=ctx.run_id, host=host.name, started_at=datetime.now(timezone.utc),
                              month_kind=plan.month_kind, status="failed", updates=list(plan.held))
     try:
-        record = _patch_host(host, ctx, enrollment, plan, record)
+        with host_slots([host.name], ctx.host_slot_timeout_seconds):
+            record = _patch_host(host, ctx, enrollment, plan, record)
+    except TimeoutError:
+        log.error("host busy", host=host.name, reason=host_busy(host.name))
+        record = record.model_copy(update={"reason": host_busy(host.name),
+                                           "updates": unpatched_updates(plan, host_busy(host.name))})
     except Exception as exc:  # noqa: BLE001 - a host's failure is its record, never the run's crash
         log.error("patching failed", host=host.name, error=_error_text(exc))
         record = record.model_copy(update={"status": "failed", "reason": _error_text(exc)})
@@ -485,7 +512,8 @@ def _patch_host(host: HostConfig, ctx: PatchContext, enrollment: Enrollment, pla
         with connect(host, base_dir=ctx.base_dir) as conn:
             refused = _run_hooks(conn, policy.pre_hooks, policy.hook_timeout_seconds, "pre")
         if refused:
-            return record.model_copy(update={"status": "skipped", "reason": refused})
+            return record.model_copy(update={"status": "skipped", "reason": refused,
+                                             "updates": unpatched_updates(plan, refused)})
     installed = install_task(host, ctx.base_dir, enrollment, plan.install, policy.max_duration_minutes * 60.0)
     outcomes = list(installed.outcomes)
     gate = reboot_gate_task(host, ctx, enrollment, plan, installed.reboot_required or plan.reboot_pending,
@@ -510,33 +538,68 @@ def _patch_host(host: HostConfig, ctx: PatchContext, enrollment: Enrollment, pla
     })
 
 
-# --------------------------------------------------------------------------- update-domain slots
+# --------------------------------------------------------------------------- concurrency slots
 
 
 def reboot_limit_name(update_domain: int) -> str:
     return f"{REBOOT_LIMIT_PREFIX}{update_domain}"
 
 
+def host_limit_name(host: str) -> str:
+    return f"{HOST_LIMIT_PREFIX}{host}"
+
+
+def host_busy(host: str) -> str:
+    return (f"host {host} is being worked on by another run "
+            f"(concurrency limit {host_limit_name(host)} stayed busy)")
+
+
 @contextmanager
-def update_domain_slot(update_domain: int, timeout_seconds: float) -> Iterator[None]:
+def _exclusive(names: list[str], timeout_seconds: float) -> Iterator[None]:
+    """Hold the one slot of each of these Prefect global concurrency limits, all at once (the
+    server grants all or none, so two holders never deadlock), shared by every worker of the
+    server; TimeoutError when they stay busy. Each limit is (re)set to 1 first: a missing limit
+    would let Prefect grant every request."""
+    with get_client(sync_client=True) as client:
+        for name in names:
+            try:
+                limit = client.read_global_concurrency_limit_by_name(name)
+            except ObjectNotFound:
+                try:
+                    client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+                except ObjectAlreadyExists:
+                    pass  # another run created it between the read and the create: it has one slot too
+                continue
+            if limit.limit != 1:
+                client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=1))
+            if limit.active_slots:
+                log.info("waiting for a concurrency slot", limit=name, reason="another run holds it")
+    with concurrency(names, occupy=1, timeout_seconds=timeout_seconds, strict=True):
+        yield
+
+
+def update_domain_slot(update_domain: int, timeout_seconds: float) -> AbstractContextManager[None]:
     """Hold the update domain's one slot while its batch installs and reboots.
 
     The slot spans the whole batch, not each reboot: hosts of one batch reboot together by
     design, and what must never happen is a second run rebooting the same domain meanwhile.
-    The limit is (re)set to 1 first: a missing limit would let Prefect grant every request.
     """
-    name = reboot_limit_name(update_domain)
-    with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(name, 1)
-    with concurrency(name, occupy=1, timeout_seconds=timeout_seconds, strict=True):
-        yield
+    return _exclusive([reboot_limit_name(update_domain)], timeout_seconds)
+
+
+def host_slots(hosts: list[str], timeout_seconds: float) -> AbstractContextManager[None]:
+    """Hold the hosts' slots while a run changes them (refreshes their package lists, patches
+    them): two runs never work on one host at once, whatever update domain their configs give
+    it. A survey takes its hosts' slots together: one acquisition per task run, not per host,
+    costs the server and the run a fraction of the CPU."""
+    return _exclusive([host_limit_name(host) for host in hosts], timeout_seconds)
 
 
 __all__ = [
     "EnrollmentRow", "GateResult", "HostAssessment", "HostPlan", "HostSurvey", "PatchContext", "PatchFleet",
-    "REBOOT_LIMIT_PREFIX", "SURVEY_TASKS",
+    "HOST_LIMIT_PREFIX", "REBOOT_LIMIT_PREFIX", "SURVEY_TASKS",
     "RunSetupError", "enroll_task", "failed_assessment", "load_fleet", "only_transient",
-    "patch_host_task", "plan_host", "reboot_limit_name", "resolve_policy", "rollout_host", "survey_batches",
+    "host_limit_name", "host_slots", "patch_host_task", "plan_host", "reboot_limit_name", "resolve_policy", "rollout_host", "survey_batches",
     "survey_host", "survey_task", "update_domain_slot",
 ]
 
@@ -544,14 +607,17 @@ __all__ = [
 # --------------------------------------------------------------------------- records and reports
 
 
+def unpatched_updates(plan: HostPlan, reason: str) -> list[UpdateOutcome]:
+    """A host left unpatched still misses everything it was to install, beside what it held back."""
+    waiting = [UpdateOutcome(update_id=u.id, title=u.title, classification=u.classification,
+                             state=ComplianceState.MISSING, reason=f"not installed: {reason}") for u in plan.install]
+    return [*plan.held, *waiting]
+
+
 def record_for_unpatched(run_id: str, host: str, started: datetime, plan: HostPlan | None,
                          status: str, reason: str) -> HostPatchRecord:
     """The record of a host the rollout did not patch: everything it needs is still Missing."""
-    updates: list[UpdateOutcome] = []
-    if plan is not None:
-        waiting = [UpdateOutcome(update_id=u.id, title=u.title, classification=u.classification,
-                                 state=ComplianceState.MISSING, reason=f"not installed: {reason}") for u in plan.install]
-        updates = [*plan.held, *waiting]
+    updates = unpatched_updates(plan, reason) if plan is not None else []
     return HostPatchRecord(run_id=run_id, host=host, started_at=started, finished_at=started,
                            month_kind=plan.month_kind if plan else "baseline", status=status,  # type: ignore[arg-type]
                            reason=reason, updates=updates)

@@ -12,16 +12,23 @@ tests/hosts/wu_sim.py (what is simulated is listed there).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
+from uuid import UUID
 
 import pytest
 import yaml
+
+from prefect.client.schemas.objects import State
 
 from connectors.storage import LocalBlobStore
 from flows.patch_run import PatchRunReport, patch_run
@@ -152,6 +159,19 @@ def hotpatch_now() -> list[int]:
     return [m for m in range(1, 13) if m != this_month]
 
 
+def run_patch(**parameters: Any) -> tuple[State[Any], PatchRunReport]:
+    """Run the flow; its final state as the Prefect server holds it, and its report."""
+    from prefect.client.orchestration import get_client
+
+    state = patch_run(return_state=True, **parameters)
+    report = state.result(raise_on_failure=False)
+    assert isinstance(report, PatchRunReport), f"{state.name}: {state.message}: {report!r}"
+    with get_client(sync_client=True) as client:
+        stored = client.read_flow_run(state.state_details.flow_run_id).state
+    assert stored is not None
+    return stored, report
+
+
 def records(report: PatchRunReport) -> dict[str, HostPatchRecord]:
     return {r.host: r for r in report.records}
 
@@ -170,6 +190,43 @@ def run_artifacts(run_id: str) -> dict[str, Any]:
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(run_id)])))
     return {a.key: (json.loads(a.data) if a.type == "table" else a.data) for a in found if a.key}
+
+
+def in_thread(target: Callable[[], Any], name: str) -> tuple[threading.Thread, dict[str, Any]]:
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = target()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the test that joins
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name=name)
+    thread.start()
+    return thread, outcome
+
+
+def joined(thread: threading.Thread, outcome: dict[str, Any]) -> Any:
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def paused_run(worker: threading.Thread, outcome: dict[str, Any]) -> UUID:
+    """The id of the flow run paused for approval, once the server has it so."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    paused_filter = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
+    paused = []
+    while not paused and worker.is_alive():
+        with get_client(sync_client=True) as client:
+            paused = client.read_flow_runs(flow_run_filter=paused_filter)
+        time.sleep(0.2)
+    assert paused, outcome
+    return paused[0].id
 
 
 def test_dry_run_plans_batches_and_touches_nothing(prefect_server: None, lab_host: LabMaker, tmp_path: Path) -> None:
@@ -253,8 +310,11 @@ def test_failed_health_probe_stops_the_rollout_before_the_next_update_domain(
                        {"baseline_months": baseline_now(), "max_errors": 0, "health_probes": [HEALTH_PROBE]})
     spared_boot = spared.sshd.boot_id
 
-    report = patch_run(config_path=str(cfg))
+    state, report = run_patch(config_path=str(cfg))
 
+    # A stopped rollout fails the run (an "on Failed" automation fires), its artifacts still published.
+    assert state.is_failed() and "rollout stopped" in (state.message or "") and "budget-bad" in (state.message or "")
+    assert {"patch-run-compliance", "patch-run-summary"} <= set(run_artifacts(report.run_id))
     rows = records(report)
     assert rows["budget-bad"].status == "failed" and rows["budget-bad"].rebooted
     assert "health: command" in rows["budget-bad"].reason and "exited 1" in rows["budget-bad"].reason
@@ -300,7 +360,8 @@ def test_a_busy_update_domain_slot_keeps_a_second_run_off_the_domain(
     boot_before = host.sshd.boot_id
     # Another run holds update domain 7 (its limit created as a run would create it).
     with update_domain_slot(7, timeout_seconds=30):
-        report = patch_run(config_path=str(cfg), domain_slot_timeout_minutes=0.02)
+        state, report = run_patch(config_path=str(cfg), domain_slot_timeout_minutes=0.02)
+    assert state.is_failed() and "slot-busy" in (state.message or "")
     [record] = report.records
     assert record.status == "failed" and reboot_limit_name(7) in record.reason
     assert host.versions() == {"demo-web": "1.0", "demo-kernel": "1.0", "demo-db": "1.0"}
@@ -313,39 +374,18 @@ def test_a_busy_update_domain_slot_keeps_a_second_run_off_the_domain(
 def test_approval_pause_is_resumed_through_the_prefect_api(
         prefect_server: None, lab_host: LabMaker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import flows.patch_run as patch_flow
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
-    from prefect.client.schemas.objects import StateType
     from prefect.flow_runs import resume_flow_run
 
     monkeypatch.setattr(patch_flow, "APPROVAL_POLL_SECONDS", 1)
     host = lab_host("approve-me", 1)
     cfg = write_config(tmp_path / "fleet.yaml", [host.config()],
                        {"baseline_months": baseline_now(), "approval_required": True})
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["report"] = patch_run(config_path=str(cfg), approval_timeout_minutes=5)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
-            outcome["error"] = exc
-
-    worker = threading.Thread(target=run, name="paused-patch-run")
-    worker.start()
-    paused_filter = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
-    paused = []
-    while not paused and worker.is_alive():
-        with get_client(sync_client=True) as client:
-            paused = client.read_flow_runs(flow_run_filter=paused_filter)
-        time.sleep(0.2)
-    assert paused, outcome.get("error")
+    worker, outcome = in_thread(lambda: patch_run(config_path=str(cfg), approval_timeout_minutes=5), "paused-patch-run")
+    paused = paused_run(worker, outcome)
     # Nothing is installed while the run waits for its approval.
     assert host.versions()["demo-web"] == "1.0"
-    resume_flow_run(paused[0].id, run_input={"approve": True, "comment": "change 42"})
-    worker.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    [record] = outcome["report"].records
+    resume_flow_run(paused, run_input={"approve": True, "comment": "change 42"})
+    [record] = joined(worker, outcome).records
     assert record.status == "succeeded", record.reason
     assert host.versions() == {"demo-web": "1.1", "demo-kernel": "1.1", "demo-db": "1.0"}
 
@@ -376,12 +416,20 @@ def test_a_failing_pre_hook_skips_the_host_untouched(prefect_server: None, lab_h
         "baseline_months": baseline_now(), "max_errors": 1,
         "pre_hooks": ["echo 'load balancer still sends traffic' >&2; exit 4"]})
 
-    [record] = patch_run(config_path=str(cfg)).records
+    state, report = run_patch(config_path=str(cfg))
+    [record] = report.records
 
+    assert state.is_failed() and "drained" in (state.message or "")
     assert record.status == "skipped"
     assert record.reason == ("pre hook \"echo 'load balancer still sends traffic' >&2; exit 4\" exited 4: "
                              "load balancer still sends traffic")
     assert host.versions() == {"demo-web": "1.0", "demo-kernel": "1.0", "demo-db": "1.0"}
+    # A skipped host still misses everything it missed, in its record and the compliance table.
+    assert states(record) == {"demo-kernel=1.1": ComplianceState.MISSING, "demo-web=1.1": ComplianceState.MISSING,
+                              "demo-db=1.2": ComplianceState.EXCLUDED}
+    table = {row["update"]: row["state"] for row in run_artifacts(report.run_id)["patch-run-compliance"]}
+    assert table == {"demo-kernel=1.1": "Missing", "demo-web=1.1": "Missing", "demo-db=1.2": "Excluded"}
+    assert "| drained | skipped | no | 0 | 0 | 2 | 0 |" in run_artifacts(report.run_id)["patch-run-summary"]
 
 
 def test_cli_assess_and_dry_run_report_without_changing_the_host(
@@ -426,3 +474,227 @@ def test_cli_assess_surveys_each_host_in_one_connection_and_one_session(
         assert (new.count("Connection from "), new.count("Starting session: ")) == (1, 1), new
     assert host.versions() == {"demo-web": "1.0", "demo-kernel": "1.0", "demo-db": "1.0"}
     assert not host.reboot_required and not (tmp_path / "store").exists()
+
+
+# --------------------------------------------------------------------------- outcomes and read-only words
+
+
+class LogWatch(logging.Handler):
+    """The product's log events as this process emits them (rendered lines), for a test to wait
+    on a step it cannot see from outside (a run waiting for a slot, an assessment retried)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def seen(self, text: str) -> bool:
+        return any(text in line for line in list(self.lines))
+
+
+@pytest.fixture
+def log_watch() -> Iterator[LogWatch]:
+    watch, logger = LogWatch(), logging.getLogger("patchdrill")
+    logger.addHandler(watch)
+    yield watch
+    logger.removeHandler(watch)
+
+
+def flow_run_state(run_id: str) -> State[Any]:
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(UUID(run_id)).state
+    assert state is not None
+    return state
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under a host's apt root (the dpkg status, the package lists, the
+    caches), by path; the root's `run` is the host's shared /run, not apt's."""
+    return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(root.rglob("*"))
+            if path.is_file() and not path.is_symlink() and path.relative_to(root).parts[0] != "run"}
+
+
+def test_hotpatch_month_patches_linux_and_ordinary_windows_hosts_like_any_month(
+        prefect_server: None, lab_host: LabMaker, wsman_host_factory: HostFactory, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    linux = lab_host("monthly-linux", 1)
+    winrm = wsman_host_factory(scheme="https", auth=("ntlm",))
+    wu = SimulatedWindowsUpdate(winrm, [
+        SimulatedUpdate("KB5070001", "2026-12 Security Update for .NET Framework", reboot_behaviour="never"),
+    ], caption="Microsoft Windows Server 2022 Datacenter").attach()  # not Azure Edition: never hotpatches
+    windows = winrm.host_config("monthly-win", connect_timeout=SLOW_HOST_SECONDS, update_domain=2,
+                                maintenance_windows=ALWAYS_OPEN)
+    # The policy says nothing of between_baselines: the default must patch these hosts.
+    cfg = write_config(tmp_path / "fleet.yaml", [linux.config(), windows.model_dump(mode="json", exclude_none=True)],
+                       {"baseline_months": hotpatch_now()})
+
+    result = CliRunner().invoke(app, ["patch", "run", "--config", str(cfg), "--json"])
+
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert flow_run_state(report["run_id"]).is_completed()
+    rows = {r["host"]: r for r in report["records"]}
+    assert {r["month_kind"] for r in rows.values()} == {"hotpatch"}
+    assert rows["monthly-linux"]["status"] == "succeeded" and rows["monthly-linux"]["rebooted"]
+    assert linux.versions() == {"demo-web": "1.1", "demo-kernel": "1.1", "demo-db": "1.0"}
+    assert rows["monthly-win"]["status"] == "succeeded", rows["monthly-win"]["reason"]
+    assert {o["update_id"]: o["state"] for o in rows["monthly-win"]["updates"]} == {"KB5070001": "Installed"}
+    assert wu.installed == {"KB5070001"}
+
+
+def test_rejected_approval_cancels_the_run_with_the_approvers_comment(
+        prefect_server: None, lab_host: LabMaker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import flows.patch_run as patch_flow
+    from prefect.flow_runs import resume_flow_run
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    monkeypatch.setattr(patch_flow, "APPROVAL_POLL_SECONDS", 1)
+    host = lab_host("reject-me", 1)
+    cfg = write_config(tmp_path / "fleet.yaml", [host.config()],
+                       {"baseline_months": baseline_now(), "approval_required": True})
+    worker, outcome = in_thread(lambda: CliRunner().invoke(
+        app, ["patch", "run", "--config", str(cfg), "--wait-for-approval", "--json"]), "rejected-patch-run")
+    paused = paused_run(worker, outcome)
+    resume_flow_run(paused, run_input={"approve": False, "comment": "change freeze until Friday"})
+    result = joined(worker, outcome)
+
+    assert result.exit_code == 3, result.output
+    state = flow_run_state(str(paused))
+    assert state.is_cancelled() and state.message == "change freeze until Friday"
+    [record] = json.loads(result.stdout)["records"]
+    assert record["status"] == "skipped" and record["reason"] == "not approved: change freeze until Friday"
+    assert host.versions() == {"demo-web": "1.0", "demo-kernel": "1.0", "demo-db": "1.0"}
+    table = {row["update"]: row["state"] for row in run_artifacts(str(paused))["patch-run-compliance"]}
+    assert table == {"demo-kernel=1.1": "Missing", "demo-web=1.1": "Missing", "demo-db=1.2": "Excluded"}
+
+
+def test_a_failed_install_fails_the_run_and_the_command(prefect_server: None, lab_host: LabMaker, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    host = lab_host("install-fails", 1)
+    host.lab.publish("security", "demo-web", "1.3", postinst="#!/bin/sh\necho 'cannot migrate' >&2\nexit 1\n")
+    cfg = write_config(tmp_path / "fleet.yaml", [host.config()], {"baseline_months": baseline_now(), "max_errors": 1})
+
+    result = CliRunner().invoke(app, ["patch", "run", "--config", str(cfg), "--json"])
+
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    [record] = report["records"]
+    assert record["status"] == "failed" and report["stopped"] is None
+    assert {o["update_id"]: o["state"] for o in record["updates"]}["demo-web=1.3"] == "Failed"
+    state = flow_run_state(report["run_id"])
+    assert state.is_failed() and state.message == "1 host(s) not patched: install-fails"
+    artifacts = run_artifacts(report["run_id"])
+    assert {row["update"]: row["state"] for row in artifacts["patch-run-compliance"]}["demo-web=1.3"] == "Failed"
+
+
+def test_assess_and_dry_run_say_they_refresh_lists_and_no_refresh_changes_nothing(
+        prefect_server: None, lab_host: LabMaker, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    host = lab_host("read-only", 1)
+    host.lab.publish("main", "demo-db", "1.3")  # published after the host last refreshed its lists
+    # apt reads a file: repository in place, so publishing made the host's caches stale, which
+    # no http repository can do between two refreshes: rebuild them as the last refresh did.
+    subprocess.run(["apt-cache", "gencaches"], env={**os.environ, **host.lab.env}, check=True, capture_output=True)
+    cfg = write_config(tmp_path / "fleet.yaml", [host.config()], {"baseline_months": baseline_now()})
+    runner, before = CliRunner(), tree_digest(host.lab.root)
+
+    for command in (["patch", "assess"], ["patch", "run", "--dry-run"]):
+        result = runner.invoke(app, [*command, "--config", str(cfg), "--no-refresh"])
+        assert result.exit_code == 0, result.output
+        assert "nothing on any host changed" in result.output and "refreshed" not in result.output
+        assert tree_digest(host.lab.root) == before, command  # dpkg status, lists, caches: byte for byte
+
+    assessed = runner.invoke(app, ["patch", "assess", "--config", str(cfg), "--json"])
+    assert assessed.exit_code == 0, assessed.output
+    report = json.loads(assessed.stdout)
+    assert report["refreshed"] == ["read-only"]
+    assert "demo-db=1.3" in {held["update_id"] for held in report["plans"][0]["held"]}  # the refresh saw it
+    for command in (["patch", "assess"], ["patch", "run", "--dry-run"]):
+        said = runner.invoke(app, [*command, "--config", str(cfg)])
+        assert said.exit_code == 0, said.output
+        assert "package lists of 1 host(s) were refreshed (read-only)" in " ".join(said.output.split()), command
+
+    after = tree_digest(host.lab.root)
+    lists = [path for path in before if path.startswith("var/lib/apt/lists/")]
+    assert [after.get(path) for path in lists] != [before[path] for path in lists], "the refresh rewrote the lists"
+    assert {p: d for p, d in after.items() if p.startswith("var/lib/dpkg/")} == \
+        {p: d for p, d in before.items() if p.startswith("var/lib/dpkg/")}
+    assert host.versions() == {"demo-web": "1.0", "demo-kernel": "1.0", "demo-db": "1.0"}
+
+
+def test_two_runs_never_work_on_one_host_at_once(
+        prefect_server: None, lab_host: LabMaker, tmp_path: Path, log_watch: LogWatch) -> None:
+    from tasks.patching.steps import host_limit_name
+
+    host = lab_host("contended", 1)
+    started, release = host.lab.root / "hook-started", host.lab.root / "hook-release"
+    # The first run's pre-hook keeps it on the host until the test lets go (at most 2 minutes).
+    hook = (f'touch {started}; i=0; while [ ! -e {release} ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done')
+    cfg = write_config(tmp_path / "fleet.yaml", [host.config()],
+                       {"baseline_months": baseline_now(), "pre_hooks": [hook]})
+
+    first, first_outcome = in_thread(lambda: run_patch(config_path=str(cfg)), "first-run")
+    while first.is_alive() and not started.exists():
+        time.sleep(0.05)
+    assert started.exists(), first_outcome
+    connections = host.sshd.log_path.read_text(errors="replace").count("Connection from ")
+    second, second_outcome = in_thread(lambda: run_patch(config_path=str(cfg)), "second-run")
+    waiting = f"limit={host_limit_name('contended')}"
+    while second.is_alive() and not log_watch.seen(waiting) and \
+            host.sshd.log_path.read_text(errors="replace").count("Connection from ") == connections:
+        time.sleep(0.05)
+    # The second run waits for the host's slot before it even connects (its list refresh would
+    # collide with the first run's apt).
+    assert log_watch.seen(waiting) and host.sshd.log_path.read_text(errors="replace").count(
+        "Connection from ") == connections, "the second run reached the host while the first worked on it"
+    release.touch()
+
+    first_state, first_report = joined(first, first_outcome)
+    second_state, second_report = joined(second, second_outcome)
+    assert first_state.is_completed() and second_state.is_completed(), (first_state, second_state)
+    assert records(first_report)["contended"].status == "succeeded"
+    assert host.versions() == {"demo-web": "1.1", "demo-kernel": "1.1", "demo-db": "1.0"}
+    # The second run assessed the host after the first had patched it: nothing left to install.
+    [plan] = second_report.assessment.plans
+    assert plan.install == [] and records(second_report)["contended"].status == "succeeded"
+
+
+def test_a_package_lock_held_on_the_host_is_waited_out(
+        prefect_server: None, lab_host: LabMaker, tmp_path: Path, log_watch: LogWatch) -> None:
+    import fcntl
+
+    host = lab_host("apt-busy", 1)
+    cfg = write_config(tmp_path / "fleet.yaml", [host.config()], {"baseline_months": baseline_now()})
+    # Another apt-get update on the host (unattended-upgrades, an operator) holds the lists lock.
+    lock = os.open(host.lab.root / "var/lib/apt/lists/lock", os.O_RDWR | os.O_CREAT, 0o640)
+    fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        run, outcome = in_thread(lambda: run_patch(config_path=str(cfg)), "run-behind-apt")
+        while run.is_alive() and not log_watch.seen("assessment retried"):
+            time.sleep(0.05)
+    finally:
+        os.close(lock)
+    state, report = joined(run, outcome)
+
+    assert log_watch.seen("Could not get lock")
+    assert state.is_completed(), state.message
+    assert records(report)["apt-busy"].status == "succeeded"
+    assert host.versions() == {"demo-web": "1.1", "demo-kernel": "1.1", "demo-db": "1.0"}

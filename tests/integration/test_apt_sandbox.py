@@ -6,7 +6,12 @@ SSH end-to-end tests run the same functions through sshd.
 
 from __future__ import annotations
 
+import fcntl
+import os
+import threading
+import time
 from datetime import date, datetime, timezone
+from pathlib import Path
 
 import pytest
 
@@ -158,3 +163,68 @@ def test_a_failing_refresh_is_the_commands_failure(aptlab: AptLab, host: LocalCo
     with pytest.raises(CommandFailed) as failed:
         linux_host.assess(host, "apt", env=aptlab.env)
     assert "apt-get -q update" in failed.value.message
+
+
+class _HeldLock:
+    """Another process's hold on one of the sandbox's apt/dpkg locks, as unattended-upgrades or
+    an operator's apt-get would hold it: the fcntl write lock apt and dpkg take themselves."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+        fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _apt_waiting(lab: AptLab) -> bool:
+    """Whether an apt-get of this sandbox is running (and so, with the lock held, waiting)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if (proc / "comm").read_text().strip() == "apt-get" and \
+                    f"APT_CONFIG={lab.apt_config}".encode() in (proc / "environ").read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def test_a_busy_lists_lock_is_a_transient_fault(aptlab: AptLab, host: LocalConnector) -> None:
+    held = _HeldLock(aptlab.root / "var/lib/apt/lists/lock")
+    try:
+        with pytest.raises(linux_host.PackageManagerBusy) as busy:
+            linux_host.assess(host, "apt", env=aptlab.env)
+    finally:
+        held.release()
+    assert busy.value.transient and "Could not get lock" in busy.value.message
+    assert {u.id for u in linux_host.assess(host, "apt", env=aptlab.env)} >= {"demo-web=1.1"}
+
+
+def test_an_install_waits_for_the_dpkg_lock_another_process_holds(aptlab: AptLab, host: LocalConnector) -> None:
+    updates = [u for u in linux_host.assess(host, "apt", env=aptlab.env) if u.id == "demo-web=1.1"]
+    held = _HeldLock(aptlab.admindir / "lock-frontend")
+    outcome: dict[str, object] = {}
+
+    def install() -> None:
+        try:
+            outcome["result"] = linux_host.install(host, "apt", updates, env=aptlab.env)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=install, name="install-behind-lock")
+    worker.start()
+    try:
+        # Released only once apt is seen waiting for it: an install that gave up at once would
+        # already have finished.
+        while worker.is_alive() and not _apt_waiting(aptlab):
+            time.sleep(0.05)
+    finally:
+        held.release()
+        worker.join()
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    result = outcome["result"]
+    assert isinstance(result, linux_host.InstallResult) and result.ok, result
+    assert aptlab.installed_version("demo-web") == "1.1"

@@ -120,14 +120,25 @@ def test_calendar_selection_rule(classification: Classification, hotpatchable: b
         assert "waits for" in verdict.reason
 
 
-def test_hotpatch_disabled_in_policy_makes_eligible_hosts_wait() -> None:
+def test_hotpatch_disabled_in_policy_makes_eligible_hosts_patch_monthly() -> None:
     host = enrollment(hotpatch_eligible=True)
     policy = PatchPolicy(hotpatch=False)
     verdict = updates_allowed(update(Classification.SECURITY, hotpatchable=True), host, "hotpatch", policy)
-    assert not verdict.allowed
+    assert verdict.allowed
     assert reboot_allowed(host, "hotpatch", policy)
 
 
-def test_linux_hosts_wait_for_baseline_by_default() -> None:
+@pytest.mark.parametrize("os_family", ["linux", "windows"])
+@pytest.mark.parametrize("classification", [Classification.SECURITY, Classification.CRITICAL, Classification.UPDATES])
+def test_hosts_that_do_not_hotpatch_take_their_updates_every_month_by_default(
+        os_family: str, classification: Classification) -> None:
+    host = enrollment(hotpatch_eligible=False, os_family=os_family)
+    verdict = updates_allowed(update(classification, hotpatchable=False), host, "hotpatch")
+    assert verdict.allowed and verdict.reboot_allowed, verdict.reason
+
+
+def test_waiting_for_the_baseline_is_a_choice_of_the_policy() -> None:
     host = enrollment(hotpatch_eligible=False, os_family="linux")
-    assert not updates_allowed(update(Classification.SECURITY, hotpatchable=False), host, "hotpatch").allowed
+    verdict = updates_allowed(update(Classification.SECURITY, hotpatchable=False), host, "hotpatch",
+                              PatchPolicy(between_baselines="wait"))
+    assert not verdict.allowed and "waits for" in verdict.reason

@@ -127,5 +127,6 @@ def test_approve_after_days_holds_new_and_undated_updates() -> None:
 
 
 def test_calendar_applies_after_the_policy_filter() -> None:
-    held = decide(pkg("a"), PatchPolicy(), LINUX, "hotpatch", date(2026, 2, 20), waits_for="2026-04")
+    held = decide(pkg("a"), PatchPolicy(between_baselines="wait"), LINUX, "hotpatch", date(2026, 2, 20),
+                  waits_for="2026-04")
     assert not held.install and held.state is ComplianceState.MISSING and "waits for 2026-04" in held.reason
