@@ -13,16 +13,18 @@ from prefect.futures import PrefectFuture, as_completed
 from configs.loader import load_config
 from configs.models import DiskConfig, HostConfig
 from flows.logs import configure
+from flows.run_form import Names, OptionalName, current_run_name, run_name, selection
 from tasks.backup.errors import BackupError
 from tasks.backup.policy import policy_from_config
 from tasks.backup.run import DiskReport, failed_report
 from tasks.backup.scheduling import Bounds, run_bounded
 from tasks.backup.tasks import RetentionSummary, backup_disk_task, retention_task
+from tasks.rendering import artifact_key, human_size
 
 log = structlog.stdlib.get_logger("patchdrill.backup")
 
-REPORT_COLUMNS = ("host", "disk", "status", "consistency", "scanned_bytes", "changed_bytes", "uploaded_bytes",
-                  "stored_bytes", "seconds", "point", "error")
+SIZE_COLUMNS = {"scanned": "scanned_bytes", "changed": "changed_bytes", "uploaded": "uploaded_bytes",
+                "stored": "stored_bytes"}
 
 
 class BackupRunFailed(BackupError):
@@ -44,10 +46,18 @@ def _first_done(futures: list[PrefectFuture[DiskReport]]) -> PrefectFuture[DiskR
     return next(as_completed(futures))
 
 
-@flow(name="backup-run", log_prints=True)
-def backup_run(config_path: str = "configs/lab.yaml", hosts: list[str] | None = None, groups: list[str] | None = None,
-               policy: str | None = None, disks: list[str] | None = None) -> list[DiskReport]:
-    """Back up every disk of the selected hosts (all hosts when none are selected)."""
+@flow(name="backup-run", log_prints=True, flow_run_name=run_name("backup", "policy"))
+def backup_run(config_path: str = "configs/lab.yaml", hosts: Names = None, groups: Names = None,
+               policy: OptionalName = None, disks: Names = None) -> list[DiskReport]:
+    """Back up every disk of the selected hosts (all hosts when none are selected).
+
+    Args:
+        config_path: The fleet's YAML config, relative to the repository (or absolute).
+        hosts: Only these hosts; empty for every host (of the groups, if given).
+        groups: Only hosts in these groups; empty for every group.
+        policy: Backup policy (schedule-independent settings: retention, parallelism, key); empty for the default.
+        disks: Only these disks (by name); empty for every disk of each host.
+    """
     configure()
     loaded = load_config(Path(config_path))
     chosen = policy_from_config(loaded.config.backup_policies, policy, source=config_path)
@@ -66,7 +76,7 @@ def backup_run(config_path: str = "configs/lab.yaml", hosts: list[str] | None = 
     reports.sort(key=lambda r: (r.host, r.disk))
 
     retention = retention_task(config_path, chosen, sorted({r.host for r in reports if r.status == "ok"}))
-    _publish(reports, retention)
+    _publish(reports, retention, artifact_key("backup", selection({"groups": groups, "hosts": hosts}), policy or ""))
     failed = [r for r in reports if r.status != "ok"]
     if failed:
         raise BackupRunFailed("; ".join(f"{r.host}/{r.disk}: {r.error}" for r in failed))
@@ -81,10 +91,18 @@ def _report(host: str, disk: str, future: PrefectFuture[DiskReport]) -> DiskRepo
         return failed_report(host, disk, exc)
 
 
-def _publish(reports: list[DiskReport], retention: RetentionSummary) -> None:
+def report_row(report: DiskReport) -> dict[str, str]:
+    """One disk's row as people read it: sizes in KiB/MiB/GiB, seconds to a tenth."""
+    return {"host": report.host, "disk": report.disk, "status": report.status, "consistency": report.consistency or "",
+            **{column: human_size(getattr(report, field)) for column, field in SIZE_COLUMNS.items()},
+            "seconds": f"{report.seconds:.1f}", "point": report.point or "", "error": report.error or ""}
+
+
+def _publish(reports: list[DiskReport], retention: RetentionSummary, key: str) -> None:
     ok = sum(r.status == "ok" for r in reports)
     create_table_artifact(
-        key="backup-run",
-        table=[{c: getattr(r, c) for c in REPORT_COLUMNS} for r in reports],
-        description=f"{ok}/{len(reports)} disks backed up; retention forgot {len(retention.forgotten)} points",
+        key=key,
+        table=[report_row(r) for r in reports],
+        description=(f"{current_run_name('backup')}: {ok}/{len(reports)} disks backed up; "
+                     f"retention forgot {len(retention.forgotten)} points"),
     )
