@@ -7,6 +7,7 @@ with SIGINT, as Ctrl-C in a terminal would, and checks nothing it started is lef
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -206,6 +207,69 @@ def test_the_work_pool_and_every_deployment_are_registered(stack: Stack) -> None
     assert set(deployments) == {d["name"] for d in declared}
     for d in declared:
         assert deployments[d["name"]].tags == d["tags"], d["name"]
+
+
+# ----------------------------------------------------------------------------- runs from the UI
+
+
+async def _run_from_ui(client: Any, deployment_name: str) -> Any:
+    """What the UI's Run button does (POST /deployments/{id}/create_flow_run, no parameters
+    given), then wait until the worker has run it to a final state."""
+    deployment = next(d for d in await client.read_deployments() if d.name == deployment_name)
+    run = await client.create_flow_run_from_deployment(deployment.id)
+    deadline = time.monotonic() + 300
+    while not (run := await client.read_flow_run(run.id)).state.is_final() and time.monotonic() < deadline:
+        await anyio.sleep(1)
+    return run
+
+
+def test_every_deployment_runs_with_its_defaults_on_the_lab(stack: Stack) -> None:
+    """Each shipped deployment, started with its defaults as from the UI, ends Completed, with a
+    readable run name and its artifacts keyed per group or plan."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    names = [d["name"] for d in yaml.safe_load((REPO / "deployments/prefect.yaml").read_text())["deployments"]]
+    # The backup comes first: verify and restore read the recovery point it writes.
+    later = [n for n in names if n != "nightly-backup"]
+
+    async def run_all() -> dict[str, tuple[Any, dict[str, Any]]]:
+        async with _client(stack) as client:
+            runs = {"nightly-backup": await _run_from_ui(client, "nightly-backup")}
+            async with anyio.create_task_group() as group:
+                async def one(name: str) -> None:
+                    runs[name] = await _run_from_ui(client, name)
+                for name in later:
+                    group.start_soon(one, name)
+            artifacts = {}
+            for name, run in runs.items():
+                found = await client.read_artifacts(
+                    artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+                artifacts[name] = {a.key: a for a in found if a.key}
+            return {name: (run, artifacts[name]) for name, run in runs.items()}
+
+    results = anyio.run(run_all)
+    worker_log = (SERVER_LOGS / "worker.log").read_text()
+    for name in names:
+        run, _ = results[name]
+        assert run.state.is_completed(), f"{name}: {run.state.type} {run.state.message}\n{worker_log[-3000:]}"
+    kinds = {"patch-web-monthly": ("patch-run web monthly-web ", "patch-web-summary"),
+             "patch-db-monthly": ("patch-run db ", "patch-db-summary"),
+             "patch-app-monthly": ("patch-run app ", "patch-app-summary"),
+             "patch-assess-daily": ("patch-assess all ", "patch-all-assessment"),
+             "nightly-backup": ("backup all nightly ", "backup-all-nightly"),
+             "weekly-verify": ("verify all ", "verify-all"),
+             "inventory-check": ("inventory all ", "inventory-all"),
+             "restore": ("restore lab-local sample ", "restore-lab-local-sample")}
+    assert set(kinds) == set(names)
+    for name, (run_prefix, key) in kinds.items():
+        run, artifacts = results[name]
+        assert run.name.startswith(run_prefix), (name, run.name)
+        assert key in artifacts, (name, sorted(artifacts))
+        assert artifacts[key].description.startswith(f"{run.name}") or run.name in artifacts[key].description
+        assert str(run.id) not in (artifacts[key].description or ""), "titled by run name, not its id"
+    backup_rows = json.loads(results["nightly-backup"][1]["backup-all-nightly"].data)
+    assert {row["disk"] for row in backup_rows} == {"sample", "image"}
+    assert all(row["scanned"].endswith(("KiB", "MiB", "GiB")) for row in backup_rows), backup_rows
 
 
 # ----------------------------------------------------------------------------- Ctrl-C
