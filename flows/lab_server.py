@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -127,6 +128,7 @@ class LabStack:
         raise StackFailed(f"the Prefect server did not answer on port {self.port} within {STARTUP_TIMEOUT_SECONDS:.0f} s")
 
     def start(self) -> None:
+        _check_port_free(self.port)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         make_lab_apt_root()
         make_lab_data()
@@ -141,6 +143,18 @@ class LabStack:
         for process in reversed(self.processes):
             _stop_group(process)
         self.processes.clear()
+
+
+def _check_port_free(port: int) -> None:
+    """Refuse a busy port up front: a health check could otherwise be answered by whatever
+    already listens there (another Prefect server, say) and the stack would talk to it."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise StackFailed(f"port {port} is in use on 127.0.0.1: stop what listens there or choose "
+                              "another with PORT=...") from None
 
 
 def _stop_group(process: subprocess.Popen[bytes]) -> None:

@@ -272,6 +272,23 @@ def test_every_deployment_runs_with_its_defaults_on_the_lab(stack: Stack) -> Non
     assert all(row["scanned"].endswith(("KiB", "MiB", "GiB")) for row in backup_rows), backup_rows
 
 
+def test_a_busy_port_is_one_clear_line_and_starts_nothing(tmp_path: Path) -> None:
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "PREFECT_HOME": str(tmp_path)}
+        done = subprocess.run([sys.executable, "-m", "flows.lab_server", "--port", str(port), "--log-dir",
+                               str(tmp_path / "logs")], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip() == (f"make server: port {port} is in use on 127.0.0.1: stop what listens there "
+                                   "or choose another with PORT=...")
+    assert "Traceback" not in done.stdout + done.stderr
+    assert _processes_with(f"PREFECT_HOME={tmp_path}") == []
+
+
 # ----------------------------------------------------------------------------- Ctrl-C
 
 
