@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -22,6 +23,8 @@ from pathlib import Path
 from types import FrameType
 
 import httpx
+
+from flows.demo import make_sample_data
 
 REPO = Path(__file__).resolve().parent.parent
 PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
@@ -77,12 +80,8 @@ def make_lab_apt_root() -> None:
 
 
 def make_lab_data() -> None:
-    """The sample disks lab.yaml names, made once (as `make demo` does) so backups have work."""
-    from flows.demo import make_sample_data  # the demo's own generator, deterministic
-
+    """The sample disks lab.yaml names, made once with the demo's generator so backups have work."""
     if not (LAB / "disk.img").exists() or not (LAB / "sample").is_dir():
-        import random
-
         make_sample_data(random.Random(7))
 
 

@@ -7,8 +7,12 @@ import re
 
 import humanize
 
-# Every character CommonMark (and GitHub's tables and strikethrough) may treat as markup.
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~])")
+from configs.secrets import redact
+
+# What CommonMark, GitHub's tables and its strikethrough treat as markup inside a line. The
+# characters that only mean something at the start of a line (#, -, +, digits and a dot) stay
+# as they are: this text is always placed after other markup (a cell's `|`, a `- **host**:`).
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&])")
 _NOT_KEY = re.compile(r"[^a-z0-9]+")
 
 
@@ -18,9 +22,11 @@ def human_size(size: int | float) -> str:
 
 
 def markdown_text(text: object) -> str:
-    """Text shown literally in markdown: a Debian version such as `20250419~deb12u2` must not
-    turn into strikethrough, nor a `|` end a table cell; newlines become spaces."""
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+    """Text shown literally inside a line of markdown: a Debian version such as
+    `20250419~deb12u2` must not turn into strikethrough, nor a `|` end a table cell; newlines
+    become spaces. Secrets are redacted first: escaped (`pass\\_word`), a secret would no longer
+    match its own redaction."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(redact(str(text)).split()))
 
 
 def artifact_key(*parts: str) -> str:

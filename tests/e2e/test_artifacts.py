@@ -36,7 +36,7 @@ def run_artifacts(run_id: UUID) -> dict[str, Any]:
 def test_helpers() -> None:
     assert human_size(33554432) == "32.0 MiB"
     assert human_size(1536) == "1.5 KiB"
-    assert markdown_text("a|b ~x~ *y*") == r"a\|b \~x\~ \*y\*"
+    assert markdown_text("a|b ~x~ *y* web-01") == r"a\|b \~x\~ \*y\* web-01"
     assert artifact_key("patch", "web+db", "summary") == "patch-web-db-summary"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -269,7 +270,9 @@ def test_every_deployment_runs_with_its_defaults_on_the_lab(stack: Stack) -> Non
         assert str(run.id) not in (artifacts[key].description or ""), "titled by run name, not its id"
     backup_rows = json.loads(results["nightly-backup"][1]["backup-all-nightly"].data)
     assert {row["disk"] for row in backup_rows} == {"sample", "image"}
-    assert all(row["scanned"].endswith(("KiB", "MiB", "GiB")) for row in backup_rows), backup_rows
+    sizes = [row[column] for row in backup_rows for column in ("scanned", "changed", "uploaded", "stored")]
+    assert all(re.fullmatch(r"\d+(\.\d)? (Bytes|KiB|MiB|GiB)", size) for size in sizes), backup_rows
+    assert "32.0 MiB" in {row["scanned"] for row in backup_rows}  # the lab's 32 MiB disk image
 
 
 def test_a_busy_port_is_one_clear_line_and_starts_nothing(tmp_path: Path) -> None:
