@@ -32,7 +32,6 @@ from flows.logs import configure
 from flows.run_form import Names, OptionalName, current_run_name, run_name, selection
 from tasks.patching.models import HostPatchRecord
 from tasks.patching.rollout import Batch, Rollout, RolloutPlan, plan
-from tasks.rendering import artifact_key, markdown_text
 from tasks.patching.steps import (
     EnrollmentRow,
     HostAssessment,
@@ -53,6 +52,7 @@ from tasks.patching.steps import (
     update_domain_slot,
     write_records_task,
 )
+from tasks.rendering import artifact_key, markdown_text
 
 log = structlog.stdlib.get_logger("patchdrill.patch")
 
