@@ -6,6 +6,9 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export UV_LINK_MODE := copy
 
+# `make server PORT=4300` moves the API and the UI together.
+PORT ?= 4200
+
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 APT_PACKAGES := openssh-server openssh-client apt-utils dpkg-dev restic xfsprogs
 
@@ -14,7 +17,7 @@ APT_PACKAGES := openssh-server openssh-client apt-utils dpkg-dev restic xfsprogs
 help:
 	@echo "make demo    run the main job on the embedded lab (local store, local host)"
 	@echo "make test    run the whole test suite (installs everything it needs)"
-	@echo "make server  start a local Prefect server with its UI on http://127.0.0.1:4200"
+	@echo "make server  Prefect server + UI + worker + every deployment on http://127.0.0.1:$(PORT) (PORT=...; Ctrl-C stops all)"
 	@echo "make bench   run the benchmarks in bench/ (slow; not part of the tests)"
 
 uv:
@@ -45,7 +48,7 @@ test: bootstrap
 	@$(UV) run --frozen pytest -q
 
 server: python-deps
-	@$(UV) run --frozen prefect server start --host 127.0.0.1 --port 4200
+	@$(UV) run --frozen python -m flows.lab_server --port $(PORT)
 
 bench: bootstrap
 	@$(UV) run --frozen python bench/backup_vs_restic.py

@@ -14,17 +14,19 @@ from prefect.states import Cancelled, State
 from configs.loader import load_config
 from configs.models import DiskConfig, HostConfig
 from flows.logs import configure
+from flows.run_form import Names, OptionalName, current_run_name, run_name, selection
 from tasks.backup import cancel
 from tasks.backup.errors import BackupError
 from tasks.backup.policy import policy_from_config
 from tasks.backup.run import DiskReport, failed_report
 from tasks.backup.scheduling import Bounds, run_bounded
 from tasks.backup.tasks import RetentionSummary, backup_disk_task, retention_task
+from tasks.rendering import artifact_key, human_size
 
 log = structlog.stdlib.get_logger("patchdrill.backup")
 
-REPORT_COLUMNS = ("host", "disk", "status", "consistency", "scanned_bytes", "changed_bytes", "uploaded_bytes",
-                  "stored_bytes", "seconds", "point", "error")
+SIZE_COLUMNS = {"scanned": "scanned_bytes", "changed": "changed_bytes", "uploaded": "uploaded_bytes",
+                "stored": "stored_bytes"}
 
 
 class BackupRunFailed(BackupError):
@@ -46,13 +48,20 @@ def _first_done(futures: list[PrefectFuture[DiskReport]]) -> PrefectFuture[DiskR
     return next(as_completed(futures))
 
 
-@flow(name="backup-run", log_prints=True)
-def backup_run(config_path: str = "configs/lab.yaml", hosts: list[str] | None = None, groups: list[str] | None = None,
-               policy: str | None = None, disks: list[str] | None = None) -> list[DiskReport] | State:
+@flow(name="backup-run", log_prints=True, flow_run_name=run_name("backup", "policy"))
+def backup_run(config_path: str = "configs/lab.yaml", hosts: Names = None, groups: Names = None,
+               policy: OptionalName = None, disks: Names = None) -> list[DiskReport] | State:
     """Back up every disk of the selected hosts (all hosts when none are selected).
 
     Ctrl-C, SIGTERM or a cancellation from the Prefect UI stops it cleanly: no point for the
     disks still running, their locks released and snapshots removed, the run Cancelled.
+
+    Args:
+        config_path: The fleet's YAML config, relative to the repository (or absolute).
+        hosts: Only these hosts; empty for every host (of the groups, if given).
+        groups: Only hosts in these groups; empty for every group.
+        policy: Backup policy (schedule-independent settings: retention, parallelism, key); empty for the default.
+        disks: Only these disks (by name); empty for every disk of each host.
     """
     with cancel.stop_on_signals():
         return _back_up(config_path, hosts, groups, policy, disks)
@@ -76,26 +85,28 @@ def _back_up(config_path: str, hosts: list[str] | None, groups: list[str] | None
         sleep=cancel.wait, stopped=lambda: cancel.requested() is not None,
     )
     reports = [_report(host, disk, future) for host, disk, future in finished]
+    key = artifact_key("backup", selection({"groups": groups, "hosts": hosts}), policy or "")
     if (reason := cancel.requested()) is not None:
-        return _stopped(reason, work, reports)
+        return _stopped(reason, work, reports, key)
     reports.sort(key=lambda r: (r.host, r.disk))
 
     retention = retention_task(config_path, chosen, sorted({r.host for r in reports if r.status == "ok"}))
-    _publish(reports, retention)
+    _publish(reports, retention, key)
     failed = [r for r in reports if r.status != "ok"]
     if failed:
         raise BackupRunFailed("; ".join(f"{r.host}/{r.disk}: {r.error}" for r in failed))
     return reports
 
 
-def _stopped(reason: str, work: list[tuple[HostConfig, list[DiskConfig]]], reports: list[DiskReport]) -> State:
+def _stopped(reason: str, work: list[tuple[HostConfig, list[DiskConfig]]], reports: list[DiskReport],
+             key: str) -> State:
     """The run's end after a stop: no retention (it would prune beside a half-finished run's
     chunks for nothing), the table of what did and did not get a point, and a Cancelled state."""
     ran = {(r.host, r.disk) for r in reports}
     reports += [failed_report(h.name, d.name, cancel.Interrupted(f"not started: {reason}"))
                 for h, ds in work for d in ds if (h.name, d.name) not in ran]
     reports.sort(key=lambda r: (r.host, r.disk))
-    _publish(reports, RetentionSummary())
+    _publish(reports, RetentionSummary(), key)
     done = [f"{r.host}/{r.disk}" for r in reports if r.status == "ok"]
     missed = [f"{r.host}/{r.disk}" for r in reports if r.status != "ok"]
     message = f"backup {reason}: stopped cleanly"
@@ -115,11 +126,19 @@ def _report(host: str, disk: str, future: PrefectFuture[DiskReport]) -> DiskRepo
         return failed_report(host, disk, exc)
 
 
-def _publish(reports: list[DiskReport], retention: RetentionSummary) -> None:
+def report_row(report: DiskReport) -> dict[str, str]:
+    """One disk's row as people read it: sizes in KiB/MiB/GiB, seconds to a tenth."""
+    return {"host": report.host, "disk": report.disk, "status": report.status, "consistency": report.consistency or "",
+            **{column: human_size(getattr(report, field)) for column, field in SIZE_COLUMNS.items()},
+            "seconds": f"{report.seconds:.1f}", "point": report.point or "", "error": report.error or ""}
+
+
+def _publish(reports: list[DiskReport], retention: RetentionSummary, key: str) -> None:
     ok = sum(r.status == "ok" for r in reports)
     create_table_artifact(
-        key="backup-run",
-        table=[{c: getattr(r, c) for c in REPORT_COLUMNS} for r in reports],
-        description=f"{ok}/{len(reports)} disks backed up; retention forgot {len(retention.forgotten)} points"
-                    + (f"; prune deferred: {retention.prune_deferred}" if retention.prune_deferred else ""),
+        key=key,
+        table=[report_row(r) for r in reports],
+        description=(f"{current_run_name('backup')}: {ok}/{len(reports)} disks backed up; "
+                     f"retention forgot {len(retention.forgotten)} points"
+                     + (f"; prune deferred: {retention.prune_deferred}" if retention.prune_deferred else "")),
     )

@@ -20,6 +20,7 @@ from rich.table import Table
 from configs.loader import load_config
 from flows.logs import configure
 from tasks.inventory import ping_hosts
+from tasks.rendering import human_size
 
 REPO = Path(__file__).resolve().parent.parent
 LAB_CONFIG = REPO / "configs" / "lab.yaml"
@@ -59,15 +60,9 @@ def backup_table(title: str, reports: list) -> Table:  # type: ignore[type-arg]
     for column in ("disk", "status", "consistency", "scanned", "changed", "uploaded", "s"):
         table.add_column(column)
     for r in reports:
-        table.add_row(r.disk, r.status, r.consistency or "", *(_size(n) for n in (r.scanned_bytes, r.changed_bytes, r.uploaded_bytes)),
+        table.add_row(r.disk, r.status, r.consistency or "", *(human_size(n) for n in (r.scanned_bytes, r.changed_bytes, r.uploaded_bytes)),
                       f"{r.seconds:.2f}")
     return table
-
-
-def _size(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    return f"{n / MIB:.1f} MiB" if n >= MIB // 10 else f"{n / 1024:.1f} KiB"
 
 
 def same_tree(left: Path, right: Path) -> bool:

@@ -14,6 +14,8 @@ from prefect.artifacts import create_table_artifact
 
 from configs.loader import load_config
 from flows.logs import configure
+from flows.run_form import Names, current_run_name, run_name, selection
+from tasks.rendering import artifact_key
 from tasks.inventory import PingResult, ping_host
 
 log = structlog.stdlib.get_logger("patchdrill.inventory")
@@ -31,17 +33,23 @@ def ping_task(config_path: str, host_name: str) -> PingResult:
     return row
 
 
-@flow(name="inventory-check", log_prints=True)
-def inventory_check(config_path: str = "configs/lab.yaml", groups: list[str] | None = None) -> list[PingResult]:
-    """Ping every selected host in parallel and publish a reachability table."""
+@flow(name="inventory-check", log_prints=True, flow_run_name=run_name("inventory"))
+def inventory_check(config_path: str = "configs/lab.yaml", groups: Names = None) -> list[PingResult]:
+    """Ping every selected host in parallel and publish a reachability table.
+
+    Args:
+        config_path: The fleet's YAML config, relative to the repository (or absolute).
+        groups: Only hosts in these groups; empty for every host.
+    """
     configure()
     loaded = load_config(Path(config_path))
     hosts = loaded.config.select(groups)
     futures = [ping_task.submit(config_path, h.name) for h in hosts]
     rows = [f.result() for f in futures]
+    scope = selection({"groups": groups})
     create_table_artifact(
-        key="inventory-check",
+        key=artifact_key("inventory", scope),
         table=[r.model_dump(mode="json") for r in rows],
-        description=f"{sum(r.reachable for r in rows)}/{len(rows)} hosts reachable",
+        description=f"{current_run_name('inventory')}: {sum(r.reachable for r in rows)}/{len(rows)} hosts reachable",
     )
     return rows

@@ -31,6 +31,7 @@ from prefect.states import Cancelled, Completed, Failed, State
 from pydantic import BaseModel, Field
 
 from flows.logs import configure
+from flows.run_form import Names, OptionalName, current_run_name, run_name, selection
 from tasks.patching.models import HostPatchRecord
 from tasks.patching.rollout import Batch, Rollout, RolloutPlan, plan
 from tasks.patching.steps import (
@@ -53,6 +54,7 @@ from tasks.patching.steps import (
     update_domain_slot,
     write_records_task,
 )
+from tasks.rendering import artifact_key, markdown_text
 
 log = structlog.stdlib.get_logger("patchdrill.patch")
 
@@ -81,6 +83,8 @@ class AssessmentReport(BaseModel):
 
 class PatchRunReport(BaseModel):
     run_id: str
+    run_name: str = ""
+    scope: str = "all"
     policy: str
     dry_run: bool
     plan: RolloutPlan
@@ -132,10 +136,10 @@ def assessment_report(fleet: PatchFleet, enrolled: list[EnrollmentRow], assessme
 def assessment_markdown(report: AssessmentReport, rollout_plan: RolloutPlan) -> str:
     lines = ["Updates selected for this run:", ""]
     for host_plan in report.plans:
-        chosen = ", ".join(u.id for u in host_plan.install) or "nothing"
-        lines.append(f"- **{host_plan.host}** (update domain {host_plan.update_domain}, {host_plan.month_kind} month): "
-                     f"{chosen}" + (" — reboot expected" if host_plan.expects_reboot else ""))
-    lines += [f"- **{host}**: {error}" for host, error in report.errors.items()]
+        chosen = ", ".join(markdown_text(u.id) for u in host_plan.install) or "nothing"
+        lines.append(f"- **{markdown_text(host_plan.host)}** (update domain {host_plan.update_domain}, "
+                     f"{host_plan.month_kind} month): {chosen}" + (" — reboot expected" if host_plan.expects_reboot else ""))
+    lines += [f"- **{markdown_text(host)}**: {markdown_text(error)}" for host, error in report.errors.items()]
     lines += ["", "```", rollout_plan.as_text(), "```"]
     return "\n".join(lines)
 
@@ -166,14 +170,16 @@ def patch_batch(batch: Batch, fleet: PatchFleet, ctx: PatchContext, report: Asse
 
 
 def publish_report(report: PatchRunReport) -> None:
-    title = f"Patch run {report.run_id}" + (" (dry run)" if report.dry_run else "")
+    """Artifacts keyed by the hosts the run covered (`patch-web-summary`), so each group keeps its
+    own history, and titled with the run's name and policy."""
+    title = f"Patch run {report.run_name or report.run_id}, policy {report.policy}" + (" (dry run)" if report.dry_run else "")
     if report.dry_run:
-        create_markdown_artifact(key="patch-run-plan", description=title,
-                                 markdown=f"# {title}\n\n" + assessment_markdown(report.assessment, report.plan))
+        create_markdown_artifact(key=artifact_key("patch", report.scope, "plan"), description=title,
+                                 markdown=f"# {markdown_text(title)}\n\n" + assessment_markdown(report.assessment, report.plan))
         return
-    create_table_artifact(key="patch-run-compliance", table=compliance_rows(report.records),
+    create_table_artifact(key=artifact_key("patch", report.scope, "compliance"), table=compliance_rows(report.records),
                           description=f"{title}: compliance per host and update")
-    create_markdown_artifact(key="patch-run-summary", description=title,
+    create_markdown_artifact(key=artifact_key("patch", report.scope, "summary"), description=title,
                              markdown=summary_markdown(title, report.records, plan_text=report.plan.as_text(),
                                                        stopped=report.stopped))
 
@@ -181,14 +187,20 @@ def publish_report(report: PatchRunReport) -> None:
 # --------------------------------------------------------------------------- flows
 
 
-@flow(name="patch-enroll")
-def patch_enroll(config_path: str = "configs/fleet.yaml", groups: list[str] | None = None,
-                 hosts: list[str] | None = None) -> list[EnrollmentRow]:
-    """Enroll hosts: OS, build, package manager, hotpatch eligibility; store the records."""
+@flow(name="patch-enroll", flow_run_name=run_name("patch-enroll"))
+def patch_enroll(config_path: str = "configs/lab.yaml", groups: Names = None, hosts: Names = None) -> list[EnrollmentRow]:
+    """Enroll hosts: OS, build, package manager, hotpatch eligibility; store the records.
+
+    Args:
+        config_path: The fleet's YAML config, relative to the repository (or absolute).
+        groups: Only hosts in these groups; empty for every group.
+        hosts: Only these hosts; empty for every host (of the groups, if given).
+    """
     configure()
     fleet = load_fleet(config_path, groups, hosts, None)
     rows = enroll_hosts(fleet, config_path, record=True)
-    create_table_artifact(key="patch-enrollment", description=f"{sum(r.reachable for r in rows)}/{len(rows)} enrolled",
+    create_table_artifact(key=artifact_key("patch", selection({"groups": groups, "hosts": hosts}), "enrollment"),
+                          description=f"{current_run_name('patch-enroll')}: {sum(r.reachable for r in rows)}/{len(rows)} enrolled",
                           table=[{"host": r.host, "reachable": r.reachable, "os": r.enrollment.os_name if r.enrollment else "",
                                   "package_manager": r.enrollment.package_manager if r.enrollment else "",
                                   "hotpatch": bool(r.enrollment and r.enrollment.hotpatch_eligible), "error": r.error}
@@ -196,14 +208,19 @@ def patch_enroll(config_path: str = "configs/fleet.yaml", groups: list[str] | No
     return rows
 
 
-@flow(name="patch-assess")
-def patch_assess(config_path: str = "configs/fleet.yaml", groups: list[str] | None = None,
-                 hosts: list[str] | None = None, policy: str | None = None, refresh: bool = True,
-                 forks: int = DEFAULT_FORKS) -> AssessmentReport:
+@flow(name="patch-assess", flow_run_name=run_name("patch-assess", "policy"))
+def patch_assess(config_path: str = "configs/lab.yaml", groups: Names = None, hosts: Names = None,
+                 policy: OptionalName = None, refresh: bool = True, forks: int = DEFAULT_FORKS) -> AssessmentReport:
     """What each host misses and what a run would install now. Changes nothing on any host
     (but its package lists, unless refresh is off: then the host's cached lists are read).
 
-    forks: hosts assessed at once.
+    Args:
+        config_path: The fleet's YAML config, relative to the repository (or absolute).
+        groups: Only hosts in these groups; empty for every group.
+        hosts: Only these hosts; empty for every host (of the groups, if given).
+        policy: Patch policy by name; empty for the one named after the single selected group, else 'default'.
+        refresh: Refresh each host's package lists first; off reads the lists the host has cached.
+        forks: Hosts enrolled and assessed at once (the rollout's batches follow the policy).
     """
     configure()
     fleet = load_fleet(config_path, groups, hosts, policy)
@@ -214,16 +231,17 @@ def patch_assess(config_path: str = "configs/fleet.yaml", groups: list[str] | No
               "state": o.state.value, "reason": o.reason} for p in report.plans for o in p.held]
     rows += [{"host": host, "update": "", "classification": "", "state": "", "reason": error}
              for host, error in report.errors.items()]
-    create_table_artifact(key="patch-assessment", table=rows, description=f"{len(report.plans)} host(s) assessed")
+    create_table_artifact(key=artifact_key("patch", selection({"groups": groups, "hosts": hosts}), "assessment"),
+                          table=rows, description=f"{current_run_name('patch-assess')}: {len(report.plans)} host(s) assessed")
     return report
 
 
-@flow(name="patch-run")
+@flow(name="patch-run", flow_run_name=run_name("patch-run", "policy"))
 def patch_run(
-    config_path: str = "configs/fleet.yaml",
-    groups: list[str] | None = None,
-    hosts: list[str] | None = None,
-    policy: str | None = None,
+    config_path: str = "configs/lab.yaml",
+    groups: Names = None,
+    hosts: Names = None,
+    policy: OptionalName = None,
     dry_run: bool = False,
     ignore_windows: bool = False,
     reboot_outside_window: bool = False,
@@ -235,9 +253,18 @@ def patch_run(
 ) -> State[PatchRunReport]:
     """Patch the selected hosts by update domain, inside their maintenance windows.
 
-    ignore_windows: install on hosts outside their window too (reboots there still need
-    reboot_outside_window or an approval that allows them). approved: skip the approval pause.
-    forks: hosts enrolled and assessed at once (the rollout's batches follow the policy).
+    Args:
+        config_path: The fleet's YAML config, relative to the repository (or absolute).
+        groups: Only hosts in these groups; empty for every group.
+        hosts: Only these hosts; empty for every host (of the groups, if given).
+        policy: Patch policy by name; empty for the one named after the single selected group, else 'default'.
+        dry_run: Assess and publish the rollout plan only; install nothing.
+        ignore_windows: Install on hosts outside their maintenance window too (reboots there still need reboot_outside_window or an approval that allows them).
+        reboot_outside_window: Allow reboots outside maintenance windows.
+        approved: Skip the approval pause of policies that require one.
+        approval_timeout_minutes: How long a run waits for approval before it fails, installing nothing.
+        domain_slot_timeout_minutes: How long a batch waits for its update domain while another run patches it.
+        forks: Hosts enrolled and assessed at once (the rollout's batches follow the policy).
     """
     configure()
     fleet = load_fleet(config_path, groups, hosts, policy)
@@ -248,8 +275,8 @@ def patch_run(
                               ignore_windows=ignore_windows)
     with_work = [p for p in assessment.plans if p.has_work]
     rollout_plan = plan([rollout_host(p) for p in with_work], fleet.policy.max_concurrency, fleet.policy.max_errors)
-    report = PatchRunReport(run_id=run_id, policy=fleet.policy_name, dry_run=dry_run, plan=rollout_plan,
-                            assessment=assessment)
+    report = PatchRunReport(run_id=run_id, run_name=current_run_name(run_id), scope=selection({"groups": groups, "hosts": hosts}),
+                            policy=fleet.policy_name, dry_run=dry_run, plan=rollout_plan, assessment=assessment)
     if dry_run:
         publish_report(report)
         return Completed(message="dry run: nothing installed", data=report)

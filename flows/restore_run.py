@@ -10,18 +10,20 @@ from prefect.states import Cancelled, State
 
 from configs.loader import load_config
 from flows.logs import configure
+from flows.run_form import Names, OptionalName, current_run_name, run_name
 from tasks.backup import cancel
 from tasks.backup.errors import BackupError
 from tasks.backup.policy import policy_from_config
 from tasks.backup.restore import RestoreResult
 from tasks.backup.run import find_disk
 from tasks.backup.tasks import restore_task
+from tasks.rendering import artifact_key, human_size
 
 
-@flow(name="restore-run", log_prints=True)
-def restore_run(config_path: str, host: str, disk: str, target: str, point: str | None = None,
-                force: bool = False, include: list[str] | None = None, policy: str | None = None,
-                target_host: str | None = None) -> RestoreResult | State:
+@flow(name="restore-run", log_prints=True, flow_run_name=run_name("restore", "disk"))
+def restore_run(config_path: str, host: str, disk: str, target: str, point: OptionalName = None,
+                force: bool = False, include: Names = None, policy: OptionalName = None,
+                target_host: OptionalName = None) -> RestoreResult | State:
     """Restore host/disk's latest point (or `point`, a time stamp or key) to target, on this
     machine or on target_host (any host of the config, e.g. an isolated DR host).
 
@@ -29,6 +31,17 @@ def restore_run(config_path: str, host: str, disk: str, target: str, point: str 
     Ctrl-C, SIGTERM or a cancellation from the Prefect UI stops it and ends the run Cancelled,
     saying what the target holds: nothing new (a new target is built under a temporary name
     that is removed) or part of the point (an existing target forced in place).
+
+    Args:
+        config_path: The fleet's YAML config, relative to the repository (or absolute).
+        host: The host whose recovery point is restored.
+        disk: The disk (as named in the config) whose recovery point is restored.
+        target: Where to write: a file or device for a block disk, a directory for a directory.
+        point: A recovery point's time stamp or key; empty for the latest.
+        force: Write over an existing target (only the blocks that differ).
+        include: Only these files (paths inside a directory point); empty for everything.
+        policy: Backup policy whose repository settings (key, block size) apply; empty for the default.
+        target_host: Restore onto this host of the config instead of this machine.
     """
     with cancel.stop_on_signals():
         try:
@@ -47,6 +60,7 @@ def _restore(config_path: str, host: str, disk: str, target: str, point: str | N
     chosen = policy_from_config(loaded.config.backup_policies, policy, source=config_path)
     result = restore_task(config_path, host, disk, target, chosen, point=point, force=force, include=include,
                           target_host=target_host)
-    create_table_artifact(key="restore-run", table=[vars(result)],
-                          description=f"restored {result.point} to {result.target}")
+    row = {**vars(result), "bytes_written": human_size(result.bytes_written), "seconds": f"{result.seconds:.1f} s"}
+    create_table_artifact(key=artifact_key("restore", host, disk), table=[row],
+                          description=f"{current_run_name('restore')}: restored {result.point} to {result.target}")
     return result

@@ -9,6 +9,8 @@ from prefect.artifacts import create_table_artifact
 
 from configs.loader import load_config
 from flows.logs import configure
+from flows.run_form import OptionalName, current_run_name, run_name
+from tasks.rendering import artifact_key
 from tasks.backup.errors import BackupError
 from tasks.backup.policy import policy_from_config
 from tasks.backup.tasks import verify_task
@@ -19,10 +21,18 @@ class RepositoryDamaged(BackupError):
     """Verify found missing or corrupt chunks."""
 
 
-@flow(name="verify-run", log_prints=True)
-def verify_run(config_path: str = "configs/lab.yaml", host: str | None = None, disk: str | None = None,
-               sample_percent: float = 100.0, policy: str | None = None) -> VerifyReport:
-    """Check chunks against their ids; the run fails (and the artifact lists them) on any damage."""
+@flow(name="verify-run", log_prints=True, flow_run_name=run_name("verify", "disk"))
+def verify_run(config_path: str = "configs/lab.yaml", host: OptionalName = None, disk: OptionalName = None,
+               sample_percent: float = 100.0, policy: OptionalName = None) -> VerifyReport:
+    """Check chunks against their ids; the run fails (and the artifact lists them) on any damage.
+
+    Args:
+        config_path: The fleet's YAML config, relative to the repository (or absolute).
+        host: Only this host's recovery points; empty for every host.
+        disk: Only this disk's recovery points; empty for every disk.
+        sample_percent: Share of the chunks read back, in percent (100 reads them all).
+        policy: Backup policy whose repository settings (key, block size) apply; empty for the default.
+    """
     configure()
     if not 0 < sample_percent <= 100:
         raise BackupError(f"sample_percent must be in (0, 100], not {sample_percent}")
@@ -32,8 +42,9 @@ def verify_run(config_path: str = "configs/lab.yaml", host: str | None = None, d
     rows = ([{"chunk": c, "problem": "missing", "points": ", ".join(p)} for c, p in report.missing.items()]
             + [{"chunk": c, "problem": "corrupt", "points": ", ".join(p)} for c, p in report.corrupt.items()]
             + [{"chunk": "(map)", "problem": why, "points": key} for key, why in report.broken_points.items()])
-    create_table_artifact(key="verify-run", table=rows or [{"chunk": "-", "problem": "none", "points": report.summary()}],
-                          description=report.summary())
+    create_table_artifact(key=artifact_key("verify", host or "all", disk or ""),
+                          table=rows or [{"chunk": "-", "problem": "none", "points": report.summary()}],
+                          description=f"{current_run_name('verify')}: {report.summary()}")
     if not report.ok:
         # verify() has recorded the damage: the next backup rewrites what the disks still hold.
         raise RepositoryDamaged(f"{report.summary()}; recorded for the next backup and `patchdrill repair`")

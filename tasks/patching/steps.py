@@ -51,6 +51,7 @@ from tasks.patching.models import (
 from tasks.patching.reboot_gate import RebootFailed, decide, reboot_and_wait
 from tasks.patching.rollout import RolloutHost
 from tasks.patching.selection import Decision, select
+from tasks.rendering import markdown_text
 
 log = structlog.stdlib.get_logger("patchdrill.patch")
 
@@ -652,16 +653,15 @@ def summary_markdown(title: str, records: list[HostPatchRecord], *, plan_text: s
     by_status: dict[str, int] = {}
     for record in records:
         by_status[record.status] = by_status.get(record.status, 0) + 1
-    lines = [f"# {title}", "", ", ".join(f"**{count}** {status}" for status, count in sorted(by_status.items())), ""]
+    lines = [f"# {markdown_text(title)}", "", ", ".join(f"**{count}** {status}" for status, count in sorted(by_status.items())), ""]
     if stopped:
-        lines += [f"**Rollout stopped:** {stopped}", ""]
+        lines += [f"**Rollout stopped:** {markdown_text(stopped)}", ""]
     lines += ["| host | status | rebooted | installed | pending reboot | missing | failed | reason |",
               "|---|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: r.host):
         counts = [r.count(s) for s in (ComplianceState.INSTALLED, ComplianceState.INSTALLED_PENDING_REBOOT,
                                        ComplianceState.MISSING, ComplianceState.FAILED)]
-        reason = r.reason.replace("|", "\\|")
-        lines.append(f"| {r.host} | {r.status} | {'yes' if r.rebooted else 'no'} | "
-                     + " | ".join(str(c) for c in counts) + f" | {reason} |")
+        lines.append(f"| {markdown_text(r.host)} | {r.status} | {'yes' if r.rebooted else 'no'} | "
+                     + " | ".join(str(c) for c in counts) + f" | {markdown_text(r.reason)} |")
     lines += ["", "## Plan", "", "```", plan_text, "```"]
     return redact("\n".join(lines))

@@ -61,7 +61,7 @@ def test_backup_then_restore_as_flows(prefect_server: None, tmp_path: Path) -> N
     backup_run(str(cfg), policy="nightly")
     points = sorted(p.name for p in (tmp_path / "store" / "points" / "lab-1" / "vm").iterdir())
     assert len(points) == 2  # keep_last: 2 applied after the third run
-    assert any("lab-1" in str(data) and "vm" in str(data) for data in _artifact("backup-run"))
+    assert any("lab-1" in str(data) and "vm" in str(data) for data in _artifact("backup-all-nightly"))
 
     result = restore_run(str(cfg), "lab-1", "vm", str(tmp_path / "restored.img"), policy="nightly")
     assert (tmp_path / "restored.img").read_bytes() == (tmp_path / "vm.img").read_bytes()
@@ -80,6 +80,6 @@ def test_a_failing_disk_fails_the_run_but_not_the_others(prefect_server: None, t
     assert state.is_failed()
     assert "lab-1/gone" in str(state.message) or "no-such.img" in str(state.message)
     assert len(list((tmp_path / "store" / "points" / "lab-1").iterdir())) == 2
-    rows = [row for data in _artifact("backup-run") for row in (json.loads(data) if isinstance(data, str) else data)]
+    rows = [row for data in _artifact("backup-all-nightly") for row in (json.loads(data) if isinstance(data, str) else data)]
     assert {(row["disk"], row["status"]) for row in rows} >= {("gone", "failed"), ("vm", "ok"), ("etc", "ok")}
     assert "no-such.img" in next(row["error"] for row in rows if row["disk"] == "gone")

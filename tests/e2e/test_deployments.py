@@ -31,6 +31,37 @@ def test_every_parameter_is_its_flows_own() -> None:
         assert set(deployment.get("parameters", {})) <= accepted, deployment["name"]
 
 
+def _shipped_flows() -> list[object]:
+    from prefect import Flow
+
+    found = {}
+    for module in sorted((REPO / "flows").glob("*.py")):
+        loaded = importlib.import_module(f"flows.{module.stem}")
+        found.update({id(v): v for v in vars(loaded).values() if isinstance(v, Flow)})
+    return list(found.values())
+
+
+def test_every_flow_parameter_has_a_description_and_a_concrete_type_in_the_run_form() -> None:
+    """The UI builds its run form from this schema: no bare names, no `Property is type "None"`."""
+    from prefect.utilities.callables import parameter_schema
+
+    flows = _shipped_flows()
+    assert {f.name for f in flows} >= {"patch-run", "patch-assess", "patch-enroll", "backup-run", "verify-run",
+                                       "restore-run", "inventory-check"}
+    for flow in flows:
+        schema = parameter_schema(flow.fn).model_dump_for_openapi()
+        assert schema["properties"], flow.name
+        for name, prop in schema["properties"].items():
+            assert prop.get("description", "").strip(), f"{flow.name}.{name} has no description"
+            assert prop.get("type") in {"string", "integer", "number", "boolean", "array"}, f"{flow.name}.{name}: {prop}"
+            if prop["type"] == "array":
+                assert prop["items"].get("type") == "string", f"{flow.name}.{name}: {prop}"
+
+
+def test_every_flow_names_its_runs() -> None:
+    assert [f.name for f in _shipped_flows() if f.flow_run_name is None] == []
+
+
 def test_prefect_deploy_all_registers_every_deployment(prefect_server: None, tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL

@@ -34,7 +34,7 @@ def test_inventory_flow_logs_and_artifact(prefect_server: None, tmp_path: Path) 
     async def fetch() -> tuple[list[str], list[dict]]:  # type: ignore[type-arg]
         async with get_client() as client:
             logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
-            arts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["inventory-check"])))
+            arts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["inventory-all"])))
         return [entry.message for entry in logs], [a.data for a in arts]
 
     from prefect.logging.handlers import APILogHandler

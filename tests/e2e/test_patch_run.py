@@ -292,9 +292,9 @@ def test_patch_run_reboots_through_the_gate_and_records_history(
     assert closed.versions() == {"demo-web": "1.0", "demo-kernel": "1.0", "demo-db": "1.0"}
 
     artifacts = run_artifacts(report.run_id)
-    table = {(row["host"], row["update"]): row["state"] for row in artifacts["patch-run-compliance"]}
+    table = {(row["host"], row["update"]): row["state"] for row in artifacts["patch-all-compliance"]}
     assert table[("run-win", "KB5050001")] == "Installed" and table[("run-closed", "demo-web=1.1")] == "Missing"
-    assert "| run-linux | succeeded | yes | 2 | 0 | 0 | 0 | reboot pending |" in artifacts["patch-run-summary"]
+    assert "| run-linux | succeeded | yes | 2 | 0 | 0 | 0 | reboot pending |" in artifacts["patch-all-summary"]
 
     store = LocalBlobStore(tmp_path / "store")
     stored = history(store, "run-linux")

@@ -1,0 +1,209 @@
+"""`make server`: a local Prefect stack for the embedded lab, up with one command, down with Ctrl-C.
+
+Starts the Prefect server (API, UI and its services, the scheduler among them) on one port,
+creates the `patchdrill` process work pool, deploys deployments/prefect.yaml, starts a worker,
+and makes the lab's sample data, so every shipped deployment runs from the UI with its defaults.
+Ctrl-C (SIGINT) or SIGTERM stops the worker, then the server, and waits for both.
+
+The UI is told the API's address explicitly (PREFECT_UI_API_URL): left to itself it follows a
+PREFECT_API_URL from the user's profile, which may name another port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+import httpx
+
+from flows.demo import make_sample_data
+
+REPO = Path(__file__).resolve().parent.parent
+PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
+LAB = REPO / ".lab"
+WORK_POOL = "patchdrill"
+STARTUP_TIMEOUT_SECONDS = 180.0
+STOP_TIMEOUT_SECONDS = 20.0
+
+
+class StackFailed(RuntimeError):
+    """A step of bringing the stack up failed; the message says which and shows its output."""
+
+
+def stack_environment(port: int, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment every process of the stack shares: one port for the API and the UI."""
+    api_url = f"http://127.0.0.1:{port}/api"
+    return {
+        **(base if base is not None else os.environ),
+        "PREFECT_API_URL": api_url,
+        "PREFECT_UI_API_URL": api_url,
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PATCHDRILL_HOME": str(REPO),
+        # The lab host is this machine: its package manager is an empty sandbox (lab_apt_root),
+        # so a lab patch run assesses and "installs" without touching the machine's packages.
+        "APT_CONFIG": str(lab_apt_root() / "etc" / "apt" / "apt.conf"),
+        "DPKG_ADMINDIR": str(lab_apt_root() / "var" / "lib" / "dpkg"),
+    }
+
+
+def lab_apt_root() -> Path:
+    return LAB / "apt"
+
+
+def make_lab_apt_root() -> None:
+    """An apt root with no sources and no packages: `apt-get update` and `-s upgrade` succeed
+    and find nothing (DESIGN.md, "Real apt and dpkg without touching the machine's own packages")."""
+    root = lab_apt_root()
+    for sub in ("etc/apt/apt.conf.d", "etc/apt/preferences.d", "etc/apt/sources.list.d",
+                "var/cache/apt/archives/partial", "var/lib/apt/lists/partial", "var/log/apt", "var/lib/dpkg"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    status = root / "var" / "lib" / "dpkg" / "status"
+    if not status.exists():
+        status.write_text("")
+    (root / "etc" / "apt" / "sources.list").write_text("")
+    (root / "etc" / "apt" / "apt.conf").write_text(
+        f'Dir "{root}/";\n'
+        f'Dir::State::status "{status}";\n'
+        f'DPkg::Options {{ "--root={root}"; "--admindir={root}/var/lib/dpkg"; "--log={root}/var/log/dpkg.log"; '
+        '"--force-script-chrootless"; };\n'
+        'Acquire::Languages "none";\nDPkg::Use-Pty "false";\n'
+    )
+
+
+def make_lab_data() -> None:
+    """The sample disks lab.yaml names, made once with the demo's generator so backups have work."""
+    if not (LAB / "disk.img").exists() or not (LAB / "sample").is_dir():
+        make_sample_data(random.Random(7))
+
+
+class LabStack:
+    """The server and worker processes; each in its own session so a terminal's Ctrl-C reaches
+    only this supervisor, which then stops them in order."""
+
+    def __init__(self, port: int, log_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.port = port
+        self.log_dir = log_dir
+        self.env = stack_environment(port, env)
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def ui_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = (self.log_dir / f"{name}.log").open("wb")
+        process = subprocess.Popen([sys.executable, "-m", "prefect", *args], cwd=REPO, env=self.env,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        self.processes.append(process)
+        return process
+
+    def _prefect(self, *args: str) -> None:
+        done = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", *args], cwd=REPO, env=self.env,
+                              capture_output=True, text=True, timeout=STARTUP_TIMEOUT_SECONDS)
+        if done.returncode != 0:
+            raise StackFailed(f"prefect {' '.join(args)} failed:\n{(done.stdout + done.stderr)[-3000:]}")
+
+    def _wait_healthy(self, server: subprocess.Popen[bytes]) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                raise StackFailed(f"the Prefect server exited ({server.returncode}); see {self.log_dir / 'server.log'}")
+            try:
+                if httpx.get(f"{self.ui_url}/api/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise StackFailed(f"the Prefect server did not answer on port {self.port} within {STARTUP_TIMEOUT_SECONDS:.0f} s")
+
+    def start(self) -> None:
+        _check_port_free(self.port)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        make_lab_apt_root()
+        make_lab_data()
+        server = self._spawn("server", "server", "start", "--host", "127.0.0.1", "--port", str(self.port))
+        self._wait_healthy(server)
+        self._prefect("work-pool", "create", WORK_POOL, "--type", "process", "--overwrite")
+        self._prefect("deploy", "--all", "--prefect-file", str(PREFECT_YAML))
+        self._spawn("worker", "worker", "start", "--pool", WORK_POOL)
+
+    def stop(self) -> None:
+        """Worker first (it may be running a flow), then the server; each whole process group."""
+        for process in reversed(self.processes):
+            _stop_group(process)
+        self.processes.clear()
+
+
+def _check_port_free(port: int) -> None:
+    """Refuse a busy port up front: a health check could otherwise be answered by whatever
+    already listens there (another Prefect server, say) and the stack would talk to it."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise StackFailed(f"port {port} is in use on 127.0.0.1: stop what listens there or choose "
+                              "another with PORT=...") from None
+
+
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout=STOP_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    # Children that outlived their leader (uvicorn workers, flow runs) share its group.
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT") or 4200))
+    parser.add_argument("--log-dir", type=Path, default=LAB / "server")
+    args = parser.parse_args(argv)
+    stack = LabStack(args.port, args.log_dir)
+
+    def interrupted(signum: int, _: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        stack.start()
+        print(f"Prefect UI: {stack.ui_url}  (API {stack.env['PREFECT_API_URL']}; logs in {args.log_dir})", flush=True)
+        print(f"In another shell: export PREFECT_API_URL={stack.env['PREFECT_API_URL']}", flush=True)
+        print("Ctrl-C stops the worker and the server.", flush=True)
+        while all(p.poll() is None for p in stack.processes):
+            time.sleep(1)
+        print("a process of the stack exited; stopping the rest", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("stopping the worker and the server", flush=True)
+        return 0
+    except StackFailed as exc:
+        print(f"make server: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stack.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

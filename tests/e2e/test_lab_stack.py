@@ -1,0 +1,309 @@
+"""`make server PORT=…` as a user starts it: a real Prefect server with its scheduler, the UI,
+the `patchdrill` work pool, a worker and every deployment of deployments/prefect.yaml.
+
+One stack serves the whole module (it takes about a minute to come up); the last test stops it
+with SIGINT, as Ctrl-C in a terminal would, and checks nothing it started is left running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, time as clock, timezone
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import anyio
+import httpx
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SERVER_LOGS = REPO / ".lab" / "server"
+pytestmark = pytest.mark.e2e
+
+
+@dataclass
+class Stack:
+    process: subprocess.Popen[str]
+    port: int
+    home: Path
+    deployed_at: datetime
+    output: Path
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Processes whose environment carries marker: everything the stack started inherits it."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker.encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               # Quicker than the defaults (60 s, 10 s), same code paths.
+               PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5", PREFECT_WORKER_QUERY_SECONDS="2",
+               PREFECT_RUNNER_POLL_FREQUENCY="2")
+    output = home / "make-server.out"
+    started = datetime.now(timezone.utc)
+    with output.open("w") as out:
+        process = subprocess.Popen(["make", "--no-print-directory", "server", f"PORT={port}"], cwd=REPO, env=env,
+                                   stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while "Prefect UI:" not in output.read_text():
+        assert process.poll() is None, output.read_text()
+        assert time.monotonic() < deadline, output.read_text()
+        time.sleep(1)
+    yield Stack(process, port, home, started, output)
+    if process.poll() is None:  # a test failed before stopping it
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(timeout=60)
+    for pid in _processes_with(f"PREFECT_HOME={home}"):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _client(stack: Stack) -> Any:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    class Bound:
+        async def __aenter__(self) -> Any:
+            self._settings = temporary_settings(updates={PREFECT_API_URL: stack.api_url})
+            self._settings.__enter__()
+            self._client = get_client()
+            return await self._client.__aenter__()
+
+        async def __aexit__(self, *exc: object) -> None:
+            await self._client.__aexit__(*exc)
+            self._settings.__exit__(*exc)
+
+    return Bound()
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def patch_tuesday(year: int, month: int) -> date:
+    """DESIGN.md's formula: the second Tuesday is day 8 + (1 - weekday of the 1st) % 7."""
+    return date(year, month, 8 + (1 - date(year, month, 1).weekday()) % 7)
+
+
+def _occurrences(after: datetime, zone: str, times: list[clock], on_day: Any, count: int) -> list[datetime]:
+    """The first `count` local times on days for which on_day holds, after `after`, in UTC."""
+    tz, found, day = ZoneInfo(zone), [], after.astimezone(ZoneInfo(zone)).date() - timedelta(days=1)
+    while len(found) < count:
+        for at in sorted(times):
+            moment = datetime.combine(day, at, tzinfo=tz)
+            if on_day(day) and moment > after:
+                found.append(moment.astimezone(timezone.utc))
+        day += timedelta(days=1)
+    return found[:count]
+
+
+def _patch_tuesday_plus(n: int) -> Any:
+    return lambda day: day - timedelta(days=n) == patch_tuesday(day.year, day.month)
+
+
+EVERY_HOUR = [clock(h) for h in range(24)]
+# What each scheduled deployment promises in its description, stated independently of its RRULE.
+EXPECTED: dict[str, tuple[str, list[clock], Any]] = {
+    "inventory-check": ("UTC", EVERY_HOUR, lambda day: True),
+    "patch-web-monthly": ("Europe/Paris", [clock(2)], _patch_tuesday_plus(4)),
+    "patch-db-monthly": ("America/New_York", [clock(1), clock(23, 30)], _patch_tuesday_plus(5)),
+    "patch-app-monthly": ("Asia/Tokyo", [clock(3)], _patch_tuesday_plus(8)),
+    "patch-assess-daily": ("UTC", [clock(6)], lambda day: True),
+    "nightly-backup": ("UTC", [clock(1)], lambda day: True),
+    "weekly-verify": ("UTC", [clock(9)], lambda day: day.weekday() == 6),
+}
+
+
+def test_the_formula_matches_known_patch_tuesdays() -> None:
+    assert [patch_tuesday(2026, m) for m in (1, 2, 12)] == [date(2026, 1, 13), date(2026, 2, 10), date(2026, 12, 8)]
+
+
+def test_scheduler_creates_every_deployments_runs_at_the_expected_times(stack: Stack) -> None:
+    """Fails with SQLAlchemy 2.1.x: Prefect 3.8's scheduler then raises in schedule_deployments
+    every cycle and no deployment ever gets an upcoming run."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState
+    from prefect.client.schemas.filters import FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    declared = {d["name"]: d for d in yaml.safe_load((REPO / "deployments/prefect.yaml").read_text())["deployments"]}
+    assert {name for name, d in declared.items() if d.get("schedules")} == set(EXPECTED)
+
+    async def upcoming() -> dict[str, list[datetime]]:
+        async with _client(stack) as client:
+            found = {}
+            for deployment in await client.read_deployments():
+                runs = await client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+                    flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                        type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))),
+                    sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=200)
+                found[deployment.name] = [r.expected_start_time for r in runs if r.auto_scheduled]
+            return found
+
+    deadline = time.monotonic() + 120
+    while not all((runs := anyio.run(upcoming)).get(name) for name in EXPECTED) and time.monotonic() < deadline:
+        time.sleep(2)
+    for name, (zone, times, on_day) in EXPECTED.items():
+        got = runs.get(name, [])
+        assert len(got) >= 3, f"{name}: the scheduler created {len(got)} run(s)"
+        # The first expected occurrence may have passed between deploying and the scheduler's cycle.
+        expected = _occurrences(stack.deployed_at, zone, times, on_day, len(got) + 1)
+        assert got in (expected[:-1], expected[1:]), name
+    log = (SERVER_LOGS / "server.log").read_text()
+    assert "Traceback" not in log and "InvalidRequestError" not in log, log[-3000:]
+
+
+# ----------------------------------------------------------------------------- the UI's port
+
+
+def test_the_ui_calls_the_api_on_the_chosen_port(stack: Stack) -> None:
+    assert f"http://127.0.0.1:{stack.port}" in stack.output.read_text()
+    settings = httpx.get(f"http://127.0.0.1:{stack.port}/ui-settings", timeout=10).json()
+    assert settings["api_url"] == stack.api_url
+    assert httpx.get(f"http://127.0.0.1:{stack.port}/", timeout=10).status_code == 200  # the UI itself
+
+
+def test_the_work_pool_and_every_deployment_are_registered(stack: Stack) -> None:
+    declared = yaml.safe_load((REPO / "deployments/prefect.yaml").read_text())["deployments"]
+
+    async def read() -> tuple[Any, dict[str, Any]]:
+        async with _client(stack) as client:
+            return await client.read_work_pool("patchdrill"), {d.name: d for d in await client.read_deployments()}
+
+    pool, deployments = anyio.run(read)
+    assert pool.type == "process"
+    assert set(deployments) == {d["name"] for d in declared}
+    for d in declared:
+        assert deployments[d["name"]].tags == d["tags"], d["name"]
+
+
+# ----------------------------------------------------------------------------- runs from the UI
+
+
+async def _run_from_ui(client: Any, deployment_name: str) -> Any:
+    """What the UI's Run button does (POST /deployments/{id}/create_flow_run, no parameters
+    given), then wait until the worker has run it to a final state."""
+    deployment = next(d for d in await client.read_deployments() if d.name == deployment_name)
+    run = await client.create_flow_run_from_deployment(deployment.id)
+    deadline = time.monotonic() + 300
+    while not (run := await client.read_flow_run(run.id)).state.is_final() and time.monotonic() < deadline:
+        await anyio.sleep(1)
+    return run
+
+
+def test_every_deployment_runs_with_its_defaults_on_the_lab(stack: Stack) -> None:
+    """Each shipped deployment, started with its defaults as from the UI, ends Completed, with a
+    readable run name and its artifacts keyed per group or plan."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    names = [d["name"] for d in yaml.safe_load((REPO / "deployments/prefect.yaml").read_text())["deployments"]]
+    # The backup comes first: verify and restore read the recovery point it writes.
+    later = [n for n in names if n != "nightly-backup"]
+
+    async def run_all() -> dict[str, tuple[Any, dict[str, Any]]]:
+        async with _client(stack) as client:
+            runs = {"nightly-backup": await _run_from_ui(client, "nightly-backup")}
+            async with anyio.create_task_group() as group:
+                async def one(name: str) -> None:
+                    runs[name] = await _run_from_ui(client, name)
+                for name in later:
+                    group.start_soon(one, name)
+            artifacts = {}
+            for name, run in runs.items():
+                found = await client.read_artifacts(
+                    artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+                artifacts[name] = {a.key: a for a in found if a.key}
+            return {name: (run, artifacts[name]) for name, run in runs.items()}
+
+    results = anyio.run(run_all)
+    worker_log = (SERVER_LOGS / "worker.log").read_text()
+    for name in names:
+        run, _ = results[name]
+        assert run.state.is_completed(), f"{name}: {run.state.type} {run.state.message}\n{worker_log[-3000:]}"
+    kinds = {"patch-web-monthly": ("patch-run web monthly-web ", "patch-web-summary"),
+             "patch-db-monthly": ("patch-run db ", "patch-db-summary"),
+             "patch-app-monthly": ("patch-run app ", "patch-app-summary"),
+             "patch-assess-daily": ("patch-assess all ", "patch-all-assessment"),
+             "nightly-backup": ("backup all nightly ", "backup-all-nightly"),
+             "weekly-verify": ("verify all ", "verify-all"),
+             "inventory-check": ("inventory all ", "inventory-all"),
+             "restore": ("restore lab-local sample ", "restore-lab-local-sample")}
+    assert set(kinds) == set(names)
+    for name, (run_prefix, key) in kinds.items():
+        run, artifacts = results[name]
+        assert run.name.startswith(run_prefix), (name, run.name)
+        assert key in artifacts, (name, sorted(artifacts))
+        assert artifacts[key].description.startswith(f"{run.name}") or run.name in artifacts[key].description
+        assert str(run.id) not in (artifacts[key].description or ""), "titled by run name, not its id"
+    backup_rows = json.loads(results["nightly-backup"][1]["backup-all-nightly"].data)
+    assert {row["disk"] for row in backup_rows} == {"sample", "image"}
+    sizes = [row[column] for row in backup_rows for column in ("scanned", "changed", "uploaded", "stored")]
+    assert all(re.fullmatch(r"\d+(\.\d)? (Bytes|KiB|MiB|GiB)", size) for size in sizes), backup_rows
+    assert "32.0 MiB" in {row["scanned"] for row in backup_rows}  # the lab's 32 MiB disk image
+
+
+def test_a_busy_port_is_one_clear_line_and_starts_nothing(tmp_path: Path) -> None:
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "PREFECT_HOME": str(tmp_path)}
+        done = subprocess.run([sys.executable, "-m", "flows.lab_server", "--port", str(port), "--log-dir",
+                               str(tmp_path / "logs")], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip() == (f"make server: port {port} is in use on 127.0.0.1: stop what listens there "
+                                   "or choose another with PORT=...")
+    assert "Traceback" not in done.stdout + done.stderr
+    assert _processes_with(f"PREFECT_HOME={tmp_path}") == []
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+
+
+def test_ctrl_c_stops_everything_it_started(stack: Stack) -> None:
+    """Last in this module: SIGINT to make's process group, as a terminal's Ctrl-C sends it."""
+    assert _processes_with(f"PREFECT_HOME={stack.home}")  # server and worker are up
+    os.killpg(stack.process.pid, signal.SIGINT)
+    # make re-raises the interrupt once its recipe has exited (or exits 2).
+    assert stack.process.wait(timeout=90) in (0, 2, -signal.SIGINT)
+    deadline = time.monotonic() + 30
+    while (left := _processes_with(f"PREFECT_HOME={stack.home}")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert left == []
+    with pytest.raises(ConnectionRefusedError):  # nothing listens on the port any more
+        socket.create_connection(("127.0.0.1", stack.port), timeout=5).close()
