@@ -211,8 +211,8 @@ def patch_enroll(config_path: str = "configs/lab.yaml", groups: Names = None, ho
 @flow(name="patch-assess", flow_run_name=run_name("patch-assess", "policy"))
 def patch_assess(config_path: str = "configs/lab.yaml", groups: Names = None, hosts: Names = None,
                  policy: OptionalName = None, refresh: bool = True, forks: int = DEFAULT_FORKS) -> AssessmentReport:
-    """What each host misses and what a run would install now. Changes nothing on any host
-    (but its package lists, unless refresh is off: then the host's cached lists are read).
+    """What each host misses and what a run would install now. Installs nothing; it refreshes
+    each Linux host's package lists unless refresh is off (then the host changes not at all).
 
     Args:
         config_path: The fleet's YAML config, relative to the repository (or absolute).
@@ -265,6 +265,7 @@ def patch_run(
         approval_timeout_minutes: How long a run waits for approval before it fails, installing nothing.
         domain_slot_timeout_minutes: How long a batch waits for its update domain while another run patches it.
         forks: Hosts enrolled and assessed at once (the rollout's batches follow the policy).
+        refresh: Refresh each host's package lists before assessing; off reads the lists the host has cached.
     """
     configure()
     fleet = load_fleet(config_path, groups, hosts, policy)
