@@ -88,6 +88,8 @@ class BackupRequest:
     workers: int = field(default_factory=default_workers)
     #: how long to wait for a running prune to finish before failing with RepositoryBusy
     lock_wait: timedelta = timedelta(minutes=30)
+    #: read and hash everything, trusting no size/mtime/ctime/inode match or host-side hash
+    rehash: bool = False
 
 
 def backup(repo: Repository, source: BlockSource | TreeSource, request: BackupRequest,
@@ -161,7 +163,7 @@ def _scan_blocks(repo: Repository, source: BlockSource, request: BackupRequest, 
     failed = threading.Event()
     futures: list[Future[tuple[bytes, bytes]]] = []
     size = 0
-    for block in source.blocks(request.block_size, previous, buffers):
+    for block in source.blocks(request.block_size, None if request.rehash else previous, buffers):
         if failed.is_set():
             block.release()
             break  # a worker failed: stop reading, the error surfaces in _collect
@@ -185,13 +187,13 @@ def _scan_tree(repo: Repository, source: TreeSource, request: BackupRequest, par
     failed = threading.Event()
     entries: list[TreeEntry] = []
     pending: list[tuple[TreeEntry, list[Future[tuple[bytes, bytes]]], list[int]]] = []
-    for item in source.walk(previous):
+    for item in source.walk({} if request.rehash else previous):
         entry = item.entry
         entries.append(entry)
         if entry.type != "file" or item.read_blocks is None:
             continue
         old = previous.get(entry.path)
-        if unchanged(old, entry):
+        if not request.rehash and unchanged(old, entry):
             entry.chunks = list(old.chunks)  # type: ignore[union-attr]  # not read at all
             continue
         sink.add_total("scanned", entry.size)
@@ -207,6 +209,7 @@ def _scan_tree(repo: Repository, source: TreeSource, request: BackupRequest, par
     for entry, futures, lengths in pending:
         entry.chunks = [cid for cid, _ in _collect(futures, failed)]
         entry.size = sum(lengths)  # what was read, should the file have changed under the scan
-    tree = TreeMap(block_size=request.block_size, entries=entries)
+    tree = TreeMap(block_size=request.block_size, entries=entries, root=getattr(source, "root", None),
+                   skipped=list(getattr(source, "skipped", [])))
     size = sum(e.size for e in entries)
     return _Scanned("directory", tree.to_json(), size, sum(len(e.chunks) for e in entries), len(entries))
