@@ -23,7 +23,9 @@ def restore_run(config_path: str, host: str, disk: str, target: str, point: str 
     """Restore host/disk's latest point (or `point`, a time stamp or key) to target, on this
     machine or on target_host (any host of the config, e.g. an isolated DR host).
 
-    An existing target is refused unless force; forced, only blocks that differ are written.
+    An existing target is refused unless force (an empty directory, e.g. a fresh volume, needs
+    none); forced, only blocks that differ are written and, for a whole directory point, what
+    the point lacks is removed. Entries not restored as recorded are listed in their own artifact.
     """
     configure()
     loaded = load_config(Path(config_path))
@@ -33,6 +35,12 @@ def restore_run(config_path: str, host: str, disk: str, target: str, point: str 
     chosen = policy_from_config(loaded.config.backup_policies, policy, source=config_path)
     result = restore_task(config_path, host, disk, target, chosen, point=point, force=force, include=include,
                           target_host=target_host)
-    create_table_artifact(key="restore-run", table=[vars(result)],
+    summary = {k: v for k, v in vars(result).items() if k != "skipped"} | {"skipped": len(result.skipped)}
+    create_table_artifact(key="restore-run", table=[summary],
                           description=f"restored {result.point} to {result.target}")
+    if result.skipped:
+        # Per entry: what the target did not get as the point recorded it, and why.
+        create_table_artifact(key="restore-run-skipped",
+                              table=[dict(zip(("entry", "why"), line.split(": ", 1))) for line in result.skipped],
+                              description=f"{len(result.skipped)} entries of {result.point} not restored as recorded")
     return result

@@ -259,8 +259,16 @@ def _select(entries: list[TreeEntry], include: list[str] | None, point: Recovery
 def tree_plan(tree: TreeMap, entries: list[TreeEntry], *, whole: bool) -> dict[str, Any]:
     """What the tree writer is handed: the entries, the root's metadata and whether to remove
     what the point lacks (both only when the whole point is restored, not selected files)."""
-    return {"root": tree.root.to_json() if whole and tree.root else None,
-            "entries": [e.to_json() for e in entries], "prune": whole}
+    def body(entry: TreeEntry) -> dict[str, Any]:
+        found = entry.to_json()
+        if tree.version >= 2 and entry.type in ("file", "dir"):
+            # Version 2 maps record every xattr, so none listed means none (stray ones go);
+            # version 1 maps recorded none at all, so the target's are left alone.
+            found.setdefault("xattrs", {})
+        return found
+
+    return {"root": body(tree.root) if whole and tree.root else None,
+            "entries": [body(e) for e in entries], "prune": whole}
 
 
 def _restore_tree(tree: TreeMap, entries: list[TreeEntry], target: Path, *, whole: bool, blocks: _Blocks,

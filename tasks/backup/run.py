@@ -90,7 +90,8 @@ def back_up_disk(config: PatchdrillConfig, base_dir: Path, host: HostConfig, dis
         with take_snapshot(connector, host, disk, policy) as snap:
             request = BackupRequest(host=host.name, disk=disk.name, consistency=snap.consistency,
                                     snapshot_method=snap.method, notes=tuple(getattr(snap, "notes", ()) or ()),
-                                    block_size=policy.block_size, workers=policy.workers or default_workers())
+                                    block_size=policy.block_size, workers=policy.workers or default_workers(),
+                                    rehash=policy.rehash)
             if windows:
                 # Windows hosts upload straight to Azure Blob (docs/repository.md, *Windows hosts*).
                 point = staged.back_up_from_host(repo, connector, str(snap.read_path), request)
