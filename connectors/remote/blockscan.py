@@ -54,6 +54,9 @@ DIR_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
 #: xattr namespaces a restore removes when the point does not have them (security.* and
 #: trusted.* belong to the system: left as they are)
 _OWNED_XATTRS = ("user.", "system.posix_acl_")
+#: a file system's own copy of what another name already carries (XFS shows root its POSIX ACLs
+#: again as trusted.SGI_ACL_*): recording it would plant a stray attribute on any other file system
+_FS_INTERNAL_XATTRS = ("trusted.SGI_ACL_",)
 _FALLOC_PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 
 
@@ -196,6 +199,8 @@ def read_xattrs(path, skipped, rel):
         return {}
     found = {}
     for name in names:
+        if name.startswith(_FS_INTERNAL_XATTRS):
+            continue
         try:
             found[name] = os.getxattr(path, name, follow_symlinks=False).hex()
         except OSError as exc:

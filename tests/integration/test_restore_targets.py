@@ -1,0 +1,139 @@
+"""Restores onto real targets: an empty mounted volume (a loop-mounted XFS, tests/hosts/loopfs.py)
+and a host over a real OpenSSH sshd, with hostile links and drift in the way."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+
+from configs.models import HostConfig
+from connectors import connect
+from connectors.storage import LocalBlobStore
+from tasks.backup.engine import BackupRequest, backup
+from tasks.backup.errors import RestoreFailed, TargetExists
+from tasks.backup.remote_restore import restore_to_host
+from tasks.backup.repository import Repository
+from tasks.backup.restore import restore
+from tasks.backup.source import LocalBlockSource, LocalTreeSource
+from tests.trees import ACL, MIB, allocated, assert_same_tree, rich_tree
+
+pytestmark = pytest.mark.integration
+BLOCK = 64 * 1024
+
+
+def request(disk: str = "data") -> BackupRequest:
+    return BackupRequest(host="primary", disk=disk, block_size=BLOCK, workers=2)
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Repository:
+    return Repository.open(LocalBlobStore(tmp_path / "repo"), create=True)
+
+
+def test_directory_point_into_an_empty_mounted_volume(repo: Repository, tmp_path: Path, xfs: Path) -> None:
+    src = rich_tree(tmp_path / "src")
+    point = backup(repo, LocalTreeSource(src), request())
+    for leftover in list(xfs.iterdir()):  # a fresh XFS may carry nothing; make sure it is empty
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+
+    restore(repo, point, xfs)  # an empty directory needs no --force
+    assert xfs.is_mount()
+    assert_same_tree(src, xfs)
+    # Written on the volume itself, not on the file system underneath the mount point.
+    assert os.stat(xfs / "data" / "table.db").st_dev == os.stat(xfs).st_dev != os.stat(tmp_path).st_dev
+    assert allocated(xfs / "data" / "sparse.img") <= 2 * MIB
+    assert sorted(p.name for p in tmp_path.iterdir() if "patchdrill" in p.name) == []
+
+    (xfs / "extra.txt").write_text("drift")
+    with pytest.raises(TargetExists):
+        restore(repo, point, xfs)
+    result = restore(repo, point, xfs, force=True)
+    assert result.removed == 1 and xfs.is_mount()
+    assert_same_tree(src, xfs)
+
+
+def test_image_restore_onto_a_mounted_volume(repo: Repository, tmp_path: Path, xfs: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(random.Random(1).randbytes(8 * BLOCK) + bytes(8 * BLOCK))
+    point = backup(repo, LocalBlockSource(image), request(disk="os"))
+    target = xfs / "vm" / "disk.img"
+    restore(repo, point, target)
+    assert target.read_bytes() == image.read_bytes()
+    assert allocated(target) <= 9 * BLOCK
+    assert [p.name for p in target.parent.iterdir()] == ["disk.img"]
+
+
+def outside_tree(tmp_path: Path) -> tuple[Path, list[tuple[str, int, bytes]]]:
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("do not touch\n")
+    os.chmod(outside, 0o700)
+    return outside, [(p.name, os.lstat(p).st_mode, p.read_bytes() if p.is_file() else b"")
+                     for p in [outside, *outside.rglob("*")]]
+
+
+def test_forced_restore_onto_an_ssh_host_never_follows_its_links(ssh_host_config: HostConfig, repo: Repository,
+                                                                  tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "text" / "deep").mkdir(parents=True)
+    (src / "text" / "deep" / "a.txt").write_text("a\n")
+    (src / "nested" / "inner").mkdir(parents=True)
+    (src / "nested" / "inner" / "b.txt").write_text("b\n")
+    (src / "file.txt").write_text("file\n")
+    point = backup(repo, LocalTreeSource(src), request())
+    outside, before = outside_tree(tmp_path)
+    target = tmp_path / "dr"
+    target.mkdir()
+    (target / "text").symlink_to(outside)
+    (target / "nested").mkdir()
+    (target / "nested" / "inner").symlink_to(outside)
+    (target / "file.txt").symlink_to(outside / "secret.txt")
+    link_target = tmp_path / "dr-link"
+    link_target.symlink_to(outside)
+    with connect(ssh_host_config) as connector:
+        restore_to_host(repo, point, connector, str(target), force=True)
+        with pytest.raises(RestoreFailed, match=r"dr-link' is a symbolic link"):
+            restore_to_host(repo, point, connector, str(link_target), force=True)
+    assert [(p.name, os.lstat(p).st_mode, p.read_bytes() if p.is_file() else b"")
+            for p in [outside, *outside.rglob("*")]] == before
+    assert_same_tree(src, target)
+
+
+def test_failback_onto_an_ssh_host_equals_the_point_with_its_metadata(ssh_host_config: HostConfig, repo: Repository,
+                                                                      tmp_path: Path) -> None:
+    src = rich_tree(tmp_path / "primary")
+    point = backup(repo, LocalTreeSource(src), request())
+    target = tmp_path / "dr"
+    with connect(ssh_host_config) as connector:
+        fresh = restore_to_host(repo, point, connector, str(target))
+        assert fresh.removed == 0
+        assert_same_tree(src, target)
+        (target / "extra" / "deeper").mkdir(parents=True)
+        (target / "extra" / "deeper" / "x").write_text("x")
+        (target / "etc" / "app" / "app.conf").write_text("drifted\n")
+        os.removexattr(target / "data" / "table.db", "system.posix_acl_access")
+        again = restore_to_host(repo, point, connector, str(target), force=True)
+    assert again.removed == 3
+    assert_same_tree(src, target)
+    assert os.getxattr(target / "data" / "table.db", "system.posix_acl_access") == ACL
+    assert stat.S_ISFIFO(os.lstat(target / "data" / "pipe").st_mode)
+    assert allocated(target / "data" / "sparse.img") <= 2 * MIB
+    assert sorted(p.name for p in tmp_path.iterdir() if "patchdrill" in p.name) == []
+
+
+def test_a_host_directory_is_backed_up_with_its_metadata(ssh_host_config: HostConfig, repo: Repository,
+                                                          tmp_path: Path) -> None:
+    from tasks.backup.remote_source import RemoteTreeSource
+
+    src = rich_tree(tmp_path / "srv")
+    with connect(ssh_host_config) as connector:
+        point = backup(repo, RemoteTreeSource(connector, str(src)), request())
+    out = tmp_path / "out"
+    result = restore(repo, point, out)
+    assert_same_tree(src, out)
+    assert result.skipped == []
