@@ -94,3 +94,39 @@ def assert_same_tree(expected: Path, actual: Path) -> None:
 
 def allocated(path: Path) -> int:
     return os.stat(path).st_blocks * 512
+
+
+class Escape:
+    """A point's tree, a directory outside any target, and a target where links to it are
+    planted at every depth: instead of a top-level directory, a nested one and a file, plus a
+    hard link to a file outside. A restore must leave `outside` exactly as `before`."""
+
+    def __init__(self, base: Path) -> None:
+        self.src = base / "src"
+        (self.src / "text" / "deep").mkdir(parents=True)
+        (self.src / "text" / "deep" / "a.txt").write_text("a\n")
+        (self.src / "nested" / "inner").mkdir(parents=True)
+        (self.src / "nested" / "inner" / "b.txt").write_text("b\n")
+        (self.src / "file.txt").write_text("file\n")
+        (self.src / "shared.txt").write_text("shared\n")
+        os.chmod(self.src / "text", 0o755)
+        self.outside = base / "elsewhere"
+        self.outside.mkdir()
+        (self.outside / "secret.txt").write_text("do not touch\n")
+        os.chmod(self.outside, 0o700)
+        os.chmod(self.outside / "secret.txt", 0o600)
+        self.before = self.state()
+        self.target = base / "target"
+
+    def plant(self) -> Path:
+        self.target.mkdir()
+        (self.target / "text").symlink_to(self.outside)
+        (self.target / "nested").mkdir()
+        (self.target / "nested" / "inner").symlink_to(self.outside)
+        (self.target / "file.txt").symlink_to(self.outside / "secret.txt")
+        os.link(self.outside / "secret.txt", self.target / "shared.txt")
+        return self.target
+
+    def state(self) -> list[tuple[str, int, int, bytes]]:
+        return [(p.name, os.lstat(p).st_mode, os.lstat(p).st_mtime_ns, p.read_bytes() if p.is_file() else b"")
+                for p in [self.outside, *sorted(self.outside.rglob("*"))]]

@@ -20,7 +20,7 @@ from tasks.backup.remote_restore import restore_to_host
 from tasks.backup.repository import Repository
 from tasks.backup.restore import restore
 from tasks.backup.source import LocalBlockSource, LocalTreeSource
-from tests.trees import ACL, MIB, allocated, assert_same_tree, rich_tree
+from tests.trees import ACL, MIB, Escape, allocated, assert_same_tree, rich_tree
 
 pytestmark = pytest.mark.integration
 BLOCK = 64 * 1024
@@ -68,40 +68,18 @@ def test_image_restore_onto_a_mounted_volume(repo: Repository, tmp_path: Path, x
     assert [p.name for p in target.parent.iterdir()] == ["disk.img"]
 
 
-def outside_tree(tmp_path: Path) -> tuple[Path, list[tuple[str, int, bytes]]]:
-    outside = tmp_path / "elsewhere"
-    outside.mkdir()
-    (outside / "secret.txt").write_text("do not touch\n")
-    os.chmod(outside, 0o700)
-    return outside, [(p.name, os.lstat(p).st_mode, p.read_bytes() if p.is_file() else b"")
-                     for p in [outside, *outside.rglob("*")]]
-
-
 def test_forced_restore_onto_an_ssh_host_never_follows_its_links(ssh_host_config: HostConfig, repo: Repository,
                                                                   tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    (src / "text" / "deep").mkdir(parents=True)
-    (src / "text" / "deep" / "a.txt").write_text("a\n")
-    (src / "nested" / "inner").mkdir(parents=True)
-    (src / "nested" / "inner" / "b.txt").write_text("b\n")
-    (src / "file.txt").write_text("file\n")
-    point = backup(repo, LocalTreeSource(src), request())
-    outside, before = outside_tree(tmp_path)
-    target = tmp_path / "dr"
-    target.mkdir()
-    (target / "text").symlink_to(outside)
-    (target / "nested").mkdir()
-    (target / "nested" / "inner").symlink_to(outside)
-    (target / "file.txt").symlink_to(outside / "secret.txt")
+    escape = Escape(tmp_path)
+    point = backup(repo, LocalTreeSource(escape.src), request())
     link_target = tmp_path / "dr-link"
-    link_target.symlink_to(outside)
+    link_target.symlink_to(escape.outside)
     with connect(ssh_host_config) as connector:
-        restore_to_host(repo, point, connector, str(target), force=True)
+        restore_to_host(repo, point, connector, str(escape.plant()), force=True)
         with pytest.raises(RestoreFailed, match=r"dr-link' is a symbolic link"):
             restore_to_host(repo, point, connector, str(link_target), force=True)
-    assert [(p.name, os.lstat(p).st_mode, p.read_bytes() if p.is_file() else b"")
-            for p in [outside, *outside.rglob("*")]] == before
-    assert_same_tree(src, target)
+    assert escape.state() == escape.before, "the restore wrote outside its target"
+    assert_same_tree(escape.src, escape.target)
 
 
 def test_failback_onto_an_ssh_host_equals_the_point_with_its_metadata(ssh_host_config: HostConfig, repo: Repository,

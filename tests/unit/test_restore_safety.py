@@ -24,7 +24,7 @@ from tasks.backup.errors import PointNotFound, RestoreFailed, TargetExists
 from tasks.backup.repository import RecoveryPoint, Repository
 from tasks.backup.restore import restore
 from tasks.backup.source import LocalBlockSource, LocalTreeSource
-from tests.trees import ACL, AS_ROOT, MIB, allocated, assert_same_tree, rich_tree
+from tests.trees import ACL, AS_ROOT, MIB, Escape, allocated, assert_same_tree, rich_tree
 
 BLOCK = 64 * 1024
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,61 +39,25 @@ def repo(tmp_path: Path) -> Repository:
     return Repository.open(LocalBlobStore(tmp_path / "repo"), create=True)
 
 
-def outside_dir(tmp_path: Path) -> Path:
-    """What a hostile link in the target points at: must come through every restore untouched."""
-    outside = tmp_path / "elsewhere"
-    outside.mkdir()
-    (outside / "secret.txt").write_text("do not touch\n")
-    os.chmod(outside, 0o700)
-    os.chmod(outside / "secret.txt", 0o600)
-    return outside
-
-
-def snapshot_of(path: Path) -> list[tuple[str, int, int, bytes]]:
-    return [(p.name, os.lstat(p).st_mode, os.lstat(p).st_mtime_ns, p.read_bytes() if p.is_file() else b"")
-            for p in [path, *sorted(path.rglob("*"))]]
-
-
 def test_forced_restore_never_follows_links_planted_at_any_depth(repo: Repository, tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    (src / "text" / "deep").mkdir(parents=True)
-    (src / "text" / "deep" / "a.txt").write_text("a\n")
-    (src / "nested" / "inner").mkdir(parents=True)
-    (src / "nested" / "inner" / "b.txt").write_text("b\n")
-    (src / "file.txt").write_text("file\n")
-    (src / "shared.txt").write_text("shared\n")
-    os.chmod(src / "text", 0o755)
-    point = backup(repo, LocalTreeSource(src), request())
-    outside = outside_dir(tmp_path)
-    before = snapshot_of(outside)
-
-    target = tmp_path / "target"
-    target.mkdir()
-    (target / "text").symlink_to(outside)                         # a top-level directory of the point
-    (target / "nested").mkdir()
-    (target / "nested" / "inner").symlink_to(outside)             # a nested directory
-    (target / "file.txt").symlink_to(outside / "secret.txt")       # a file
-    os.link(outside / "secret.txt", target / "shared.txt")        # a hard link to a file outside
-    result = restore(repo, point, target, force=True)
-
-    assert snapshot_of(outside) == before, "the restore wrote outside its target"
-    assert_same_tree(src, target)
-    assert not any(p.is_symlink() for p in target.rglob("*"))
+    escape = Escape(tmp_path)
+    point = backup(repo, LocalTreeSource(escape.src), request())
+    result = restore(repo, point, escape.plant(), force=True)
+    assert escape.state() == escape.before, "the restore wrote outside its target"
+    assert_same_tree(escape.src, escape.target)
+    assert not any(p.is_symlink() for p in escape.target.rglob("*"))
     assert result.removed == 0
 
 
 def test_a_target_that_is_itself_a_link_is_refused(repo: Repository, tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "a.txt").write_text("a\n")
-    point = backup(repo, LocalTreeSource(src), request())
-    outside = outside_dir(tmp_path)
-    before = snapshot_of(outside)
+    escape = Escape(tmp_path)
+    point = backup(repo, LocalTreeSource(escape.src), request())
+    outside, before = escape.outside, escape.before
     link = tmp_path / "target"
     link.symlink_to(outside)
     with pytest.raises(RestoreFailed, match=r"'.*/target' is a symbolic link \(to '.*/elsewhere'\)"):
         restore(repo, point, link, force=True)
-    assert snapshot_of(outside) == before
+    assert escape.state() == before
 
     image = tmp_path / "disk.img"
     image.write_bytes(random.Random(1).randbytes(4 * BLOCK))
@@ -102,7 +66,7 @@ def test_a_target_that_is_itself_a_link_is_refused(repo: Repository, tmp_path: P
     file_link.symlink_to(outside / "secret.txt")
     with pytest.raises(RestoreFailed, match="image-link' is a symbolic link"):
         restore(repo, image_point, file_link, force=True)
-    assert snapshot_of(outside) == before
+    assert escape.state() == before
 
 
 def test_failback_onto_a_drifted_tree_equals_the_point(repo: Repository, tmp_path: Path) -> None:
