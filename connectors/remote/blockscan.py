@@ -148,6 +148,8 @@ def fsync_dir(path):
 
 
 def apply(patch, work, block_size, size, finish, rename):
+    if rename != "-":
+        os.makedirs(os.path.dirname(os.path.abspath(work)), exist_ok=True)  # a fresh DR volume's path
     fd = os.open(work, os.O_RDWR | os.O_CREAT | _CLOEXEC, 0o600)
     try:
         st = os.fstat(fd)
@@ -307,7 +309,7 @@ def remove_at(dir_fd, name, skipped=None, rel=None):
 def temp_name(path):
     """Where a new target is assembled: hidden, beside it, and named so that the next restore of
     the same target finds and removes it should this one be killed (remove_leftovers)."""
-    parent, name = os.path.split(os.path.abspath(path))
+    parent, name = os.path.split(os.fspath(path).rstrip("/"))
     return os.path.join(parent, "." + name + RESTORE_MARK + uuid.uuid4().hex[:12])
 
 
@@ -333,13 +335,21 @@ def remove_leftovers(path):
 def probe(path):
     """What is at path, for deciding how to restore onto it: {"exists", "kind" (dir, file,
     blockdev, symlink, other), "empty" (directories), "link" (a symlink's target, and "resolved",
-    the kind it leads to), "removed" (leftovers of killed restores, now gone)}."""
+    the kind it leads to), "removed" (leftovers of killed restores, now gone), "readonly" and
+    "writable" (the file system and directory a restore would write in)}."""
     removed = remove_leftovers(path)
+    # Where the restore will write: the target itself when it is a directory (in place, on its
+    # own file system), else the nearest existing directory above it.
+    where = os.path.abspath(path)
+    while not os.path.isdir(where) or (where == os.path.abspath(path) and os.path.islink(where)):
+        where = os.path.dirname(where)
+    readonly = bool(os.statvfs(where).f_flag & os.ST_RDONLY)
+    writable = {"readonly": readonly, "writable": not readonly and os.access(where, os.W_OK)}
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return {"exists": False, "removed": removed}
-    found = {"exists": True, "removed": removed}
+        return dict(writable, exists=False, removed=removed)
+    found = dict(writable, exists=True, removed=removed)
 
     def kind(mode):
         if stat.S_ISDIR(mode):
@@ -590,6 +600,7 @@ def place_tree(target, plan, write_file, as_root):
     in_place = existing is not None
     work = target
     if not in_place:
+        os.makedirs(os.path.dirname(target), exist_ok=True)  # a fresh DR volume's path
         work = temp_name(target)
         os.mkdir(work, 0o700)
     try:

@@ -19,7 +19,6 @@ import shutil
 import struct
 import tempfile
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -66,8 +65,9 @@ def restore_to_host(repo: Repository, point: RecoveryPoint, connector: Connector
 class _Patches:
     """Changed blocks gathered into patch files, each shipped and applied when full."""
 
-    def __init__(self, connector: Connector, work: str, block_map: BlockMap, scratch: Path) -> None:
+    def __init__(self, connector: Connector, target: str, work: str, block_map: BlockMap, scratch: Path) -> None:
         self.connector = connector
+        self.target = target
         self.work = work
         self.block_map = block_map
         self.scratch = scratch
@@ -87,7 +87,8 @@ class _Patches:
 
     def ship(self, *, finish: bool, rename: str) -> None:
         self._file.close()
-        remote = f"{self.work}.patch-{uuid.uuid4().hex[:12]}"
+        # Named like a restore's temporary, so the next restore removes it should this one die.
+        remote = f"{blockscan.temp_name(self.target)}.patch"
         self.connector.put(self.scratch / "patch", remote)
         result = self.connector.run_script(SCRIPT, ["apply", remote, self.work, str(self.block_map.block_size),
                                                     str(self.block_map.size), "1" if finish else "0", rename],
@@ -113,7 +114,7 @@ def _restore_image(repo: Repository, point: RecoveryPoint, connector: Connector,
     cache: dict[bytes, bytes] = {}
     work = target if exists else blockscan.temp_name(target)
     scratch = Path(tempfile.mkdtemp(prefix="patchdrill-restore-"))
-    patches = _Patches(connector, work, block_map, scratch)
+    patches = _Patches(connector, target, work, block_map, scratch)
     try:
         for index, chunk_id in enumerate(block_map.chunks):
             if not exists and chunk_id == zero:

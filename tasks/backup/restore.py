@@ -107,6 +107,10 @@ class _Blocks:
 def decide(found: Mapping[str, Any], point: RecoveryPoint, force: bool, where: str) -> bool:
     """Whether an existing target is restored onto in place, from blockscan.probe's description
     of it; refuses what must not be touched. Shared by local and host restores."""
+    if found.get("readonly"):
+        raise RestoreFailed(f"cannot restore into {where!r}: Read-only file system")
+    if found.get("writable") is False and not (found["exists"] and found.get("kind") in ("file", "blockdev")):
+        raise RestoreFailed(f"cannot restore into {where!r}: Permission denied (its directory is not writable)")
     if not found["exists"]:
         return False
     kind = found["kind"]

@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,32 @@ def test_a_host_directory_is_backed_up_with_its_metadata(ssh_host_config: HostCo
     result = restore(repo, point, out)
     assert_same_tree(src, out)
     assert result.skipped == []
+
+
+def test_a_host_restore_cleans_up_after_a_killed_one_and_names_a_read_only_target(
+        ssh_host_config: HostConfig, repo: Repository, tmp_path: Path) -> None:
+    """The leftovers are made by hand, named as a killed restore names them (a kill of the host's
+    python mid-write is what tests/unit/test_restore_safety.py does for the local writer)."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(random.Random(2).randbytes(4 * BLOCK))
+    point = backup(repo, LocalBlockSource(image), request(disk="os"))
+    dr = tmp_path / "dr"
+    dr.mkdir()
+    (dr / ".vm.img.patchdrill-restore-0123456789ab").write_bytes(bytes(4 * BLOCK))  # a killed new-target write
+    (dr / ".vm.img.patchdrill-restore-ba9876543210.patch").write_bytes(b"x")        # a killed patch upload
+    (dr / ".vm.img.patchdrill-restore-ba9876543210").mkdir()                        # a killed tree restore
+    (dr / "other.img").write_bytes(b"not ours")
+    media = tmp_path / "media"
+    media.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(media)], check=True)
+    try:
+        with connect(ssh_host_config) as connector:
+            restore_to_host(repo, point, connector, str(dr / "vm.img"))
+            with pytest.raises(RestoreFailed) as caught:
+                restore_to_host(repo, point, connector, str(media / "vm.img"))
+    finally:
+        subprocess.run(["umount", str(media)], check=True)
+    assert sorted(p.name for p in dr.iterdir()) == ["other.img", "vm.img"]
+    assert (dr / "vm.img").read_bytes() == image.read_bytes()
+    message = str(caught.value)
+    assert message == f"cannot restore into '{ssh_host_config.name}:{media / 'vm.img'}': Read-only file system"
