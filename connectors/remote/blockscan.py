@@ -261,7 +261,9 @@ def entries(root, skipped):
     if not os.path.isdir(root):
         raise NotADirectoryError(20, "not a directory")
     links = {}
-    yield describe(root, "", os.lstat(root), skipped, links)
+    # The configured path may itself be a link to the directory: the root is what it leads to.
+    real = os.path.realpath(root)
+    yield describe(real, "", os.stat(real), skipped, links)
 
     def walk(directory, relative):
         for name in sorted(os.listdir(directory)):

@@ -15,6 +15,8 @@ import json
 from functools import partial
 from typing import Any, Iterator, Mapping
 
+import structlog
+
 from connectors.base import Connector
 from tasks.backup.blockmap import BlockMap, TreeEntry
 from tasks.backup.errors import SourceError
@@ -22,6 +24,7 @@ from tasks.backup.source import (
     BufferPool, SourceBlock, SourceFile, entry_from_scan, nothing_to_release, unchanged,
 )
 
+log = structlog.stdlib.get_logger("patchdrill.backup")
 FINGERPRINT = "blake2b-256"
 SCRIPT = "blockscan.py"
 #: block data per read request: bounds the text one call returns over a connector's stdout
@@ -146,6 +149,8 @@ class RemoteTreeSource:
             body = json.loads(line)
             if "skipped" in body:
                 self.skipped.append(f"{body['skipped']}: {body['why']}")
+                log.warning("backup.skipped", host=self.connector.name, source=self.path, entry=body["skipped"],
+                            why=body["why"])
             elif body["path"] == "":
                 self.root = entry_from_scan(body)
             elif body["type"] != "other":

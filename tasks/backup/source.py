@@ -16,9 +16,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Protocol, runtime_checkable
 
+import structlog
+
 from connectors.remote import blockscan
 from tasks.backup.blockmap import BlockMap, TreeEntry
 from tasks.backup.errors import SourceError
+
+log = structlog.stdlib.get_logger("patchdrill.backup")
 
 
 class BufferPool:
@@ -179,6 +183,8 @@ class LocalTreeSource:
             raise SourceError(f"cannot list {exc.filename or self.path!r}: {exc.strerror}") from None
         finally:
             self.skipped.extend(f"{path}: {why}" for path, why in skipped)
+            for path, why in skipped:
+                log.warning("backup.skipped", source=self.path, entry=path, why=why)
 
 
 def is_directory_disk(path: str, kind: str) -> bool:

@@ -314,3 +314,16 @@ def test_restored_files_and_directories_are_fsynced(repo: Repository, tmp_path: 
     assert final.count(str(tmp_path)) == 2
     assert final.index(str(tmp_path)) > final.index(str(out))
     assert final.index(str(tmp_path), final.index(str(tmp_path / "back.img"))) > final.index(str(tmp_path / "back.img"))
+
+
+def test_a_disk_path_that_is_a_link_keeps_the_directory_it_leads_to(repo: Repository, tmp_path: Path) -> None:
+    real = tmp_path / "volume"
+    real.mkdir()
+    (real / "a.txt").write_text("a\n")
+    os.chmod(real, 0o750)
+    os.utime(real, ns=(1_500_000_000_000_000_000,) * 2)
+    (tmp_path / "data").symlink_to(real)
+    point = backup(repo, LocalTreeSource(tmp_path / "data"), request())
+    out = tmp_path / "out"
+    restore(repo, point, out)
+    assert_same_tree(real, out)
