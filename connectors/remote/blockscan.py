@@ -242,13 +242,17 @@ def describe(full, rel, st, skipped, links):
         entry["type"] = "dir"
     elif stat.S_ISREG(mode):
         entry.update(type="file", size=st.st_size)
-    elif stat.S_ISFIFO(mode):
-        entry["type"] = "fifo"
-    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        entry.update(type="chardev" if stat.S_ISCHR(mode) else "blockdev", rdev=st.st_rdev)
     else:
-        entry["type"] = "other"
-        skipped.append([rel, "socket: not backed up (a program recreates it)"])
+        if stat.S_ISFIFO(mode):
+            entry["type"] = "fifo"
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            entry.update(type="chardev" if stat.S_ISCHR(mode) else "blockdev", rdev=st.st_rdev)
+        else:
+            entry["type"] = "other"
+            skipped.append([rel, "socket: not backed up (a program recreates it)"])
+            return entry
+        if read_xattrs(full, skipped, rel):
+            skipped.append([rel, "extended attributes of a FIFO or device node are not kept"])
         return entry
     xattrs = read_xattrs(full, skipped, rel)
     if xattrs:

@@ -110,8 +110,15 @@ def test_a_host_directory_is_backed_up_with_its_metadata(ssh_host_config: HostCo
     from tasks.backup.remote_source import RemoteTreeSource
 
     src = rich_tree(tmp_path / "srv")
+    conf = src / "etc" / "app" / "app.conf"
     with connect(ssh_host_config) as connector:
+        backup(repo, RemoteTreeSource(connector, str(src)), request())
+        times = conf.stat().st_mtime_ns
+        conf.write_text("port = 9999\n")  # same size, and the old mtime put back
+        os.utime(conf, ns=(times, times))
+        os.utime(conf.parent, ns=(1_400_000_000_000_000_000,) * 2)
         point = backup(repo, RemoteTreeSource(connector, str(src)), request())
+    assert point.totals.scanned == len("port = 9999\n")  # the host's ctime gave the edit away
     out = tmp_path / "out"
     result = restore(repo, point, out)
     assert_same_tree(src, out)
