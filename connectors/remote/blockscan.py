@@ -318,10 +318,13 @@ def remove_at(dir_fd, name, skipped=None, rel=None):
                 skipped.append([rel or name, "a mounted file system the point lacks: left in place"])
             return 0
         removed = 0
+        kept = len(skipped) if skipped is not None else 0
         for child in list(os.scandir(fd)):
             removed += remove_at(fd, child.name, skipped, (rel or name) + "/" + child.name)
     finally:
         os.close(fd)
+    if skipped is not None and len(skipped) > kept:
+        return removed  # a mount point below was left in place, so this directory stays too
     os.rmdir(name, dir_fd=dir_fd)
     return removed + 1
 
@@ -434,21 +437,21 @@ class TreeWriter:
         """Remove every entry under root whose path is not in wanted; returns how many."""
         removed = 0
         pending = [("", os.dup(self.root_fd))]
-        while pending:
-            relative, fd = pending.pop()
-            try:
-                for child in sorted(os.scandir(fd), key=lambda c: c.name):
-                    rel = relative + child.name
-                    self.current = rel
-                    if rel not in wanted:
-                        removed += remove_at(fd, child.name, self.skipped, rel)
-                    elif child.is_dir(follow_symlinks=False):
-                        sub = os.open(child.name, DIR_NOFOLLOW, dir_fd=fd)
-                        if os.fstat(sub).st_dev != os.fstat(fd).st_dev:
-                            os.close(sub)  # another file system mounted inside: its own business
-                            continue
-                        pending.append((rel + "/", sub))
-            finally:
+        try:
+            while pending:
+                relative, fd = pending.pop()
+                try:
+                    for child in sorted(os.scandir(fd), key=lambda c: c.name):
+                        rel = relative + child.name
+                        self.current = rel
+                        if rel not in wanted:
+                            removed += remove_at(fd, child.name, self.skipped, rel)
+                        elif child.is_dir(follow_symlinks=False):
+                            pending.append((rel + "/", os.open(child.name, DIR_NOFOLLOW, dir_fd=fd)))
+                finally:
+                    os.close(fd)
+        finally:
+            for _, fd in pending:
                 os.close(fd)
         return removed
 

@@ -31,7 +31,7 @@ from tasks.backup.blockmap import BlockMap, TreeMap
 from tasks.backup.errors import BackupError, RestoreFailed
 from tasks.backup.remote_source import FINGERPRINT, SCRIPT, RemoteBlockSource, host_fingerprint
 from tasks.backup.repository import RecoveryPoint, Repository
-from tasks.backup.restore import RestoreResult, _select, decide, tree_plan
+from tasks.backup.restore import RestoreResult, decide, select_entries, tree_plan
 
 log = structlog.stdlib.get_logger("patchdrill.backup")
 
@@ -145,7 +145,7 @@ def _restore_tree(repo: Repository, point: RecoveryPoint, connector: Connector, 
                   include: list[str] | None) -> RestoreResult:
     started = time.monotonic()
     tree = TreeMap.from_json(repo.get_map(point.map.id, point=point.key), point=point.key)
-    entries = _select(tree.entries, include, point)
+    entries = select_entries(tree.entries, include, point)
     plan: dict[str, Any] = tree_plan(tree, entries, whole=not include)
     recurring = {c for c, n in Counter(c for e in entries for c in e.chunks).items() if n > 1}
     cache: dict[bytes, bytes] = {}

@@ -173,7 +173,7 @@ def restore(repo: Repository, point: RecoveryPoint, target: str | Path, *, force
                 total, files = len(block_map.chunks), None
             else:
                 tree = TreeMap.from_json(body, point=point.key)
-                entries = _select(tree.entries, include, point)
+                entries = select_entries(tree.entries, include, point)
                 recurring = {c for c, n in Counter(c for e in entries for c in e.chunks).items() if n > 1}
                 blocks = _Blocks(repo, point, recurring, sink, tree.block_size)
                 sink.add_total("restored", sum(e.size for e in entries))
@@ -241,7 +241,7 @@ def _write_blocks(fd: int, chunks: list[bytes], block_size: int, size: int, bloc
         raise
 
 
-def _select(entries: list[TreeEntry], include: list[str] | None, point: RecoveryPoint) -> list[TreeEntry]:
+def select_entries(entries: list[TreeEntry], include: list[str] | None, point: RecoveryPoint) -> list[TreeEntry]:
     """Entries matching include (exact paths, directories with their contents, or glob patterns),
     plus the directories above them so they have somewhere to go, and the first link of any
     selected hard link."""

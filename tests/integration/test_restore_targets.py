@@ -152,3 +152,25 @@ def test_a_host_restore_cleans_up_after_a_killed_one_and_names_a_read_only_targe
     assert (dr / "vm.img").read_bytes() == image.read_bytes()
     message = str(caught.value)
     assert message == f"cannot restore into '{ssh_host_config.name}:{media / 'vm.img'}': Read-only file system"
+
+
+def test_failback_leaves_a_volume_mounted_inside_the_target_alone(repo: Repository, tmp_path: Path, xfs: Path) -> None:
+    """A mount the point knows nothing of is not emptied: it is listed as skipped instead."""
+    src = tmp_path / "src"
+    (src / "app").mkdir(parents=True)
+    (src / "app" / "a.txt").write_text("a\n")
+    point = backup(repo, LocalTreeSource(src), request())
+    target = tmp_path / "dr"
+    restore(repo, point, target)
+    (xfs / "volume-data.txt").write_text("belongs to the volume")
+    (target / "extra" / "mnt").mkdir(parents=True)
+    (target / "extra" / "stray.txt").write_text("stray")
+    subprocess.run(["mount", "--bind", str(xfs), str(target / "extra" / "mnt")], check=True)
+    try:
+        result = restore(repo, point, target, force=True)
+        assert (target / "extra" / "mnt" / "volume-data.txt").read_text() == "belongs to the volume"
+    finally:
+        subprocess.run(["umount", str(target / "extra" / "mnt")], check=True)
+    assert result.removed == 1  # extra/stray.txt; extra and extra/mnt stay for the mount
+    assert result.skipped == ["extra/mnt: a mounted file system the point lacks: left in place"]
+    assert (target / "app" / "a.txt").read_text() == "a\n"

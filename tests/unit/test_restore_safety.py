@@ -14,6 +14,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -327,3 +328,31 @@ def test_a_disk_path_that_is_a_link_keeps_the_directory_it_leads_to(repo: Reposi
     out = tmp_path / "out"
     restore(repo, point, out)
     assert_same_tree(real, out)
+
+
+def test_a_version_1_directory_point_still_restores(repo: Repository, tmp_path: Path) -> None:
+    """A map as patchdrill wrote it before version 2: no root, ctime, inode or xattrs."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("a\n")
+    point = backup(repo, LocalTreeSource(src), request())
+    body = repo.get_map(point.map.id)
+    v1_fields = ("path", "type", "mode", "uid", "gid", "mtime_ns", "size", "chunks", "target")
+    v1 = {"kind": "directory", "block_size": body["block_size"],
+          "entries": [{k: v for k, v in e.items() if k in v1_fields} for e in body["entries"]]}
+    old = point.model_copy(update={"map": point.map.model_copy(update={"id": repo.put_map(v1)}),
+                                   "time": point.time + timedelta(seconds=1)})
+    repo.write_point(old)
+    out = tmp_path / "out"
+    out.mkdir()
+    os.chmod(out, 0o701)
+    os.setxattr(out, "user.mine", b"1")
+    (out / "a.txt").write_text("b\n")
+    os.setxattr(out / "a.txt", "user.mine", b"2")
+    restore(repo, old, out, force=True)
+    assert (out / "a.txt").read_text() == "a\n"
+    # The old map says nothing of the top directory or of xattrs: the target's stay.
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o701
+    assert os.getxattr(out, "user.mine") == b"1" and os.getxattr(out / "a.txt", "user.mine") == b"2"
+    # A version 1 parent proves no ctime: the next backup reads the file once more.
+    assert backup(repo, LocalTreeSource(src), request()).totals.scanned == len("a\n")
