@@ -265,6 +265,7 @@ def tree_plan(tree: TreeMap, entries: list[TreeEntry], *, whole: bool) -> dict[s
     what the point lacks (both only when the whole point is restored, not selected files)."""
     def body(entry: TreeEntry) -> dict[str, Any]:
         found = entry.to_json()
+        found.pop("chunks", None)  # the writer is handed content, not chunk ids
         if tree.version >= 2 and entry.type in ("file", "dir"):
             # Version 2 maps record every xattr, so none listed means none (stray ones go);
             # version 1 maps recorded none at all, so the target's are left alone.
