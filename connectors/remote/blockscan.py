@@ -396,6 +396,13 @@ def probe(path):
     return found
 
 
+def inside(path):
+    """Refuse an entry path that could name anything outside the tree: a map is data read from
+    a store, and ".." is a real directory entry that O_NOFOLLOW does not stop."""
+    if not path or "\0" in path or any(part in ("", ".", "..") for part in path.split("/")):
+        raise OSError(22, "refusing entry path %r: it would lead out of the target" % path)
+
+
 class TreeWriter:
     """Writes a tree's entries under root through directory descriptors only.
 
@@ -459,6 +466,9 @@ class TreeWriter:
         """Create or update one entry (parents must have been placed before their children)."""
         path, kind = entry["path"], entry["type"]
         self.current = path
+        inside(path)
+        if kind == "hardlink":
+            inside(entry["target"])
         dir_fd = self._parent_fd(path)
         name = path.rpartition("/")[2]
         existing = lstat_at(dir_fd, name)

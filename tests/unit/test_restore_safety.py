@@ -356,3 +356,22 @@ def test_a_version_1_directory_point_still_restores(repo: Repository, tmp_path: 
     assert os.getxattr(out, "user.mine") == b"1" and os.getxattr(out / "a.txt", "user.mine") == b"2"
     # A version 1 parent proves no ctime: the next backup reads the file once more.
     assert backup(repo, LocalTreeSource(src), request()).totals.scanned == len("a\n")
+
+
+@pytest.mark.parametrize("hostile", ["../escape.txt", "a/../../escape.txt", "/tmp/escape.txt", "a//b", "."])
+def test_a_map_naming_paths_out_of_the_target_is_refused(repo: Repository, tmp_path: Path, hostile: str) -> None:
+    """Whoever can write to an unencrypted store can write a map: its paths are not trusted."""
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "b.txt").write_text("b\n")
+    point = backup(repo, LocalTreeSource(src), request())
+    body = repo.get_map(point.map.id)
+    body["entries"].append(dict(body["entries"][-1], path=hostile))
+    forged = point.model_copy(update={"map": point.map.model_copy(update={"id": repo.put_map(body)}),
+                                      "time": point.time + timedelta(seconds=1)})
+    repo.write_point(forged)
+    out = tmp_path / "dr" / "out"
+    with pytest.raises(RestoreFailed, match=r"refusing entry path .*: it would lead out of the target"):
+        restore(repo, forged, out)
+    assert sorted(p.name for p in tmp_path.rglob("escape.txt")) == []
+    assert list((tmp_path / "dr").iterdir()) == []  # the half-built temporary is gone too
