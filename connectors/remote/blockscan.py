@@ -25,9 +25,15 @@ listing and the tree writer below are the same code for a local disk and a host'
     python3 - probe PATH 0
         one JSON object describing PATH (see `probe`), and removes what killed restores of
         PATH left behind
+    python3 - hashes ROOT BLOCK_SIZE LIST
+        one JSON object {relpath: "<hex of the concatenated block hashes>"} for the regular,
+        singly linked files under ROOT at the paths in LIST (a JSON file, then deleted), reached
+        without following links: the blocks a restore in place need not send
     python3 - place PLAN DATA TARGET
-        restore a tree (see `place_tree`): PLAN is JSON {"root", "entries", "prune"}; DATA the
-        contents of the plan's files, concatenated in plan order. Prints
+        restore a tree (see `place_tree`): PLAN is JSON {"root", "entries", "prune",
+        "block_size"}; DATA the blocks of the plan's files in plan order, each a record (4-byte
+        entry number, 8-byte block index, 4-byte length, big-endian, then the data); a file
+        marked "partial" got only the blocks that differ from the target's copy. Prints
         {"removed": N, "skipped": [[path, why], ...]}; PLAN and DATA are deleted.
 
 Exit status 2 with a one-line message on stderr when the path cannot be read or written.
@@ -667,20 +673,89 @@ def place_tree(target, plan, write_file, as_root):
     return removed, writer.skipped
 
 
+def _open_regular(root_fd, rel):
+    """A descriptor on the regular, singly linked file at rel under root_fd, every component
+    reached without following a link; None for anything else (missing, a link, a device...)."""
+    parent, _, name = rel.rpartition("/")
+    fd = os.dup(root_fd)
+    try:
+        for part in parent.split("/") if parent else []:
+            child = os.open(part, DIR_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        handle = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC, dir_fd=fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    st = os.fstat(handle)
+    if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+        return handle
+    os.close(handle)
+    return None
+
+
+def file_hashes(root, block_size, list_path):
+    """The block hashes of the files at the paths listed in list_path (JSON) under root, as the
+    tree writer would write them in place: what a restore onto this tree need not send again."""
+    with open(list_path) as handle:
+        names = json.load(handle)
+    os.unlink(list_path)
+    found = {}
+    try:
+        root_fd = os.open(root, DIR_NOFOLLOW)
+    except OSError:
+        json.dump(found, sys.stdout)
+        return
+    try:
+        for rel in names:
+            inside(rel)
+            fd = _open_regular(root_fd, rel)
+            if fd is None:
+                continue
+            with os.fdopen(fd, "rb", buffering=0) as handle:
+                digests = []
+                while True:
+                    data = handle.read(block_size)
+                    if not data:
+                        break
+                    digests.append(hashlib.blake2b(data, digest_size=DIGEST_SIZE).hexdigest())
+            found[rel] = "".join(digests)
+    finally:
+        os.close(root_fd)
+    json.dump(found, sys.stdout)
+
+
+#: a block of a file in a place data file: entry number in the plan, block index, length
+_RECORD = struct.Struct(">IQI")
+
+
 def place(plan_path, data_path, target):
     with open(plan_path) as handle:
         plan = json.load(handle)
-    block = 4 * 1024 * 1024
+    numbers = dict((entry["path"], number) for number, entry in enumerate(plan["entries"]))
+    block_size = plan["block_size"]
     with open(data_path, "rb") as data:
+        waiting = []  # a record header read ahead that belongs to a later file
+
         def write_file(fd, entry, in_place):
-            offset, remaining = 0, entry["size"]
-            while remaining > 0:
-                piece = data.read(min(block, remaining))
-                if not piece:
-                    raise OSError(5, "data file ends before %s" % entry["path"])
-                write_sparse(fd, piece, offset, not in_place, True)
-                offset += len(piece)
-                remaining -= len(piece)
+            if entry.get("partial") and not in_place:
+                # Only the blocks that differed were sent, and the file is no longer the one
+                # that was compared: writing them into an empty file would corrupt it.
+                raise OSError(11, "%s changed while being restored; restore again" % entry["path"])
+            number = numbers[entry["path"]]
+            while True:
+                head = waiting.pop() if waiting else data.read(_RECORD.size)
+                if len(head) < _RECORD.size:
+                    return
+                owner, index, length = _RECORD.unpack(head)
+                if owner != number:
+                    waiting.append(head)
+                    return
+                piece = data.read(length)
+                if len(piece) != length:
+                    raise OSError(5, "data file ends inside %s" % entry["path"])
+                write_sparse(fd, piece, index * block_size, not in_place, True)
 
         try:
             removed, skipped = place_tree(target, plan, write_file, os.geteuid() == 0)
@@ -708,8 +783,8 @@ def main(argv):
                 argv[3], " (at %s)" % at if at else "", exc.strerror or exc))
             return 2
         return 0
-    if len(argv) < 3 or argv[0] not in ("scan", "read", "tree", "files", "probe"):
-        sys.stderr.write("usage: blockscan.py scan|read|tree|files|probe PATH BLOCK_SIZE [INDEX...|RELPATH...] "
+    if len(argv) < 3 or argv[0] not in ("scan", "read", "tree", "files", "probe", "hashes"):
+        sys.stderr.write("usage: blockscan.py scan|read|tree|files|probe|hashes PATH BLOCK_SIZE [INDEX...|RELPATH...|LIST] "
                          "| apply ... | place ...\n")
         return 64
     mode, path, block_size = argv[0], argv[1], int(argv[2])
@@ -720,6 +795,8 @@ def main(argv):
             tree(path)
         elif mode == "probe":
             json.dump(probe(path), sys.stdout)
+        elif mode == "hashes":
+            file_hashes(path, block_size, argv[3])
         elif mode == "files":
             files(path, block_size, argv[3:])
         else:

@@ -5,8 +5,9 @@ left there), and the same rules as a local restore decide what may be touched (r
 Images: the host hashes what its target holds (blockscan scan), the controller compares with
 the point and sends only the blocks that differ, verified, in patch files that the host applies
 in place (blockscan apply). A new target is assembled under a temporary name and renamed when
-complete. Directories: the controller verifies every chunk and ships the tree's plan and file
-contents; the host writes them with the same tree writer a local restore uses (blockscan
+complete. Directories: the controller verifies every chunk and ships the tree's plan and the
+blocks of its files (onto an existing tree only those whose host-side hash differs, blockscan
+hashes); the host writes them with the same tree writer a local restore uses (blockscan
 place): no symbolic link in the target is followed, an existing directory is restored in place
 and a whole point's restore removes what the point lacks.
 """
@@ -58,7 +59,7 @@ def restore_to_host(repo: Repository, point: RecoveryPoint, connector: Connector
         log.warning("restore.leftovers_removed", host=connector.name, target=target, removed=found["removed"])
     in_place = decide(found, point, force, where)
     if point.kind == "directory":
-        return _restore_tree(repo, point, connector, target, include)
+        return _restore_tree(repo, point, connector, target, in_place, include)
     return _restore_image(repo, point, connector, target, in_place)
 
 
@@ -141,12 +142,28 @@ def _restore_image(repo: Repository, point: RecoveryPoint, connector: Connector,
                          seconds=round(time.monotonic() - started, 3))
 
 
-def _restore_tree(repo: Repository, point: RecoveryPoint, connector: Connector, target: str,
+def _host_hashes(connector: Connector, target: str, paths: list[str], block_size: int,
+                 scratch: Path) -> dict[str, list[bytes]]:
+    """Block hashes of the target's files that would be written in place (blockscan hashes)."""
+    remote = f"{blockscan.temp_name(target)}.list"
+    (scratch / "list").write_text(json.dumps(paths))
+    connector.put(scratch / "list", remote)
+    result = connector.run_script(SCRIPT, ["hashes", target, str(block_size), remote], timeout=_APPLY_TIMEOUT)
+    if not result.ok:
+        connector.run(f"rm -f {shlex.quote(remote)}", timeout=60)
+        raise RestoreFailed(f"host {connector.name}: cannot read restore target {target!r}: {_last_line(result)}")
+    found = json.loads(result.stdout)
+    return {path: [bytes.fromhex(h[i:i + 64]) for i in range(0, len(h), 64)] for path, h in found.items()}
+
+
+def _restore_tree(repo: Repository, point: RecoveryPoint, connector: Connector, target: str, in_place: bool,
                   include: list[str] | None) -> RestoreResult:
+    """Ships the plan and, as records, the blocks of its files; onto an existing tree only the
+    blocks that differ from the host's copy (compared by host-side hash), as for images."""
     started = time.monotonic()
     tree = TreeMap.from_json(repo.get_map(point.map.id, point=point.key), point=point.key)
     entries = select_entries(tree.entries, include, point)
-    plan: dict[str, Any] = tree_plan(tree, entries, whole=not include)
+    plan: dict[str, Any] = tree_plan(tree, entries, whole=not include) | {"block_size": tree.block_size}
     recurring = {c for c, n in Counter(c for e in entries for c in e.chunks).items() if n > 1}
     cache: dict[bytes, bytes] = {}
     written = nbytes = 0
@@ -154,16 +171,23 @@ def _restore_tree(repo: Repository, point: RecoveryPoint, connector: Connector, 
     # Named like a killed restore's leftovers, so the next probe removes them if this one dies.
     remote = blockscan.temp_name(target)
     try:
-        (scratch / "plan").write_text(json.dumps(plan))
+        files = [e.path for e in entries if e.type == "file" and e.chunks]
+        theirs = _host_hashes(connector, target, files, tree.block_size, scratch) if in_place and files else {}
         with open(scratch / "data", "wb") as data:
-            for entry in entries:
-                for chunk_id in entry.chunks:
+            for number, entry in enumerate(entries):
+                held = theirs.get(entry.path, [])
+                for index, chunk_id in enumerate(entry.chunks):
                     chunk = cache.get(chunk_id) or repo.get_chunk(chunk_id, point=point.key)
                     if chunk_id in recurring and len(cache) < 16:
                         cache[chunk_id] = chunk
+                    if index < len(held) and held[index] == host_fingerprint(chunk):
+                        plan["entries"][number]["partial"] = True
+                        continue  # the host's copy already holds this block
+                    data.write(struct.pack(">IQI", number, index, len(chunk)))
                     data.write(chunk)
                     written += 1
                     nbytes += len(chunk)
+        (scratch / "plan").write_text(json.dumps(plan))
         connector.put(scratch / "plan", f"{remote}.plan")
         connector.put(scratch / "data", f"{remote}.data")
         result = connector.run_script(SCRIPT, ["place", f"{remote}.plan", f"{remote}.data", target],
@@ -175,8 +199,8 @@ def _restore_tree(repo: Repository, point: RecoveryPoint, connector: Connector, 
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     skipped = tree.skipped + [f"{path}: {why}" for path, why in outcome["skipped"]]
-    log.info("restore.done", point=point.key, host=connector.name, target=target, removed=outcome["removed"],
-             skipped=len(skipped))
+    log.info("restore.done", point=point.key, host=connector.name, target=target, blocks_written=written,
+             removed=outcome["removed"], skipped=len(skipped))
     return RestoreResult(point=point.key, target=f"{connector.name}:{target}",
                          blocks=sum(len(e.chunks) for e in entries), blocks_written=written, bytes_written=nbytes,
                          files=len(entries), seconds=round(time.monotonic() - started, 3),

@@ -3,12 +3,14 @@ real local stores, real file systems, real processes."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -375,3 +377,21 @@ def test_a_map_naming_paths_out_of_the_target_is_refused(repo: Repository, tmp_p
         restore(repo, forged, out)
     assert sorted(p.name for p in tmp_path.rglob("escape.txt")) == []
     assert list((tmp_path / "dr").iterdir()) == []  # the half-built temporary is gone too
+
+
+def test_the_host_writer_refuses_partial_content_for_a_file_it_must_create(tmp_path: Path) -> None:
+    """The controller sends only differing blocks for files the host said it holds; if such a
+    file is gone (or replaced) by the time it is written, the writer stops instead of leaving a
+    file made of those blocks and zeros. blockscan.py runs as the host runs it: python3 - place."""
+    target = tmp_path / "t"
+    target.mkdir()
+    entry = {"path": "f", "type": "file", "mode": 0o644, "uid": 0, "gid": 0, "mtime_ns": 0, "size": 8192,
+             "partial": True}
+    (tmp_path / "plan").write_text(json.dumps({"root": None, "prune": False, "block_size": 4096, "entries": [entry]}))
+    (tmp_path / "data").write_bytes(struct.pack(">IQI", 0, 1, 4096) + b"x" * 4096)
+    script = (ROOT / "connectors" / "remote" / "blockscan.py").read_text()
+    done = subprocess.run(["python3", "-", "place", str(tmp_path / "plan"), str(tmp_path / "data"), str(target)],
+                          input=script, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr == f"blockscan: cannot restore into {target} (at f): f changed while being restored; restore again\n"
+    assert not (tmp_path / "plan").exists() and not (tmp_path / "data").exists()
