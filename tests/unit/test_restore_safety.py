@@ -23,8 +23,8 @@ import pytest
 
 from connectors.storage import LocalBlobStore
 from tasks.backup.engine import BackupRequest, backup
-from tasks.backup.errors import PointNotFound, RestoreFailed, TargetExists
-from tasks.backup.repository import RecoveryPoint, Repository
+from tasks.backup.errors import PointNotFound, RestoreFailed
+from tasks.backup.repository import Repository
 from tasks.backup.restore import restore
 from tasks.backup.source import LocalBlockSource, LocalTreeSource
 from tests.trees import ACL, AS_ROOT, MIB, Escape, allocated, assert_same_tree, rich_tree
