@@ -26,8 +26,9 @@ ACL = posix_acl((0x01, 6, 0xFFFFFFFF), (0x02, 7, 1234), (0x04, 4, 0xFFFFFFFF), (
 
 
 def rich_tree(root: Path) -> Path:
-    """Files, nested directories, symlinks, a hard link pair, a FIFO, a sparse file, xattrs, a
-    POSIX ACL, a device node (as root), odd modes and times, the top directory's own included."""
+    """Files, nested directories, symlinks, a hard link pair, a FIFO, a sparse file, xattrs, an
+    access and a default POSIX ACL, a device node (as root), odd modes and times, the top
+    directory's own included."""
     (root / "etc" / "app").mkdir(parents=True)
     (root / "etc" / "app" / "app.conf").write_text("port = 8080\n")
     (root / "etc" / "current").symlink_to("app/app.conf")
@@ -42,6 +43,8 @@ def rich_tree(root: Path) -> Path:
     os.setxattr(root / "etc" / "app" / "app.conf", "user.origin", b"primary\x00\xff")
     os.setxattr(root / "etc" / "app", "user.dir-note", b"kept")
     os.setxattr(root / "data" / "table.db", "system.posix_acl_access", ACL)
+    # Set after its files exist, as on a live system: a restore must not let new files inherit it.
+    os.setxattr(root / "etc" / "app", "system.posix_acl_default", ACL)
     if AS_ROOT:
         os.mknod(root / "data" / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
         os.chown(root / "etc" / "app" / "app.conf", 4321, 8765)
