@@ -153,8 +153,8 @@ def restore(host: Annotated[str, typer.Argument(help="Host whose disk to restore
             disk: Annotated[str, typer.Argument(help="Disk name.")],
             target: Annotated[Path, typer.Argument(help="Image file, device or directory to restore to (on this machine unless --to-host).")],
             config: ConfigOption = DEFAULT_CONFIG,
-            point: Annotated[Optional[str], typer.Option("--point", help="Point time stamp (or its prefix) or key; default: latest.")] = None,
-            force: Annotated[bool, typer.Option("--force", help="Overwrite an existing target (only differing blocks are written).")] = False,
+            point: Annotated[Optional[str], typer.Option("--point", help="Point time stamp (or a prefix only one point has) or key; default: latest.")] = None,
+            force: Annotated[bool, typer.Option("--force", help="Overwrite an existing target: only differing blocks are written, and entries the point lacks are removed.")] = False,
             include: Annotated[Optional[list[str]], typer.Option("--include", "-i", help="Only this file, directory or glob (directory points; repeatable).")] = None,
             to_host: Annotated[Optional[str], typer.Option("--to-host", help="Restore onto this host of the config (default: this machine).")] = None,
             policy: PolicyOption = None, as_json: JsonOption = False) -> None:
@@ -167,9 +167,15 @@ def restore(host: Annotated[str, typer.Argument(help="Host whose disk to restore
         result = _run(lambda: _outcome(restore_run(str(config), host, disk, where, point=point, force=force,
                                                    include=include, policy=policy, target_host=to_host,
                                                    return_state=True)))
-    emit(vars(result), as_json, lambda r: console.print(
-        f"[green]restored[/] {r['point']} to {r['target']}: {r['blocks_written']}/{r['blocks']} blocks written "
-        f"({_mib(r['bytes_written'])}) in {r['seconds']:.1f}s"))
+    emit(vars(result), as_json, _render_restore)
+
+
+def _render_restore(r: dict[str, Any]) -> None:
+    removed = f", {r['removed']} entries the point lacks removed" if r["removed"] else ""
+    console.print(f"[green]restored[/] {r['point']} to {r['target']}: {r['blocks_written']}/{r['blocks']} blocks "
+                  f"written ({_mib(r['bytes_written'])}){removed} in {r['seconds']:.1f}s", highlight=False)
+    for line in r["skipped"]:
+        err_console.print(f"[yellow]not restored[/] {line}", highlight=False)
 
 
 def points(config: ConfigOption = DEFAULT_CONFIG,

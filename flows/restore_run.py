@@ -27,7 +27,9 @@ def restore_run(config_path: str, host: str, disk: str, target: str, point: Opti
     """Restore host/disk's latest point (or `point`, a time stamp or key) to target, on this
     machine or on target_host (any host of the config, e.g. an isolated DR host).
 
-    An existing target is refused unless force; forced, only blocks that differ are written.
+    An existing target is refused unless force (an empty directory, e.g. a fresh volume, needs
+    none); forced, only blocks that differ are written and, for a whole directory point, what
+    the point lacks is removed. Entries not restored as recorded are listed in their own artifact.
     Ctrl-C, SIGTERM or a cancellation from the Prefect UI stops it and ends the run Cancelled,
     saying what the target holds: nothing new (a new target is built under a temporary name
     that is removed) or part of the point (an existing target forced in place).
@@ -38,7 +40,7 @@ def restore_run(config_path: str, host: str, disk: str, target: str, point: Opti
         disk: The disk (as named in the config) whose recovery point is restored.
         target: Where to write: a file or device for a block disk, a directory for a directory.
         point: A recovery point's time stamp or key; empty for the latest.
-        force: Write over an existing target (only the blocks that differ).
+        force: Write over an existing target (only the blocks that differ; what the point lacks is removed).
         include: Only these files (paths inside a directory point); empty for everything.
         policy: Backup policy whose repository settings (key, block size) apply; empty for the default.
         target_host: Restore onto this host of the config instead of this machine.
@@ -60,7 +62,14 @@ def _restore(config_path: str, host: str, disk: str, target: str, point: str | N
     chosen = policy_from_config(loaded.config.backup_policies, policy, source=config_path)
     result = restore_task(config_path, host, disk, target, chosen, point=point, force=force, include=include,
                           target_host=target_host)
-    row = {**vars(result), "bytes_written": human_size(result.bytes_written), "seconds": f"{result.seconds:.1f} s"}
-    create_table_artifact(key=artifact_key("restore", host, disk), table=[row],
+    key = artifact_key("restore", host, disk)
+    row = {**{k: v for k, v in vars(result).items() if k != "skipped"}, "skipped": len(result.skipped),
+           "bytes_written": human_size(result.bytes_written), "seconds": f"{result.seconds:.1f} s"}
+    create_table_artifact(key=key, table=[row],
                           description=f"{current_run_name('restore')}: restored {result.point} to {result.target}")
+    if result.skipped:
+        # Per entry: what the target did not get as the point recorded it, and why.
+        create_table_artifact(key=f"{key}-skipped",
+                              table=[dict(zip(("entry", "why"), line.split(": ", 1))) for line in result.skipped],
+                              description=f"{len(result.skipped)} entries of {result.point} not restored as recorded")
     return result

@@ -57,11 +57,16 @@ class BlockMap:
         return made
 
 
-EntryType = Literal["file", "dir", "symlink"]
+EntryType = Literal["file", "dir", "symlink", "hardlink", "fifo", "chardev", "blockdev"]
+#: directory maps before version 2 have no root entry, ctime, inode, xattrs, hard links or
+#: special files; they are read as they are and restored as before
+TREE_VERSION = 2
 
 
 @dataclass
 class TreeEntry:
+    """One entry of a directory point; the JSON shape is the host scanner's (blockscan.describe)."""
+
     path: str
     type: EntryType
     mode: int
@@ -70,7 +75,13 @@ class TreeEntry:
     mtime_ns: int
     size: int = 0
     chunks: list[bytes] = field(default_factory=list)
+    #: a symlink's target, or the path of the first link of a hard-linked file
     target: str | None = None
+    ctime_ns: int | None = None
+    inode: int | None = None
+    #: name -> hex value; None: not recorded (a version 1 map), {} recorded and none there
+    xattrs: dict[str, str] | None = None
+    rdev: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"path": self.path, "type": self.type, "mode": self.mode, "uid": self.uid,
@@ -78,32 +89,57 @@ class TreeEntry:
         if self.type == "file":
             body["size"] = self.size
             body["chunks"] = [c.hex() for c in self.chunks]
-        if self.type == "symlink":
-            body["target"] = self.target
+        for name in ("target", "ctime_ns", "inode", "xattrs", "rdev"):
+            value = getattr(self, name)
+            if value is not None:
+                body[name] = value
         return body
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> "TreeEntry":
+        def optional_int(name: str) -> int | None:
+            return int(body[name]) if body.get(name) is not None else None
+
         return cls(path=body["path"], type=body["type"], mode=int(body["mode"]), uid=int(body["uid"]),
                    gid=int(body["gid"]), mtime_ns=int(body["mtime_ns"]), size=int(body.get("size", 0)),
-                   chunks=[bytes.fromhex(c) for c in body.get("chunks", [])], target=body.get("target"))
+                   chunks=[bytes.fromhex(c) for c in body.get("chunks", [])], target=body.get("target"),
+                   ctime_ns=optional_int("ctime_ns"), inode=optional_int("inode"), xattrs=body.get("xattrs"),
+                   rdev=optional_int("rdev"))
 
 
 @dataclass
 class TreeMap:
-    """A directory point: its entries in path order, parents before children."""
+    """A directory point: its entries in path order, parents before children, and (version 2)
+    the metadata of the disk's top directory and what the scan could not keep."""
 
     block_size: int
     entries: list[TreeEntry]
+    root: TreeEntry | None = None
+    #: "path: why" for each entry (or part of one, like an unreadable xattr) the scan skipped
+    skipped: list[str] = field(default_factory=list)
+    version: int = TREE_VERSION
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": "directory", "block_size": self.block_size, "entries": [e.to_json() for e in self.entries]}
+        body: dict[str, Any] = {"kind": "directory", "version": self.version, "block_size": self.block_size,
+                                "entries": [e.to_json() for e in self.entries]}
+        if self.root is not None:
+            body["root"] = self.root.to_json()
+        if self.skipped:
+            body["skipped"] = self.skipped
+        return body
 
     @classmethod
     def from_json(cls, body: dict[str, Any], *, point: str) -> "TreeMap":
         if body.get("kind") != "directory":
             raise RepositoryError(f"point {point}: its map is not a directory map")
-        return cls(block_size=int(body["block_size"]), entries=[TreeEntry.from_json(e) for e in body["entries"]])
+        version = int(body.get("version", 1))
+        if version > TREE_VERSION:
+            raise RepositoryError(f"point {point}: directory map version {version} is newer than this patchdrill "
+                                  f"reads ({TREE_VERSION}); upgrade patchdrill to restore it")
+        root = body.get("root")
+        return cls(block_size=int(body["block_size"]), entries=[TreeEntry.from_json(e) for e in body["entries"]],
+                   root=TreeEntry.from_json(root) if root else None, skipped=list(body.get("skipped", [])),
+                   version=version)
 
     def by_path(self) -> dict[str, TreeEntry]:
         return {e.path: e for e in self.entries}

@@ -111,6 +111,8 @@ class BackupRequest:
     snapshot_time: datetime | None = None
     #: the name of the backup policy that made the point, recorded in it
     policy: str | None = None
+    #: read and hash everything, trusting no size/mtime/ctime/inode match or host-side hash
+    rehash: bool = False
 
 
 def backup(repo: Repository, source: BlockSource | TreeSource, request: BackupRequest,
@@ -241,7 +243,7 @@ def _scan_blocks(source: BlockSource, request: BackupRequest, previous: BlockMap
     failed = threading.Event()
     futures: list[Future[tuple[bytes, bytes]]] = []
     size = 0
-    for block in source.blocks(request.block_size, _unmatchable(previous, forced), buffers):
+    for block in source.blocks(request.block_size, None if request.rehash else _unmatchable(previous, forced), buffers):
         if failed.is_set() or cancel.requested():
             block.release()
             break  # a worker failed or a stop was asked for: stop reading
@@ -272,7 +274,7 @@ def _scan_tree(source: TreeSource, request: BackupRequest, previous: dict[str, T
     entries: list[TreeEntry] = []
     pending: list[tuple[TreeEntry, list[Future[tuple[bytes, bytes]]], list[int]]] = []
     # Files with damaged chunks look new to the source, so it reads them again.
-    for item in source.walk({p: e for p, e in previous.items() if p not in forced}):
+    for item in source.walk({} if request.rehash else {p: e for p, e in previous.items() if p not in forced}):
         if failed.is_set() or cancel.requested():
             break
         entry = item.entry
@@ -280,7 +282,7 @@ def _scan_tree(source: TreeSource, request: BackupRequest, previous: dict[str, T
         if entry.type != "file" or item.read_blocks is None:
             continue
         old = previous.get(entry.path)
-        if unchanged(old, entry) and entry.path not in forced:
+        if not request.rehash and unchanged(old, entry) and entry.path not in forced:
             entry.chunks = list(old.chunks)  # type: ignore[union-attr]  # not read at all
             continue
         sink.add_total("scanned", entry.size)
@@ -296,6 +298,7 @@ def _scan_tree(source: TreeSource, request: BackupRequest, previous: dict[str, T
     for entry, futures, lengths in pending:
         entry.chunks = [cid for cid, _ in _collect(futures, failed)]
         entry.size = sum(lengths)  # what was read, should the file have changed under the scan
-    tree = TreeMap(block_size=request.block_size, entries=entries)
+    tree = TreeMap(block_size=request.block_size, entries=entries, root=getattr(source, "root", None),
+                   skipped=list(getattr(source, "skipped", [])))
     size = sum(e.size for e in entries)
     return _Scanned("directory", tree.to_json(), size, sum(len(e.chunks) for e in entries), len(entries))

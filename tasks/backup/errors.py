@@ -57,5 +57,10 @@ class TargetExists(BackupError):
     """A restore target exists and force was not given."""
 
 
+class RestoreFailed(BackupError):
+    """A restore target cannot be written (read-only, no space, no permission) or must not be
+    (a symbolic link, the wrong kind of file); the message names the target."""
+
+
 class SourceError(BackupError):
     """The disk to back up cannot be read (missing path, unsupported kind, scanner failure)."""

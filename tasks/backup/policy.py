@@ -39,6 +39,7 @@ class BackupPolicy(BaseModel):
     workers: int | None = Field(default=None, ge=1, le=64, description="Hash/compress/upload threads per disk (default: CPU count, 2-8).")
     pre_script: str | None = Field(default=None, description="Command run on the host before the snapshot (e.g. flush a database).")
     post_script: str | None = Field(default=None, description="Command run on the host after the snapshot (always, also on failure).")
+    rehash: bool = Field(default=False, description="Read and hash every file and block instead of skipping files whose size, mtime, ctime and inode match the previous point (and blocks whose host-side hash does): slower, for a periodic full check (e.g. a weekly policy).")
     snapshot_method: SnapshotMethod = Field(default="auto", description="How to get a consistent view: VSS (Windows), LVM or fsfreeze (Linux), none (crash-consistent).")
 
     @field_validator("block_size")

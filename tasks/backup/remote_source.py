@@ -3,7 +3,8 @@
 The scan runs on the host (connectors/remote/blockscan.py, standard library only). Changed
 blocks are read over the connector's SFTP session when it offers one (`sftp()`), else through
 blockscan's read mode, which works over any connector that runs Python. A block source compares
-host-side block hashes; a tree source compares file size and mtime with the parent point.
+host-side block hashes; a tree source compares file size, mtime, ctime and inode with the
+parent point.
 """
 
 from __future__ import annotations
@@ -14,11 +15,16 @@ import json
 from functools import partial
 from typing import Any, Iterator, Mapping
 
+import structlog
+
 from connectors.base import Connector
 from tasks.backup.blockmap import BlockMap, TreeEntry
 from tasks.backup.errors import SourceError
-from tasks.backup.source import BufferPool, SourceBlock, SourceFile, nothing_to_release, unchanged
+from tasks.backup.source import (
+    BufferPool, SourceBlock, SourceFile, entry_from_scan, nothing_to_release, unchanged,
+)
 
+log = structlog.stdlib.get_logger("patchdrill.backup")
 FINGERPRINT = "blake2b-256"
 SCRIPT = "blockscan.py"
 #: block data per read request: bounds the text one call returns over a connector's stdout
@@ -121,7 +127,7 @@ class RemoteBlockSource:
 
 class RemoteTreeSource:
     """A directory on another host: the host lists metadata; the files the engine will read
-    (changed by size or mtime against the parent point) come over in batches, many small files
+    (changed by size, mtime, ctime or inode against the parent point) come over in batches, many small files
     per round trip, large ones block by block."""
 
     def __init__(self, connector: Connector, path: str, *, batch_bytes: int = _READ_BYTES) -> None:
@@ -129,6 +135,7 @@ class RemoteTreeSource:
         self.path = path.rstrip("/") or "/"
         self.batch_bytes = batch_bytes
         self.skipped: list[str] = []
+        self.root: TreeEntry | None = None
         self._queue: list[tuple[str, int]] = []  # files still to read, in walk order
         self._fetched: dict[str, list[bytes]] = {}
 
@@ -140,12 +147,14 @@ class RemoteTreeSource:
         entries = []
         for line in result.stdout.splitlines():
             body = json.loads(line)
-            if body["type"] == "other":
-                self.skipped.append(body["path"])
-                continue
-            entries.append(TreeEntry(path=body["path"], type=body["type"], mode=body["mode"], uid=body["uid"],
-                                     gid=body["gid"], mtime_ns=body["mtime_ns"], size=body["size"],
-                                     target=body.get("target")))
+            if "skipped" in body:
+                self.skipped.append(f"{body['skipped']}: {body['why']}")
+                log.warning("backup.skipped", host=self.connector.name, source=self.path, entry=body["skipped"],
+                            why=body["why"])
+            elif body["path"] == "":
+                self.root = entry_from_scan(body)
+            elif body["type"] != "other":
+                entries.append(entry_from_scan(body))
         self._queue = [(e.path, e.size) for e in entries if e.type == "file" and not unchanged(previous.get(e.path), e)]
         for entry in entries:
             reader = partial(self._read_file, entry.path, entry.size) if entry.type == "file" else None

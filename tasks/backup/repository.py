@@ -413,10 +413,16 @@ class Repository:
         return self.read_point(found[-1]) if found else None
 
     def find_point(self, host: str, disk: str, when: str | None = None) -> RecoveryPoint:
-        """The latest point, or the one whose stamp or key is `when` (a unique prefix of the stamp works)."""
+        """The latest point, or the one whose stamp or key is `when` (a unique prefix of the stamp works;
+        a prefix that several points share is refused with the candidates, never guessed)."""
         found = self.point_keys(host, disk)
         if when:
-            found = [k for k in found if k == when or k.rsplit("/", 1)[1].startswith(when)]
+            exact = [k for k in found if k == when or k.rsplit("/", 1)[1].removesuffix(".json") == when]
+            found = exact or [k for k in found if k.rsplit("/", 1)[1].startswith(when)]
+            if len(found) > 1:
+                stamps = ", ".join(k.rsplit("/", 1)[1].removesuffix(".json") for k in found)
+                raise PointNotFound(f"{self.name}: {when!r} matches {len(found)} points of host {host!r} disk {disk!r}: "
+                                    f"{stamps}; give more of the time stamp")
         if not found:
             at = f" at {when!r}" if when else ""
             raise PointNotFound(f"{self.name}: no recovery point for host {host!r} disk {disk!r}{at}")

@@ -1,31 +1,38 @@
 """Restoring a recovery point: a whole image, a whole directory, or selected files.
 
 A new target is built under a temporary sibling name and renamed into place only when complete.
-An existing target is refused unless forced; forced, the restore is delta-aware (each target
-block is hashed and only differing blocks are written), which is what failback relies on.
-Every chunk is verified against its id before a byte of it is written.
+An existing target is refused unless forced (an empty directory needs no force); forced, the
+restore is delta-aware (each target block is hashed and only differing blocks are written),
+which is what failback relies on. Every chunk is verified against its id before a byte of it
+is written.
+
+Directories are written by the host-side tree writer (connectors/remote/blockscan.py), the same
+code a restore onto another host runs: every name is reached through directory descriptors
+with O_NOFOLLOW, so a symbolic link in the target is replaced, never followed. An existing
+directory, a mount point included, is restored in place on its own file system, and a whole
+point's restore removes what the point lacks: the result equals the point.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import os
-import shutil
 import stat
 import threading
 import time
-import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Mapping
 
 import structlog
 
+from connectors.remote import blockscan
 from tasks.backup import cancel, progress as progress_mod
 from tasks.backup.blockmap import BlockMap, TreeEntry, TreeMap
 from tasks.backup.engine import default_workers
-from tasks.backup.errors import PointNotFound, TargetExists
+from tasks.backup.errors import PointNotFound, RestoreFailed, TargetExists
 from tasks.backup.progress import ProgressSink
 from tasks.backup.repository import RecoveryPoint, Repository
 
@@ -44,16 +51,23 @@ class RestoreResult:
     bytes_written: int
     files: int | None
     seconds: float
+    #: entries of an existing target that the point lacks, removed so the result equals the point
+    removed: int = 0
+    #: "path: why" for what was not restored as recorded (e.g. a device node without root,
+    #: an xattr the target's file system refuses, a socket the backup could not keep)
+    skipped: list[str] = field(default_factory=list)
 
 
 class _Blocks:
     """Fetches verified chunks (with a small cache for recurring ones) and writes them at offsets."""
 
-    def __init__(self, repo: Repository, point: RecoveryPoint, recurring: set[bytes], sink: ProgressSink) -> None:
+    def __init__(self, repo: Repository, point: RecoveryPoint, recurring: set[bytes], sink: ProgressSink,
+                 block_size: int) -> None:
         self.repo = repo
         self.point = point
         self.recurring = recurring
         self.sink = sink
+        self.zero = repo.codec.chunk_id(bytes(block_size))
         self._cache: dict[bytes, bytes] = {}
         self._cached_bytes = 0
         self._lock = threading.Lock()
@@ -72,36 +86,60 @@ class _Blocks:
                     self._cached_bytes += len(data)
         return data
 
-    def write(self, fd: int, chunk_id: bytes, offset: int, length: int, *, delta: bool, skip_zero: bytes | None) -> None:
+    def write(self, fd: int, chunk_id: bytes, offset: int, length: int, *, fresh: bool, punch: bool) -> None:
+        """Write one block. fresh: the file is new and reads as zeros (only non-zero pages are
+        written); otherwise the block is hashed first and written only if it differs, with
+        zero pages punched as holes where punch (regular files)."""
         cancel.check()  # every block is queued up front: a stop drops the rest unwritten
-        if delta:
+        if not fresh:
             current = os.pread(fd, length, offset)
             if len(current) == length and self.repo.codec.chunk_id(current) == chunk_id:
                 self.sink.advance("restored", length)
                 return
-        if chunk_id != skip_zero:  # a fresh, pre-sized file already reads as zeros there
+        if not (fresh and chunk_id == self.zero):
             data = self.chunk(chunk_id)
-            os.pwrite(fd, data, offset)
+            blockscan.write_sparse(fd, data, offset, fresh, punch)
             with self._lock:
                 self.written_blocks += 1
                 self.written_bytes += len(data)
         self.sink.advance("restored", length)
 
 
-def _temp_sibling(target: Path) -> Path:
-    return target.with_name(f".{target.name}.patchdrill-restore-{uuid.uuid4().hex[:12]}")
-
-
-def _check_target(target: Path, force: bool, point: RecoveryPoint) -> bool:
-    """Whether target exists (and may be overwritten); refuses an existing one without force."""
-    if not os.path.lexists(target):
+def decide(found: Mapping[str, Any], point: RecoveryPoint, force: bool, where: str) -> bool:
+    """Whether an existing target is restored onto in place, from blockscan.probe's description
+    of it; refuses what must not be touched. Shared by local and host restores."""
+    if found.get("readonly"):
+        raise RestoreFailed(f"cannot restore into {where!r}: Read-only file system")
+    if found.get("writable") is False and not (found["exists"] and found.get("kind") in ("file", "blockdev")):
+        raise RestoreFailed(f"cannot restore into {where!r}: Permission denied (its directory is not writable)")
+    if not found["exists"]:
         return False
-    if target.is_dir() and point.kind == "directory" and not any(target.iterdir()):
-        return False  # an empty directory holds nothing to lose
+    kind = found["kind"]
+    if kind == "symlink":
+        if point.kind == "block" and found.get("resolved") == "blockdev":
+            kind = "blockdev"  # /dev/disk/by-id/… names are links to the device itself
+        else:
+            raise RestoreFailed(f"restore target {where!r} is a symbolic link (to {found['link']!r}): a restore never "
+                                "follows one; give the path it leads to")
+    if point.kind == "directory" and kind != "dir":
+        raise RestoreFailed(f"restore target {where!r} is not a directory; point {point.key} is a directory tree")
+    if point.kind == "block" and kind not in ("file", "blockdev"):
+        raise RestoreFailed(f"restore target {where!r} is not an image file or block device; point {point.key} "
+                            "is a block-level image")
+    if kind == "dir" and found.get("empty"):
+        return True  # an empty directory (a freshly mounted volume) holds nothing to lose
     if not force:
-        raise TargetExists(f"restore target {str(target)!r} exists; use --force (force=True) to overwrite it "
-                           f"(only blocks that differ from point {point.key} are written)")
+        raise TargetExists(f"restore target {where!r} exists; use --force (force=True) to overwrite it "
+                           f"(only blocks that differ from point {point.key} are written, and what the point "
+                           "lacks is removed)")
     return True
+
+
+def os_problem(where: str, exc: OSError) -> str:
+    """One line naming the target (and the entry in it) instead of a temporary path."""
+    at = getattr(exc, "restore_path", "")
+    inside = f" (at {at!r})" if at else ""
+    return f"cannot restore into {where!r}{inside}: {exc.strerror or exc}"
 
 
 def restore(repo: Repository, point: RecoveryPoint, target: str | Path, *, force: bool = False,
@@ -109,75 +147,92 @@ def restore(repo: Repository, point: RecoveryPoint, target: str | Path, *, force
             progress: ProgressSink | None = None, sync: bool = True) -> RestoreResult:
     """Restore point to target (a file/device path, or a directory for directory points).
 
-    sync=True (the default) flushes an image to stable storage before it is renamed into place
-    or reported restored: after a disaster, "restored" should survive the next power cut.
+    sync=True (the default) flushes an image, and the directory holding it, to stable storage
+    before it is reported restored: after a disaster, "restored" should survive the next power
+    cut. Directory restores always fsync every file and directory they write.
     """
     sink = progress or progress_mod.current()
     started = time.monotonic()
     target = Path(target).absolute()
     body = repo.get_map(point.map.id, point=point.key)
-    # A restore into a fresh location (a DR target, an empty volume) creates the path to it.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="restore") as pool:
-        if point.kind == "block":
-            if include:
-                raise PointNotFound(f"point {point.key} is a block-level image: it has no files to select")
-            block_map = BlockMap.from_json(body, point=point.key)
-            recurring = {c for c, n in Counter(block_map.chunks).items() if n > 1}
-            blocks = _Blocks(repo, point, recurring, sink)
-            _restore_image(block_map, target, force, point, blocks, pool, sink, sync)
-            total, files = len(block_map.chunks), None
-        else:
-            tree = TreeMap.from_json(body, point=point.key)
-            entries = _select(tree.entries, include, point)
-            recurring = {c for c, n in Counter(c for e in entries for c in e.chunks).items() if n > 1}
-            blocks = _Blocks(repo, point, recurring, sink)
-            _restore_tree(entries, tree.block_size, target, force, point, blocks, pool, sink)
-            total, files = sum(len(e.chunks) for e in entries), len(entries)
+    if point.kind == "block" and include:
+        raise PointNotFound(f"point {point.key} is a block-level image: it has no files to select")
+    removed, skipped = 0, []
+    try:
+        # A restore into a fresh location (a DR target, an empty volume) creates the path to it.
+        target.parent.mkdir(parents=True, exist_ok=True)
+        found = blockscan.probe(str(target))
+        if found["removed"]:
+            log.warning("restore.leftovers_removed", target=str(target), removed=found["removed"])
+        in_place = decide(found, point, force, str(target))
+        with ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="restore") as pool:
+            if point.kind == "block":
+                block_map = BlockMap.from_json(body, point=point.key)
+                recurring = {c for c, n in Counter(block_map.chunks).items() if n > 1}
+                blocks = _Blocks(repo, point, recurring, sink, block_map.block_size)
+                _restore_image(block_map, target, in_place, blocks, pool, sink, sync)
+                total, files = len(block_map.chunks), None
+            else:
+                tree = TreeMap.from_json(body, point=point.key)
+                entries = select_entries(tree.entries, include, point)
+                recurring = {c for c, n in Counter(c for e in entries for c in e.chunks).items() if n > 1}
+                blocks = _Blocks(repo, point, recurring, sink, tree.block_size)
+                sink.add_total("restored", sum(e.size for e in entries))
+                removed, skipped = _restore_tree(tree, entries, target, whole=not include, blocks=blocks, pool=pool)
+                total, files = sum(len(e.chunks) for e in entries), len(entries)
+    except OSError as exc:
+        raise RestoreFailed(os_problem(str(target), exc)) from None
     result = RestoreResult(point=point.key, target=str(target), blocks=total, blocks_written=blocks.written_blocks,
-                           bytes_written=blocks.written_bytes, files=files, seconds=round(time.monotonic() - started, 3))
+                           bytes_written=blocks.written_bytes, files=files, seconds=round(time.monotonic() - started, 3),
+                           removed=removed, skipped=skipped)
     log.info("restore.done", point=point.key, target=str(target), blocks=total,
-             blocks_written=blocks.written_blocks, seconds=result.seconds)
+             blocks_written=blocks.written_blocks, removed=removed, skipped=len(skipped), seconds=result.seconds)
+    for line in skipped:
+        log.warning("restore.skipped", target=str(target), entry=line)
     return result
 
 
-def _restore_image(block_map: BlockMap, target: Path, force: bool, point: RecoveryPoint, blocks: _Blocks,
+def _restore_image(block_map: BlockMap, target: Path, in_place: bool, blocks: _Blocks,
                    pool: ThreadPoolExecutor, sink: ProgressSink, sync: bool) -> None:
-    exists = _check_target(target, force, point)
     sink.add_total("restored", block_map.size)
-    if exists:
-        is_device = stat.S_ISBLK(os.stat(target).st_mode)
-        fd = os.open(target, os.O_RDWR)
+    if in_place:
+        # decide() let a link through only when it leads to a block device.
+        fd = os.open(os.path.realpath(target), os.O_RDWR | os.O_CLOEXEC)
         try:
-            _write_blocks(fd, block_map.chunks, block_map.block_size, block_map.size, blocks, pool, delta=True, zero=None)
-            if not is_device:
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+            _write_blocks(fd, block_map.chunks, block_map.block_size, block_map.size, blocks, pool,
+                          fresh=False, punch=regular)
+            if regular:
                 os.ftruncate(fd, block_map.size)
             if sync:
                 os.fsync(fd)
         finally:
             os.close(fd)
         return
-    temp = _temp_sibling(target)
+    temp = blockscan.temp_name(target)
     try:
-        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, block_map.size)
-            zero = blocks.repo.codec.chunk_id(bytes(block_map.block_size))
-            _write_blocks(fd, block_map.chunks, block_map.block_size, block_map.size, blocks, pool, delta=False, zero=zero)
+            _write_blocks(fd, block_map.chunks, block_map.block_size, block_map.size, blocks, pool,
+                          fresh=True, punch=True)
             if sync:
                 os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(temp, target)
+        if sync:
+            blockscan.fsync_dir(str(target.parent))
     except BaseException:
-        temp.unlink(missing_ok=True)
+        if os.path.lexists(temp):
+            os.unlink(temp)
         raise
 
 
 def _write_blocks(fd: int, chunks: list[bytes], block_size: int, size: int, blocks: _Blocks,
-                  pool: ThreadPoolExecutor, *, delta: bool, zero: bytes | None) -> None:
+                  pool: ThreadPoolExecutor, *, fresh: bool, punch: bool) -> None:
     futures = [pool.submit(blocks.write, fd, cid, i * block_size, min(block_size, size - i * block_size),
-                           delta=delta, skip_zero=zero) for i, cid in enumerate(chunks)]
+                           fresh=fresh, punch=punch) for i, cid in enumerate(chunks)]
     try:
         for f in futures:
             f.result()
@@ -187,9 +242,10 @@ def _write_blocks(fd: int, chunks: list[bytes], block_size: int, size: int, bloc
         raise
 
 
-def _select(entries: list[TreeEntry], include: list[str] | None, point: RecoveryPoint) -> list[TreeEntry]:
+def select_entries(entries: list[TreeEntry], include: list[str] | None, point: RecoveryPoint) -> list[TreeEntry]:
     """Entries matching include (exact paths, directories with their contents, or glob patterns),
-    plus the directories above them so they have somewhere to go."""
+    plus the directories above them so they have somewhere to go, and the first link of any
+    selected hard link."""
     if not include:
         return entries
     patterns = [p.strip("/") for p in include]
@@ -200,78 +256,36 @@ def _select(entries: list[TreeEntry], include: list[str] | None, point: Recovery
     chosen = {e.path for e in entries if wanted(e.path)}
     if not chosen:
         raise PointNotFound(f"point {point.key} has no file matching {', '.join(include)}")
+    chosen |= {e.target for e in entries if e.path in chosen and e.type == "hardlink" and e.target}
     parents = {"/".join(p.split("/")[:i]) for p in chosen for i in range(1, p.count("/") + 1)}
     return [e for e in entries if e.path in chosen or (e.path in parents and e.type == "dir")]
 
 
-def _restore_tree(entries: list[TreeEntry], block_size: int, target: Path, force: bool, point: RecoveryPoint,
-                  blocks: _Blocks, pool: ThreadPoolExecutor, sink: ProgressSink) -> None:
-    exists = _check_target(target, force, point)
-    sink.add_total("restored", sum(e.size for e in entries))
-    if exists:
-        _write_tree(entries, block_size, target, blocks, pool, delta=True)
-        return
-    temp = _temp_sibling(target)
-    try:
-        temp.mkdir(mode=0o700)
-        _write_tree(entries, block_size, temp, blocks, pool, delta=False)
-        if target.is_dir():
-            target.rmdir()  # empty, checked above
-        os.replace(temp, target)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
+def tree_plan(tree: TreeMap, entries: list[TreeEntry], *, whole: bool) -> dict[str, Any]:
+    """What the tree writer is handed: the entries, the root's metadata and whether to remove
+    what the point lacks (both only when the whole point is restored, not selected files)."""
+    def body(entry: TreeEntry) -> dict[str, Any]:
+        found = entry.to_json()
+        found.pop("chunks", None)  # the writer is handed content, not chunk ids
+        if tree.version >= 2 and entry.type in ("file", "dir"):
+            # Version 2 maps record every xattr, so none listed means none (stray ones go);
+            # version 1 maps recorded none at all, so the target's are left alone.
+            found.setdefault("xattrs", {})
+        return found
+
+    return {"root": body(tree.root) if whole and tree.root else None,
+            "entries": [body(e) for e in entries], "prune": whole}
 
 
-def _write_tree(entries: list[TreeEntry], block_size: int, root: Path, blocks: _Blocks,
-                pool: ThreadPoolExecutor, *, delta: bool) -> None:
+def _restore_tree(tree: TreeMap, entries: list[TreeEntry], target: Path, *, whole: bool, blocks: _Blocks,
+                  pool: ThreadPoolExecutor) -> tuple[int, list[str]]:
+    by_path = {e.path: e for e in entries}
+
+    def write_file(fd: int, body: dict[str, Any], in_place: bool) -> None:
+        cancel.check()  # between files: a stop leaves the rest of the tree as it was
+        entry = by_path[body["path"]]
+        _write_blocks(fd, entry.chunks, tree.block_size, entry.size, blocks, pool, fresh=not in_place, punch=True)
+
     as_root = hasattr(os, "geteuid") and os.geteuid() == 0
-    for entry in entries:
-        cancel.check()
-        path = root.joinpath(*entry.path.split("/"))
-        if entry.type == "dir":
-            if os.path.lexists(path) and not path.is_dir():
-                path.unlink()
-            path.mkdir(mode=0o700, exist_ok=True)
-        elif entry.type == "symlink":
-            if os.path.lexists(path):
-                _remove(path)
-            os.symlink(entry.target or "", path)
-        else:
-            _write_file(entry, block_size, path, blocks, pool, delta=delta)
-        if entry.type != "dir":
-            _apply_metadata(path, entry, as_root)
-    # Directories last and deepest first: writing into one changes its mtime.
-    for entry in reversed(entries):
-        if entry.type == "dir":
-            _apply_metadata(root.joinpath(*entry.path.split("/")), entry, as_root)
-
-
-def _write_file(entry: TreeEntry, block_size: int, path: Path, blocks: _Blocks, pool: ThreadPoolExecutor,
-                *, delta: bool) -> None:
-    if os.path.lexists(path) and not (path.is_file() and not path.is_symlink()):
-        _remove(path)
-    in_place = delta and path.is_file()
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        if not in_place:
-            os.ftruncate(fd, 0)
-        _write_blocks(fd, entry.chunks, block_size, entry.size, blocks, pool, delta=in_place, zero=None)
-        os.ftruncate(fd, entry.size)
-    finally:
-        os.close(fd)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
-
-
-def _apply_metadata(path: Path, entry: TreeEntry, as_root: bool) -> None:
-    if as_root:
-        os.chown(path, entry.uid, entry.gid, follow_symlinks=False)
-    if entry.type != "symlink":
-        os.chmod(path, entry.mode)
-    os.utime(path, ns=(entry.mtime_ns, entry.mtime_ns), follow_symlinks=False)
+    removed, skipped = blockscan.place_tree(str(target), tree_plan(tree, entries, whole=whole), write_file, as_root)
+    return removed, tree.skipped + [f"{path}: {why}" for path, why in skipped]

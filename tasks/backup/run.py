@@ -128,7 +128,7 @@ def back_up_disk(config: PatchdrillConfig, base_dir: Path, host: HostConfig, dis
                                     block_size=policy.block_size, workers=policy.workers or default_workers(),
                                     # A live view ("none") is read after the lock: the engine stamps it then.
                                     snapshot_time=snap.taken_at if snap.method != "none" else None,
-                                    policy=policy_name(config, policy))
+                                    policy=policy_name(config, policy), rehash=policy.rehash)
             cancel.check()  # stopped while the snapshot was taken: leaving the block removes it
             if windows:
                 # Windows hosts upload straight to Azure Blob (docs/repository.md, *Windows hosts*).

@@ -11,13 +11,18 @@ from __future__ import annotations
 import os
 import queue
 import stat
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Protocol, runtime_checkable
+from typing import Any, Callable, Iterator, Mapping, Protocol, runtime_checkable
 
+import structlog
+
+from connectors.remote import blockscan
 from tasks.backup.blockmap import BlockMap, TreeEntry
 from tasks.backup.errors import SourceError
+
+log = structlog.stdlib.get_logger("patchdrill.backup")
 
 
 class BufferPool:
@@ -73,9 +78,17 @@ class SourceFile:
 
 
 def unchanged(old: TreeEntry | None, new: TreeEntry) -> bool:
-    """A file whose size and mtime match the parent point's is not read again (as restic does)."""
+    """A file is not read again when its size, mtime, ctime and inode all match the parent
+    point's (restic's default). ctime catches an edit whose mtime was set back; the inode, a
+    file replaced by another. A parent that recorded no ctime (an older point) proves nothing."""
     return (old is not None and old.type == "file" and new.type == "file"
-            and old.size == new.size and old.mtime_ns == new.mtime_ns)
+            and old.size == new.size and old.mtime_ns == new.mtime_ns
+            and old.ctime_ns is not None and old.ctime_ns == new.ctime_ns and old.inode == new.inode)
+
+
+def entry_from_scan(body: Mapping[str, Any]) -> TreeEntry:
+    """A TreeEntry from one line of the scanner's tree listing (connectors/remote/blockscan.py)."""
+    return TreeEntry.from_json({**body, "chunks": []})
 
 
 @runtime_checkable
@@ -145,40 +158,33 @@ class LocalBlockSource:
 
 
 class LocalTreeSource:
-    """A directory on this machine: entries in sorted path order, parents first."""
+    """A directory on this machine, listed by the same code a host runs (blockscan.entries):
+    the root first, then entries in sorted path order, parents first."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
         if not os.path.isdir(self.path):
             raise SourceError(f"cannot back up {self.path!r}: not a directory")
         self.skipped: list[str] = []
+        self.root: TreeEntry | None = None
 
     def walk(self, previous: Mapping[str, TreeEntry]) -> Iterator[SourceFile]:
-        yield from self._walk(self.path, "")
-
-    def _walk(self, directory: str, relative: str) -> Iterator[SourceFile]:
+        skipped: list[list[str]] = []
         try:
-            names = sorted(os.listdir(directory))
+            for body in blockscan.entries(self.path, skipped):
+                entry = entry_from_scan(body)
+                if entry.path == "":
+                    self.root = entry
+                elif body["type"] != "other":
+                    full = os.path.join(self.path, entry.path)
+                    reader = partial(_read_file, full, entry.size) if entry.type == "file" else None
+                    yield SourceFile(entry, reader)
         except OSError as exc:
-            raise SourceError(f"cannot list {directory!r}: {exc.strerror}") from None
-        for name in names:
-            full = os.path.join(directory, name)
-            rel = f"{relative}{name}"
-            try:
-                st = os.lstat(full)
-            except FileNotFoundError:
-                continue  # deleted while walking a live tree
-            entry = TreeEntry(path=rel, type="dir", mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid,
-                              mtime_ns=st.st_mtime_ns)
-            if stat.S_ISLNK(st.st_mode):
-                yield SourceFile(replace(entry, type="symlink", target=os.readlink(full)))
-            elif stat.S_ISDIR(st.st_mode):
-                yield SourceFile(entry)
-                yield from self._walk(full, rel + "/")
-            elif stat.S_ISREG(st.st_mode):
-                yield SourceFile(replace(entry, type="file", size=st.st_size), partial(_read_file, full, st.st_size))
-            else:
-                self.skipped.append(rel)
+            raise SourceError(f"cannot list {exc.filename or self.path!r}: {exc.strerror}") from None
+        finally:
+            self.skipped.extend(f"{path}: {why}" for path, why in skipped)
+            for path, why in skipped:
+                log.warning("backup.skipped", source=self.path, entry=path, why=why)
 
 
 def is_directory_disk(path: str, kind: str) -> bool:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import socket
+import subprocess
 from pathlib import Path
 from typing import Callable
 
@@ -11,6 +14,8 @@ import pytest
 import yaml
 
 from flows.cli import app
+from tests.e2e.test_backup_flows import _artifact
+from tests.trees import assert_same_tree, rich_tree
 
 pytestmark = pytest.mark.e2e
 BLOCK = 64 * 1024
@@ -99,3 +104,77 @@ def test_errors_are_one_line(lab: Path, tmp_path: Path, monkeypatch: pytest.Monk
 
     code, _, err = cli("backup", "-c", str(lab), "--policy", "weekly")
     assert code == 1 and "no backup policy 'weekly'" in err and "default" in err
+
+
+@pytest.fixture
+def tree_lab(tmp_path: Path) -> Path:
+    """A directory disk with a socket in it (which no backup can keep) and a config for it."""
+    src = rich_tree(tmp_path / "primary")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(src / "app.sock"))
+    listener.close()
+    cfg = tmp_path / "lab.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "storage": {"kind": "local", "path": "store"},
+        "hosts": [{"name": "lab-1", "transport": "local",
+                   "disks": [{"name": "srv", "path": "primary", "kind": "directory"}]}],
+        "backup_policies": {"default": {"block_size": BLOCK}},
+    }))
+    return cfg
+
+
+def test_failback_through_the_cli(prefect_server: None, tree_lab: Path, tmp_path: Path,
+                                  cli: Callable[..., tuple[int, str, str]]) -> None:
+    src = tmp_path / "primary"
+    assert cli("backup", "-c", str(tree_lab), "--json")[0] == 0
+    target = tmp_path / "dr"
+    code, out, err = cli("restore", "lab-1", "srv", str(target), "-c", str(tree_lab))
+    assert code == 0, err
+    # Said per entry, on the terminal and in the run's artifact: what the point could not keep.
+    assert "not restored app.sock: socket: not backed up" in err
+    rows = [row for data in _artifact("restore-lab-1-srv-skipped") for row in (json.loads(data) if isinstance(data, str) else data)]
+    assert {"entry": "app.sock", "why": "socket: not backed up (a program recreates it)"} in rows
+    kept = os.stat(src).st_mtime_ns
+    (src / "app.sock").unlink()
+    os.utime(src, ns=(kept, kept))
+    assert_same_tree(src, target)
+
+    # The DR side drifts while it serves; failback restores the primary's latest point onto it.
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (target / "etc" / "app").rename(target / "etc" / "app-moved")
+    (target / "etc" / "app").symlink_to(outside)
+    (target / "orphan.log").write_text("written on the DR side")
+    code, out, err = cli("restore", "lab-1", "srv", str(target), "-c", str(tree_lab), "--force")
+    assert code == 0, err
+    assert "3 entries the point lacks removed" in out  # app-moved, the app.conf in it, orphan.log
+    assert list(outside.iterdir()) == []
+    assert_same_tree(src, target)
+
+
+def test_restore_mistakes_are_one_line(prefect_server: None, lab: Path, tmp_path: Path,
+                                       cli: Callable[..., tuple[int, str, str]]) -> None:
+    config = yaml.safe_load(lab.read_text())
+    config["backup_policies"]["default"]["keep_last"] = 5
+    lab.write_text(yaml.safe_dump(config))
+    for _ in range(2):
+        assert cli("backup", "-c", str(lab), "--json")[0] == 0
+    code, out, _ = cli("points", "-c", str(lab), "--json")
+    stamps = [p["time"] for p in json.loads(out)]
+    day = stamps[0][:10].replace("-", "")
+    code, _, err = cli("restore", "lab-1", "os", str(tmp_path / "x.img"), "-c", str(lab), "--point", day)
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"'{day}' matches 2 points" in err and "give more of the time stamp" in err
+
+    if os.geteuid() != 0:
+        return
+    media = tmp_path / "media"
+    media.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(media)], check=True)
+    try:
+        # --json: no progress bar on stderr beside the error line
+        code, _, err = cli("restore", "lab-1", "os", str(media / "disk.img"), "-c", str(lab), "--json")
+    finally:
+        subprocess.run(["umount", str(media)], check=True)
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"cannot restore into '{media / 'disk.img'}': Read-only file system" in err

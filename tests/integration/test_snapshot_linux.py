@@ -8,7 +8,6 @@ device-mapper), so it is covered in tests/unit/test_snapshot_lvm.py with stand-i
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -144,27 +143,6 @@ def test_an_offline_host_is_crash_consistent_without_a_call(ssh_host_config: Hos
 
 
 # -- a real file system: fsfreeze and reflink ------------------------------------------------
-
-@pytest.fixture
-def xfs(tmp_path: Path) -> Iterator[Path]:
-    """A loop-mounted XFS image with reflink, private to the test."""
-    if os.geteuid() != 0 or not shutil.which("mkfs.xfs"):
-        pytest.skip("needs root and xfsprogs (apt-get install xfsprogs) for a loop-mounted XFS")
-    image, mount = tmp_path / "xfs.img", tmp_path / "mnt"
-    mount.mkdir()
-    with image.open("wb") as handle:
-        handle.truncate(320 << 20)
-    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], check=True)
-    mounted = subprocess.run(["mount", "-o", "loop", str(image), str(mount)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot loop-mount an XFS image here: {mounted.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        # A failed test must not leave a frozen file system behind.
-        subprocess.run(["fsfreeze", "--unfreeze", str(mount)], capture_output=True)
-        subprocess.run(["umount", str(mount)], check=True)
-
 
 def is_frozen(mount: Path) -> bool:
     """Freezing a frozen file system fails with EBUSY; otherwise freeze it back out at once."""
