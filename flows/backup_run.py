@@ -1,7 +1,6 @@
 """Back up the selected hosts: snapshot, changed-block scan, delta upload, recovery point,
 snapshot removal, then retention. Runbook order; the steps live in tasks/backup/."""
 
-from __future__ import annotations
 
 from pathlib import Path
 

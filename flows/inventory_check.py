@@ -4,7 +4,6 @@ The smallest whole flow: a task per host, a table artifact, logs in the UI. Runs
 CLI (`patchdrill hosts ping` calls the same task logic directly), a deployment or the UI.
 """
 
-from __future__ import annotations
 
 from pathlib import Path
 

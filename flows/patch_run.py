@@ -15,7 +15,6 @@ The runbook, step by step:
 7. record a history entry per host, publish the compliance table and the summary.
 """
 
-from __future__ import annotations
 
 import os
 import uuid

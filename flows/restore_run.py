@@ -1,6 +1,5 @@
 """Restore a recovery point: a whole disk or directory, or selected files, delta-aware."""
 
-from __future__ import annotations
 
 from pathlib import Path
 

@@ -13,6 +13,9 @@ from typing import Annotated, Any
 
 from pydantic import WithJsonSchema
 
+# Flow modules using these aliases evaluate their annotations at definition time (no
+# `from __future__ import annotations`): the engine of a served run validates parameters from
+# the function's annotations and cannot resolve an alias named only in a string.
 # Optional selections stay None for "all" when called from Python or the CLI, while the form
 # shows a plain list or text field: an `anyOf [..., null]` schema renders as
 # `Property is type "None"`.

@@ -1,6 +1,5 @@
 """Verify the repository: read back every chunk (or a sample) the points name."""
 
-from __future__ import annotations
 
 from pathlib import Path
 

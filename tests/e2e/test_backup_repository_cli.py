@@ -128,7 +128,7 @@ def test_nightly_run_shows_prune_deferred_in_its_artifact(prefect_server: None, 
 
     async def descriptions() -> list[str]:
         async with get_client() as client:
-            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["backup-run"])))
+            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["backup-all"])))
         return [a.description or "" for a in found]
 
     latest = [d for d in anyio.run(descriptions) if "prune deferred" in d]

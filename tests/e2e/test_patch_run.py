@@ -314,7 +314,7 @@ def test_failed_health_probe_stops_the_rollout_before_the_next_update_domain(
 
     # A stopped rollout fails the run (an "on Failed" automation fires), its artifacts still published.
     assert state.is_failed() and "rollout stopped" in (state.message or "") and "budget-bad" in (state.message or "")
-    assert {"patch-run-compliance", "patch-run-summary"} <= set(run_artifacts(report.run_id))
+    assert {"patch-all-compliance", "patch-all-summary"} <= set(run_artifacts(report.run_id))
     rows = records(report)
     assert rows["budget-bad"].status == "failed" and rows["budget-bad"].rebooted
     assert "health: command" in rows["budget-bad"].reason and "exited 1" in rows["budget-bad"].reason
@@ -427,9 +427,9 @@ def test_a_failing_pre_hook_skips_the_host_untouched(prefect_server: None, lab_h
     # A skipped host still misses everything it missed, in its record and the compliance table.
     assert states(record) == {"demo-kernel=1.1": ComplianceState.MISSING, "demo-web=1.1": ComplianceState.MISSING,
                               "demo-db=1.2": ComplianceState.EXCLUDED}
-    table = {row["update"]: row["state"] for row in run_artifacts(report.run_id)["patch-run-compliance"]}
+    table = {row["update"]: row["state"] for row in run_artifacts(report.run_id)["patch-all-compliance"]}
     assert table == {"demo-kernel=1.1": "Missing", "demo-web=1.1": "Missing", "demo-db=1.2": "Excluded"}
-    assert "| drained | skipped | no | 0 | 0 | 2 | 0 |" in run_artifacts(report.run_id)["patch-run-summary"]
+    assert "| drained | skipped | no | 0 | 0 | 2 | 0 |" in run_artifacts(report.run_id)["patch-all-summary"]
 
 
 def test_cli_assess_and_dry_run_report_without_changing_the_host(
@@ -576,7 +576,7 @@ def test_rejected_approval_cancels_the_run_with_the_approvers_comment(
     [record] = json.loads(result.stdout)["records"]
     assert record["status"] == "skipped" and record["reason"] == "not approved: change freeze until Friday"
     assert host.versions() == {"demo-web": "1.0", "demo-kernel": "1.0", "demo-db": "1.0"}
-    table = {row["update"]: row["state"] for row in run_artifacts(str(paused))["patch-run-compliance"]}
+    table = {row["update"]: row["state"] for row in run_artifacts(str(paused))["patch-all-compliance"]}
     assert table == {"demo-kernel=1.1": "Missing", "demo-web=1.1": "Missing", "demo-db=1.2": "Excluded"}
 
 
@@ -599,7 +599,7 @@ def test_a_failed_install_fails_the_run_and_the_command(prefect_server: None, la
     state = flow_run_state(report["run_id"])
     assert state.is_failed() and state.message == "1 host(s) not patched: install-fails"
     artifacts = run_artifacts(report["run_id"])
-    assert {row["update"]: row["state"] for row in artifacts["patch-run-compliance"]}["demo-web=1.3"] == "Failed"
+    assert {row["update"]: row["state"] for row in artifacts["patch-all-compliance"]}["demo-web=1.3"] == "Failed"
 
 
 def test_assess_and_dry_run_say_they_refresh_lists_and_no_refresh_changes_nothing(
