@@ -10,7 +10,8 @@ from datetime import time
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from configs.secrets import check_reference
 from tasks.backup.policy import BackupPolicy
@@ -155,14 +156,25 @@ class PatchdrillConfig(Strict):
     backup_policies: dict[str, BackupPolicy] = Field(default_factory=dict)
     recovery_plans: dict[str, RecoveryPlan] = Field(default_factory=dict)
 
-    @model_validator(mode="after")
-    def _unique_hosts(self) -> "PatchdrillConfig":
-        seen: set[str] = set()
-        for host in self.hosts:
-            if host.name in seen:
-                raise ValueError(f"host name {host.name!r} appears twice")
-            seen.add(host.name)
-        return self
+    @field_validator("hosts")
+    @classmethod
+    def _unique_hosts(cls, hosts: list[HostConfig]) -> list[HostConfig]:
+        # Raised as a ValidationError so each problem carries its own path (hosts[3].name), and
+        # so its own line: pydantic prefixes the path and keeps it, where a plain ValueError
+        # would point at the whole list.
+        first: dict[str, int] = {}
+        problems: list[InitErrorDetails] = []
+        for index, host in enumerate(hosts):
+            if host.name in first:
+                problems.append(InitErrorDetails(
+                    type=PydanticCustomError("duplicate_host", "host name '{name}' appears twice; first at hosts[{first}]",
+                                             {"name": host.name, "first": first[host.name]}),
+                    loc=(index, "name"), input=host.name))
+            else:
+                first[host.name] = index
+        if problems:
+            raise ValidationError.from_exception_data("hosts", problems)
+        return hosts
 
     def select(self, groups: list[str] | None = None, names: list[str] | None = None) -> list[HostConfig]:
         chosen = [h for h in self.hosts if (not groups or set(groups) & set(h.groups)) and (not names or h.name in names)]

@@ -13,6 +13,7 @@ from rich.table import Table
 from configs.models import PatchdrillConfig
 from flows.cli_common import (
     DEFAULT_CONFIG, ConfigOption, GroupsOption, HostsOption, JsonOption, console, emit, fail, load_or_exit,
+    report_problems,
 )
 from flows.logs import configure
 
@@ -47,9 +48,9 @@ def config_check(file: Annotated[Path, typer.Argument(help="Config file to valid
     except ConfigError as exc:
         if as_json:
             typer.echo(json.dumps({"file": str(file), "ok": False, "problems": [p.__dict__ for p in exc.problems]}, indent=2))
-            raise typer.Exit(1) from None
-        load_or_exit(file)
-        return
+        else:
+            report_problems(exc)
+        raise typer.Exit(1) from None
     cfg = loaded.config
     summary = {"file": str(file), "ok": True, "hosts": len(cfg.hosts), "storage": cfg.storage.kind}
     emit(summary, as_json, lambda d: console.print(f"[green]ok[/] {d['file']}: {d['hosts']} hosts, {d['storage']} storage"))
