@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from datetime import time
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -19,6 +20,13 @@ from tasks.patching.models import PatchPolicy
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def field_error(field: str, kind: str, message: str) -> ValidationError:
+    """A model-level check's error placed on one field, so the loader can name that field's line
+    (a plain ValueError from a model validator points at the whole model)."""
+    return ValidationError.from_exception_data(
+        field, [InitErrorDetails(type=PydanticCustomError(kind, message), loc=(field,), input=None)])
 
 
 class Strict(BaseModel):
@@ -126,6 +134,11 @@ class AzureStorage(Strict):
     account_url: str | None = Field(default=None, description="https://ACCOUNT.blob.core.windows.net (with account_key or DefaultAzureCredential).")
     account_key: CredentialRef | None = Field(default=None, description="Reference to the account key (with account_url).")
     prefix: str = Field(default="", description="Key prefix inside the container, to share one container.")
+    allow_insecure_transport: bool = Field(
+        default=False,
+        description="Permit an http:// account_url, such as a local Azurite emulator (labs only). Off by default: "
+                    "backups and signed requests would cross the network readable.",
+    )
 
     @field_validator("connection_string", "account_key")
     @classmethod
@@ -136,6 +149,15 @@ class AzureStorage(Strict):
     def _one_way_in(self) -> "AzureStorage":
         if bool(self.connection_string) == bool(self.account_url):
             raise ValueError("set exactly one of connection_string or account_url")
+        if self.account_url is not None:
+            url = urlsplit(self.account_url)
+            if url.scheme not in ("https", "http") or not url.hostname:
+                raise field_error("account_url", "invalid_url", "must be a URL such as https://ACCOUNT.blob.core.windows.net")
+            if url.scheme == "http" and not self.allow_insecure_transport:
+                raise field_error(
+                    "account_url", "insecure_transport",
+                    "plain http would send backups and signed requests readable: use https://, or set "
+                    "allow_insecure_transport: true for a lab emulator such as Azurite")
         return self
 
 

@@ -20,7 +20,7 @@ HOST = "  - name: {name}\n    transport: ssh\n    user: ops\n    address: 10.0.0
 
 
 def config_text(*hosts: str, storage: str = "storage: {kind: local, path: s}\n") -> str:
-    return storage + "hosts:\n" + "".join(hosts)
+    return storage + ("hosts:\n" + "".join(hosts) if hosts else "hosts: []\n")
 
 
 def one_error(tmp_path: Path, content: str | bytes, *args: str) -> str:
@@ -117,3 +117,12 @@ def test_a_large_config_finds_each_line_in_steps_bounded_by_the_path() -> None:
         assert finder.line(("hosts", count, "transport")) == 2 + 4 * count + 2
         visits.append(finder.visits)
     assert visits == [3, 3]
+
+
+def test_azure_account_url_over_http_needs_the_lab_flag(tmp_path: Path) -> None:
+    storage = "storage:\n  kind: azure\n  container: backups\n  account_url: http://acct.blob.core.windows.net\n"
+    line = one_error(tmp_path, config_text(storage=storage))
+    assert ":4: storage.account_url: plain http would send backups" in line and "allow_insecure_transport" in line
+    lab = tmp_path / "lab.yaml"
+    lab.write_text(config_text(storage=storage + "  allow_insecure_transport: true\n"))
+    assert runner.invoke(app, ["config", "check", str(lab)]).exit_code == 0
