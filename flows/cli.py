@@ -15,7 +15,7 @@ from flows.cli_common import (
     DEFAULT_CONFIG, ConfigOption, GroupsOption, HostsOption, JsonOption, console, emit, fail, load_or_exit,
     report_problems,
 )
-from flows.logs import configure
+from flows.logs import configure, json_console_for_prefect
 
 app = typer.Typer(
     name="patchdrill", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
@@ -28,8 +28,10 @@ app.add_typer(hosts_app, name="hosts")
 
 
 @app.callback()
-def _main(log_json: Annotated[bool, typer.Option("--log-json", help="Log events as JSON lines.")] = False) -> None:
+def _main(log_json: Annotated[bool, typer.Option("--log-json", help="Log events as JSON lines (Prefect's own lines and errors too).")] = False) -> None:
     configure(json=log_json)
+    if log_json:
+        json_console_for_prefect()
 
 
 @app.command()
