@@ -139,7 +139,7 @@ def _parse_yaml(text: str, filename: str) -> tuple[yaml.Node | None, Any]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
-        raise ConfigError([Problem(filename, "", line, f"not valid YAML: {exc.problem or exc.context}")]) from None
+        raise ConfigError([Problem(filename, "", line, f"not valid YAML: {exc.problem or exc.context or 'cannot parse'}")]) from None
     except yaml.reader.ReaderError as exc:
         line = text.count("\n", 0, exc.position) + 1
         # libyaml reports the character as a code point, the pure-Python reader as a string.
