@@ -366,6 +366,12 @@ def test_known_hosts_with_marker_and_broken_lines_still_verifies_the_host(sshd_h
     )
     with SshConnector(sshd_host.host_config(known_hosts=str(known))) as conn:
         assert conn.run("echo ok", check=True).stdout == "ok\n"
+    # Host names hashed, as HashKnownHosts writes them (ssh-keygen -H refuses the broken line).
+    known.write_text(known.read_text().replace("not a known_hosts line\n", ""))
+    subprocess.run(["ssh-keygen", "-H", "-f", str(known)], check=True, capture_output=True)
+    assert sshd_host.known_hosts_name not in known.read_text() and "@cert-authority" in known.read_text()
+    with SshConnector(sshd_host.host_config(known_hosts=str(known))) as conn:
+        assert conn.run("echo ok", check=True).stdout == "ok\n"
 
 
 def test_revoked_host_key_is_refused_before_authenticating(sshd_factory: SshdMaker, tmp_path: Path) -> None:
