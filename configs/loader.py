@@ -26,7 +26,26 @@ from configs.models import PatchdrillConfig
 Loc = tuple[str | int, ...]
 
 # libyaml parses about eight times faster than the pure-Python parser and builds nodes in C.
-_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_Base: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _Loader(_Base):  # type: ignore[valid-type,misc]
+    """Safe loading that refuses a key written twice in one mapping: PyYAML keeps the last and
+    silently drops the first, which for a second `hosts:` would drop a whole inventory."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[tuple[str, str], yaml.Node] = {}
+            for key, _ in node.value:
+                # Merged keys (<<: *defaults) are meant to be overridden; only literal keys count.
+                if isinstance(key, yaml.ScalarNode) and key.tag != _MERGE_TAG:
+                    first = seen.setdefault((key.tag, key.value), key)
+                    if first is not key:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"key {key.value!r} appears twice in one mapping (first at line "
+                            f"{first.start_mark.line + 1})", key.start_mark)
+        return super().construct_mapping(node, deep)
 _gc_lock = threading.Lock()
 _gc_pausers = 0
 

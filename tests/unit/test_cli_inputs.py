@@ -71,6 +71,15 @@ def test_any_bytes_load_or_fail_with_problems(tmp_path: Path, content: bytes) ->
         assert exc.problems and all(str(p).startswith(str(path)) for p in exc.problems)
 
 
+def test_a_key_written_twice_is_refused_not_half_dropped(tmp_path: Path) -> None:
+    text = config_text(HOST.format(name="web-1", n=1)) + "hosts:\n" + HOST.format(name="web-2", n=2)
+    line = one_error(tmp_path, text)
+    assert line.endswith(":7: (top level): not valid YAML: key 'hosts' appears twice in one mapping (first at line 2)")
+    # A merged key may be overridden: that is what merging is for.
+    _, data = _parse_yaml("base: &b {user: ops, port: 22}\nhost: {<<: *b, user: root}\n", "merge.yaml")
+    assert data["host"] == {"user": "root", "port": 22}
+
+
 def test_duplicate_host_is_reported_at_its_own_line(tmp_path: Path) -> None:
     text = config_text(HOST.format(name="web-1", n=1), HOST.format(name="web-2", n=2), HOST.format(name="web-1", n=3))
     line = one_error(tmp_path, text)
