@@ -107,7 +107,7 @@ def test_errors_are_one_line(lab: Path, tmp_path: Path, monkeypatch: pytest.Monk
 @pytest.fixture
 def lab_with_a_missing_disk(lab: Path) -> Path:
     config = yaml.safe_load(lab.read_text())
-    config["hosts"][0]["disks"].append({"name": "gone", "path": "missing.img"})
+    config["hosts"][0]["disks"].append({"name": "lost", "path": "lost.img"})
     lab.write_text(yaml.safe_dump(config))
     return lab
 
@@ -118,16 +118,16 @@ def test_backup_json_reports_every_disk_when_one_fails(prefect_server: None, lab
     assert code == 1
     rows = {row["disk"]: row for row in json.loads(out)}
     assert rows["os"]["status"] == "ok" and rows["os"]["point"].startswith("points/lab-1/os/")
-    assert rows["gone"]["status"] == "failed" and "missing.img" in rows["gone"]["error"]
+    assert rows["lost"]["status"] == "failed" and "lost.img" in rows["lost"]["error"]
     [line] = [line for line in err.splitlines() if line.startswith("error:")]
-    assert line.startswith("error: lab-1/gone:") and "Traceback" not in err
+    assert line.startswith("error: lab-1/lost:") and "Traceback" not in err
 
     code, out, err = cli("backup", "-c", str(lab_with_a_missing_disk))
     assert code == 1 and "Traceback" not in err
     table = {line.split()[3]: line.split()[5] for line in out.splitlines() if "lab-1" in line}
-    assert table == {"gone": "failed", "os": "crash"}, out
+    assert table == {"lost": "failed", "os": "crash"}, out
     [line] = [line for line in err.splitlines() if line.startswith("error:")]
-    assert line.startswith("error: lab-1/gone:")
+    assert line.startswith("error: lab-1/lost:")
 
 
 def test_log_json_makes_every_console_line_json_on_a_real_run(lab_with_a_missing_disk: Path, tmp_path: Path) -> None:
@@ -141,7 +141,7 @@ def test_log_json_makes_every_console_line_json_on_a_real_run(lab_with_a_missing
          "--log-json", "backup", "-c", str(lab_with_a_missing_disk), "--json"],
         cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr
-    assert {row["disk"]: row["status"] for row in json.loads(proc.stdout)} == {"gone": "failed", "os": "ok"}
+    assert {row["disk"]: row["status"] for row in json.loads(proc.stdout)} == {"lost": "failed", "os": "ok"}
     events = [json.loads(line) for line in proc.stderr.splitlines()]
     loggers = {e["logger"] for e in events}
     assert "patchdrill.backup" in loggers and any(name.startswith("prefect") for name in loggers), loggers
