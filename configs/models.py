@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from datetime import time
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from configs.secrets import check_reference
 from tasks.backup.policy import BackupPolicy
@@ -18,6 +20,13 @@ from tasks.patching.models import PatchPolicy
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def field_error(field: str, kind: str, message: str) -> ValidationError:
+    """A model-level check's error placed on one field, so the loader can name that field's line
+    (a plain ValueError from a model validator points at the whole model)."""
+    return ValidationError.from_exception_data(
+        field, [InitErrorDetails(type=PydanticCustomError(kind, message), loc=(field,), input=None)])
 
 
 class Strict(BaseModel):
@@ -125,6 +134,11 @@ class AzureStorage(Strict):
     account_url: str | None = Field(default=None, description="https://ACCOUNT.blob.core.windows.net (with account_key or DefaultAzureCredential).")
     account_key: CredentialRef | None = Field(default=None, description="Reference to the account key (with account_url).")
     prefix: str = Field(default="", description="Key prefix inside the container, to share one container.")
+    allow_insecure_transport: bool = Field(
+        default=False,
+        description="Permit an http:// account_url, such as a local Azurite emulator (labs only). Off by default: "
+                    "backups and signed requests would cross the network readable.",
+    )
 
     @field_validator("connection_string", "account_key")
     @classmethod
@@ -135,6 +149,15 @@ class AzureStorage(Strict):
     def _one_way_in(self) -> "AzureStorage":
         if bool(self.connection_string) == bool(self.account_url):
             raise ValueError("set exactly one of connection_string or account_url")
+        if self.account_url is not None:
+            url = urlsplit(self.account_url)
+            if url.scheme not in ("https", "http") or not url.hostname:
+                raise field_error("account_url", "invalid_url", "must be a URL such as https://ACCOUNT.blob.core.windows.net")
+            if url.scheme == "http" and not self.allow_insecure_transport:
+                raise field_error(
+                    "account_url", "insecure_transport",
+                    "plain http would send backups and signed requests readable: use https://, or set "
+                    "allow_insecure_transport: true for a lab emulator such as Azurite")
         return self
 
 
@@ -155,14 +178,25 @@ class PatchdrillConfig(Strict):
     backup_policies: dict[str, BackupPolicy] = Field(default_factory=dict)
     recovery_plans: dict[str, RecoveryPlan] = Field(default_factory=dict)
 
-    @model_validator(mode="after")
-    def _unique_hosts(self) -> "PatchdrillConfig":
-        seen: set[str] = set()
-        for host in self.hosts:
-            if host.name in seen:
-                raise ValueError(f"host name {host.name!r} appears twice")
-            seen.add(host.name)
-        return self
+    @field_validator("hosts")
+    @classmethod
+    def _unique_hosts(cls, hosts: list[HostConfig]) -> list[HostConfig]:
+        # Raised as a ValidationError so each problem carries its own path (hosts[3].name), and
+        # so its own line: pydantic prefixes the path and keeps it, where a plain ValueError
+        # would point at the whole list.
+        first: dict[str, int] = {}
+        problems: list[InitErrorDetails] = []
+        for index, host in enumerate(hosts):
+            if host.name in first:
+                problems.append(InitErrorDetails(
+                    type=PydanticCustomError("duplicate_host", "host name '{name}' appears twice; first at hosts[{first}]",
+                                             {"name": host.name, "first": first[host.name]}),
+                    loc=(index, "name"), input=host.name))
+            else:
+                first[host.name] = index
+        if problems:
+            raise ValidationError.from_exception_data("hosts", problems)
+        return hosts
 
     def select(self, groups: list[str] | None = None, names: list[str] | None = None) -> list[HostConfig]:
         chosen = [h for h in self.hosts if (not groups or set(groups) & set(h.groups)) and (not names or h.name in names)]

@@ -18,7 +18,6 @@ from pathlib import Path
 _lock = threading.Lock()
 _secrets: set[str] = set()
 MASK = "***"
-CREDENTIAL_SCHEMES = ("env:", "file:", "prefect-secret:")
 
 # A SAS token is a query string (a URL's, or a connection string's SharedAccessSignature=…)
 # whose `sig` field signs the others. The whole query is masked, not only `sig`: the other
@@ -31,15 +30,45 @@ class SecretError(Exception):
     """A reference could not be resolved; the message names the reference, never a value."""
 
 
-def check_reference(value: str | None, what: str) -> str | None:
-    """A config field that holds a secret must hold a reference to it, never the secret."""
-    if value is None:
-        return None
-    if not value.startswith(CREDENTIAL_SCHEMES) or value.split(":", 1)[1] == "":
+_REFERENCE_RULES: dict[str, tuple[re.Pattern[str], str]] = {
+    # POSIX's portable variable names; a space or a second word is never part of a name.
+    "env": (re.compile(r"[A-Za-z_][A-Za-z0-9_]*"),
+            "an environment variable name (letters, digits and _, not starting with a digit)"),
+    # Any path, but one line of it, with no surrounding spaces a copy-paste could have added.
+    "file": (re.compile(r"[^\x00-\x1f\x7f\s](?:[^\x00-\x1f\x7f]*[^\x00-\x1f\x7f\s])?"),
+             "a file path on one line, without leading or trailing spaces"),
+    # Prefect's own rule for block document names.
+    "prefect-secret": (re.compile(r"[a-z0-9-]+"), "a Prefect block name (lowercase letters, digits and -)"),
+}
+
+
+def parse_reference(value: str) -> tuple[str, str]:
+    """Split a reference into (scheme, rest), or raise ValueError saying what is wrong with it.
+
+    The message never repeats the value: a literal secret pasted by mistake must not reach an
+    error line.
+    """
+    scheme, colon, rest = value.partition(":")
+    rule = _REFERENCE_RULES.get(scheme) if colon else None
+    if rule is None:
         raise ValueError(
-            f"{what} must be a reference, not a literal: write 'env:VARIABLE', 'file:/path/to/secret' "
+            "must be a reference, not a literal: write 'env:VARIABLE', 'file:/path/to/secret' "
             "or 'prefect-secret:block-name' and keep the secret itself out of this file"
         )
+    pattern, expected = rule
+    if not pattern.fullmatch(rest):
+        raise ValueError(f"'{scheme}:' must be followed by {expected}")
+    return scheme, rest
+
+
+def check_reference(value: str | None, what: str) -> str | None:
+    """A config field that holds a secret must hold a well-formed reference to it, never the secret."""
+    if value is None:
+        return None
+    try:
+        parse_reference(value)
+    except ValueError as exc:
+        raise ValueError(f"{what} {exc}") from None
     return value
 
 
@@ -74,7 +103,10 @@ def remembered_count() -> int:
 
 def resolve(reference: str, *, base_dir: Path | None = None) -> str:
     """Turn a credential reference into its value (and register it for redaction)."""
-    scheme, _, rest = reference.partition(":")
+    try:
+        scheme, rest = parse_reference(reference)
+    except ValueError as exc:
+        raise SecretError(f"not a credential reference: the value {exc}") from None
     if scheme == "env":
         value = os.environ.get(rest)
         if value is None:
@@ -95,6 +127,4 @@ def resolve(reference: str, *, base_dir: Path | None = None) -> str:
         except Exception as exc:  # noqa: BLE001 - Prefect raises several kinds; the message is what matters
             raise SecretError(f"cannot load Prefect Secret block {rest!r}: {type(exc).__name__}") from None
         value = str(value)
-    else:
-        raise SecretError(f"unknown credential reference {reference!r}: use env:, file: or prefect-secret:")
     return remember(value)

@@ -42,6 +42,7 @@ from connectors.base import (
     RetryPolicy,
     remote_script,
 )
+from connectors.known_hosts import KnownHosts, read_known_hosts
 
 T = TypeVar("T")
 
@@ -227,20 +228,17 @@ class SshConnector(Connector):
 
     # -- host key ---------------------------------------------------------------------------
 
-    def _load_known_hosts(self) -> paramiko.HostKeys:
+    def _load_known_hosts(self) -> KnownHosts:
         path = self.known_hosts_path
-        keys = paramiko.HostKeys()
-        if path.exists():
-            try:
-                keys.load(str(path))
-            except (OSError, paramiko.SSHException, ValueError) as exc:
-                raise HostKeyRejected(self.name, f"cannot read known_hosts file {str(path)!r}: {exc}") from None
-        return keys
+        try:
+            return read_known_hosts(path)
+        except OSError as exc:
+            raise HostKeyRejected(self.name, f"cannot read known_hosts file {str(path)!r}: {exc.strerror or exc}") from None
 
-    def _prefer_known_key_type(self, transport: paramiko.Transport, known: paramiko.HostKeys) -> None:
+    def _prefer_known_key_type(self, transport: paramiko.Transport, known: KnownHosts) -> None:
         # Ask for the key type we already know, so a host with several keys is checked
         # against the one on record rather than looking "unknown".
-        entry = known.lookup(self._known_hosts_name)
+        entry = known.keys.lookup(self._known_hosts_name)
         if not entry:
             return
         options = transport.get_security_options()
@@ -248,10 +246,20 @@ class SshConnector(Connector):
         if wanted:
             options.key_types = wanted + [t for t in options.key_types if t not in wanted]
 
-    def _verify_host_key(self, key: paramiko.PKey, known: paramiko.HostKeys) -> None:
+    def _verify_host_key(self, key: paramiko.PKey, known: KnownHosts) -> None:
         name = self._known_hosts_name
         path = self.known_hosts_path
-        entry = known.lookup(name)
+        revoked_at = known.revoked_line(key)
+        if revoked_at is not None:
+            # Checked before anything else: a revoked key stays refused even where a plain line
+            # also records it, and is never recorded.
+            raise HostKeyRejected(
+                self.name,
+                f"REVOKED HOST KEY DETECTED for {name}: the server offered {key.get_name()} {key.fingerprint}, "
+                f"which {str(path)!r} marks @revoked at line {revoked_at}; it may be a stolen key used to "
+                "impersonate this host. Not connecting.",
+            )
+        entry = known.keys.lookup(name)
         recorded = entry.get(key.get_name()) if entry else None
         if recorded is not None and recorded == key:
             return
@@ -271,7 +279,7 @@ class SshConnector(Connector):
                 self.name,
                 f"unknown host key for {name} ({key.get_name()} {key.fingerprint}), not in {str(path)!r}. "
                 f"Check the fingerprint, then add it with '{keyscan}', or set accept_unknown_host_key: true "
-                "on this host to record it on first connect.",
+                f"on this host to record it on first connect.{known.unused_lines_note()}",
             )
         self._record_host_key(name, key, path)
 
@@ -284,11 +292,9 @@ class SshConnector(Connector):
             fcntl.flock(handle, fcntl.LOCK_EX)
             handle.seek(0)
             current = handle.read()
-            keys = paramiko.HostKeys()
-            keys.load(str(path))
-            entry = keys.lookup(name)
-            if entry:
-                self._verify_host_key(key, keys)
+            fresh = read_known_hosts(path)
+            if fresh.keys.lookup(name) or fresh.revoked_line(key) is not None:
+                self._verify_host_key(key, fresh)
                 return
             separator = "\n" if current and not current.endswith("\n") else ""
             # Append rather than rewrite: other lines, comments and hashed entries stay as they are.

@@ -62,6 +62,8 @@ from connectors.base import (
 )
 
 log = structlog.stdlib.get_logger("patchdrill.connectors.winrm")
+_unverified_lock = threading.Lock()
+_unverified_warned: set[str] = set()
 
 #: Console output in UTF-8 whatever the host's code page, so non-ASCII text survives; the
 #: encoding object is built without a byte-order mark, which [Text.Encoding]::UTF8 would
@@ -230,7 +232,24 @@ class WinRmConnector(Connector):
             raise ConnectorError(self.name, f"winrm_ca_bundle {str(path)!r} is not a readable file")
         return str(path)
 
+    def _warn_unverified_tls(self) -> None:
+        """pywinrm silences urllib3's warning when validation is off, so say it ourselves, once per
+        host per process: every shell re-opened after a reboot would otherwise repeat it."""
+        if self.host.winrm_scheme != "https" or self.host.winrm_verify_tls:
+            return
+        with _unverified_lock:
+            if self.name in _unverified_warned:
+                return
+            _unverified_warned.add(self.name)
+        self._log.warning(
+            "winrm.tls_unverified", endpoint=self.endpoint,
+            detail=f"host {self.name}: winrm_verify_tls is false, so the certificate of {self.endpoint} is not "
+                   "checked and anyone on the path can pose as the host and read the password and every command; "
+                   "set winrm_ca_bundle to the issuing CA instead",
+        )
+
     def _new_protocol(self) -> winrm.Protocol:
+        self._warn_unverified_tls()
         protocol = winrm.Protocol(
             self.endpoint,
             transport=self.host.winrm_auth,

@@ -25,6 +25,7 @@ from flows.cli_common import (
     DEFAULT_CONFIG, ConfigOption, GroupsOption, HostsOption, JsonOption, console, emit, err_console, fail, load_or_exit,
 )
 from flows.interrupts import stoppable
+from flows.logs import JsonLinesHandler, json_lines
 from tasks.backup import cancel, progress
 from tasks.backup.cancel import Interrupted
 from tasks.backup.errors import BackupError
@@ -68,7 +69,7 @@ def _quiet_prefect_console() -> Iterator[None]:
 
     loggers = [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
                                        if name.startswith("prefect")]
-    muted = [(h, h.level) for lg in loggers for h in lg.handlers if isinstance(h, PrefectConsoleHandler)]
+    muted = [(h, h.level) for lg in loggers for h in lg.handlers if isinstance(h, (PrefectConsoleHandler, JsonLinesHandler))]
     for handler, _ in muted:
         handler.setLevel(logging.CRITICAL + 1)
     try:
@@ -80,7 +81,8 @@ def _quiet_prefect_console() -> Iterator[None]:
 
 @contextmanager
 def _progress(enabled: bool) -> Iterator[None]:
-    if not enabled:
+    # Under --log-json stderr is a stream of JSON lines, with no room for progress bars.
+    if not enabled or json_lines():
         with _quiet_prefect_console():
             yield
         return
@@ -130,13 +132,25 @@ def backup(config: ConfigOption = DEFAULT_CONFIG, host: HostsOption = None, grou
            disk: Annotated[Optional[list[str]], typer.Option("--disk", help="Only this disk (repeatable).")] = None,
            policy: PolicyOption = None, as_json: JsonOption = False) -> None:
     """Back up the selected hosts' disks (all hosts by default), then apply retention."""
-    from flows.backup_run import backup_run
+    from flows.backup_run import BackupRunFailed, backup_run
+
+    def run() -> tuple[list[Any], BackupRunFailed | None]:
+        try:
+            return _outcome(backup_run(str(config), hosts=host, groups=group, policy=policy, disks=disk,
+                                       return_state=True)), None
+        except BackupRunFailed as failure:
+            if not hasattr(failure, "reports"):
+                raise
+            return failure.reports, failure
 
     _policy(config, policy)
     with stoppable(), _progress(not as_json):
-        reports = _run(lambda: _outcome(backup_run(str(config), hosts=host, groups=group, policy=policy, disks=disk,
-                                                   return_state=True)))
+        reports, failure = _run(run)
+    # Every disk's outcome, the failed ones too: the disks that were backed up stay visible to a
+    # script, which then reads the exit code.
     emit(reports, as_json, _render_backup)
+    if failure is not None:
+        fail(str(failure))
 
 
 def _render_backup(reports: list[Any]) -> None:
@@ -144,7 +158,7 @@ def _render_backup(reports: list[Any]) -> None:
     for column in ("host", "disk", "consistency", "scanned", "changed", "uploaded", "stored", "s"):
         table.add_column(column, justify="right" if column in ("scanned", "changed", "uploaded", "stored", "s") else "left")
     for r in reports:
-        table.add_row(r.host, r.disk, (r.consistency or "").removesuffix("-consistent"), *(f"{n / 1048576:,.1f}" for n in (
+        table.add_row(r.host, r.disk, "[red]failed[/]" if r.status != "ok" else (r.consistency or "").removesuffix("-consistent"), *(f"{n / 1048576:,.1f}" for n in (
             r.scanned_bytes, r.changed_bytes, r.uploaded_bytes, r.stored_bytes)), f"{r.seconds:.1f}")
     console.print(table)
 

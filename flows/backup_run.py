@@ -29,7 +29,10 @@ SIZE_COLUMNS = {"scanned": "scanned_bytes", "changed": "changed_bytes", "uploade
 
 
 class BackupRunFailed(BackupError):
-    """Some disks were not backed up; the run's table artifact says which and why."""
+    """Some disks were not backed up; the run's table artifact says which and why, and
+    `reports` holds every disk's outcome, the successes included."""
+
+    reports: list[DiskReport]
 
 
 def select_work(config_path: str, hosts: list[str] | None, groups: list[str] | None,
@@ -93,7 +96,10 @@ def _back_up(config_path: str, hosts: list[str] | None, groups: list[str] | None
     _publish(reports, retention, key)
     failed = [r for r in reports if r.status != "ok"]
     if failed:
-        raise BackupRunFailed("; ".join(f"{r.host}/{r.disk}: {r.error}" for r in failed))
+        failure = BackupRunFailed("; ".join(f"{r.host}/{r.disk}: {r.error}" for r in failed))
+        # An attribute, not an __init__ argument: the exception still pickles with Prefect's results.
+        failure.reports = reports
+        raise failure
     return reports
 
 

@@ -13,8 +13,9 @@ from rich.table import Table
 from configs.models import PatchdrillConfig
 from flows.cli_common import (
     DEFAULT_CONFIG, ConfigOption, GroupsOption, HostsOption, JsonOption, console, emit, fail, load_or_exit,
+    report_problems,
 )
-from flows.logs import configure
+from flows.logs import configure, json_console_for_prefect
 
 app = typer.Typer(
     name="patchdrill", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
@@ -27,8 +28,10 @@ app.add_typer(hosts_app, name="hosts")
 
 
 @app.callback()
-def _main(log_json: Annotated[bool, typer.Option("--log-json", help="Log events as JSON lines.")] = False) -> None:
+def _main(log_json: Annotated[bool, typer.Option("--log-json", help="Log events as JSON lines (Prefect's own lines and errors too).")] = False) -> None:
     configure(json=log_json)
+    if log_json:
+        json_console_for_prefect()
 
 
 @app.command()
@@ -47,9 +50,9 @@ def config_check(file: Annotated[Path, typer.Argument(help="Config file to valid
     except ConfigError as exc:
         if as_json:
             typer.echo(json.dumps({"file": str(file), "ok": False, "problems": [p.__dict__ for p in exc.problems]}, indent=2))
-            raise typer.Exit(1) from None
-        load_or_exit(file)
-        return
+        else:
+            report_problems(exc)
+        raise typer.Exit(1) from None
     cfg = loaded.config
     summary = {"file": str(file), "ok": True, "hosts": len(cfg.hosts), "storage": cfg.storage.kind}
     emit(summary, as_json, lambda d: console.print(f"[green]ok[/] {d['file']}: {d['hosts']} hosts, {d['storage']} storage"))

@@ -6,14 +6,18 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Callable, NoReturn, Optional
 
+import structlog
 import typer
 from pydantic import BaseModel
 from rich.console import Console
+from rich.markup import escape
 
 from configs.loader import ConfigError, LoadedConfig, load_config
 from configs.secrets import redact
+from flows.logs import json_lines
 
 DEFAULT_CONFIG = Path("configs/lab.yaml")
+_log = structlog.stdlib.get_logger("patchdrill.cli")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -25,8 +29,11 @@ HostsOption = Annotated[Optional[list[str]], typer.Option("--host", help="Only t
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    """One clear line on stderr, no traceback."""
-    err_console.print(f"[bold red]error:[/] {redact(message)}", highlight=False, soft_wrap=True)
+    """One clear line on stderr, no traceback (a JSON line under --log-json)."""
+    if json_lines():
+        _log.error("cli.error", error=message)
+    else:
+        err_console.print(f"[bold red]error:[/] {escape(redact(message))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -34,9 +41,17 @@ def load_or_exit(path: Path) -> LoadedConfig:
     try:
         return load_config(path)
     except ConfigError as exc:
-        for problem in exc.problems:
-            err_console.print(f"[bold red]error:[/] {problem}", highlight=False, soft_wrap=True)
+        report_problems(exc)
         raise typer.Exit(1) from None
+
+
+def report_problems(exc: ConfigError) -> None:
+    """One line per problem on stderr, each naming file:line and field."""
+    for problem in exc.problems:
+        if json_lines():
+            _log.error("config.problem", **vars(problem))
+        else:
+            err_console.print(f"[bold red]error:[/] {escape(str(problem))}", highlight=False, soft_wrap=True)
 
 
 def to_jsonable(data: Any) -> Any:

@@ -3,8 +3,11 @@ show the events, as JSON lines or console output on the CLI, with secrets redact
 
 from __future__ import annotations
 
+import json as jsonlib
 import logging
+import os
 import sys
+from datetime import datetime, timezone
 from typing import Any
 
 import structlog
@@ -13,6 +16,7 @@ from configs.secrets import redact
 
 LOGGER_NAME = "patchdrill"
 _configured = False
+_json_lines = False
 _run_handler_attached = False
 
 
@@ -48,6 +52,59 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
+def json_lines() -> bool:
+    """Whether the console speaks JSON lines (--log-json): error lines follow suit."""
+    return _json_lines
+
+
+class JsonLinesHandler(logging.Handler):
+    """Any logger's records as JSON lines on stderr, in the shape of patchdrill's own events
+    (event, level, logger, timestamp): under --log-json, Prefect builds its console handlers from
+    this class instead of its plain-text one (see `json_console_for_prefect`)."""
+
+    def __init__(self, *_: Any, **__: Any) -> None:
+        # Prefect's logging config hands its console options (stream, styles) to whatever class
+        # it builds; the stream is whatever sys.stderr is when a record arrives.
+        super().__init__()
+        self.addFilter(RedactingFilter())
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = {
+            "event": record.getMessage(), "level": record.levelname.lower(), "logger": record.name,
+            "timestamp": datetime.fromtimestamp(record.created, timezone.utc).isoformat().replace("+00:00", "Z"),
+        }
+        if record.exc_info:
+            fields["exception"] = redact(logging.Formatter().formatException(record.exc_info))
+        return jsonlib.dumps(fields, default=str)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001 - logging must never break the command; the stdlib way
+            self.handleError(record)
+
+
+def json_console_for_prefect() -> None:
+    """Make every console line Prefect writes a JSON line too, in this process and in the
+    temporary API server it starts.
+
+    Prefect configures logging once, when it is first imported, from its logging.yml, whose
+    entries environment variables override (PREFECT_LOGGING_<PATH>_<KEY>): pointing its
+    console and debug handlers at JsonLinesHandler covers its own loggers, uvicorn's and the
+    root logger, which Python's warnings join through captureWarnings. Must run before Prefect
+    is imported; the CLI loads Prefect only when a flow runs.
+    """
+    handler = f"{__name__}.{JsonLinesHandler.__name__}"
+    for name in ("CONSOLE", "DEBUG"):
+        os.environ[f"PREFECT_LOGGING_HANDLERS_{name}_CLASS"] = handler
+    logging.captureWarnings(True)
+    root = logging.getLogger()
+    if not any(isinstance(h, JsonLinesHandler) for h in root.handlers):
+        # Warnings and third-party records before Prefect is loaded (or without it) as well.
+        root.addHandler(JsonLinesHandler())
+
+
 def _run_log_handler() -> logging.Handler:
     """A handler that ships events to the Prefect run's logs (so the UI shows them) when inside
     a run. Built on first use so commands that run no flow never import Prefect.
@@ -76,7 +133,7 @@ def configure(json: bool = False, level: int = logging.INFO) -> None:
     structlog renders each event to one string before the standard library sees it, so every
     handler (the console here, Prefect's run-log handler in a flow) gets the same plain text.
     """
-    global _configured, _run_handler_attached
+    global _configured, _run_handler_attached, _json_lines
     logger = logging.getLogger(LOGGER_NAME)
     # The level must be set, or INFO events never reach Prefect's handler.
     logger.setLevel(level)
@@ -85,6 +142,7 @@ def configure(json: bool = False, level: int = logging.INFO) -> None:
         _run_handler_attached = True
     if _configured:
         return
+    _json_lines = json
     # Our own handlers render every event once; Prefect's console handler on the root logger
     # would print each a second time.
     logger.propagate = False

@@ -7,6 +7,7 @@ import os
 import random
 import socket
 import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -178,3 +179,48 @@ def test_restore_mistakes_are_one_line(prefect_server: None, lab: Path, tmp_path
         subprocess.run(["umount", str(media)], check=True)
     assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert f"cannot restore into '{media / 'disk.img'}': Read-only file system" in err
+
+
+@pytest.fixture
+def lab_with_a_missing_disk(lab: Path) -> Path:
+    config = yaml.safe_load(lab.read_text())
+    config["hosts"][0]["disks"].append({"name": "lost", "path": "lost.img"})
+    lab.write_text(yaml.safe_dump(config))
+    return lab
+
+
+def test_backup_json_reports_every_disk_when_one_fails(prefect_server: None, lab_with_a_missing_disk: Path,
+                                                       cli: Callable[..., tuple[int, str, str]]) -> None:
+    code, out, err = cli("backup", "-c", str(lab_with_a_missing_disk), "--json")
+    assert code == 1
+    rows = {row["disk"]: row for row in json.loads(out)}
+    assert rows["os"]["status"] == "ok" and rows["os"]["point"].startswith("points/lab-1/os/")
+    assert rows["lost"]["status"] == "failed" and "lost.img" in rows["lost"]["error"]
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: lab-1/lost:") and "Traceback" not in err
+
+    code, out, err = cli("backup", "-c", str(lab_with_a_missing_disk))
+    assert code == 1 and "Traceback" not in err
+    table = {line.split()[3]: line.split()[5] for line in out.splitlines() if "lab-1" in line}
+    assert table == {"lost": "failed", "os": "crash"}, out
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: lab-1/lost:")
+
+
+def test_log_json_makes_every_console_line_json_on_a_real_run(lab_with_a_missing_disk: Path, tmp_path: Path) -> None:
+    """A real process on Prefect's temporary API server, as a user without a server runs it: every
+    line on stderr parses as JSON, Prefect's own included, and stdout holds the report."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
+    proc = subprocess.run(
+        [sys.executable, "-c", "from flows.cli import app; app()",
+         "--log-json", "backup", "-c", str(lab_with_a_missing_disk), "--json"],
+        cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr
+    assert {row["disk"]: row["status"] for row in json.loads(proc.stdout)} == {"lost": "failed", "os": "ok"}
+    events = [json.loads(line) for line in proc.stderr.splitlines()]
+    loggers = {e["logger"] for e in events}
+    assert "patchdrill.backup" in loggers and any(name.startswith("prefect") for name in loggers), loggers
+    assert [e["event"] for e in events if e["level"] == "error"][-1] == "cli.error"
+    assert "Traceback" not in proc.stderr

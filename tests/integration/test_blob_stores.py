@@ -253,7 +253,7 @@ def test_from_config_with_account_url_and_a_key_file(azurite: AzuriteServer, azu
                                                      azure_store: AzureBlobStore, tmp_path: Path) -> None:
     (tmp_path / "blob.key").write_text(ACCOUNT_KEY + "\n")
     cfg = AzureStorage(container=azure_container_name, account_url=azurite.blob_endpoint,
-                       account_key="file:blob.key", prefix="p")
+                       account_key="file:blob.key", prefix="p", allow_insecure_transport=True)
     store = open_store(cfg, base_dir=tmp_path)
     store.put("k", b"v")
     assert azure_store.get("p/k") == b"v"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
+from typer.testing import CliRunner
 
 from configs.models import HostConfig
 from connectors.base import (
@@ -24,6 +26,7 @@ from connectors.base import (
     RetryPolicy,
 )
 from connectors.ssh import SshConnector
+from flows.cli import app
 from tests.hosts.sshd import SshdMaker
 from tests.hosts.sshd_server import SshdHost, make_key
 from tests.hosts.sshd_users import LocalUser
@@ -341,6 +344,95 @@ def test_changed_host_key_is_rejected_even_when_accepting_unknown_keys(sshd_host
     message = str(caught.value)
     assert "MAN-IN-THE-MIDDLE" in message and sshd_host.fingerprint in message and "ssh-keygen -R" in message
     assert known.read_text() == before
+
+
+def _public(path: Path) -> str:
+    """'type base64' of a public key, as a known_hosts line carries it."""
+    return " ".join(path.with_suffix(".pub").read_text().split()[:2])
+
+
+def test_known_hosts_with_marker_and_broken_lines_still_verifies_the_host(sshd_host: SshdHost, tmp_path: Path) -> None:
+    """Certificate-authority and revocation lines, as OpenSSH sites write them, beside the host's
+    own line: paramiko alone stops at the first marker with InvalidHostKey."""
+    ca = make_key(tmp_path / "ca", "ca")
+    stolen = make_key(tmp_path / "stolen", "stolen")
+    known = tmp_path / "known_hosts"
+    known.write_text(
+        "# site keys\n"
+        f"@cert-authority *.corp.example {_public(ca)}\n"
+        f"@revoked * {_public(stolen)}\n"
+        "not a known_hosts line\n"
+        + sshd_host.known_hosts_line
+    )
+    with SshConnector(sshd_host.host_config(known_hosts=str(known))) as conn:
+        assert conn.run("echo ok", check=True).stdout == "ok\n"
+    # Host names hashed, as HashKnownHosts writes them (ssh-keygen -H refuses the broken line).
+    known.write_text(known.read_text().replace("not a known_hosts line\n", ""))
+    subprocess.run(["ssh-keygen", "-H", "-f", str(known)], check=True, capture_output=True)
+    assert sshd_host.known_hosts_name not in known.read_text() and "@cert-authority" in known.read_text()
+    with SshConnector(sshd_host.host_config(known_hosts=str(known))) as conn:
+        assert conn.run("echo ok", check=True).stdout == "ok\n"
+
+
+def test_revoked_host_key_is_refused_before_authenticating(sshd_factory: SshdMaker, tmp_path: Path) -> None:
+    host = sshd_factory("ssh-revoked")
+    known = tmp_path / "known_hosts"
+    # Recorded and revoked at once: the revocation wins, as in OpenSSH.
+    known.write_text(host.known_hosts_line + f"@revoked * {_public(host.host_key)}\n")
+    before = known.read_text()
+    for accept_unknown in (False, True):
+        config = host.host_config(known_hosts=str(known), accept_unknown_host_key=accept_unknown)
+        with capture_logs() as events, pytest.raises(HostKeyRejected) as caught:
+            SshConnector(config, retry=QUICK_RETRY).connect()
+        message = str(caught.value)
+        assert "REVOKED HOST KEY DETECTED" in message and host.fingerprint in message and "line 2" in message
+        assert not [e for e in events if e["event"] == "ssh.retry"]
+    assert known.read_text() == before
+    # sshd saw key exchanges, never a login attempt.
+    assert "Accepted" not in host.log_path.read_text() and "Failed" not in host.log_path.read_text()
+
+
+def test_revoked_key_is_never_recorded_as_a_new_host(sshd_host: SshdHost, tmp_path: Path) -> None:
+    known = tmp_path / "known_hosts"
+    known.write_text(f"@revoked 10.9.9.9 {_public(sshd_host.host_key)}\n")
+    config = sshd_host.host_config(known_hosts=str(known), accept_unknown_host_key=True)
+    with pytest.raises(HostKeyRejected, match="REVOKED HOST KEY DETECTED"):
+        SshConnector(config, retry=QUICK_RETRY).connect()
+    assert known.read_text().count("\n") == 1
+
+
+def test_a_host_known_only_through_a_certificate_authority_says_why_it_is_unknown(
+        sshd_host: SshdHost, tmp_path: Path) -> None:
+    known = tmp_path / "known_hosts"
+    known.write_text(f"@cert-authority * {_public(make_key(tmp_path / 'ca', 'ca'))}\n")
+    with pytest.raises(HostKeyRejected) as caught:
+        SshConnector(sshd_host.host_config(known_hosts=str(known)), retry=QUICK_RETRY).connect()
+    message = str(caught.value)
+    assert "unknown host key" in message and "@cert-authority lines (line 1) are not used" in message
+
+
+def test_hosts_ping_reads_marker_lines_and_refuses_a_revoked_key(sshd_host: SshdHost, tmp_path: Path) -> None:
+    """The user's path: `patchdrill hosts ping` on such files answers with rows, never a traceback."""
+    runner = CliRunner()
+    known = tmp_path / "known_hosts"
+    config = tmp_path / "fleet.yaml"
+    config.write_text(
+        "storage: {kind: local, path: store}\nhosts:\n"
+        f"  - {{name: {sshd_host.name}, transport: ssh, address: {sshd_host.address}, port: {sshd_host.port},\n"
+        f"     user: {sshd_host.user}, ssh_key: {sshd_host.client_key}, ssh_agent: false, known_hosts: known_hosts,\n"
+        "     connect_timeout: 5}\n"
+    )
+    known.write_text(f"@cert-authority * {_public(make_key(tmp_path / 'ca', 'ca'))}\n" + sshd_host.known_hosts_line)
+    result = runner.invoke(app, ["hosts", "ping", "--config", str(config), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)[0]["reachable"] is True
+
+    known.write_text(known.read_text() + f"@revoked * {_public(sshd_host.host_key)}\n")
+    result = runner.invoke(app, ["hosts", "ping", "--config", str(config), "--json"])
+    # A refused host is a row and exit code 2, as for any host that cannot be reached.
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    [row] = json.loads(result.stdout)
+    assert row["reachable"] is False and row["error"].startswith(f"{sshd_host.name}: REVOKED HOST KEY DETECTED")
 
 
 # -- host down, back up, rebooted ----------------------------------------------------------

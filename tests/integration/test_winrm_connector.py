@@ -9,14 +9,18 @@ handlers.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+import yaml
 from structlog.testing import capture_logs
+from typer.testing import CliRunner
 
 from configs.models import HostConfig
 from connectors.base import (
@@ -29,6 +33,7 @@ from connectors.base import (
     RetryPolicy,
 )
 from connectors.winrm import WinRmConnector, clean_clixml, ps_arguments
+from flows.cli import app
 from tests.hosts.wsman_auth import channel_bindings
 from tests.hosts.wsman_server import WsmanTestHost
 from tests.hosts.wsman_sim import SimResult
@@ -246,6 +251,41 @@ def test_untrusted_certificate_is_a_clear_non_retried_error(winrm_server: WsmanT
     insecure_lab = winrm_server.host_config(winrm_ca_bundle=None, winrm_verify_tls=False)
     with WinRmConnector(insecure_lab) as conn:
         assert conn.run("echo unverified", check=True).stdout == "unverified\n"
+
+
+@pytest.mark.integration
+def test_unverified_tls_is_warned_once_per_host(winrm_server: WsmanTestHost) -> None:
+    names = [f"win-unverified-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    with capture_logs() as logs:
+        for name in (names[0], names[0], names[1]):
+            # A connector per pass and a shell re-opened after a drop: still one warning per host.
+            with WinRmConnector(winrm_server.host_config(name, winrm_ca_bundle=None, winrm_verify_tls=False)) as conn:
+                conn.run("echo a", check=True)
+                conn._discard()
+                conn.run("echo b", check=True)
+    warnings = [e for e in logs if e["event"] == "winrm.tls_unverified"]
+    assert [e["host"] for e in warnings] == names
+    assert all(e["log_level"] == "warning" and f"host {e['host']}: winrm_verify_tls is false" in e["detail"]
+               for e in warnings)
+    with capture_logs() as logs, WinRmConnector(winrm_server.host_config(f"win-verified-{uuid.uuid4().hex[:8]}")) as conn:
+        conn.run("echo verified", check=True)
+    assert not [e for e in logs if e["event"] == "winrm.tls_unverified"]
+
+
+@pytest.mark.integration
+def test_hosts_ping_warns_once_for_each_host_without_tls_verification(winrm_server: WsmanTestHost, tmp_path: Path) -> None:
+    """The user's path: `patchdrill hosts ping` shows one warning line naming each such host."""
+    names = [f"win-ping-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    hosts = [winrm_server.host_config(name, winrm_ca_bundle=None, winrm_verify_tls=False).model_dump(exclude_defaults=True)
+             for name in names]
+    config = tmp_path / "fleet.yaml"
+    config.write_text(yaml.safe_dump({"storage": {"kind": "local", "path": "store"}, "hosts": hosts}))
+    result = CliRunner().invoke(app, ["hosts", "ping", "--config", str(config), "--json"])
+    assert result.exit_code == 0, result.output
+    assert all(row["reachable"] for row in json.loads(result.stdout))
+    for name in names:
+        assert [line for line in result.stderr.splitlines() if "winrm_verify_tls is false" in line and name in line] != []
+        assert sum(f"host {name}: winrm_verify_tls is false" in line for line in result.stderr.splitlines()) == 1
 
 
 @pytest.mark.integration

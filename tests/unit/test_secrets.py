@@ -25,7 +25,7 @@ def test_unresolvable_references_name_the_reference_only(tmp_path: Path) -> None
         resolve("env:PD_SURELY_UNSET")
     with pytest.raises(SecretError, match="cannot read secret file"):
         resolve(f"file:{tmp_path}/missing")
-    with pytest.raises(SecretError, match="unknown credential reference"):
+    with pytest.raises(SecretError, match="not a credential reference"):
         resolve("vault:x")
 
 
