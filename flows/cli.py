@@ -112,3 +112,34 @@ def _register_pipelines() -> None:
 
 
 _register_pipelines()
+
+
+# A fresh PREFECT_HOME migrates its database before Prefect's temporary API answers: 10-25 s,
+# longer on a busy machine, past Prefect's own 20 s default. Set before Prefect reads settings.
+EPHEMERAL_STARTUP_SECONDS = "120"
+
+
+def main() -> None:
+    """The installed `patchdrill` command: the app, with one line instead of a traceback for
+    whatever no command turned into a clear error (PATCHDRILL_DEBUG=1 shows the traceback)."""
+    import os
+    import sys
+
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_SECONDS)
+    try:
+        app(standalone_mode=True)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the command line's last resort
+        if os.environ.get("PATCHDRILL_DEBUG"):
+            raise
+        hint = ""
+        if "ephemeral Prefect API server" in str(exc):
+            hint = (" (raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or point PREFECT_API_URL at a"
+                    " running server: `make server`)")
+        from flows.cli_common import fail
+
+        try:
+            fail(f"{type(exc).__name__}: {exc}{hint}; PATCHDRILL_DEBUG=1 shows the traceback")
+        except typer.Exit as done:
+            sys.exit(done.exit_code)

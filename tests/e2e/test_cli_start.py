@@ -1,0 +1,36 @@
+"""The installed `patchdrill` command's start: Prefect's temporary API on a fresh PREFECT_HOME."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows import cli
+
+REPO = Path(__file__).resolve().parents[2]
+PATCHDRILL = Path(sys.executable).with_name("patchdrill")
+
+
+def test_a_temporary_server_that_does_not_start_in_time_is_one_line(tmp_path: Path) -> None:
+    """A fresh PREFECT_HOME migrates its database first; given 1 s, the start times out."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_URL")}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="1")
+    done = subprocess.run([str(PATCHDRILL), "patch", "assess", "-c", "configs/lab.yaml", "--no-refresh"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    [line] = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert "ephemeral Prefect API server" in line and "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in line
+
+
+def test_the_command_gives_prefects_temporary_api_time_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", raising=False)
+    monkeypatch.setattr(sys, "argv", ["patchdrill", "version"])
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    assert done.value.code == 0
+    assert os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == cli.EPHEMERAL_STARTUP_SECONDS
