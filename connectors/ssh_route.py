@@ -68,6 +68,11 @@ def _endpoint(config: paramiko.SSHConfig, alias: str, *, port: int | None, user:
         found = config.lookup(alias)
     except Exception as exc:  # noqa: BLE001 - Match exec, bad tokens: any lookup fault is a config fault
         raise RouteError(f"ssh config entry for {alias!r} cannot be evaluated: {exc}") from None
+    proxy_command = found.get("proxycommand")
+    if proxy_command and proxy_command.strip().lower() != "none":
+        # Connecting straight past it would reach the wrong place or none: say so instead.
+        raise RouteError(f"ssh config gives {alias!r} a ProxyCommand, which patchdrill does not run; "
+                         "use ProxyJump for bastions")
     configured_port = found.get("port")
     try:
         resolved_port = port or (int(configured_port) if configured_port else DEFAULT_PORT)
