@@ -61,6 +61,10 @@ class HostConfig(Strict):
     ssh_agent: bool = Field(default=True, description="Try keys from the SSH agent (ssh).")
     known_hosts: str | None = Field(default=None, description="known_hosts file to verify the host key against (default ~/.ssh/known_hosts).")
     accept_unknown_host_key: bool = Field(default=False, description="Accept and record an unknown host key (never a changed one). Off by default.")
+    ssh_config: str | None = Field(
+        default=None,
+        description="OpenSSH client config to read HostName, Port, User, IdentityFile and ProxyJump from (default ~/.ssh/config); the host's own fields win.",
+    )
     winrm_scheme: Literal["https", "http"] = Field(default="https", description="WinRM endpoint scheme.")
     winrm_auth: Literal["ntlm", "kerberos", "credssp", "basic"] = Field(default="ntlm", description="WinRM authentication.")
     winrm_ca_bundle: str | None = Field(default=None, description="CA bundle to validate the WinRM HTTPS certificate.")

@@ -1,7 +1,10 @@
-"""SSH transport for Linux hosts, built on paramiko.
+"""SSH transport for Linux hosts, built on paramiko's SSHClient.
 
-One connector holds one Transport (connected lazily, kept alive, reused for every command and
-for one SFTP session) and verifies the server against known_hosts before it authenticates.
+One connector holds one connection (connected lazily, kept alive, reused for every command and
+for one SFTP session). It reads the OpenSSH client config (connectors/ssh_route.py), reaches
+hosts behind bastions over ProxyJump (a direct-tcpip channel through each jump host), and
+verifies every server on the way against known_hosts before it authenticates
+(connectors/known_hosts.py holds the host-key policies).
 Connecting is retried with the connector's RetryPolicy; a command that was started is never
 re-run by this module, since it may not be idempotent.
 """
@@ -9,7 +12,6 @@ re-run by this module, since it may not be idempotent.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import re
 import select
@@ -18,13 +20,15 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
 import paramiko
 import structlog
+from paramiko.auth_strategy import AuthFailure, AuthResult, AuthSource, AuthStrategy, InMemoryPrivateKey, Password
 from tenacity import RetryCallState
 
 from configs.models import HostConfig
@@ -42,7 +46,8 @@ from connectors.base import (
     RetryPolicy,
     remote_script,
 )
-from connectors.known_hosts import KnownHosts, read_known_hosts
+from connectors.known_hosts import HostKeyCheck, KnownHosts, host_key_policy, read_known_hosts
+from connectors.ssh_route import Endpoint, Route, RouteError, load_ssh_config, resolve_route
 
 T = TypeVar("T")
 
@@ -72,6 +77,22 @@ class _Credential:
     password: str | None = None
 
 
+class _CredentialOrder(AuthStrategy):
+    """paramiko's AuthStrategy over our credentials, in our order; `labels` (safe to log) say
+    what was tried when all are refused."""
+
+    def __init__(self, user: str, credentials: list[_Credential]) -> None:
+        super().__init__(ssh_config=paramiko.SSHConfig())
+        self.labels = [c.label for c in credentials]
+        self._sources: list[AuthSource] = [
+            InMemoryPrivateKey(user, c.key) if c.key is not None else Password(user, partial(str, c.password or ""))
+            for c in credentials
+        ]
+
+    def get_sources(self) -> Iterator[AuthSource]:
+        yield from self._sources
+
+
 class SshConnector(Connector):
     """Run commands and move files on a Linux host over SSH."""
 
@@ -90,17 +111,18 @@ class SshConnector(Connector):
         self.scripts_dir = scripts_dir
         self._lock = threading.RLock()
         self._transport: paramiko.Transport | None = None
+        # Jump hosts first, the target last: each carries the next one's connection.
+        self._clients: list[paramiko.SSHClient] = []
+        self._endpoint: Endpoint | None = None
         self._sftp: paramiko.SFTPClient | None = None
 
     # -- connection -----------------------------------------------------------------------
 
     @property
-    def _port(self) -> int:
-        return self.host.effective_port
-
-    @property
     def _where(self) -> str:
-        return f"{self.host.address}:{self._port}"
+        if self._endpoint is not None:
+            return self._endpoint.where
+        return f"{self.host.address}:{self.host.effective_port}"
 
     def _path(self, value: str) -> Path:
         path = Path(value).expanduser()
@@ -112,67 +134,141 @@ class SshConnector(Connector):
     def known_hosts_path(self) -> Path:
         return self._path(self.host.known_hosts) if self.host.known_hosts else Path.home() / ".ssh" / "known_hosts"
 
-    @property
-    def _known_hosts_name(self) -> str:
-        # OpenSSH records a non-default port as "[address]:port"; mirror it so files are shared.
-        return self.host.address if self._port == 22 else f"[{self.host.address}]:{self._port}"
-
-    def _open_socket(self) -> socket.socket:
+    def _route(self) -> Route:
+        """The target and its jump hosts, from the host's fields over the ssh client config."""
+        config_path = self._path(self.host.ssh_config) if self.host.ssh_config else None
         try:
-            return socket.create_connection((self.host.address, self._port), timeout=self.host.connect_timeout)
+            return resolve_route(load_ssh_config(config_path), self.host.address,
+                                 port=self.host.port, user=self.host.user)
+        except RouteError as exc:
+            raise ConnectorError(self.name, str(exc)) from None
+
+    @staticmethod
+    def _prefixed(label: str, message: str) -> str:
+        return f"{label}: {message}" if label else message
+
+    def _open_socket(self, endpoint: Endpoint, label: str) -> socket.socket:
+        timeout = self.host.connect_timeout
+        try:
+            return socket.create_connection((endpoint.hostname, endpoint.port), timeout=timeout)
         except socket.gaierror as exc:
-            raise HostUnreachable(self.name, f"cannot resolve address {self.host.address!r}: {exc.strerror}") from None
+            raise HostUnreachable(self.name, self._prefixed(
+                label, f"cannot resolve address {endpoint.hostname!r}: {exc.strerror}")) from None
         except TimeoutError:
-            raise HostTimeout(self.name, f"no answer from {self._where} within {self.host.connect_timeout:g}s") from None
+            raise HostTimeout(self.name, self._prefixed(
+                label, f"no answer from {endpoint.where} within {timeout:g}s")) from None
         except OSError as exc:
-            raise HostUnreachable(self.name, f"cannot connect to {self._where}: {exc.strerror or exc}") from None
+            raise HostUnreachable(self.name, self._prefixed(
+                label, f"cannot connect to {endpoint.where}: {exc.strerror or exc}")) from None
 
-    def _connect_once(self) -> paramiko.Transport:
-        """Open, verify and authenticate one Transport (no retry here)."""
-        # Configuration faults (missing key file, unset secret) surface before any network wait.
-        credentials = self._credentials()
+    def _connect_once(self) -> list[paramiko.SSHClient]:
+        """Open, verify and authenticate the clients of one route, jump hosts first (no retry here)."""
+        # Configuration faults (bad ssh config, missing key file, unset secret) surface before
+        # any network wait.
+        route = self._route()
+        self._endpoint = route.target
+        hops = [(hop, f"jump host {hop.alias}", self._hop_credentials(hop)) for hop in route.jumps]
+        steps = [*hops, (route.target, "", self._credentials(route.target))]
+        for endpoint, label, credentials in steps:
+            if not credentials:
+                raise AuthenticationFailed(self.name, self._prefixed(label, self._no_credentials(endpoint, label)))
         known = self._load_known_hosts()
-        sock = self._open_socket()
-        transport = paramiko.Transport(sock)
+        clients: list[paramiko.SSHClient] = []
         try:
-            transport.banner_timeout = self.host.connect_timeout
-            transport.handshake_timeout = self.host.connect_timeout
-            self._prefer_known_key_type(transport, known)
-            try:
-                transport.start_client(timeout=self.host.connect_timeout)
-            except paramiko.SSHException as exc:
-                raise self._negotiation_error(exc) from None
-            except (EOFError, OSError) as exc:
-                raise HostUnreachable(self.name, f"connection to {self._where} dropped during the handshake: {exc}") from None
-            # start_client returns quietly when its timeout runs out mid-negotiation.
-            if not transport.initial_kex_done:
-                raise HostTimeout(self.name, self._handshake_timeout_message)
-            self._verify_host_key(transport.get_remote_server_key(), known)
-            self._authenticate(transport, credentials)
+            sock: socket.socket | paramiko.Channel = self._open_socket(steps[0][0], steps[0][1])
+            for number, (endpoint, label, credentials) in enumerate(steps):
+                clients.append(self._open_client(endpoint, sock, known, credentials, label))
+                if number + 1 < len(steps):
+                    sock = self._tunnel(clients[-1], endpoint, steps[number + 1][0], label)
         except BaseException:
-            transport.close()
+            for client in reversed(clients):
+                client.close()
             raise
+        log.info("ssh.connected", host=self.name, address=route.target.where, user=route.target.user,
+                 via=[hop.where for hop in route.jumps] or None)
+        return clients
+
+    def _open_client(self, endpoint: Endpoint, sock: socket.socket | paramiko.Channel, known: KnownHosts,
+                     credentials: list[_Credential], label: str) -> paramiko.SSHClient:
+        """SSHClient.connect over `sock`: handshake, host key through the policy, then credentials in order."""
+        check = HostKeyCheck(self.name, known, endpoint.hostname, endpoint.port, label)
+        client = paramiko.SSHClient()
+        known.install_trusted(client.get_host_keys())
+        client.set_missing_host_key_policy(host_key_policy(check, self.host.accept_unknown_host_key))
+        strategy = _CredentialOrder(endpoint.user or "", credentials)
+        timeout = self.host.connect_timeout
+        try:
+            client.connect(endpoint.hostname, port=endpoint.port, username=endpoint.user or "", sock=sock,
+                           timeout=timeout, banner_timeout=timeout, auth_timeout=timeout,
+                           channel_timeout=timeout, auth_strategy=strategy)
+            transport = client.get_transport()
+            if transport is None or not transport.is_authenticated():
+                raise AuthenticationFailed(self.name, self._prefixed(
+                    label, f"user {endpoint.user!r} was only partly authenticated by {endpoint.where}: "
+                    "the server asks for a further method patchdrill does not offer"))
+        except BaseException as exc:
+            try:
+                if isinstance(exc, ConnectorError) or not isinstance(exc, Exception):
+                    raise
+                # Judged before closing: whether the connection was still up tells a refusal
+                # from a drop.
+                raise self._connect_error(exc, client.get_transport(), endpoint, label, check, strategy) from None
+            finally:
+                client.close()
+        assert transport is not None
         transport.set_keepalive(KEEPALIVE_SECONDS)
-        log.info("ssh.connected", host=self.name, address=self._where, user=self.host.user)
-        return transport
+        return client
 
-    @property
-    def _handshake_timeout_message(self) -> str:
-        return f"{self._where} accepted the connection but did not complete the SSH handshake within {self.host.connect_timeout:g}s"
+    def _connect_error(self, exc: Exception, transport: paramiko.Transport | None, endpoint: Endpoint,
+                       label: str, check: HostKeyCheck, strategy: _CredentialOrder) -> Exception:
+        """Name what failed: the host key, the credentials, or the network during the handshake."""
+        where = endpoint.where
+        if isinstance(exc, paramiko.BadHostKeyException):
+            # SSHClient found a recorded key of another value: the check words it as OpenSSH does.
+            check.refuse_revoked_or_changed(exc.key)
+            return HostKeyRejected(self.name, self._prefixed(label, f"host key of {where} does not match known_hosts"))
+        if isinstance(exc, AuthFailure):
+            return self._auth_error(exc.result, transport, endpoint, label, strategy)
+        # start_client returns quietly when its timeout runs out mid-negotiation; SSHClient then
+        # finds no session to read a key from.
+        if transport is not None and transport.is_active() and not transport.initial_kex_done:
+            return HostTimeout(self.name, self._prefixed(label, self._handshake_timeout_message(where)))
+        if isinstance(exc, paramiko.SSHException):
+            # paramiko wraps the banner read's socket.timeout in a plain SSHException.
+            if isinstance(exc.__context__, TimeoutError):
+                return HostTimeout(self.name, self._prefixed(label, self._handshake_timeout_message(where)))
+            return HostUnreachable(self.name, self._prefixed(label, f"SSH handshake with {where} failed: {redact(str(exc))}"))
+        if isinstance(exc, (EOFError, OSError)):
+            return HostUnreachable(self.name, self._prefixed(
+                label, f"connection to {where} dropped during the handshake: {exc}"))
+        return exc
 
-    def _negotiation_error(self, exc: paramiko.SSHException) -> ConnectorError:
-        text = str(exc)
-        # paramiko wraps the banner read's socket.timeout in a plain SSHException.
-        if isinstance(exc.__context__, TimeoutError):
-            return HostTimeout(self.name, self._handshake_timeout_message)
-        return HostUnreachable(self.name, f"SSH handshake with {self._where} failed: {redact(text)}")
+    def _handshake_timeout_message(self, where: str) -> str:
+        return (f"{where} accepted the connection but did not complete the SSH handshake "
+                f"within {self.host.connect_timeout:g}s")
+
+    def _tunnel(self, client: paramiko.SSHClient, hop: Endpoint, onward: Endpoint, label: str) -> paramiko.Channel:
+        """A direct-tcpip channel from the jump host to the next server: the next hop's socket."""
+        transport = client.get_transport()
+        assert transport is not None
+        try:
+            return transport.open_channel("direct-tcpip", (onward.hostname, onward.port), ("", 0),
+                                          timeout=self.host.connect_timeout)
+        except paramiko.ChannelException as exc:
+            raise HostUnreachable(self.name, f"{label} ({hop.where}) cannot reach {onward.where}: {exc.text}") from None
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            error = HostTimeout if "timeout" in str(exc).lower() else HostUnreachable
+            raise error(self.name, f"{label} ({hop.where}) did not open a tunnel to {onward.where}: "
+                                   f"{exc or type(exc).__name__}") from None
 
     def _ensure_transport(self) -> paramiko.Transport:
         with self._lock:
             if self._transport is not None and self._transport.is_active():
                 return self._transport
             self._drop()
-            self._transport = self._connect_once()
+            self._clients = self._connect_once()
+            self._transport = self._clients[-1].get_transport()
+            assert self._transport is not None
             return self._transport
 
     def _open_channel(self) -> paramiko.Channel:
@@ -216,17 +312,16 @@ class SshConnector(Connector):
             self._drop()
 
     def _drop(self) -> None:
-        sftp, transport = self._sftp, self._transport
-        self._sftp, self._transport = None, None
+        sftp, clients = self._sftp, self._clients
+        self._sftp, self._transport, self._clients = None, None, []
         if sftp is not None:
             try:
                 sftp.close()
             except Exception:  # noqa: BLE001 - closing a dead session must not mask the real error
                 pass
-        if transport is not None:
-            transport.close()
-
-    # -- host key ---------------------------------------------------------------------------
+        # The target first, then each jump host whose channel carried it.
+        for client in reversed(clients):
+            client.close()
 
     def _load_known_hosts(self) -> KnownHosts:
         path = self.known_hosts_path
@@ -235,90 +330,64 @@ class SshConnector(Connector):
         except OSError as exc:
             raise HostKeyRejected(self.name, f"cannot read known_hosts file {str(path)!r}: {exc.strerror or exc}") from None
 
-    def _prefer_known_key_type(self, transport: paramiko.Transport, known: KnownHosts) -> None:
-        # Ask for the key type we already know, so a host with several keys is checked
-        # against the one on record rather than looking "unknown".
-        entry = known.keys.lookup(self._known_hosts_name)
-        if not entry:
-            return
-        options = transport.get_security_options()
-        wanted = [t for t in entry.keys() if t in options.key_types]
-        if wanted:
-            options.key_types = wanted + [t for t in options.key_types if t not in wanted]
-
-    def _verify_host_key(self, key: paramiko.PKey, known: KnownHosts) -> None:
-        name = self._known_hosts_name
-        path = self.known_hosts_path
-        revoked_at = known.revoked_line(key)
-        if revoked_at is not None:
-            # Checked before anything else: a revoked key stays refused even where a plain line
-            # also records it, and is never recorded.
-            raise HostKeyRejected(
-                self.name,
-                f"REVOKED HOST KEY DETECTED for {name}: the server offered {key.get_name()} {key.fingerprint}, "
-                f"which {str(path)!r} marks @revoked at line {revoked_at}; it may be a stolen key used to "
-                "impersonate this host. Not connecting.",
-            )
-        entry = known.keys.lookup(name)
-        recorded = entry.get(key.get_name()) if entry else None
-        if recorded is not None and recorded == key:
-            return
-        if recorded is not None or entry:
-            have = ", ".join(f"{t} {k.fingerprint}" for t, k in entry.items()) if entry else ""
-            raise HostKeyRejected(
-                self.name,
-                f"WARNING: HOST KEY FOR {name} HAS CHANGED - POSSIBLE MAN-IN-THE-MIDDLE ATTACK. "
-                f"The server offered {key.get_name()} {key.fingerprint} but {str(path)!r} records {have}. "
-                "Verify the new key out of band; if the change is legitimate, remove the old line with "
-                f"'ssh-keygen -R \"{name}\" -f {path}' and add the new one. "
-                "accept_unknown_host_key never accepts a changed key.",
-            )
-        if not self.host.accept_unknown_host_key:
-            keyscan = f"ssh-keyscan{'' if self._port == 22 else f' -p {self._port}'} {self.host.address} >> {path}"
-            raise HostKeyRejected(
-                self.name,
-                f"unknown host key for {name} ({key.get_name()} {key.fingerprint}), not in {str(path)!r}. "
-                f"Check the fingerprint, then add it with '{keyscan}', or set accept_unknown_host_key: true "
-                f"on this host to record it on first connect.{known.unused_lines_note()}",
-            )
-        self._record_host_key(name, key, path)
-
-    def _record_host_key(self, name: str, key: paramiko.PKey, path: Path) -> None:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with path.open("a+", encoding="ascii") as handle:
-            # Several connectors may meet the same new host at once: decide under a lock,
-            # against the file as it is now, so a key is recorded once and a rival key is
-            # never written beside it.
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            handle.seek(0)
-            current = handle.read()
-            fresh = read_known_hosts(path)
-            if fresh.keys.lookup(name) or fresh.revoked_line(key) is not None:
-                self._verify_host_key(key, fresh)
-                return
-            separator = "\n" if current and not current.endswith("\n") else ""
-            # Append rather than rewrite: other lines, comments and hashed entries stay as they are.
-            handle.write(f"{separator}{name} {key.get_name()} {key.get_base64()}\n")
-        log.warning("ssh.host_key.recorded", host=self.name, known_hosts_name=name, key_type=key.get_name(),
-                    fingerprint=key.fingerprint, known_hosts=str(path))
-
     # -- authentication ---------------------------------------------------------------------
 
-    def _credentials(self) -> list[_Credential]:
+    def _credentials(self, target: Endpoint) -> list[_Credential]:
         """Explicit credentials first, the agent last: sshd counts every refused key against
         MaxAuthTries, and a full agent must not use up the tries before the configured ones."""
         host = self.host
         found: list[_Credential] = []
         if host.ssh_key:
             found.append(self._key_file_credential(host.ssh_key))
+        found.extend(self._config_identities(target, found))
         if host.password:
             found.append(_Credential(label=f"password from {host.password}", password=self._secret(host.password, "password")))
-        if host.ssh_agent:
+        if host.ssh_agent and not target.identities_only:
+            found.extend(self._agent_credentials())
+        return found
+
+    def _hop_credentials(self, hop: Endpoint) -> list[_Credential]:
+        """A jump host gets keys only: its IdentityFile, the host's ssh_key, the agent. The host's
+        password is meant for the target and is never sent to a machine on the way."""
+        found = self._config_identities(hop, [])
+        if self.host.ssh_key:
+            key = self._key_file_credential(self.host.ssh_key)
+            if all(c.key != key.key for c in found):
+                found.append(key)
+        if self.host.ssh_agent and not hop.identities_only:
+            found.extend(self._agent_credentials())
+        return found
+
+    def _no_credentials(self, endpoint: Endpoint, label: str) -> str:
+        if label:
+            return (f"no credentials for user {endpoint.user!r}: give the jump host an IdentityFile in the "
+                    "ssh config, set ssh_key, or load a key into the SSH agent")
+        return f"no credentials for user {endpoint.user!r}: set ssh_key, password, or load a key into the SSH agent"
+
+    @staticmethod
+    def _agent_credentials() -> list[_Credential]:
+        try:
+            agent_keys = paramiko.Agent().get_keys()
+        except paramiko.SSHException:
+            agent_keys = ()
+        return [_Credential(label=f"agent key {k.get_name()} {k.fingerprint}", key=k) for k in agent_keys]
+
+    def _config_identities(self, endpoint: Endpoint, already: list[_Credential]) -> list[_Credential]:
+        """IdentityFile keys from the ssh config. As with OpenSSH, one that is missing or cannot
+        be opened without a prompt is skipped, not fatal: other credentials may still get in."""
+        found: list[_Credential] = []
+        for path in endpoint.identity_files:
             try:
-                agent_keys = paramiko.Agent().get_keys()
-            except paramiko.SSHException:
-                agent_keys = ()
-            found.extend(_Credential(label=f"agent key {k.get_name()} {k.fingerprint}", key=k) for k in agent_keys)
+                key = paramiko.PKey.from_path(path)
+            except FileNotFoundError:
+                log.debug("ssh.identity_file.missing", host=self.name, path=str(path))
+                continue
+            except (paramiko.SSHException, ValueError, TypeError, OSError) as exc:
+                log.warning("ssh.identity_file.skipped", host=self.name, path=str(path),
+                            reason=redact(str(exc)) or type(exc).__name__)
+                continue
+            if all(c.key != key for c in [*already, *found]):
+                found.append(_Credential(label=f"IdentityFile {path} ({key.get_name()})", key=key))
         return found
 
     def _secret(self, reference: str, field_name: str) -> str:
@@ -345,38 +414,26 @@ class SshConnector(Connector):
                 self.name, f"field ssh_key: cannot load key file {str(path)!r}{hint}: {redact(str(exc))}") from None
         return _Credential(label=f"key file {path} ({key.get_name()})", key=key)
 
-    def _authenticate(self, transport: paramiko.Transport, credentials: list[_Credential]) -> None:
-        user = self.host.user or ""
-        if not credentials:
-            raise AuthenticationFailed(
-                self.name, f"no credentials for user {user!r}: set ssh_key, password, or load a key into the SSH agent")
-        tried: list[str] = []
+    def _auth_error(self, result: AuthResult, transport: paramiko.Transport | None, endpoint: Endpoint,
+                    label: str, strategy: _CredentialOrder) -> ConnectorError:
+        where = endpoint.where
         server_accepts: list[str] | None = None
-        for credential in credentials:
-            tried.append(credential.label)
-            try:
-                if credential.key is not None:
-                    transport.auth_publickey(user, credential.key)
-                else:
-                    transport.auth_password(user, credential.password or "")
-            except paramiko.BadAuthenticationType as exc:
-                server_accepts = list(exc.allowed_types)
-                continue
-            except paramiko.AuthenticationException:
-                if not transport.is_active():
-                    # paramiko reports a connection dropped mid-authentication (a host going
-                    # down for a reboot) as a refusal; it is a transient fault, not bad credentials.
-                    raise HostUnreachable(
-                        self.name, f"connection to {self._where} dropped during authentication") from None
-                continue
-            except (paramiko.SSHException, EOFError, OSError) as exc:
-                raise HostUnreachable(
-                    self.name, f"connection to {self._where} dropped during authentication: {redact(str(exc))}") from None
-            if transport.is_authenticated():
-                return
+        for attempt in result:
+            outcome = attempt.result
+            if isinstance(outcome, paramiko.BadAuthenticationType):
+                server_accepts = list(outcome.allowed_types)
+            elif not isinstance(outcome, paramiko.AuthenticationException) and isinstance(
+                    outcome, (paramiko.SSHException, EOFError, OSError)):
+                return HostUnreachable(self.name, self._prefixed(
+                    label, f"connection to {where} dropped during authentication: {redact(str(outcome))}"))
+        if transport is None or not transport.is_active():
+            # paramiko reports a connection dropped mid-authentication (a host going down for a
+            # reboot) as a refusal; it is a transient fault, not bad credentials.
+            return HostUnreachable(self.name, self._prefixed(label, f"connection to {where} dropped during authentication"))
+        tried = "; ".join(strategy.labels[:len(result)])
         accepts = f"; the server accepts: {', '.join(server_accepts)}" if server_accepts else ""
-        raise AuthenticationFailed(
-            self.name, redact(f"user {user!r} was refused by {self._where}; tried: {'; '.join(tried)}{accepts}"))
+        return AuthenticationFailed(self.name, self._prefixed(
+            label, redact(f"user {endpoint.user!r} was refused by {where}; tried: {tried}{accepts}")))
 
     # -- commands ---------------------------------------------------------------------------
 
