@@ -32,7 +32,7 @@ from pydantic import BaseModel, Field, ValidationError
 from connectors.base import CommandResult, Connector
 from connectors.storage import BlobNotFound, BlobStore, StoreError
 from tasks.backup.blockmap import BlockMap
-from tasks.backup.engine import BackupRequest, backup
+from tasks.backup.engine import BackupRequest, backup, damaged_blocks, damaged_chunks, unmatchable
 from tasks.backup.errors import SourceError
 from tasks.backup.remote_source import changed_blocks
 from tasks.backup.repository import RecoveryPoint, Repository
@@ -115,8 +115,12 @@ def sign_batch(store: BlobStore, plan: UploadPlan, indexes: list[int]) -> Signed
 
 
 def plan_upload(repo: Repository, host: str, disk: str, size: int, block_size: int,
-                fingerprints: list[bytes]) -> UploadPlan:
+                fingerprints: list[bytes], *, rehash: bool = False) -> UploadPlan:
     """The blocks that changed since the last point of host/disk, and where they are staged.
+
+    A block the host reports unchanged is asked for all the same when the parent's chunk for it
+    is damaged (recorded by verify) or missing from the store: the backup writes it again, as a
+    local or SSH backup does. `rehash` (the policy's) asks for every block.
 
     Hold `repo.lock("backup")` from here until the staged backup is done and discarded: prune
     deletes staging blobs whenever no backup holds a lock.
@@ -129,7 +133,11 @@ def plan_upload(repo: Repository, host: str, disk: str, size: int, block_size: i
     if parent is not None and parent.kind == "block":
         previous = BlockMap.from_json(repo.get_map(parent.map.id, point=parent.key), point=parent.key)
     prefix = f"{STAGING}{host}/{disk}/{uuid.uuid4().hex}"
-    changed = tuple(changed_blocks(fingerprints, previous, FINGERPRINT, block_size))
+    if rehash:
+        changed = tuple(range(expected))
+    else:
+        forced = damaged_blocks(previous, damaged_chunks(repo, previous, repo.chunk_ids()))
+        changed = tuple(changed_blocks(fingerprints, unmatchable(previous, forced), FINGERPRINT, block_size))
     return UploadPlan(host, disk, prefix, size, block_size, fingerprints, changed)
 
 
@@ -343,7 +351,8 @@ def back_up_from_host(repo: Repository, connector: Connector, path: str, request
     scan = scan_on_host(connector, path, request.block_size)
     # Held until staging is discarded: prune deletes staging blobs whenever no backup holds a lock.
     with repo.lock("backup", wait=request.lock_wait):
-        plan = plan_upload(repo, request.host, request.disk, scan.size, request.block_size, scan.hashes())
+        plan = plan_upload(repo, request.host, request.disk, scan.size, request.block_size, scan.hashes(),
+                           rehash=request.rehash)
         source = StagedBlockSource(repo.store, plan, path)
         try:
             sent = upload_from_host(connector, repo.store, plan, path, threads=request.workers)

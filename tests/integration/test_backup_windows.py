@@ -36,8 +36,10 @@ from tasks.backup import staged
 from tasks.backup.errors import SourceError
 from tasks.backup.retention import prune
 from tasks.backup.policy import BackupPolicy
+from tasks.backup.repository import chunk_key
 from tasks.backup.restore import restore
 from tasks.backup.run import back_up_disk, open_repository
+from tasks.backup.verify import verify
 from tests.hosts.azurite import AzuriteServer
 from tests.hosts.wsman_server import WsmanTestHost
 from tests.hosts.wsman_sim import SimResult, script_handler
@@ -207,6 +209,32 @@ def test_full_then_incremental_straight_to_azure(config: PatchdrillConfig, simul
     assert simulated.shadows == {}, "a shadow copy outlived its backup"
     restore(repo, point, tmp_path / "restored.vhdx")
     assert (tmp_path / "restored.vhdx").read_bytes() == image.read_bytes()
+
+
+def test_damaged_and_missing_chunks_are_uploaded_again_and_rehash_reads_everything(
+        config: PatchdrillConfig, simulated: SimulatedWindowsDisk, image: Path, tmp_path: Path) -> None:
+    """The host reports every block unchanged; blocks whose chunk verify found corrupt, or whose
+    chunk is gone from the store, must still come up from the host and be written again."""
+    host, disk = _disk(config, "vm")
+    back_up_disk(config, tmp_path, host, disk, POLICY)
+    repo = open_repository(config, tmp_path, POLICY)
+    data = image.read_bytes()
+    corrupt, missing = (repo.codec.chunk_id(data[i * BLOCK:(i + 1) * BLOCK]) for i in (3, 5))
+    blob = repo.store.get(chunk_key(corrupt))
+    repo.store.put(chunk_key(corrupt), blob[:-1] + bytes([blob[-1] ^ 1]), overwrite=True)
+    assert list(verify(repo).corrupt) == [corrupt.hex()]  # recorded for the next backup
+    repo.store.delete(chunk_key(missing))  # no verify ran since: found by the backup itself
+
+    again = back_up_disk(config, tmp_path, host, disk, POLICY)
+    assert simulated.uploaded[1] == [3, 5]
+    assert again.repaired_chunks == 2 and again.scanned_bytes == 2 * BLOCK
+    assert verify(repo).ok and repo.damaged_chunks() == {}
+    restore(repo, repo.find_point("win-1", "vm", None), tmp_path / "restored.vhdx")
+    assert (tmp_path / "restored.vhdx").read_bytes() == data
+
+    every = back_up_disk(config, tmp_path, host, disk, POLICY.model_copy(update={"rehash": True}))
+    assert simulated.uploaded[2] == list(range(BLOCKS + 1))
+    assert every.scanned_bytes == len(data) and every.uploaded_bytes == 0  # read and checked, nothing new
 
 
 def test_a_failed_writer_is_recorded_as_file_system_consistent(config: PatchdrillConfig, simulated: SimulatedWindowsDisk,
