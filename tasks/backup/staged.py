@@ -30,6 +30,7 @@ import structlog
 from pydantic import BaseModel, Field, ValidationError
 
 from connectors.base import CommandResult, Connector
+from configs.secrets import redact
 from connectors.storage import BlobNotFound, BlobStore, StoreError
 from tasks.backup.blockmap import BlockMap
 from tasks.backup.engine import BackupRequest, backup, damaged_blocks, damaged_chunks, unmatchable
@@ -150,6 +151,16 @@ class StagingCleanup:
     left: list[str] = field(default_factory=list)
     #: why the listing itself failed, if it did (then what is left is unknown)
     error: str | None = None
+
+    def warning(self, prefix: str) -> str | None:
+        """One line for the run's report when something was left under prefix; None otherwise."""
+        if self.error:
+            return (f"staged upload blobs under {prefix} could not be listed for deletion ({redact(self.error)}); "
+                    "the point stands, the next prune removes them")
+        if self.left:
+            return (f"{len(self.left)} staged upload blobs under {prefix} could not be deleted; "
+                    "the point stands, the next prune removes them")
+        return None
 
 
 def remove_staged(store: BlobStore, prefix: str = STAGING, *, dry_run: bool = False) -> StagingCleanup:
@@ -343,10 +354,22 @@ def upload_from_host(connector: Connector, store: BlobStore, plan: UploadPlan, p
     return sent
 
 
-def back_up_from_host(repo: Repository, connector: Connector, path: str, request: BackupRequest) -> RecoveryPoint:
+@dataclass(frozen=True)
+class StagedBackup:
+    point: RecoveryPoint
+    #: what removing the staging prefix left behind (a warning for the run's report, not a failure)
+    staging: StagingCleanup
+    prefix: str
+
+    @property
+    def warning(self) -> str | None:
+        return self.staging.warning(self.prefix)
+
+
+def back_up_from_host(repo: Repository, connector: Connector, path: str, request: BackupRequest) -> StagedBackup:
     """Back up an image file on a Windows host: the host scans it and uploads changed blocks
     straight to the store; the controller makes chunks, the map and the point, and always
-    removes the staging prefix."""
+    removes the staging prefix (what it cannot remove is in the result, never raised)."""
     check_direct_upload(repo.store, request.host, request.disk, "block")
     scan = scan_on_host(connector, path, request.block_size)
     # Held until staging is discarded: prune deletes staging blobs whenever no backup holds a lock.
@@ -357,10 +380,11 @@ def back_up_from_host(repo: Repository, connector: Connector, path: str, request
         try:
             sent = upload_from_host(connector, repo.store, plan, path, threads=request.workers)
             log.info("backup.staged", host=request.host, disk=request.disk, blocks=len(plan.changed), bytes_sent=sent)
-            return backup(repo, source, request)
+            point = backup(repo, source, request)
         finally:
             cleanup = source.discard()
             if cleanup.left or cleanup.error:
                 log.warning("backup.staging_left", host=request.host, disk=request.disk, prefix=plan.prefix,
                             blobs=len(cleanup.left), error=cleanup.error,
                             hint="the point stands; the next prune removes what is left")
+    return StagedBackup(point, cleanup, plan.prefix)
