@@ -29,8 +29,8 @@ from typing import Iterator, Literal
 import structlog
 from pydantic import BaseModel, Field, ValidationError
 
-from connectors.base import CommandResult, Connector
 from configs.secrets import redact
+from connectors.base import CommandResult, Connector
 from connectors.storage import BlobNotFound, BlobStore, StoreError
 from tasks.backup.blockmap import BlockMap
 from tasks.backup.engine import BackupRequest, backup, damaged_blocks, damaged_chunks, unmatchable
