@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from configs.models import PatchdrillConfig
+from configs.models import REFERENCES_FROM, PatchdrillConfig
 
 Loc = tuple[str | int, ...]
 
@@ -85,8 +85,9 @@ def load_config(path: Path | str) -> LoadedConfig:
         raise ConfigError([Problem(str(path), "", None, "file not found")]) from None
     except OSError as exc:
         raise ConfigError([Problem(str(path), "", None, f"cannot read: {exc.strerror}")]) from None
-    return LoadedConfig(config=parse_config(_decode(raw, str(path)), str(path)), path=path,
-                        base_dir=path.resolve().parent)
+    base_dir = path.resolve().parent
+    return LoadedConfig(config=parse_config(_decode(raw, str(path)), str(path), base_dir=base_dir), path=path,
+                        base_dir=base_dir)
 
 
 def _decode(raw: bytes, filename: str) -> str:
@@ -101,17 +102,20 @@ def _decode(raw: bytes, filename: str) -> str:
         )]) from None
 
 
-def parse_config(text: str, filename: str = "<config>") -> PatchdrillConfig:
+def parse_config(text: str, filename: str = "<config>", *, base_dir: Path | None = None) -> PatchdrillConfig:
+    """Validate a config's text. With base_dir (the file's directory), checks that need a
+    credential's value resolve the reference (env: and file:) to make them."""
     with _gc_paused():
-        return _parse_config(text, filename)
+        return _parse_config(text, filename, base_dir)
 
 
-def _parse_config(text: str, filename: str) -> PatchdrillConfig:
+def _parse_config(text: str, filename: str, base_dir: Path | None) -> PatchdrillConfig:
     root, data = _parse_yaml(text, filename)
     if not isinstance(data, dict):
         raise ConfigError([Problem(filename, "", 1, "expected a mapping with 'storage' and 'hosts'")])
     try:
-        return PatchdrillConfig.model_validate(data)
+        context = {REFERENCES_FROM: base_dir} if base_dir is not None else None
+        return PatchdrillConfig.model_validate(data, context=context)
     except ValidationError as exc:
         lines = _LineFinder(root)
         problems = []

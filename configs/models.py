@@ -6,15 +6,16 @@ documentation (each Field's description). Credentials are references, never lite
 
 from __future__ import annotations
 
+import ipaddress
 from datetime import time
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from configs.secrets import check_reference
+from configs.secrets import SecretError, check_reference, parse_reference, resolve
 from tasks.backup.policy import BackupPolicy
 from tasks.patching.models import PatchPolicy
 
@@ -140,8 +141,10 @@ class AzureStorage(Strict):
     prefix: str = Field(default="", description="Key prefix inside the container, to share one container.")
     allow_insecure_transport: bool = Field(
         default=False,
-        description="Permit an http:// account_url, such as a local Azurite emulator (labs only). Off by default: "
-                    "backups and signed requests would cross the network readable.",
+        description="Permit a plain http:// blob endpoint (account_url, or a connection string's BlobEndpoint or "
+                    "DefaultEndpointsProtocol) on another machine, such as a lab's Azurite emulator (labs only). "
+                    "Off by default: backups and signed requests would cross the network readable. A loopback "
+                    "endpoint (127.0.0.1, ::1, localhost) never crosses a network and needs no flag.",
     )
 
     @field_validator("connection_string", "account_key")
@@ -150,19 +153,65 @@ class AzureStorage(Strict):
         return check_reference(value, info.field_name)
 
     @model_validator(mode="after")
-    def _one_way_in(self) -> "AzureStorage":
+    def _one_way_in(self, info: ValidationInfo) -> "AzureStorage":
         if bool(self.connection_string) == bool(self.account_url):
             raise ValueError("set exactly one of connection_string or account_url")
         if self.account_url is not None:
             url = urlsplit(self.account_url)
             if url.scheme not in ("https", "http") or not url.hostname:
                 raise field_error("account_url", "invalid_url", "must be a URL such as https://ACCOUNT.blob.core.windows.net")
-            if url.scheme == "http" and not self.allow_insecure_transport:
-                raise field_error(
-                    "account_url", "insecure_transport",
-                    "plain http would send backups and signed requests readable: use https://, or set "
-                    "allow_insecure_transport: true for a lab emulator such as Azurite")
+            if self._readable_on_the_wire(url.scheme, url.hostname):
+                raise field_error("account_url", "insecure_transport", f"plain http {_INSECURE}")
+        elif isinstance(info.context, dict) and REFERENCES_FROM in info.context:
+            # The string is behind a reference, looked at when the loader passes the config's
+            # directory. A Prefect Secret needs the API: the store checks that one as it opens.
+            assert self.connection_string is not None
+            text = None
+            if parse_reference(self.connection_string)[0] != "prefect-secret":
+                try:
+                    text = resolve(self.connection_string, base_dir=info.context[REFERENCES_FROM])
+                except SecretError:
+                    pass  # not this check's fault: opening the store names the missing secret
+            problem = self.connection_string_problem(text) if text else None
+            if problem:
+                raise field_error("connection_string", "insecure_transport", problem)
         return self
+
+    def connection_string_problem(self, text: str) -> str | None:
+        """Why a resolved connection string must not be used (a plain http blob endpoint on
+        another machine, without the lab flag), or None. Never repeats the string: it holds a key."""
+        fields = {name.strip().lower(): value.strip() for name, _, value in
+                  (part.partition("=") for part in text.split(";") if part.strip())}
+        if fields.get("usedevelopmentstorage", "").lower() == "true":
+            return None  # the SDK's shorthand for Azurite on 127.0.0.1
+        endpoint = fields.get("blobendpoint")
+        if endpoint:
+            url = urlsplit(endpoint)
+            scheme, host = url.scheme.lower(), url.hostname or ""
+        else:
+            scheme, host = fields.get("defaultendpointsprotocol", "https").lower(), "blob.core.windows.net"
+        if self._readable_on_the_wire(scheme, host):
+            return f"its blob endpoint is plain http, which {_INSECURE}"
+        return None
+
+    def _readable_on_the_wire(self, scheme: str, host: str) -> bool:
+        return scheme == "http" and not self.allow_insecure_transport and not _is_loopback(host)
+
+
+_INSECURE = ("would send backups and signed requests readable: use https, or set allow_insecure_transport: true "
+             "for a lab emulator such as Azurite")
+#: The validation context key under which the loader passes the config file's directory, so
+#: credential references can be resolved while validating (relative `file:` paths need it).
+REFERENCES_FROM = "references_from"
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 StorageConfig = Annotated[LocalStorage | AzureStorage, Field(discriminator="kind")]

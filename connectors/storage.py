@@ -412,6 +412,9 @@ class AzureBlobStore(BlobStore):
             for secret_field in ("AccountKey", "SharedAccessSignature"):
                 if fields.get(secret_field):
                     remember(fields[secret_field])
+            # Checked here too: the loader cannot read a Prefect Secret, nor see a config built in code.
+            if problem := cfg.connection_string_problem(text):
+                raise StoreError(f"{where}: connection_string: {problem}")
             try:
                 container = ContainerClient.from_connection_string(text, cfg.container)
             except ValueError:

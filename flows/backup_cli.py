@@ -161,6 +161,9 @@ def _render_backup(reports: list[Any]) -> None:
         table.add_row(r.host, r.disk, "[red]failed[/]" if r.status != "ok" else (r.consistency or "").removesuffix("-consistent"), *(f"{n / 1048576:,.1f}" for n in (
             r.scanned_bytes, r.changed_bytes, r.uploaded_bytes, r.stored_bytes)), f"{r.seconds:.1f}")
     console.print(table)
+    for r in reports:
+        if r.warning:
+            err_console.print(f"[yellow]warning:[/] {r.host} {r.disk}: {r.warning}", highlight=False)
 
 
 def restore(host: Annotated[str, typer.Argument(help="Host whose disk to restore.")],

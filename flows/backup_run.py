@@ -135,7 +135,8 @@ def report_row(report: DiskReport) -> dict[str, str]:
     """One disk's row as people read it: sizes in KiB/MiB/GiB, seconds to a tenth."""
     return {"host": report.host, "disk": report.disk, "status": report.status, "consistency": report.consistency or "",
             **{column: human_size(getattr(report, field)) for column, field in SIZE_COLUMNS.items()},
-            "seconds": f"{report.seconds:.1f}", "point": report.point or "", "error": report.error or ""}
+            "seconds": f"{report.seconds:.1f}", "point": report.point or "", "error": report.error or "",
+            "warning": report.warning or ""}
 
 
 def _publish(reports: list[DiskReport], retention: RetentionSummary, key: str) -> None:

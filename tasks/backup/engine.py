@@ -128,7 +128,7 @@ def backup(repo: Repository, source: BlockSource | TreeSource, request: BackupRe
         parent = repo.latest_point(request.host, request.disk)
         known = repo.chunk_ids()
         previous = _previous_map(repo, parent, request.block_size)
-        damaged = set(repo.damaged_chunks()) | (_chunks_of(previous) - known)
+        damaged = damaged_chunks(repo, previous, known)
         writer = _ChunkWriter(repo, known, sink, damaged)
         scanned = _scan(source, request, previous, writer, sink)
         # The last moment to stop: a scan cut short by a stop holds only part of the disk.
@@ -184,6 +184,17 @@ def _previous_map(repo: Repository, point: RecoveryPoint | None, block_size: int
     return TreeMap.from_json(body, point=point.key).by_path()
 
 
+def damaged_chunks(repo: Repository, previous: PreviousMap, known: set[bytes]) -> set[bytes]:
+    """Chunks a backup must write again even for unchanged data: recorded by verify as corrupt
+    or missing, or named by the parent's map and absent from the store (`known`)."""
+    return set(repo.damaged_chunks()) | (_chunks_of(previous) - known)
+
+
+def damaged_blocks(previous: BlockMap | None, damaged: set[bytes]) -> set[int]:
+    """Positions of the parent's map whose chunk is damaged: they must be read again."""
+    return {i for i, cid in enumerate(previous.chunks) if cid in damaged} if previous else set()
+
+
 def _chunks_of(previous: PreviousMap) -> set[bytes]:
     if isinstance(previous, BlockMap):
         return set(previous.chunks)
@@ -200,8 +211,7 @@ def _scan(source: BlockSource | TreeSource, request: BackupRequest, previous: Pr
                       for path, e in m.items() if writer.damaged.intersection(e.chunks)}
             return _scan_tree(source, request, entries, forced, writer, pool_exec, buffers, sink)
         blocks = previous if isinstance(previous, BlockMap) else None
-        forced = {i for m in [blocks, *also] if isinstance(m, BlockMap)
-                  for i, cid in enumerate(m.chunks) if cid in writer.damaged}
+        forced = {i for m in [blocks, *also] if isinstance(m, BlockMap) for i in damaged_blocks(m, writer.damaged)}
         return _scan_blocks(source, request, blocks, forced, writer, pool_exec, buffers, sink)
 
 
@@ -243,7 +253,7 @@ def _scan_blocks(source: BlockSource, request: BackupRequest, previous: BlockMap
     failed = threading.Event()
     futures: list[Future[tuple[bytes, bytes]]] = []
     size = 0
-    for block in source.blocks(request.block_size, None if request.rehash else _unmatchable(previous, forced), buffers):
+    for block in source.blocks(request.block_size, None if request.rehash else unmatchable(previous, forced), buffers):
         if failed.is_set() or cancel.requested():
             block.release()
             break  # a worker failed or a stop was asked for: stop reading
@@ -258,7 +268,7 @@ def _scan_blocks(source: BlockSource, request: BackupRequest, previous: BlockMap
     return _Scanned("block", block_map.to_json(), size, len(results), None)
 
 
-def _unmatchable(previous: BlockMap | None, forced: set[int]) -> BlockMap | None:
+def unmatchable(previous: BlockMap | None, forced: set[int]) -> BlockMap | None:
     """The parent map as a source sees it: forced blocks get fingerprints that match nothing,
     so a host that compares fingerprints itself sends those blocks' data again."""
     if previous is None or not forced or previous.fingerprints is None:

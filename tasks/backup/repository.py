@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from configs.secrets import redact, resolve
 from connectors.storage import BlobExists, BlobNotFound, BlobStore, StoreError
-from tasks.backup import keys, locks
+from tasks.backup import cancel, keys, locks
 from tasks.backup.errors import (
     ChunkCorrupt, ChunkMissing, KeyRequired, PointNotFound, PointTampered, RepositoryBusy, RepositoryError,
 )
@@ -439,6 +439,8 @@ class Repository:
         Backups share with backups; prune excludes everything. Each side writes its lock before
         looking for the other's, so simultaneous starts cannot both proceed. Prune removes the
         stale locks it finds (their holders are dead or silent) and says so in the HeldLock.
+        A stop request (Ctrl-C, SIGTERM, a Prefect cancellation) ends the wait at once with
+        Interrupted: a backup queued behind a long prune must not hold a stopping run.
         """
         deadline = utcnow() + wait
         held = HeldLock("")
@@ -450,7 +452,8 @@ class Repository:
             self._remove_lock(held.key)
             if utcnow() >= deadline:
                 raise RepositoryBusy(f"{self.name}: repository busy: {blocker}")
-            threading.Event().wait(poll_seconds)
+            if cancel.wait(poll_seconds):
+                cancel.check()
         stop = threading.Event()
         refresher = threading.Thread(target=self._refresh_lock, args=(held.key, kind, created, stop, refresh),
                                      name="patchdrill-lock-refresh", daemon=True)

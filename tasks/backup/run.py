@@ -46,6 +46,10 @@ class DiskReport(BaseModel):
     repaired_chunks: int = 0
     seconds: float = 0.0
     error: str | None = None
+    #: staged upload blobs (Windows hosts) the backup could not delete: the point stands
+    staging_left: int = 0
+    #: something to look at that did not fail the disk (staging left behind)
+    warning: str | None = None
 
 
 @contextlib.contextmanager
@@ -115,6 +119,7 @@ def back_up_disk(config: PatchdrillConfig, base_dir: Path, host: HostConfig, dis
     disk = _placed(host, disk, base_dir)
     repo = open_repository(config, base_dir, policy, create=True)
     windows = host.transport == "winrm"
+    staging_left, warning = 0, None
     if windows:
         # Before the snapshot: a disk that cannot go this way should not cost a VSS copy.
         staged.check_direct_upload(repo.store, host.name, disk.name, disk.kind)
@@ -132,7 +137,8 @@ def back_up_disk(config: PatchdrillConfig, base_dir: Path, host: HostConfig, dis
             cancel.check()  # stopped while the snapshot was taken: leaving the block removes it
             if windows:
                 # Windows hosts upload straight to Azure Blob (docs/repository.md, *Windows hosts*).
-                point = staged.back_up_from_host(repo, connector, str(snap.read_path), request)
+                done = staged.back_up_from_host(repo, connector, str(snap.read_path), request)
+                point, staging_left, warning = done.point, len(done.staging.left), done.warning
             else:
                 point = backup(repo, _source(connector, host, disk, str(snap.read_path)), request)
     finally:
@@ -141,7 +147,7 @@ def back_up_disk(config: PatchdrillConfig, base_dir: Path, host: HostConfig, dis
     return DiskReport(host=host.name, disk=disk.name, point=point.key, consistency=point.consistency,
                       snapshot_method=point.snapshot_method, scanned_bytes=t.scanned, changed_bytes=t.changed_bytes,
                       uploaded_bytes=t.uploaded_bytes, stored_bytes=t.stored_bytes, size_bytes=t.size,
-                      repaired_chunks=t.repaired_chunks,
+                      repaired_chunks=t.repaired_chunks, staging_left=staging_left, warning=warning,
                       seconds=round(time.monotonic() - started, 3))
 
 

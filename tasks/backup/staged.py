@@ -29,10 +29,11 @@ from typing import Iterator, Literal
 import structlog
 from pydantic import BaseModel, Field, ValidationError
 
+from configs.secrets import redact
 from connectors.base import CommandResult, Connector
 from connectors.storage import BlobNotFound, BlobStore, StoreError
 from tasks.backup.blockmap import BlockMap
-from tasks.backup.engine import BackupRequest, backup
+from tasks.backup.engine import BackupRequest, backup, damaged_blocks, damaged_chunks, unmatchable
 from tasks.backup.errors import SourceError
 from tasks.backup.remote_source import changed_blocks
 from tasks.backup.repository import RecoveryPoint, Repository
@@ -115,8 +116,12 @@ def sign_batch(store: BlobStore, plan: UploadPlan, indexes: list[int]) -> Signed
 
 
 def plan_upload(repo: Repository, host: str, disk: str, size: int, block_size: int,
-                fingerprints: list[bytes]) -> UploadPlan:
+                fingerprints: list[bytes], *, rehash: bool = False) -> UploadPlan:
     """The blocks that changed since the last point of host/disk, and where they are staged.
+
+    A block the host reports unchanged is asked for all the same when the parent's chunk for it
+    is damaged (recorded by verify) or missing from the store: the backup writes it again, as a
+    local or SSH backup does. `rehash` (the policy's) asks for every block.
 
     Hold `repo.lock("backup")` from here until the staged backup is done and discarded: prune
     deletes staging blobs whenever no backup holds a lock.
@@ -129,7 +134,11 @@ def plan_upload(repo: Repository, host: str, disk: str, size: int, block_size: i
     if parent is not None and parent.kind == "block":
         previous = BlockMap.from_json(repo.get_map(parent.map.id, point=parent.key), point=parent.key)
     prefix = f"{STAGING}{host}/{disk}/{uuid.uuid4().hex}"
-    changed = tuple(changed_blocks(fingerprints, previous, FINGERPRINT, block_size))
+    if rehash:
+        changed = tuple(range(expected))
+    else:
+        forced = damaged_blocks(previous, damaged_chunks(repo, previous, repo.chunk_ids()))
+        changed = tuple(changed_blocks(fingerprints, unmatchable(previous, forced), FINGERPRINT, block_size))
     return UploadPlan(host, disk, prefix, size, block_size, fingerprints, changed)
 
 
@@ -142,6 +151,16 @@ class StagingCleanup:
     left: list[str] = field(default_factory=list)
     #: why the listing itself failed, if it did (then what is left is unknown)
     error: str | None = None
+
+    def warning(self, prefix: str) -> str | None:
+        """One line for the run's report when something was left under prefix; None otherwise."""
+        if self.error:
+            return (f"staged upload blobs under {prefix} could not be listed for deletion ({redact(self.error)}); "
+                    "the point stands, the next prune removes them")
+        if self.left:
+            return (f"{len(self.left)} staged upload blobs under {prefix} could not be deleted; "
+                    "the point stands, the next prune removes them")
+        return None
 
 
 def remove_staged(store: BlobStore, prefix: str = STAGING, *, dry_run: bool = False) -> StagingCleanup:
@@ -335,23 +354,37 @@ def upload_from_host(connector: Connector, store: BlobStore, plan: UploadPlan, p
     return sent
 
 
-def back_up_from_host(repo: Repository, connector: Connector, path: str, request: BackupRequest) -> RecoveryPoint:
+@dataclass(frozen=True)
+class StagedBackup:
+    point: RecoveryPoint
+    #: what removing the staging prefix left behind (a warning for the run's report, not a failure)
+    staging: StagingCleanup
+    prefix: str
+
+    @property
+    def warning(self) -> str | None:
+        return self.staging.warning(self.prefix)
+
+
+def back_up_from_host(repo: Repository, connector: Connector, path: str, request: BackupRequest) -> StagedBackup:
     """Back up an image file on a Windows host: the host scans it and uploads changed blocks
     straight to the store; the controller makes chunks, the map and the point, and always
-    removes the staging prefix."""
+    removes the staging prefix (what it cannot remove is in the result, never raised)."""
     check_direct_upload(repo.store, request.host, request.disk, "block")
     scan = scan_on_host(connector, path, request.block_size)
     # Held until staging is discarded: prune deletes staging blobs whenever no backup holds a lock.
     with repo.lock("backup", wait=request.lock_wait):
-        plan = plan_upload(repo, request.host, request.disk, scan.size, request.block_size, scan.hashes())
+        plan = plan_upload(repo, request.host, request.disk, scan.size, request.block_size, scan.hashes(),
+                           rehash=request.rehash)
         source = StagedBlockSource(repo.store, plan, path)
         try:
             sent = upload_from_host(connector, repo.store, plan, path, threads=request.workers)
             log.info("backup.staged", host=request.host, disk=request.disk, blocks=len(plan.changed), bytes_sent=sent)
-            return backup(repo, source, request)
+            point = backup(repo, source, request)
         finally:
             cleanup = source.discard()
             if cleanup.left or cleanup.error:
                 log.warning("backup.staging_left", host=request.host, disk=request.disk, prefix=plan.prefix,
                             blobs=len(cleanup.left), error=cleanup.error,
                             hint="the point stands; the next prune removes what is left")
+    return StagedBackup(point, cleanup, plan.prefix)

@@ -31,13 +31,16 @@ import pytest
 from configs.models import AzureStorage, DiskConfig, HostConfig, LocalStorage, PatchdrillConfig
 from connectors.base import remote_script
 from connectors.storage import AzureBlobStore
-from flows.cli import app
 from tasks.backup import staged
 from tasks.backup.errors import SourceError
 from tasks.backup.retention import prune
 from tasks.backup.policy import BackupPolicy
+from tasks.backup.repository import chunk_key
 from tasks.backup.restore import restore
 from tasks.backup.run import back_up_disk, open_repository
+from tasks.backup.verify import verify
+from tests.e2e.test_backup_cli import cli  # noqa: F401 - the in-process `patchdrill` fixture
+from tests.e2e.test_backup_flows import _artifact
 from tests.hosts.azurite import AzuriteServer
 from tests.hosts.wsman_server import WsmanTestHost
 from tests.hosts.wsman_sim import SimResult, script_handler
@@ -209,6 +212,32 @@ def test_full_then_incremental_straight_to_azure(config: PatchdrillConfig, simul
     assert (tmp_path / "restored.vhdx").read_bytes() == image.read_bytes()
 
 
+def test_damaged_and_missing_chunks_are_uploaded_again_and_rehash_reads_everything(
+        config: PatchdrillConfig, simulated: SimulatedWindowsDisk, image: Path, tmp_path: Path) -> None:
+    """The host reports every block unchanged; blocks whose chunk verify found corrupt, or whose
+    chunk is gone from the store, must still come up from the host and be written again."""
+    host, disk = _disk(config, "vm")
+    back_up_disk(config, tmp_path, host, disk, POLICY)
+    repo = open_repository(config, tmp_path, POLICY)
+    data = image.read_bytes()
+    corrupt, missing = (repo.codec.chunk_id(data[i * BLOCK:(i + 1) * BLOCK]) for i in (3, 5))
+    blob = repo.store.get(chunk_key(corrupt))
+    repo.store.put(chunk_key(corrupt), blob[:-1] + bytes([blob[-1] ^ 1]), overwrite=True)
+    assert list(verify(repo).corrupt) == [corrupt.hex()]  # recorded for the next backup
+    repo.store.delete(chunk_key(missing))  # no verify ran since: found by the backup itself
+
+    again = back_up_disk(config, tmp_path, host, disk, POLICY)
+    assert simulated.uploaded[1] == [3, 5]
+    assert again.repaired_chunks == 2 and again.scanned_bytes == 2 * BLOCK
+    assert verify(repo).ok and repo.damaged_chunks() == {}
+    restore(repo, repo.find_point("win-1", "vm", None), tmp_path / "restored.vhdx")
+    assert (tmp_path / "restored.vhdx").read_bytes() == data
+
+    every = back_up_disk(config, tmp_path, host, disk, POLICY.model_copy(update={"rehash": True}))
+    assert simulated.uploaded[2] == list(range(BLOCKS + 1))
+    assert every.scanned_bytes == len(data) and every.uploaded_bytes == 0  # read and checked, nothing new
+
+
 def test_a_failed_writer_is_recorded_as_file_system_consistent(config: PatchdrillConfig, simulated: SimulatedWindowsDisk,
                                                                tmp_path: Path) -> None:
     simulated.failing_writer = "Microsoft Hyper-V VSS Writer"
@@ -278,11 +307,13 @@ def test_a_host_leasing_and_snapshotting_its_staging_blobs_gets_them_deleted(
 
 
 def test_staging_the_backup_cannot_delete_is_a_warning_and_prune_still_succeeds(
-        config: PatchdrillConfig, simulated: SimulatedWindowsDisk, azure_store: AzureBlobStore, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+        prefect_server: None, config: PatchdrillConfig, simulated: SimulatedWindowsDisk,
+        azure_store: AzureBlobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        cli: Callable[..., tuple[int, str, str]]) -> None:
     """A host that takes its lease again the instant it is broken. That race cannot be staged on
     cue against Azurite, so the host's re-acquire (a real lease through its own URL) is hooked in
-    right after each break."""
+    right after each break. The backup runs as `patchdrill backup --json`, its flow on the
+    Prefect test server: the leftover is in the disk's JSON row and the run's table artifact."""
     simulated.after_put = _lease_forever
     urls: dict[str, str] = {}
     simulated.on_upload = lambda batch: urls.update({urlsplit(u).path.split("/", 3)[3]: u for u in batch})
@@ -293,22 +324,30 @@ def test_staging_the_backup_cannot_delete_is_a_warning_and_prune_still_succeeds(
         _lease_forever(urls[name])
 
     monkeypatch.setattr(AzureBlobStore, "_break_lease", host_leases_again)
-    host, disk = _disk(config, "vm")
-    report = back_up_disk(config, tmp_path, host, disk, POLICY)
-    assert report.status == "ok"
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(json.dumps({
+        "storage": config.storage.model_dump(mode="json", exclude_none=True),
+        "hosts": [config.hosts[0].model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+                  | {"disks": [{"name": "vm", "path": str(_disk(config, "vm")[1].path), "kind": "block"}]}],
+        "backup_policies": {"default": POLICY.model_dump(mode="json", exclude_defaults=True)},
+    }))
+    code, out, err = cli("backup", "-c", str(fleet), "--host", "win-1", "--json")
+    assert code == 0, err
+    [report] = json.loads(out)
+    assert (report["status"], report["error"], report["staging_left"]) == ("ok", None, BLOCKS + 1)
+    assert f"{BLOCKS + 1} staged upload blobs under staging/win-1/vm/" in report["warning"]
+    assert "the next prune removes them" in report["warning"]
     repo = open_repository(config, tmp_path, POLICY)
-    assert repo.find_point("win-1", "vm", None).key == report.point
-    logged = capsys.readouterr()
-    assert "backup.staging_left" in logged.out + logged.err
+    assert repo.find_point("win-1", "vm", None).key == report["point"]
+    assert "backup.staging_left" in err
     assert len(list(azure_store.list("staging/"))) == BLOCKS + 1
+    rows = [row for data in _artifact("backup-win-1") for row in (json.loads(data) if isinstance(data, str) else data)]
+    assert [(row["disk"], row["status"], row["warning"]) for row in rows] == [("vm", "ok", report["warning"])]
 
-    cfg = tmp_path / "fleet.yaml"
+    cfg = tmp_path / "store.yaml"
     cfg.write_text(json.dumps({"storage": config.storage.model_dump(mode="json", exclude_none=True), "hosts": []}))
-    try:
-        app(["prune", "-c", str(cfg), "--json"], standalone_mode=False)
-    except SystemExit as exc:
-        assert not exc.code
-    out, err = capsys.readouterr()
+    code, out, err = cli("prune", "-c", str(cfg), "--json")
+    assert code == 0, err
     assert json.loads(out)["staged_left"] == BLOCKS + 1
     assert f"warning: {BLOCKS + 1} staged upload blobs could not be deleted" in err
 

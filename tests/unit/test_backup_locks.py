@@ -164,3 +164,56 @@ def test_prune_right_after_a_backup_killed_mid_upload(tmp_path: Path) -> None:
     assert report.stale_locks_removed == [
         f"a backup lock ({lock.key}) of pid {proc.pid} on host {this_host()}: the process is dead"]
     assert report.chunks_deleted == 4 and list(store.list("locks/")) == []
+
+
+_WAITING_BACKUP = textwrap.dedent("""
+    import sys
+    from datetime import timedelta
+    from connectors.storage import LocalBlobStore
+    from tasks.backup import cancel
+    from tasks.backup.engine import BackupRequest, backup
+    from tasks.backup.repository import Repository
+    from tasks.backup.source import LocalBlockSource
+
+    class Announcing(Repository):
+        # Says on stderr when the backup first finds itself blocked, so the parent signals a waiter.
+        def _conflicting_lock(self, held, kind, stale):
+            blocker = super()._conflicting_lock(held, kind, stale)
+            if blocker:
+                print("waiting", file=sys.stderr, flush=True)
+            return blocker
+
+    repo = Announcing.open(LocalBlobStore(sys.argv[1]))
+    request = BackupRequest(host="h", disk="d", block_size=65536, workers=1, lock_wait=timedelta(minutes=30))
+    with cancel.stop_on_signals():
+        try:
+            backup(repo, LocalBlockSource(sys.argv[2]), request)
+        except cancel.Interrupted as exc:
+            print(f"interrupted: {exc}", file=sys.stderr, flush=True)
+            sys.exit(cancel.exit_code())
+    print("backed up", file=sys.stderr, flush=True)
+""")
+
+
+@pytest.mark.parametrize("holder", ["prune"], indirect=True)
+def test_a_backup_waiting_for_a_prune_stops_on_the_first_signal(repo: Repository, tmp_path: Path,
+                                                                holder: subprocess.Popen[str]) -> None:
+    """A live prune holds the lock; the backup waits (up to 30 min) until a real SIGINT ends the wait."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(random.Random(4).randbytes(BLOCK))
+    waiter = subprocess.Popen([sys.executable, "-c", _WAITING_BACKUP, str(repo.store.root), str(image)], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert waiter.stderr is not None and waiter.stderr.readline().strip() == "waiting"
+        waiter.send_signal(signal.SIGINT)
+        # A hang bound, not a speed measure: unstopped, the wait would last 30 minutes.
+        code = waiter.wait(timeout=120)
+        said = waiter.stderr.read()
+    finally:
+        waiter.kill()
+        waiter.wait()
+    assert code == 130, said
+    assert "interrupted: interrupted by SIGINT" in said and "backed up" not in said
+    assert repo.points() == [] and list(repo.store.list("chunks/")) == []
+    # Only the prune's own lock is left: the waiter took its attempt back out.
+    assert [state.kind for state in repo.lock_states()] == ["prune"]

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from configs.loader import ConfigError, _LineFinder, _parse_yaml, load_config
+from configs.models import AzureStorage
+from connectors.storage import AzureBlobStore, StoreError
 from flows.cli import app
 
 runner = CliRunner()
@@ -128,6 +130,56 @@ def test_a_large_config_finds_each_line_in_steps_bounded_by_the_path() -> None:
     assert visits == [3, 3]
 
 
+_KEY = "c2VjcmV0LWFjY291bnQta2V5"
+_REMOTE_HTTP = f"DefaultEndpointsProtocol=http;AccountName=acct;AccountKey={_KEY};BlobEndpoint=http://10.1.2.3:10000/acct"
+
+
+@pytest.mark.parametrize("reference, text", [
+    ("env:PD_TEST_CONN", _REMOTE_HTTP),
+    ("file:conn.secret", _REMOTE_HTTP),  # relative to the config file, wherever the check runs
+    ("env:PD_TEST_CONN", f"DefaultEndpointsProtocol=http;AccountName=acct;AccountKey={_KEY}"),
+])
+def test_azure_connection_string_over_http_needs_the_lab_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               reference: str, text: str) -> None:
+    monkeypatch.setenv("PD_TEST_CONN", text)
+    (tmp_path / "conn.secret").write_text(text + "\n")
+    monkeypatch.chdir("/")
+    storage = f"storage:\n  kind: azure\n  container: backups\n  connection_string: {reference}\n"
+    line = one_error(tmp_path, config_text(storage=storage))
+    assert ":4: storage.connection_string: its blob endpoint is plain http" in line and "allow_insecure_transport" in line
+    assert _KEY not in line and "10.1.2.3" not in line
+    lab = tmp_path / "lab.yaml"
+    lab.write_text(config_text(storage=storage + "  allow_insecure_transport: true\n"))
+    assert runner.invoke(app, ["config", "check", str(lab)]).exit_code == 0
+
+
+@pytest.mark.parametrize("text", [
+    f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={_KEY};"
+    "BlobEndpoint=http://127.0.0.1:10000/devstoreaccount1;",
+    "UseDevelopmentStorage=true",
+    f"DefaultEndpointsProtocol=https;AccountName=acct;AccountKey={_KEY};EndpointSuffix=core.windows.net",
+])
+def test_https_and_loopback_connection_strings_pass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    monkeypatch.setenv("PD_TEST_CONN", text)
+    cfg = tmp_path / "fleet.yaml"
+    cfg.write_text(config_text(storage="storage:\n  kind: azure\n  container: backups\n  connection_string: env:PD_TEST_CONN\n"))
+    result = runner.invoke(app, ["config", "check", str(cfg)])
+    assert result.exit_code == 0, result.output
+
+
+def test_a_connection_string_the_check_could_not_read_is_refused_when_the_store_opens(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A config built in code (or a Prefect Secret) is not resolved while validating: the store
+    refuses it as it opens, before any request is sent."""
+    monkeypatch.setenv("PD_TEST_CONN", _REMOTE_HTTP)
+    cfg = AzureStorage(container="backups", connection_string="env:PD_TEST_CONN")
+    with pytest.raises(StoreError, match="connection_string: its blob endpoint is plain http") as refused:
+        AzureBlobStore.from_config(cfg)
+    assert _KEY not in str(refused.value)
+    lab = AzureStorage(container="backups", connection_string="env:PD_TEST_CONN", allow_insecure_transport=True)
+    assert lab.connection_string_problem(_REMOTE_HTTP) is None
+
+
 def test_azure_account_url_over_http_needs_the_lab_flag(tmp_path: Path) -> None:
     storage = "storage:\n  kind: azure\n  container: backups\n  account_url: http://acct.blob.core.windows.net\n"
     line = one_error(tmp_path, config_text(storage=storage))
@@ -135,3 +187,12 @@ def test_azure_account_url_over_http_needs_the_lab_flag(tmp_path: Path) -> None:
     lab = tmp_path / "lab.yaml"
     lab.write_text(config_text(storage=storage + "  allow_insecure_transport: true\n"))
     assert runner.invoke(app, ["config", "check", str(lab)]).exit_code == 0
+
+
+def test_an_account_url_on_loopback_needs_no_lab_flag(tmp_path: Path) -> None:
+    """One rule for both ways in: plain http that never leaves the machine is not readable on a network."""
+    cfg = tmp_path / "fleet.yaml"
+    cfg.write_text(config_text(storage="storage:\n  kind: azure\n  container: backups\n"
+                                       "  account_url: http://127.0.0.1:10000/devstoreaccount1\n"))
+    result = runner.invoke(app, ["config", "check", str(cfg)])
+    assert result.exit_code == 0, result.output
