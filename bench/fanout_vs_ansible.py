@@ -401,7 +401,7 @@ def library_worker(config_path: Path, forks: int) -> None:
     from configs.loader import load_config
     from connectors import connect
     from tasks.patching import linux_host
-    from tasks.patching.models import Classification
+    from configs.policies import Classification
 
     loaded = load_config(config_path)
 

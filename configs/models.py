@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from configs.secrets import check_reference
-from tasks.backup.policy import BackupPolicy
-from tasks.patching.models import PatchPolicy
+from configs.policies import BackupPolicy
+from configs.policies import PatchPolicy
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")

@@ -29,7 +29,8 @@ from flows.logs import JsonLinesHandler, json_lines
 from tasks.backup import cancel, progress
 from tasks.backup.cancel import Interrupted
 from tasks.backup.errors import BackupError
-from tasks.backup.policy import BackupPolicy, policy_from_config
+from configs.policies import BackupPolicy
+from tasks.backup.policy import policy_from_config
 
 T = TypeVar("T")
 

@@ -218,7 +218,7 @@ def calendar(
 ) -> None:
     """Print the year's months: Patch Tuesday and whether each is a baseline or hotpatch month."""
     from tasks.patching.calendar import year_calendar
-    from tasks.patching.models import PatchPolicy
+    from configs.policies import PatchPolicy
     from tasks.patching.steps import RunSetupError, resolve_policy
 
     if not 1 <= year <= 9999:

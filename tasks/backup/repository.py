@@ -39,7 +39,6 @@ READABLE_VERSIONS = (1, 2)
 log = structlog.stdlib.get_logger("patchdrill.backup")
 
 CONFIG_KEY = "config.json"
-ID_SIZE = 32
 LOCK_REFRESH = timedelta(minutes=5)
 LOCK_STALE = timedelta(minutes=30)
 DAMAGE_PREFIX = "damaged/"

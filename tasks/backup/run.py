@@ -21,7 +21,8 @@ from tasks.backup import cancel, snapshot as snapshots
 from tasks.backup import staged
 from tasks.backup.engine import BackupRequest, backup, default_workers
 from tasks.backup.errors import BackupError, SourceError
-from tasks.backup.policy import BackupPolicy, policy_from_config
+from configs.policies import BackupPolicy
+from tasks.backup.policy import policy_from_config
 from tasks.backup.remote_source import RemoteBlockSource, RemoteTreeSource
 from tasks.backup.repository import Repository
 from tasks.backup.snapshot import Snapshot

@@ -50,9 +50,9 @@ from types import TracebackType
 from typing import Any, Callable, Literal
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field
 
 from configs.models import DiskConfig, HostConfig
+from configs.policies import SnapshotPolicy
 from configs.secrets import redact
 from connectors.base import CommandResult, Connector, ConnectorError, HostTimeout
 
@@ -74,46 +74,6 @@ _KILL_GRACE = 10
 #: Exit codes of linux_snapshot.sh.
 _EXIT_INVALID, _EXIT_NOT_APPLICABLE = 3, 4
 _GUID = re.compile(r"^\{[0-9A-Fa-f-]{36}\}$")
-
-
-class SnapshotPolicy(BaseModel):
-    """How a disk's consistent view is taken. Plain data: a UI form and a CLI option set."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    method: Literal["auto", "vss", "lvm", "fsfreeze", "none"] = Field(
-        default="auto", description="auto: VSS on Windows; LVM, else a reflink clone, else none on Linux.")
-    pre_script: str | None = Field(
-        default=None, description="Command run on the host before the snapshot (e.g. flush and lock a database). "
-        "Exit 0 within script_timeout makes the point application-consistent.")
-    post_script: str | None = Field(
-        default=None, description="Command run on the host after the snapshot; always runs once the pre-script ran.")
-    script_timeout: float = Field(default=300, gt=0, le=86400, description="Seconds each of pre_script and post_script may run.")
-    lvm_snapshot_size: str = Field(
-        default="10%ORIGIN", pattern=r"^(\d+(\.\d+)?[bBsSkKmMgGtTpPeE]?|\d+%(ORIGIN|VG|FREE|PVS))$",
-        description="Copy-on-write space for an LVM snapshot: a size (lvcreate -L, e.g. 2G) or extents (-l, e.g. 10%ORIGIN).")
-    fallback: bool = Field(
-        default=True, description="When a step fails, continue at the next lower consistency level (recorded in the "
-        "point's notes) instead of failing the backup.")
-    freeze_limit: float = Field(
-        default=3600, gt=0, le=86400, description="fsfreeze only: the host thaws the file system on its own after this "
-        "many seconds, so a lost controller cannot hang its writers for ever.")
-
-    @classmethod
-    def of(cls, policy: Any) -> "SnapshotPolicy":
-        """A SnapshotPolicy as is, or one read from a backup policy's snapshot_method,
-        pre_script and post_script (and snapshot_* fields, when it has them)."""
-        if isinstance(policy, cls):
-            return policy
-        if not hasattr(policy, "snapshot_method"):
-            raise TypeError(f"expected a SnapshotPolicy or a backup policy, not {type(policy).__name__}")
-        values: dict[str, Any] = {"method": policy.snapshot_method, "pre_script": getattr(policy, "pre_script", None),
-                                  "post_script": getattr(policy, "post_script", None)}
-        for name in ("script_timeout", "lvm_snapshot_size", "fallback", "freeze_limit"):
-            value = getattr(policy, f"snapshot_{name}", None)
-            if value is not None:
-                values[name] = value
-        return cls(**values)
 
 
 class SnapshotError(Exception):

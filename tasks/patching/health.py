@@ -19,7 +19,7 @@ from configs.models import HostConfig
 from configs.secrets import redact
 from connectors.base import Connector, ConnectorError
 from connectors.winrm import ps_quote
-from tasks.patching.models import CommandProbe, HealthProbe, HttpProbe, ServiceProbe, TcpProbe
+from configs.policies import CommandProbe, HealthProbe, HttpProbe, ServiceProbe, TcpProbe
 
 
 @dataclass(frozen=True)

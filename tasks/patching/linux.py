@@ -25,7 +25,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 
-from tasks.patching.models import Classification, PackageManager, RebootBehaviour, Severity, Update
+from configs.policies import Classification, Severity
+from tasks.patching.models import PackageManager, RebootBehaviour, Update
 
 # Plain C locale and no prompts: the parsers read apt's English output.
 _APT_ENV = "env LC_ALL=C DEBIAN_FRONTEND=noninteractive"

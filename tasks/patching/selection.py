@@ -11,7 +11,8 @@ from datetime import date, timedelta
 from fnmatch import fnmatchcase
 
 from tasks.patching.calendar import updates_allowed
-from tasks.patching.models import ComplianceState, Enrollment, MonthKind, PatchPolicy, Update, normalise_kb
+from configs.policies import PatchPolicy
+from tasks.patching.models import ComplianceState, Enrollment, MonthKind, Update, normalise_kb
 
 
 @dataclass(frozen=True)

@@ -39,12 +39,12 @@ from tasks.patching import history, linux_host, maintenance_windows, windows_hos
 from tasks.patching.calendar import month_kind, next_baseline, reboot_allowed
 from tasks.patching.health import check_health, failure_summary
 from tasks.patching.linux_host import InstallResult
+from configs.policies import PatchPolicy
 from tasks.patching.models import (
     ComplianceState,
     Enrollment,
     HostPatchRecord,
     MonthKind,
-    PatchPolicy,
     Update,
     UpdateOutcome,
 )

@@ -16,12 +16,11 @@ from typing import Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from connectors.base import Connector
+from configs.policies import Classification, Severity
 from tasks.patching.models import (
-    Classification,
     ComplianceState,
     Enrollment,
     RebootBehaviour,
-    Severity,
     Update,
     UpdateOutcome,
     normalise_kb,

@@ -19,7 +19,8 @@ from configs.models import HostConfig
 from connectors.base import CommandFailed, CommandResult
 from connectors.local import LocalConnector
 from tasks.patching import linux_host
-from tasks.patching.models import Classification, ComplianceState, PatchPolicy
+from configs.policies import Classification, PatchPolicy
+from tasks.patching.models import ComplianceState
 from tasks.patching.selection import select
 from tests.hosts.aptlab import REBOOT_POSTINST, AptLab
 

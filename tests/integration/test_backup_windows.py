@@ -35,7 +35,7 @@ from flows.cli import app
 from tasks.backup import staged
 from tasks.backup.errors import SourceError
 from tasks.backup.retention import prune
-from tasks.backup.policy import BackupPolicy
+from configs.policies import BackupPolicy
 from tasks.backup.restore import restore
 from tasks.backup.run import back_up_disk, open_repository
 from tests.hosts.azurite import AzuriteServer

@@ -19,14 +19,8 @@ from structlog.testing import capture_logs
 from configs.models import DiskConfig, HostConfig
 from configs.secrets import remember
 from connectors.ssh import SshConnector
-from tasks.backup.snapshot import (
-    APPLICATION,
-    CRASH,
-    FILE_SYSTEM,
-    SnapshotError,
-    SnapshotPolicy,
-    take_snapshot,
-)
+from configs.policies import SnapshotPolicy
+from tasks.backup.snapshot import APPLICATION, CRASH, FILE_SYSTEM, SnapshotError, take_snapshot
 
 pytestmark = pytest.mark.integration
 

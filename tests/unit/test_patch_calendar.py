@@ -18,7 +18,8 @@ from tasks.patching.calendar import (
     updates_allowed,
     year_calendar,
 )
-from tasks.patching.models import Classification, Enrollment, PatchPolicy, Update
+from configs.policies import Classification, PatchPolicy
+from tasks.patching.models import Enrollment, Update
 
 years = st.integers(min_value=1900, max_value=2400)
 months = st.integers(min_value=1, max_value=12)

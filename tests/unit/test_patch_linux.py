@@ -13,7 +13,8 @@ from datetime import date
 import pytest
 
 from tasks.patching import linux
-from tasks.patching.models import Classification, Severity, Update
+from configs.policies import Classification, Severity
+from tasks.patching.models import Update
 
 # Captured from the aptlab sandbox (apt 2.6.2).
 APT_FULL = """\

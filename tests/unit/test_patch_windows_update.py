@@ -17,7 +17,8 @@ import tree_sitter as ts
 import tree_sitter_powershell as tsp
 
 from connectors.base import REMOTE_DIR
-from tasks.patching.models import Classification, ComplianceState, Severity, Update
+from configs.policies import Classification, Severity
+from tasks.patching.models import ComplianceState, Update
 from tasks.patching.windows_update import (
     WuInstall,
     WuInstalledUpdate,

@@ -20,7 +20,8 @@ import pytest
 from configs.models import DiskConfig, HostConfig
 from connectors.base import CommandResult, remote_script
 from connectors.local import LocalConnector
-from tasks.backup.snapshot import APPLICATION, CRASH, FILE_SYSTEM, SnapshotError, SnapshotPolicy, take_snapshot
+from configs.policies import SnapshotPolicy
+from tasks.backup.snapshot import APPLICATION, CRASH, FILE_SYSTEM, SnapshotError, take_snapshot
 
 STAND_INS = {
     "lvs": r'''

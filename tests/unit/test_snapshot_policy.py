@@ -7,8 +7,9 @@ from pydantic import ValidationError
 
 from configs.models import DiskConfig, HostConfig
 from connectors.local import LocalConnector
-from tasks.backup.policy import BackupPolicy
-from tasks.backup.snapshot import CRASH, SnapshotError, SnapshotPolicy, take_snapshot
+from configs.policies import BackupPolicy
+from configs.policies import SnapshotPolicy
+from tasks.backup.snapshot import CRASH, SnapshotError, take_snapshot
 
 LINUX = HostConfig(name="web1", transport="local")
 DISK = DiskConfig(name="data", path="/srv/data")
