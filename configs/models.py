@@ -14,9 +14,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from configs.policies import BackupPolicy, PatchPolicy
 from configs.secrets import check_reference
-from configs.policies import BackupPolicy
-from configs.policies import PatchPolicy
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")

@@ -18,6 +18,7 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
+from configs.policies import BackupPolicy
 from configs.secrets import SecretError, redact
 from connectors.base import ConnectorError
 from connectors.storage import StoreError
@@ -29,7 +30,6 @@ from flows.logs import JsonLinesHandler, json_lines
 from tasks.backup import cancel, progress
 from tasks.backup.cancel import Interrupted
 from tasks.backup.errors import BackupError
-from configs.policies import BackupPolicy
 from tasks.backup.policy import policy_from_config
 
 T = TypeVar("T")

@@ -13,6 +13,7 @@ from typing import Iterator
 from pydantic import BaseModel
 
 from configs.models import DiskConfig, HostConfig, PatchdrillConfig
+from configs.policies import BackupPolicy
 from configs.secrets import redact
 from connectors import connect
 from connectors.base import Connector, RetryPolicy
@@ -21,7 +22,6 @@ from tasks.backup import cancel, snapshot as snapshots
 from tasks.backup import staged
 from tasks.backup.engine import BackupRequest, backup, default_workers
 from tasks.backup.errors import BackupError, SourceError
-from configs.policies import BackupPolicy
 from tasks.backup.policy import policy_from_config
 from tasks.backup.remote_source import RemoteBlockSource, RemoteTreeSource
 from tasks.backup.repository import Repository

@@ -31,6 +31,7 @@ from pydantic import BaseModel
 
 from configs.loader import LoadedConfig, load_config
 from configs.models import HostConfig
+from configs.policies import PatchPolicy
 from configs.secrets import SecretError, redact
 from connectors import connect
 from connectors.base import BootIdentity, Connector, ConnectorError
@@ -39,7 +40,6 @@ from tasks.patching import history, linux_host, maintenance_windows, windows_hos
 from tasks.patching.calendar import month_kind, next_baseline, reboot_allowed
 from tasks.patching.health import check_health, failure_summary
 from tasks.patching.linux_host import InstallResult
-from configs.policies import PatchPolicy
 from tasks.patching.models import (
     ComplianceState,
     Enrollment,

@@ -15,8 +15,8 @@ from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from connectors.base import Connector
 from configs.policies import Classification, Severity
+from connectors.base import Connector
 from tasks.patching.models import (
     ComplianceState,
     Enrollment,

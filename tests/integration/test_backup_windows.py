@@ -29,13 +29,13 @@ import httpx
 import pytest
 
 from configs.models import AzureStorage, DiskConfig, HostConfig, LocalStorage, PatchdrillConfig
+from configs.policies import BackupPolicy
 from connectors.base import remote_script
 from connectors.storage import AzureBlobStore
 from flows.cli import app
 from tasks.backup import staged
 from tasks.backup.errors import SourceError
 from tasks.backup.retention import prune
-from configs.policies import BackupPolicy
 from tasks.backup.restore import restore
 from tasks.backup.run import back_up_disk, open_repository
 from tests.hosts.azurite import AzuriteServer

@@ -17,9 +17,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from configs.models import DiskConfig, HostConfig
+from configs.policies import SnapshotPolicy
 from configs.secrets import remember
 from connectors.ssh import SshConnector
-from configs.policies import SnapshotPolicy
 from tasks.backup.snapshot import APPLICATION, CRASH, FILE_SYSTEM, SnapshotError, take_snapshot
 
 pytestmark = pytest.mark.integration

@@ -21,8 +21,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from configs.models import DiskConfig, HostConfig
-from connectors.winrm import WinRmConnector
 from configs.policies import SnapshotPolicy
+from connectors.winrm import WinRmConnector
 from tasks.backup.snapshot import APPLICATION, FILE_SYSTEM, SnapshotError, SnapshotRemovalError, take_snapshot
 from tests.hosts.wsman_server import WsmanTestHost
 from tests.hosts.wsman_sim import SimResult, script_handler

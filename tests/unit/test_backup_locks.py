@@ -17,12 +17,12 @@ from typing import Iterator
 
 import pytest
 
+from configs.policies import KeepRules
 from connectors.storage import LocalBlobStore
 from tasks.backup.engine import BackupRequest, backup
 from tasks.backup.errors import RepositoryBusy
 from tasks.backup.locks import process_identity, this_host
 from tasks.backup.repository import Repository, utcnow
-from configs.policies import KeepRules
 from tasks.backup.retention import forget_and_prune, prune
 from tasks.backup.source import LocalBlockSource
 from tests.unit.test_backup_engine import _STALLING_BACKUP

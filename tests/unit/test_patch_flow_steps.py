@@ -11,10 +11,10 @@ import yaml
 
 from configs.loader import load_config
 from configs.models import HostConfig
+from configs.policies import Classification, PatchPolicy
 from configs.secrets import remember
 from connectors.storage import LocalBlobStore
 from tasks.patching import history, steps
-from configs.policies import Classification, PatchPolicy
 from tasks.patching.models import ComplianceState, Enrollment, HostPatchRecord, Update, UpdateOutcome
 from tasks.patching.reboot_gate import decide
 from tasks.patching.steps import (

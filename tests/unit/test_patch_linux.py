@@ -12,8 +12,8 @@ from datetime import date
 
 import pytest
 
-from tasks.patching import linux
 from configs.policies import Classification, Severity
+from tasks.patching import linux
 from tasks.patching.models import Update
 
 # Captured from the aptlab sandbox (apt 2.6.2).

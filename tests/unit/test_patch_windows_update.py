@@ -16,8 +16,8 @@ import pytest
 import tree_sitter as ts
 import tree_sitter_powershell as tsp
 
-from connectors.base import REMOTE_DIR
 from configs.policies import Classification, Severity
+from connectors.base import REMOTE_DIR
 from tasks.patching.models import ComplianceState, Update
 from tasks.patching.windows_update import (
     WuInstall,

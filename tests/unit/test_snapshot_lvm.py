@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from configs.models import DiskConfig, HostConfig
+from configs.policies import SnapshotPolicy
 from connectors.base import CommandResult, remote_script
 from connectors.local import LocalConnector
-from configs.policies import SnapshotPolicy
 from tasks.backup.snapshot import APPLICATION, CRASH, FILE_SYSTEM, SnapshotError, take_snapshot
 
 STAND_INS = {

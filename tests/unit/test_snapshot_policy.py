@@ -6,9 +6,8 @@ import pytest
 from pydantic import ValidationError
 
 from configs.models import DiskConfig, HostConfig
+from configs.policies import BackupPolicy, SnapshotPolicy
 from connectors.local import LocalConnector
-from configs.policies import BackupPolicy
-from configs.policies import SnapshotPolicy
 from tasks.backup.snapshot import CRASH, SnapshotError, take_snapshot
 
 LINUX = HostConfig(name="web1", transport="local")
