@@ -252,7 +252,7 @@ def history_command(
     as_json: JsonOption = False,
 ) -> None:
     """The host's patch runs of the last days (30 by default), newest first."""
-    from connectors.storage import StoreError, open_store
+    from connectors.stores import StoreError, open_store
     from tasks.patching.history import HistoryError, history
 
     loaded = load_or_exit(config)

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from configs.secrets import redact, resolve
-from connectors.storage import BlobExists, BlobNotFound, BlobStore, StoreError
+from connectors.stores import BlobExists, BlobNotFound, BlobStore, StoreError
 from tasks.backup import keys, locks
 from tasks.backup.errors import (
     ChunkCorrupt, ChunkMissing, KeyRequired, PointNotFound, PointTampered, RepositoryBusy, RepositoryError,

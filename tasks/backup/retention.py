@@ -14,7 +14,7 @@ from typing import Callable, Hashable, Literal, Sequence
 import structlog
 
 from configs.policies import KeepRules
-from connectors.storage import BlobNotFound
+from connectors.stores import BlobNotFound
 from tasks.backup.repository import LOCK_STALE, RecoveryPoint, Repository
 from tasks.backup.staged import remove_staged
 from tasks.backup.verify import referenced_chunks

@@ -17,7 +17,7 @@ from configs.policies import BackupPolicy
 from configs.secrets import redact
 from connectors import connect
 from connectors.base import Connector, RetryPolicy
-from connectors.storage import open_store
+from connectors.stores import open_store
 from tasks.backup import cancel, snapshot as snapshots
 from tasks.backup import staged
 from tasks.backup.engine import BackupRequest, backup, default_workers

@@ -30,7 +30,7 @@ import structlog
 from pydantic import BaseModel, Field, ValidationError
 
 from connectors.base import CommandResult, Connector
-from connectors.storage import BlobNotFound, BlobStore, StoreError
+from connectors.stores import BlobNotFound, BlobStore, StoreError
 from tasks.backup.blockmap import BlockMap
 from tasks.backup.engine import BackupRequest, backup
 from tasks.backup.errors import SourceError

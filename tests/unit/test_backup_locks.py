@@ -18,7 +18,7 @@ from typing import Iterator
 import pytest
 
 from configs.policies import KeepRules
-from connectors.storage import LocalBlobStore
+from connectors.stores import LocalBlobStore
 from tasks.backup.engine import BackupRequest, backup
 from tasks.backup.errors import RepositoryBusy
 from tasks.backup.locks import process_identity, this_host
@@ -32,7 +32,7 @@ BLOCK = 64 * 1024
 
 HOLDER = textwrap.dedent("""
     import sys, threading
-    from connectors.storage import LocalBlobStore
+    from connectors.stores import LocalBlobStore
     from tasks.backup.repository import Repository
     repo = Repository.open(LocalBlobStore(sys.argv[1]))
     with repo.lock(sys.argv[2]):

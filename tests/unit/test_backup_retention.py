@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from configs.policies import KeepRules
-from connectors.storage import LocalBlobStore
+from connectors.stores import LocalBlobStore
 from tasks.backup.engine import BackupRequest, backup
 from tasks.backup.errors import RepositoryBusy
 from tasks.backup.repository import Repository, utcnow

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from connectors.storage import LocalBlobStore
+from connectors.stores import LocalBlobStore
 from tasks.backup.engine import BackupRequest, backup
 from tasks.backup.errors import PointNotFound, RestoreFailed
 from tasks.backup.repository import Repository
@@ -131,7 +131,7 @@ def test_device_nodes_without_root_are_listed_as_skipped(tmp_path_factory: pytes
         os.chmod(shared / "repo", 0o755)
         out = shared / "out"
         script = textwrap.dedent(f"""
-            from connectors.storage import LocalBlobStore
+            from connectors.stores import LocalBlobStore
             from tasks.backup.repository import Repository
             from tasks.backup.restore import restore
             repo = Repository.open(LocalBlobStore({str(shared / "repo")!r}))
@@ -209,7 +209,7 @@ def test_a_point_prefix_shared_by_several_points_is_refused(repo: Repository, tm
 _STALLING_RESTORE = textwrap.dedent("""
     import sys, threading
     from pathlib import Path
-    from connectors.storage import LocalBlobStore
+    from connectors.stores import LocalBlobStore
     from tasks.backup.repository import Repository
     from tasks.backup.restore import restore
 
