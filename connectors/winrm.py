@@ -8,7 +8,7 @@ Commands: every command is a PowerShell script, sent as `powershell -EncodedComm
 prologue that makes output UTF-8, in one shell reused for the connector's lifetime. WinRM
 starts commands through cmd.exe, whose lines stop at 8191 characters, and the encoded form
 costs ~2.7 characters per script character; longer scripts are streamed on standard input to
-a small loader (remote/stdin_script.ps1) rather than written to a temporary .ps1 and run with
+a small loader (winrm_scripts/stdin_script.ps1) rather than written to a temporary .ps1 and run with
 -File: one command instead of one per chunk, nothing left on disk if the run is cut short,
 and no dependence on the host's execution policy, which governs -File but not
 -EncodedCommand.
@@ -56,7 +56,8 @@ from connectors.base import (
     HostTimeout,
     HostUnreachable,
     RetryPolicy,
-    remote_script,
+    Script,
+    script_source,
 )
 from connectors.powershell import PROLOGUE, clean_clixml, encode_command, invoke_script, ps_quote
 
@@ -72,7 +73,14 @@ UPLOAD_CHUNK = 256 * 1024
 DOWNLOAD_CHUNK = 1024 * 1024
 DEFAULT_MAX_TRANSFER = 16 * 1024 * 1024
 UTF8_CODE_PAGE = 65001
-STDIN_LOADER = "stdin_script.ps1"
+#: The scripts the transport itself runs on the host (file transfer, boot identity, the loader).
+SCRIPTS = Path(__file__).with_name("winrm_scripts")
+STDIN_LOADER = SCRIPTS / "stdin_script.ps1"
+BOOT_IDENTITY = SCRIPTS / "boot_identity.ps1"
+FILE_WRITE_CHUNK = SCRIPTS / "file_write_chunk.ps1"
+FILE_COMMIT = SCRIPTS / "file_commit.ps1"
+FILE_STAT = SCRIPTS / "file_stat.ps1"
+FILE_READ_CHUNK = SCRIPTS / "file_read_chunk.ps1"
 #: WSManFault code of "the shell was not found on the server" (it restarted or expired the shell).
 SHELL_NOT_FOUND = 2150858843
 #: Consecutive HTTP read timeouts on Receive before the host counts as gone.
@@ -300,14 +308,15 @@ class WinRmConnector(Connector):
             env_lines += f"$env:{key} = {ps_quote(value)}\n"
         return self._run_powershell(PROLOGUE + env_lines + command, command, timeout=timeout, check=check, stdin=stdin)
 
-    def run_script(self, script: str, args: list[str] | None = None, *,
+    def run_script(self, script: Script, args: list[str] | None = None, *,
                    timeout: float | None = None, check: bool = False) -> CommandResult:
-        """Run connectors/remote/`script` with arguments: `-Name` items are parameter names,
-        every other item a value (passed as a literal string, never interpreted)."""
+        """Run a PowerShell script (a .ps1 file's path or the text) with arguments: `-Name` items
+        are parameter names, every other item a value (passed as a literal string, never
+        interpreted)."""
         args = args or []
-        shown = " ".join([script, *(a if len(a) <= 60 else a[:57] + "..." for a in args)])
-        return self._run_powershell(PROLOGUE + invoke_script(remote_script(script), args), shown,
-                                    timeout=timeout, check=check)
+        name, text = script_source(script)
+        shown = " ".join([name, *(a if len(a) <= 60 else a[:57] + "..." for a in args)])
+        return self._run_powershell(PROLOGUE + invoke_script(text, args), shown, timeout=timeout, check=check)
 
     def _run_powershell(self, script: str, shown: str, *, timeout: float | None, check: bool,
                         stdin: bytes | None = None, retry: bool = True) -> CommandResult:
@@ -315,7 +324,7 @@ class WinRmConnector(Connector):
         command_line = encode_command(script)
         if len(command_line) > COMMAND_LINE_LIMIT:
             payload = script.encode("utf-8")
-            loader = invoke_script(remote_script(STDIN_LOADER), ["-Length", str(len(payload))])
+            loader = invoke_script(STDIN_LOADER.read_text(encoding="utf-8"), ["-Length", str(len(payload))])
             command_line = encode_command(PROLOGUE + loader)
             stdin = payload + (stdin or b"")
         with self._lock:
@@ -429,19 +438,19 @@ class WinRmConnector(Connector):
             while True:  # at least once: an empty file is one empty chunk
                 chunk = handle.read(UPLOAD_CHUNK)
                 digest.update(chunk)
-                self.run_script("file_write_chunk.ps1", ["-Path", partial, "-Offset", str(offset),
+                self.run_script(FILE_WRITE_CHUNK, ["-Path", partial, "-Offset", str(offset),
                                                          "-Data", base64.b64encode(chunk).decode("ascii")], check=True)
                 offset += len(chunk)
                 if len(chunk) < UPLOAD_CHUNK:
                     break
-        self.run_script("file_commit.ps1", ["-Partial", partial, "-Path", remote,
+        self.run_script(FILE_COMMIT, ["-Partial", partial, "-Path", remote,
                                             "-Sha256", digest.hexdigest().upper()], check=True)
         self._log.info("winrm.put", local=str(local), remote=remote, bytes=offset)
 
     def get(self, remote: str, local: Path) -> None:
         """Copy a small file from the host, checked against its SHA-256 before it appears locally."""
         local = Path(local)
-        stat = self._json_of("file_stat.ps1", ["-Path", remote], ("length", "sha256"))
+        stat = self._json_of(FILE_STAT, ["-Path", remote], ("length", "sha256"))
         size = int(stat["length"])
         self._check_size(size, f"{remote} on {self.name}")
         partial = local.with_name(f"{local.name}.{uuid.uuid4().hex[:12]}.part")
@@ -450,7 +459,7 @@ class WinRmConnector(Connector):
             with partial.open("wb") as handle:
                 offset = 0
                 while offset < size:
-                    result = self.run_script("file_read_chunk.ps1", ["-Path", remote, "-Offset", str(offset),
+                    result = self.run_script(FILE_READ_CHUNK, ["-Path", remote, "-Offset", str(offset),
                                                                      "-Count", str(DOWNLOAD_CHUNK)], check=True)
                     data = base64.b64decode(result.stdout.strip())
                     if not data:
@@ -465,22 +474,23 @@ class WinRmConnector(Connector):
             partial.unlink(missing_ok=True)
         self._log.info("winrm.get", remote=remote, local=str(local), bytes=size)
 
-    def _json_of(self, script: str, args: list[str], keys: tuple[str, ...], *, retry: bool = True,
+    def _json_of(self, script: Path, args: list[str], keys: tuple[str, ...], *, retry: bool = True,
                  timeout: float | None = None) -> dict[str, object]:
-        result = self._run_powershell(PROLOGUE + invoke_script(remote_script(script), args), script,
+        name, text = script_source(script)
+        result = self._run_powershell(PROLOGUE + invoke_script(text, args), name,
                                       timeout=timeout, check=True, retry=retry)
         try:
             data = json.loads(result.stdout)
         except json.JSONDecodeError:
             data = None
         if not isinstance(data, dict) or any(key not in data for key in keys):
-            raise ConnectorError(self.name, redact(f"{script} printed {result.stdout[:200]!r}, not JSON with {', '.join(keys)}"))
+            raise ConnectorError(self.name, redact(f"{name} printed {result.stdout[:200]!r}, not JSON with {', '.join(keys)}"))
         return data
 
     # identity ---------------------------------------------------------------------------------
     def boot_identity(self) -> BootIdentity:
         started = time.monotonic()
-        data = self._json_of("boot_identity.ps1", [], ("last_boot_up_time", "caption"), retry=False,
+        data = self._json_of(BOOT_IDENTITY, [], ("last_boot_up_time", "caption"), retry=False,
                              timeout=self.host.connect_timeout + 30)
         extra = {key: str(value) for key, value in data.items() if value is not None}
         return BootIdentity(host=self.name, os_family="windows", boot_id=str(data["last_boot_up_time"]),

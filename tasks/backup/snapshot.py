@@ -45,7 +45,7 @@ import shlex
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import Any, Callable, Literal
 
@@ -64,9 +64,10 @@ FILE_SYSTEM: Consistency = "file-system-consistent"
 CRASH: Consistency = "crash-consistent"
 _RANK = {CRASH: 0, FILE_SYSTEM: 1, APPLICATION: 2}
 
-LINUX_SCRIPT = "linux_snapshot.sh"
-VSS_SCRIPT = "vss_snapshot.ps1"
-VSS_REMOVE_SCRIPT = "vss_remove.ps1"
+_HOST_SCRIPTS = Path(__file__).with_name("host_scripts")
+LINUX_SCRIPT = _HOST_SCRIPTS / "linux_snapshot.sh"
+VSS_SCRIPT = _HOST_SCRIPTS / "vss_snapshot.ps1"
+VSS_REMOVE_SCRIPT = _HOST_SCRIPTS / "vss_remove.ps1"
 #: Seconds for the snapshot helpers themselves (lvcreate, mount, VSS with its writers).
 HELPER_TIMEOUT = 900.0
 #: Grace after SIGTERM before `timeout` kills a user script that ignores it.
@@ -365,10 +366,10 @@ class _Taking:
         result = self.connector.run_script(VSS_SCRIPT, args, timeout=HELPER_TIMEOUT)
         if not result.ok:
             raise self.error(f"VSS shadow copy failed (exit {result.exit_code}): {_tail(result.stderr) or 'no error text'}")
-        report = self.json_line(result, VSS_SCRIPT)
+        report = self.json_line(result, VSS_SCRIPT.name)
         shadow_id = str(report.get("id") or "")
         if not _GUID.match(shadow_id) or not report.get("read_path"):
-            raise self.error(f"{VSS_SCRIPT} reported no shadow copy id or read path: {_tail(result.stdout)}")
+            raise self.error(f"{VSS_SCRIPT.name} reported no shadow copy id or read path: {_tail(result.stdout)}")
         writers = [{"name": str(w.get("name")), "state": w.get("state"), "state_text": w.get("state_text")}
                    for w in report.get("writers") or []]
         if report.get("fallback_reason"):
@@ -385,14 +386,14 @@ class _Taking:
         result = self.connector.run_script(VSS_REMOVE_SCRIPT, ["-ShadowId", shadow_id, "-SnapshotId", self.snapshot_id],
                                            timeout=HELPER_TIMEOUT)
         if not result.ok:
-            raise self.error(f"{VSS_REMOVE_SCRIPT} exited {result.exit_code}: {_tail(result.stderr) or 'no error text'}")
-        self.json_line(result, VSS_REMOVE_SCRIPT)
+            raise self.error(f"{VSS_REMOVE_SCRIPT.name} exited {result.exit_code}: {_tail(result.stderr) or 'no error text'}")
+        self.json_line(result, VSS_REMOVE_SCRIPT.name)
 
     def vss_check(self, shadow_id: str) -> None:
         result = self.connector.run_script(VSS_REMOVE_SCRIPT, ["-ShadowId", shadow_id, "-CheckOnly"], timeout=HELPER_TIMEOUT)
         if not result.ok:
             raise self.error(f"cannot check shadow copy {shadow_id}: {_tail(result.stderr) or f'exit {result.exit_code}'}")
-        if self.json_line(result, VSS_REMOVE_SCRIPT).get("shadow") != "present":
+        if self.json_line(result, VSS_REMOVE_SCRIPT.name).get("shadow") != "present":
             raise self.error(f"shadow copy {shadow_id} is gone (VSS deletes copies whose diff area fills up): "
                              "the data read from it cannot be trusted")
 

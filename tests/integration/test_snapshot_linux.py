@@ -1,6 +1,6 @@
 """Linux snapshots for real, over a real OpenSSH sshd (tests/hosts/sshd.py) as root.
 
-Real: the pre- and post-scripts, their timeout, connectors/remote/linux_snapshot.sh, fsfreeze
+Real: the pre- and post-scripts, their timeout, tasks/backup/host_scripts/linux_snapshot.sh, fsfreeze
 on a loop-mounted XFS image, and reflink clones on it. LVM cannot run here (the kernel has no
 device-mapper), so it is covered in tests/unit/test_snapshot_lvm.py with stand-in LVM tools.
 """
