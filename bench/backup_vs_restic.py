@@ -34,7 +34,7 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from connectors.storage import LocalBlobStore  # noqa: E402
+from connectors.stores import LocalBlobStore  # noqa: E402
 from tasks.backup.engine import BackupRequest, backup  # noqa: E402
 from tasks.backup.repository import Repository  # noqa: E402
 from tasks.backup.restore import restore  # noqa: E402

@@ -15,7 +15,7 @@ The work compared, chosen to be the same questions answered from the same data:
 
 - patchdrill CLI: `patchdrill patch assess --config CFG --json --forks FORKS`, a Prefect flow on
   the ephemeral API (or PREFECT_API_URL's server, when set): per host one connection and one
-  SSH session running connectors/remote/linux_facts.sh + linux_assess.sh (os-release, kernel,
+  SSH session running tasks/patching/host_scripts/linux_facts.sh + linux_assess.sh (os-release, kernel,
   package manager, time zone, boot id; `apt-get update` from the local flat repo; an
   `apt-get -s dist-upgrade` simulation, and the security-preferring one where a security suite
   offers a version besides the candidate, as demo-web's superseded fix does on every host here;
@@ -401,7 +401,7 @@ def library_worker(config_path: Path, forks: int) -> None:
     from configs.loader import load_config
     from connectors import connect
     from tasks.patching import linux_host
-    from tasks.patching.models import Classification
+    from configs.policies import Classification
 
     loaded = load_config(config_path)
 

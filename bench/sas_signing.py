@@ -31,7 +31,7 @@ import structlog  # noqa: E402
 from azure.storage.blob import ContainerClient  # noqa: E402
 
 from configs.secrets import redact, remembered_count  # noqa: E402
-from connectors.storage import AzureBlobStore  # noqa: E402
+from connectors.stores import AzureBlobStore  # noqa: E402
 from tasks.backup.staged import UploadPlan, sign_batch  # noqa: E402
 
 # Azurite's published development key: any key signs the same way.

@@ -15,9 +15,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from configs.policies import BackupPolicy, PatchPolicy
 from configs.secrets import SecretError, check_reference, parse_reference, resolve
-from tasks.backup.policy import BackupPolicy
-from tasks.patching.models import PatchPolicy
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")

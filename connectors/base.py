@@ -123,6 +123,12 @@ class RetryPolicy:
         return retrying(fn)
 
 
+#: What run_script runs: a script file (its name labels the result, its suffix picks the
+#: interpreter on a POSIX host) or a script's text. A connector runs what it is handed: the
+#: scripts themselves live beside the tasks that send them.
+Script = Path | str
+
+
 class Connector(abc.ABC):
     """One host, one transport. Reuses its connection within a run; close() releases it."""
 
@@ -135,9 +141,10 @@ class Connector(abc.ABC):
         """Run a shell command (sh on Linux, PowerShell on Windows)."""
 
     @abc.abstractmethod
-    def run_script(self, script: str, args: list[str] | None = None, *,
+    def run_script(self, script: Script, args: list[str] | None = None, *,
                    timeout: float | None = None, check: bool = False) -> CommandResult:
-        """Run a script from connectors/remote/ (by file name) with arguments."""
+        """Run the script handed over (a file's path or the script's text) with arguments,
+        without leaving it on the host."""
 
     @abc.abstractmethod
     def put(self, local: Path, remote: str) -> None:
@@ -186,12 +193,26 @@ class Connector(abc.ABC):
         self.close()
 
 
-REMOTE_DIR = Path(__file__).parent / "remote"
+def script_source(script: Script) -> tuple[str, str]:
+    """The label (a file's name, else "script") and the text of a script handed to run_script."""
+    if isinstance(script, Path):
+        try:
+            return script.name, script.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no script {str(script)!r}") from None
+    return "script", script
 
 
-def remote_script(name: str) -> str:
-    """The text of a script shipped in connectors/remote/."""
-    path = REMOTE_DIR / name
-    if not path.is_file():
-        raise FileNotFoundError(f"no remote script {name!r} in {REMOTE_DIR}")
-    return path.read_text(encoding="utf-8")
+def posix_interpreter(script: Script) -> list[str]:
+    """How a POSIX host runs a script fed on standard input: python3 for a .py file or a text
+    whose first line names python, sh for a .sh file or any other text."""
+    if isinstance(script, Path):
+        runner = _POSIX_RUNNERS.get(script.suffix)
+        if runner is None:
+            raise ValueError(f"cannot run script {script.name!r} on a POSIX host: expected .sh or .py")
+        return runner
+    first = script.lstrip().split("\n", 1)[0]
+    return _POSIX_RUNNERS[".py" if first.startswith("#!") and "python" in first else ".sh"]
+
+
+_POSIX_RUNNERS = {".sh": ["sh", "-s", "--"], ".py": ["python3", "-"]}

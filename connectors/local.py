@@ -10,7 +10,15 @@ import time
 from pathlib import Path
 
 from configs.models import HostConfig
-from connectors.base import BootIdentity, CommandResult, Connector, HostTimeout, remote_script
+from connectors.base import (
+    BootIdentity,
+    CommandResult,
+    Connector,
+    HostTimeout,
+    Script,
+    posix_interpreter,
+    script_source,
+)
 
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 
@@ -27,12 +35,12 @@ class LocalConnector(Connector):
             env: dict[str, str] | None = None, stdin: bytes | None = None) -> CommandResult:
         return self._exec(["sh", "-c", command], command, timeout=timeout, check=check, env=env, stdin=stdin)
 
-    def run_script(self, script: str, args: list[str] | None = None, *,
+    def run_script(self, script: Script, args: list[str] | None = None, *,
                    timeout: float | None = None, check: bool = False) -> CommandResult:
-        interpreter = ["python3", "-"] if script.endswith(".py") else ["sh", "-s", "--"]
-        text = remote_script(script).encode("utf-8")
-        label = " ".join([script, *(args or [])])
-        return self._exec([*interpreter, *(args or [])], label, timeout=timeout, check=check, stdin=text)
+        interpreter = posix_interpreter(script)
+        name, text = script_source(script)
+        label = " ".join([name, *(args or [])])
+        return self._exec([*interpreter, *(args or [])], label, timeout=timeout, check=check, stdin=text.encode("utf-8"))
 
     def _exec(self, argv: list[str], label: str, *, timeout: float | None, check: bool,
               env: dict[str, str] | None = None, stdin: bytes | None = None) -> CommandResult:

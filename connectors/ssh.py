@@ -44,7 +44,9 @@ from connectors.base import (
     HostTimeout,
     HostUnreachable,
     RetryPolicy,
-    remote_script,
+    Script,
+    posix_interpreter,
+    script_source,
 )
 from connectors.known_hosts import HostKeyCheck, KnownHosts, host_key_policy, read_known_hosts
 from connectors.ssh_route import Endpoint, Route, RouteError, load_ssh_config, resolve_route
@@ -60,7 +62,6 @@ _UNREACHABLE_ERRNOS = {
     errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ECONNRESET,
     errno.ECONNABORTED, errno.EHOSTDOWN, errno.ENETDOWN, errno.EPIPE,
 }
-_SCRIPT_RUNNERS = {".sh": "sh -s --", ".py": "python3 -"}
 _BOOT_IDENTITY_COMMAND = (
     "cat /proc/sys/kernel/random/boot_id; "
     "(. /etc/os-release 2>/dev/null; echo \"${PRETTY_NAME:-}\"); "
@@ -99,7 +100,7 @@ class SshConnector(Connector):
     os_family = "linux"
 
     def __init__(self, host: HostConfig, *, retry: RetryPolicy | None = None,
-                 base_dir: Path | None = None, scripts_dir: Path | None = None) -> None:
+                 base_dir: Path | None = None) -> None:
         if host.transport != "ssh":
             raise ValueError(f"host {host.name!r}: SshConnector needs transport 'ssh', not {host.transport!r}")
         self.host = host
@@ -107,8 +108,6 @@ class SshConnector(Connector):
         self.retry = retry or RetryPolicy()
         # Relative key and known_hosts paths are relative to the config file that named them.
         self.base_dir = base_dir
-        # Tests and site extensions may ship their own scripts; the default is connectors/remote/.
-        self.scripts_dir = scripts_dir
         self._lock = threading.RLock()
         self._transport: paramiko.Transport | None = None
         # Jump hosts first, the target last: each carries the next one's connection.
@@ -536,24 +535,16 @@ class SshConnector(Connector):
             # its exit code tells the caller what happened.
             errors.append(exc)
 
-    def run_script(self, script: str, args: list[str] | None = None, *,
+    def run_script(self, script: Script, args: list[str] | None = None, *,
                    timeout: float | None = None, check: bool = False) -> CommandResult:
         """Feed a script on stdin to sh or python3, so nothing is left on the host."""
-        suffix = PurePosixPath(script).suffix
-        runner = _SCRIPT_RUNNERS.get(suffix)
-        if runner is None:
-            raise ValueError(f"host {self.name!r}: cannot run script {script!r} over SSH: expected .sh or .py")
-        text = self._script_text(script)
-        command = " ".join([runner, *(shlex.quote(a) for a in args or [])])
+        try:
+            runner = posix_interpreter(script)
+        except ValueError as exc:
+            raise ValueError(f"host {self.name!r}: {exc}") from None
+        _, text = script_source(script)
+        command = " ".join([*runner, *(shlex.quote(a) for a in args or [])])
         return self.run(command, timeout=timeout, check=check, stdin=text.encode("utf-8"))
-
-    def _script_text(self, script: str) -> str:
-        if self.scripts_dir is None:
-            return remote_script(script)
-        path = self.scripts_dir / script
-        if not path.is_file():
-            raise FileNotFoundError(f"no remote script {script!r} in {self.scripts_dir}")
-        return path.read_text(encoding="utf-8")
 
     # -- files ------------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ Commands: every command is a PowerShell script, sent as `powershell -EncodedComm
 prologue that makes output UTF-8, in one shell reused for the connector's lifetime. WinRM
 starts commands through cmd.exe, whose lines stop at 8191 characters, and the encoded form
 costs ~2.7 characters per script character; longer scripts are streamed on standard input to
-a small loader (remote/stdin_script.ps1) rather than written to a temporary .ps1 and run with
+a small loader (winrm_scripts/stdin_script.ps1) rather than written to a temporary .ps1 and run with
 -File: one command instead of one per chunk, nothing left on disk if the run is cut short,
 and no dependence on the host's execution policy, which governs -File but not
 -EncodedCommand.
@@ -23,14 +23,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import html
 import json
 import math
 import re
 import threading
 import time
 import uuid
-import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Callable
 
@@ -58,21 +56,15 @@ from connectors.base import (
     HostTimeout,
     HostUnreachable,
     RetryPolicy,
-    remote_script,
+    Script,
+    script_source,
 )
+from connectors.powershell import PROLOGUE, clean_clixml, encode_command, invoke_script, ps_quote
 
 log = structlog.stdlib.get_logger("patchdrill.connectors.winrm")
 _unverified_lock = threading.Lock()
 _unverified_warned: set[str] = set()
 
-#: Console output in UTF-8 whatever the host's code page, so non-ASCII text survives; the
-#: encoding object is built without a byte-order mark, which [Text.Encoding]::UTF8 would
-#: prepend to what PowerShell pipes into native programs.
-PROLOGUE = (
-    "[Console]::OutputEncoding = New-Object System.Text.UTF8Encoding $false\n"
-    "$OutputEncoding = [Console]::OutputEncoding\n"
-    "$ProgressPreference = 'SilentlyContinue'\n"
-)
 #: Below cmd.exe's 8191-character limit, with room for what WinRM adds.
 COMMAND_LINE_LIMIT = 8000
 #: Raw bytes per Send: their base64 stays under pywinrm's 153600-byte MaxEnvelopeSize.
@@ -81,72 +73,20 @@ UPLOAD_CHUNK = 256 * 1024
 DOWNLOAD_CHUNK = 1024 * 1024
 DEFAULT_MAX_TRANSFER = 16 * 1024 * 1024
 UTF8_CODE_PAGE = 65001
-STDIN_LOADER = "stdin_script.ps1"
+#: The scripts the transport itself runs on the host (file transfer, boot identity, the loader).
+SCRIPTS = Path(__file__).with_name("winrm_scripts")
+STDIN_LOADER = SCRIPTS / "stdin_script.ps1"
+BOOT_IDENTITY = SCRIPTS / "boot_identity.ps1"
+FILE_WRITE_CHUNK = SCRIPTS / "file_write_chunk.ps1"
+FILE_COMMIT = SCRIPTS / "file_commit.ps1"
+FILE_STAT = SCRIPTS / "file_stat.ps1"
+FILE_READ_CHUNK = SCRIPTS / "file_read_chunk.ps1"
 #: WSManFault code of "the shell was not found on the server" (it restarted or expired the shell).
 SHELL_NOT_FOUND = 2150858843
 #: Consecutive HTTP read timeouts on Receive before the host counts as gone.
 MAX_READ_TIMEOUTS = 3
 
-_QUOTES = "'\u2018\u2019\u201a\u201b"
-_PARAMETER = re.compile(r"-[A-Za-z][A-Za-z0-9_]*:?")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def ps_quote(value: str) -> str:
-    """A PowerShell single-quoted string literal (typographic quotes count as quotes too)."""
-    return "'" + re.sub(f"([{_QUOTES}])", r"\1\1", value) + "'"
-
-
-def ps_arguments(args: list[str]) -> str:
-    """`-Name` tokens stay bare (parameter names); everything else becomes a quoted literal."""
-    return " ".join(arg if _PARAMETER.fullmatch(arg) else ps_quote(arg) for arg in args)
-
-
-def invoke_script(text: str, args: list[str]) -> str:
-    """Run a script's text as a script block with arguments; its param() block binds them."""
-    return f"& {{\n{text}\n}} {ps_arguments(args)}".rstrip() + "\n"
-
-
-def encode_command(script: str) -> str:
-    encoded = base64.b64encode(script.encode("utf-16-le")).decode("ascii")
-    return f"powershell -NoProfile -NonInteractive -EncodedCommand {encoded}"
-
-
-_STREAM_PREFIX = {"Warning": "WARNING: ", "Verbose": "VERBOSE: ", "Debug": "DEBUG: "}
-
-
-def clean_clixml(stderr: str) -> str:
-    """PowerShell's CLIXML on stderr (`#< CLIXML` + <Objs>) as the plain text a console shows.
-
-    Progress records are dropped, error/warning/verbose/debug strings kept with the console's
-    prefixes, `_xHHHH_` escapes decoded; text outside CLIXML documents is kept as it is.
-    """
-    if "#< CLIXML" not in stderr:
-        return stderr
-    pieces: list[str] = []
-    for part in stderr.split("#< CLIXML"):
-        start, end = part.find("<Objs"), part.rfind("</Objs>")
-        if start < 0:
-            if part.strip():
-                pieces.append(part)
-            continue
-        stop = end + len("</Objs>") if end >= 0 else len(part)
-        pieces += [part[:start].strip("\r\n"), _clixml_text(part[start:stop]), part[stop:]]
-    return "".join(pieces).replace("\r\n", "\n").strip()
-
-
-def _clixml_text(document: str) -> str:
-    try:
-        root = ET.fromstring(document)
-        records = [(el.get("S", ""), el.text or "") for el in root if el.tag.rsplit("}", 1)[-1] == "S"]
-    except ET.ParseError:
-        # A document cut short (the process was killed mid-write): salvage the complete strings.
-        records = [(s, html.unescape(t)) for s, t in re.findall(r'<S S="(\w+)">(.*?)</S>', document, re.S)]
-    return "".join(_STREAM_PREFIX.get(stream, "") + _decode_clixml_escapes(text) for stream, text in records)
-
-
-def _decode_clixml_escapes(text: str) -> str:
-    return re.sub(r"_x([0-9A-Fa-f]{4})_", lambda m: chr(int(m.group(1), 16)), text)
 
 
 def _reason(exc: BaseException) -> str:
@@ -368,14 +308,15 @@ class WinRmConnector(Connector):
             env_lines += f"$env:{key} = {ps_quote(value)}\n"
         return self._run_powershell(PROLOGUE + env_lines + command, command, timeout=timeout, check=check, stdin=stdin)
 
-    def run_script(self, script: str, args: list[str] | None = None, *,
+    def run_script(self, script: Script, args: list[str] | None = None, *,
                    timeout: float | None = None, check: bool = False) -> CommandResult:
-        """Run connectors/remote/`script` with arguments: `-Name` items are parameter names,
-        every other item a value (passed as a literal string, never interpreted)."""
+        """Run a PowerShell script (a .ps1 file's path or the text) with arguments: `-Name` items
+        are parameter names, every other item a value (passed as a literal string, never
+        interpreted)."""
         args = args or []
-        shown = " ".join([script, *(a if len(a) <= 60 else a[:57] + "..." for a in args)])
-        return self._run_powershell(PROLOGUE + invoke_script(remote_script(script), args), shown,
-                                    timeout=timeout, check=check)
+        name, text = script_source(script)
+        shown = " ".join([name, *(a if len(a) <= 60 else a[:57] + "..." for a in args)])
+        return self._run_powershell(PROLOGUE + invoke_script(text, args), shown, timeout=timeout, check=check)
 
     def _run_powershell(self, script: str, shown: str, *, timeout: float | None, check: bool,
                         stdin: bytes | None = None, retry: bool = True) -> CommandResult:
@@ -383,7 +324,7 @@ class WinRmConnector(Connector):
         command_line = encode_command(script)
         if len(command_line) > COMMAND_LINE_LIMIT:
             payload = script.encode("utf-8")
-            loader = invoke_script(remote_script(STDIN_LOADER), ["-Length", str(len(payload))])
+            loader = invoke_script(STDIN_LOADER.read_text(encoding="utf-8"), ["-Length", str(len(payload))])
             command_line = encode_command(PROLOGUE + loader)
             stdin = payload + (stdin or b"")
         with self._lock:
@@ -497,19 +438,19 @@ class WinRmConnector(Connector):
             while True:  # at least once: an empty file is one empty chunk
                 chunk = handle.read(UPLOAD_CHUNK)
                 digest.update(chunk)
-                self.run_script("file_write_chunk.ps1", ["-Path", partial, "-Offset", str(offset),
+                self.run_script(FILE_WRITE_CHUNK, ["-Path", partial, "-Offset", str(offset),
                                                          "-Data", base64.b64encode(chunk).decode("ascii")], check=True)
                 offset += len(chunk)
                 if len(chunk) < UPLOAD_CHUNK:
                     break
-        self.run_script("file_commit.ps1", ["-Partial", partial, "-Path", remote,
+        self.run_script(FILE_COMMIT, ["-Partial", partial, "-Path", remote,
                                             "-Sha256", digest.hexdigest().upper()], check=True)
         self._log.info("winrm.put", local=str(local), remote=remote, bytes=offset)
 
     def get(self, remote: str, local: Path) -> None:
         """Copy a small file from the host, checked against its SHA-256 before it appears locally."""
         local = Path(local)
-        stat = self._json_of("file_stat.ps1", ["-Path", remote], ("length", "sha256"))
+        stat = self._json_of(FILE_STAT, ["-Path", remote], ("length", "sha256"))
         size = int(stat["length"])
         self._check_size(size, f"{remote} on {self.name}")
         partial = local.with_name(f"{local.name}.{uuid.uuid4().hex[:12]}.part")
@@ -518,7 +459,7 @@ class WinRmConnector(Connector):
             with partial.open("wb") as handle:
                 offset = 0
                 while offset < size:
-                    result = self.run_script("file_read_chunk.ps1", ["-Path", remote, "-Offset", str(offset),
+                    result = self.run_script(FILE_READ_CHUNK, ["-Path", remote, "-Offset", str(offset),
                                                                      "-Count", str(DOWNLOAD_CHUNK)], check=True)
                     data = base64.b64decode(result.stdout.strip())
                     if not data:
@@ -533,22 +474,23 @@ class WinRmConnector(Connector):
             partial.unlink(missing_ok=True)
         self._log.info("winrm.get", remote=remote, local=str(local), bytes=size)
 
-    def _json_of(self, script: str, args: list[str], keys: tuple[str, ...], *, retry: bool = True,
+    def _json_of(self, script: Path, args: list[str], keys: tuple[str, ...], *, retry: bool = True,
                  timeout: float | None = None) -> dict[str, object]:
-        result = self._run_powershell(PROLOGUE + invoke_script(remote_script(script), args), script,
+        name, text = script_source(script)
+        result = self._run_powershell(PROLOGUE + invoke_script(text, args), name,
                                       timeout=timeout, check=True, retry=retry)
         try:
             data = json.loads(result.stdout)
         except json.JSONDecodeError:
             data = None
         if not isinstance(data, dict) or any(key not in data for key in keys):
-            raise ConnectorError(self.name, redact(f"{script} printed {result.stdout[:200]!r}, not JSON with {', '.join(keys)}"))
+            raise ConnectorError(self.name, redact(f"{name} printed {result.stdout[:200]!r}, not JSON with {', '.join(keys)}"))
         return data
 
     # identity ---------------------------------------------------------------------------------
     def boot_identity(self) -> BootIdentity:
         started = time.monotonic()
-        data = self._json_of("boot_identity.ps1", [], ("last_boot_up_time", "caption"), retry=False,
+        data = self._json_of(BOOT_IDENTITY, [], ("last_boot_up_time", "caption"), retry=False,
                              timeout=self.host.connect_timeout + 30)
         extra = {key: str(value) for key, value in data.items() if value is not None}
         return BootIdentity(host=self.name, os_family="windows", boot_id=str(data["last_boot_up_time"]),

@@ -18,9 +18,10 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
+from configs.policies import BackupPolicy
 from configs.secrets import SecretError, redact
 from connectors.base import ConnectorError
-from connectors.storage import StoreError
+from connectors.stores import StoreError
 from flows.cli_common import (
     DEFAULT_CONFIG, ConfigOption, GroupsOption, HostsOption, JsonOption, console, emit, err_console, fail, load_or_exit,
 )
@@ -29,7 +30,7 @@ from flows.logs import JsonLinesHandler, json_lines
 from tasks.backup import cancel, progress
 from tasks.backup.cancel import Interrupted
 from tasks.backup.errors import BackupError
-from tasks.backup.policy import BackupPolicy, policy_from_config
+from tasks.backup.policy import policy_from_config
 
 T = TypeVar("T")
 
@@ -200,7 +201,7 @@ def points(config: ConfigOption = DEFAULT_CONFIG,
            disk: Annotated[Optional[str], typer.Option("--disk", help="Only this disk.")] = None,
            as_json: JsonOption = False) -> None:
     """List recovery points: time, consistency, sizes. Needs no encryption key."""
-    from connectors.storage import open_store
+    from connectors.stores import open_store
     from tasks.backup.repository import Repository
 
     loaded = load_or_exit(config)
@@ -281,7 +282,7 @@ def unlock(config: ConfigOption = DEFAULT_CONFIG,
            remove_all: Annotated[bool, typer.Option("--all", help="Also remove locks whose holders look alive (a host that is gone for good).")] = False,
            as_json: JsonOption = False) -> None:
     """Remove stale locks (their process is dead, or their host stopped refreshing them); --all removes every lock."""
-    from connectors.storage import open_store
+    from connectors.stores import open_store
     from tasks.backup.repository import Repository
 
     loaded = load_or_exit(config)

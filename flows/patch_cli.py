@@ -218,7 +218,7 @@ def calendar(
 ) -> None:
     """Print the year's months: Patch Tuesday and whether each is a baseline or hotpatch month."""
     from tasks.patching.calendar import year_calendar
-    from tasks.patching.models import PatchPolicy
+    from configs.policies import PatchPolicy
     from tasks.patching.steps import RunSetupError, resolve_policy
 
     if not 1 <= year <= 9999:
@@ -252,7 +252,7 @@ def history_command(
     as_json: JsonOption = False,
 ) -> None:
     """The host's patch runs of the last days (30 by default), newest first."""
-    from connectors.storage import StoreError, open_store
+    from connectors.stores import StoreError, open_store
     from tasks.patching.history import HistoryError, history
 
     loaded = load_or_exit(config)

@@ -27,7 +27,7 @@ from typing import Any
 import structlog
 
 from connectors.base import CommandResult, Connector
-from connectors.remote import blockscan
+from tasks.backup.host_scripts import blockscan
 from tasks.backup import cancel
 from tasks.backup.blockmap import BlockMap, TreeMap
 from tasks.backup.errors import BackupError, RestoreFailed

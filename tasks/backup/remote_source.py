@@ -1,6 +1,6 @@
 """Disks on another host: the host scans, the controller fetches only what changed.
 
-The scan runs on the host (connectors/remote/blockscan.py, standard library only). Changed
+The scan runs on the host (host_scripts/blockscan.py, standard library only). Changed
 blocks are read over the connector's SFTP session when it offers one (`sftp()`), else through
 blockscan's read mode, which works over any connector that runs Python. A block source compares
 host-side block hashes; a tree source compares file size, mtime, ctime and inode with the
@@ -13,11 +13,13 @@ import base64
 import hashlib
 import json
 from functools import partial
+from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import structlog
 
 from connectors.base import Connector
+from tasks.backup.host_scripts import blockscan
 from tasks.backup.blockmap import BlockMap, TreeEntry
 from tasks.backup.errors import SourceError
 from tasks.backup.source import (
@@ -26,7 +28,7 @@ from tasks.backup.source import (
 
 log = structlog.stdlib.get_logger("patchdrill.backup")
 FINGERPRINT = "blake2b-256"
-SCRIPT = "blockscan.py"
+SCRIPT = Path(blockscan.__file__)
 #: block data per read request: bounds the text one call returns over a connector's stdout
 _READ_BYTES = 32 * 1024 * 1024
 _SCAN_TIMEOUT = 6 * 3600.0

@@ -16,7 +16,7 @@ from typing import Callable
 import structlog
 
 from connectors.base import ConnectorError
-from connectors.storage import StoreError
+from connectors.stores import StoreError
 from tasks.backup.engine import BackupRequest, default_workers, rewrite_damaged
 from tasks.backup.errors import BackupError
 from tasks.backup.repository import RecoveryPoint, Repository

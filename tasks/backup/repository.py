@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from configs.secrets import redact, resolve
-from connectors.storage import BlobExists, BlobNotFound, BlobStore, StoreError
+from connectors.stores import BlobExists, BlobNotFound, BlobStore, StoreError
 from tasks.backup import cancel, keys, locks
 from tasks.backup.errors import (
     ChunkCorrupt, ChunkMissing, KeyRequired, PointNotFound, PointTampered, RepositoryBusy, RepositoryError,
@@ -39,7 +39,6 @@ READABLE_VERSIONS = (1, 2)
 log = structlog.stdlib.get_logger("patchdrill.backup")
 
 CONFIG_KEY = "config.json"
-ID_SIZE = 32
 LOCK_REFRESH = timedelta(minutes=5)
 LOCK_STALE = timedelta(minutes=30)
 DAMAGE_PREFIX = "damaged/"

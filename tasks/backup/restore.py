@@ -6,7 +6,7 @@ restore is delta-aware (each target block is hashed and only differing blocks ar
 which is what failback relies on. Every chunk is verified against its id before a byte of it
 is written.
 
-Directories are written by the host-side tree writer (connectors/remote/blockscan.py), the same
+Directories are written by the host-side tree writer (host_scripts/blockscan.py), the same
 code a restore onto another host runs: every name is reached through directory descriptors
 with O_NOFOLLOW, so a symbolic link in the target is replaced, never followed. An existing
 directory, a mount point included, is restored in place on its own file system, and a whole
@@ -28,7 +28,7 @@ from typing import Any, Mapping
 
 import structlog
 
-from connectors.remote import blockscan
+from tasks.backup.host_scripts import blockscan
 from tasks.backup import cancel, progress as progress_mod
 from tasks.backup.blockmap import BlockMap, TreeEntry, TreeMap
 from tasks.backup.engine import default_workers

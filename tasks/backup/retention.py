@@ -13,24 +13,13 @@ from typing import Callable, Hashable, Literal, Sequence
 
 import structlog
 
-from connectors.storage import BlobNotFound
+from configs.policies import KeepRules
+from connectors.stores import BlobNotFound
 from tasks.backup.repository import LOCK_STALE, RecoveryPoint, Repository
 from tasks.backup.staged import remove_staged
 from tasks.backup.verify import referenced_chunks
 
 log = structlog.stdlib.get_logger("patchdrill.backup")
-
-
-@dataclass(frozen=True)
-class KeepRules:
-    last: int | None = None
-    daily: int | None = None
-    weekly: int | None = None
-    monthly: int | None = None
-
-    @property
-    def keeps_everything(self) -> bool:
-        return not any((self.last, self.daily, self.weekly, self.monthly))
 
 
 _PERIODS: dict[str, Callable[[datetime], Hashable]] = {

@@ -13,15 +13,16 @@ from typing import Iterator
 from pydantic import BaseModel
 
 from configs.models import DiskConfig, HostConfig, PatchdrillConfig
+from configs.policies import BackupPolicy
 from configs.secrets import redact
 from connectors import connect
 from connectors.base import Connector, RetryPolicy
-from connectors.storage import open_store
+from connectors.stores import open_store
 from tasks.backup import cancel, snapshot as snapshots
 from tasks.backup import staged
 from tasks.backup.engine import BackupRequest, backup, default_workers
 from tasks.backup.errors import BackupError, SourceError
-from tasks.backup.policy import BackupPolicy, policy_from_config
+from tasks.backup.policy import policy_from_config
 from tasks.backup.remote_source import RemoteBlockSource, RemoteTreeSource
 from tasks.backup.repository import Repository
 from tasks.backup.snapshot import Snapshot

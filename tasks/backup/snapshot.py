@@ -45,14 +45,14 @@ import shlex
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import Any, Callable, Literal
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field
 
 from configs.models import DiskConfig, HostConfig
+from configs.policies import SnapshotPolicy
 from configs.secrets import redact
 from connectors.base import CommandResult, Connector, ConnectorError, HostTimeout
 
@@ -64,9 +64,10 @@ FILE_SYSTEM: Consistency = "file-system-consistent"
 CRASH: Consistency = "crash-consistent"
 _RANK = {CRASH: 0, FILE_SYSTEM: 1, APPLICATION: 2}
 
-LINUX_SCRIPT = "linux_snapshot.sh"
-VSS_SCRIPT = "vss_snapshot.ps1"
-VSS_REMOVE_SCRIPT = "vss_remove.ps1"
+_HOST_SCRIPTS = Path(__file__).with_name("host_scripts")
+LINUX_SCRIPT = _HOST_SCRIPTS / "linux_snapshot.sh"
+VSS_SCRIPT = _HOST_SCRIPTS / "vss_snapshot.ps1"
+VSS_REMOVE_SCRIPT = _HOST_SCRIPTS / "vss_remove.ps1"
 #: Seconds for the snapshot helpers themselves (lvcreate, mount, VSS with its writers).
 HELPER_TIMEOUT = 900.0
 #: Grace after SIGTERM before `timeout` kills a user script that ignores it.
@@ -74,46 +75,6 @@ _KILL_GRACE = 10
 #: Exit codes of linux_snapshot.sh.
 _EXIT_INVALID, _EXIT_NOT_APPLICABLE = 3, 4
 _GUID = re.compile(r"^\{[0-9A-Fa-f-]{36}\}$")
-
-
-class SnapshotPolicy(BaseModel):
-    """How a disk's consistent view is taken. Plain data: a UI form and a CLI option set."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    method: Literal["auto", "vss", "lvm", "fsfreeze", "none"] = Field(
-        default="auto", description="auto: VSS on Windows; LVM, else a reflink clone, else none on Linux.")
-    pre_script: str | None = Field(
-        default=None, description="Command run on the host before the snapshot (e.g. flush and lock a database). "
-        "Exit 0 within script_timeout makes the point application-consistent.")
-    post_script: str | None = Field(
-        default=None, description="Command run on the host after the snapshot; always runs once the pre-script ran.")
-    script_timeout: float = Field(default=300, gt=0, le=86400, description="Seconds each of pre_script and post_script may run.")
-    lvm_snapshot_size: str = Field(
-        default="10%ORIGIN", pattern=r"^(\d+(\.\d+)?[bBsSkKmMgGtTpPeE]?|\d+%(ORIGIN|VG|FREE|PVS))$",
-        description="Copy-on-write space for an LVM snapshot: a size (lvcreate -L, e.g. 2G) or extents (-l, e.g. 10%ORIGIN).")
-    fallback: bool = Field(
-        default=True, description="When a step fails, continue at the next lower consistency level (recorded in the "
-        "point's notes) instead of failing the backup.")
-    freeze_limit: float = Field(
-        default=3600, gt=0, le=86400, description="fsfreeze only: the host thaws the file system on its own after this "
-        "many seconds, so a lost controller cannot hang its writers for ever.")
-
-    @classmethod
-    def of(cls, policy: Any) -> "SnapshotPolicy":
-        """A SnapshotPolicy as is, or one read from a backup policy's snapshot_method,
-        pre_script and post_script (and snapshot_* fields, when it has them)."""
-        if isinstance(policy, cls):
-            return policy
-        if not hasattr(policy, "snapshot_method"):
-            raise TypeError(f"expected a SnapshotPolicy or a backup policy, not {type(policy).__name__}")
-        values: dict[str, Any] = {"method": policy.snapshot_method, "pre_script": getattr(policy, "pre_script", None),
-                                  "post_script": getattr(policy, "post_script", None)}
-        for name in ("script_timeout", "lvm_snapshot_size", "fallback", "freeze_limit"):
-            value = getattr(policy, f"snapshot_{name}", None)
-            if value is not None:
-                values[name] = value
-        return cls(**values)
 
 
 class SnapshotError(Exception):
@@ -405,10 +366,10 @@ class _Taking:
         result = self.connector.run_script(VSS_SCRIPT, args, timeout=HELPER_TIMEOUT)
         if not result.ok:
             raise self.error(f"VSS shadow copy failed (exit {result.exit_code}): {_tail(result.stderr) or 'no error text'}")
-        report = self.json_line(result, VSS_SCRIPT)
+        report = self.json_line(result, VSS_SCRIPT.name)
         shadow_id = str(report.get("id") or "")
         if not _GUID.match(shadow_id) or not report.get("read_path"):
-            raise self.error(f"{VSS_SCRIPT} reported no shadow copy id or read path: {_tail(result.stdout)}")
+            raise self.error(f"{VSS_SCRIPT.name} reported no shadow copy id or read path: {_tail(result.stdout)}")
         writers = [{"name": str(w.get("name")), "state": w.get("state"), "state_text": w.get("state_text")}
                    for w in report.get("writers") or []]
         if report.get("fallback_reason"):
@@ -425,14 +386,14 @@ class _Taking:
         result = self.connector.run_script(VSS_REMOVE_SCRIPT, ["-ShadowId", shadow_id, "-SnapshotId", self.snapshot_id],
                                            timeout=HELPER_TIMEOUT)
         if not result.ok:
-            raise self.error(f"{VSS_REMOVE_SCRIPT} exited {result.exit_code}: {_tail(result.stderr) or 'no error text'}")
-        self.json_line(result, VSS_REMOVE_SCRIPT)
+            raise self.error(f"{VSS_REMOVE_SCRIPT.name} exited {result.exit_code}: {_tail(result.stderr) or 'no error text'}")
+        self.json_line(result, VSS_REMOVE_SCRIPT.name)
 
     def vss_check(self, shadow_id: str) -> None:
         result = self.connector.run_script(VSS_REMOVE_SCRIPT, ["-ShadowId", shadow_id, "-CheckOnly"], timeout=HELPER_TIMEOUT)
         if not result.ok:
             raise self.error(f"cannot check shadow copy {shadow_id}: {_tail(result.stderr) or f'exit {result.exit_code}'}")
-        if self.json_line(result, VSS_REMOVE_SCRIPT).get("shadow") != "present":
+        if self.json_line(result, VSS_REMOVE_SCRIPT.name).get("shadow") != "present":
             raise self.error(f"shadow copy {shadow_id} is gone (VSS deletes copies whose diff area fills up): "
                              "the data read from it cannot be trusted")
 

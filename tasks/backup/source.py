@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, runtime_checkable
 
 import structlog
 
-from connectors.remote import blockscan
+from tasks.backup.host_scripts import blockscan
 from tasks.backup.blockmap import BlockMap, TreeEntry
 from tasks.backup.errors import SourceError
 
@@ -87,7 +87,7 @@ def unchanged(old: TreeEntry | None, new: TreeEntry) -> bool:
 
 
 def entry_from_scan(body: Mapping[str, Any]) -> TreeEntry:
-    """A TreeEntry from one line of the scanner's tree listing (connectors/remote/blockscan.py)."""
+    """A TreeEntry from one line of the scanner's tree listing (host_scripts/blockscan.py)."""
     return TreeEntry.from_json({**body, "chunks": []})
 
 

@@ -7,7 +7,7 @@ URL per changed block under staging/<host>/<disk>/<run>/, the host PUTs the bloc
 with `StagedBlockSource` verifies each against the hash the host reported, stores it as a chunk
 like any other, writes the point, and `discard` removes the staging prefix.
 
-`back_up_from_host` drives the host's side over a connector: connectors/remote/win_blockscan.ps1
+`back_up_from_host` drives the host's side over a connector: host_scripts/win_blockscan.ps1
 scans the snapshot (one call), then PUTs the changed blocks in batches; each batch's URLs are
 signed just before the host gets them and live only as long as that batch needs.
 
@@ -24,6 +24,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from functools import partial
+from pathlib import Path
 from typing import Iterator, Literal
 
 import structlog
@@ -31,7 +32,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from configs.secrets import redact
 from connectors.base import CommandResult, Connector
-from connectors.storage import BlobNotFound, BlobStore, StoreError
+from connectors.stores import BlobNotFound, BlobStore, StoreError
 from tasks.backup.blockmap import BlockMap
 from tasks.backup.engine import BackupRequest, backup, damaged_blocks, damaged_chunks, unmatchable
 from tasks.backup.errors import SourceError
@@ -42,7 +43,7 @@ from tasks.backup.source import BufferPool, SourceBlock, nothing_to_release
 log = structlog.stdlib.get_logger("patchdrill.backup")
 
 FINGERPRINT = "sha256"
-HOST_SCRIPT = "win_blockscan.ps1"
+HOST_SCRIPT = Path(__file__).with_name("host_scripts") / "win_blockscan.ps1"
 MIB = 1024 * 1024
 STAGING = "staging/"
 #: A host call uploads at most this many blocks (URLs are ~300 characters each, so one call's

@@ -19,11 +19,11 @@ from pydantic import BaseModel
 from prefect.cache_policies import NO_CACHE
 
 from configs.loader import load_config
+from configs.policies import BackupPolicy
 from connectors import connect
 from connectors.base import ConnectorError
 from tasks.backup.cancel import Interrupted
 from tasks.backup.errors import RepositoryBusy
-from tasks.backup.policy import BackupPolicy
 from tasks.backup.remote_restore import restore_to_host
 from tasks.backup.restore import RestoreResult, restore
 from tasks.backup.retention import PruneReport, forget_and_prune

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date, time
 
-from tasks.patching.models import Classification, Enrollment, MonthKind, PatchPolicy, Update
+from configs.policies import Classification, PatchPolicy
+from tasks.patching.models import Enrollment, MonthKind, Update
 
 _WEEKDAYS = ("MO", "TU", "WE", "TH", "FR", "SA", "SU")
 MAX_OFFSET_DAYS = 14

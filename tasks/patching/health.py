@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import httpx
 
 from configs.models import HostConfig
+from configs.policies import CommandProbe, HealthProbe, HttpProbe, ServiceProbe, TcpProbe
 from configs.secrets import redact
 from connectors.base import Connector, ConnectorError
-from connectors.winrm import ps_quote
-from tasks.patching.models import CommandProbe, HealthProbe, HttpProbe, ServiceProbe, TcpProbe
+from connectors.powershell import ps_quote
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta, timezone
 
 from pydantic import ValidationError
 
-from connectors.storage import BlobNotFound, BlobStore
+from connectors.stores import BlobNotFound, BlobStore
 from tasks.patching.models import Enrollment, HostPatchRecord
 
 HISTORY_PREFIX = "history/"

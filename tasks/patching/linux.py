@@ -25,7 +25,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 
-from tasks.patching.models import Classification, PackageManager, RebootBehaviour, Severity, Update
+from configs.policies import Classification, Severity
+from tasks.patching.models import PackageManager, RebootBehaviour, Update
 
 # Plain C locale and no prompts: the parsers read apt's English output.
 _APT_ENV = "env LC_ALL=C DEBIAN_FRONTEND=noninteractive"
@@ -134,12 +135,12 @@ def apt_assess_commands(*, refresh: bool) -> list[str]:
     return commands + [simulate, f"{simulate} -t {shlex.quote(APT_SECURITY_TARGET)}"]
 
 
-# connectors/remote/linux_assess.sh frames each step's output with lines starting with this.
+# host_scripts/linux_assess.sh frames each step's output with lines starting with this.
 ASSESSMENT_MARKER = "@@patchdrill-assess@@"
 
 
 def apt_assess_script_args(*, refresh: bool) -> list[str]:
-    """Arguments of connectors/remote/linux_assess.sh: the commands above, in its order."""
+    """Arguments of host_scripts/linux_assess.sh: the commands above, in its order."""
     *update, simulate, secure = apt_assess_commands(refresh=refresh)
     suites = APT_SECURITY_TARGET.strip("/")
     return [ASSESSMENT_MARKER, update[0] if update else "", simulate, secure, suites, reboot_check_command("apt")]

@@ -11,11 +11,12 @@ import json
 import shlex
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from configs.secrets import redact
-from connectors.base import CommandFailed, CommandResult, Connector, remote_script
+from connectors.base import CommandFailed, CommandResult, Connector
 from tasks.patching import linux
 from tasks.patching.models import (
     ComplianceState,
@@ -32,12 +33,13 @@ class PackageManagerBusy(CommandFailed):
     transient = True
 
 
-FACTS_SCRIPT = "linux_facts.sh"
-ASSESS_SCRIPT = "linux_assess.sh"
+_HOST_SCRIPTS = Path(__file__).with_name("host_scripts")
+FACTS_SCRIPT = _HOST_SCRIPTS / "linux_facts.sh"
+ASSESS_SCRIPT = _HOST_SCRIPTS / "linux_assess.sh"
 
 
 class LinuxFacts(BaseModel):
-    """The JSON printed by connectors/remote/linux_facts.sh."""
+    """The JSON printed by host_scripts/linux_facts.sh."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -62,7 +64,7 @@ def _enrollment(connector: Connector, facts_json: str, now: datetime | None) -> 
     try:
         facts = LinuxFacts.model_validate(json.loads(facts_json))
     except (json.JSONDecodeError, ValidationError) as exc:
-        raise ValueError(f"host {connector.name}: {FACTS_SCRIPT} printed unexpected facts: {exc}") from None
+        raise ValueError(f"host {connector.name}: {FACTS_SCRIPT.name} printed unexpected facts: {exc}") from None
     if facts.package_manager not in ("apt", "dnf", "yum", "zypper"):
         raise ValueError(f"host {connector.name}: no supported package manager found (apt-get, dnf, yum, zypper)")
     if not facts.boot_id:
@@ -97,22 +99,16 @@ def _run_all(connector: Connector, commands: list[str], env: dict[str, str] | No
     return [_checked(connector, command, connector.run(command, env=env, timeout=timeout)) for command in commands]
 
 
-def _script_text(connector: Connector, name: str) -> str:
-    # An SSH connector may be pointed at another scripts directory (tests of the scripts do).
-    directory = getattr(connector, "scripts_dir", None)
-    return (directory / name).read_text(encoding="utf-8") if directory is not None else remote_script(name)
-
-
 def survey_output(connector: Connector, *, refresh: bool = True, env: dict[str, str] | None = None,
                   timeout: float | None = None) -> linux.AssessmentOutput:
     """The facts and, on an apt host, the whole assessment, in one session: linux_facts.sh and
     linux_assess.sh sent as one script. Raises only when the script itself could not run; a
     failed step is in the output (see `survey_updates`)."""
-    script = _script_text(connector, FACTS_SCRIPT) + "\n" + _script_text(connector, ASSESS_SCRIPT)
+    script = FACTS_SCRIPT.read_text(encoding="utf-8") + "\n" + ASSESS_SCRIPT.read_text(encoding="utf-8")
     args = " ".join(shlex.quote(a) for a in linux.apt_assess_script_args(refresh=refresh))
     result = connector.run(f"sh -s -- {args}", env=env, timeout=timeout, stdin=script.encode("utf-8"))
     if not result.ok:
-        raise CommandFailed(connector.name, f"{FACTS_SCRIPT} + {ASSESS_SCRIPT}", result.exit_code, redact(result.stderr))
+        raise CommandFailed(connector.name, f"{FACTS_SCRIPT.name} + {ASSESS_SCRIPT.name}", result.exit_code, redact(result.stderr))
     try:
         return linux.parse_assessment_sections(result.stdout)
     except linux.ParseError as exc:

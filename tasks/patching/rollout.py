@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.patching.models import Quota
+from configs.policies import Quota
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from fnmatch import fnmatchcase
 
+from configs.policies import PatchPolicy
 from tasks.patching.calendar import updates_allowed
-from tasks.patching.models import ComplianceState, Enrollment, MonthKind, PatchPolicy, Update, normalise_kb
+from tasks.patching.models import ComplianceState, Enrollment, MonthKind, Update, normalise_kb
 
 
 @dataclass(frozen=True)

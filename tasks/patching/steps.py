@@ -31,10 +31,11 @@ from pydantic import BaseModel
 
 from configs.loader import LoadedConfig, load_config
 from configs.models import HostConfig
+from configs.policies import PatchPolicy
 from configs.secrets import SecretError, redact
 from connectors import connect
 from connectors.base import BootIdentity, Connector, ConnectorError
-from connectors.storage import BlobStore, open_store
+from connectors.stores import BlobStore, open_store
 from tasks.patching import history, linux_host, maintenance_windows, windows_host
 from tasks.patching.calendar import month_kind, next_baseline, reboot_allowed
 from tasks.patching.health import check_health, failure_summary
@@ -44,7 +45,6 @@ from tasks.patching.models import (
     Enrollment,
     HostPatchRecord,
     MonthKind,
-    PatchPolicy,
     Update,
     UpdateOutcome,
 )

@@ -1,7 +1,7 @@
 """Enroll, assess, install and check reboots on a Windows host through any Connector.
 
 The same four operations as tasks.patching.linux_host, so a run treats both families alike.
-Everything goes through connectors/remote/windows_update.ps1 (the Windows Update Agent in a
+Everything goes through host_scripts/windows_update.ps1 (the Windows Update Agent in a
 temporary scheduled task) and its JSON is validated by tasks.patching.windows_update; the
 outcome of an install is judged by the agent's per-update result *and* a fresh search
 afterwards, never by the script's exit code alone.

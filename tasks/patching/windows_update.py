@@ -1,4 +1,4 @@
-"""What connectors/remote/windows_update.ps1 prints, validated, and what it means for a run.
+"""What host_scripts/windows_update.ps1 prints, validated, and what it means for a run.
 
 The script reports the same shape for both operations: the host's OS and boot time, the three
 reboot-pending signals (CBS RebootPending, WindowsUpdate Auto Update\\RebootRequired,
@@ -11,23 +11,23 @@ from __future__ import annotations
 
 import json
 from datetime import date, datetime, timezone
+from pathlib import Path
 from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from configs.policies import Classification, Severity
 from connectors.base import Connector
 from tasks.patching.models import (
-    Classification,
     ComplianceState,
     Enrollment,
     RebootBehaviour,
-    Severity,
     Update,
     UpdateOutcome,
     normalise_kb,
 )
 
-SCRIPT = "windows_update.ps1"
+SCRIPT = Path(__file__).with_name("host_scripts") / "windows_update.ps1"
 
 # Windows Update Agent category names of type UpdateClassification.
 _CLASSIFICATIONS = {
@@ -136,10 +136,10 @@ def parse_report(text: str, host: str) -> WuReport:
     try:
         report = WuReport.model_validate(json.loads(text.lstrip("\ufeff")))
     except json.JSONDecodeError as exc:
-        raise ValueError(f"host {host}: {SCRIPT} did not print JSON ({exc.msg} at line {exc.lineno})") from None
+        raise ValueError(f"host {host}: {SCRIPT.name} did not print JSON ({exc.msg} at line {exc.lineno})") from None
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
-        raise ValueError(f"host {host}: {SCRIPT} printed an unexpected report: {problems}") from None
+        raise ValueError(f"host {host}: {SCRIPT.name} printed an unexpected report: {problems}") from None
     if report.errors:
         raise ValueError(f"host {host}: Windows Update {report.operation} failed: {'; '.join(report.errors)}")
     return report

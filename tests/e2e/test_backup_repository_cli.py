@@ -16,7 +16,7 @@ import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-from connectors.storage import LocalBlobStore
+from connectors.stores import LocalBlobStore
 from flows.backup_run import backup_run
 from tasks.backup.repository import utcnow
 from tests.e2e.test_backup_cli import cli, lab  # noqa: F401 - fixtures

@@ -30,7 +30,7 @@ import yaml
 
 from prefect.client.schemas.objects import State
 
-from connectors.storage import LocalBlobStore
+from connectors.stores import LocalBlobStore
 from flows.patch_run import PatchRunReport, patch_run
 from tasks.patching.history import history
 from tasks.patching.models import ComplianceState, HostPatchRecord

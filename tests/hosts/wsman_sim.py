@@ -10,12 +10,12 @@ do on Windows is simulated, and only that:
   'value' …` is split into the script and its arguments.
 * The script then goes to the **handlers**, in list order; the first that returns a
   `SimResult` answers the command. Handlers stand in for Windows itself: built-in ones answer
-  the boot-identity and file-transfer scripts of connectors/remote/; tests add more (a
+  the WinRM connector's own boot-identity and file-transfer scripts; tests add more (a
   simulated Windows Update, VSS) with `script_handler` or any `Handler` callable.
 * A command line that does not start PowerShell (what cmd.exe would run) goes to the same
   handlers and fallback as a script with no arguments; lines over cmd.exe's 8191 characters
   fail as they do on Windows.
-* The connector's long-script loader (connectors/remote/stdin_script.ps1, which reads the real
+* The connector's long-script loader (connectors/winrm_scripts/stdin_script.ps1, which reads the real
   script from standard input) is interpreted by the runtime itself, before the handlers.
 * A script no handler claims runs with `pwsh` when one is installed; otherwise, if
   `shell_fallback` is on, its text runs with `sh -c`. That fallback exists **only** for tests
@@ -46,7 +46,7 @@ from pathlib import Path, PureWindowsPath
 from typing import Callable
 from xml.sax.saxutils import escape
 
-from connectors.base import remote_script
+from connectors import winrm
 
 
 @dataclass
@@ -83,17 +83,17 @@ def named_args(args: list[str]) -> dict[str, str]:
     return named
 
 
-def script_handler(name: str, respond: Callable[[dict[str, str]], SimResult]) -> Handler:
-    """A handler answering the connectors/remote/ script `name` (matched on its exact text);
+def script_handler(script: Path, respond: Callable[[dict[str, str]], SimResult]) -> Handler:
+    """A handler answering the shipped script at `script` (matched on its exact text);
     `respond` gets the script's named arguments."""
-    expected = remote_script(name).strip()
+    expected = script.read_text(encoding="utf-8").strip()
 
     def handler(script: str, args: list[str]) -> SimResult | None:
         if script.strip() != expected:
             return None
         return respond(named_args(args))
 
-    handler.__name__ = f"simulate_{Path(name).stem}"
+    handler.__name__ = f"simulate_{script.stem}"
     return handler
 
 
@@ -313,7 +313,6 @@ def split_invocation(script: str) -> tuple[str, list[str]]:
 
 # The simulated machine ----------------------------------------------------------------------
 
-STDIN_LOADER = "stdin_script.ps1"
 CMD_LINE_LIMIT = 8191
 
 
@@ -336,7 +335,7 @@ class SimulatedWindows:
 
     def __post_init__(self) -> None:
         self.handlers.extend(builtin_handlers(self))
-        self._stdin_loader = remote_script(STDIN_LOADER).strip()
+        self._stdin_loader = winrm.STDIN_LOADER.read_text(encoding="utf-8").strip()
 
     def execute(self, command_line: str, streams: CommandStreams, *, codepage: int, env: dict[str, str]) -> None:
         """Run one command to completion (in the command's own thread); always finishes `streams`."""
@@ -487,9 +486,9 @@ def builtin_handlers(windows: SimulatedWindows) -> list[Handler]:
             return SimResult(stdout=base64.b64encode(handle.read(int(args["Count"]))).decode("ascii"))
 
     return [
-        script_handler("boot_identity.ps1", boot_identity),
-        script_handler("file_write_chunk.ps1", write_chunk),
-        script_handler("file_commit.ps1", commit),
-        script_handler("file_stat.ps1", stat),
-        script_handler("file_read_chunk.ps1", read_chunk),
+        script_handler(winrm.BOOT_IDENTITY, boot_identity),
+        script_handler(winrm.FILE_WRITE_CHUNK, write_chunk),
+        script_handler(winrm.FILE_COMMIT, commit),
+        script_handler(winrm.FILE_STAT, stat),
+        script_handler(winrm.FILE_READ_CHUNK, read_chunk),
     ]

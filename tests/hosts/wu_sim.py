@@ -1,7 +1,7 @@
 """A simulated Windows Update behind the WinRM test host.
 
 Simulated, plainly: there is no Windows Update Agent here. When the test host receives the
-shipped connectors/remote/windows_update.ps1 (matched on its exact text, as every wsman_sim
+shipped tasks/patching/host_scripts/windows_update.ps1 (matched on its exact text, as every wsman_sim
 handler is), this handler answers with the JSON document that script prints on Windows (the
 WuReport model of tasks/patching/windows_update.py), computed from a small catalogue of
 updates kept per host:
@@ -27,10 +27,10 @@ import threading
 from dataclasses import dataclass, field
 from datetime import date, datetime
 
+from tasks.patching.windows_update import SCRIPT
 from tests.hosts.wsman_server import WsmanTestHost
 from tests.hosts.wsman_sim import SimResult, script_handler, windows_datetime
 
-SCRIPT = "windows_update.ps1"
 RESTART = "Restart-Computer -Force"
 _FAILED_HRESULT = -2145124318  # 0x80240022, WU_E_ALL_UPDATES_FAILED
 

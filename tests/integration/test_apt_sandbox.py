@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 
 from configs.models import HostConfig
+from configs.policies import Classification, PatchPolicy
 from connectors.base import CommandFailed, CommandResult
 from connectors.local import LocalConnector
 from tasks.patching import linux_host
-from tasks.patching.models import Classification, ComplianceState, PatchPolicy
+from tasks.patching.models import ComplianceState
 from tasks.patching.selection import select
 from tests.hosts.aptlab import REBOOT_POSTINST, AptLab
 

@@ -14,7 +14,7 @@ import pytest
 from configs.models import HostConfig
 from connectors import connect
 from connectors.local import LocalConnector
-from connectors.storage import AzureBlobStore, LocalBlobStore
+from connectors.stores import AzureBlobStore, LocalBlobStore
 from tasks.backup.engine import BackupRequest, backup
 from tasks.backup.errors import SourceError, TargetExists
 from tasks.backup.remote_restore import restore_to_host

@@ -22,7 +22,7 @@ import pytest
 from azure.storage.blob import ContainerClient
 
 from configs.secrets import redact, remembered_count
-from connectors.storage import AzureBlobStore
+from connectors.stores import AzureBlobStore
 from tasks.backup.engine import BackupRequest, backup
 from tasks.backup.errors import SourceError
 from tasks.backup.repository import RecoveryPoint, Repository

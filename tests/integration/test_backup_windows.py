@@ -29,15 +29,16 @@ import httpx
 import pytest
 
 from configs.models import AzureStorage, DiskConfig, HostConfig, LocalStorage, PatchdrillConfig
-from connectors.base import remote_script
-from connectors.storage import AzureBlobStore
+from configs.policies import BackupPolicy
+from connectors.stores import AzureBlobStore
+from flows.cli import app
 from tasks.backup import staged
 from tasks.backup.errors import SourceError
 from tasks.backup.retention import prune
-from tasks.backup.policy import BackupPolicy
 from tasks.backup.repository import chunk_key
 from tasks.backup.restore import restore
 from tasks.backup.run import back_up_disk, open_repository
+from tasks.backup.snapshot import VSS_REMOVE_SCRIPT, VSS_SCRIPT
 from tasks.backup.verify import verify
 from tests.e2e.test_backup_cli import cli  # noqa: F401 - the in-process `patchdrill` fixture
 from tests.e2e.test_backup_flows import _artifact
@@ -148,8 +149,8 @@ class SimulatedWindowsDisk:
 @pytest.fixture
 def simulated(fresh_winrm_server: WsmanTestHost, tmp_path: Path) -> SimulatedWindowsDisk:
     disk = SimulatedWindowsDisk(shadow_root=tmp_path / "shadows")
-    handlers = [script_handler("vss_snapshot.ps1", disk.snapshot), script_handler("vss_remove.ps1", disk.remove),
-                script_handler("win_blockscan.ps1", disk.blockscan)]
+    handlers = [script_handler(VSS_SCRIPT, disk.snapshot), script_handler(VSS_REMOVE_SCRIPT, disk.remove),
+                script_handler(staged.HOST_SCRIPT, disk.blockscan)]
     fresh_winrm_server.handlers[:0] = handlers
     return disk
 
@@ -274,7 +275,7 @@ def test_directory_disks_and_local_stores_are_refused_before_any_snapshot(
 
 def test_the_controller_passes_only_parameters_the_script_declares() -> None:
     """The simulation cannot catch a parameter renamed in the .ps1 alone; this can."""
-    text = remote_script("win_blockscan.ps1")
+    text = staged.HOST_SCRIPT.read_text(encoding="utf-8")
     declared = set(re.findall(r"\]\$(\w+)", text[text.index("param("):text.index("$ErrorActionPreference")]))
     assert {"Mode", "Path", "BlockSize", "Uploads", "Threads"} <= declared
     assert "'Scan', 'Upload'" in text and "x-ms-blob-type" in text

@@ -22,7 +22,7 @@ from azure.storage.blob import ContainerClient, ContainerSasPermissions, generat
 
 from configs.models import AzureStorage, LocalStorage
 from configs.secrets import redact
-from connectors.storage import (
+from connectors.stores import (
     AzureBlobStore,
     BlobExists,
     BlobInfo,

@@ -17,11 +17,12 @@ from typing import Iterator
 
 import pytest
 
+from configs.policies import CommandProbe, HttpProbe, ServiceProbe, TcpProbe
 from connectors import connect
 from connectors.base import BootIdentity
 from tasks.patching import windows_host
 from tasks.patching.health import check_health, failure_summary
-from tasks.patching.models import CommandProbe, ComplianceState, HttpProbe, ServiceProbe, TcpProbe
+from tasks.patching.models import ComplianceState
 from tasks.patching.reboot_gate import RebootFailed, reboot_and_wait
 from tests.hosts.sshd import SshdMaker
 from tests.hosts.sshd_server import SshdHost, free_port

@@ -14,7 +14,7 @@ import pytest
 
 from configs.models import HostConfig
 from connectors import connect
-from connectors.storage import LocalBlobStore
+from connectors.stores import LocalBlobStore
 from tasks.backup.engine import BackupRequest, backup
 from tasks.backup.errors import RestoreFailed, TargetExists
 from tasks.backup.remote_restore import restore_to_host

@@ -1,6 +1,6 @@
 """Linux snapshots for real, over a real OpenSSH sshd (tests/hosts/sshd.py) as root.
 
-Real: the pre- and post-scripts, their timeout, connectors/remote/linux_snapshot.sh, fsfreeze
+Real: the pre- and post-scripts, their timeout, tasks/backup/host_scripts/linux_snapshot.sh, fsfreeze
 on a loop-mounted XFS image, and reflink clones on it. LVM cannot run here (the kernel has no
 device-mapper), so it is covered in tests/unit/test_snapshot_lvm.py with stand-in LVM tools.
 """
@@ -17,16 +17,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from configs.models import DiskConfig, HostConfig
+from configs.policies import SnapshotPolicy
 from configs.secrets import remember
 from connectors.ssh import SshConnector
-from tasks.backup.snapshot import (
-    APPLICATION,
-    CRASH,
-    FILE_SYSTEM,
-    SnapshotError,
-    SnapshotPolicy,
-    take_snapshot,
-)
+from tasks.backup.snapshot import APPLICATION, CRASH, FILE_SYSTEM, SnapshotError, take_snapshot
 
 pytestmark = pytest.mark.integration
 

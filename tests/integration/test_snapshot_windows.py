@@ -21,12 +21,14 @@ import pytest
 from structlog.testing import capture_logs
 
 from configs.models import DiskConfig, HostConfig
+from configs.policies import SnapshotPolicy
 from connectors.winrm import WinRmConnector
 from tasks.backup.snapshot import (
     APPLICATION,
     FILE_SYSTEM,
+    VSS_REMOVE_SCRIPT,
+    VSS_SCRIPT,
     SnapshotError,
-    SnapshotPolicy,
     SnapshotRemovalError,
     take_snapshot,
 )
@@ -106,7 +108,7 @@ def vss_server(wsman_host_factory) -> Iterator[WsmanTestHost]:  # type: ignore[n
 @pytest.fixture
 def vss(vss_server: WsmanTestHost) -> Iterator[SimulatedVss]:
     simulated = SimulatedVss()
-    handlers = [script_handler("vss_snapshot.ps1", simulated.snapshot), script_handler("vss_remove.ps1", simulated.remove)]
+    handlers = [script_handler(VSS_SCRIPT, simulated.snapshot), script_handler(VSS_REMOVE_SCRIPT, simulated.remove)]
     vss_server.handlers[:0] = handlers
     yield simulated
     for handler in handlers:

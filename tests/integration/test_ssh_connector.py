@@ -153,17 +153,30 @@ def test_run_script_feeds_sh_and_python_on_stdin(ssh_host_config: HostConfig, tm
     (tmp_path / "count.sh").write_text('printf "%s\\n" "$#" "$@"; echo "from $0" >&2\n')
     (tmp_path / "hello.py").write_text("import sys\nprint('|'.join(sys.argv))\n")
     (tmp_path / "nope.ps1").write_text("Write-Output 1\n")
-    with SshConnector(ssh_host_config, scripts_dir=tmp_path) as connector:
-        shell = connector.run_script("count.sh", ["a b", "it's", "-x"], check=True)
-        python = connector.run_script("hello.py", ["ü", "--flag"], check=True)
+    with SshConnector(ssh_host_config) as connector:
+        shell = connector.run_script(tmp_path / "count.sh", ["a b", "it's", "-x"], check=True)
+        python = connector.run_script(tmp_path / "hello.py", ["ü", "--flag"], check=True)
         with pytest.raises(ValueError, match="nope.ps1"):
-            connector.run_script("nope.ps1")
+            connector.run_script(tmp_path / "nope.ps1")
         with pytest.raises(FileNotFoundError, match="missing.sh"):
-            connector.run_script("missing.sh")
+            connector.run_script(tmp_path / "missing.sh")
     assert shell.stdout == "3\na b\nit's\n-x\n"
     # $0 "sh" and argv[0] "-" show the scripts came in on stdin, not from a file on the host.
     assert "from sh" in shell.stderr
     assert python.stdout == "-|ü|--flag\n"
+
+
+def test_run_script_runs_a_scripts_text_as_handed(ssh_host_config: HostConfig) -> None:
+    """A transport runs what it is handed: text is run as it is (sh, or python3 when its first
+    line names python), looked up nowhere."""
+    with SshConnector(ssh_host_config) as connector:
+        shell = connector.run_script('printf "%s|" "$@"; echo "from $0"', ["a b", "it's"], check=True)
+        python = connector.run_script("#!/usr/bin/env python3\nimport sys\nprint(sys.argv[1:])\n", ["ü"], check=True)
+        named = connector.run_script("windows_update.ps1", check=False)
+    assert shell.stdout == "a b|it's|from sh\n"
+    assert python.stdout == "['ü']\n"
+    # A bare name is text, not a file to look up: sh reports the command it could not find.
+    assert named.exit_code == 127 and "windows_update.ps1" in named.stderr
 
 
 # -- files ----------------------------------------------------------------------------------

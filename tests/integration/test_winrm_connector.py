@@ -32,7 +32,8 @@ from connectors.base import (
     HostUnreachable,
     RetryPolicy,
 )
-from connectors.winrm import WinRmConnector, clean_clixml, ps_arguments
+from connectors.powershell import clean_clixml, ps_arguments
+from connectors.winrm import WinRmConnector
 from flows.cli import app
 from tests.hosts.wsman_auth import channel_bindings
 from tests.hosts.wsman_server import WsmanTestHost

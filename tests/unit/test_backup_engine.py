@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from connectors.storage import BlobStore, LocalBlobStore
+from connectors.stores import BlobStore, LocalBlobStore
 from tasks.backup.engine import BackupRequest, backup
 from tasks.backup.errors import ChunkCorrupt, KeyRequired, TargetExists, WrongKey
 from tasks.backup.repository import Repository, chunk_key
@@ -200,7 +200,7 @@ def test_failed_backup_leaves_no_point_and_rerun_uploads_only_what_is_missing(tm
 _STALLING_BACKUP = textwrap.dedent("""
     import sys, threading
     from pathlib import Path
-    from connectors.storage import LocalBlobStore
+    from connectors.stores import LocalBlobStore
     from tasks.backup.engine import BackupRequest, backup
     from tasks.backup.repository import Repository
     from tasks.backup.source import LocalBlockSource

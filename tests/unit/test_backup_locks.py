@@ -17,12 +17,13 @@ from typing import Iterator
 
 import pytest
 
-from connectors.storage import LocalBlobStore
+from configs.policies import KeepRules
+from connectors.stores import LocalBlobStore
 from tasks.backup.engine import BackupRequest, backup
 from tasks.backup.errors import RepositoryBusy
 from tasks.backup.locks import process_identity, this_host
 from tasks.backup.repository import Repository, utcnow
-from tasks.backup.retention import KeepRules, forget_and_prune, prune
+from tasks.backup.retention import forget_and_prune, prune
 from tasks.backup.source import LocalBlockSource
 from tests.unit.test_backup_engine import _STALLING_BACKUP
 
@@ -31,7 +32,7 @@ BLOCK = 64 * 1024
 
 HOLDER = textwrap.dedent("""
     import sys, threading
-    from connectors.storage import LocalBlobStore
+    from connectors.stores import LocalBlobStore
     from tasks.backup.repository import Repository
     repo = Repository.open(LocalBlobStore(sys.argv[1]))
     with repo.lock(sys.argv[2]):
@@ -169,7 +170,7 @@ def test_prune_right_after_a_backup_killed_mid_upload(tmp_path: Path) -> None:
 _WAITING_BACKUP = textwrap.dedent("""
     import sys
     from datetime import timedelta
-    from connectors.storage import LocalBlobStore
+    from connectors.stores import LocalBlobStore
     from tasks.backup import cancel
     from tasks.backup.engine import BackupRequest, backup
     from tasks.backup.repository import Repository

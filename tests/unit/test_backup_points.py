@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from connectors.storage import BlobStore, LocalBlobStore
+from connectors.stores import BlobStore, LocalBlobStore
 from tasks.backup.engine import BackupRequest, backup
 from tasks.backup.errors import PointTampered, WeakKey
 from tasks.backup.repository import Repository, tool_version, utcnow

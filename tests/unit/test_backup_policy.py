@@ -10,10 +10,11 @@ from typing import Iterator
 import pytest
 
 from configs.models import DiskConfig, HostConfig, LocalStorage, PatchdrillConfig
+from configs.policies import BackupPolicy
 from connectors.base import AuthenticationFailed, HostTimeout, HostUnreachable
-from connectors.storage import StoreError, StoreUnavailable
+from connectors.stores import StoreError, StoreUnavailable
 from tasks.backup.errors import BackupError, ChunkCorrupt, SourceError
-from tasks.backup.policy import BackupPolicy, policy_from_config
+from tasks.backup.policy import policy_from_config
 from tasks.backup import snapshot as snapshots
 from tasks.backup.run import back_up_disk
 from tasks.backup.snapshot import Snapshot

@@ -10,7 +10,7 @@ from typing import Iterator
 
 import pytest
 
-from connectors.storage import LocalBlobStore
+from connectors.stores import LocalBlobStore
 from tasks.backup.engine import BackupRequest, backup
 from tasks.backup.errors import ChunkCorrupt, SourceError
 from tasks.backup.repair import repair

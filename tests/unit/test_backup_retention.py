@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from connectors.storage import LocalBlobStore
+from configs.policies import KeepRules
+from connectors.stores import LocalBlobStore
 from tasks.backup.engine import BackupRequest, backup
 from tasks.backup.errors import RepositoryBusy
 from tasks.backup.repository import Repository, utcnow
 from tasks.backup.restore import restore
-from tasks.backup.retention import KeepRules, forget, prune, select_kept
+from tasks.backup.retention import forget, prune, select_kept
 from tasks.backup.source import LocalBlockSource
 from tasks.backup.verify import referenced_chunks, verify
 

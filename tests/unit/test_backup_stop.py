@@ -16,7 +16,7 @@ from typing import Iterator
 
 import pytest
 
-from connectors.storage import LocalBlobStore
+from connectors.stores import LocalBlobStore
 from tasks.backup import cancel
 from tasks.backup.blockmap import BlockMap
 from tasks.backup.engine import BackupRequest, backup

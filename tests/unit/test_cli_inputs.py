@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from configs.loader import ConfigError, _LineFinder, _parse_yaml, load_config
 from configs.models import AzureStorage
-from connectors.storage import AzureBlobStore, StoreError
+from connectors.stores import AzureBlobStore, StoreError
 from flows.cli import app
 
 runner = CliRunner()

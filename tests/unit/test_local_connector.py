@@ -52,3 +52,16 @@ def test_wait_until_up_returns_boot_identity() -> None:
     assert identity.boot_id == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     with pytest.raises(HostTimeout, match="did not reboot"):
         LocalConnector(HOST).wait_until_up(0.5, interval=0.1, not_boot_id=identity.boot_id)
+
+
+def test_run_script_runs_the_file_or_text_it_is_handed(tmp_path: Path) -> None:
+    """No scripts folder behind the transport: a path is read, text is run as it is."""
+    script = tmp_path / "args.py"
+    script.write_text("import sys\nprint('|'.join(sys.argv[1:]))\n")
+    conn = LocalConnector(HOST)
+    from_file = conn.run_script(script, ["a b", "ü"], check=True)
+    from_text = conn.run_script('printf "%s|" "$@"', ["x", "it's"], check=True)
+    assert (from_file.stdout, from_file.command) == ("a b|ü\n", "args.py a b ü")
+    assert (from_text.stdout, from_text.command) == ("x|it's|", "script x it's")
+    with pytest.raises(FileNotFoundError, match="gone.sh"):
+        conn.run_script(tmp_path / "gone.sh")

@@ -14,7 +14,7 @@ from typing import Callable
 
 import pytest
 
-from connectors.storage import (
+from connectors.stores import (
     BlobExists,
     BlobNotFound,
     InvalidKey,

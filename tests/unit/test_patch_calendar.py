@@ -9,6 +9,7 @@ from dateutil.rrule import rrulestr
 from hypothesis import given
 from hypothesis import strategies as st
 
+from configs.policies import Classification, PatchPolicy
 from tasks.patching.calendar import (
     month_kind,
     next_baseline,
@@ -18,7 +19,7 @@ from tasks.patching.calendar import (
     updates_allowed,
     year_calendar,
 )
-from tasks.patching.models import Classification, Enrollment, PatchPolicy, Update
+from tasks.patching.models import Enrollment, Update
 
 years = st.integers(min_value=1900, max_value=2400)
 months = st.integers(min_value=1, max_value=12)

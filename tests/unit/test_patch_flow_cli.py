@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from typer.testing import CliRunner
 
-from connectors.storage import LocalBlobStore
+from connectors.stores import LocalBlobStore
 from flows.cli import app
 from tasks.patching.history import write_record
 from tasks.patching.models import HostPatchRecord

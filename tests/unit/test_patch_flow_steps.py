@@ -11,18 +11,11 @@ import yaml
 
 from configs.loader import load_config
 from configs.models import HostConfig
+from configs.policies import Classification, PatchPolicy
 from configs.secrets import remember
-from connectors.storage import LocalBlobStore
+from connectors.stores import LocalBlobStore
 from tasks.patching import history, steps
-from tasks.patching.models import (
-    Classification,
-    ComplianceState,
-    Enrollment,
-    HostPatchRecord,
-    PatchPolicy,
-    Update,
-    UpdateOutcome,
-)
+from tasks.patching.models import ComplianceState, Enrollment, HostPatchRecord, Update, UpdateOutcome
 from tasks.patching.reboot_gate import decide
 from tasks.patching.steps import (
     HostAssessment,

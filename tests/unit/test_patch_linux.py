@@ -12,8 +12,9 @@ from datetime import date
 
 import pytest
 
+from configs.policies import Classification, Severity
 from tasks.patching import linux
-from tasks.patching.models import Classification, Severity, Update
+from tasks.patching.models import Update
 
 # Captured from the aptlab sandbox (apt 2.6.2).
 APT_FULL = """\

@@ -9,16 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from tasks.patching.models import (
-    Classification,
-    ComplianceState,
-    Enrollment,
-    HostPatchRecord,
-    PatchPolicy,
-    Quota,
-    Update,
-    UpdateOutcome,
-)
+from configs.policies import Classification, PatchPolicy, Quota
+from tasks.patching.models import ComplianceState, Enrollment, HostPatchRecord, Update, UpdateOutcome
 from tasks.patching.selection import decide, matches
 
 LINUX = Enrollment(

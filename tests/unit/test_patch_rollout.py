@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks.patching.models import Quota
+from configs.policies import Quota
 from tasks.patching.rollout import Rollout, RolloutHost, plan
 
 

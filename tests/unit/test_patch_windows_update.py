@@ -16,8 +16,9 @@ import pytest
 import tree_sitter as ts
 import tree_sitter_powershell as tsp
 
-from connectors.base import REMOTE_DIR
-from tasks.patching.models import Classification, ComplianceState, Severity, Update
+from configs.policies import Classification, Severity
+from tasks.patching.models import ComplianceState, Update
+from tasks.patching import windows_update
 from tasks.patching.windows_update import (
     WuInstall,
     WuInstalledUpdate,
@@ -137,7 +138,7 @@ def test_script_errors_and_non_json_are_reported() -> None:
         parse_report("Access is denied.", "web01")
 
 
-SCRIPT = (REMOTE_DIR / "windows_update.ps1").read_text(encoding="utf-8")
+SCRIPT = windows_update.SCRIPT.read_text(encoding="utf-8")
 
 
 def test_script_parses_without_errors() -> None:

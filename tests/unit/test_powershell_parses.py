@@ -1,4 +1,5 @@
-"""Every PowerShell script shipped in connectors/remote/ must at least parse.
+"""Every PowerShell script shipped (the WinRM connector's own, and those in the tasks'
+host_scripts/) must at least parse.
 
 No Windows runs here, so tree-sitter-powershell's grammar is the check that a .ps1 pushed to a
 host is not broken before it gets there.
@@ -12,10 +13,13 @@ import pytest
 import tree_sitter_powershell
 from tree_sitter import Language, Node, Parser
 
-from connectors.base import REMOTE_DIR
+from connectors import winrm
+from tasks.backup import snapshot, staged
+from tasks.patching import windows_update
 
 POWERSHELL = Language(tree_sitter_powershell.language())
-SCRIPTS = sorted(REMOTE_DIR.rglob("*.ps1"))
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = sorted(path for package in ("connectors", "tasks") for path in (ROOT / package).rglob("*.ps1"))
 
 
 def syntax_problems(source: str) -> list[str]:
@@ -33,11 +37,15 @@ def syntax_problems(source: str) -> list[str]:
     return sorted(problems)
 
 
-def test_there_are_scripts_to_check() -> None:
-    assert SCRIPTS, f"no .ps1 under {REMOTE_DIR}: the glob or the layout is wrong"
+def test_every_script_the_code_sends_is_checked() -> None:
+    sent = {winrm.STDIN_LOADER, winrm.BOOT_IDENTITY, winrm.FILE_WRITE_CHUNK, winrm.FILE_COMMIT, winrm.FILE_STAT,
+            winrm.FILE_READ_CHUNK, snapshot.VSS_SCRIPT, snapshot.VSS_REMOVE_SCRIPT, staged.HOST_SCRIPT,
+            windows_update.SCRIPT}
+    missing = sorted(str(path) for path in sent if path.resolve() not in SCRIPTS)
+    assert not missing, f"sent to hosts but not found by the glob: {missing}"
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(REMOTE_DIR)))
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_script_parses(script: Path) -> None:
     assert syntax_problems(script.read_text(encoding="utf-8")) == [], f"{script} has syntax errors"
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from connectors.storage import LocalBlobStore
+from connectors.stores import LocalBlobStore
+from tasks.backup import remote_source
 from tasks.backup.engine import BackupRequest, backup
 from tasks.backup.errors import PointNotFound, RestoreFailed
 from tasks.backup.repository import Repository
@@ -131,7 +132,7 @@ def test_device_nodes_without_root_are_listed_as_skipped(tmp_path_factory: pytes
         os.chmod(shared / "repo", 0o755)
         out = shared / "out"
         script = textwrap.dedent(f"""
-            from connectors.storage import LocalBlobStore
+            from connectors.stores import LocalBlobStore
             from tasks.backup.repository import Repository
             from tasks.backup.restore import restore
             repo = Repository.open(LocalBlobStore({str(shared / "repo")!r}))
@@ -209,7 +210,7 @@ def test_a_point_prefix_shared_by_several_points_is_refused(repo: Repository, tm
 _STALLING_RESTORE = textwrap.dedent("""
     import sys, threading
     from pathlib import Path
-    from connectors.storage import LocalBlobStore
+    from connectors.stores import LocalBlobStore
     from tasks.backup.repository import Repository
     from tasks.backup.restore import restore
 
@@ -389,7 +390,7 @@ def test_the_host_writer_refuses_partial_content_for_a_file_it_must_create(tmp_p
              "partial": True}
     (tmp_path / "plan").write_text(json.dumps({"root": None, "prune": False, "block_size": 4096, "entries": [entry]}))
     (tmp_path / "data").write_bytes(struct.pack(">IQI", 0, 1, 4096) + b"x" * 4096)
-    script = (ROOT / "connectors" / "remote" / "blockscan.py").read_text()
+    script = remote_source.SCRIPT.read_text()
     done = subprocess.run(["python3", "-", "place", str(tmp_path / "plan"), str(tmp_path / "data"), str(target)],
                           input=script, capture_output=True, text=True)
     assert done.returncode == 2

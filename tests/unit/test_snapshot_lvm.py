@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 
 from configs.models import DiskConfig, HostConfig
-from connectors.base import CommandResult, remote_script
+from configs.policies import SnapshotPolicy
+from connectors.base import CommandResult, Script, script_source
 from connectors.local import LocalConnector
-from tasks.backup.snapshot import APPLICATION, CRASH, FILE_SYSTEM, SnapshotError, SnapshotPolicy, take_snapshot
+from tasks.backup.snapshot import APPLICATION, CRASH, FILE_SYSTEM, SnapshotError, take_snapshot
 
 STAND_INS = {
     "lvs": r'''
@@ -50,10 +51,10 @@ class StandInLvmHost(LocalConnector):
         super().__init__(host)
         self.env = env
 
-    def run_script(self, script: str, args: list[str] | None = None, *,
+    def run_script(self, script: Script, args: list[str] | None = None, *,
                    timeout: float | None = None, check: bool = False) -> CommandResult:
         return self.run(f"sh -s -- {shlex.join(args or [])}", timeout=timeout, check=check, env=self.env,
-                        stdin=remote_script(script).encode())
+                        stdin=script_source(script)[1].encode())
 
 
 @pytest.fixture

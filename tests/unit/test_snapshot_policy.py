@@ -6,9 +6,9 @@ import pytest
 from pydantic import ValidationError
 
 from configs.models import DiskConfig, HostConfig
+from configs.policies import BackupPolicy, SnapshotPolicy
 from connectors.local import LocalConnector
-from tasks.backup.policy import BackupPolicy
-from tasks.backup.snapshot import CRASH, SnapshotError, SnapshotPolicy, take_snapshot
+from tasks.backup.snapshot import CRASH, SnapshotError, take_snapshot
 
 LINUX = HostConfig(name="web1", transport="local")
 DISK = DiskConfig(name="data", path="/srv/data")

@@ -1,17 +1,9 @@
-"""BlobStore: where recovery points, chunks, evidence and history live.
-
-Two implementations: a local directory (the embedded default) and Azure Blob Storage.
-Keys are '/'-separated relative paths such as 'chunks/ab/abcdef…'.
-"""
+"""The Azure Blob Storage BlobStore (azure-storage-blob; tested on Azurite), with short-lived
+upload URLs (SAS) so a Windows host can send data straight to the container."""
 
 from __future__ import annotations
 
-import abc
-import contextlib
 import ipaddress
-import os
-import tempfile
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -34,330 +26,23 @@ from azure.storage.blob import (
     generate_blob_sas,
 )
 
-from configs.models import AzureStorage, LocalStorage
+from configs.models import AzureStorage
 from configs.secrets import SecretError, redact, remember, resolve
+from connectors.stores.base import (
+    BlobExists,
+    BlobInfo,
+    BlobNotFound,
+    BlobStore,
+    InvalidKey,
+    StoreError,
+    StoreUnavailable,
+    UploadUrlUnsupported,
+    key_problem,
+    validate_key,
+    validate_prefix,
+)
 
 log = structlog.stdlib.get_logger("patchdrill.storage")
-
-#: pieces handed out by open() and copied by streaming puts
-CHUNK_SIZE = 1024 * 1024
-
-# Temp files live beside their final name (so the rename is atomic); keys may not look like one,
-# which is what lets list() skip them without ever hiding a real blob.
-_TEMP_PREFIX = ".patchdrill-tmp-"
-
-
-class StoreError(Exception):
-    """A store operation failed; names the store and key."""
-
-    #: whether trying again later may succeed (the service was unreachable or busy)
-    transient: bool = False
-
-
-class StoreUnavailable(StoreError):
-    """The store could not be reached or was busy. Worth retrying."""
-
-    transient = True
-
-
-class BlobExists(StoreError):
-    """put(..., overwrite=False) found the key already present."""
-
-
-class BlobNotFound(StoreError):
-    """get/delete of a key that is not there."""
-
-
-class InvalidKey(StoreError):
-    """A key that is not a clean '/'-separated relative path."""
-
-
-class UploadUrlUnsupported(StoreError):
-    """The store cannot hand out a URL a host could upload to."""
-
-
-@dataclass(frozen=True, order=True)
-class BlobInfo:
-    key: str
-    size: int
-
-
-def validate_key(key: str, store: str = "store") -> str:
-    """Return key if it is a clean relative '/'-separated path, else raise InvalidKey naming it."""
-    problem = _key_problem(key)
-    if problem:
-        raise InvalidKey(f"{store}: invalid key {key!r}: {problem}")
-    return key
-
-
-def validate_prefix(prefix: str, store: str = "store") -> str:
-    """Return a list() prefix if it cannot climb out of the store, else raise InvalidKey."""
-    if "\\" in prefix or prefix.startswith("/") or ".." in prefix.split("/"):
-        raise InvalidKey(f"{store}: invalid prefix {prefix!r}: use a relative '/'-separated prefix")
-    return prefix
-
-
-def _key_problem(key: str) -> str | None:
-    if not isinstance(key, str) or not key:
-        return "a key must be a non-empty string"
-    if "\\" in key or "\x00" in key:
-        return "backslashes and NUL characters are not allowed; separate segments with '/'"
-    if key.startswith("/"):
-        return "absolute paths are not allowed"
-    for segment in key.split("/"):
-        if segment == "":
-            return "empty path segment (leading, trailing or doubled '/')"
-        if segment in (".", ".."):
-            return f"{segment!r} segments are not allowed"
-        if segment.startswith(_TEMP_PREFIX):
-            return f"segments starting with {_TEMP_PREFIX!r} are reserved for temporary files"
-    return None
-
-
-class BlobStore(abc.ABC):
-    """A flat key space of immutable-ish blobs."""
-
-    #: a short human name for messages ("local:/path" or "azure:account/container")
-    name: str
-
-    #: whether upload_url() can give a host a URL to send data to directly
-    supports_upload_url: bool = False
-
-    @abc.abstractmethod
-    def put(self, key: str, data: bytes | BinaryIO, *, overwrite: bool = True) -> None:
-        """Store data under key. With overwrite=False an existing key raises BlobExists."""
-
-    @abc.abstractmethod
-    def get(self, key: str) -> bytes:
-        """Read a whole blob."""
-
-    @abc.abstractmethod
-    def open(self, key: str) -> Iterator[bytes]:
-        """Stream a blob in pieces."""
-
-    @abc.abstractmethod
-    def exists(self, key: str) -> bool: ...
-
-    @abc.abstractmethod
-    def list(self, prefix: str = "", *, uncommitted: bool = False) -> Iterator[BlobInfo]:
-        """Every key under prefix, in no particular order.
-
-        uncommitted: also keys that hold only uploaded-but-never-committed data (an Azure block
-        upload that was killed, or a host's Put Block); a local store has no such thing.
-        """
-
-    @abc.abstractmethod
-    def delete(self, key: str) -> None:
-        """Remove key; missing keys raise BlobNotFound."""
-
-    @abc.abstractmethod
-    def upload_url(self, key: str, *, expires_in: timedelta = timedelta(minutes=30)) -> str:
-        """A short-lived URL a host can PUT the blob to directly (Azure: a write-only SAS)."""
-
-    def close(self) -> None:
-        """Release connections; the store must not be used afterwards."""
-
-    def __enter__(self) -> "BlobStore":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name}>"
-
-
-class LocalBlobStore(BlobStore):
-    """Blobs as files under a root directory.
-
-    Every put is atomic and durable: the data goes to a temp file in the target directory, is
-    fsynced, then renamed into place and the directory fsynced, so a crash leaves either the
-    old blob, the new blob, or no blob, never a torn one. No-overwrite puts publish with
-    os.link, which fails if the name exists, so two writers racing for one key cannot clobber
-    each other. Files are created 0600: a repository holds backups.
-    """
-
-    def __init__(self, root: Path | str) -> None:
-        self.root = Path(root).expanduser().absolute()
-        self.name = f"local:{self.root}"
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"{self.name}: cannot create the store directory: {exc.strerror}") from exc
-
-    def _path(self, key: str) -> Path:
-        return self.root.joinpath(*validate_key(key, self.name).split("/"))
-
-    def _fail(self, key: str, action: str, exc: OSError) -> StoreError:
-        return StoreError(f"{self.name}: cannot {action} {key!r}: {exc.strerror or exc}")
-
-    def put(self, key: str, data: bytes | BinaryIO, *, overwrite: bool = True) -> None:
-        """Store data atomically; errors reading a file object propagate unchanged."""
-        target = self._path(key)
-        tmp = self._write_temp(key, target.parent, data)
-        try:
-            if overwrite:
-                os.replace(tmp, target)
-            else:
-                os.link(tmp, target)
-        except FileExistsError:
-            raise BlobExists(f"{self.name}: {key!r} already exists (put with overwrite=False)") from None
-        except OSError as exc:
-            raise self._fail(key, "store", exc) from exc
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        _fsync_dir(target.parent)
-        log.debug("blob stored", store=self.name, key=key)
-
-    def _write_temp(self, key: str, directory: Path, data: bytes | BinaryIO) -> str:
-        fd, tmp = self._make_temp(key, directory)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                for piece in _pieces(data):
-                    try:
-                        out.write(piece)
-                    except OSError as exc:
-                        raise self._fail(key, "store", exc) from exc
-                try:
-                    out.flush()
-                    os.fsync(out.fileno())
-                except OSError as exc:
-                    raise self._fail(key, "store", exc) from exc
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        return tmp
-
-    def _make_temp(self, key: str, directory: Path) -> tuple[int, str]:
-        # A concurrent delete may prune a freshly made directory before the temp file lands
-        # in it; making it again is enough.
-        attempts_left = 5
-        while True:
-            try:
-                if not directory.is_dir():
-                    directory.mkdir(parents=True, exist_ok=True)
-                    self._fsync_ancestors(directory)
-                return tempfile.mkstemp(dir=directory, prefix=_TEMP_PREFIX)
-            except FileNotFoundError as exc:
-                attempts_left -= 1
-                if not attempts_left:
-                    raise self._fail(key, "store", exc) from exc
-            except OSError as exc:
-                raise self._fail(key, "store", exc) from exc
-
-    def _fsync_ancestors(self, directory: Path) -> None:
-        """New directories are durable only once every parent's entry for them is."""
-        while directory != self.root and self.root in directory.parents:
-            directory = directory.parent
-            _fsync_dir(directory)
-
-    def get(self, key: str) -> bytes:
-        return b"".join(self.open(key))
-
-    def open(self, key: str) -> Iterator[bytes]:
-        # Opened here rather than inside the generator so a missing key fails at the call.
-        path = self._path(key)
-        try:
-            handle = open(path, "rb")
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise BlobNotFound(f"{self.name}: no blob {key!r}") from None
-        except OSError as exc:
-            raise self._fail(key, "read", exc) from exc
-        return _read_chunks(handle)
-
-    def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
-
-    def list(self, prefix: str = "", *, uncommitted: bool = False) -> Iterator[BlobInfo]:
-        validate_prefix(prefix, self.name)
-        # Only the directory the prefix's complete segments name needs walking.
-        directory, _, _ = prefix.rpartition("/")
-        start = self.root.joinpath(*directory.split("/")) if directory else self.root
-        return (info for info in self._walk(start) if info.key.startswith(prefix))
-
-    def _walk(self, directory: Path) -> Iterator[BlobInfo]:
-        try:
-            entries = list(os.scandir(directory))
-        except (FileNotFoundError, NotADirectoryError):
-            return
-        for entry in entries:
-            if entry.name.startswith(_TEMP_PREFIX):
-                continue
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    yield from self._walk(Path(entry.path))
-                elif entry.is_file(follow_symlinks=False):
-                    key = Path(entry.path).relative_to(self.root).as_posix()
-                    yield BlobInfo(key=key, size=entry.stat(follow_symlinks=False).st_size)
-            except FileNotFoundError:
-                continue  # deleted while listing
-
-    def delete(self, key: str) -> None:
-        path = self._path(key)
-        try:
-            os.unlink(path)
-        except (FileNotFoundError, NotADirectoryError):
-            raise BlobNotFound(f"{self.name}: no blob {key!r} to delete") from None
-        except IsADirectoryError:
-            raise BlobNotFound(f"{self.name}: {key!r} is a prefix, not a blob") from None
-        except OSError as exc:
-            raise self._fail(key, "delete", exc) from exc
-        _fsync_dir(path.parent)
-        self._prune(path.parent)
-        log.debug("blob deleted", store=self.name, key=key)
-
-    def _prune(self, directory: Path) -> None:
-        """Remove directories the delete left empty, up to (not including) the root."""
-        while directory != self.root and self.root in directory.parents:
-            try:
-                directory.rmdir()
-            except OSError:
-                return  # not empty, or already gone: either way nothing more to prune
-            directory = directory.parent
-
-    def upload_url(self, key: str, *, expires_in: timedelta = timedelta(minutes=30)) -> str:
-        """Always raises UploadUrlUnsupported.
-
-        A directory has no access-controlled, expiring write endpoint to hand a host; a file://
-        URL would only work for a host that shares this filesystem and would bypass the atomic
-        put. Hosts send their data through their connector to a local store instead.
-        """
-        validate_key(key, self.name)
-        raise UploadUrlUnsupported(
-            f"{self.name}: a local store has no upload URL for {key!r}; "
-            "send the data through the host's connector, or use an Azure store for direct uploads"
-        )
-
-
-def _pieces(data: bytes | BinaryIO) -> Iterator[bytes | bytearray | memoryview]:
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        yield data
-        return
-    while piece := data.read(CHUNK_SIZE):
-        yield piece
-
-
-def _read_chunks(handle: BinaryIO) -> Iterator[bytes]:
-    with handle:
-        while chunk := handle.read(CHUNK_SIZE):
-            yield chunk
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename or unlink in directory durable (POSIX; Windows cannot open directories)."""
-    flags = getattr(os, "O_DIRECTORY", None)
-    if flags is None:
-        return
-    try:
-        fd = os.open(directory, os.O_RDONLY | flags)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 #: delete rounds against a lease someone keeps taking again
@@ -631,22 +316,6 @@ class AzureBlobStore(BlobStore):
         return delegation
 
 
-def open_store(cfg: LocalStorage | AzureStorage, base_dir: Path | None = None) -> BlobStore:
-    """The store a storage configuration describes.
-
-    base_dir is the configuration file's directory: relative local paths and `file:` secret
-    references are resolved against it (the working directory when None).
-    """
-    if isinstance(cfg, LocalStorage):
-        root = Path(cfg.path).expanduser()
-        if not root.is_absolute() and base_dir is not None:
-            root = base_dir / root
-        return LocalBlobStore(root)
-    if isinstance(cfg, AzureStorage):
-        return AzureBlobStore.from_config(cfg, base_dir)
-    raise TypeError(f"unknown storage configuration {type(cfg).__name__}")
-
-
 def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else text
 
@@ -656,7 +325,7 @@ def _normalise_prefix(prefix: str, container: str) -> str:
     cleaned = prefix.strip("/")
     if not cleaned:
         return ""
-    problem = _key_problem(cleaned)
+    problem = key_problem(cleaned)
     if problem:
         raise InvalidKey(f"azure:{container}: invalid prefix {prefix!r}: {problem}")
     return cleaned + "/"

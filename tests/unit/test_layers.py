@@ -1,0 +1,151 @@
+"""The house rules of the layout: imports point down (configs < connectors < tasks < flows) and
+never in a circle, and the pure modules load no orchestrator or SDK.
+
+The import graph is read from the source with `ast` (nothing is imported), counting every
+import: module level, inside functions and under TYPE_CHECKING alike, because each is a
+dependency a reader has to follow. Importing `a.b.c` runs `a` and `a.b` first, so each import
+also depends on the packages above the module it names.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+#: Lowest first: a module may import its own layer and the ones before it, never one after.
+LAYERS = ("configs", "connectors", "tasks", "flows")
+
+Graph = Mapping[str, set[str]]
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_modules() -> dict[str, Path]:
+    return {module_name(path): path for layer in LAYERS for path in sorted((ROOT / layer).rglob("*.py"))}
+
+
+def imported_names(path: Path, name: str) -> Iterable[str]:
+    """Every module name an import statement in `path` names (relative imports resolved); for
+    `from a import b`, both `a` and `a.b` (b may be a module or a name inside a)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            yield base
+            yield from (f"{base}.{alias.name}" for alias in node.names)
+
+
+def import_graph(modules: Mapping[str, Path]) -> dict[str, set[str]]:
+    """module -> the project modules importing it runs (the named one and its packages)."""
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        edges: set[str] = set()
+        for target in imported_names(path, name):
+            parts = target.split(".")
+            edges.update(prefix for i in range(1, len(parts) + 1) if (prefix := ".".join(parts[:i])) in modules)
+        # A module's own packages run before it; they are not an import of its own.
+        graph[name] = edges - {name} - {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
+    return graph
+
+
+def upward_imports(graph: Graph) -> list[str]:
+    rank = {layer: index for index, layer in enumerate(LAYERS)}
+    return sorted(f"{source} imports {target}" for source, targets in graph.items() for target in targets
+                  if rank[target.split(".")[0]] > rank[source.split(".")[0]])
+
+
+def cycles(graph: Graph) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph.get(node, ())):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component: list[str] = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10_000))
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return sorted(found)
+
+
+def test_the_checks_catch_an_upward_import_and_a_cycle() -> None:
+    graph = {
+        "configs.models": {"tasks.backup.policy"},
+        "tasks.backup.policy": {"tasks.backup.repository"},
+        "tasks.backup.repository": {"connectors.stores"},
+        "connectors.stores": {"configs.models"},
+        "flows.backup": {"tasks.backup.policy"},
+    }
+    assert upward_imports(graph) == ["configs.models imports tasks.backup.policy"]
+    assert cycles(graph) == [["configs.models", "connectors.stores", "tasks.backup.policy", "tasks.backup.repository"]]
+
+
+def test_the_walk_sees_every_layer_and_lazy_imports() -> None:
+    modules = project_modules()
+    graph = import_graph(modules)
+    assert {name.split(".")[0] for name in modules} == set(LAYERS)
+    # connectors/__init__.py imports the transports inside connect(): those count too.
+    assert {"connectors.local", "connectors.ssh", "connectors.winrm"} <= graph["connectors"]
+
+
+def test_imports_point_down_only() -> None:
+    assert upward_imports(import_graph(project_modules())) == []
+
+
+def test_no_import_cycles() -> None:
+    assert cycles(import_graph(project_modules())) == []
+
+
+HEAVY = ("prefect", "azure", "zstandard", "blake3", "cryptography", "winrm", "paramiko")
+
+
+@pytest.mark.parametrize(("module", "forbidden"), [
+    ("tasks.backup.blockmap", HEAVY),
+    ("configs.models", HEAVY),
+    ("configs.policies", HEAVY),
+    ("tasks.patching.health", ("prefect", "winrm", "azure")),
+    ("connectors.stores", ("prefect", "azure")),
+])
+def test_pure_modules_load_no_orchestrator_or_sdk(module: str, forbidden: tuple[str, ...]) -> None:
+    """In a fresh interpreter, so what this test process already imported cannot hide a load."""
+    probe = (f"import json, sys\nimport {module}\n"
+             f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & {set(forbidden)!r})))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout) == [], f"import {module} loads {done.stdout.strip()}"
