@@ -65,6 +65,10 @@ def _kill_ephemeral_server() -> None:
         process = server.server_process
         if process is not None and process.poll() is None:
             process.kill()
+            # Reaped before the command exits: a killed server that is still dying would
+            # otherwise outlive the command for a moment, orphaned.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=5)
 
 
 @contextlib.contextmanager
