@@ -133,7 +133,7 @@ def backup(config: ConfigOption = DEFAULT_CONFIG, host: HostsOption = None, grou
            disk: Annotated[Optional[list[str]], typer.Option("--disk", help="Only this disk (repeatable).")] = None,
            policy: PolicyOption = None, as_json: JsonOption = False) -> None:
     """Back up the selected hosts' disks (all hosts by default), then apply retention."""
-    from flows.backup_run import BackupRunFailed, backup_run
+    from flows.backup import BackupRunFailed, backup_run
 
     def run() -> tuple[list[Any], BackupRunFailed | None]:
         try:
@@ -177,7 +177,7 @@ def restore(host: Annotated[str, typer.Argument(help="Host whose disk to restore
             to_host: Annotated[Optional[str], typer.Option("--to-host", help="Restore onto this host of the config (default: this machine).")] = None,
             policy: PolicyOption = None, as_json: JsonOption = False) -> None:
     """Restore a recovery point, verifying every chunk before it is written."""
-    from flows.restore_run import restore_run
+    from flows.restore import restore_run
 
     _policy(config, policy)
     with stoppable(), _progress(not as_json):

@@ -31,7 +31,7 @@ import yaml
 from prefect.client.schemas.objects import State
 
 from connectors.stores import LocalBlobStore
-from flows.patch_run import PatchRunReport, patch_run
+from flows.patch import PatchRunReport, patch_run
 from tasks.patching.history import history
 from tasks.patching.models import ComplianceState, HostPatchRecord
 from tests.hosts.aptlab import REBOOT_POSTINST, AptLab
@@ -373,7 +373,7 @@ def test_a_busy_update_domain_slot_keeps_a_second_run_off_the_domain(
 
 def test_approval_pause_is_resumed_through_the_prefect_api(
         prefect_server: None, lab_host: LabMaker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import flows.patch_run as patch_flow
+    import flows.patch as patch_flow
     from prefect.flow_runs import resume_flow_run
 
     monkeypatch.setattr(patch_flow, "APPROVAL_POLL_SECONDS", 1)
@@ -554,7 +554,7 @@ def test_hotpatch_month_patches_linux_and_ordinary_windows_hosts_like_any_month(
 
 def test_rejected_approval_cancels_the_run_with_the_approvers_comment(
         prefect_server: None, lab_host: LabMaker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import flows.patch_run as patch_flow
+    import flows.patch as patch_flow
     from prefect.flow_runs import resume_flow_run
     from typer.testing import CliRunner
 
