@@ -22,10 +22,10 @@ from configs.policies import BackupPolicy
 from configs.secrets import SecretError, redact
 from connectors.base import ConnectorError
 from connectors.stores import StoreError
-from flows.cli_common import (
+from cli.common import (
     DEFAULT_CONFIG, ConfigOption, GroupsOption, HostsOption, JsonOption, console, emit, err_console, fail, load_or_exit,
 )
-from flows.interrupts import stoppable
+from cli.interrupts import stoppable
 from flows.logs import JsonLinesHandler, json_lines
 from tasks.backup import cancel, progress
 from tasks.backup.cancel import Interrupted
