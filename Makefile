@@ -42,13 +42,13 @@ system-deps:
 bootstrap: python-deps node-deps system-deps
 
 demo: python-deps
-	@$(UV) run --frozen python -m flows.demo
+	@$(UV) run --frozen python -m cli.demo
 
 test: bootstrap
 	@$(UV) run --frozen pytest -q
 
 server: python-deps
-	@$(UV) run --frozen python -m flows.lab_server --port $(PORT)
+	@$(UV) run --frozen python -m cli.lab_server --port $(PORT)
 
 bench: bootstrap
 	@$(UV) run --frozen python bench/backup_vs_restic.py

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CHECK = "from flows.cli import app; app()"
+CHECK = "from cli.app import app; app()"
 
 HOST = """\
   - name: host-{i}

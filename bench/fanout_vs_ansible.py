@@ -539,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     for tool in ("patchdrill", "ansible", "ansible-playbook"):
         if not (BIN / tool).exists():
             parser.error(f"{BIN / tool} is missing: run with `uv run` from the repository (uv sync installs both)")
-    have_cli = importlib.util.find_spec("flows.patch_cli") is not None
+    have_cli = importlib.util.find_spec("cli.patch") is not None
 
     base_env = {**os.environ}
     base_env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -576,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
                             lambda out, w: run_patchdrill_cli(config, cli_env, out, w, forks=args.forks,
                                                               refresh=False)))
         else:
-            print("flows/patch_cli.py is not there yet: only the library row measures patchdrill", file=sys.stderr)
+            print("cli/patch.py is not there yet: only the library row measures patchdrill", file=sys.stderr)
         runners.append((Row("patchdrill library (no Prefect)",
                             note="linux_host.survey (refreshing), one SshConnector per host, thread pool; "
                                  "not the CLI"),

@@ -14,8 +14,8 @@ import pytest
 import yaml
 from markdown_it import MarkdownIt
 
-from flows.backup_run import backup_run
-from flows.patch_run import patch_run
+from flows.backup import backup_run
+from flows.patch import patch_run
 from tasks.rendering import artifact_key, human_size, markdown_text
 from tests.hosts.aptlab import AptLab
 from tests.hosts.sshd import SshdMaker

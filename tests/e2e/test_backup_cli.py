@@ -14,7 +14,7 @@ from typing import Callable
 import pytest
 import yaml
 
-from flows.cli import app
+from cli.app import app
 from tests.e2e.test_backup_flows import _artifact
 from tests.trees import assert_same_tree, rich_tree
 
@@ -214,7 +214,7 @@ def test_log_json_makes_every_console_line_json_on_a_real_run(lab_with_a_missing
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
     proc = subprocess.run(
-        [sys.executable, "-c", "from flows.cli import app; app()",
+        [sys.executable, "-c", "from cli.app import app; app()",
          "--log-json", "backup", "-c", str(lab_with_a_missing_disk), "--json"],
         cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr

@@ -12,9 +12,9 @@ import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-from flows.backup_run import backup_run
-from flows.restore_run import restore_run
-from flows.verify_run import verify_run
+from flows.backup import backup_run
+from flows.restore import restore_run
+from flows.verify import verify_run
 
 pytestmark = pytest.mark.e2e
 BLOCK = 64 * 1024

@@ -17,7 +17,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from connectors.stores import LocalBlobStore
-from flows.backup_run import backup_run
+from flows.backup import backup_run
 from tasks.backup.repository import utcnow
 from tests.e2e.test_backup_cli import cli, lab  # noqa: F401 - fixtures
 

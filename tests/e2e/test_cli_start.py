@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flows import cli
+from cli import app as cli_app
 
 REPO = Path(__file__).resolve().parents[2]
 PATCHDRILL = Path(sys.executable).with_name("patchdrill")
@@ -31,6 +31,6 @@ def test_the_command_gives_prefects_temporary_api_time_to_start(monkeypatch: pyt
     monkeypatch.delenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", raising=False)
     monkeypatch.setattr(sys, "argv", ["patchdrill", "version"])
     with pytest.raises(SystemExit) as done:
-        cli.main()
+        cli_app.main()
     assert done.value.code == 0
-    assert os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == cli.EPHEMERAL_STARTUP_SECONDS
+    assert os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == cli_app.EPHEMERAL_STARTUP_SECONDS

@@ -10,7 +10,7 @@ import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, LogFilter, LogFilterFlowRunId
 
-from flows.inventory_check import inventory_check
+from flows.inventory import inventory_check
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e

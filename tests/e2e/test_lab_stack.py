@@ -283,7 +283,7 @@ def test_a_busy_port_is_one_clear_line_and_starts_nothing(tmp_path: Path) -> Non
         taken.listen()
         port = taken.getsockname()[1]
         env = {**os.environ, "PREFECT_HOME": str(tmp_path)}
-        done = subprocess.run([sys.executable, "-m", "flows.lab_server", "--port", str(port), "--log-dir",
+        done = subprocess.run([sys.executable, "-m", "cli.lab_server", "--port", str(port), "--log-dir",
                                str(tmp_path / "logs")], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert done.stderr.strip() == (f"make server: port {port} is in use on 127.0.0.1: stop what listens there "

@@ -31,7 +31,7 @@ import yaml
 from prefect.client.schemas.objects import State
 
 from connectors.stores import LocalBlobStore
-from flows.patch_run import PatchRunReport, patch_run
+from flows.patch import PatchRunReport, patch_run
 from tasks.patching.history import history
 from tasks.patching.models import ComplianceState, HostPatchRecord
 from tests.hosts.aptlab import REBOOT_POSTINST, AptLab
@@ -373,7 +373,7 @@ def test_a_busy_update_domain_slot_keeps_a_second_run_off_the_domain(
 
 def test_approval_pause_is_resumed_through_the_prefect_api(
         prefect_server: None, lab_host: LabMaker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import flows.patch_run as patch_flow
+    import flows.patch as patch_flow
     from prefect.flow_runs import resume_flow_run
 
     monkeypatch.setattr(patch_flow, "APPROVAL_POLL_SECONDS", 1)
@@ -436,7 +436,7 @@ def test_cli_assess_and_dry_run_report_without_changing_the_host(
         prefect_server: None, lab_host: LabMaker, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from cli.app import app
 
     host = lab_host("cli-host", 4)
     cfg = write_config(tmp_path / "fleet.yaml", [host.config()], {"baseline_months": baseline_now()})
@@ -459,7 +459,7 @@ def test_cli_assess_surveys_each_host_in_one_connection_and_one_session(
         prefect_server: None, lab_host: LabMaker, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from cli.app import app
 
     host = lab_host("survey-host", 5)
     cfg = write_config(tmp_path / "fleet.yaml", [host.config()], {"baseline_months": baseline_now()})
@@ -525,7 +525,7 @@ def test_hotpatch_month_patches_linux_and_ordinary_windows_hosts_like_any_month(
         prefect_server: None, lab_host: LabMaker, wsman_host_factory: HostFactory, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from cli.app import app
 
     linux = lab_host("monthly-linux", 1)
     winrm = wsman_host_factory(scheme="https", auth=("ntlm",))
@@ -554,11 +554,11 @@ def test_hotpatch_month_patches_linux_and_ordinary_windows_hosts_like_any_month(
 
 def test_rejected_approval_cancels_the_run_with_the_approvers_comment(
         prefect_server: None, lab_host: LabMaker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import flows.patch_run as patch_flow
+    import flows.patch as patch_flow
     from prefect.flow_runs import resume_flow_run
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from cli.app import app
 
     monkeypatch.setattr(patch_flow, "APPROVAL_POLL_SECONDS", 1)
     host = lab_host("reject-me", 1)
@@ -583,7 +583,7 @@ def test_rejected_approval_cancels_the_run_with_the_approvers_comment(
 def test_a_failed_install_fails_the_run_and_the_command(prefect_server: None, lab_host: LabMaker, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from cli.app import app
 
     host = lab_host("install-fails", 1)
     host.lab.publish("security", "demo-web", "1.3", postinst="#!/bin/sh\necho 'cannot migrate' >&2\nexit 1\n")
@@ -606,7 +606,7 @@ def test_assess_and_dry_run_say_they_refresh_lists_and_no_refresh_changes_nothin
         prefect_server: None, lab_host: LabMaker, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from cli.app import app
 
     host = lab_host("read-only", 1)
     host.lab.publish("main", "demo-db", "1.3")  # published after the host last refreshed its lists

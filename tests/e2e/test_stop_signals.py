@@ -319,7 +319,7 @@ def test_a_prefect_cancellation_stops_a_served_backup(prefect_server: None, lab:
     env = _env(lab, PREFECT_API_URL=str(PREFECT_API_URL.value()), PREFECT_RUNNER_POLL_FREQUENCY="1")
     with open(lab.root / "serve.stderr", "wb") as sink:
         serve = subprocess.Popen(
-            [sys.executable, "-c", "from flows.backup_run import backup_run; backup_run.serve(name='stop-test')"],
+            [sys.executable, "-c", "from flows.backup import backup_run; backup_run.serve(name='stop-test')"],
             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=sink, start_new_session=True)
     _launch(serve)
     try:

@@ -31,7 +31,7 @@ import pytest
 from configs.models import AzureStorage, DiskConfig, HostConfig, LocalStorage, PatchdrillConfig
 from configs.policies import BackupPolicy
 from connectors.stores import AzureBlobStore
-from flows.cli import app
+from cli.app import app
 from tasks.backup import staged
 from tasks.backup.errors import SourceError
 from tasks.backup.retention import prune

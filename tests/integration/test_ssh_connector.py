@@ -26,7 +26,7 @@ from connectors.base import (
     RetryPolicy,
 )
 from connectors.ssh import SshConnector
-from flows.cli import app
+from cli.app import app
 from tests.hosts.sshd import SshdMaker
 from tests.hosts.sshd_server import SshdHost, make_key
 from tests.hosts.sshd_users import LocalUser

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from configs.models import HostConfig
 from connectors.base import AuthenticationFailed, HostKeyRejected, HostUnreachable, RetryPolicy
 from connectors.ssh import SshConnector
-from flows.cli import app
+from cli.app import app
 from tests.hosts.sshd_bastion import BastionLab, bastion_lab  # noqa: F401 - the fixture
 from tests.hosts.sshd_server import make_key
 

@@ -34,7 +34,7 @@ from connectors.base import (
 )
 from connectors.powershell import clean_clixml, ps_arguments
 from connectors.winrm import WinRmConnector
-from flows.cli import app
+from cli.app import app
 from tests.hosts.wsman_auth import channel_bindings
 from tests.hosts.wsman_server import WsmanTestHost
 from tests.hosts.wsman_sim import SimResult

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from flows.cli import app
+from cli.app import app
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[2]
@@ -82,7 +82,7 @@ def test_commands_that_run_no_flow_do_not_load_prefect() -> None:
     import subprocess
     import sys
 
-    probe = "import sys, flows.cli; print('prefect' in sys.modules)"
+    probe = "import sys, cli.app; print('prefect' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from configs.loader import ConfigError, _LineFinder, _parse_yaml, load_config
 from configs.models import AzureStorage
 from connectors.stores import AzureBlobStore, StoreError
-from flows.cli import app
+from cli.app import app
 
 runner = CliRunner()
 

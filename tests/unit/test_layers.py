@@ -1,5 +1,5 @@
-"""The house rules of the layout: imports point down (configs < connectors < tasks < flows) and
-never in a circle, and the pure modules load no orchestrator or SDK.
+"""The house rules of the layout: imports point down (configs < connectors < tasks < flows < cli)
+and never in a circle, and the pure modules load no orchestrator or SDK.
 
 The import graph is read from the source with `ast` (nothing is imported), counting every
 import: module level, inside functions and under TYPE_CHECKING alike, because each is a
@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Lowest first: a module may import its own layer and the ones before it, never one after.
-LAYERS = ("configs", "connectors", "tasks", "flows")
+LAYERS = ("configs", "connectors", "tasks", "flows", "cli")
 
 Graph = Mapping[str, set[str]]
 
@@ -111,9 +111,11 @@ def test_the_checks_catch_an_upward_import_and_a_cycle() -> None:
         "tasks.backup.policy": {"tasks.backup.repository"},
         "tasks.backup.repository": {"connectors.stores"},
         "connectors.stores": {"configs.models"},
-        "flows.backup": {"tasks.backup.policy"},
+        "flows.backup": {"tasks.backup.policy", "cli.common"},
+        "cli.backup": {"flows.backup"},
+        "cli.common": {"flows.logs"},
     }
-    assert upward_imports(graph) == ["configs.models imports tasks.backup.policy"]
+    assert upward_imports(graph) == ["configs.models imports tasks.backup.policy", "flows.backup imports cli.common"]
     assert cycles(graph) == [["configs.models", "connectors.stores", "tasks.backup.policy", "tasks.backup.repository"]]
 
 
@@ -123,6 +125,9 @@ def test_the_walk_sees_every_layer_and_lazy_imports() -> None:
     assert {name.split(".")[0] for name in modules} == set(LAYERS)
     # connectors/__init__.py imports the transports inside connect(): those count too.
     assert {"connectors.local", "connectors.ssh", "connectors.winrm"} <= graph["connectors"]
+    # The command registers its pipelines' sub-apps with plain imports, and they start the flows.
+    assert {"cli.backup", "cli.patch"} <= graph["cli.app"]
+    assert "flows.backup" in graph["cli.backup"]
 
 
 def test_imports_point_down_only() -> None:

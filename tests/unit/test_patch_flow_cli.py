@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from connectors.stores import LocalBlobStore
-from flows.cli import app
+from cli.app import app
 from tasks.patching.history import write_record
 from tasks.patching.models import HostPatchRecord
 

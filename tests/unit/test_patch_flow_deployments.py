@@ -15,7 +15,7 @@ from tasks.patching.calendar import patch_tuesday, rrule_for_patch_tuesday_offse
 
 PREFECT_YAML = Path(__file__).resolve().parents[2] / "deployments" / "prefect.yaml"
 DEPLOYMENTS = [d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]
-               if d["entrypoint"].startswith("flows/patch_run.py:")]
+               if d["entrypoint"].startswith("flows/patch.py:")]
 
 
 def _flow(entrypoint: str):  # type: ignore[no-untyped-def]

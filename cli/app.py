@@ -10,11 +10,12 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from configs.models import PatchdrillConfig
-from flows.cli_common import (
+from cli import backup, patch
+from cli.common import (
     DEFAULT_CONFIG, ConfigOption, GroupsOption, HostsOption, JsonOption, console, emit, fail, load_or_exit,
     report_problems,
 )
+from configs.models import PatchdrillConfig
 from flows.logs import configure, json_console_for_prefect
 
 app = typer.Typer(
@@ -97,21 +98,9 @@ def _render_ping(rows: list) -> None:  # type: ignore[type-arg]
     console.print(table)
 
 
-def _register_pipelines() -> None:
-    """Pipelines add their own commands; each lives beside its flow."""
-    import importlib
-
-    for module in ("flows.backup_cli", "flows.patch_cli"):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        mod.register(app)
-
-
-_register_pipelines()
+# Each pipeline's commands live in a module of their own and add themselves to the app.
+backup.register(app)
+patch.register(app)
 
 
 # A fresh PREFECT_HOME migrates its database before Prefect's temporary API answers: 10-25 s,
@@ -137,7 +126,7 @@ def main() -> None:
         if "ephemeral Prefect API server" in str(exc):
             hint = (" (raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or point PREFECT_API_URL at a"
                     " running server: `make server`)")
-        from flows.cli_common import fail
+        from cli.common import fail
 
         try:
             fail(f"{type(exc).__name__}: {exc}{hint}; PATCHDRILL_DEBUG=1 shows the traceback")

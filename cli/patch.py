@@ -13,13 +13,13 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from flows.cli_common import (
+from cli.common import (
     DEFAULT_CONFIG, ConfigOption, GroupsOption, HostsOption, JsonOption, console, emit, fail, load_or_exit,
 )
 
 PolicyOption = Annotated[Optional[str], typer.Option(
     "--policy", help="Patch policy name (default: the group's, else 'default').")]
-# Kept in step with flows.patch_run.DEFAULT_FORKS (not imported: that module loads Prefect).
+# Kept in step with flows.patch.DEFAULT_FORKS (not imported: that module loads Prefect).
 ForksOption = Annotated[int, typer.Option("--forks", "-f", min=1, help="Hosts enrolled and assessed at once.")]
 DEFAULT_FORKS = 25
 
@@ -56,7 +56,7 @@ def _fleet_or_exit(config: Path, group: list[str] | None, host: list[str] | None
 def enroll(config: ConfigOption = DEFAULT_CONFIG, group: GroupsOption = None, host: HostsOption = None,
            as_json: JsonOption = False) -> None:
     """Enroll hosts: OS, build, package manager, hotpatch eligibility (exit 2 if any is unreachable)."""
-    from flows.patch_run import patch_enroll
+    from flows.patch import patch_enroll
 
     _fleet_or_exit(config, group, host, None)
     rows = patch_enroll(config_path=str(config), groups=group, hosts=host)
@@ -120,7 +120,7 @@ def assess(
 ) -> None:
     """What each host misses and what a run would install now. Installs nothing; refreshes the
     hosts' package lists first unless --no-refresh (exit 2 if a host could not be assessed)."""
-    from flows.patch_run import patch_assess
+    from flows.patch import patch_assess
 
     _fleet_or_exit(config, group, host, policy)
     report = patch_assess(config_path=str(config), groups=group, hosts=host, policy=policy, refresh=refresh,
@@ -184,7 +184,7 @@ def run(
     """
     from prefect.settings import get_current_settings
 
-    from flows.patch_run import PatchRunReport, patch_run
+    from flows.patch import PatchRunReport, patch_run
 
     fleet = _fleet_or_exit(config, group, host, policy)
     if wait_for_approval and yes:

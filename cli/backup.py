@@ -22,10 +22,10 @@ from configs.policies import BackupPolicy
 from configs.secrets import SecretError, redact
 from connectors.base import ConnectorError
 from connectors.stores import StoreError
-from flows.cli_common import (
+from cli.common import (
     DEFAULT_CONFIG, ConfigOption, GroupsOption, HostsOption, JsonOption, console, emit, err_console, fail, load_or_exit,
 )
-from flows.interrupts import stoppable
+from cli.interrupts import stoppable
 from flows.logs import JsonLinesHandler, json_lines
 from tasks.backup import cancel, progress
 from tasks.backup.cancel import Interrupted
@@ -133,7 +133,7 @@ def backup(config: ConfigOption = DEFAULT_CONFIG, host: HostsOption = None, grou
            disk: Annotated[Optional[list[str]], typer.Option("--disk", help="Only this disk (repeatable).")] = None,
            policy: PolicyOption = None, as_json: JsonOption = False) -> None:
     """Back up the selected hosts' disks (all hosts by default), then apply retention."""
-    from flows.backup_run import BackupRunFailed, backup_run
+    from flows.backup import BackupRunFailed, backup_run
 
     def run() -> tuple[list[Any], BackupRunFailed | None]:
         try:
@@ -177,7 +177,7 @@ def restore(host: Annotated[str, typer.Argument(help="Host whose disk to restore
             to_host: Annotated[Optional[str], typer.Option("--to-host", help="Restore onto this host of the config (default: this machine).")] = None,
             policy: PolicyOption = None, as_json: JsonOption = False) -> None:
     """Restore a recovery point, verifying every chunk before it is written."""
-    from flows.restore_run import restore_run
+    from flows.restore import restore_run
 
     _policy(config, policy)
     with stoppable(), _progress(not as_json):

@@ -74,9 +74,9 @@ def same_tree(left: Path, right: Path) -> bool:
 
 
 def main() -> int:
-    from flows.backup_run import backup_run
-    from flows.restore_run import restore_run
-    from flows.verify_run import verify_run
+    from flows.backup import backup_run
+    from flows.restore import restore_run
+    from flows.verify import verify_run
 
     configure()
     loaded = load_config(LAB_CONFIG)

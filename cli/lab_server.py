@@ -24,7 +24,7 @@ from types import FrameType
 
 import httpx
 
-from flows.demo import make_sample_data
+from cli.demo import make_sample_data
 
 REPO = Path(__file__).resolve().parent.parent
 PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
