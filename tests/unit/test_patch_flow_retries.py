@@ -7,13 +7,13 @@ import pytest
 from prefect import flow, task
 
 from connectors.base import AuthenticationFailed, HostTimeout, HostUnreachable
-from tasks.patching.steps import only_transient
+from tasks.retry import retry_transient
 
 
 def _run_with(errors: list[Exception]) -> tuple[int, object]:
     calls: list[int] = []
 
-    @task(retries=3, retry_delay_seconds=0, retry_condition_fn=only_transient)
+    @task(retries=3, retry_delay_seconds=0, retry_condition_fn=retry_transient)
     def flaky() -> str:
         calls.append(1)
         if len(calls) <= len(errors):
