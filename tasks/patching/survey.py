@@ -112,7 +112,7 @@ def _survey_connected(host: HostConfig, conn: Connector, refresh: bool) -> tuple
     return enrollment, HostAssessment(host=host.name, ok=True, updates=updates, reboot_pending=pending)
 
 
-class _TransientAssessment(Exception):
+class TransientAssessment(Exception):
     def __init__(self, cause: ConnectorError) -> None:
         super().__init__(cause.message)
         self.cause = cause
@@ -120,7 +120,7 @@ class _TransientAssessment(Exception):
 
 def _assessment_error(host: HostConfig, exc: Exception) -> HostAssessment:
     if isinstance(exc, ConnectorError) and is_transient(exc):
-        raise _TransientAssessment(exc) from exc
+        raise TransientAssessment(exc) from exc
     return failed_assessment(host.name, exc)
 
 
@@ -131,7 +131,7 @@ def _survey_once(host: HostConfig, base_dir: Path, refresh: bool) -> tuple[Enrol
 
 def _transient_cause(state: RetryCallState) -> ConnectorError:
     error = state.outcome.exception() if state.outcome is not None else None
-    assert isinstance(error, _TransientAssessment)  # the only exception `retry` lets through
+    assert isinstance(error, TransientAssessment)  # the only exception `retry` lets through
     return error.cause
 
 
@@ -146,7 +146,23 @@ def _out_of_delays(state: RetryCallState) -> bool:
 
 
 def _next_delay(state: RetryCallState) -> float:
-    return _delays(state)[state.attempt_number - 1]
+    # tenacity asks for the wait before it asks whether to stop: past the schedule's end the
+    # wait is never slept, so any value does.
+    delays = _delays(state)
+    return delays[min(state.attempt_number, len(delays)) - 1]
+
+
+def survey_retrying(host_name: str) -> Retrying:
+    """Retry a host's survey while a transient fault fails its assessment: on the package-lock
+    schedule while the package manager is busy, else on the short one; attempts count across
+    faults of either kind, and the last fault is raised when the schedule runs out."""
+
+    def log_retry(state: RetryCallState) -> None:
+        log.warning("assessment retried", host=host_name, attempt=state.attempt_number,
+                    error=error_text(_transient_cause(state)))
+
+    return Retrying(retry=retry_if_exception_type(TransientAssessment), stop=_out_of_delays, wait=_next_delay,
+                    before_sleep=log_retry, reraise=True)
 
 
 def survey_host(host: HostConfig, base_dir: Path, store: BlobStore | None, *, refresh: bool = True) -> HostSurvey:
@@ -156,16 +172,9 @@ def survey_host(host: HostConfig, base_dir: Path, store: BlobStore | None, *, re
     a failed assessment of a reachable host is its assessment's error. Changes nothing on the
     host but, with `refresh`, its package lists."""
     row = EnrollmentRow(host=host.name, os_family=host.os_family, update_domain=host.update_domain, reachable=False)
-
-    def log_retry(state: RetryCallState) -> None:
-        log.warning("assessment retried", host=host.name, attempt=state.attempt_number,
-                    error=error_text(_transient_cause(state)))
-
-    retrying = Retrying(retry=retry_if_exception_type(_TransientAssessment), stop=_out_of_delays,
-                        wait=_next_delay, before_sleep=log_retry, reraise=True)
     try:
-        enrollment, assessment = retrying(_survey_once, host, base_dir, refresh)
-    except _TransientAssessment as exc:
+        enrollment, assessment = survey_retrying(host.name)(_survey_once, host, base_dir, refresh)
+    except TransientAssessment as exc:
         return HostSurvey(enrolled=row.model_copy(update={"reachable": True}),
                           assessment=failed_assessment(host.name, exc.cause))
     except (ConnectorError, SecretError, ValueError, OSError) as exc:
