@@ -17,8 +17,6 @@ class RunSetupError(ValueError):
     """The run cannot start: the message names the config file, field or host at fault."""
 
 
-
-
 @dataclass(frozen=True)
 class PatchFleet:
     """The selected hosts, the policy they follow and where records go."""

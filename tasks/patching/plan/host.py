@@ -25,7 +25,6 @@ class HostAssessment(BaseModel):
     error: str = ""
 
 
-
 class HostPlan(BaseModel):
     """What one host installs this run, and why each other update stays."""
 
