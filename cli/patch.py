@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
 def _fleet_or_exit(config: Path, group: list[str] | None, host: list[str] | None, policy: str | None) -> Any:
     """Check the config, the selection and the policy before any flow starts (and before
     Prefect's ephemeral API spends seconds starting): one clear line per problem."""
-    from tasks.patching.steps import RunSetupError, load_fleet
+    from tasks.patching.fleet import RunSetupError, load_fleet
 
     load_or_exit(config)
     try:
@@ -217,9 +217,9 @@ def calendar(
     as_json: JsonOption = False,
 ) -> None:
     """Print the year's months: Patch Tuesday and whether each is a baseline or hotpatch month."""
-    from tasks.patching.calendar import year_calendar
+    from tasks.patching.plan.calendar import year_calendar
     from configs.policies import PatchPolicy
-    from tasks.patching.steps import RunSetupError, resolve_policy
+    from tasks.patching.fleet import RunSetupError, resolve_policy
 
     if not 1 <= year <= 9999:
         fail(f"--year {year} is not a calendar year")

@@ -32,27 +32,14 @@ from pydantic import BaseModel, Field
 from flows.logs import configure
 from flows.run_form import Names, OptionalName, current_run_name, run_name, selection
 from tasks.patching.models import HostPatchRecord
-from tasks.patching.rollout import Batch, Rollout, RolloutPlan, plan
-from tasks.patching.steps import (
-    EnrollmentRow,
-    HostAssessment,
-    HostPlan,
-    PatchContext,
-    PatchFleet,
-    compliance_rows,
-    enroll_task,
-    load_fleet,
-    patch_host_task,
-    plan_host,
-    record_for_unpatched,
-    reboot_limit_name,
-    rollout_host,
-    summary_markdown,
-    survey_batches,
-    survey_task,
-    update_domain_slot,
-    write_records_task,
-)
+from tasks.patching.fleet import PatchFleet, load_fleet
+from tasks.patching.install import PatchContext, patch_host_task
+from tasks.patching.plan.host import HostAssessment, HostPlan, plan_host, record_for_unpatched, rollout_host
+from tasks.patching.plan.report import compliance_rows, summary_markdown
+from tasks.patching.plan.rollout import Batch, Rollout, RolloutPlan, plan
+from tasks.patching.report import write_records_task
+from tasks.patching.slots import reboot_limit_name, update_domain_slot
+from tasks.patching.survey import EnrollmentRow, enroll_task, survey_batches, survey_task
 from tasks.rendering import artifact_key, markdown_text
 
 log = structlog.stdlib.get_logger("patchdrill.patch")

@@ -12,7 +12,7 @@ import os
 import shlex
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from prefect import task
 from pydantic import BaseModel
@@ -21,7 +21,6 @@ from prefect.cache_policies import NO_CACHE
 from configs.loader import load_config
 from configs.policies import BackupPolicy
 from connectors import connect
-from connectors.base import ConnectorError
 from tasks.backup.cancel import Interrupted
 from tasks.backup.errors import RepositoryBusy
 from tasks.backup.remote_restore import restore_to_host
@@ -29,6 +28,7 @@ from tasks.backup.restore import RestoreResult, restore
 from tasks.backup.retention import PruneReport, forget_and_prune
 from tasks.backup.run import DiskReport, back_up_disk, find_disk, open_repository
 from tasks.backup.verify import VerifyReport, verify
+from tasks.retry import retry_transient
 
 
 # Two layers on purpose, at different time scales: the Azure SDK retries a single request within
@@ -36,22 +36,8 @@ from tasks.backup.verify import VerifyReport, verify
 # 60 s when the store or host stayed unreachable longer than that. Connectors open with one
 # attempt here, so host faults are retried by this layer only. A retried disk uploads only what
 # the store still lacks, so the outer layer costs a rescan, never a second copy of the data.
-def is_transient(error: BaseException | None) -> bool:
-    if isinstance(error, ConnectorError):
-        return error.transient
-    return bool(getattr(error, "transient", False))
-
-
-def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    try:
-        state.result()
-    except BaseException as exc:  # noqa: BLE001 - the state's own exception, inspected not handled
-        return is_transient(exc)
-    return False
-
-
 @task(name="backup-disk", task_run_name="backup {host_name}/{disk_name}", retries=2, retry_delay_seconds=[15, 60],
-      retry_condition_fn=_retry_transient, cache_policy=NO_CACHE)
+      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def backup_disk_task(config_path: str, host_name: str, disk_name: str, policy: BackupPolicy) -> DiskReport:
     loaded = load_config(config_path)
     host, disk = find_disk(loaded.config, host_name, disk_name)
@@ -121,7 +107,7 @@ def _say_what_an_interruption_left(target: str, existed: bool, point: str) -> It
 
 
 @task(name="verify-repository", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=15,
-      retry_condition_fn=_retry_transient)
+      retry_condition_fn=retry_transient)
 def verify_task(config_path: str, policy: BackupPolicy, host: str | None = None, disk: str | None = None,
                 sample_percent: float = 100.0) -> VerifyReport:
     loaded = load_config(config_path)

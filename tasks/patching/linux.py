@@ -33,7 +33,7 @@ _APT_ENV = "env LC_ALL=C DEBIAN_FRONTEND=noninteractive"
 APT_SECURITY_TARGET = "/-security$/"
 # An install waits this long for dpkg's lock when another client (unattended-upgrades, an
 # operator) holds it. apt-get update does not wait for the lists lock whatever this says (apt
-# 2.6), so a refresh that finds it busy is retried instead (tasks.patching.steps).
+# 2.6), so a refresh that finds it busy is retried instead (tasks.patching.survey).
 APT_LOCK_TIMEOUT_SECONDS = 300
 
 # What apt, dpkg and zypper print when another process holds their lock (C locale); dnf and

@@ -353,7 +353,7 @@ def test_a_busy_update_domain_slot_keeps_a_second_run_off_the_domain(
         prefect_server: None, lab_host: LabMaker, tmp_path: Path) -> None:
     from prefect.concurrency.sync import concurrency
 
-    from tasks.patching.steps import reboot_limit_name, update_domain_slot
+    from tasks.patching.slots import reboot_limit_name, update_domain_slot
 
     host = lab_host("slot-busy", 7)
     cfg = write_config(tmp_path / "fleet.yaml", [host.config()], {"baseline_months": baseline_now()})
@@ -642,7 +642,7 @@ def test_assess_and_dry_run_say_they_refresh_lists_and_no_refresh_changes_nothin
 
 def test_two_runs_never_work_on_one_host_at_once(
         prefect_server: None, lab_host: LabMaker, tmp_path: Path, log_watch: LogWatch) -> None:
-    from tasks.patching.steps import host_limit_name
+    from tasks.patching.slots import host_limit_name
 
     host = lab_host("contended", 1)
     started, release = host.lab.root / "hook-started", host.lab.root / "hook-release"

@@ -21,7 +21,7 @@ from connectors.base import CommandFailed, CommandResult
 from connectors.local import LocalConnector
 from tasks.patching import linux_host
 from tasks.patching.models import ComplianceState
-from tasks.patching.selection import select
+from tasks.patching.plan.selection import select
 from tests.hosts.aptlab import REBOOT_POSTINST, AptLab
 
 pytestmark = pytest.mark.integration

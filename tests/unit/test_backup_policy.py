@@ -18,7 +18,7 @@ from tasks.backup.policy import policy_from_config
 from tasks.backup import snapshot as snapshots
 from tasks.backup.run import back_up_disk
 from tasks.backup.snapshot import Snapshot
-from tasks.backup.tasks import is_transient
+from tasks.retry import is_transient
 
 
 def test_policy_defaults_and_named_errors() -> None:

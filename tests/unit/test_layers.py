@@ -139,6 +139,8 @@ def test_no_import_cycles() -> None:
 
 
 HEAVY = ("prefect", "azure", "zstandard", "blake3", "cryptography", "winrm", "paramiko")
+#: The patch planner, package and every module of it: pure, so usable and testable without Prefect.
+PLANNER = ("tasks.patching.plan", *sorted(module_name(path) for path in (ROOT / "tasks/patching/plan").glob("[!_]*.py")))
 
 
 @pytest.mark.parametrize(("module", "forbidden"), [
@@ -147,6 +149,7 @@ HEAVY = ("prefect", "azure", "zstandard", "blake3", "cryptography", "winrm", "pa
     ("configs.policies", HEAVY),
     ("tasks.patching.health", ("prefect", "winrm", "azure")),
     ("connectors.stores", ("prefect", "azure")),
+    *((module, HEAVY) for module in PLANNER),
 ])
 def test_pure_modules_load_no_orchestrator_or_sdk(module: str, forbidden: tuple[str, ...]) -> None:
     """In a fresh interpreter, so what this test process already imported cannot hide a load."""

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from configs.policies import Classification, PatchPolicy
-from tasks.patching.calendar import (
+from tasks.patching.plan.calendar import (
     month_kind,
     next_baseline,
     patch_tuesday,

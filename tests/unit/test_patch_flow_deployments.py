@@ -11,7 +11,7 @@ import pytest
 import yaml
 from prefect.client.schemas.schedules import CronSchedule, RRuleSchedule
 
-from tasks.patching.calendar import patch_tuesday, rrule_for_patch_tuesday_offset
+from tasks.patching.plan.calendar import patch_tuesday, rrule_for_patch_tuesday_offset
 
 PREFECT_YAML = Path(__file__).resolve().parents[2] / "deployments" / "prefect.yaml"
 DEPLOYMENTS = [d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]

@@ -14,17 +14,12 @@ from configs.models import HostConfig
 from configs.policies import Classification, PatchPolicy
 from configs.secrets import remember
 from connectors.stores import LocalBlobStore
-from tasks.patching import history, steps
+from tasks.patching import history, report, survey
+from tasks.patching.fleet import RunSetupError, resolve_policy
 from tasks.patching.models import ComplianceState, Enrollment, HostPatchRecord, Update, UpdateOutcome
+from tasks.patching.plan.host import HostAssessment, plan_host
+from tasks.patching.plan.report import compliance_rows, summary_markdown
 from tasks.patching.reboot_gate import decide
-from tasks.patching.steps import (
-    HostAssessment,
-    RunSetupError,
-    compliance_rows,
-    plan_host,
-    resolve_policy,
-    summary_markdown,
-)
 
 NOW = datetime(2026, 11, 18, 12, 0, tzinfo=timezone.utc)  # a Wednesday in a hotpatch month (default policy)
 
@@ -165,9 +160,9 @@ def test_reports_list_every_update_and_never_a_secret() -> None:
 @pytest.mark.parametrize(("hosts", "forks"), [(100, 50), (100, 5), (3, 50), (7, 2), (1, 1), (9, 4)])
 def test_survey_batches_keep_every_host_once_and_exactly_forks_in_flight(hosts: int, forks: int) -> None:
     fleet = [HostConfig(name=f"h{i}", transport="local") for i in range(hosts)]
-    batches = steps.survey_batches(fleet, forks)
+    batches = survey.survey_batches(fleet, forks)
     assert sorted(h.name for batch, _ in batches for h in batch) == sorted(h.name for h in fleet)
-    assert len(batches) <= steps.SURVEY_TASKS
+    assert len(batches) <= survey.SURVEY_TASKS
     in_flight = sum(min(threads, len(batch)) for batch, threads in batches)
     assert in_flight == min(forks, hosts) and sum(threads for _, threads in batches) <= forks
 
@@ -179,7 +174,7 @@ def test_writing_a_runs_records_trims_history_older_than_30_days(tmp_path: Path)
     now = datetime.now(timezone.utc)
     history.write_record(store, _record("h1", now - timedelta(days=31), run_id="expired"))
     history.write_record(store, _record("h1", now - timedelta(days=29), run_id="kept"))
-    written = steps.write_records_task.fn(str(config), tmp_path, [_record("h1", now, run_id="current")], 1)
+    written = report.write_records_task.fn(str(config), tmp_path, [_record("h1", now, run_id="current")], 1)
     remaining = sorted(info.key.rsplit("-", 1)[-1] for info in store.list("history/h1/"))
     assert remaining == ["current.json", "kept.json"]
     assert written == [info.key for info in store.list("history/h1/") if info.key.endswith("-current.json")]

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from configs.models import HostConfig, MaintenanceWindow
-from tasks.patching.maintenance_windows import describe, is_open, next_opening, remaining_minutes
+from tasks.patching.plan.windows import describe, is_open, next_opening, remaining_minutes
 
 NEW_YORK = ZoneInfo("America/New_York")
 PARIS = ZoneInfo("Europe/Paris")

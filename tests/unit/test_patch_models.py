@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from configs.policies import Classification, PatchPolicy, Quota
 from tasks.patching.models import ComplianceState, Enrollment, HostPatchRecord, Update, UpdateOutcome
-from tasks.patching.selection import decide, matches
+from tasks.patching.plan.selection import decide, matches
 
 LINUX = Enrollment(
     host="web1", os_family="linux", os_name="Debian GNU/Linux 12 (bookworm)", package_manager="apt",

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from configs.policies import Quota
-from tasks.patching.rollout import Rollout, RolloutHost, plan
+from tasks.patching.plan.rollout import Rollout, RolloutHost, plan
 
 
 def hosts_in(*domains: int) -> list[RolloutHost]:

@@ -11,8 +11,8 @@ from datetime import date, timedelta
 from fnmatch import fnmatchcase
 
 from configs.policies import PatchPolicy
-from tasks.patching.calendar import updates_allowed
 from tasks.patching.models import ComplianceState, Enrollment, MonthKind, Update, normalise_kb
+from tasks.patching.plan.calendar import updates_allowed
 
 
 @dataclass(frozen=True)

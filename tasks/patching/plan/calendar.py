@@ -115,7 +115,7 @@ def updates_allowed(
     """Whether the calendar lets this update install on this host this month.
 
     Only the calendar is judged here; classification, include/exclude and patch age are the
-    policy filter's business (tasks.patching.selection).
+    policy filter's business (tasks.patching.plan.selection).
     """
     policy = policy or PatchPolicy()
     rebootable = reboot_allowed(enrollment, kind, policy)

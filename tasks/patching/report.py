@@ -1,0 +1,28 @@
+"""Writing a run's host records to the store's history."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import structlog
+from prefect import task
+
+from configs.loader import load_config
+from connectors.stores import open_store
+from tasks.patching import history
+from tasks.patching.models import HostPatchRecord
+
+log = structlog.stdlib.get_logger("patchdrill.patch")
+
+
+@task(name="record-history", task_run_name="record {count} host(s)")
+def write_records_task(config_path: str, base_dir: Path, records: list[HostPatchRecord], count: int) -> list[str]:
+    store = open_store(load_config(config_path).config.storage, base_dir)
+    try:
+        written = [history.write_record(store, record) for record in records]
+        # The store keeps 30 days of history (docs/repository.md); each run trims what aged out.
+        for key in history.prune(store):
+            log.info("history record expired", key=key)
+        return written
+    finally:
+        store.close()
