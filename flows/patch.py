@@ -95,7 +95,7 @@ def enroll_hosts(fleet: PatchFleet, config_path: str, *, record: bool) -> list[E
 def survey_hosts(fleet: PatchFleet, config_path: str, now: datetime, *, record: bool, refresh: bool, forks: int,
                  ignore_windows: bool = False) -> AssessmentReport:
     """Enroll and assess every host over one connection each, `forks` hosts at a time, in a few
-    task runs (steps.survey_batches) rather than two per host."""
+    task runs (survey.survey_batches) rather than two per host."""
     futures = [survey_task.submit(batch, fleet.base_dir, config_path, record, refresh, parallel, len(batch))
                for batch, parallel in survey_batches(fleet.hosts, forks)]
     surveys = {s.enrolled.host: s for future in futures for s in future.result()}
