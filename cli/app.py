@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Annotated
@@ -111,9 +113,6 @@ EPHEMERAL_STARTUP_SECONDS = "120"
 def main() -> None:
     """The installed `patchdrill` command: the app, with one line instead of a traceback for
     whatever no command turned into a clear error (PATCHDRILL_DEBUG=1 shows the traceback)."""
-    import os
-    import sys
-
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_SECONDS)
     try:
         app(standalone_mode=True)
@@ -126,8 +125,6 @@ def main() -> None:
         if "ephemeral Prefect API server" in str(exc):
             hint = (" (raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or point PREFECT_API_URL at a"
                     " running server: `make server`)")
-        from cli.common import fail
-
         try:
             fail(f"{type(exc).__name__}: {exc}{hint}; PATCHDRILL_DEBUG=1 shows the traceback")
         except typer.Exit as done:
