@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from connectors.stores import LocalBlobStore  # noqa: E402
 from tasks.backup.engine import BackupRequest, backup  # noqa: E402
-from tasks.backup.repository import Repository  # noqa: E402
+from tasks.backup.repo.repository import Repository  # noqa: E402
 from tasks.backup.restore import restore  # noqa: E402
-from tasks.backup.source import LocalBlockSource  # noqa: E402
+from tasks.backup.sources.local import LocalBlockSource  # noqa: E402
 
 BLOCK = 4 * 1024 * 1024
 MIB = 1024 * 1024

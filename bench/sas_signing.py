@@ -1,7 +1,7 @@
 """Signing upload URLs for a large staged backup: does the work stay linear?
 
 A Windows host's backup gets one write-only SAS URL per changed block, signed batch by batch
-(tasks/backup/staged.py). Every log line and error message passes through `redact()`, so what
+(tasks/backup/sources/windows_direct_upload.py). Every log line and error message passes through `redact()`, so what
 redaction costs per call must not grow with the URLs signed so far. This signs `--urls` URLs in
 the upload's batches and, after each batch, times `redact()` on a message carrying one URL; it
 prints the first and last batches and the ratio between them (about 1.0 when the work is linear).
@@ -32,7 +32,7 @@ from azure.storage.blob import ContainerClient  # noqa: E402
 
 from configs.secrets import redact, remembered_count  # noqa: E402
 from connectors.stores import AzureBlobStore  # noqa: E402
-from tasks.backup.staged import UploadPlan, sign_batch  # noqa: E402
+from tasks.backup.sources.windows_direct_upload import UploadPlan, sign_batch  # noqa: E402
 
 # Azurite's published development key: any key signs the same way.
 ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="

@@ -202,7 +202,7 @@ def points(config: ConfigOption = DEFAULT_CONFIG,
            as_json: JsonOption = False) -> None:
     """List recovery points: time, consistency, sizes. Needs no encryption key."""
     from connectors.stores import open_store
-    from tasks.backup.repository import Repository
+    from tasks.backup.repo.repository import Repository
 
     loaded = load_or_exit(config)
     store = _run(lambda: open_store(loaded.config.storage, loaded.base_dir))
@@ -229,8 +229,8 @@ def verify(config: ConfigOption = DEFAULT_CONFIG,
            sample: Annotated[float, typer.Option("--sample", min=0.01, max=100.0, help="Percent of chunks to read back.")] = 100.0,
            policy: PolicyOption = None, as_json: JsonOption = False) -> None:
     """Read chunks back and check them; exit 1 and list what is missing or corrupt."""
-    from tasks.backup.run import open_repository
-    from tasks.backup.verify import verify as verify_repository
+    from tasks.backup.disk import open_repository
+    from tasks.backup.repo.verify import verify as verify_repository
 
     loaded = load_or_exit(config)
     chosen = _policy(config, policy)
@@ -258,8 +258,8 @@ def prune(config: ConfigOption = DEFAULT_CONFIG, policy: PolicyOption = None,
           dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would go; delete nothing.")] = False,
           as_json: JsonOption = False) -> None:
     """Forget points the policy no longer keeps, then delete data no point references (one lock, taken first)."""
-    from tasks.backup.retention import forget_and_prune
-    from tasks.backup.run import open_repository
+    from tasks.backup.repo.retention import forget_and_prune
+    from tasks.backup.disk import open_repository
 
     loaded = load_or_exit(config)
     chosen = _policy(config, policy)
@@ -283,7 +283,7 @@ def unlock(config: ConfigOption = DEFAULT_CONFIG,
            as_json: JsonOption = False) -> None:
     """Remove stale locks (their process is dead, or their host stopped refreshing them); --all removes every lock."""
     from connectors.stores import open_store
-    from tasks.backup.repository import Repository
+    from tasks.backup.repo.repository import Repository
 
     loaded = load_or_exit(config)
     store = _run(lambda: open_store(loaded.config.storage, loaded.base_dir))
@@ -315,7 +315,7 @@ def repair(config: ConfigOption = DEFAULT_CONFIG, policy: PolicyOption = None, a
     from functools import partial
 
     from tasks.backup.repair import repair as repair_repository
-    from tasks.backup.run import live_source, open_repository
+    from tasks.backup.disk import live_source, open_repository
 
     loaded = load_or_exit(config)
     chosen = _policy(config, policy)

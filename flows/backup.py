@@ -17,9 +17,9 @@ from flows.run_form import Names, OptionalName, current_run_name, run_name, sele
 from tasks.backup import cancel
 from tasks.backup.errors import BackupError
 from tasks.backup.policy import policy_from_config
-from tasks.backup.run import DiskReport, failed_report
+from tasks.backup.disk import DiskReport, failed_report
 from tasks.backup.scheduling import Bounds, run_bounded
-from tasks.backup.tasks import RetentionSummary, backup_disk_task, retention_task
+from tasks.backup.steps import RetentionSummary, backup_disk_task, retention_task
 from tasks.rendering import artifact_key, human_size
 
 log = structlog.stdlib.get_logger("patchdrill.backup")

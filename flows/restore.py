@@ -14,8 +14,8 @@ from tasks.backup import cancel
 from tasks.backup.errors import BackupError
 from tasks.backup.policy import policy_from_config
 from tasks.backup.restore import RestoreResult
-from tasks.backup.run import find_disk
-from tasks.backup.tasks import restore_task
+from tasks.backup.disk import find_disk
+from tasks.backup.steps import restore_task
 from tasks.rendering import artifact_key, human_size
 
 

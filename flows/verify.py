@@ -12,8 +12,8 @@ from flows.run_form import OptionalName, current_run_name, run_name
 from tasks.rendering import artifact_key
 from tasks.backup.errors import BackupError
 from tasks.backup.policy import policy_from_config
-from tasks.backup.tasks import verify_task
-from tasks.backup.verify import VerifyReport
+from tasks.backup.steps import verify_task
+from tasks.backup.repo.verify import VerifyReport
 
 
 class RepositoryDamaged(BackupError):

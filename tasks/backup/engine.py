@@ -8,7 +8,6 @@ and AES-GCM release the GIL), and the point is written last and never overwritte
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,18 +18,16 @@ from typing import Any, Literal, Sequence
 import structlog
 
 from tasks.backup import cancel, progress as progress_mod
-from tasks.backup.blockmap import BlockMap, TreeEntry, TreeMap
+from tasks.backup.repo.blockmap import BlockMap, TreeEntry, TreeMap
 from tasks.backup.progress import ProgressSink
-from tasks.backup.repository import (
+from tasks.backup.repo.damage import PreviousMap, damaged_blocks, damaged_chunks, unmatchable
+from tasks.backup.scheduling import default_workers
+from tasks.backup.repo.repository import (
     Consistency, MapRef, RecoveryPoint, Repository, Totals, tool_version, utcnow,
 )
-from tasks.backup.source import BlockSource, BufferPool, SourceBlock, TreeSource, unchanged
+from tasks.backup.sources.base import BlockSource, BufferPool, SourceBlock, TreeSource, unchanged
 
 log = structlog.stdlib.get_logger("patchdrill.backup")
-
-
-def default_workers() -> int:
-    return max(2, min(8, os.cpu_count() or 2))
 
 
 class _ChunkWriter:
@@ -171,9 +168,6 @@ def rewrite_damaged(repo: Repository, source: BlockSource | TreeSource, request:
     return writer.repaired
 
 
-PreviousMap = BlockMap | dict[str, TreeEntry] | None
-
-
 def _previous_map(repo: Repository, point: RecoveryPoint | None, block_size: int) -> PreviousMap:
     """The parent's block map or its tree entries by path, if comparable with this backup."""
     if point is None or point.block_size != block_size:
@@ -182,23 +176,6 @@ def _previous_map(repo: Repository, point: RecoveryPoint | None, block_size: int
     if point.kind == "block":
         return BlockMap.from_json(body, point=point.key)
     return TreeMap.from_json(body, point=point.key).by_path()
-
-
-def damaged_chunks(repo: Repository, previous: PreviousMap, known: set[bytes]) -> set[bytes]:
-    """Chunks a backup must write again even for unchanged data: recorded by verify as corrupt
-    or missing, or named by the parent's map and absent from the store (`known`)."""
-    return set(repo.damaged_chunks()) | (_chunks_of(previous) - known)
-
-
-def damaged_blocks(previous: BlockMap | None, damaged: set[bytes]) -> set[int]:
-    """Positions of the parent's map whose chunk is damaged: they must be read again."""
-    return {i for i, cid in enumerate(previous.chunks) if cid in damaged} if previous else set()
-
-
-def _chunks_of(previous: PreviousMap) -> set[bytes]:
-    if isinstance(previous, BlockMap):
-        return set(previous.chunks)
-    return {cid for entry in (previous or {}).values() for cid in entry.chunks}
 
 
 def _scan(source: BlockSource | TreeSource, request: BackupRequest, previous: PreviousMap,
@@ -266,15 +243,6 @@ def _scan_blocks(source: BlockSource, request: BackupRequest, previous: BlockMap
                          fingerprint=source.fingerprint,
                          fingerprints=[fp for _, fp in results] if host_side else None)
     return _Scanned("block", block_map.to_json(), size, len(results), None)
-
-
-def unmatchable(previous: BlockMap | None, forced: set[int]) -> BlockMap | None:
-    """The parent map as a source sees it: forced blocks get fingerprints that match nothing,
-    so a host that compares fingerprints itself sends those blocks' data again."""
-    if previous is None or not forced or previous.fingerprints is None:
-        return previous
-    fingerprints = [bytes(len(fp)) if i in forced else fp for i, fp in enumerate(previous.fingerprints)]
-    return replace(previous, fingerprints=fingerprints)
 
 
 def _scan_tree(source: TreeSource, request: BackupRequest, previous: dict[str, TreeEntry], forced: set[str],

@@ -29,10 +29,10 @@ import structlog
 from connectors.base import CommandResult, Connector
 from tasks.backup.host_scripts import blockscan
 from tasks.backup import cancel
-from tasks.backup.blockmap import BlockMap, TreeMap
+from tasks.backup.repo.blockmap import BlockMap, TreeMap
 from tasks.backup.errors import BackupError, RestoreFailed
-from tasks.backup.remote_source import FINGERPRINT, SCRIPT, RemoteBlockSource, host_fingerprint
-from tasks.backup.repository import RecoveryPoint, Repository
+from tasks.backup.sources.remote import FINGERPRINT, SCRIPT, RemoteBlockSource, host_fingerprint
+from tasks.backup.repo.repository import RecoveryPoint, Repository
 from tasks.backup.restore import RestoreResult, decide, select_entries, tree_plan
 
 log = structlog.stdlib.get_logger("patchdrill.backup")

@@ -17,11 +17,12 @@ import structlog
 
 from connectors.base import ConnectorError
 from connectors.stores import StoreError
-from tasks.backup.engine import BackupRequest, default_workers, rewrite_damaged
+from tasks.backup.engine import BackupRequest, rewrite_damaged
+from tasks.backup.scheduling import default_workers
 from tasks.backup.errors import BackupError
-from tasks.backup.repository import RecoveryPoint, Repository
-from tasks.backup.source import BlockSource, TreeSource
-from tasks.backup.verify import readable_points, referenced_chunks
+from tasks.backup.repo.repository import RecoveryPoint, Repository
+from tasks.backup.sources.base import BlockSource, TreeSource
+from tasks.backup.repo.verify import readable_points, referenced_chunks
 
 log = structlog.stdlib.get_logger("patchdrill.backup")
 

@@ -30,11 +30,11 @@ import structlog
 
 from tasks.backup.host_scripts import blockscan
 from tasks.backup import cancel, progress as progress_mod
-from tasks.backup.blockmap import BlockMap, TreeEntry, TreeMap
-from tasks.backup.engine import default_workers
+from tasks.backup.repo.blockmap import BlockMap, TreeEntry, TreeMap
+from tasks.backup.scheduling import default_workers
 from tasks.backup.errors import PointNotFound, RestoreFailed, TargetExists
 from tasks.backup.progress import ProgressSink
-from tasks.backup.repository import RecoveryPoint, Repository
+from tasks.backup.repo.repository import RecoveryPoint, Repository
 
 log = structlog.stdlib.get_logger("patchdrill.backup")
 

@@ -6,6 +6,7 @@ Generic over the future type so flows use it with Prefect futures and tests with
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -14,6 +15,12 @@ from typing import Callable, Generic, Hashable, Iterable, TypeVar
 F = TypeVar("F", bound=Hashable)
 H = TypeVar("H")
 I = TypeVar("I")
+
+
+def default_workers() -> int:
+    """Threads per disk for hashing, compressing and uploading (they release the GIL): the CPU
+    count, kept between 2 and 8."""
+    return max(2, min(8, os.cpu_count() or 2))
 
 
 @dataclass(frozen=True)

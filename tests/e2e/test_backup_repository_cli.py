@@ -18,7 +18,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from connectors.stores import LocalBlobStore
 from flows.backup import backup_run
-from tasks.backup.repository import utcnow
+from tasks.backup.repo.repository import utcnow
 from tests.e2e.test_backup_cli import cli, lab  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.e2e

@@ -204,7 +204,7 @@ def restorable(lab: Lab) -> Path:
     these tests are about)."""
     from configs.loader import load_config
     from tasks.backup.policy import policy_from_config
-    from tasks.backup.run import back_up_disk
+    from tasks.backup.disk import back_up_disk
 
     cfg = lab.config("restore")
     loaded = load_config(cfg)

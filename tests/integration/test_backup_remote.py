@@ -18,12 +18,12 @@ from connectors.stores import AzureBlobStore, LocalBlobStore
 from tasks.backup.engine import BackupRequest, backup
 from tasks.backup.errors import SourceError, TargetExists
 from tasks.backup.remote_restore import restore_to_host
-from tasks.backup.remote_source import RemoteBlockSource, RemoteTreeSource
+from tasks.backup.sources.remote import RemoteBlockSource, RemoteTreeSource
 from tasks.backup.repair import repair
-from tasks.backup.repository import Repository, chunk_key
+from tasks.backup.repo.repository import Repository, chunk_key
 from tasks.backup.restore import restore
-from tasks.backup.source import LocalBlockSource, LocalTreeSource
-from tasks.backup.verify import verify
+from tasks.backup.sources.local import LocalBlockSource, LocalTreeSource
+from tasks.backup.repo.verify import verify
 
 pytestmark = pytest.mark.integration
 BLOCK = 64 * 1024

@@ -25,11 +25,11 @@ from configs.secrets import redact, remembered_count
 from connectors.stores import AzureBlobStore
 from tasks.backup.engine import BackupRequest, backup
 from tasks.backup.errors import SourceError
-from tasks.backup.repository import RecoveryPoint, Repository
-from tasks.backup.retention import prune
-from tasks.backup.source import BufferPool
+from tasks.backup.repo.repository import RecoveryPoint, Repository
+from tasks.backup.repo.retention import prune
+from tasks.backup.sources.base import BufferPool
 from tasks.backup.restore import restore
-from tasks.backup.staged import BYTES_PER_CALL, StagedBlockSource, UploadPlan, plan_upload, sign_batch, url_lifetime
+from tasks.backup.sources.windows_direct_upload import BYTES_PER_CALL, StagedBlockSource, UploadPlan, plan_upload, sign_batch, url_lifetime
 from tests.hosts.azurite import AzuriteServer
 
 pytestmark = pytest.mark.integration

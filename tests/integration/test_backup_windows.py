@@ -1,4 +1,4 @@
-"""Backups of a Windows host's disk image, end to end through tasks/backup/run.py: a VSS
+"""Backups of a Windows host's disk image, end to end through tasks/backup/disk.py: a VSS
 snapshot, the host scanning it and uploading changed blocks straight to Azure Blob with SAS
 URLs, the controller turning them into chunks, the point, and the cleanup.
 
@@ -32,14 +32,14 @@ from configs.models import AzureStorage, DiskConfig, HostConfig, LocalStorage, P
 from configs.policies import BackupPolicy
 from connectors.stores import AzureBlobStore
 from cli.app import app
-from tasks.backup import staged
+from tasks.backup.sources import windows_direct_upload as staged
 from tasks.backup.errors import SourceError
-from tasks.backup.retention import prune
-from tasks.backup.repository import chunk_key
+from tasks.backup.repo.retention import prune
+from tasks.backup.repo.repository import chunk_key
 from tasks.backup.restore import restore
-from tasks.backup.run import back_up_disk, open_repository
-from tasks.backup.snapshot import VSS_REMOVE_SCRIPT, VSS_SCRIPT
-from tasks.backup.verify import verify
+from tasks.backup.disk import back_up_disk, open_repository
+from tasks.backup.snapshot.take import VSS_REMOVE_SCRIPT, VSS_SCRIPT
+from tasks.backup.repo.verify import verify
 from tests.e2e.test_backup_cli import cli  # noqa: F401 - the in-process `patchdrill` fixture
 from tests.e2e.test_backup_flows import _artifact
 from tests.hosts.azurite import AzuriteServer

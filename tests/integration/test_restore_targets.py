@@ -18,9 +18,9 @@ from connectors.stores import LocalBlobStore
 from tasks.backup.engine import BackupRequest, backup
 from tasks.backup.errors import RestoreFailed, TargetExists
 from tasks.backup.remote_restore import restore_to_host
-from tasks.backup.repository import Repository
+from tasks.backup.repo.repository import Repository
 from tasks.backup.restore import restore
-from tasks.backup.source import LocalBlockSource, LocalTreeSource
+from tasks.backup.sources.local import LocalBlockSource, LocalTreeSource
 from tests.trees import ACL, MIB, Escape, allocated, assert_same_tree, rich_tree
 
 pytestmark = pytest.mark.integration
@@ -110,7 +110,7 @@ def test_failback_onto_an_ssh_host_equals_the_point_with_its_metadata(ssh_host_c
 
 def test_a_host_directory_is_backed_up_with_its_metadata(ssh_host_config: HostConfig, repo: Repository,
                                                           tmp_path: Path) -> None:
-    from tasks.backup.remote_source import RemoteTreeSource
+    from tasks.backup.sources.remote import RemoteTreeSource
 
     src = rich_tree(tmp_path / "srv")
     conf = src / "etc" / "app" / "app.conf"

@@ -20,7 +20,8 @@ from configs.models import DiskConfig, HostConfig
 from configs.policies import SnapshotPolicy
 from configs.secrets import remember
 from connectors.ssh import SshConnector
-from tasks.backup.snapshot import APPLICATION, CRASH, FILE_SYSTEM, SnapshotError, take_snapshot
+from tasks.backup.snapshot.view import APPLICATION, CRASH, FILE_SYSTEM, SnapshotError
+from tasks.backup.snapshot.take import take_snapshot
 
 pytestmark = pytest.mark.integration
 

@@ -16,10 +16,10 @@ import pytest
 from connectors.stores import BlobStore, LocalBlobStore
 from tasks.backup.engine import BackupRequest, backup
 from tasks.backup.errors import ChunkCorrupt, KeyRequired, TargetExists, WrongKey
-from tasks.backup.repository import Repository, chunk_key
+from tasks.backup.repo.repository import Repository, chunk_key
 from tasks.backup.restore import restore
-from tasks.backup.source import LocalBlockSource, LocalTreeSource
-from tasks.backup.verify import verify
+from tasks.backup.sources.local import LocalBlockSource, LocalTreeSource
+from tasks.backup.repo.verify import verify
 
 BLOCK = 64 * 1024
 ROOT = Path(__file__).resolve().parents[2]
@@ -202,8 +202,8 @@ _STALLING_BACKUP = textwrap.dedent("""
     from pathlib import Path
     from connectors.stores import LocalBlobStore
     from tasks.backup.engine import BackupRequest, backup
-    from tasks.backup.repository import Repository
-    from tasks.backup.source import LocalBlockSource
+    from tasks.backup.repo.repository import Repository
+    from tasks.backup.sources.local import LocalBlockSource
 
     class StallingStore(LocalBlobStore):
         # After `allowed` chunks every put blocks forever, so the parent can kill us mid-upload.

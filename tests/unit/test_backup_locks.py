@@ -21,10 +21,10 @@ from configs.policies import KeepRules
 from connectors.stores import LocalBlobStore
 from tasks.backup.engine import BackupRequest, backup
 from tasks.backup.errors import RepositoryBusy
-from tasks.backup.locks import process_identity, this_host
-from tasks.backup.repository import Repository, utcnow
-from tasks.backup.retention import forget_and_prune, prune
-from tasks.backup.source import LocalBlockSource
+from tasks.backup.repo.locks import process_identity, this_host
+from tasks.backup.repo.repository import Repository, utcnow
+from tasks.backup.repo.retention import forget_and_prune, prune
+from tasks.backup.sources.local import LocalBlockSource
 from tests.unit.test_backup_engine import _STALLING_BACKUP
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,7 +33,7 @@ BLOCK = 64 * 1024
 HOLDER = textwrap.dedent("""
     import sys, threading
     from connectors.stores import LocalBlobStore
-    from tasks.backup.repository import Repository
+    from tasks.backup.repo.repository import Repository
     repo = Repository.open(LocalBlobStore(sys.argv[1]))
     with repo.lock(sys.argv[2]):
         print("locked", file=sys.stderr, flush=True)
@@ -173,8 +173,8 @@ _WAITING_BACKUP = textwrap.dedent("""
     from connectors.stores import LocalBlobStore
     from tasks.backup import cancel
     from tasks.backup.engine import BackupRequest, backup
-    from tasks.backup.repository import Repository
-    from tasks.backup.source import LocalBlockSource
+    from tasks.backup.repo.repository import Repository
+    from tasks.backup.sources.local import LocalBlockSource
 
     class Announcing(Repository):
         # Says on stderr when the backup first finds itself blocked, so the parent signals a waiter.

@@ -14,10 +14,10 @@ import pytest
 from connectors.stores import BlobStore, LocalBlobStore
 from tasks.backup.engine import BackupRequest, backup
 from tasks.backup.errors import PointTampered, WeakKey
-from tasks.backup.repository import Repository, tool_version, utcnow
+from tasks.backup.repo.repository import Repository, tool_version, utcnow
 from tasks.backup.restore import restore
-from tasks.backup.source import LocalBlockSource, LocalTreeSource
-from tasks.backup.verify import verify
+from tasks.backup.sources.local import LocalBlockSource, LocalTreeSource
+from tasks.backup.repo.verify import verify
 
 BLOCK = 64 * 1024
 KEY = "env:PD_TEST_POINT_KEY"

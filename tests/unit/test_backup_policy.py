@@ -15,9 +15,9 @@ from connectors.base import AuthenticationFailed, HostTimeout, HostUnreachable
 from connectors.stores import StoreError, StoreUnavailable
 from tasks.backup.errors import BackupError, ChunkCorrupt, SourceError
 from tasks.backup.policy import policy_from_config
-from tasks.backup import snapshot as snapshots
-from tasks.backup.run import back_up_disk
-from tasks.backup.snapshot import Snapshot
+from tasks.backup.snapshot import take as snapshots
+from tasks.backup.disk import back_up_disk
+from tasks.backup.snapshot.view import Snapshot
 from tasks.retry import is_transient
 
 

@@ -14,11 +14,12 @@ from connectors.stores import LocalBlobStore
 from tasks.backup.engine import BackupRequest, backup
 from tasks.backup.errors import ChunkCorrupt, SourceError
 from tasks.backup.repair import repair
-from tasks.backup.repository import Repository, chunk_key
+from tasks.backup.repo.repository import Repository, chunk_key
 from tasks.backup.restore import restore
-from tasks.backup.retention import prune
-from tasks.backup.source import BlockSource, LocalBlockSource, LocalTreeSource, TreeSource
-from tasks.backup.verify import verify
+from tasks.backup.repo.retention import prune
+from tasks.backup.sources.base import BlockSource, TreeSource
+from tasks.backup.sources.local import LocalBlockSource, LocalTreeSource
+from tasks.backup.repo.verify import verify
 from tests.unit.test_backup_engine import repo, store  # noqa: F401 - fixtures
 
 BLOCK = 64 * 1024

@@ -14,11 +14,11 @@ from configs.policies import KeepRules
 from connectors.stores import LocalBlobStore
 from tasks.backup.engine import BackupRequest, backup
 from tasks.backup.errors import RepositoryBusy
-from tasks.backup.repository import Repository, utcnow
+from tasks.backup.repo.repository import Repository, utcnow
 from tasks.backup.restore import restore
-from tasks.backup.retention import forget, prune, select_kept
-from tasks.backup.source import LocalBlockSource
-from tasks.backup.verify import referenced_chunks, verify
+from tasks.backup.repo.retention import forget, prune, select_kept
+from tasks.backup.sources.local import LocalBlockSource
+from tasks.backup.repo.verify import referenced_chunks, verify
 
 BLOCK = 4096
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)

@@ -18,12 +18,13 @@ import pytest
 
 from connectors.stores import LocalBlobStore
 from tasks.backup import cancel
-from tasks.backup.blockmap import BlockMap
+from tasks.backup.repo.blockmap import BlockMap
 from tasks.backup.engine import BackupRequest, backup
-from tasks.backup.repository import Repository
+from tasks.backup.repo.repository import Repository
 from tasks.backup.restore import restore
 from tasks.backup.scheduling import Bounds, run_bounded
-from tasks.backup.source import BufferPool, LocalBlockSource, LocalTreeSource, SourceBlock
+from tasks.backup.sources.base import BufferPool, SourceBlock
+from tasks.backup.sources.local import LocalBlockSource, LocalTreeSource
 
 BLOCK = 64 * 1024
 BLOCKS = 64

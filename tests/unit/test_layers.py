@@ -108,15 +108,15 @@ def cycles(graph: Graph) -> list[list[str]]:
 def test_the_checks_catch_an_upward_import_and_a_cycle() -> None:
     graph = {
         "configs.models": {"tasks.backup.policy"},
-        "tasks.backup.policy": {"tasks.backup.repository"},
-        "tasks.backup.repository": {"connectors.stores"},
+        "tasks.backup.policy": {"tasks.backup.repo.repository"},
+        "tasks.backup.repo.repository": {"connectors.stores"},
         "connectors.stores": {"configs.models"},
         "flows.backup": {"tasks.backup.policy", "cli.common"},
         "cli.backup": {"flows.backup"},
         "cli.common": {"flows.logs"},
     }
     assert upward_imports(graph) == ["configs.models imports tasks.backup.policy", "flows.backup imports cli.common"]
-    assert cycles(graph) == [["configs.models", "connectors.stores", "tasks.backup.policy", "tasks.backup.repository"]]
+    assert cycles(graph) == [["configs.models", "connectors.stores", "tasks.backup.policy", "tasks.backup.repo.repository"]]
 
 
 def test_the_walk_sees_every_layer_and_lazy_imports() -> None:
@@ -144,7 +144,8 @@ PLANNER = ("tasks.patching.plan", *sorted(module_name(path) for path in (ROOT / 
 
 
 @pytest.mark.parametrize(("module", "forbidden"), [
-    ("tasks.backup.blockmap", HEAVY),
+    ("tasks.backup.repo", HEAVY),
+    ("tasks.backup.repo.blockmap", HEAVY),
     ("configs.models", HEAVY),
     ("configs.policies", HEAVY),
     ("tasks.patching.health", ("prefect", "winrm", "azure")),
@@ -157,3 +158,20 @@ def test_pure_modules_load_no_orchestrator_or_sdk(module: str, forbidden: tuple[
              f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & {set(forbidden)!r})))")
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert json.loads(done.stdout) == [], f"import {module} loads {done.stdout.strip()}"
+
+
+#: What the repository core may stand on besides itself: the pipeline's errors, the stop token a
+#: lock wait honours, the progress sink and the thread count verify uses.
+REPO_GROUND = {"tasks", "tasks.backup", "tasks.backup.errors", "tasks.backup.cancel", "tasks.backup.progress",
+               "tasks.backup.scheduling"}
+
+
+def test_the_repository_core_stands_on_its_own() -> None:
+    """tasks/backup/repo/ is the restic-like core: sources, snapshots, the engine and the Prefect
+    steps build on it, never the reverse."""
+    graph = import_graph(project_modules())
+    leaks = sorted(f"{source} imports {target}" for source, targets in graph.items()
+                   if source.startswith("tasks.backup.repo") for target in targets
+                   if target.startswith("tasks.") and not target.startswith("tasks.backup.repo")
+                   and target not in REPO_GROUND)
+    assert leaks == []

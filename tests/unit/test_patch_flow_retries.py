@@ -47,7 +47,7 @@ def test_permanent_faults_fail_at_once(prefect_server: None, error: Exception) -
 
 
 def test_both_pipelines_retry_on_the_one_condition() -> None:
-    from tasks.backup.tasks import backup_disk_task
+    from tasks.backup.steps import backup_disk_task
     from tasks.patching.install import install_task
 
     assert install_task.retry_condition_fn is retry_transient

@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 
 from connectors.stores import LocalBlobStore
-from tasks.backup import remote_source
+from tasks.backup.sources import remote as remote_source
 from tasks.backup.engine import BackupRequest, backup
 from tasks.backup.errors import PointNotFound, RestoreFailed
-from tasks.backup.repository import Repository
+from tasks.backup.repo.repository import Repository
 from tasks.backup.restore import restore
-from tasks.backup.source import LocalBlockSource, LocalTreeSource
+from tasks.backup.sources.local import LocalBlockSource, LocalTreeSource
 from tests.trees import ACL, AS_ROOT, MIB, Escape, allocated, assert_same_tree, rich_tree
 
 BLOCK = 64 * 1024
@@ -133,7 +133,7 @@ def test_device_nodes_without_root_are_listed_as_skipped(tmp_path_factory: pytes
         out = shared / "out"
         script = textwrap.dedent(f"""
             from connectors.stores import LocalBlobStore
-            from tasks.backup.repository import Repository
+            from tasks.backup.repo.repository import Repository
             from tasks.backup.restore import restore
             repo = Repository.open(LocalBlobStore({str(shared / "repo")!r}))
             print(restore(repo, repo.find_point("web-1", "data"), {str(out)!r}).skipped)
@@ -211,7 +211,7 @@ _STALLING_RESTORE = textwrap.dedent("""
     import sys, threading
     from pathlib import Path
     from connectors.stores import LocalBlobStore
-    from tasks.backup.repository import Repository
+    from tasks.backup.repo.repository import Repository
     from tasks.backup.restore import restore
 
     class StallingStore(LocalBlobStore):

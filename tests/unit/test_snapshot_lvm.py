@@ -21,7 +21,8 @@ from configs.models import DiskConfig, HostConfig
 from configs.policies import SnapshotPolicy
 from connectors.base import CommandResult, Script, script_source
 from connectors.local import LocalConnector
-from tasks.backup.snapshot import APPLICATION, CRASH, FILE_SYSTEM, SnapshotError, take_snapshot
+from tasks.backup.snapshot.view import APPLICATION, CRASH, FILE_SYSTEM, SnapshotError
+from tasks.backup.snapshot.take import take_snapshot
 
 STAND_INS = {
     "lvs": r'''

@@ -8,7 +8,8 @@ from pydantic import ValidationError
 from configs.models import DiskConfig, HostConfig
 from configs.policies import BackupPolicy, SnapshotPolicy
 from connectors.local import LocalConnector
-from tasks.backup.snapshot import CRASH, SnapshotError, take_snapshot
+from tasks.backup.snapshot.view import CRASH, SnapshotError
+from tasks.backup.snapshot.take import take_snapshot
 
 LINUX = HostConfig(name="web1", transport="local")
 DISK = DiskConfig(name="data", path="/srv/data")

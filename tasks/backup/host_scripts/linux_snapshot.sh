@@ -6,7 +6,7 @@
 #   linux_snapshot.sh reflink-create ID PATH         reflink-remove ID PATH
 #   linux_snapshot.sh freeze ID PATH LIMIT_SECONDS   thaw ID MOUNTPOINT                    freeze-check ID
 #
-# Output: key=value lines on stdout (read by tasks/backup/snapshot.py); errors on stderr.
+# Output: key=value lines on stdout (read by tasks/backup/snapshot/take.py); errors on stderr.
 # Exit codes: 0 done, 1 failed, 2 bad arguments, 3 the view no longer holds (snapshot
 # invalidated, filesystem thawed early), 4 the method does not apply to this path.
 # Every *-remove/thaw is idempotent: removing what is already gone succeeds.

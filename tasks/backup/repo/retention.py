@@ -15,9 +15,9 @@ import structlog
 
 from configs.policies import KeepRules
 from connectors.stores import BlobNotFound
-from tasks.backup.repository import LOCK_STALE, RecoveryPoint, Repository
-from tasks.backup.staged import remove_staged
-from tasks.backup.verify import referenced_chunks
+from tasks.backup.repo.repository import LOCK_STALE, RecoveryPoint, Repository
+from tasks.backup.repo.staging import remove_staged
+from tasks.backup.repo.verify import referenced_chunks
 
 log = structlog.stdlib.get_logger("patchdrill.backup")
 

@@ -7,9 +7,11 @@ import contextlib
 import os
 import shlex
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import structlog
 from pydantic import BaseModel
 
 from configs.models import DiskConfig, HostConfig, PatchdrillConfig
@@ -18,15 +20,21 @@ from configs.secrets import redact
 from connectors import connect
 from connectors.base import Connector, RetryPolicy
 from connectors.stores import open_store
-from tasks.backup import cancel, snapshot as snapshots
-from tasks.backup import staged
-from tasks.backup.engine import BackupRequest, backup, default_workers
+from tasks.backup import cancel
+from tasks.backup.snapshot import take as snapshots
+from tasks.backup.sources import windows_direct_upload as direct_upload
+from tasks.backup.engine import BackupRequest, backup
+from tasks.backup.scheduling import default_workers
 from tasks.backup.errors import BackupError, SourceError
 from tasks.backup.policy import policy_from_config
-from tasks.backup.remote_source import RemoteBlockSource, RemoteTreeSource
-from tasks.backup.repository import Repository
-from tasks.backup.snapshot import Snapshot
-from tasks.backup.source import BlockSource, LocalBlockSource, LocalTreeSource, TreeSource, is_directory_disk
+from tasks.backup.sources.remote import RemoteBlockSource, RemoteTreeSource
+from tasks.backup.repo.repository import RecoveryPoint, Repository
+from tasks.backup.repo.staging import StagingCleanup
+from tasks.backup.snapshot.view import Snapshot
+from tasks.backup.sources.base import BlockSource, TreeSource
+from tasks.backup.sources.local import LocalBlockSource, LocalTreeSource, is_directory_disk
+
+log = structlog.stdlib.get_logger("patchdrill.backup")
 
 
 class DiskReport(BaseModel):
@@ -123,7 +131,7 @@ def back_up_disk(config: PatchdrillConfig, base_dir: Path, host: HostConfig, dis
     staging_left, warning = 0, None
     if windows:
         # Before the snapshot: a disk that cannot go this way should not cost a VSS copy.
-        staged.check_direct_upload(repo.store, host.name, disk.name, disk.kind)
+        direct_upload.check_direct_upload(repo.store, host.name, disk.name, disk.kind)
     # Transient host faults are retried once, by the Prefect task around this call (the run is
     # resumable); a connector retrying too would multiply the attempts.
     connector = connect(host, base_dir=base_dir, retry=RetryPolicy(attempts=1))
@@ -138,7 +146,7 @@ def back_up_disk(config: PatchdrillConfig, base_dir: Path, host: HostConfig, dis
             cancel.check()  # stopped while the snapshot was taken: leaving the block removes it
             if windows:
                 # Windows hosts upload straight to Azure Blob (docs/repository.md, *Windows hosts*).
-                done = staged.back_up_from_host(repo, connector, str(snap.read_path), request)
+                done = back_up_from_host(repo, connector, str(snap.read_path), request)
                 point, staging_left, warning = done.point, len(done.staging.left), done.warning
             else:
                 point = backup(repo, _source(connector, host, disk, str(snap.read_path)), request)
@@ -150,6 +158,42 @@ def back_up_disk(config: PatchdrillConfig, base_dir: Path, host: HostConfig, dis
                       uploaded_bytes=t.uploaded_bytes, stored_bytes=t.stored_bytes, size_bytes=t.size,
                       repaired_chunks=t.repaired_chunks, staging_left=staging_left, warning=warning,
                       seconds=round(time.monotonic() - started, 3))
+
+
+@dataclass(frozen=True)
+class StagedBackup:
+    point: RecoveryPoint
+    #: what removing the staging prefix left behind (a warning for the run's report, not a failure)
+    staging: StagingCleanup
+    prefix: str
+
+    @property
+    def warning(self) -> str | None:
+        return self.staging.warning(self.prefix)
+
+
+def back_up_from_host(repo: Repository, connector: Connector, path: str, request: BackupRequest) -> StagedBackup:
+    """Back up an image file on a Windows host: the host scans it and uploads changed blocks
+    straight to the store; the controller makes chunks, the map and the point, and always
+    removes the staging prefix (what it cannot remove is in the result, never raised)."""
+    direct_upload.check_direct_upload(repo.store, request.host, request.disk, "block")
+    scan = direct_upload.scan_on_host(connector, path, request.block_size)
+    # Held until staging is discarded: prune deletes staging blobs whenever no backup holds a lock.
+    with repo.lock("backup", wait=request.lock_wait):
+        plan = direct_upload.plan_upload(repo, request.host, request.disk, scan.size, request.block_size, scan.hashes(),
+                           rehash=request.rehash)
+        source = direct_upload.StagedBlockSource(repo.store, plan, path)
+        try:
+            sent = direct_upload.upload_from_host(connector, repo.store, plan, path, threads=request.workers)
+            log.info("backup.staged", host=request.host, disk=request.disk, blocks=len(plan.changed), bytes_sent=sent)
+            point = backup(repo, source, request)
+        finally:
+            cleanup = source.discard()
+            if cleanup.left or cleanup.error:
+                log.warning("backup.staging_left", host=request.host, disk=request.disk, prefix=plan.prefix,
+                            blobs=len(cleanup.left), error=cleanup.error,
+                            hint="the point stands; the next prune removes what is left")
+    return StagedBackup(point, cleanup, plan.prefix)
 
 
 def failed_report(host: str, disk: str, error: BaseException) -> DiskReport:

@@ -26,7 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from configs.secrets import redact, resolve
 from connectors.stores import BlobExists, BlobNotFound, BlobStore, StoreError
-from tasks.backup import cancel, keys, locks
+from tasks.backup import cancel
+from tasks.backup.repo import keys, locks
 from tasks.backup.errors import (
     ChunkCorrupt, ChunkMissing, KeyRequired, PointNotFound, PointTampered, RepositoryBusy, RepositoryError,
 )

@@ -7,8 +7,8 @@ URL per changed block under staging/<host>/<disk>/<run>/, the host PUTs the bloc
 with `StagedBlockSource` verifies each against the hash the host reported, stores it as a chunk
 like any other, writes the point, and `discard` removes the staging prefix.
 
-`back_up_from_host` drives the host's side over a connector: host_scripts/win_blockscan.ps1
-scans the snapshot (one call), then PUTs the changed blocks in batches; each batch's URLs are
+`scan_on_host` and `upload_from_host` drive the host's side over a connector (tasks/backup/disk.py
+puts them together): host_scripts/win_blockscan.ps1 scans the snapshot (one call), then PUTs the changed blocks in batches; each batch's URLs are
 signed just before the host gets them and live only as long as that batch needs.
 
 The host holds write URLs, so it can do more with them than upload: lease or snapshot its
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from pathlib import Path
@@ -30,22 +30,21 @@ from typing import Iterator, Literal
 import structlog
 from pydantic import BaseModel, Field, ValidationError
 
-from configs.secrets import redact
 from connectors.base import CommandResult, Connector
-from connectors.stores import BlobNotFound, BlobStore, StoreError
-from tasks.backup.blockmap import BlockMap
-from tasks.backup.engine import BackupRequest, backup, damaged_blocks, damaged_chunks, unmatchable
+from connectors.stores import BlobNotFound, BlobStore
+from tasks.backup.repo.blockmap import BlockMap
+from tasks.backup.repo.damage import damaged_blocks, damaged_chunks, unmatchable
 from tasks.backup.errors import SourceError
-from tasks.backup.remote_source import changed_blocks
-from tasks.backup.repository import RecoveryPoint, Repository
-from tasks.backup.source import BufferPool, SourceBlock, nothing_to_release
+from tasks.backup.sources.remote import changed_blocks
+from tasks.backup.repo.repository import Repository
+from tasks.backup.repo.staging import STAGING, StagingCleanup, remove_staged
+from tasks.backup.sources.base import BufferPool, SourceBlock, nothing_to_release
 
 log = structlog.stdlib.get_logger("patchdrill.backup")
 
 FINGERPRINT = "sha256"
-HOST_SCRIPT = Path(__file__).with_name("host_scripts") / "win_blockscan.ps1"
+HOST_SCRIPT = Path(__file__).parents[1] / "host_scripts" / "win_blockscan.ps1"
 MIB = 1024 * 1024
-STAGING = "staging/"
 #: A host call uploads at most this many blocks (URLs are ~300 characters each, so one call's
 #: text stays modest) and this many bytes (so its URLs need to live only minutes).
 URLS_PER_CALL = 256
@@ -141,54 +140,6 @@ def plan_upload(repo: Repository, host: str, disk: str, size: int, block_size: i
         forced = damaged_blocks(previous, damaged_chunks(repo, previous, repo.chunk_ids()))
         changed = tuple(changed_blocks(fingerprints, unmatchable(previous, forced), FINGERPRINT, block_size))
     return UploadPlan(host, disk, prefix, size, block_size, fingerprints, changed)
-
-
-@dataclass
-class StagingCleanup:
-    """What removing staging blobs did: leftovers are reported, never raised."""
-
-    deleted: int = 0
-    bytes: int = 0
-    left: list[str] = field(default_factory=list)
-    #: why the listing itself failed, if it did (then what is left is unknown)
-    error: str | None = None
-
-    def warning(self, prefix: str) -> str | None:
-        """One line for the run's report when something was left under prefix; None otherwise."""
-        if self.error:
-            return (f"staged upload blobs under {prefix} could not be listed for deletion ({redact(self.error)}); "
-                    "the point stands, the next prune removes them")
-        if self.left:
-            return (f"{len(self.left)} staged upload blobs under {prefix} could not be deleted; "
-                    "the point stands, the next prune removes them")
-        return None
-
-
-def remove_staged(store: BlobStore, prefix: str = STAGING, *, dry_run: bool = False) -> StagingCleanup:
-    """Delete staged blobs under prefix, uncommitted ones (a killed block upload, a host's Put
-    Block never committed) included; count and log what cannot be deleted instead of raising.
-
-    Staged blobs are raw copies of data already in chunks, or of a run that failed: a leftover
-    costs space, not a backup, so it must not fail the point that was written or a prune.
-    """
-    report = StagingCleanup()
-    try:
-        for info in list(store.list(prefix, uncommitted=True)):
-            if not dry_run:
-                try:
-                    store.delete(info.key)
-                except BlobNotFound:
-                    continue
-                except StoreError as exc:
-                    report.left.append(info.key)
-                    log.warning("staging.left", key=info.key, error=str(exc))
-                    continue
-            report.deleted += 1
-            report.bytes += info.size
-    except StoreError as exc:
-        report.error = str(exc)
-        log.warning("staging.unlisted", prefix=prefix, error=str(exc))
-    return report
 
 
 class StagedBlockSource:
@@ -353,39 +304,3 @@ def upload_from_host(connector: Connector, store: BlobStore, plan: UploadPlan, p
                                   "upload (is the path a snapshot?)")
         sent += report.bytes_sent
     return sent
-
-
-@dataclass(frozen=True)
-class StagedBackup:
-    point: RecoveryPoint
-    #: what removing the staging prefix left behind (a warning for the run's report, not a failure)
-    staging: StagingCleanup
-    prefix: str
-
-    @property
-    def warning(self) -> str | None:
-        return self.staging.warning(self.prefix)
-
-
-def back_up_from_host(repo: Repository, connector: Connector, path: str, request: BackupRequest) -> StagedBackup:
-    """Back up an image file on a Windows host: the host scans it and uploads changed blocks
-    straight to the store; the controller makes chunks, the map and the point, and always
-    removes the staging prefix (what it cannot remove is in the result, never raised)."""
-    check_direct_upload(repo.store, request.host, request.disk, "block")
-    scan = scan_on_host(connector, path, request.block_size)
-    # Held until staging is discarded: prune deletes staging blobs whenever no backup holds a lock.
-    with repo.lock("backup", wait=request.lock_wait):
-        plan = plan_upload(repo, request.host, request.disk, scan.size, request.block_size, scan.hashes(),
-                           rehash=request.rehash)
-        source = StagedBlockSource(repo.store, plan, path)
-        try:
-            sent = upload_from_host(connector, repo.store, plan, path, threads=request.workers)
-            log.info("backup.staged", host=request.host, disk=request.disk, blocks=len(plan.changed), bytes_sent=sent)
-            point = backup(repo, source, request)
-        finally:
-            cleanup = source.discard()
-            if cleanup.left or cleanup.error:
-                log.warning("backup.staging_left", host=request.host, disk=request.disk, prefix=plan.prefix,
-                            blobs=len(cleanup.left), error=cleanup.error,
-                            hint="the point stands; the next prune removes what is left")
-    return StagedBackup(point, cleanup, plan.prefix)

@@ -44,9 +44,7 @@ import re
 import shlex
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from types import TracebackType
 from typing import Any, Callable, Literal
 
 import structlog
@@ -55,16 +53,12 @@ from configs.models import DiskConfig, HostConfig
 from configs.policies import SnapshotPolicy
 from configs.secrets import redact
 from connectors.base import CommandResult, Connector, ConnectorError, HostTimeout
+from tasks.backup.repo.repository import Consistency
+from tasks.backup.snapshot.view import APPLICATION, CRASH, FILE_SYSTEM, Snapshot, SnapshotError, RemovalStep
 
 log = structlog.stdlib.get_logger("patchdrill.backup")
 
-Consistency = Literal["application-consistent", "file-system-consistent", "crash-consistent"]
-APPLICATION: Consistency = "application-consistent"
-FILE_SYSTEM: Consistency = "file-system-consistent"
-CRASH: Consistency = "crash-consistent"
-_RANK = {CRASH: 0, FILE_SYSTEM: 1, APPLICATION: 2}
-
-_HOST_SCRIPTS = Path(__file__).with_name("host_scripts")
+_HOST_SCRIPTS = Path(__file__).parents[1] / "host_scripts"
 LINUX_SCRIPT = _HOST_SCRIPTS / "linux_snapshot.sh"
 VSS_SCRIPT = _HOST_SCRIPTS / "vss_snapshot.ps1"
 VSS_REMOVE_SCRIPT = _HOST_SCRIPTS / "vss_remove.ps1"
@@ -77,105 +71,6 @@ _EXIT_INVALID, _EXIT_NOT_APPLICABLE = 3, 4
 _GUID = re.compile(r"^\{[0-9A-Fa-f-]{36}\}$")
 
 
-class SnapshotError(Exception):
-    """A snapshot could not be taken (or no longer holds); names the host and the disk."""
-
-    def __init__(self, host: str, disk: str, message: str) -> None:
-        self.host = host
-        self.disk = disk
-        self.message = redact(message)
-        super().__init__(f"host {host} disk {disk}: {self.message}")
-
-
-class SnapshotRemovalError(SnapshotError):
-    """Removal failed: something is left on the host (named in the message) to clean up."""
-
-
-@dataclass
-class _Step:
-    """One thing removal must do. `retry` steps stay pending when they fail."""
-
-    label: str
-    action: Callable[[], None]
-    retry: bool = True
-
-
-@dataclass
-class Snapshot:
-    """A consistent view of one disk, readable at `read_path` until `remove()`."""
-
-    host: str
-    disk: str
-    read_path: str
-    consistency: Consistency
-    method: str
-    notes: list[str] = field(default_factory=list)
-    snapshot_id: str = ""
-    details: dict[str, Any] = field(default_factory=dict)
-    taken_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
-    removal_error: SnapshotRemovalError | None = None
-    _steps: list[_Step] = field(default_factory=list, repr=False)
-    _check: Callable[[], None] | None = field(default=None, repr=False)
-
-    @property
-    def removed(self) -> bool:
-        return not self._steps
-
-    def verify(self) -> None:
-        """Raise SnapshotError when the view no longer holds what it held when taken.
-
-        Call it after reading and before writing the recovery point: an LVM snapshot that
-        overflowed, a shadow copy VSS deleted for space, or a file system the safety timer
-        thawed mean the data read cannot be trusted at the recorded level.
-        """
-        if self._check is not None and self._steps:
-            self._check()
-
-    def remove(self) -> None:
-        """Undo everything take_snapshot did on the host. Idempotent: done steps are not
-        repeated, failed snapshot deletions are retried by the next call."""
-        errors: list[str] = []
-        for step in list(self._steps):
-            if not step.retry:
-                self._steps.remove(step)
-            try:
-                step.action()
-            except (SnapshotError, ConnectorError) as exc:
-                errors.append(f"{step.label}: {getattr(exc, 'message', exc)}")
-                continue
-            if step in self._steps:
-                self._steps.remove(step)
-        if not errors:
-            self.removal_error = None
-            log.info("snapshot.removed", host=self.host, disk=self.disk, snapshot_id=self.snapshot_id, method=self.method)
-            return
-        self.removal_error = SnapshotRemovalError(
-            self.host, self.disk, f"removing {self.method} snapshot {self.snapshot_id} failed: {'; '.join(errors)}")
-        log.error("snapshot.removal_failed", host=self.host, disk=self.disk, snapshot_id=self.snapshot_id,
-                  method=self.method, errors=[redact(e) for e in errors])
-        raise self.removal_error
-
-    def record(self) -> dict[str, Any]:
-        """What the recovery point and the report keep about this snapshot."""
-        return {"method": self.method, "consistency": self.consistency, "notes": list(self.notes),
-                "snapshot_id": self.snapshot_id, "taken_at": self.taken_at.isoformat(), "details": dict(self.details)}
-
-    def __enter__(self) -> "Snapshot":
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> Literal[False]:
-        try:
-            self.remove()
-        except SnapshotRemovalError as removal:
-            if exc is None:
-                raise
-            # The body's own failure is what the caller must see; the leftover is logged (in
-            # remove) and named on it and on self.removal_error.
-            exc.add_note(str(removal))
-        return False
-
-
 @dataclass
 class _View:
     """What a snapshot method produced, before the consistency level is decided."""
@@ -184,7 +79,7 @@ class _View:
     method: str
     level: Consistency
     details: dict[str, Any] = field(default_factory=dict)
-    steps: list[_Step] = field(default_factory=list)
+    steps: list[RemovalStep] = field(default_factory=list)
     check: Callable[[], None] | None = None
     #: False for a live read: the post-script then waits until removal.
     point_in_time: bool = True
@@ -256,7 +151,7 @@ class _Taking:
         try:
             if held:
                 # No snapshot by choice: the application stays quiesced until the read is over.
-                view.steps.append(_Step("post-script", lambda: self.user_script_or_raise("post"), retry=False))
+                view.steps.append(RemovalStep("post-script", lambda: self.user_script_or_raise("post"), retry=False))
             else:
                 self.post_script_now()
         except BaseException:
@@ -336,13 +231,13 @@ class _Taking:
         out = self.linux("lvm-create", [self.snapshot_id, self.disk.path, self.policy.lvm_snapshot_size])
         lv, mount_dir = out["snapshot_lv"], out.get("mount_dir", "")
         return _View(out["read_path"], "lvm", FILE_SYSTEM, details={"snapshot_lv": lv, "mount_dir": mount_dir},
-                     steps=[_Step(f"lvm snapshot {lv}", lambda: self.linux_must("lvm-remove", [self.snapshot_id, lv, mount_dir]))],
+                     steps=[RemovalStep(f"lvm snapshot {lv}", lambda: self.linux_must("lvm-remove", [self.snapshot_id, lv, mount_dir]))],
                      check=lambda: self.linux_must("lvm-check", [lv]))
 
     def reflink(self) -> _View:
         out = self.linux("reflink-create", [self.snapshot_id, self.disk.path])
         return _View(out["read_path"], "reflink", FILE_SYSTEM, details={"clone": out["read_path"]},
-                     steps=[_Step(f"reflink clone {out['read_path']}",
+                     steps=[RemovalStep(f"reflink clone {out['read_path']}",
                                   lambda: self.linux_must("reflink-remove", [self.snapshot_id, self.disk.path]))])
 
     def fsfreeze(self) -> _View:
@@ -350,7 +245,7 @@ class _Taking:
         mount = out["mount"]
         self.notes.append(f"{mount} is held frozen until the snapshot is removed: its writers wait for the read")
         return _View(out["read_path"], "fsfreeze", FILE_SYSTEM, details={"frozen_mount": mount},
-                     steps=[_Step(f"frozen file system {mount}", lambda: self.thaw(mount))],
+                     steps=[RemovalStep(f"frozen file system {mount}", lambda: self.thaw(mount))],
                      check=lambda: self.linux_must("freeze-check", [self.snapshot_id]))
 
     def thaw(self, mount: str) -> None:
@@ -379,7 +274,7 @@ class _Taking:
                    "volume": report.get("volume"), "context": report.get("context"), "writers": writers}
         return _View(str(report["read_path"]), "vss", FILE_SYSTEM, details=details,
                      writers_quiesced=consistency == APPLICATION,
-                     steps=[_Step(f"shadow copy {shadow_id}", lambda: self.vss_remove(shadow_id))],
+                     steps=[RemovalStep(f"shadow copy {shadow_id}", lambda: self.vss_remove(shadow_id))],
                      check=lambda: self.vss_check(shadow_id))
 
     def vss_remove(self, shadow_id: str) -> None:
@@ -471,7 +366,3 @@ class _Taking:
 
 def _tail(text: str, lines: int = 5) -> str:
     return redact(" | ".join(text.strip().splitlines()[-lines:]))
-
-
-__all__ = ["APPLICATION", "CRASH", "FILE_SYSTEM", "Consistency", "Snapshot", "SnapshotError", "SnapshotPolicy",
-           "SnapshotRemovalError", "take_snapshot"]

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import structlog
 
 from tasks.backup import progress as progress_mod
-from tasks.backup.blockmap import BlockMap, TreeMap
-from tasks.backup.engine import default_workers
+from tasks.backup.repo.blockmap import BlockMap, TreeMap
+from tasks.backup.scheduling import default_workers
 from tasks.backup.errors import BackupError, ChunkCorrupt, ChunkMissing, RepositoryError
 from tasks.backup.progress import ProgressSink
-from tasks.backup.repository import RecoveryPoint, Repository
+from tasks.backup.repo.repository import RecoveryPoint, Repository
 
 log = structlog.stdlib.get_logger("patchdrill.backup")
 

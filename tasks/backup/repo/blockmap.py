@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from tasks.backup.errors import RepositoryError
-from tasks.backup.ids import ID_SIZE
+from tasks.backup.repo.ids import ID_SIZE
 
 CHUNK_ID_FINGERPRINT = "chunk-id"
 

@@ -20,11 +20,9 @@ import structlog
 
 from connectors.base import Connector
 from tasks.backup.host_scripts import blockscan
-from tasks.backup.blockmap import BlockMap, TreeEntry
+from tasks.backup.repo.blockmap import BlockMap, TreeEntry
 from tasks.backup.errors import SourceError
-from tasks.backup.source import (
-    BufferPool, SourceBlock, SourceFile, entry_from_scan, nothing_to_release, unchanged,
-)
+from tasks.backup.sources.base import BufferPool, SourceBlock, SourceFile, entry_from_scan, nothing_to_release, unchanged
 
 log = structlog.stdlib.get_logger("patchdrill.backup")
 FINGERPRINT = "blake2b-256"

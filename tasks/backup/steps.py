@@ -25,9 +25,9 @@ from tasks.backup.cancel import Interrupted
 from tasks.backup.errors import RepositoryBusy
 from tasks.backup.remote_restore import restore_to_host
 from tasks.backup.restore import RestoreResult, restore
-from tasks.backup.retention import PruneReport, forget_and_prune
-from tasks.backup.run import DiskReport, back_up_disk, find_disk, open_repository
-from tasks.backup.verify import VerifyReport, verify
+from tasks.backup.repo.retention import PruneReport, forget_and_prune
+from tasks.backup.disk import DiskReport, back_up_disk, find_disk, open_repository
+from tasks.backup.repo.verify import VerifyReport, verify
 from tasks.retry import retry_transient
 
 

@@ -1,0 +1,90 @@
+"""The contract of a disk source: what the backup engine reads blocks and directory entries from.
+
+A block source yields a disk's blocks in order. A local one (local.py) reads every block (into
+reused buffers) and lets the engine hash it; a remote one (remote.py) has the host hash its
+blocks and sends only the changed ones, so unchanged blocks arrive without data. A tree source
+walks a directory and yields entries whose file contents are read in blocks.
+"""
+
+from __future__ import annotations
+
+import queue
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Protocol, runtime_checkable
+
+from tasks.backup.repo.blockmap import BlockMap, TreeEntry
+
+
+class BufferPool:
+    """A fixed set of block buffers: reused so a 4 MiB read costs no fresh allocation and page
+    faults, and bounded so the reader cannot run ahead of the workers by more than `count`."""
+
+    def __init__(self, count: int, size: int) -> None:
+        self.size = size
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        for _ in range(count):
+            self._free.put(bytearray(size))
+
+    def acquire(self) -> bytearray:
+        return self._free.get()
+
+    def release(self, buffer: bytearray) -> None:
+        self._free.put(buffer)
+
+
+@dataclass
+class SourceBlock:
+    """One block of a disk. `data` is None when the source already knows it is unchanged."""
+
+    index: int
+    length: int
+    data: memoryview | None
+    fingerprint: bytes | None
+    release: Callable[[], None]
+
+
+def nothing_to_release() -> None:
+    """The release of a block that came without data."""
+
+
+@runtime_checkable
+class BlockSource(Protocol):
+    path: str
+    #: "chunk-id" when the engine hashes the data it is given; otherwise the host-side hash name
+    fingerprint: str
+
+    def prepare(self, block_size: int) -> int:
+        """Get ready to yield blocks (a remote source scans here); returns the disk's size."""
+
+    def blocks(self, block_size: int, previous: BlockMap | None, pool: BufferPool) -> Iterator[SourceBlock]: ...
+
+
+@dataclass
+class SourceFile:
+    """A directory entry; for a file whose content must be read, `read_blocks` yields it."""
+
+    entry: TreeEntry
+    read_blocks: Callable[[int, BufferPool], Iterator[SourceBlock]] | None = None
+
+
+def unchanged(old: TreeEntry | None, new: TreeEntry) -> bool:
+    """A file is not read again when its size, mtime, ctime and inode all match the parent
+    point's (restic's default). ctime catches an edit whose mtime was set back; the inode, a
+    file replaced by another. A parent that recorded no ctime (an older point) proves nothing."""
+    return (old is not None and old.type == "file" and new.type == "file"
+            and old.size == new.size and old.mtime_ns == new.mtime_ns
+            and old.ctime_ns is not None and old.ctime_ns == new.ctime_ns and old.inode == new.inode)
+
+
+def entry_from_scan(body: Mapping[str, Any]) -> TreeEntry:
+    """A TreeEntry from one line of the scanner's tree listing (host_scripts/blockscan.py)."""
+    return TreeEntry.from_json({**body, "chunks": []})
+
+
+@runtime_checkable
+class TreeSource(Protocol):
+    path: str
+
+    def walk(self, previous: Mapping[str, TreeEntry]) -> Iterator[SourceFile]:
+        """Entries in path order, parents first. `previous` (the parent point's entries by path)
+        lets a source plan which file contents the engine will ask for."""
