@@ -22,6 +22,7 @@ from structlog.testing import capture_logs
 
 from configs.models import DiskConfig, HostConfig
 from configs.policies import SnapshotPolicy
+from connectors import settings_for
 from connectors.winrm import WinRmConnector
 from tasks.backup.snapshot import (
     APPLICATION,
@@ -122,7 +123,7 @@ def windows(vss_server: WsmanTestHost) -> HostConfig:
 
 @pytest.fixture
 def winrm(windows: HostConfig) -> Iterator[WinRmConnector]:
-    with WinRmConnector(windows) as connector:
+    with WinRmConnector(settings_for(windows)) as connector:
         yield connector
 
 
