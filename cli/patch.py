@@ -43,11 +43,11 @@ def register(app: typer.Typer) -> None:
 def _fleet_or_exit(config: Path, group: list[str] | None, host: list[str] | None, policy: str | None) -> Any:
     """Check the config, the selection and the policy before any flow starts (and before
     Prefect's ephemeral API spends seconds starting): one clear line per problem."""
-    from tasks.patching.fleet import RunSetupError, load_fleet
+    from tasks.patching.fleet import RunSetupError, select_fleet
 
-    load_or_exit(config)
+    loaded = load_or_exit(config)
     try:
-        return load_fleet(str(config), group, host, policy)
+        return select_fleet(loaded, group, host, policy)
     except RunSetupError as exc:
         fail(str(exc))
 

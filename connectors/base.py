@@ -22,6 +22,8 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from configs.secrets import resolve
+
 T = TypeVar("T")
 
 
@@ -101,6 +103,25 @@ class BootIdentity:
     os_name: str = ""
     rtt_seconds: float = 0.0
     extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SecretReference:
+    """A credential as the config names it (env:NAME, file:PATH, prefect-secret:BLOCK), read
+    only when a connection needs it. A transport's settings hold this, never the value, so a
+    settings object can be logged, compared or shown in a traceback without exposing it."""
+
+    reference: str
+    #: The config file's directory, which a relative `file:` reference is read from.
+    base_dir: Path | None = None
+
+    def value(self) -> str:
+        """The secret itself (SecretError names the reference when it cannot be read); every
+        value read this way is masked wherever patchdrill logs or reports text."""
+        return resolve(self.reference, base_dir=self.base_dir)
+
+    def __str__(self) -> str:
+        return self.reference
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,9 @@ import platform
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from configs.models import HostConfig
 from connectors.base import (
     BootIdentity,
     CommandResult,
@@ -23,12 +23,22 @@ from connectors.base import (
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 
 
+@dataclass(frozen=True)
+class LocalSettings:
+    """All the local transport needs: the name the host goes by in results and errors."""
+
+    name: str
+    transport = "local"
+
+
 class LocalConnector(Connector):
     """Runs commands with `sh -c` through subprocess; put/get are file copies."""
 
-    def __init__(self, host: HostConfig) -> None:
-        self.host = host
-        self.name = host.name
+    def __init__(self, settings: LocalSettings) -> None:
+        if not isinstance(settings, LocalSettings):
+            raise ValueError(f"host {settings.name!r}: transport is {settings.transport!r}; LocalConnector needs 'local'")
+        self.settings = settings
+        self.name = settings.name
         self.os_family = "linux"
 
     def run(self, command: str, *, timeout: float | None = None, check: bool = False,

@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import TypeVar
@@ -31,8 +31,7 @@ import structlog
 from paramiko.auth_strategy import AuthFailure, AuthResult, AuthSource, AuthStrategy, InMemoryPrivateKey, Password
 from tenacity import RetryCallState
 
-from configs.models import HostConfig
-from configs.secrets import SecretError, redact, resolve
+from configs.secrets import SecretError, redact
 from connectors.base import (
     AuthenticationFailed,
     BootIdentity,
@@ -45,6 +44,7 @@ from connectors.base import (
     HostUnreachable,
     RetryPolicy,
     Script,
+    SecretReference,
     posix_interpreter,
     script_source,
 )
@@ -69,13 +69,39 @@ _BOOT_IDENTITY_COMMAND = (
 )
 
 
+@dataclass(frozen=True, kw_only=True)
+class SshSettings:
+    """What the SSH transport needs to reach and log in to one host, and nothing else.
+
+    Paths are as they will be opened (relative ones already resolved against the config's
+    directory); credentials are references, read when connecting.
+    """
+
+    transport = "ssh"
+
+    name: str
+    address: str
+    port: int | None = None
+    user: str | None = None
+    password: SecretReference | None = None
+    key_file: Path | None = None
+    key_passphrase: SecretReference | None = None
+    agent: bool = True
+    #: None: ~/.ssh/known_hosts.
+    known_hosts: Path | None = None
+    accept_unknown_host_key: bool = False
+    #: None: ~/.ssh/config.
+    ssh_config: Path | None = None
+    connect_timeout: float = 15.0
+
+
 @dataclass(frozen=True)
 class _Credential:
     """One way in: a private key (file or agent) or a password. `label` is safe to log."""
 
     label: str
     key: paramiko.PKey | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
 
 
 class _CredentialOrder(AuthStrategy):
@@ -99,15 +125,12 @@ class SshConnector(Connector):
 
     os_family = "linux"
 
-    def __init__(self, host: HostConfig, *, retry: RetryPolicy | None = None,
-                 base_dir: Path | None = None) -> None:
-        if host.transport != "ssh":
-            raise ValueError(f"host {host.name!r}: SshConnector needs transport 'ssh', not {host.transport!r}")
-        self.host = host
-        self.name = host.name
+    def __init__(self, settings: SshSettings, *, retry: RetryPolicy | None = None) -> None:
+        if not isinstance(settings, SshSettings):
+            raise ValueError(f"host {settings.name!r}: SshConnector needs transport 'ssh', not {settings.transport!r}")
+        self.settings = settings
+        self.name = settings.name
         self.retry = retry or RetryPolicy()
-        # Relative key and known_hosts paths are relative to the config file that named them.
-        self.base_dir = base_dir
         self._lock = threading.RLock()
         self._transport: paramiko.Transport | None = None
         # Jump hosts first, the target last: each carries the next one's connection.
@@ -121,24 +144,18 @@ class SshConnector(Connector):
     def _where(self) -> str:
         if self._endpoint is not None:
             return self._endpoint.where
-        return f"{self.host.address}:{self.host.effective_port}"
-
-    def _path(self, value: str) -> Path:
-        path = Path(value).expanduser()
-        if not path.is_absolute() and self.base_dir is not None:
-            path = self.base_dir / path
-        return path
+        return f"{self.settings.address}:{self.settings.port or 22}"
 
     @property
     def known_hosts_path(self) -> Path:
-        return self._path(self.host.known_hosts) if self.host.known_hosts else Path.home() / ".ssh" / "known_hosts"
+        return self.settings.known_hosts or Path.home() / ".ssh" / "known_hosts"
 
     def _route(self) -> Route:
         """The target and its jump hosts, from the host's fields over the ssh client config."""
-        config_path = self._path(self.host.ssh_config) if self.host.ssh_config else None
+        settings = self.settings
         try:
-            return resolve_route(load_ssh_config(config_path), self.host.address,
-                                 port=self.host.port, user=self.host.user)
+            return resolve_route(load_ssh_config(settings.ssh_config), settings.address,
+                                 port=settings.port, user=settings.user)
         except RouteError as exc:
             raise ConnectorError(self.name, str(exc)) from None
 
@@ -147,7 +164,7 @@ class SshConnector(Connector):
         return f"{label}: {message}" if label else message
 
     def _open_socket(self, endpoint: Endpoint, label: str) -> socket.socket:
-        timeout = self.host.connect_timeout
+        timeout = self.settings.connect_timeout
         try:
             return socket.create_connection((endpoint.hostname, endpoint.port), timeout=timeout)
         except socket.gaierror as exc:
@@ -193,9 +210,9 @@ class SshConnector(Connector):
         check = HostKeyCheck(self.name, known, endpoint.hostname, endpoint.port, label)
         client = paramiko.SSHClient()
         known.install_trusted(client.get_host_keys())
-        client.set_missing_host_key_policy(host_key_policy(check, self.host.accept_unknown_host_key))
+        client.set_missing_host_key_policy(host_key_policy(check, self.settings.accept_unknown_host_key))
         strategy = _CredentialOrder(endpoint.user or "", credentials)
-        timeout = self.host.connect_timeout
+        timeout = self.settings.connect_timeout
         try:
             client.connect(endpoint.hostname, port=endpoint.port, username=endpoint.user or "", sock=sock,
                            timeout=timeout, banner_timeout=timeout, auth_timeout=timeout,
@@ -244,7 +261,7 @@ class SshConnector(Connector):
 
     def _handshake_timeout_message(self, where: str) -> str:
         return (f"{where} accepted the connection but did not complete the SSH handshake "
-                f"within {self.host.connect_timeout:g}s")
+                f"within {self.settings.connect_timeout:g}s")
 
     def _tunnel(self, client: paramiko.SSHClient, hop: Endpoint, onward: Endpoint, label: str) -> paramiko.Channel:
         """A direct-tcpip channel from the jump host to the next server: the next hop's socket."""
@@ -252,7 +269,7 @@ class SshConnector(Connector):
         assert transport is not None
         try:
             return transport.open_channel("direct-tcpip", (onward.hostname, onward.port), ("", 0),
-                                          timeout=self.host.connect_timeout)
+                                          timeout=self.settings.connect_timeout)
         except paramiko.ChannelException as exc:
             raise HostUnreachable(self.name, f"{label} ({hop.where}) cannot reach {onward.where}: {exc.text}") from None
         except (paramiko.SSHException, EOFError, OSError) as exc:
@@ -273,7 +290,7 @@ class SshConnector(Connector):
     def _open_channel(self) -> paramiko.Channel:
         transport = self._ensure_transport()
         try:
-            return transport.open_session(timeout=self.host.connect_timeout)
+            return transport.open_session(timeout=self.settings.connect_timeout)
         except (paramiko.SSHException, EOFError, OSError) as exc:
             # A transport that died under us (host rebooted, network cut) is transient: drop it
             # so the next attempt reconnects.
@@ -334,14 +351,15 @@ class SshConnector(Connector):
     def _credentials(self, target: Endpoint) -> list[_Credential]:
         """Explicit credentials first, the agent last: sshd counts every refused key against
         MaxAuthTries, and a full agent must not use up the tries before the configured ones."""
-        host = self.host
+        settings = self.settings
         found: list[_Credential] = []
-        if host.ssh_key:
-            found.append(self._key_file_credential(host.ssh_key))
+        if settings.key_file:
+            found.append(self._key_file_credential(settings.key_file))
         found.extend(self._config_identities(target, found))
-        if host.password:
-            found.append(_Credential(label=f"password from {host.password}", password=self._secret(host.password, "password")))
-        if host.ssh_agent and not target.identities_only:
+        if settings.password:
+            found.append(_Credential(label=f"password from {settings.password}",
+                                     password=self._secret(settings.password, "password")))
+        if settings.agent and not target.identities_only:
             found.extend(self._agent_credentials())
         return found
 
@@ -349,11 +367,11 @@ class SshConnector(Connector):
         """A jump host gets keys only: its IdentityFile, the host's ssh_key, the agent. The host's
         password is meant for the target and is never sent to a machine on the way."""
         found = self._config_identities(hop, [])
-        if self.host.ssh_key:
-            key = self._key_file_credential(self.host.ssh_key)
+        if self.settings.key_file:
+            key = self._key_file_credential(self.settings.key_file)
             if all(c.key != key.key for c in found):
                 found.append(key)
-        if self.host.ssh_agent and not hop.identities_only:
+        if self.settings.agent and not hop.identities_only:
             found.extend(self._agent_credentials())
         return found
 
@@ -389,16 +407,15 @@ class SshConnector(Connector):
                 found.append(_Credential(label=f"IdentityFile {path} ({key.get_name()})", key=key))
         return found
 
-    def _secret(self, reference: str, field_name: str) -> str:
+    def _secret(self, reference: SecretReference, field_name: str) -> str:
         try:
-            return resolve(reference, base_dir=self.base_dir)
+            return reference.value()
         except SecretError as exc:
             raise AuthenticationFailed(self.name, f"field {field_name}: {exc}") from None
 
-    def _key_file_credential(self, value: str) -> _Credential:
-        path = self._path(value)
-        passphrase = (self._secret(self.host.ssh_key_passphrase, "ssh_key_passphrase")
-                      if self.host.ssh_key_passphrase else None)
+    def _key_file_credential(self, path: Path) -> _Credential:
+        passphrase = (self._secret(self.settings.key_passphrase, "ssh_key_passphrase")
+                      if self.settings.key_passphrase else None)
         try:
             key = paramiko.PKey.from_path(path, passphrase.encode("utf-8") if passphrase else None)
         except FileNotFoundError:
@@ -618,7 +635,7 @@ class SshConnector(Connector):
 
     def boot_identity(self) -> BootIdentity:
         """One command, one connection attempt: reboot gates poll this and decide themselves."""
-        result = self._run(_BOOT_IDENTITY_COMMAND, timeout=self.host.connect_timeout, check=False,
+        result = self._run(_BOOT_IDENTITY_COMMAND, timeout=self.settings.connect_timeout, check=False,
                            env=None, stdin=None, retry=False)
         lines = result.stdout.splitlines()
         boot_id = lines[0].strip() if lines else ""
@@ -632,4 +649,4 @@ class SshConnector(Connector):
         )
 
 
-__all__ = ["KEEPALIVE_SECONDS", "SshConnector"]
+__all__ = ["KEEPALIVE_SECONDS", "SshConnector", "SshSettings"]

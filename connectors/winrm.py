@@ -29,8 +29,9 @@ import re
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import requests
 import structlog
@@ -44,8 +45,7 @@ from winrm.exceptions import (
     WSManFaultError,
 )
 
-from configs.models import HostConfig
-from configs.secrets import SecretError, redact, resolve
+from configs.secrets import SecretError, redact
 from connectors.base import (
     AuthenticationFailed,
     BootIdentity,
@@ -57,6 +57,7 @@ from connectors.base import (
     HostUnreachable,
     RetryPolicy,
     Script,
+    SecretReference,
     script_source,
 )
 from connectors.powershell import PROLOGUE, clean_clixml, encode_command, invoke_script, ps_quote
@@ -100,6 +101,29 @@ def _reason(exc: BaseException) -> str:
     return (match.group(0) if match else text[-200:]).strip()
 
 
+@dataclass(frozen=True, kw_only=True)
+class WinRmSettings:
+    """What the WinRM transport needs to reach and log in to one host, and nothing else.
+
+    The CA bundle's path is as it will be opened (a relative one already resolved against the
+    config's directory); the password is a reference, read when a shell opens.
+    """
+
+    transport = "winrm"
+
+    name: str
+    address: str
+    port: int
+    user: str | None = None
+    password: SecretReference | None = None
+    scheme: Literal["https", "http"] = "https"
+    auth: Literal["ntlm", "kerberos", "credssp", "basic"] = "ntlm"
+    ca_bundle: Path | None = None
+    verify_tls: bool = True
+    allow_insecure_transport: bool = False
+    connect_timeout: float = 15.0
+
+
 class _Expired(Exception):
     """The command outlived the caller's timeout."""
 
@@ -113,37 +137,37 @@ class WinRmConnector(Connector):
 
     os_family = "windows"
 
-    def __init__(self, host: HostConfig, *, retry: RetryPolicy | None = None, base_dir: Path | None = None,
+    def __init__(self, settings: WinRmSettings, *, retry: RetryPolicy | None = None,
                  operation_timeout: int = 20, max_transfer_bytes: int = DEFAULT_MAX_TRANSFER) -> None:
         """`operation_timeout`: seconds one WS-Man Receive may wait for output (the server answers
         a "still running" fault after it and the connector asks again); `max_transfer_bytes`:
         the largest file put/get will copy."""
-        if host.transport != "winrm":
-            raise ValueError(f"host {host.name!r}: transport is {host.transport!r}; WinRmConnector needs 'winrm'")
+        if not isinstance(settings, WinRmSettings):
+            raise ValueError(f"host {settings.name!r}: transport is {settings.transport!r}; WinRmConnector needs 'winrm'")
         if operation_timeout < 1:
-            raise ValueError(f"host {host.name!r}: operation_timeout must be at least 1 second")
-        self.host = host
-        self.name = host.name
+            raise ValueError(f"host {settings.name!r}: operation_timeout must be at least 1 second")
+        self.settings = settings
+        self.name = settings.name
         self._retry = retry or RetryPolicy()
-        self._base_dir = base_dir
         self._operation_timeout = operation_timeout
         self._max_transfer = max_transfer_bytes
         self._protocol: winrm.Protocol | None = None
         self._shell_id: str | None = None
         self._lock = threading.RLock()
-        self._log = log.bind(host=host.name)
+        self._log = log.bind(host=settings.name)
         self._refuse_insecure_transport()
-        if host.winrm_auth == "kerberos" and not winrm.transport.HAVE_KERBEROS:
+        if settings.auth == "kerberos" and not winrm.transport.HAVE_KERBEROS:
             raise ConnectorError(self.name, "winrm_auth kerberos needs the kerberos extra: pip install 'patchdrill[kerberos]'")
 
     @property
     def endpoint(self) -> str:
-        address = f"[{self.host.address}]" if ":" in self.host.address else self.host.address
-        return f"{self.host.winrm_scheme}://{address}:{self.host.effective_port}/wsman"
+        settings = self.settings
+        address = f"[{settings.address}]" if ":" in settings.address else settings.address
+        return f"{settings.scheme}://{address}:{settings.port}/wsman"
 
     def _refuse_insecure_transport(self) -> None:
-        host = self.host
-        if host.winrm_scheme == "http" and host.winrm_auth == "basic" and not host.allow_insecure_transport:
+        settings = self.settings
+        if settings.scheme == "http" and settings.auth == "basic" and not settings.allow_insecure_transport:
             raise ConnectorError(
                 self.name,
                 "winrm basic authentication over plain http would send the password and every command readable: "
@@ -153,21 +177,19 @@ class WinRmConnector(Connector):
 
     # connection -------------------------------------------------------------------------------
     def _password(self) -> str | None:
-        if self.host.password is None:
-            if self.host.winrm_auth == "kerberos":
+        if self.settings.password is None:
+            if self.settings.auth == "kerberos":
                 return None  # the ticket cache authenticates
-            raise ConnectorError(self.name, f"winrm_auth {self.host.winrm_auth} needs a password reference (field password)")
+            raise ConnectorError(self.name, f"winrm_auth {self.settings.auth} needs a password reference (field password)")
         try:
-            return resolve(self.host.password, base_dir=self._base_dir)
+            return self.settings.password.value()
         except SecretError as exc:
             raise ConnectorError(self.name, f"password: {exc}") from None
 
     def _ca_bundle(self) -> str | None:
-        if not self.host.winrm_ca_bundle:
+        path = self.settings.ca_bundle
+        if path is None:
             return None
-        path = Path(self.host.winrm_ca_bundle).expanduser()
-        if not path.is_absolute() and self._base_dir is not None:
-            path = self._base_dir / path
         if not path.is_file():
             raise ConnectorError(self.name, f"winrm_ca_bundle {str(path)!r} is not a readable file")
         return str(path)
@@ -175,7 +197,7 @@ class WinRmConnector(Connector):
     def _warn_unverified_tls(self) -> None:
         """pywinrm silences urllib3's warning when validation is off, so say it ourselves, once per
         host per process: every shell re-opened after a reboot would otherwise repeat it."""
-        if self.host.winrm_scheme != "https" or self.host.winrm_verify_tls:
+        if self.settings.scheme != "https" or self.settings.verify_tls:
             return
         with _unverified_lock:
             if self.name in _unverified_warned:
@@ -192,10 +214,10 @@ class WinRmConnector(Connector):
         self._warn_unverified_tls()
         protocol = winrm.Protocol(
             self.endpoint,
-            transport=self.host.winrm_auth,
-            username=self.host.user,
+            transport=self.settings.auth,
+            username=self.settings.user,
             password=self._password(),
-            server_cert_validation="validate" if self.host.winrm_verify_tls else "ignore",
+            server_cert_validation="validate" if self.settings.verify_tls else "ignore",
             ca_trust_path=self._ca_bundle(),  # type: ignore[arg-type]  # None: certifi's bundle, no env override
             read_timeout_sec=self._operation_timeout + 10,
             operation_timeout_sec=self._operation_timeout,
@@ -209,7 +231,7 @@ class WinRmConnector(Connector):
         protocol.operation_timeout_sec = seconds
         # pywinrm hands read_timeout_sec straight to requests, which also takes a
         # (connect, read) pair: that is how the host's connect_timeout applies.
-        protocol.transport.read_timeout_sec = (self.host.connect_timeout, seconds + 10)  # type: ignore[assignment]
+        protocol.transport.read_timeout_sec = (self.settings.connect_timeout, seconds + 10)  # type: ignore[assignment]
 
     def _ensure_shell(self, *, retry: bool = True) -> tuple[winrm.Protocol, str]:
         if self._protocol is not None and self._shell_id is not None:
@@ -232,12 +254,12 @@ class WinRmConnector(Connector):
         return opened
 
     def _check_encryption(self, protocol: winrm.Protocol) -> None:
-        host = self.host
-        if host.winrm_scheme == "http" and not host.allow_insecure_transport and protocol.transport.encryption is None:
+        settings = self.settings
+        if settings.scheme == "http" and not settings.allow_insecure_transport and protocol.transport.encryption is None:
             protocol.transport.close_session()
             raise ConnectorError(
                 self.name,
-                f"{self.endpoint}: {host.winrm_auth} did not set up message encryption over plain http; use "
+                f"{self.endpoint}: {settings.auth} did not set up message encryption over plain http; use "
                 "winrm_scheme: https or set allow_insecure_transport: true for a lab",
             )
 
@@ -266,7 +288,7 @@ class WinRmConnector(Connector):
             protocol.transport.close_session()
 
     def _translate(self, exc: BaseException, doing: str) -> ConnectorError:
-        host, endpoint = self.host, self.endpoint
+        settings, endpoint = self.settings, self.endpoint
         if isinstance(exc, ConnectorError):
             return exc
         if isinstance(exc, requests.exceptions.SSLError):
@@ -274,7 +296,7 @@ class WinRmConnector(Connector):
                 f"TLS certificate of {endpoint} not trusted ({_reason(exc)}); set winrm_ca_bundle to the CA that "
                 "issued it (winrm_verify_tls: false only in a lab)"))
         if isinstance(exc, requests.exceptions.ConnectTimeout):
-            return HostTimeout(self.name, f"no connection to {endpoint} within {host.connect_timeout:g}s")
+            return HostTimeout(self.name, f"no connection to {endpoint} within {settings.connect_timeout:g}s")
         if isinstance(exc, (requests.exceptions.Timeout, WinRMOperationTimeoutError)):
             return HostTimeout(self.name, f"{endpoint} did not answer in time while trying to {doing}")
         if isinstance(exc, requests.exceptions.ConnectionError):
@@ -282,8 +304,8 @@ class WinRmConnector(Connector):
         if isinstance(exc, (InvalidCredentialsError, PermissionError)):
             return AuthenticationFailed(
                 self.name,
-                f"{endpoint} rejected the {host.winrm_auth} credentials of user {host.user!r} (password from "
-                f"{host.password}); check the user, the password and that {host.winrm_auth} is enabled on the listener",
+                f"{endpoint} rejected the {settings.auth} credentials of user {settings.user!r} (password from "
+                f"{settings.password}); check the user, the password and that {settings.auth} is enabled on the listener",
             )
         if isinstance(exc, WSManFaultError):
             code = exc.wsman_fault_code or exc.fault_subcode
@@ -491,7 +513,7 @@ class WinRmConnector(Connector):
     def boot_identity(self) -> BootIdentity:
         started = time.monotonic()
         data = self._json_of(BOOT_IDENTITY, [], ("last_boot_up_time", "caption"), retry=False,
-                             timeout=self.host.connect_timeout + 30)
+                             timeout=self.settings.connect_timeout + 30)
         extra = {key: str(value) for key, value in data.items() if value is not None}
         return BootIdentity(host=self.name, os_family="windows", boot_id=str(data["last_boot_up_time"]),
                             os_name=str(data["caption"]), rtt_seconds=time.monotonic() - started, extra=extra)

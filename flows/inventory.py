@@ -12,6 +12,7 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 
 from configs.loader import load_config
+from configs.models import HostConfig
 from flows.logs import configure
 from flows.run_form import Names, current_run_name, run_name, selection
 from tasks.rendering import artifact_key
@@ -20,11 +21,9 @@ from tasks.inventory import PingResult, ping_host
 log = structlog.stdlib.get_logger("patchdrill.inventory")
 
 
-@task(name="ping-host", task_run_name="ping {host_name}")
-def ping_task(config_path: str, host_name: str) -> PingResult:
-    loaded = load_config(config_path)
-    [host] = loaded.config.select(names=[host_name])
-    row = ping_host(host, loaded.base_dir)
+@task(name="ping-host", task_run_name="ping {host.name}")
+def ping_task(host: HostConfig, base_dir: Path) -> PingResult:
+    row = ping_host(host, base_dir)
     if row.reachable:
         log.info("host up", host=row.host, os=row.os, boot_id=row.boot_id, rtt_ms=row.rtt_ms)
     else:
@@ -43,7 +42,7 @@ def inventory_check(config_path: str = "configs/lab.yaml", groups: Names = None)
     configure()
     loaded = load_config(Path(config_path))
     hosts = loaded.config.select(groups)
-    futures = [ping_task.submit(config_path, h.name) for h in hosts]
+    futures = [ping_task.submit(h, loaded.base_dir) for h in hosts]
     rows = [f.result() for f in futures]
     scope = selection({"groups": groups})
     create_table_artifact(

@@ -13,6 +13,9 @@ The runbook, step by step:
    install, reboot gate, health probes, post-hooks; once failures exceed the budget no new
    batch starts, while the hosts in flight finish;
 7. record a history entry per host, publish the compliance table and the summary.
+
+The config is read once, when the run starts; its tasks receive the hosts, the policy and the
+store it describes (a RecordStore), never the path to read again.
 """
 
 
@@ -87,16 +90,18 @@ def _run_id() -> str:
     return str(context.flow_run.id) if context and context.flow_run else uuid.uuid4().hex
 
 
-def enroll_hosts(fleet: PatchFleet, config_path: str, *, record: bool) -> list[EnrollmentRow]:
-    futures = [enroll_task.submit(host, fleet.base_dir, config_path, record) for host in fleet.hosts]
+def enroll_hosts(fleet: PatchFleet, *, record: bool) -> list[EnrollmentRow]:
+    records = fleet.records if record else None
+    futures = [enroll_task.submit(host, fleet.base_dir, records) for host in fleet.hosts]
     return [future.result() for future in futures]
 
 
-def survey_hosts(fleet: PatchFleet, config_path: str, now: datetime, *, record: bool, refresh: bool, forks: int,
+def survey_hosts(fleet: PatchFleet, now: datetime, *, record: bool, refresh: bool, forks: int,
                  ignore_windows: bool = False) -> AssessmentReport:
     """Enroll and assess every host over one connection each, `forks` hosts at a time, in a few
     task runs (survey.survey_batches) rather than two per host."""
-    futures = [survey_task.submit(batch, fleet.base_dir, config_path, record, refresh, parallel, len(batch))
+    records = fleet.records if record else None
+    futures = [survey_task.submit(batch, fleet.base_dir, records, refresh, parallel, len(batch))
                for batch, parallel in survey_batches(fleet.hosts, forks)]
     surveys = {s.enrolled.host: s for future in futures for s in future.result()}
     enrolled = [surveys[h.name].enrolled for h in fleet.hosts]
@@ -184,7 +189,7 @@ def patch_enroll(config_path: str = "configs/lab.yaml", groups: Names = None, ho
     """
     configure()
     fleet = load_fleet(config_path, groups, hosts, None)
-    rows = enroll_hosts(fleet, config_path, record=True)
+    rows = enroll_hosts(fleet, record=True)
     create_table_artifact(key=artifact_key("patch", selection({"groups": groups, "hosts": hosts}), "enrollment"),
                           description=f"{current_run_name('patch-enroll')}: {sum(r.reachable for r in rows)}/{len(rows)} enrolled",
                           table=[{"host": r.host, "reachable": r.reachable, "os": r.enrollment.os_name if r.enrollment else "",
@@ -210,7 +215,7 @@ def patch_assess(config_path: str = "configs/lab.yaml", groups: Names = None, ho
     """
     configure()
     fleet = load_fleet(config_path, groups, hosts, policy)
-    report = survey_hosts(fleet, config_path, datetime.now(timezone.utc), record=False, refresh=refresh, forks=forks)
+    report = survey_hosts(fleet, datetime.now(timezone.utc), record=False, refresh=refresh, forks=forks)
     rows = [{"host": p.host, "update": u.id, "classification": u.classification.value,
              "state": "Missing", "reason": "selected for the next run"} for p in report.plans for u in p.install]
     rows += [{"host": p.host, "update": o.update_id, "classification": o.classification.value,
@@ -258,7 +263,7 @@ def patch_run(
     run_id, now = _run_id(), datetime.now(timezone.utc)
     log.info("patch run", run_id=run_id, hosts=len(fleet.hosts), policy=fleet.policy_name, dry_run=dry_run)
 
-    assessment = survey_hosts(fleet, config_path, now, record=not dry_run, refresh=refresh, forks=forks,
+    assessment = survey_hosts(fleet, now, record=not dry_run, refresh=refresh, forks=forks,
                               ignore_windows=ignore_windows)
     with_work = [p for p in assessment.plans if p.has_work]
     rollout_plan = plan([rollout_host(p) for p in with_work], fleet.policy.max_concurrency, fleet.policy.max_errors)
@@ -276,18 +281,18 @@ def patch_run(
             refused = f"not approved{': ' + answer.comment if answer.comment else ''}"
             unpatched += [record_for_unpatched(run_id, p.host, now, p, "skipped", refused)
                           for p in with_work if p.host in rollout_plan.scheduled]
-            report = _finish(report, fleet, config_path, unpatched, stopped=refused)
+            report = _finish(report, fleet, unpatched, stopped=refused)
             return Cancelled(message=answer.comment or "not approved", data=report)
         reboot_outside_window = reboot_outside_window or answer.reboot_outside_window
 
-    ctx = PatchContext(run_id=run_id, config_path=config_path, base_dir=fleet.base_dir, policy=fleet.policy,
+    ctx = PatchContext(run_id=run_id, records=fleet.records, base_dir=fleet.base_dir, policy=fleet.policy,
                        reboot_outside_window=reboot_outside_window)
     rollout, patched = roll_out(rollout_plan, fleet, ctx, assessment, domain_slot_timeout_minutes * 60)
     if rollout.stop_reason:
         plans = {p.host: p for p in with_work}
         unpatched += [record_for_unpatched(run_id, name, now, plans[name], "skipped", rollout.stop_reason)
                       for name in rollout.not_started]
-    report = _finish(report, fleet, config_path, unpatched, stopped=rollout.stop_reason, patched=patched)
+    report = _finish(report, fleet, unpatched, stopped=rollout.stop_reason, patched=patched)
     return run_state(report, failed_hosts(patched, unpatched))
 
 
@@ -348,10 +353,10 @@ def run_state(report: PatchRunReport, failed: list[str]) -> State[PatchRunReport
                      data=report)
 
 
-def _finish(report: PatchRunReport, fleet: PatchFleet, config_path: str, unpatched: list[HostPatchRecord], *,
+def _finish(report: PatchRunReport, fleet: PatchFleet, unpatched: list[HostPatchRecord], *,
             stopped: str | None, patched: list[HostPatchRecord] | None = None) -> PatchRunReport:
     if unpatched:
-        write_records_task(config_path, fleet.base_dir, unpatched, len(unpatched))
+        write_records_task(fleet.records, unpatched, len(unpatched))
     report = report.model_copy(update={"records": [*(patched or []), *unpatched], "stopped": stopped})
     publish_report(report)
     log.info("patch run finished", run_id=report.run_id, stopped=stopped,

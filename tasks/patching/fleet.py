@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from configs.loader import LoadedConfig, load_config
-from configs.models import HostConfig
+from configs.models import AzureStorage, HostConfig, LocalStorage
 from configs.policies import PatchPolicy
 from connectors.stores import BlobStore, open_store
 
@@ -15,6 +15,19 @@ DEFAULT_POLICY = "default"
 
 class RunSetupError(ValueError):
     """The run cannot start: the message names the config file, field or host at fault."""
+
+
+@dataclass(frozen=True)
+class RecordStore:
+    """Where a run writes enrollments and history: the storage of the config the flow loaded
+    at its start. Tasks receive this, never a config path, so a run reads its config once and
+    every task of it sees the same storage even if the file changes meanwhile."""
+
+    storage: LocalStorage | AzureStorage
+    base_dir: Path
+
+    def open(self) -> BlobStore:
+        return open_store(self.storage, self.base_dir)
 
 
 @dataclass(frozen=True)
@@ -30,8 +43,9 @@ class PatchFleet:
     def base_dir(self) -> Path:
         return self.loaded.base_dir
 
-    def store(self) -> BlobStore:
-        return open_store(self.loaded.config.storage, self.base_dir)
+    @property
+    def records(self) -> RecordStore:
+        return RecordStore(self.loaded.config.storage, self.base_dir)
 
 
 def resolve_policy(loaded: LoadedConfig, name: str | None, groups: list[str] | None) -> tuple[str, PatchPolicy]:
@@ -50,12 +64,17 @@ def resolve_policy(loaded: LoadedConfig, name: str | None, groups: list[str] | N
 
 
 def load_fleet(config_path: str, groups: list[str] | None, hosts: list[str] | None, policy: str | None) -> PatchFleet:
-    loaded = load_config(Path(config_path))
+    return select_fleet(load_config(Path(config_path)), groups, hosts, policy)
+
+
+def select_fleet(loaded: LoadedConfig, groups: list[str] | None, hosts: list[str] | None,
+                 policy: str | None) -> PatchFleet:
+    """The run's hosts and policy from a config already loaded (RunSetupError names the fault)."""
     try:
         selected = loaded.config.select(groups, hosts)
     except KeyError as exc:
-        raise RunSetupError(f"{config_path}: {exc.args[0]}") from None
+        raise RunSetupError(f"{loaded.path}: {exc.args[0]}") from None
     if not selected:
-        raise RunSetupError(f"{config_path}: no host matches groups={groups or 'any'} hosts={hosts or 'any'}")
+        raise RunSetupError(f"{loaded.path}: no host matches groups={groups or 'any'} hosts={hosts or 'any'}")
     name, resolved = resolve_policy(loaded, policy, groups)
     return PatchFleet(loaded=loaded, hosts=selected, policy=resolved, policy_name=name)

@@ -19,15 +19,14 @@ import structlog
 from prefect import task
 from pydantic import BaseModel
 
-from configs.loader import load_config
 from configs.models import HostConfig
 from configs.policies import PatchPolicy
 from configs.secrets import redact
 from connectors import connect
 from connectors.base import BootIdentity, Connector, ConnectorError
-from connectors.stores import open_store
 from tasks.patching import history, linux_host, windows_host
 from tasks.patching.errors import error_text
+from tasks.patching.fleet import RecordStore
 from tasks.patching.health import check_health, failure_summary
 from tasks.patching.linux_host import InstallResult
 from tasks.patching.models import ComplianceState, Enrollment, HostPatchRecord, Update, UpdateOutcome
@@ -42,10 +41,10 @@ log = structlog.stdlib.get_logger("patchdrill.patch")
 
 @dataclass(frozen=True)
 class PatchContext:
-    """What every host of a run shares."""
+    """What every host of a run shares, taken from the config the flow loaded once."""
 
     run_id: str
-    config_path: str
+    records: RecordStore
     base_dir: Path
     policy: PatchPolicy
     reboot_outside_window: bool
@@ -111,7 +110,7 @@ def reboot_gate_task(host: HostConfig, ctx: PatchContext, enrollment: Enrollment
     if not decision.reboot:
         log.info("reboot not needed" if not decision.deferred else "reboot held back", host=host.name, reason=decision.reason)
         return GateResult(rebooted=False, reason=decision.reason, still_pending=pending)
-    store = open_store(load_config(ctx.config_path).config.storage, ctx.base_dir)
+    store = ctx.records.open()
     requested_on: list[str] = []
 
     def record_going_down(before: BootIdentity) -> None:
@@ -172,7 +171,7 @@ def patch_host_task(host: HostConfig, ctx: PatchContext, enrollment: Enrollment,
         log.error("patching failed", host=host.name, error=error_text(exc))
         record = record.model_copy(update={"status": "failed", "reason": error_text(exc)})
     record = record.model_copy(update={"finished_at": datetime.now(timezone.utc)})
-    store = open_store(load_config(ctx.config_path).config.storage, ctx.base_dir)
+    store = ctx.records.open()
     try:
         history.write_record(store, record)
     finally:

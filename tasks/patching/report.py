@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import structlog
 from prefect import task
 
-from configs.loader import load_config
-from connectors.stores import open_store
 from tasks.patching import history
+from tasks.patching.fleet import RecordStore
 from tasks.patching.models import HostPatchRecord
 
 log = structlog.stdlib.get_logger("patchdrill.patch")
 
 
 @task(name="record-history", task_run_name="record {count} host(s)")
-def write_records_task(config_path: str, base_dir: Path, records: list[HostPatchRecord], count: int) -> list[str]:
-    store = open_store(load_config(config_path).config.storage, base_dir)
+def write_records_task(target: RecordStore, records: list[HostPatchRecord], count: int) -> list[str]:
+    store = target.open()
     try:
         written = [history.write_record(store, record) for record in records]
         # The store keeps 30 days of history (docs/repository.md); each run trims what aged out.

@@ -15,14 +15,14 @@ from prefect import task
 from pydantic import BaseModel
 from tenacity import RetryCallState, Retrying, retry_if_exception_type
 
-from configs.loader import load_config
 from configs.models import HostConfig
 from configs.secrets import SecretError
 from connectors import connect
 from connectors.base import Connector, ConnectorError
-from connectors.stores import BlobStore, open_store
+from connectors.stores import BlobStore
 from tasks.patching import history, linux_host, windows_host
 from tasks.patching.errors import error_text
+from tasks.patching.fleet import RecordStore
 from tasks.patching.models import Enrollment
 from tasks.patching.plan.host import HostAssessment
 from tasks.patching.slots import HOST_SLOT_TIMEOUT_SECONDS, host_busy, host_slots
@@ -60,8 +60,9 @@ def enroll_host(host: HostConfig, base_dir: Path, store: BlobStore | None) -> En
 
 
 @task(name="enroll-host", task_run_name="enroll {host.name}")
-def enroll_task(host: HostConfig, base_dir: Path, config_path: str, record: bool) -> EnrollmentRow:
-    store = open_store(load_config(config_path).config.storage, base_dir) if record else None
+def enroll_task(host: HostConfig, base_dir: Path, records: RecordStore | None) -> EnrollmentRow:
+    """Enroll one host; with `records`, store its enrollment there."""
+    store = records.open() if records is not None else None
     try:
         return enroll_host(host, base_dir, store)
     finally:
@@ -191,14 +192,15 @@ def survey_host(host: HostConfig, base_dir: Path, store: BlobStore | None, *, re
 
 
 @task(name="survey-hosts", task_run_name="survey {hosts[0].name}… ({count} host(s))")
-def survey_task(hosts: list[HostConfig], base_dir: Path, config_path: str, record: bool, refresh: bool,
+def survey_task(hosts: list[HostConfig], base_dir: Path, records: RecordStore | None, refresh: bool,
                 parallel: int, count: int) -> list[HostSurvey]:
     """Enroll and assess these hosts, `parallel` at a time; every host is a result, never a raise.
+    With `records`, each enrollment is stored there.
 
     Refreshing package lists changes a host, so a refreshing survey holds its hosts' slots: it
     waits while another run works on any of them.
     """
-    store = open_store(load_config(config_path).config.storage, base_dir) if record else None
+    store = records.open() if records is not None else None
     try:
         with host_slots([h.name for h in hosts], HOST_SLOT_TIMEOUT_SECONDS) if refresh else nullcontext():
             with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(hosts))),

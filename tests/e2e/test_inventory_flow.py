@@ -11,6 +11,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, LogFilter, LogFilterFlowRunId
 
 from flows.inventory import inventory_check
+from tests.config_reads import count_config_reads
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
@@ -44,3 +45,17 @@ def test_inventory_flow_logs_and_artifact(prefect_server: None, tmp_path: Path) 
     assert any("host up" in m and "here" in m for m in messages), messages
     assert any("host unreachable" in m and "gone" in m for m in messages), messages
     assert artifacts and any("gone" in str(data) for data in artifacts)
+
+
+def test_inventory_flow_reads_its_config_once(prefect_server: None, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each ping task gets its host's settings from the flow, not the config path to read again."""
+    cfg = tmp_path / "fleet.yaml"
+    cfg.write_text(yaml.safe_dump({"storage": {"kind": "local", "path": "store"},
+                                   "hosts": [{"name": f"here-{i}", "transport": "local"} for i in range(3)]}))
+    reads = count_config_reads(monkeypatch)
+
+    rows = inventory_check(str(cfg))
+
+    assert sorted(r.host for r in rows if r.reachable) == ["here-0", "here-1", "here-2"]
+    assert reads == [str(cfg)]

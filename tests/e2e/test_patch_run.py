@@ -34,6 +34,7 @@ from connectors.stores import LocalBlobStore
 from flows.patch import PatchRunReport, patch_run
 from tasks.patching.history import history
 from tasks.patching.models import ComplianceState, HostPatchRecord
+from tests.config_reads import count_config_reads
 from tests.hosts.aptlab import REBOOT_POSTINST, AptLab
 from tests.hosts.sshd import SshdMaker
 from tests.hosts.sshd_server import SshdHost
@@ -301,6 +302,26 @@ def test_patch_run_reboots_through_the_gate_and_records_history(
     assert [(r.run_id, r.status, r.rebooted) for r in stored] == [(report.run_id, "succeeded", True)]
     assert history(store, "run-closed")[0].status == "skipped"
     assert store.exists("enrollments/run-win.json")
+
+
+def test_a_patch_run_reads_its_config_once_and_hands_tasks_typed_models(
+        prefect_server: None, lab_host: LabMaker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Survey, install, reboot gate, health probes and history writes all run, yet the config
+    file is parsed once: the tasks get the hosts, the policy and the store, not the path."""
+    host, closed = lab_host("once-a", 1), lab_host("once-closed", 1, windows=[])
+    cfg = write_config(tmp_path / "fleet.yaml", [host.config(), closed.config()],
+                       {"baseline_months": baseline_now(), "health_probes": [HEALTH_PROBE]})
+    reads = count_config_reads(monkeypatch)
+
+    state, report = run_patch(config_path=str(cfg))
+
+    rows = records(report)
+    assert state.is_completed() and rows["once-a"].status == "succeeded" and rows["once-a"].rebooted
+    assert rows["once-closed"].status == "skipped"
+    store = LocalBlobStore(tmp_path / "store")
+    assert [r.status for r in history(store, "once-a")] == ["succeeded"] and store.exists("enrollments/once-a.json")
+    assert history(store, "once-closed")[0].status == "skipped"
+    assert reads == [str(cfg)]
 
 
 def test_failed_health_probe_stops_the_rollout_before_the_next_update_domain(

@@ -17,6 +17,7 @@ import pytest
 
 from configs.models import HostConfig
 from configs.policies import Classification, PatchPolicy
+from connectors import settings_for
 from connectors.base import CommandFailed, CommandResult
 from connectors.local import LocalConnector
 from tasks.patching import linux_host
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def host() -> LocalConnector:
-    return LocalConnector(HostConfig(name="lab1", transport="local"))
+    return LocalConnector(settings_for(HostConfig(name="lab1", transport="local")))
 
 
 def test_assessment_tells_security_from_other_updates(aptlab: AptLab, host: LocalConnector) -> None:
@@ -118,7 +119,7 @@ class CountingConnector(LocalConnector):
     """The local host, counting the commands (an SSH session each over SSH)."""
 
     def __init__(self, host: HostConfig) -> None:
-        super().__init__(host)
+        super().__init__(settings_for(host))
         self.commands: list[str] = []
 
     def run(self, command: str, **kwargs: object) -> CommandResult:  # type: ignore[override]

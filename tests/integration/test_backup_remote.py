@@ -12,7 +12,7 @@ from typing import Iterator
 import pytest
 
 from configs.models import HostConfig
-from connectors import connect
+from connectors import connect, settings_for
 from connectors.local import LocalConnector
 from connectors.stores import AzureBlobStore, LocalBlobStore
 from tasks.backup.engine import BackupRequest, backup
@@ -64,7 +64,7 @@ def test_scanner_through_any_connector_and_same_ids_as_a_local_read(tmp_path: Pa
     blocks come back through the scanner's read mode."""
     image = _image(tmp_path / "disk.img", 10)
     repo = Repository.open(LocalBlobStore(tmp_path / "repo"), create=True)
-    local = LocalConnector(HostConfig(name="lab", transport="local"))
+    local = LocalConnector(settings_for(HostConfig(name="lab", transport="local")))
     backup(repo, LocalBlockSource(image), BackupRequest(host="lab", disk="a", block_size=BLOCK, workers=2))
     remote = backup(repo, RemoteBlockSource(local, str(image)), BackupRequest(host="lab", disk="b", block_size=BLOCK, workers=2))
     assert remote.totals.uploaded_chunks == 0  # the same content read two ways is the same chunks
@@ -154,7 +154,7 @@ class CountingConnector(LocalConnector):
     """The real local connector (python3 subprocesses), counting the scripts it runs."""
 
     def __init__(self, host: HostConfig) -> None:
-        super().__init__(host)
+        super().__init__(settings_for(host))
         self.calls: list[str] = []
 
     def run_script(self, script, args=None, *, timeout=None, check=False):  # type: ignore[no-untyped-def]

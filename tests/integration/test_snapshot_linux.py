@@ -19,6 +19,7 @@ from structlog.testing import capture_logs
 from configs.models import DiskConfig, HostConfig
 from configs.policies import SnapshotPolicy
 from configs.secrets import remember
+from connectors import settings_for
 from connectors.ssh import SshConnector
 from tasks.backup.snapshot.view import APPLICATION, CRASH, FILE_SYSTEM, SnapshotError
 from tasks.backup.snapshot.take import take_snapshot
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def ssh(ssh_host_config: HostConfig) -> Iterator[SshConnector]:
-    with SshConnector(ssh_host_config) as connector:
+    with SshConnector(settings_for(ssh_host_config)) as connector:
         yield connector
 
 
@@ -130,7 +131,7 @@ def test_the_root_file_system_is_never_frozen(ssh: SshConnector, ssh_host_config
 
 def test_an_offline_host_is_crash_consistent_without_a_call(ssh_host_config: HostConfig, tmp_path: Path) -> None:
     unreachable = ssh_host_config.model_copy(update={"port": 1})
-    with SshConnector(unreachable) as connector:
+    with SshConnector(settings_for(unreachable)) as connector:
         snap = take_snapshot(connector, unreachable, data_disk(tmp_path),
                              SnapshotPolicy(pre_script="false"), host_online=False)
     assert (snap.method, snap.consistency) == ("none", CRASH)

@@ -22,6 +22,7 @@ from structlog.testing import capture_logs
 
 from configs.models import DiskConfig, HostConfig
 from configs.policies import SnapshotPolicy
+from connectors import settings_for
 from connectors.winrm import WinRmConnector
 from tasks.backup.snapshot.view import APPLICATION, FILE_SYSTEM, SnapshotError, SnapshotRemovalError
 from tasks.backup.snapshot.take import VSS_REMOVE_SCRIPT, VSS_SCRIPT, take_snapshot
@@ -115,7 +116,7 @@ def windows(vss_server: WsmanTestHost) -> HostConfig:
 
 @pytest.fixture
 def winrm(windows: HostConfig) -> Iterator[WinRmConnector]:
-    with WinRmConnector(windows) as connector:
+    with WinRmConnector(settings_for(windows)) as connector:
         yield connector
 
 

@@ -16,6 +16,7 @@ from structlog.testing import capture_logs
 from typer.testing import CliRunner
 
 from configs.models import HostConfig
+from connectors import settings_for
 from connectors.base import (
     AuthenticationFailed,
     CommandFailed,
@@ -40,7 +41,7 @@ PASSWORD_VAR = "PATCHDRILL_TEST_SSH_PASSWORD"
 
 @pytest.fixture
 def ssh(ssh_host_config: HostConfig) -> Iterator[SshConnector]:
-    connector = SshConnector(ssh_host_config)
+    connector = SshConnector(settings_for(ssh_host_config))
     yield connector
     connector.close()
 
@@ -72,7 +73,7 @@ def test_connection_is_reused_between_commands(ssh: SshConnector) -> None:
 
 
 def test_threads_share_one_lazily_made_connection(ssh_host_config: HostConfig) -> None:
-    with capture_logs() as events, SshConnector(ssh_host_config) as connector:
+    with capture_logs() as events, SshConnector(settings_for(ssh_host_config)) as connector:
         with ThreadPoolExecutor(max_workers=4) as pool:
             outputs = list(pool.map(lambda n: connector.run(f"echo {n}", check=True).stdout, range(8)))
     assert outputs == [f"{n}\n" for n in range(8)]
@@ -141,7 +142,7 @@ def test_env_reaches_the_whole_command_without_accept_env(ssh: SshConnector) -> 
 
 def test_sshd_set_env_reaches_sessions(sshd_factory: SshdMaker) -> None:
     host = sshd_factory("ssh-setenv", extra_config={"SetEnv": {"APT_CONFIG": "/tmp/x y", "DPKG_ADMINDIR": "/tmp/z"}})
-    with SshConnector(host.config) as connector:
+    with SshConnector(settings_for(host.config)) as connector:
         result = connector.run('printf "%s|%s" "$APT_CONFIG" "$DPKG_ADMINDIR"', check=True)
     assert result.stdout == "/tmp/x y|/tmp/z"
 
@@ -153,7 +154,7 @@ def test_run_script_feeds_sh_and_python_on_stdin(ssh_host_config: HostConfig, tm
     (tmp_path / "count.sh").write_text('printf "%s\\n" "$#" "$@"; echo "from $0" >&2\n')
     (tmp_path / "hello.py").write_text("import sys\nprint('|'.join(sys.argv))\n")
     (tmp_path / "nope.ps1").write_text("Write-Output 1\n")
-    with SshConnector(ssh_host_config) as connector:
+    with SshConnector(settings_for(ssh_host_config)) as connector:
         shell = connector.run_script(tmp_path / "count.sh", ["a b", "it's", "-x"], check=True)
         python = connector.run_script(tmp_path / "hello.py", ["ü", "--flag"], check=True)
         with pytest.raises(ValueError, match="nope.ps1"):
@@ -169,7 +170,7 @@ def test_run_script_feeds_sh_and_python_on_stdin(ssh_host_config: HostConfig, tm
 def test_run_script_runs_a_scripts_text_as_handed(ssh_host_config: HostConfig) -> None:
     """A transport runs what it is handed: text is run as it is (sh, or python3 when its first
     line names python), looked up nowhere."""
-    with SshConnector(ssh_host_config) as connector:
+    with SshConnector(settings_for(ssh_host_config)) as connector:
         shell = connector.run_script('printf "%s|" "$@"; echo "from $0"', ["a b", "it's"], check=True)
         python = connector.run_script("#!/usr/bin/env python3\nimport sys\nprint(sys.argv[1:])\n", ["ü"], check=True)
         named = connector.run_script("windows_update.ps1", check=False)
@@ -216,7 +217,7 @@ def test_wrong_key_is_refused_without_retry(sshd_host: SshdHost, tmp_path: Path)
     stranger = make_key(tmp_path / "stranger", "not-authorized")
     config = sshd_host.host_config(ssh_key=str(stranger))
     with capture_logs() as events, pytest.raises(AuthenticationFailed) as caught:
-        SshConnector(config, retry=QUICK_RETRY).connect()
+        SshConnector(settings_for(config), retry=QUICK_RETRY).connect()
     message = str(caught.value)
     assert "'root'" in message and str(stranger) in message and "ssh-ed25519" in message
     assert not [e for e in events if e["event"] == "ssh.retry"]
@@ -226,7 +227,7 @@ def test_missing_key_file_is_reported_before_connecting(tmp_path: Path) -> None:
     config = HostConfig(name="nokey", address="127.0.0.1", port=1, transport="ssh", user="root",
                         ssh_key="keys/absent", ssh_agent=False)
     with pytest.raises(AuthenticationFailed) as caught:
-        SshConnector(config, base_dir=tmp_path).connect()
+        SshConnector(settings_for(config, tmp_path)).connect()
     assert "ssh_key" in str(caught.value) and str(tmp_path / "keys/absent") in str(caught.value)
 
 
@@ -237,15 +238,15 @@ def test_encrypted_key_with_passphrase_file_relative_to_config(sshd_factory: Ssh
     (tmp_path / "passphrase.txt").write_text(passphrase + "\n")
     host.authorize(tmp_path / "locked.pub")
     config = host.host_config(ssh_key="locked", ssh_key_passphrase="file:passphrase.txt")
-    with SshConnector(config, base_dir=tmp_path) as connector:
+    with SshConnector(settings_for(config, tmp_path)) as connector:
         assert connector.run("echo in", check=True).stdout == "in\n"
     (tmp_path / "wrong.txt").write_text("not it\n")
     wrong = host.host_config(ssh_key="locked", ssh_key_passphrase="file:wrong.txt")
     with pytest.raises(AuthenticationFailed) as caught:
-        SshConnector(wrong, base_dir=tmp_path).connect()
+        SshConnector(settings_for(wrong, tmp_path)).connect()
     assert "ssh_key_passphrase" in str(caught.value) and "not it" not in str(caught.value)
     with pytest.raises(AuthenticationFailed, match="ssh_key_passphrase"):
-        SshConnector(host.host_config(ssh_key="locked"), base_dir=tmp_path).connect()
+        SshConnector(settings_for(host.host_config(ssh_key="locked"), tmp_path)).connect()
 
 
 @pytest.fixture
@@ -268,14 +269,14 @@ def ssh_agent(tmp_path: Path, ssh_client_key: Path, monkeypatch: pytest.MonkeyPa
 
 
 def test_agent_keys_log_in(sshd_host: SshdHost, ssh_agent: Path) -> None:
-    with SshConnector(sshd_host.host_config(ssh_key=None, ssh_agent=True)) as connector:
+    with SshConnector(settings_for(sshd_host.host_config(ssh_key=None, ssh_agent=True))) as connector:
         assert connector.run("echo agent", check=True).stdout == "agent\n"
 
 
 def test_no_credentials_at_all_is_explained(sshd_host: SshdHost, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
     with pytest.raises(AuthenticationFailed, match="no credentials for user 'root'"):
-        SshConnector(sshd_host.host_config(ssh_key=None, ssh_agent=True)).connect()
+        SshConnector(settings_for(sshd_host.host_config(ssh_key=None, ssh_agent=True))).connect()
 
 
 @pytest.fixture
@@ -295,13 +296,15 @@ def test_password_login_works_and_secret_stays_out_of_errors_and_logs(
     monkeypatch.setenv(PASSWORD_VAR, secret)
     config = password_host.host_config(ssh_key=None, password=f"env:{PASSWORD_VAR}")
     caplog.set_level(logging.DEBUG)
-    with capture_logs() as events, SshConnector(config) as connector:
+    with capture_logs() as events, SshConnector(settings_for(config)) as connector:
         assert connector.run("id -un", check=True).stdout.strip() == sshd_password_user.name
         with pytest.raises(CommandFailed) as failed:
             connector.run(f"echo {secret} >&2; exit 1", check=True)
     assert secret not in str(failed.value) and "***" in str(failed.value)
     assert f"Accepted password for {sshd_password_user.name}" in password_host.log_path.read_text()
     assert secret not in _everything_logged(events, caplog, capsys)
+    # After a real login the settings still hold the reference only.
+    assert secret not in repr(connector.settings) and f"env:{PASSWORD_VAR}" in repr(connector.settings)
 
 
 def test_wrong_password_fails_clearly_and_never_shows_the_secret(
@@ -312,7 +315,7 @@ def test_wrong_password_fails_clearly_and_never_shows_the_secret(
     config = password_host.host_config(ssh_key=None, password=f"env:{PASSWORD_VAR}")
     caplog.set_level(logging.DEBUG)
     with capture_logs() as events, pytest.raises(AuthenticationFailed) as caught:
-        SshConnector(config, retry=QUICK_RETRY).run("true")
+        SshConnector(settings_for(config), retry=QUICK_RETRY).run("true")
     message = str(caught.value)
     assert sshd_password_user.name in message and f"password from env:{PASSWORD_VAR}" in message
     assert wrong not in message and wrong not in repr(caught.value.args)
@@ -324,7 +327,7 @@ def test_unknown_host_key_is_rejected_with_fingerprint_and_fix(sshd_host: SshdHo
     empty = tmp_path / "known_hosts"
     empty.write_text("")
     with capture_logs() as events, pytest.raises(HostKeyRejected) as caught:
-        SshConnector(sshd_host.host_config(known_hosts=str(empty)), retry=QUICK_RETRY).connect()
+        SshConnector(settings_for(sshd_host.host_config(known_hosts=str(empty))), retry=QUICK_RETRY).connect()
     message = str(caught.value)
     assert sshd_host.name in message and sshd_host.known_hosts_name in message
     assert sshd_host.fingerprint in message
@@ -335,13 +338,13 @@ def test_unknown_host_key_is_rejected_with_fingerprint_and_fix(sshd_host: SshdHo
 
 def test_accepting_an_unknown_key_records_it_for_openssh_and_later_runs(sshd_host: SshdHost, tmp_path: Path) -> None:
     known = tmp_path / "ssh" / "known_hosts"
-    with SshConnector(sshd_host.host_config(known_hosts=str(known), accept_unknown_host_key=True)) as first:
+    with SshConnector(settings_for(sshd_host.host_config(known_hosts=str(known), accept_unknown_host_key=True))) as first:
         first.run("true", check=True)
     # OpenSSH itself finds the recorded key under the [address]:port name.
     found = subprocess.run(["ssh-keygen", "-F", sshd_host.known_hosts_name, "-f", str(known)],
                            capture_output=True, text=True, check=False)
     assert found.returncode == 0 and sshd_host.known_hosts_line.split()[2] in found.stdout
-    with SshConnector(sshd_host.host_config(known_hosts=str(known))) as strict:
+    with SshConnector(settings_for(sshd_host.host_config(known_hosts=str(known)))) as strict:
         assert strict.run("echo ok", check=True).stdout == "ok\n"
     assert known.read_text().count("\n") == 1
 
@@ -353,7 +356,7 @@ def test_changed_host_key_is_rejected_even_when_accepting_unknown_keys(sshd_host
     before = known.read_text()
     config = sshd_host.host_config(known_hosts=str(known), accept_unknown_host_key=True)
     with pytest.raises(HostKeyRejected) as caught:
-        SshConnector(config, retry=QUICK_RETRY).connect()
+        SshConnector(settings_for(config), retry=QUICK_RETRY).connect()
     message = str(caught.value)
     assert "MAN-IN-THE-MIDDLE" in message and sshd_host.fingerprint in message and "ssh-keygen -R" in message
     assert known.read_text() == before
@@ -377,13 +380,13 @@ def test_known_hosts_with_marker_and_broken_lines_still_verifies_the_host(sshd_h
         "not a known_hosts line\n"
         + sshd_host.known_hosts_line
     )
-    with SshConnector(sshd_host.host_config(known_hosts=str(known))) as conn:
+    with SshConnector(settings_for(sshd_host.host_config(known_hosts=str(known)))) as conn:
         assert conn.run("echo ok", check=True).stdout == "ok\n"
     # Host names hashed, as HashKnownHosts writes them (ssh-keygen -H refuses the broken line).
     known.write_text(known.read_text().replace("not a known_hosts line\n", ""))
     subprocess.run(["ssh-keygen", "-H", "-f", str(known)], check=True, capture_output=True)
     assert sshd_host.known_hosts_name not in known.read_text() and "@cert-authority" in known.read_text()
-    with SshConnector(sshd_host.host_config(known_hosts=str(known))) as conn:
+    with SshConnector(settings_for(sshd_host.host_config(known_hosts=str(known)))) as conn:
         assert conn.run("echo ok", check=True).stdout == "ok\n"
 
 
@@ -396,7 +399,7 @@ def test_revoked_host_key_is_refused_before_authenticating(sshd_factory: SshdMak
     for accept_unknown in (False, True):
         config = host.host_config(known_hosts=str(known), accept_unknown_host_key=accept_unknown)
         with capture_logs() as events, pytest.raises(HostKeyRejected) as caught:
-            SshConnector(config, retry=QUICK_RETRY).connect()
+            SshConnector(settings_for(config), retry=QUICK_RETRY).connect()
         message = str(caught.value)
         assert "REVOKED HOST KEY DETECTED" in message and host.fingerprint in message and "line 2" in message
         assert not [e for e in events if e["event"] == "ssh.retry"]
@@ -410,7 +413,7 @@ def test_revoked_key_is_never_recorded_as_a_new_host(sshd_host: SshdHost, tmp_pa
     known.write_text(f"@revoked 10.9.9.9 {_public(sshd_host.host_key)}\n")
     config = sshd_host.host_config(known_hosts=str(known), accept_unknown_host_key=True)
     with pytest.raises(HostKeyRejected, match="REVOKED HOST KEY DETECTED"):
-        SshConnector(config, retry=QUICK_RETRY).connect()
+        SshConnector(settings_for(config), retry=QUICK_RETRY).connect()
     assert known.read_text().count("\n") == 1
 
 
@@ -419,7 +422,7 @@ def test_a_host_known_only_through_a_certificate_authority_says_why_it_is_unknow
     known = tmp_path / "known_hosts"
     known.write_text(f"@cert-authority * {_public(make_key(tmp_path / 'ca', 'ca'))}\n")
     with pytest.raises(HostKeyRejected) as caught:
-        SshConnector(sshd_host.host_config(known_hosts=str(known)), retry=QUICK_RETRY).connect()
+        SshConnector(settings_for(sshd_host.host_config(known_hosts=str(known))), retry=QUICK_RETRY).connect()
     message = str(caught.value)
     assert "unknown host key" in message and "@cert-authority lines (line 1) are not used" in message
 
@@ -455,7 +458,7 @@ def test_unknown_name_is_unreachable_after_retries(ssh_client_key: Path) -> None
     config = HostConfig(name="ghost", address="no-such-host.invalid", transport="ssh", user="root",
                         ssh_key=str(ssh_client_key), ssh_agent=False)
     with pytest.raises(HostUnreachable) as caught:
-        SshConnector(config, retry=QUICK_RETRY).connect()
+        SshConnector(settings_for(config), retry=QUICK_RETRY).connect()
     assert "cannot resolve address 'no-such-host.invalid'" in str(caught.value) and "after 3 attempts" in str(caught.value)
 
 
@@ -468,7 +471,7 @@ def test_silent_server_is_a_handshake_timeout(ssh_client_key: Path) -> None:
                             user="root", ssh_key=str(ssh_client_key), ssh_agent=False,
                             connect_timeout=0.3)
         with capture_logs() as events, pytest.raises(HostTimeout) as caught:
-            SshConnector(config, retry=RetryPolicy(attempts=2, initial=0.01, maximum=0.01)).connect()
+            SshConnector(settings_for(config), retry=RetryPolicy(attempts=2, initial=0.01, maximum=0.01)).connect()
     assert "did not complete the SSH handshake within 0.3s" in str(caught.value) and "after 2 attempts" in str(caught.value)
     assert len([e for e in events if e["event"] == "ssh.retry"]) == 1
 
@@ -476,7 +479,7 @@ def test_silent_server_is_a_handshake_timeout(ssh_client_key: Path) -> None:
 
 def test_host_down_is_retried_then_unreachable_and_recovers(sshd_factory: SshdMaker) -> None:
     host = sshd_factory("ssh-flaky")
-    connector = SshConnector(host.config, retry=QUICK_RETRY)
+    connector = SshConnector(settings_for(host.config), retry=QUICK_RETRY)
     assert connector.run("echo up", check=True).stdout == "up\n"
     host.stop()
     with capture_logs() as events, pytest.raises(HostUnreachable) as caught:
@@ -492,7 +495,7 @@ def test_host_down_is_retried_then_unreachable_and_recovers(sshd_factory: SshdMa
 
 def test_wait_until_up_sees_a_new_boot_after_reboot(sshd_factory: SshdMaker) -> None:
     host = sshd_factory("ssh-reboot", namespace=True)
-    with SshConnector(host.config, retry=QUICK_RETRY) as connector:
+    with SshConnector(settings_for(host.config), retry=QUICK_RETRY) as connector:
         before = connector.boot_identity()
         assert before.boot_id == host.boot_id
         assert before.os_family == "linux" and before.os_name
@@ -514,7 +517,7 @@ def test_each_host_has_its_own_address_and_boot_id(sshd_factory: SshdMaker) -> N
     hosts = [sshd_factory(f"ssh-multi-{n}", namespace=True) for n in range(2)]
     identities = []
     for host in hosts:
-        with SshConnector(host.config) as connector:
+        with SshConnector(settings_for(host.config)) as connector:
             identities.append(connector.boot_identity().boot_id)
     assert len({h.address for h in hosts}) == 2
     assert identities == [h.boot_id for h in hosts] and identities[0] != identities[1]

@@ -16,6 +16,7 @@ from structlog.testing import capture_logs
 from typer.testing import CliRunner
 
 from configs.models import HostConfig
+from connectors import settings_for
 from connectors.base import AuthenticationFailed, HostKeyRejected, HostUnreachable, RetryPolicy
 from connectors.ssh import SshConnector
 from cli.app import app
@@ -58,7 +59,7 @@ def test_the_target_cannot_be_reached_directly(bastion_lab: BastionLab, tmp_path
     """The premise of every other test here: without the bastion there is no way in."""
     direct = bastion_lab.target.host_config(known_hosts=str(tmp_path / "kh"))
     with pytest.raises(HostUnreachable, match=f"cannot connect to {bastion_lab.target.address}"):
-        SshConnector(direct, retry=RetryPolicy(attempts=1)).connect()
+        SshConnector(settings_for(direct), retry=RetryPolicy(attempts=1)).connect()
 
 
 def test_proxyjump_from_the_ssh_config_reaches_the_target_through_the_bastion(
@@ -67,7 +68,7 @@ def test_proxyjump_from_the_ssh_config_reaches_the_target_through_the_bastion(
     offsets = lab.log_offsets()
     source = tmp_path / "payload.bin"
     source.write_bytes(bytes(range(256)) * 4096)
-    with capture_logs() as events, SshConnector(_host(lab, tmp_path)) as connector:
+    with capture_logs() as events, SshConnector(settings_for(_host(lab, tmp_path))) as connector:
         # SSH_CONNECTION is "client-ip client-port server-ip server-port" as the target saw it.
         seen = connector.run("echo $SSH_CONNECTION", check=True).stdout.split()
         assert connector.run("echo again", check=True).stdout == "again\n"
@@ -101,7 +102,7 @@ def test_two_jump_hosts_in_a_row(bastion_lab: BastionLab, tmp_path: Path, target
             bastion.authorize(lab.target.client_key.with_suffix(".pub"))
     offsets = lab.log_offsets()
     try:
-        with SshConnector(config) as connector:
+        with SshConnector(settings_for(config)) as connector:
             assert connector.run("echo through two", check=True).stdout == "through two\n"
     finally:
         for bastion, keys in zip(bastions, authorized):
@@ -121,7 +122,7 @@ def test_a_wrong_bastion_host_key_is_refused_naming_the_bastion(bastion_lab: Bas
     offsets = lab.log_offsets()
     config = _host(lab, tmp_path, accept_unknown_host_key=True)
     with capture_logs() as events, pytest.raises(HostKeyRejected) as caught:
-        SshConnector(config, retry=QUICK_RETRY).connect()
+        SshConnector(settings_for(config), retry=QUICK_RETRY).connect()
     message = str(caught.value)
     assert message.startswith(f"behind: jump host outer: WARNING: HOST KEY FOR {lab.outer.known_hosts_name} HAS CHANGED")
     assert lab.outer.fingerprint in message and "\n" not in message
@@ -137,9 +138,9 @@ def test_an_unknown_bastion_is_refused_or_recorded_like_any_host(bastion_lab: Ba
     known = tmp_path / "known_hosts"
     known.write_text(lab.target.known_hosts_line)
     with pytest.raises(HostKeyRejected) as caught:
-        SshConnector(_host(lab, tmp_path), retry=QUICK_RETRY).connect()
+        SshConnector(settings_for(_host(lab, tmp_path)), retry=QUICK_RETRY).connect()
     assert str(caught.value).startswith(f"behind: jump host outer: unknown host key for {lab.outer.known_hosts_name}")
-    with SshConnector(_host(lab, tmp_path, accept_unknown_host_key=True)) as connector:
+    with SshConnector(settings_for(_host(lab, tmp_path, accept_unknown_host_key=True))) as connector:
         assert connector.run("echo ok", check=True).stdout == "ok\n"
     assert known.read_text() == lab.target.known_hosts_line + lab.outer.known_hosts_line
 
@@ -152,7 +153,7 @@ def test_a_bastion_that_cannot_reach_the_target_is_a_transient_fault(bastion_lab
         Path(config.ssh_config or "").read_text().replace(f"Port {lab.target.port}", "Port 1"))
     known = Path(config.known_hosts or "")
     with capture_logs() as events, pytest.raises(HostUnreachable) as caught:
-        SshConnector(config, retry=QUICK_RETRY).connect()
+        SshConnector(settings_for(config), retry=QUICK_RETRY).connect()
     message = str(caught.value)
     assert f"jump host outer ({lab.outer.address}:{lab.outer.port}) cannot reach {lab.target.address}:1" in message
     assert "after 2 attempts" in message and known.exists()
@@ -199,7 +200,7 @@ def test_the_hosts_password_is_never_offered_to_a_bastion(
         Path(config.ssh_config or "").read_text().replace(f"  IdentityFile {lab.bastion_key}\n", ""))
     offsets = lab.log_offsets()
     with pytest.raises(AuthenticationFailed) as caught:
-        SshConnector(config, retry=QUICK_RETRY).connect()
+        SshConnector(settings_for(config), retry=QUICK_RETRY).connect()
     message = str(caught.value)
     assert message.startswith("behind: jump host outer: user 'root' was refused by")
     assert f"tried: key file {lab.target.client_key}" in message and "password" not in message

@@ -23,6 +23,7 @@ from structlog.testing import capture_logs
 from typer.testing import CliRunner
 
 from configs.models import HostConfig
+from connectors import settings_for
 from connectors.base import (
     AuthenticationFailed,
     CommandFailed,
@@ -45,7 +46,7 @@ FAST_RETRY = RetryPolicy(attempts=3, initial=0.01, maximum=0.02, deadline=30)
 
 @pytest.fixture
 def connector(winrm_host: HostConfig) -> Iterator[WinRmConnector]:
-    with WinRmConnector(winrm_host, retry=FAST_RETRY) as conn:
+    with WinRmConnector(settings_for(winrm_host), retry=FAST_RETRY) as conn:
         yield conn
 
 
@@ -72,7 +73,7 @@ def test_powershell_errors_arrive_as_plain_text(fresh_winrm_server: WsmanTestHos
     fresh_winrm_server.handlers.insert(0, lambda text, args: SimResult(
         stdout="partial\r\n", errors=["disk C: is full", "    + CategoryInfo : NotSpecified: (:) [Write-Error]"],
         exit_code=1) if text.strip() == script else None)
-    with WinRmConnector(fresh_winrm_server.host_config()) as conn:
+    with WinRmConnector(settings_for(fresh_winrm_server.host_config())) as conn:
         result = conn.run(script)
     assert result.exit_code == 1
     assert result.stdout == "partial\r\n"
@@ -130,7 +131,7 @@ def test_command_past_its_timeout_raises_and_is_stopped(connector: WinRmConnecto
 @pytest.mark.integration
 def test_operation_timeout_faults_are_normal_during_long_commands(winrm_server: WsmanTestHost) -> None:
     before = winrm_server.operation_timeouts
-    with WinRmConnector(winrm_server.host_config(), operation_timeout=1) as conn:
+    with WinRmConnector(settings_for(winrm_server.host_config()), operation_timeout=1) as conn:
         result = conn.run("sleep 3; echo done", timeout=60, check=True)
     assert result.stdout == "done\n"
     assert winrm_server.operation_timeouts > before
@@ -138,7 +139,7 @@ def test_operation_timeout_faults_are_normal_during_long_commands(winrm_server: 
 
 @pytest.mark.integration
 def test_a_lost_shell_is_reopened(fresh_winrm_server: WsmanTestHost) -> None:
-    with WinRmConnector(fresh_winrm_server.host_config()) as conn:
+    with WinRmConnector(settings_for(fresh_winrm_server.host_config())) as conn:
         conn.run("true", check=True)
         fresh_winrm_server.service.drop_all()  # as when WinRM restarts or the shell idles out
         assert conn.run("echo again", check=True).stdout == "again\n"
@@ -174,7 +175,7 @@ def test_put_and_get_round_trip_a_binary_file(connector: WinRmConnector, tmp_pat
 def test_copies_over_the_size_limit_are_refused(winrm_host: HostConfig, tmp_path: Path) -> None:
     big = tmp_path / "big.bin"
     big.write_bytes(b"x" * 4096)
-    with WinRmConnector(winrm_host, max_transfer_bytes=1024) as conn:
+    with WinRmConnector(settings_for(winrm_host), max_transfer_bytes=1024) as conn:
         with pytest.raises(ConnectorError, match="over the 1024-byte limit") as refused:
             conn.put(big, str(tmp_path / "copy.bin"))
         assert "upload URL" in str(refused.value)
@@ -200,7 +201,7 @@ def test_wrong_password_fails_fast_without_leaking_it(server: str, request: pyte
     monkeypatch.setenv(host.password_env, wrong)
     config = host.host_config()
     with capture_logs() as logs, pytest.raises(AuthenticationFailed) as failed:
-        WinRmConnector(config, retry=FAST_RETRY).run("echo never")
+        WinRmConnector(settings_for(config), retry=FAST_RETRY).run("echo never")
     message = str(failed.value)
     assert host.user in message and config.winrm_auth in message and config.name in message
     assert wrong not in message and host.password not in message
@@ -215,9 +216,9 @@ def test_basic_over_http_needs_allow_insecure_transport(winrm_http_basic_server:
     # A HostConfig built in code skips the schema's own check: the connector must refuse too.
     unsafe = HostConfig.model_construct(**{**dict(lab), "allow_insecure_transport": False})
     with pytest.raises(ConnectorError, match="allow_insecure_transport") as refused:
-        WinRmConnector(unsafe)
+        WinRmConnector(settings_for(unsafe))
     assert refused.value.host == "lab-win"
-    with WinRmConnector(lab) as conn:
+    with WinRmConnector(settings_for(lab)) as conn:
         assert conn.run("echo basic", check=True).stdout == "basic\n"
 
 
@@ -225,7 +226,7 @@ def test_basic_over_http_needs_allow_insecure_transport(winrm_http_basic_server:
 def test_ntlm_over_http_is_encrypted(winrm_http_ntlm_server: WsmanTestHost) -> None:
     config = winrm_http_ntlm_server.host_config()
     assert not config.allow_insecure_transport
-    with WinRmConnector(config) as conn:
+    with WinRmConnector(settings_for(config)) as conn:
         assert conn.run("echo sealed", check=True).stdout == "sealed\n"
     # the http NTLM host refuses unencrypted bodies, so an answer at all proves the sealing
     assert not [r for r in winrm_http_ntlm_server.rejections if "unencrypted" in r]
@@ -236,7 +237,7 @@ def test_ntlm_channel_binding_is_checked_over_https(fresh_winrm_server: WsmanTes
     """A relayed NTLM exchange carries the bindings of another TLS channel: refused."""
     fresh_winrm_server.bindings = channel_bindings(b"the certificate of some other server")
     with pytest.raises(AuthenticationFailed):
-        WinRmConnector(fresh_winrm_server.host_config(), retry=FAST_RETRY).run("echo never")
+        WinRmConnector(settings_for(fresh_winrm_server.host_config()), retry=FAST_RETRY).run("echo never")
     assert any("bindings" in reason for reason in fresh_winrm_server.rejections)
 
 
@@ -246,11 +247,11 @@ def test_untrusted_certificate_is_a_clear_non_retried_error(winrm_server: WsmanT
     for bundle in (str(stranger.bundle), None):
         config = winrm_server.host_config(winrm_ca_bundle=bundle)
         with capture_logs() as logs, pytest.raises(HostKeyRejected) as rejected:
-            WinRmConnector(config, retry=FAST_RETRY).run("echo never")
+            WinRmConnector(settings_for(config), retry=FAST_RETRY).run("echo never")
         assert "not trusted" in str(rejected.value) and "winrm_ca_bundle" in str(rejected.value)
         assert not [e for e in logs if e["event"] == "winrm.retry"]
     insecure_lab = winrm_server.host_config(winrm_ca_bundle=None, winrm_verify_tls=False)
-    with WinRmConnector(insecure_lab) as conn:
+    with WinRmConnector(settings_for(insecure_lab)) as conn:
         assert conn.run("echo unverified", check=True).stdout == "unverified\n"
 
 
@@ -260,7 +261,7 @@ def test_unverified_tls_is_warned_once_per_host(winrm_server: WsmanTestHost) -> 
     with capture_logs() as logs:
         for name in (names[0], names[0], names[1]):
             # A connector per pass and a shell re-opened after a drop: still one warning per host.
-            with WinRmConnector(winrm_server.host_config(name, winrm_ca_bundle=None, winrm_verify_tls=False)) as conn:
+            with WinRmConnector(settings_for(winrm_server.host_config(name, winrm_ca_bundle=None, winrm_verify_tls=False))) as conn:
                 conn.run("echo a", check=True)
                 conn._discard()
                 conn.run("echo b", check=True)
@@ -268,7 +269,7 @@ def test_unverified_tls_is_warned_once_per_host(winrm_server: WsmanTestHost) -> 
     assert [e["host"] for e in warnings] == names
     assert all(e["log_level"] == "warning" and f"host {e['host']}: winrm_verify_tls is false" in e["detail"]
                for e in warnings)
-    with capture_logs() as logs, WinRmConnector(winrm_server.host_config(f"win-verified-{uuid.uuid4().hex[:8]}")) as conn:
+    with capture_logs() as logs, WinRmConnector(settings_for(winrm_server.host_config(f"win-verified-{uuid.uuid4().hex[:8]}"))) as conn:
         conn.run("echo verified", check=True)
     assert not [e for e in logs if e["event"] == "winrm.tls_unverified"]
 
@@ -293,14 +294,14 @@ def test_hosts_ping_warns_once_for_each_host_without_tls_verification(winrm_serv
 def test_missing_ca_bundle_file_is_named(winrm_server: WsmanTestHost, tmp_path: Path) -> None:
     config = winrm_server.host_config(winrm_ca_bundle=str(tmp_path / "missing.pem"))
     with pytest.raises(ConnectorError, match="winrm_ca_bundle .*missing.pem"):
-        WinRmConnector(config).run("echo never")
+        WinRmConnector(settings_for(config)).run("echo never")
 
 
 @pytest.mark.integration
 def test_host_down_is_retried_then_unreachable(winrm_server: WsmanTestHost) -> None:
     config = winrm_server.host_config(name="gone", port=_free_port())
     with capture_logs() as logs, pytest.raises(HostUnreachable) as down:
-        WinRmConnector(config, retry=FAST_RETRY).run("echo never")
+        WinRmConnector(settings_for(config), retry=FAST_RETRY).run("echo never")
     assert "Connection refused" in str(down.value) and down.value.host == "gone"
     assert [e["attempt"] for e in logs if e["event"] == "winrm.retry"] == [1, 2]
 
@@ -309,7 +310,7 @@ def test_host_down_is_retried_then_unreachable(winrm_server: WsmanTestHost) -> N
 
 @pytest.mark.integration
 def test_boot_identity_changes_across_a_reboot(fresh_winrm_server: WsmanTestHost) -> None:
-    with WinRmConnector(fresh_winrm_server.host_config(), retry=FAST_RETRY) as conn:
+    with WinRmConnector(settings_for(fresh_winrm_server.host_config()), retry=FAST_RETRY) as conn:
         before = conn.boot_identity()
         assert before.os_family == "windows" and before.os_name == fresh_winrm_server.windows.caption
         assert before.boot_id.endswith("Z") and before.boot_id == before.extra["last_boot_up_time"]
@@ -324,7 +325,7 @@ def test_boot_identity_changes_across_a_reboot(fresh_winrm_server: WsmanTestHost
 def test_boot_identity_of_a_down_host_is_not_retried(winrm_server: WsmanTestHost) -> None:
     config = winrm_server.host_config(port=_free_port())
     with capture_logs() as logs, pytest.raises(HostUnreachable):
-        WinRmConnector(config, retry=FAST_RETRY).boot_identity()
+        WinRmConnector(settings_for(config), retry=FAST_RETRY).boot_identity()
     assert not [e for e in logs if e["event"] == "winrm.retry"]
 
 
@@ -356,7 +357,7 @@ def test_script_arguments_are_literals() -> None:
 
 def test_a_non_winrm_host_is_refused() -> None:
     with pytest.raises(ValueError, match="'box'.*transport is 'ssh'"):
-        WinRmConnector(HostConfig(name="box", transport="ssh", user="root"))
+        WinRmConnector(settings_for(HostConfig(name="box", transport="ssh", user="root")))
 
 
 def test_kerberos_without_its_extra_is_a_clear_error() -> None:
@@ -367,4 +368,4 @@ def test_kerberos_without_its_extra_is_a_clear_error() -> None:
     if winrm.transport.HAVE_KERBEROS:
         pytest.skip("the kerberos extra is installed here")
     with pytest.raises(ConnectorError, match=r"patchdrill\[kerberos\]"):
-        WinRmConnector(config)
+        WinRmConnector(settings_for(config))

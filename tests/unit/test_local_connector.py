@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from configs.models import HostConfig
-from connectors import connect
+from connectors import connect, settings_for
 from connectors.base import CommandFailed, HostTimeout
 from connectors.local import LocalConnector
 
@@ -25,7 +25,7 @@ def test_command_exit_code_and_stderr() -> None:
 
 
 def test_large_and_non_ascii_output_and_env() -> None:
-    conn = LocalConnector(HOST)
+    conn = LocalConnector(settings_for(HOST))
     big = conn.run("head -c 10485760 /dev/zero | tr '\\0' 'x'")
     assert len(big.stdout) == 10 * 1024 * 1024
     assert conn.run("printf 'héllo ✓ 日本'").stdout == "héllo ✓ 日本"
@@ -34,11 +34,11 @@ def test_large_and_non_ascii_output_and_env() -> None:
 
 def test_timeout_raises_host_timeout() -> None:
     with pytest.raises(HostTimeout, match="lab"):
-        LocalConnector(HOST).run("sleep 5", timeout=0.3)
+        LocalConnector(settings_for(HOST)).run("sleep 5", timeout=0.3)
 
 
 def test_put_get_round_trip(tmp_path: Path) -> None:
-    conn = LocalConnector(HOST)
+    conn = LocalConnector(settings_for(HOST))
     src = tmp_path / "src.bin"
     src.write_bytes(bytes(range(256)) * 4096)
     conn.put(src, str(tmp_path / "remote" / "dst.bin"))
@@ -48,17 +48,17 @@ def test_put_get_round_trip(tmp_path: Path) -> None:
 
 
 def test_wait_until_up_returns_boot_identity() -> None:
-    identity = LocalConnector(HOST).wait_until_up(5)
+    identity = LocalConnector(settings_for(HOST)).wait_until_up(5)
     assert identity.boot_id == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     with pytest.raises(HostTimeout, match="did not reboot"):
-        LocalConnector(HOST).wait_until_up(0.5, interval=0.1, not_boot_id=identity.boot_id)
+        LocalConnector(settings_for(HOST)).wait_until_up(0.5, interval=0.1, not_boot_id=identity.boot_id)
 
 
 def test_run_script_runs_the_file_or_text_it_is_handed(tmp_path: Path) -> None:
     """No scripts folder behind the transport: a path is read, text is run as it is."""
     script = tmp_path / "args.py"
     script.write_text("import sys\nprint('|'.join(sys.argv[1:]))\n")
-    conn = LocalConnector(HOST)
+    conn = LocalConnector(settings_for(HOST))
     from_file = conn.run_script(script, ["a b", "ü"], check=True)
     from_text = conn.run_script('printf "%s|" "$@"', ["x", "it's"], check=True)
     assert (from_file.stdout, from_file.command) == ("a b|ü\n", "args.py a b ü")

@@ -10,12 +10,12 @@ import pytest
 import yaml
 
 from configs.loader import load_config
-from configs.models import HostConfig
+from configs.models import HostConfig, LocalStorage
 from configs.policies import Classification, PatchPolicy
 from configs.secrets import remember
 from connectors.stores import LocalBlobStore
 from tasks.patching import history, report, survey
-from tasks.patching.fleet import RunSetupError, resolve_policy
+from tasks.patching.fleet import RecordStore, RunSetupError, resolve_policy
 from tasks.patching.models import ComplianceState, Enrollment, HostPatchRecord, Update, UpdateOutcome
 from tasks.patching.plan.host import HostAssessment, plan_host
 from tasks.patching.plan.report import compliance_rows, summary_markdown
@@ -168,13 +168,12 @@ def test_survey_batches_keep_every_host_once_and_exactly_forks_in_flight(hosts: 
 
 
 def test_writing_a_runs_records_trims_history_older_than_30_days(tmp_path: Path) -> None:
-    config = tmp_path / "fleet.yaml"
-    config.write_text(yaml.safe_dump({"storage": {"kind": "local", "path": "store"}, "hosts": []}))
     store = LocalBlobStore(tmp_path / "store")
     now = datetime.now(timezone.utc)
     history.write_record(store, _record("h1", now - timedelta(days=31), run_id="expired"))
     history.write_record(store, _record("h1", now - timedelta(days=29), run_id="kept"))
-    written = report.write_records_task.fn(str(config), tmp_path, [_record("h1", now, run_id="current")], 1)
+    written = report.write_records_task.fn(RecordStore(LocalStorage(path="store"), tmp_path),
+                                           [_record("h1", now, run_id="current")], 1)
     remaining = sorted(info.key.rsplit("-", 1)[-1] for info in store.list("history/h1/"))
     assert remaining == ["current.json", "kept.json"]
     assert written == [info.key for info in store.list("history/h1/") if info.key.endswith("-current.json")]

@@ -19,6 +19,7 @@ import pytest
 
 from configs.models import DiskConfig, HostConfig
 from configs.policies import SnapshotPolicy
+from connectors import settings_for
 from connectors.base import CommandResult, Script, script_source
 from connectors.local import LocalConnector
 from tasks.backup.snapshot.view import APPLICATION, CRASH, FILE_SYSTEM, SnapshotError
@@ -49,7 +50,7 @@ class StandInLvmHost(LocalConnector):
     """LocalConnector that runs scripts with the stand-in tools first on PATH."""
 
     def __init__(self, host: HostConfig, env: dict[str, str]) -> None:
-        super().__init__(host)
+        super().__init__(settings_for(host))
         self.env = env
 
     def run_script(self, script: Script, args: list[str] | None = None, *,

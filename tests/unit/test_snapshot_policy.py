@@ -7,6 +7,7 @@ from pydantic import ValidationError
 
 from configs.models import DiskConfig, HostConfig
 from configs.policies import BackupPolicy, SnapshotPolicy
+from connectors import settings_for
 from connectors.local import LocalConnector
 from tasks.backup.snapshot.view import CRASH, SnapshotError
 from tasks.backup.snapshot.take import take_snapshot
@@ -45,22 +46,22 @@ def test_unknown_policy_fields_are_refused() -> None:
 
 def test_vss_on_a_linux_host_is_a_configuration_error() -> None:
     with pytest.raises(SnapshotError, match=r"host web1 disk data: field method: 'vss' does not exist on linux hosts"):
-        take_snapshot(LocalConnector(LINUX), LINUX, DISK, SnapshotPolicy(method="vss"))
+        take_snapshot(LocalConnector(settings_for(LINUX)), LINUX, DISK, SnapshotPolicy(method="vss"))
 
 
 def test_lvm_on_a_windows_host_is_a_configuration_error() -> None:
     windows = HostConfig(name="win1", transport="local", os_family="windows")
     with pytest.raises(SnapshotError, match="field method: 'lvm' does not exist on windows hosts"):
-        take_snapshot(LocalConnector(windows), windows, DISK, SnapshotPolicy(method="lvm"))
+        take_snapshot(LocalConnector(settings_for(windows)), windows, DISK, SnapshotPolicy(method="lvm"))
 
 
 def test_a_relative_path_cannot_be_frozen() -> None:
     relative = DiskConfig(name="lab", path="lab/data")
     with pytest.raises(SnapshotError, match="field path: 'lab/data' must be an absolute path for method 'fsfreeze'"):
-        take_snapshot(LocalConnector(LINUX), LINUX, relative, SnapshotPolicy(method="fsfreeze"))
+        take_snapshot(LocalConnector(settings_for(LINUX)), LINUX, relative, SnapshotPolicy(method="fsfreeze"))
 
 
 def test_auto_reads_a_relative_path_live_and_says_why() -> None:
-    snap = take_snapshot(LocalConnector(LINUX), LINUX, DiskConfig(name="lab", path="lab/data"), SnapshotPolicy())
+    snap = take_snapshot(LocalConnector(settings_for(LINUX)), LINUX, DiskConfig(name="lab", path="lab/data"), SnapshotPolicy())
     assert (snap.method, snap.consistency, snap.read_path) == ("none", CRASH, "lab/data")
     assert "relative" in snap.notes[0]
