@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks.backup.blockmap import CHUNK_ID_FINGERPRINT, TREE_VERSION, BlockMap, TreeEntry, TreeMap
+from tasks.backup.repo.blockmap import CHUNK_ID_FINGERPRINT, TREE_VERSION, BlockMap, TreeEntry, TreeMap
 from tasks.backup.errors import RepositoryError
-from tasks.backup.ids import ID_SIZE
-from tasks.backup.remote_source import changed_blocks
+from tasks.backup.repo.ids import ID_SIZE
+from tasks.backup.sources.remote import changed_blocks
 
 QUICK = settings(max_examples=60, deadline=None)
 HOST_SIDE = ("blake2b-256", "sha256")
