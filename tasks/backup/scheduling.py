@@ -63,6 +63,8 @@ def run_bounded(work: Iterable[tuple[H, list[I]]], bounds: Bounds,
                 item = slot.waiting.popleft()
                 running[submit(slot.host, item)] = (slot, item)
                 slot.running += 1
+        # A host with nothing waiting or running (none left, or none to begin with) frees its slot.
+        active = [slot for slot in active if slot.waiting or slot.running]
         if queue and len(active) < bounds.max_hosts:
             if last_start is not None and bounds.stagger_seconds:
                 pause = last_start + bounds.stagger_seconds - clock()
@@ -78,6 +80,4 @@ def run_bounded(work: Iterable[tuple[H, list[I]]], bounds: Bounds,
         slot, item = running.pop(done)
         slot.running -= 1
         finished.append((slot.host, item, done))
-        if not slot.waiting and not slot.running:
-            active.remove(slot)
     return finished

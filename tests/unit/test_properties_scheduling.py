@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -121,11 +120,6 @@ def test_nothing_starts_after_a_stop_and_what_started_is_waited_for(
     assert sorted((host, item) for host, item, _ in finished) == sorted(fake.submitted) and not fake.running
 
 
-@pytest.mark.xfail(strict=True, raises=Spinning, reason=(
-    "run_bounded spins forever when a host with no items takes the last host slot: the host is "
-    "activated but only a finished item removes a host from the active ones. The backup flow "
-    "never passes such a host (select_work drops hosts without disks); the fix belongs in "
-    "tasks/backup/scheduling.py (drop a host from `active` once it has nothing waiting or running)."))
 def test_a_host_without_items_does_not_hold_a_host_slot() -> None:
     fake = FakeRun(Bounds(max_hosts=1))
     finished = _run([("empty", []), ("h1", [0])], fake)  # type: ignore[list-item]
