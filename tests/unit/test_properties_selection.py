@@ -42,10 +42,6 @@ policies = st.builds(PatchPolicy, classifications=st.lists(classifications, uniq
                      include=st.lists(entries, max_size=3), exclude=st.lists(entries, max_size=3))
 
 
-def _installs(update: Update, policy: PatchPolicy) -> bool:
-    return decide(update, policy, LINUX, "baseline", TODAY).install
-
-
 @QUICK
 @given(updates, policies)
 def test_an_update_installs_exactly_when_the_rules_select_it(update: Update, policy: PatchPolicy) -> None:
