@@ -197,13 +197,15 @@ def test_http_and_tcp_run_on_the_host_when_asked(on_ssh: ProbeContext, web_app: 
 
 
 def test_command_exit_code_and_output(on_ssh: ProbeContext) -> None:
-    passes, wrong_output, wrong_exit = _check(
+    passes, wrong_output, wrong_exit, too_slow = _check(
         on_ssh,
         CommandProbe(command="echo 'replication lag: 0'", expect_output=r"lag: 0$", timeout_seconds=SLOW),
         CommandProbe(command="echo 'replication lag: 93'", expect_output=r"lag: 0$", timeout_seconds=SLOW),
         CommandProbe(command="echo broken >&2; exit 4", timeout_seconds=SLOW),
+        CommandProbe(command="sleep 30", timeout_seconds=1),
     )
     assert passes.ok and passes.observed == "replication lag: 0"
+    assert not too_slow.ok and too_slow.detail.startswith("could not run:") and "within 1s" in too_slow.detail
     assert not wrong_output.ok and "does not match 'lag: 0$': replication lag: 93" in wrong_output.detail
     assert not wrong_exit.ok and wrong_exit.detail == "exited 4, expected 0: broken"
 
@@ -387,7 +389,7 @@ def _wait_inside(name: str, port: int, server: subprocess.Popen[bytes]) -> None:
 
 
 def test_probes_inside_a_namespace_reach_its_copy_and_not_the_host(namespace: Namespace, on_ssh: ProbeContext,
-                                                                   sshd_host: SshdHost) -> None:
+                                                                   sshd_host: SshdHost, postgres_cluster: PgCluster) -> None:
     inside = ProbeContext(name=on_ssh.name, address="127.0.0.1", connector=on_ssh.connector,
                           prefix=f"ip netns exec {namespace.name}")
     copy_http = HttpProbe(url="http://{address}:%d/" % namespace.port, expect_body="inside the namespace", timeout_seconds=SLOW)
@@ -398,6 +400,15 @@ def test_probes_inside_a_namespace_reach_its_copy_and_not_the_host(namespace: Na
     assert in_http.ok and in_tcp.ok, (in_http, in_tcp)
     assert not in_primary.ok, "the isolated copy reached the production address"
     assert in_command.ok and "eth" not in (in_command.observed or "")
+    # A database on the host's network is out of reach too (a Unix socket would not be: the
+    # namespace isolates the network, not the file system).
+    primary_db = SqlProbe(host="127.0.0.1", port=postgres_cluster.port, user="postgres", query="SELECT 1",
+                          timeout_seconds=5)
+    from_inside, from_outside = run_probe(inside, primary_db), run_probe(on_ssh, primary_db)
+    assert not from_inside.ok and "Connection refused" in from_inside.detail
+    # Outside, the server answers (and asks for the password this probe does not give).
+    assert "no password supplied" in from_outside.detail
+    assert run_probe(inside, primary_db.model_copy(update={"host": str(postgres_cluster.socket_dir)})).ok
     # The same probes from outside the namespace: the copy is out of reach, the primary is not.
     out_http, out_tcp, out_primary = _check(on_ssh, copy_http.model_copy(update={"url": f"http://127.0.0.1:{namespace.port}/"}),
                                             copy_tcp.model_copy(update={"address": "127.0.0.1"}), primary)
