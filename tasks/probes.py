@@ -76,9 +76,10 @@ class ProbeContext:
     expected_digests: ExpectedDigests | None = None
 
     @classmethod
-    def for_host(cls, host: HostConfig, connector: Connector, **options: object) -> "ProbeContext":
+    def for_host(cls, host: HostConfig, connector: Connector, *, prefix: str = "", base_dir: Path | None = None,
+                 expected_digests: ExpectedDigests | None = None) -> "ProbeContext":
         return cls(name=host.name, address=host.address, connector=connector, os_family=host.os_family,
-                   **options)  # type: ignore[arg-type]
+                   prefix=prefix, base_dir=base_dir, expected_digests=expected_digests)
 
     @property
     def on_windows(self) -> bool:

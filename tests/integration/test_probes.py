@@ -447,6 +447,33 @@ class SimulatedProbeHost:
         return SimResult(stdout=json.dumps(answer) + "\r\n")
 
 
+def test_a_windows_sql_probe_hands_sqlcmd_its_password_on_stdin(fresh_winrm_server: WsmanTestHost,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """sqlcmd is simulated (no SQL Server here): the handler sees the PowerShell the host would
+    run, and answers as sqlcmd does with -h -1 -W -s ','."""
+    password = "Win-" + os.urandom(6).hex()
+    monkeypatch.setenv("PD_TEST_SQLCMD_PASSWORD", password)
+    seen: list[str] = []
+
+    def sqlcmd(script: str, args: list[str]) -> SimResult | None:
+        if "sqlcmd" not in script:
+            return None
+        seen.append(script)
+        return SimResult(stdout="42,shop\r\n")
+
+    fresh_winrm_server.handlers[:0] = [sqlcmd]
+    config = fresh_winrm_server.host_config("win-sql", connect_timeout=SLOW)
+    probe = SqlProbe(engine="sqlserver", host="sql-1", port=1433, user="probe", database="shop",
+                     password="env:PD_TEST_SQLCMD_PASSWORD", query="SELECT count(*), DB_NAME() FROM orders",
+                     expect_rows=[["42", "shop"]], timeout_seconds=SLOW)
+    with connect(config) as conn:
+        result = run_probe(ProbeContext.for_host(config, conn), probe)
+    assert result.ok, result
+    [script] = seen
+    assert password not in script and "$env:SQLCMDPASSWORD = [Console]::In.ReadLine()" in script
+    assert "-S 'sql-1,1433'" in script and "-U 'probe'" in script and "SET NOCOUNT ON; SELECT count(*)" in script
+
+
 def test_windows_hosts_check_through_probe_host_ps1(fresh_winrm_server: WsmanTestHost, web_app: WebApp,
                                                      tmp_path: Path) -> None:
     simulated = SimulatedProbeHost()
