@@ -22,7 +22,7 @@ import yaml
 
 from configs.models import HostConfig
 from configs.probes import SqlProbe
-from connectors.local import LocalConnector
+from connectors import connect
 from flows.backup import backup_run
 from flows.restore import restore_run
 from tasks.probes import ProbeContext, run_probe
@@ -105,7 +105,7 @@ def test_a_running_cluster_backed_up_restored_and_started_equals_the_point(prefe
         assert "automatic recovery in progress" in copy.log.read_text()
 
         host = HostConfig(name="pg-dr", transport="local", address="127.0.0.1")
-        ctx = ProbeContext.for_host(host, LocalConnector(host))
+        ctx = ProbeContext.for_host(host, connect(host))
         fields = {"host": str(copy.socket_dir), "port": copy.port, "user": "postgres", "database": "postgres",
                   "query": checksum_query("orders"), "timeout_seconds": SLOW}
         equal_to_point = run_probe(ctx, SqlProbe(**fields, expect_rows=at_the_point))  # type: ignore[arg-type]

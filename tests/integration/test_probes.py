@@ -38,7 +38,6 @@ from configs.probes import (
 )
 from connectors import connect
 from connectors.base import CommandResult, Connector, Script
-from connectors.local import LocalConnector
 from tasks.probes import WINDOWS_SCRIPT, ProbeContext, ProbeResult, run_probe, run_probes
 from tests.hosts.postgres import PgCluster, checksum_query, table_with_rows
 from tests.hosts.sshd_server import SshdHost, free_port
@@ -147,7 +146,7 @@ def _check(ctx: ProbeContext, *probes: Probe) -> list[ProbeResult]:
 
 def _controller() -> ProbeContext:
     host = HostConfig(name="controller", transport="local", address="127.0.0.1")
-    return ProbeContext.for_host(host, LocalConnector(host))
+    return ProbeContext.for_host(host, connect(host))
 
 
 # --------------------------------------------------------------------------- HTTP(S) and TCP
