@@ -28,6 +28,7 @@ starts it; `stop_copy` stops what a ledger entry names and is safe to call again
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from collections.abc import Callable, Mapping
@@ -270,32 +271,24 @@ class Stopped:
     stopped: list[dict[str, object]] = field(default_factory=list)
 
 
-def process_identity(connector: Connector, entry: ProcessEntry) -> tuple[int, int, str] | None:
-    """The recorded process's pid, start time and boot id: from the ledger, else its pidfile."""
-    if entry.pid is not None and entry.start_time is not None and entry.boot_id is not None:
-        return entry.pid, entry.start_time, entry.boot_id
-    found = host_script(connector, "pidfile", entry.pidfile)
-    if not found["found"]:
-        return None
-    return found["pid"], found["start_time"], found["boot_id"]
-
-
 def stop_process(connector: Connector, entry: ProcessEntry, *, grace: float = DEFAULT_GRACE_SECONDS) -> Stopped:
-    identity = process_identity(connector, entry)
-    if identity is None:
+    """TERM, then KILL after `grace`, the recorded process (by the ledger's pid, else its
+    pidfile's), only while it is still that process: same pid, start time and boot id."""
+    recorded = [{"pid": entry.pid, "start_time": entry.start_time, "boot_id": entry.boot_id}] \
+        if entry.pid is not None and entry.start_time is not None else []
+    request = {"pidfile": None if recorded else entry.pidfile, "processes": recorded}
+    done = host_script(connector, "stop", grace, json.dumps(request), timeout=grace + 60)
+    if not done["processes"]:
         return Stopped(f"no pid recorded and no pidfile at {entry.pidfile}: the process was never started")
-    pid, start_time, boot_id = identity
-    current = host_script(connector, "identity", pid)
-    if current["boot_id"] != boot_id:
-        return Stopped(f"pid {pid} was started before {connector.name} rebooted: already gone")
-    stopped = host_script(connector, "stop", grace, f"{pid}:{start_time}", timeout=grace + 60)["processes"]
-    record = stopped[0]
-    if record["was"] == "gone":
-        return Stopped(f"pid {pid} had already exited", stopped)
-    if record["was"] == "reused":
-        return Stopped(f"pid {pid} now belongs to another process (start time differs): ours had exited; "
-                       "the other was left alone", stopped)
-    return Stopped(f"sent {' then '.join(record['signals'])} to pid {pid}", stopped)
+    record = done["processes"][0]
+    pid = record["pid"]
+    action = {
+        "gone": f"pid {pid} had already exited",
+        "rebooted": f"pid {pid} was started before {connector.name} rebooted: already gone",
+        "reused": f"pid {pid} now belongs to another process (start time differs): ours had exited; "
+                  "the other was left alone",
+    }.get(record["was"], f"sent {' then '.join(record['signals'])} to pid {pid}")
+    return Stopped(action, done["processes"])
 
 
 def stop_copy(connector: Connector, entry: Resource, *, grace: float = DEFAULT_GRACE_SECONDS) -> Stopped:
@@ -323,6 +316,6 @@ def stop_copy(connector: Connector, entry: Resource, *, grace: float = DEFAULT_G
 
 __all__ = [
     "PRESETS", "ControlSpec", "stopped_check", "CopyContext", "Preset", "Rendered", "Started", "Stopped", "TemplateError", "fill",
-    "process_identity", "render", "render_for", "start_copy", "state_paths", "stop_copy", "stop_process",
+    "render", "render_for", "start_copy", "state_paths", "stop_copy", "stop_process",
     "unit_name", "wait_listening",
 ]
