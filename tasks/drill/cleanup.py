@@ -28,9 +28,9 @@ from typing import Any
 from connectors.base import Connector, ConnectorError
 from connectors.stores.base import BlobStore
 from connectors.powershell import ps_quote
-from tasks.drill.control import DEFAULT_GRACE_SECONDS, Stopped, stop_copy, stopped_check
+from tasks.drill.control import DEFAULT_GRACE_SECONDS, Stopped, stop_copy, stopped_check, unit_stopped_check, unit_name
 from tasks.drill.copies import remove_path
-from tasks.drill.isolation import NETNS_DIR, NamespaceRemoval, remove_namespace
+from tasks.drill.isolation import NETNS_DIR, NamespaceRemoval, namespace_name, remove_namespace
 from tasks.drill.ledger import (
     ClosedEntry,
     CommandEntry,
@@ -128,10 +128,17 @@ class _Connections:
                 pass
 
 
-def _refusal(entry: Resource, roots: set[tuple[str, str]]) -> str | None:
+def _refusal(entry: Resource, roots: set[tuple[str, str]], run_id: str) -> str | None:
+    """Why an entry that is valid in form must still not be acted on, or None."""
     if isinstance(entry, (PathEntry, ProcessEntry)) and (entry.host, entry.copy_root) not in roots:
         return (f"refused: {entry.copy_root} is not a copy root this drill's ledger recorded on {entry.host}; "
                 "nothing was touched")
+    # Names this run derives itself: a ledger naming any other namespace or unit (a production
+    # one, another run's) gets nothing of it stopped or deleted.
+    if isinstance(entry, NamespaceEntry) and entry.name != namespace_name(run_id, entry.member or ""):
+        return f"refused: namespace {entry.name} is not the one this run makes for member {entry.member!r}; nothing was touched"
+    if isinstance(entry, UnitEntry) and entry.unit != unit_name(run_id, entry.member or ""):
+        return f"refused: unit {entry.unit} is not the one this run makes for member {entry.member!r}; nothing was touched"
     return None
 
 
@@ -142,7 +149,7 @@ def cleanup(entries: Sequence[Resource | ClosedEntry | InvalidEntry], connect: C
     work = [_Work(entry) for entry in resources(entries)]
     roots = {(w.entry.host, w.entry.copy_root) for w in work if isinstance(w.entry, CopyRootEntry)}
     for item in work:
-        item.refusal = _refusal(item.entry, roots)
+        item.refusal = _refusal(item.entry, roots, run_id)
     connections = _Connections(connect)
     try:
         for item in reversed(work):
@@ -179,7 +186,7 @@ def _remove(item: _Work, connections: _Connections, run_id: str, grace: float) -
         elif isinstance(entry, (CopyRootEntry, PathEntry)):
             item.action = remove_path(connector, entry, run_id)
         else:
-            stopped = stop_copy(connector, entry, grace=grace)
+            stopped = stop_copy(connector, entry, run_id=run_id, grace=grace)
             item.action, item.context = stopped.action, stopped
     except Refused as exc:
         item.refusal = f"refused: {exc}; nothing was touched"
@@ -294,7 +301,7 @@ def _plan(item: _Work, connector: Connector) -> list[_Check]:
             checks.append(_port_check(entry.port, entry.namespace, connector.name))
         return checks
     if isinstance(entry, UnitEntry):
-        checks = [_exit_zero(f"! systemctl is-active --quiet {shlex.quote(entry.unit)}", f"unit {entry.unit} is not active")]
+        checks = [_exit_zero(unit_stopped_check(entry.unit), f"unit {entry.unit} is inactive")]
         return checks + ([_port_check(entry.port, entry.namespace, connector.name)] if entry.port else [])
     if isinstance(entry, ServiceEntry):
         return [_exit_zero(stopped_check("windows-service", entry.service), f"service {entry.service} is stopped")]

@@ -158,9 +158,16 @@ def stopped_check(preset: str, name: str) -> str:
     return f"if ({_WINDOWS_PRESETS[preset][2].format(name=ps_quote(name))}) {{ exit 0 }} else {{ exit 1 }}"
 
 
-def unit_name(context: CopyContext, run_id: str) -> str:
+def unit_stopped_check(unit: str) -> str:
+    """The sh that exits 0 when the unit is inactive or failed (a collected transient unit
+    reads inactive); anything else, or no systemd to ask, exits non-zero."""
+    return (f"case \"$(systemctl show --property=ActiveState --value -- {shlex.quote(unit)})\" in "
+            "inactive|failed) exit 0;; *) exit 1;; esac")
+
+
+def unit_name(run_id: str, member: str) -> str:
     """A systemd unit name derived like the namespace's: valid whatever the member is called."""
-    return f"{namespace_name(run_id, context.member)}.service"
+    return f"{namespace_name(run_id, member)}.service"
 
 
 def render(spec: ControlSpec, context: CopyContext, *, run_id: str) -> Rendered:
@@ -174,15 +181,14 @@ def render(spec: ControlSpec, context: CopyContext, *, run_id: str) -> Rendered:
     if spec.preset == "process":
         return Rendered("process", "sh", fill(spec.template or "", context, sh), "", None)
     if spec.preset == "systemd":
-        unit = unit_name(context, run_id)
+        unit = unit_name(run_id, context.member)
         options = [f"--unit={unit}", "--collect", "--quiet", "--service-type=exec",
                    f"--working-directory={context.root}"]
         if context.namespace:
             options.append(f"--property=NetworkNamespacePath=/run/netns/{context.namespace}")
         command = "exec " + fill(spec.template or "", context, sh)
         start = shlex.join(["systemd-run", *options, "--", "/bin/sh", "-c", command])
-        return Rendered("systemd", "sh", start, f"systemctl stop {sh(unit)}",
-                        f"! systemctl is-active --quiet {sh(unit)}", name=unit)
+        return Rendered("systemd", "sh", start, f"systemctl stop {sh(unit)}", unit_stopped_check(unit), name=unit)
     if spec.preset in _WINDOWS_PRESETS:
         name = fill(spec.template or "{name}", context)
         start, stop, _ = (part.format(name=ps_quote(name)) for part in _WINDOWS_PRESETS[spec.preset])
@@ -271,12 +277,14 @@ class Stopped:
     stopped: list[dict[str, object]] = field(default_factory=list)
 
 
-def stop_process(connector: Connector, entry: ProcessEntry, *, grace: float = DEFAULT_GRACE_SECONDS) -> Stopped:
+def stop_process(connector: Connector, entry: ProcessEntry, *, run_id: str,
+                 grace: float = DEFAULT_GRACE_SECONDS) -> Stopped:
     """TERM, then KILL after `grace`, the recorded process (by the ledger's pid, else its
-    pidfile's), only while it is still that process: same pid, start time and boot id."""
+    pidfile's), only while it is still that process (same pid, start time and boot id) and its
+    pidfile in the run's marked copy root names it."""
     recorded = [{"pid": entry.pid, "start_time": entry.start_time, "boot_id": entry.boot_id}] \
         if entry.pid is not None and entry.start_time is not None else []
-    request = {"pidfile": None if recorded else entry.pidfile, "processes": recorded}
+    request = {"pidfile": entry.pidfile, "root": entry.copy_root, "marker": run_id, "processes": recorded}
     done = host_script(connector, "stop", grace, json.dumps(request), timeout=grace + 60)
     if not done["processes"]:
         return Stopped(f"no pid recorded and no pidfile at {entry.pidfile}: the process was never started")
@@ -291,10 +299,10 @@ def stop_process(connector: Connector, entry: ProcessEntry, *, grace: float = DE
     return Stopped(action, done["processes"])
 
 
-def stop_copy(connector: Connector, entry: Resource, *, grace: float = DEFAULT_GRACE_SECONDS) -> Stopped:
-    """Stop the copy a ledger entry names. Stopping what is already stopped says so."""
+def stop_copy(connector: Connector, entry: Resource, *, run_id: str, grace: float = DEFAULT_GRACE_SECONDS) -> Stopped:
+    """Stop the copy a ledger entry of run `run_id` names. Stopping what is already stopped says so."""
     if isinstance(entry, ProcessEntry):
-        return stop_process(connector, entry, grace=grace)
+        return stop_process(connector, entry, run_id=run_id, grace=grace)
     if isinstance(entry, UnitEntry):
         result = shell(connector, f"systemctl stop {shlex.quote(entry.unit)}", check=False)
         return Stopped(f"systemctl stop {entry.unit}: exit {result.exit_code}")
@@ -315,7 +323,7 @@ def stop_copy(connector: Connector, entry: Resource, *, grace: float = DEFAULT_G
 
 
 __all__ = [
-    "PRESETS", "ControlSpec", "stopped_check", "CopyContext", "Preset", "Rendered", "Started", "Stopped", "TemplateError", "fill",
+    "PRESETS", "ControlSpec", "stopped_check", "unit_stopped_check", "CopyContext", "Preset", "Rendered", "Started", "Stopped", "TemplateError", "fill",
     "render", "render_for", "start_copy", "state_paths", "stop_copy", "stop_process",
     "unit_name", "wait_listening",
 ]

@@ -90,12 +90,12 @@ def namespace_exists(connector: Connector, name: str) -> bool:
     return name in list_namespaces(connector)
 
 
-def create_namespace(connector: Connector, ledger: Ledger, *, member: str, run_id: str | None = None) -> Namespace:
+def create_namespace(connector: Connector, ledger: Ledger, *, member: str) -> Namespace:
     """Record, then create, the member's namespace with its loopback up.
 
     Creating it again in the same run (a retried step) reuses it.
     """
-    name = namespace_name(run_id or ledger.run_id, member)
+    name = namespace_name(ledger.run_id, member)
     ledger.record("namespace", host=connector.name, member=member, name=name)
     quoted = shlex.quote(name)
     shell(connector, f"{{ [ -e {NETNS_DIR}/{quoted} ] || ip netns add {quoted}; }} && "

@@ -32,6 +32,7 @@ class Guard:
     run_id: str
     pids: list[tuple[int, int | None]] = field(default_factory=list)
     paths: list[Path] = field(default_factory=list)
+    namespaces: list[str] = field(default_factory=list)
 
     def keep_pid(self, pid: int) -> None:
         self.pids.append((pid, proc_start_time(pid)))
@@ -50,9 +51,10 @@ class Guard:
         for entry in entries:
             if entry.get("kind") == "process" and isinstance(entry.get("pid"), int):
                 self.pids.append((int(entry["pid"]), entry.get("start_time")))  # type: ignore[arg-type]
-        for entry in entries:
-            name = entry.get("name")
-            if entry.get("kind") == "namespace" and isinstance(name, str) and name in namespaces():
+        names = [str(e["name"]) for e in entries if e.get("kind") == "namespace" and isinstance(e.get("name"), str)]
+        names += self.namespaces
+        for name in names:
+            if name in namespaces():
                 listed = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout
                 self.pids += [(int(pid), None) for pid in listed.split()]
         for pid, start_time in self.pids:
@@ -61,10 +63,10 @@ class Guard:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        for entry in entries:
-            name = entry.get("name")
-            if entry.get("kind") == "namespace" and isinstance(name, str) and name in namespaces():
+        for name in names:
+            if name in namespaces():
                 subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        for entry in entries:
             root = entry.get("copy_root")
             if isinstance(root, str) and Path(root).exists():
                 self.paths.append(Path(root))

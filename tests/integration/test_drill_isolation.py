@@ -126,10 +126,10 @@ def test_the_copy_answers_inside_its_namespace_and_cannot_reach_production(
         pid = started.entry.pid  # type: ignore[union-attr]
         assert pid and Path(root, ".patchdrill", "web.pid").read_text().split()[0] == str(pid)
 
-        stopped = stop_copy(target, started.entry, grace=5)
+        stopped = stop_copy(target, started.entry, run_id=run_id, grace=5)
         assert stopped.action == f"sent TERM to pid {pid}"
         assert proc_start_time(pid) is None or Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z"
-        again = stop_copy(target, started.entry, grace=5)
+        again = stop_copy(target, started.entry, run_id=run_id, grace=5)
         assert again.action == f"pid {pid} had already exited"
 
         report = cleanup_run(store, run_id, lambda host: SshConnector(ssh_host_config))
@@ -271,44 +271,76 @@ def test_recorded_but_never_created_is_cleaned_as_gone(store: LocalBlobStore, ru
 
 def test_hostile_ledger_entries_touch_nothing_outside_the_drill(store: LocalBlobStore, run_id: str, guard: Guard,
                                                                 tmp_path: Path, ssh_host_config: HostConfig) -> None:
-    """Entries that are valid in form but point at things the drill does not own: a directory
-    without this run's marker, a path behind a symbolic link out of the copy root, a path under
-    a root the ledger never recorded, and a process of someone else's."""
+    """Entries that are valid in form but point at things the drill does not own: a path behind
+    a symbolic link out of the copy root, a directory without this run's marker, a path under a
+    root the ledger never recorded, someone else's running process (with its true pid and start
+    time) under the drill's own root and under a foreign one, and a namespace this run did not
+    make, with a process in it."""
     decoy = tmp_path / "decoy" / "important"
     decoy.mkdir(parents=True)
     (decoy / "keep.txt").write_text("precious")
     root = tmp_path / "copy"
-    target = SshConnector(ssh_host_config)
-    try:
+    victim = f"pdx-victim-{run_id[-8:]}"
+    subprocess.run(["ip", "netns", "add", victim], check=True)
+    guard.namespaces.append(victim)
+    inside_victim = subprocess.Popen(["ip", "netns", "exec", victim, "sleep", "300"])
+    bystander = subprocess.Popen(["sleep", "300"])
+    for process in (inside_victim, bystander):
+        guard.keep_pid(process.pid)
+    identity = {"pid": bystander.pid, "start_time": proc_start_time(bystander.pid),
+                "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip()}
+    with SshConnector(ssh_host_config) as target:
         ledger = Ledger(store, run_id)
         claim_copy_root(target, ledger, member="m", root=str(root))
-        (root / "escape").symlink_to(decoy)
-        ledger.record("path", host=target.name, member="m", copy_root=str(root), path=f"{root}/escape/keep.txt")
-        ledger.record("copy-root", host=target.name, member="m", copy_root=str(decoy))
-        ledger.record("path", host=target.name, member="m", copy_root=str(tmp_path / "elsewhere"),
-                      path=str(tmp_path / "elsewhere" / "x"))
-        bystander = subprocess.Popen(["sleep", "300"])
-        guard.keep_pid(bystander.pid)
-        ledger.record("process", host=target.name, member="m", copy_root=str(tmp_path / "elsewhere"),
-                      pidfile=str(tmp_path / "elsewhere" / "p.pid"), pid=bystander.pid,
-                      start_time=proc_start_time(bystander.pid), boot_id=Path("/proc/sys/kernel/random/boot_id").read_text().strip())
-        report = cleanup_run(store, run_id, lambda host: SshConnector(ssh_host_config))
-    finally:
-        target.close()
+    (root / "escape").symlink_to(decoy)
+    ledger.record("path", host=target.name, member="m", copy_root=str(root), path=f"{root}/escape/keep.txt")
+    ledger.record("copy-root", host=target.name, member="m", copy_root=str(decoy))
+    ledger.record("path", host=target.name, member="m", copy_root=str(tmp_path / "elsewhere"),
+                  path=str(tmp_path / "elsewhere" / "x"))
+    ledger.record("process", host=target.name, member="m", copy_root=str(tmp_path / "elsewhere"),
+                  pidfile=str(tmp_path / "elsewhere" / "p.pid"), **identity)
+    ledger.record("process", host=target.name, member="m", copy_root=str(root), pidfile=f"{root}/.patchdrill/m.pid",
+                  **identity)
+    ledger.record("namespace", host=target.name, member="m", name=victim)
+
+    report = cleanup_run(store, run_id, lambda host: SshConnector(ssh_host_config))
+
     assert not report.ok and not report.closed
     by_seq = {item.seq: item for item in report.items}
-    assert not by_seq[1].verified and by_seq[1].action.startswith("refused:")
     assert "outside the copy root" in by_seq[1].action
-    assert not by_seq[2].verified and by_seq[2].action.startswith("refused:")
     assert "no drill marker of this run" in by_seq[2].action
-    assert not by_seq[3].verified and by_seq[3].action.startswith("refused:")
-    assert not by_seq[4].verified and by_seq[4].action.startswith("refused:")
+    assert "is not a copy root this drill's ledger recorded" in by_seq[3].action
+    assert "is not a copy root this drill's ledger recorded" in by_seq[4].action
+    assert f"refusing to signal pid {bystander.pid}" in by_seq[5].action
+    assert f"namespace {victim} is not the one this run makes" in by_seq[6].action
+    for seq in range(1, 7):
+        assert by_seq[seq].action.startswith("refused:") and not by_seq[seq].verified, by_seq[seq]
     assert by_seq[0].verified  # the drill's own root went, its link with it, not what the link named
     assert (decoy / "keep.txt").read_text() == "precious"
-    assert bystander.poll() is None
-    bystander.kill()
-    bystander.wait()
+    assert bystander.poll() is None and inside_victim.poll() is None
+    assert victim in namespaces()
     assert not Ledger(store, run_id).is_closed()
+
+
+def test_a_reused_pid_is_left_alone_and_counts_as_ours_gone(store: LocalBlobStore, run_id: str, guard: Guard,
+                                                            tmp_path: Path, ssh_host_config: HostConfig) -> None:
+    """The recorded pid now belongs to another process (its start time differs): cleanup must
+    not signal it, and may call ours gone."""
+    other = subprocess.Popen(["sleep", "300"])
+    guard.keep_pid(other.pid)
+    root = tmp_path / "reused"
+    with SshConnector(ssh_host_config) as target:
+        ledger = Ledger(store, run_id)
+        claim_copy_root(target, ledger, member="m", root=str(root))
+    ledger.record("process", host=target.name, member="m", copy_root=str(root), pidfile=f"{root}/.patchdrill/m.pid",
+                  pid=other.pid, start_time=proc_start_time(other.pid) - 1,  # type: ignore[operator]
+                  boot_id=Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    report = cleanup_run(store, run_id, lambda host: SshConnector(ssh_host_config))
+    assert report.ok, report.summary()
+    process = report.items[0]
+    assert f"pid {other.pid} now belongs to another process" in process.action
+    assert "ours is gone" in process.evidence
+    assert other.poll() is None
 
 
 # -- the worst bug: a cleanup that reports success having done nothing ------------------------

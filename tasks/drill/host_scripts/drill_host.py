@@ -9,8 +9,10 @@ namespace). Every subcommand prints one JSON object on stdout.
         stdout and stderr to LOGFILE; write "PID START_TIME BOOT_ID" to PIDFILE.
         -> {"pid", "start_time", "boot_id"}
     stop GRACE JSON
-        JSON: {"pidfile": path or null, "processes": [{"pid", "start_time", "boot_id"}]}; the
-        pidfile's process is added when it names one. SIGTERM each process (and its process
+        JSON: {"pidfile", "root", "marker", "processes": [{"pid", "start_time", "boot_id"}]};
+        with no process given, the pidfile's. A running process is signalled only when the
+        pidfile, under a ROOT marked with this run's MARKER text, names it (exit 3 otherwise).
+        SIGTERM each process (and its process
         group, when it leads one) that is still the recorded one (same pid, start time and
         boot id: a reused pid is another process and is left alone), SIGKILL what is left
         after GRACE seconds, wait for it to go.
@@ -168,11 +170,28 @@ def stop_processes(grace: float, targets: list[dict]) -> list[dict]:
     return report
 
 
+def _marked(root: str, marker_text: str) -> bool:
+    try:
+        with open(os.path.join(root, MARKER), encoding="utf-8") as handle:
+            return handle.read().strip() == marker_text
+    except OSError:
+        return False
+
+
 def stop(grace: float, request: dict) -> dict:
+    """Stop the process a drill started: the one its pidfile names, under a copy root that
+    carries this run's marker. A pid the ledger recorded is signalled only when that pidfile
+    agrees (same pid and start time): a ledger alone cannot get any other process killed."""
+    found = read_pidfile(request["pidfile"]) if _marked(request["root"], request["marker"]) else {"found": False}
     targets = list(request.get("processes", []))
-    found = read_pidfile(request["pidfile"]) if request.get("pidfile") else {"found": False}
-    if found["found"] and all(t["pid"] != found["pid"] for t in targets):
+    if not targets and found["found"]:
         targets.append({"pid": found["pid"], "start_time": found["start_time"], "boot_id": found["boot_id"]})
+    for target in targets:
+        state = _state_of(target["pid"], target["start_time"], target.get("boot_id"))
+        corroborated = found["found"] and (found["pid"], found["start_time"]) == (target["pid"], target["start_time"])
+        if state == "running" and not corroborated:
+            refuse(f"refusing to signal pid {target['pid']}: it is running, but no pidfile of this run's copy "
+                   f"({request['pidfile']}) names it")
     return {"processes": stop_processes(grace, targets), "pidfile": found}
 
 
@@ -332,14 +351,8 @@ def remove(root: str, marker_text: str, path: str) -> dict:
     kind = _kind(target)
     if kind is None:
         return {"existed": False, "removed": False, "error": None}
-    try:
-        with open(os.path.join(real_root, MARKER), encoding="utf-8") as handle:
-            claimed = handle.read().strip()
-    except OSError:
-        claimed = None
-    if claimed != marker_text:
-        refuse(f"refusing to remove {path}: {real_root} holds no drill marker of this run "
-             f"({MARKER} {'missing' if claimed is None else 'names another run'})")
+    if not _marked(real_root, marker_text):
+        refuse(f"refusing to remove {path}: {real_root} holds no drill marker of this run ({MARKER})")
     try:
         if kind == "directory":
             # rmtree never follows a link out of the tree (it unlinks the link itself).
