@@ -203,8 +203,23 @@ def render(spec: ControlSpec, context: CopyContext, *, run_id: str) -> Rendered:
                     fill(spec.verify, context, sh) if spec.verify else None)
 
 
+#: the operating system each preset needs (the command preset runs on either)
+PRESET_OS: dict[str, str] = {"process": "linux", "systemd": "linux", "libvirt": "linux",
+                             "windows-service": "windows", "hyperv": "windows"}
+
+
+def check_preset(preset: str, *, member: str, host: str, os_family: str) -> None:
+    """Fail with one line naming the member when its preset cannot run on its target's OS."""
+    needs = PRESET_OS.get(preset)
+    if needs is not None and needs != os_family:
+        raise TemplateError(f"member {member!r}: start/stop preset {preset!r} needs a "
+                            f"{needs.capitalize()} target; {host} is a {os_family.capitalize()} host")
+
+
 def render_for(connector: Connector, spec: ControlSpec, context: CopyContext, *, run_id: str) -> Rendered:
-    """render() with the command preset's templates quoted for the target's shell."""
+    """render() for the member's target: the preset must suit its OS, and the command preset's
+    templates are quoted for its shell."""
+    check_preset(spec.preset, member=context.member, host=connector.name, os_family=connector.os_family)
     rendered = render(spec, context, run_id=run_id)
     if rendered.preset != "command" or connector.os_family != "windows":
         return rendered
@@ -323,7 +338,7 @@ def stop_copy(connector: Connector, entry: Resource, *, run_id: str, grace: floa
 
 
 __all__ = [
-    "PRESETS", "ControlSpec", "stopped_check", "unit_stopped_check", "CopyContext", "Preset", "Rendered", "Started", "Stopped", "TemplateError", "fill",
+    "PRESETS", "PRESET_OS", "check_preset", "ControlSpec", "stopped_check", "unit_stopped_check", "CopyContext", "Preset", "Rendered", "Started", "Stopped", "TemplateError", "fill",
     "render", "render_for", "start_copy", "state_paths", "stop_copy", "stop_process",
     "unit_name", "wait_listening",
 ]

@@ -20,6 +20,7 @@ from tasks.drill.control import (
     ControlSpec,
     CopyContext,
     TemplateError,
+    check_preset,
     fill,
     render,
     state_paths,
@@ -171,3 +172,19 @@ def test_the_unit_check_passes_only_for_a_stopped_unit(tmp_path: Path, state: st
     done = subprocess.run(["sh", "-c", unit_stopped_check("pd-web-01.service")],
                           env={**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin"}, check=False)
     assert (done.returncode == 0) is stopped
+
+
+@pytest.mark.parametrize(("preset", "os_family", "needs"), [
+    ("process", "windows", "Linux"), ("systemd", "windows", "Linux"), ("libvirt", "windows", "Linux"),
+    ("windows-service", "linux", "Windows"), ("hyperv", "linux", "Windows"),
+])
+def test_a_preset_on_the_wrong_os_is_one_line_naming_the_member(preset: str, os_family: str, needs: str) -> None:
+    with pytest.raises(TemplateError) as caught:
+        check_preset(preset, member="sql-01", host="dr-9", os_family=os_family)
+    assert str(caught.value) == (f"member 'sql-01': start/stop preset {preset!r} needs a {needs} target; "
+                                 f"dr-9 is a {os_family.capitalize()} host")
+
+
+def test_the_command_preset_runs_on_either_os() -> None:
+    for os_family in ("linux", "windows"):
+        check_preset("command", member="m", host="h", os_family=os_family)
