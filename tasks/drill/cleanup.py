@@ -69,6 +69,11 @@ class CleanupItem:
     verified: bool
     evidence: str
 
+    def record(self) -> dict[str, object]:
+        """The fields a drill's evidence record keeps per cleanup item (no sequence number)."""
+        return {"member": self.member, "kind": self.kind, "target": self.target, "identifier": self.identifier,
+                "action": self.action, "verified": self.verified, "evidence": self.evidence}
+
 
 @dataclass(frozen=True)
 class CleanupReport:

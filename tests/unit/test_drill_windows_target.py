@@ -90,6 +90,9 @@ def test_a_windows_service_copy_is_recorded_started_stopped_and_proven(tmp_path:
     assert report.ok and report.closed, report.summary()
     assert [(item.kind, item.identifier) for item in report.items] == [("service", HOSTILE_SERVICE), ("copy-root", ROOT)]
     assert "exited 0" in report.items[0].evidence
+    assert report.items[0].record() == {
+        "member": "sql-01", "kind": "service", "target": "win-dr", "identifier": HOSTILE_SERVICE,
+        "action": f"Stop-Service {HOSTILE_SERVICE}: exit 0", "verified": True, "evidence": report.items[0].evidence}
     assert not target.running and not target.root_exists
     quoted = "'SQL Copy \u2019\u2019; Stop-Computer -Force; '''"
     assert f"Start-Service -Name {quoted}" in target.sent and f"Stop-Service -Name {quoted} -Force" in target.sent
