@@ -247,6 +247,7 @@ def test_cleanup_after_a_controller_killed_mid_drill_works_from_the_ledger_alone
     # Cleaning up again finds everything gone, says so, and still proves it.
     second = cleanup_run(store, run_id, lambda host: SshConnector(ssh_host_config), grace=5)
     assert second.ok and second.closed
+    assert sum(isinstance(entry, ClosedEntry) for entry in Ledger(store, run_id).read()) == 1
     actions = {item.kind: item.action for item in second.items}
     assert actions["namespace"] == f"namespace {made['namespace']} was already gone"
     assert actions["copy-root"] == "was already gone" and actions["path"] == "was already gone"
@@ -489,7 +490,8 @@ def controller() -> LocalConnector:
 def test_the_controller_as_target_isolates_starts_and_cleans_up(controller: LocalConnector, store: LocalBlobStore,
                                                                  run_id: str, guard: Guard, tmp_path: Path) -> None:
     ledger = Ledger(store, run_id)
-    root = str(tmp_path / "local-copy")
+    # A copy root whose name a shell would trip over if anything forgot to quote it.
+    root = str(tmp_path / "it's a copy; $(touch pwned) `x`")
     claim_copy_root(controller, ledger, member="app", root=root)
     namespace = create_namespace(controller, ledger, member="app")
     port = free_port("127.0.0.1")
@@ -508,6 +510,8 @@ def test_the_controller_as_target_isolates_starts_and_cleans_up(controller: Loca
     assert [item.kind for item in report.items] == ["process", "namespace", "copy-root"]
     assert f"pid {started.entry.pid} (from the ledger)" in report.items[0].evidence  # type: ignore[union-attr]
     assert namespace.name not in namespaces() and not Path(root).exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["store"]
+    assert not Path("pwned").exists() and not (tmp_path / "pwned").exists()
 
 
 def test_a_copy_that_nothing_can_check_is_a_failure_not_a_success(controller: LocalConnector, store: LocalBlobStore,
