@@ -9,7 +9,6 @@ commands, so a failing test leaves no namespace or process behind.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -462,21 +461,6 @@ def test_an_unreachable_target_fails_the_cleanup_and_keeps_the_ledger_open(
     assert not report.ok and not report.closed
     [item] = report.items
     assert "cannot open a connection to dr-gone" in item.action and item.evidence.startswith("NOT verified")
-
-
-def test_windows_targets_have_no_namespaces(tmp_path: Path) -> None:
-    """No Windows here: a WinRM connector is built but never connects; the check reads its OS
-    family only."""
-    from connectors.winrm import WinRmConnector
-
-    windows = WinRmConnector(HostConfig(name="win-dr", transport="winrm", os_family="windows", address="192.0.2.9",
-                                        user="u", password="env:NOPE"))
-    with pytest.raises(isolation.IsolationUnsupported) as caught:
-        isolation.require_isolation(windows, "sql-01", "netns")
-    assert str(caught.value).startswith("member 'sql-01': isolation 'netns' needs a Linux target; win-dr")
-    assert "'none'" in str(caught.value)
-    isolation.require_isolation(windows, "sql-01", "none")
-    os.environ.pop("NOPE", None)
 
 
 # -- the controller itself as the DR target (connectors/local.py) ----------------------------
