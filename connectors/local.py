@@ -36,7 +36,7 @@ class LocalConnector(Connector):
 
     def __init__(self, settings: LocalSettings) -> None:
         if not isinstance(settings, LocalSettings):
-            raise ValueError(f"host {settings.name!r}: transport is {settings.transport!r}; LocalConnector needs 'local'")
+            raise ValueError(f"host {getattr(settings, 'name', '?')!r}: LocalConnector takes LocalSettings (connectors.settings_for), not {type(settings).__name__}")
         self.settings = settings
         self.name = settings.name
         self.os_family = "linux"

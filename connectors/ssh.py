@@ -127,7 +127,7 @@ class SshConnector(Connector):
 
     def __init__(self, settings: SshSettings, *, retry: RetryPolicy | None = None) -> None:
         if not isinstance(settings, SshSettings):
-            raise ValueError(f"host {settings.name!r}: SshConnector needs transport 'ssh', not {settings.transport!r}")
+            raise ValueError(f"host {getattr(settings, 'name', '?')!r}: SshConnector takes SshSettings (connectors.settings_for), not {type(settings).__name__}")
         self.settings = settings
         self.name = settings.name
         self.retry = retry or RetryPolicy()

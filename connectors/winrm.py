@@ -143,7 +143,7 @@ class WinRmConnector(Connector):
         a "still running" fault after it and the connector asks again); `max_transfer_bytes`:
         the largest file put/get will copy."""
         if not isinstance(settings, WinRmSettings):
-            raise ValueError(f"host {settings.name!r}: transport is {settings.transport!r}; WinRmConnector needs 'winrm'")
+            raise ValueError(f"host {getattr(settings, 'name', '?')!r}: WinRmConnector takes WinRmSettings (connectors.settings_for), not {type(settings).__name__}")
         if operation_timeout < 1:
             raise ValueError(f"host {settings.name!r}: operation_timeout must be at least 1 second")
         self.settings = settings

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from configs.models import HostConfig
+from connectors import connect
 from connectors.local import LocalConnector
 from connectors.ssh import SshConnector
 from connectors.stores.local import LocalBlobStore
@@ -60,7 +61,7 @@ def outside_address() -> str | None:
 
 @pytest.fixture
 def target(ssh_host_config: HostConfig) -> Iterator[SshConnector]:
-    connector = SshConnector(ssh_host_config)
+    connector = connect(ssh_host_config)
     yield connector
     connector.close()
 
@@ -131,7 +132,7 @@ def test_the_copy_answers_inside_its_namespace_and_cannot_reach_production(
         again = stop_copy(target, started.entry, run_id=run_id, grace=5)
         assert again.action == f"pid {pid} had already exited"
 
-        report = cleanup_run(store, run_id, lambda host: SshConnector(ssh_host_config))
+        report = cleanup_run(store, run_id, lambda host: connect(ssh_host_config))
         assert report.ok, report.summary()
         assert namespace.name not in namespaces() and not Path(root).exists()
     finally:
@@ -178,7 +179,7 @@ def test_a_plain_process_without_isolation_starts_and_stops(target: SshConnector
                          CopyContext(member="plain", root=root, port=port))
     assert wait_listening(target, port, namespace=None, timeout=30)
     assert connects("127.0.0.1", port)
-    report = cleanup_run(store, run_id, lambda host: SshConnector(ssh_host_config), grace=5)
+    report = cleanup_run(store, run_id, lambda host: connect(ssh_host_config), grace=5)
     assert report.ok, report.summary()
     process = next(item for item in report.items if item.kind == "process")
     assert f"127.0.0.1:{port} on {ssh_host_config.name}: ECONNREFUSED" in process.evidence
@@ -189,7 +190,7 @@ def test_a_plain_process_without_isolation_starts_and_stops(target: SshConnector
 CRASHING_CONTROLLER = """
 import json, sys, time
 from configs.models import HostConfig
-from connectors.ssh import SshConnector
+from connectors import connect
 from connectors.stores.local import LocalBlobStore
 from tasks.drill.control import ControlSpec, CopyContext, start_copy, wait_listening
 from tasks.drill.copies import claim_copy_root, record_path
@@ -197,7 +198,7 @@ from tasks.drill.isolation import create_namespace
 from tasks.drill.ledger import Ledger
 
 config, store_dir, run_id, root, port = sys.argv[1:]
-target = SshConnector(HostConfig.model_validate_json(config))
+target = connect(HostConfig.model_validate_json(config))
 ledger = Ledger(LocalBlobStore(store_dir), run_id)
 claim_copy_root(target, ledger, member="db", root=root)
 record_path(target, ledger, member="db", root=root, path=root + "/disk.img")
@@ -232,7 +233,7 @@ def test_cleanup_after_a_controller_killed_mid_drill_works_from_the_ledger_alone
     assert made["namespace"] in namespaces() and proc_start_time(made["pid"]) is not None
     assert in_namespace(made["namespace"], f"import socket; socket.create_connection(('127.0.0.1', {port}), 5)").returncode == 0
 
-    report = cleanup_run(store, run_id, lambda host: SshConnector(ssh_host_config), grace=5)
+    report = cleanup_run(store, run_id, lambda host: connect(ssh_host_config), grace=5)
 
     assert report.ok, report.summary()
     assert [item.kind for item in report.items] == ["process", "namespace", "path", "copy-root"]
@@ -244,7 +245,7 @@ def test_cleanup_after_a_controller_killed_mid_drill_works_from_the_ledger_alone
     assert isinstance(entries[-1], ClosedEntry) and entries[-1].items == 4
 
     # Cleaning up again finds everything gone, says so, and still proves it.
-    second = cleanup_run(store, run_id, lambda host: SshConnector(ssh_host_config), grace=5)
+    second = cleanup_run(store, run_id, lambda host: connect(ssh_host_config), grace=5)
     assert second.ok and second.closed
     assert sum(isinstance(entry, ClosedEntry) for entry in Ledger(store, run_id).read()) == 1
     actions = {item.kind: item.action for item in second.items}
@@ -263,7 +264,7 @@ def test_recorded_but_never_created_is_cleaned_as_gone(store: LocalBlobStore, ru
     ledger.record("namespace", host=ssh_host_config.name, member="m", name=namespace_name(run_id, "m"))
     ledger.record("process", host=ssh_host_config.name, member="m", copy_root=root,
                   pidfile=f"{root}/.patchdrill/m.pid", namespace=namespace_name(run_id, "m"), port=free_port("127.0.0.1"))
-    report = cleanup_run(store, run_id, lambda host: SshConnector(ssh_host_config))
+    report = cleanup_run(store, run_id, lambda host: connect(ssh_host_config))
     assert report.ok, report.summary()
     process = report.items[0]
     assert "never started" in process.action and "is gone, nothing can listen in it" in process.evidence
@@ -289,7 +290,7 @@ def test_hostile_ledger_entries_touch_nothing_outside_the_drill(store: LocalBlob
         guard.keep_pid(process.pid)
     identity = {"pid": bystander.pid, "start_time": proc_start_time(bystander.pid),
                 "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip()}
-    with SshConnector(ssh_host_config) as target:
+    with connect(ssh_host_config) as target:
         ledger = Ledger(store, run_id)
         claim_copy_root(target, ledger, member="m", root=str(root))
     (root / "escape").symlink_to(decoy)
@@ -303,7 +304,7 @@ def test_hostile_ledger_entries_touch_nothing_outside_the_drill(store: LocalBlob
                   **identity)
     ledger.record("namespace", host=target.name, member="m", name=victim)
 
-    report = cleanup_run(store, run_id, lambda host: SshConnector(ssh_host_config))
+    report = cleanup_run(store, run_id, lambda host: connect(ssh_host_config))
 
     assert not report.ok and not report.closed
     by_seq = {item.seq: item for item in report.items}
@@ -329,13 +330,13 @@ def test_a_reused_pid_is_left_alone_and_counts_as_ours_gone(store: LocalBlobStor
     other = subprocess.Popen(["sleep", "300"])
     guard.keep_pid(other.pid)
     root = tmp_path / "reused"
-    with SshConnector(ssh_host_config) as target:
+    with connect(ssh_host_config) as target:
         ledger = Ledger(store, run_id)
         claim_copy_root(target, ledger, member="m", root=str(root))
     ledger.record("process", host=target.name, member="m", copy_root=str(root), pidfile=f"{root}/.patchdrill/m.pid",
                   pid=other.pid, start_time=proc_start_time(other.pid) - 1,  # type: ignore[operator]
                   boot_id=Path("/proc/sys/kernel/random/boot_id").read_text().strip())
-    report = cleanup_run(store, run_id, lambda host: SshConnector(ssh_host_config))
+    report = cleanup_run(store, run_id, lambda host: connect(ssh_host_config))
     assert report.ok, report.summary()
     process = report.items[0]
     assert f"pid {other.pid} now belongs to another process" in process.action
@@ -348,7 +349,7 @@ def test_a_reused_pid_is_left_alone_and_counts_as_ours_gone(store: LocalBlobStor
 
 def copy_with_a_disk(store: LocalBlobStore, run_id: str, config: HostConfig, root: Path) -> Path:
     """A claimed copy root on the sshd host holding one recorded, restored disk image."""
-    with SshConnector(config) as target:
+    with connect(config) as target:
         ledger = Ledger(store, run_id)
         claim_copy_root(target, ledger, member="m", root=str(root))
         record_path(target, ledger, member="m", root=str(root), path=f"{root}/disk.img")
@@ -362,7 +363,7 @@ def test_an_immutable_file_that_survives_removal_fails_the_cleanup(store: LocalB
     guard.paths.append(root)
     if subprocess.run(["chattr", "+i", str(root / "disk.img")], capture_output=True).returncode != 0:
         pytest.skip("this file system does not support the immutable attribute")
-    report = cleanup_run(store, run_id, lambda host: SshConnector(ssh_host_config))
+    report = cleanup_run(store, run_id, lambda host: connect(ssh_host_config))
     assert not report.ok and not report.closed
     path, copy_root = report.items
     assert (path.kind, path.verified) == ("path", False)
@@ -380,7 +381,7 @@ def test_a_process_that_survives_a_kill_that_claimed_success_fails_the_cleanup(
     Linux, so "KILL is prevented" is simulated: the host script's stop step is replaced by one
     that signals nothing and reports the process stopped. Verification, which reads /proc on the
     target itself, must see it alive and fail both the process and its namespace."""
-    target = SshConnector(ssh_host_config)
+    target = connect(ssh_host_config)
     ledger = Ledger(store, run_id)
     root = str(tmp_path / "stubborn")
     claim_copy_root(target, ledger, member="m", root=root)
@@ -412,7 +413,7 @@ def test_a_process_that_survives_a_kill_that_claimed_success_fails_the_cleanup(
 
     monkeypatch.setattr(control, "host_script", lying_stop)
     monkeypatch.setattr(isolation, "host_script", lying_stop)
-    report = cleanup_run(store, run_id, lambda host: SshConnector(ssh_host_config), grace=1)
+    report = cleanup_run(store, run_id, lambda host: connect(ssh_host_config), grace=1)
 
     assert not report.ok and not report.closed
     by_kind = {item.kind: item for item in report.items}
@@ -442,7 +443,7 @@ def test_a_path_recreated_after_its_removal_fails_the_cleanup(store: LocalBlobSt
         return action
 
     monkeypatch.setattr(cleanup_module, "remove_path", remove_then_restore)
-    report = cleanup_run(store, run_id, lambda host: SshConnector(ssh_host_config))
+    report = cleanup_run(store, run_id, lambda host: connect(ssh_host_config))
     assert not report.ok
     assert [(item.kind, item.action, item.verified) for item in report.items] == [
         ("path", "removed", False), ("copy-root", "removed", False)]
@@ -468,7 +469,7 @@ def test_an_unreachable_target_fails_the_cleanup_and_keeps_the_ledger_open(
 
 @pytest.fixture
 def controller() -> LocalConnector:
-    return LocalConnector(HostConfig(name="controller-lab", transport="local"))
+    return connect(HostConfig(name="controller-lab", transport="local"))
 
 
 def test_the_controller_as_target_isolates_starts_and_cleans_up(controller: LocalConnector, store: LocalBlobStore,

@@ -16,7 +16,7 @@ import pytest
 from configs.models import HostConfig
 from connectors.base import BootIdentity, CommandResult, Connector, Script
 from connectors.stores.local import LocalBlobStore
-from connectors.winrm import WinRmConnector
+from connectors import connect
 from tasks.drill.cleanup import cleanup_run
 from tasks.drill.control import ControlSpec, CopyContext, start_copy
 from tasks.drill.copies import claim_copy_root
@@ -125,7 +125,7 @@ def test_linux_presets_are_refused_on_a_windows_target_before_anything_is_record
 
 def test_windows_targets_have_no_namespaces() -> None:
     """A WinRM connector is built but never connects: the check reads its OS family only."""
-    windows = WinRmConnector(HostConfig(name="win-dr", transport="winrm", os_family="windows", address="192.0.2.9",
+    windows = connect(HostConfig(name="win-dr", transport="winrm", os_family="windows", address="192.0.2.9",
                                         user="u"))
     with pytest.raises(IsolationUnsupported) as caught:
         require_isolation(windows, "sql-01", "netns")

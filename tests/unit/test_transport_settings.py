@@ -58,7 +58,7 @@ def test_a_connector_is_opened_from_its_settings_alone(tmp_path: Path) -> None:
     win = open_connector(settings_for(HostConfig(name="w", transport="winrm", os_family="windows", user="u",
                                                  password="env:PW")))
     assert isinstance(ssh, SshConnector) and isinstance(win, WinRmConnector)
-    with pytest.raises(ValueError, match="'here'.*needs transport 'ssh', not 'local'"):
+    with pytest.raises(ValueError, match="'here'.*SshConnector takes SshSettings.*not LocalSettings"):
         SshConnector(LocalSettings(name="here"))  # type: ignore[arg-type]
 
 
