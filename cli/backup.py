@@ -235,7 +235,7 @@ def verify(config: ConfigOption = DEFAULT_CONFIG,
     loaded = load_or_exit(config)
     chosen = _policy(config, policy)
     with _progress(not as_json):
-        repo = _run(lambda: open_repository(loaded.config, loaded.base_dir, chosen))
+        repo = _run(lambda: open_repository(loaded.config.storage, loaded.base_dir, chosen))
         report = _run(lambda: verify_repository(repo, host=host, disk=disk, sample_percent=sample))
     emit(vars(report) | {"ok": report.ok}, as_json, lambda _: _render_verify(report))
     if not report.ok:
@@ -263,7 +263,7 @@ def prune(config: ConfigOption = DEFAULT_CONFIG, policy: PolicyOption = None,
 
     loaded = load_or_exit(config)
     chosen = _policy(config, policy)
-    repo = _run(lambda: open_repository(loaded.config, loaded.base_dir, chosen))
+    repo = _run(lambda: open_repository(loaded.config.storage, loaded.base_dir, chosen))
     forgotten, report = _run(lambda: forget_and_prune(repo, chosen.keep, dry_run=dry_run))
     assert report is not None
     summary = {"forgotten": forgotten.forgotten, **vars(report)}
@@ -320,7 +320,7 @@ def repair(config: ConfigOption = DEFAULT_CONFIG, policy: PolicyOption = None, a
     loaded = load_or_exit(config)
     chosen = _policy(config, policy)
     with _progress(not as_json):
-        repo = _run(lambda: open_repository(loaded.config, loaded.base_dir, chosen))
+        repo = _run(lambda: open_repository(loaded.config.storage, loaded.base_dir, chosen))
         report = _run(lambda: repair_repository(repo, partial(live_source, loaded.config, loaded.base_dir),
                                                 workers=chosen.workers))
     emit(vars(report) | {"damaged_points": report.damaged_points, "ok": report.ok}, as_json,

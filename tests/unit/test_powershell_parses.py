@@ -14,7 +14,7 @@ import tree_sitter_powershell
 from tree_sitter import Language, Node, Parser
 
 from connectors import winrm
-from tasks.backup.snapshot import take as snapshot
+from tasks.backup.snapshot import host as snapshot
 from tasks.backup.sources import windows_direct_upload as staged
 from tasks.patching import windows_update
 
