@@ -97,7 +97,8 @@ def _back_up(config_path: str, hosts: list[str] | None, groups: list[str] | None
         return _stopped(reason, work, reports, key)
     reports.sort(key=lambda r: (r.host, r.disk))
 
-    retention = retention_task(config_path, chosen, sorted({r.host for r in reports if r.status == "ok"}))
+    retention = retention_task(loaded.config.storage, loaded.base_dir, chosen,
+                               sorted({r.host for r in reports if r.status == "ok"}))
     _publish(reports, retention, key)
     failed = [r for r in reports if r.status != "ok"]
     if failed:

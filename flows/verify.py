@@ -35,9 +35,11 @@ def verify_run(config_path: str = "configs/lab.yaml", host: OptionalName = None,
     configure()
     if not 0 < sample_percent <= 100:
         raise BackupError(f"sample_percent must be in (0, 100], not {sample_percent}")
+    # Read and validated once: the task gets typed models, never the file again.
     loaded = load_config(Path(config_path))
     chosen = policy_from_config(loaded.config.backup_policies, policy, source=config_path)
-    report = verify_task(config_path, chosen, host=host, disk=disk, sample_percent=sample_percent)
+    report = verify_task(loaded.config.storage, loaded.base_dir, chosen, host=host, disk=disk,
+                         sample_percent=sample_percent)
     rows = ([{"chunk": c, "problem": "missing", "points": ", ".join(p)} for c, p in report.missing.items()]
             + [{"chunk": c, "problem": "corrupt", "points": ", ".join(p)} for c, p in report.corrupt.items()]
             + [{"chunk": "(map)", "problem": why, "points": key} for key, why in report.broken_points.items()])

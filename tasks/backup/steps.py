@@ -19,7 +19,6 @@ from pydantic import BaseModel
 from prefect.cache_policies import NO_CACHE
 from prefect.transactions import CommitMode, transaction
 
-from configs.loader import load_config
 from configs.models import DiskConfig, HostConfig, StorageConfig
 from configs.policies import BackupPolicy
 from connectors import connect
@@ -92,13 +91,12 @@ class RetentionSummary(BaseModel):
 
 
 @task(name="retention", cache_policy=NO_CACHE)
-def retention_task(config_path: str, policy: BackupPolicy, hosts: list[str]) -> RetentionSummary:
+def retention_task(storage: StorageConfig, base_dir: Path, policy: BackupPolicy, hosts: list[str]) -> RetentionSummary:
     """Forget points the policy no longer keeps, then prune (deferred, not failed, if busy)."""
     summary = RetentionSummary()
     if policy.keep.keeps_everything or not hosts:
         return summary  # nothing to forget (no disk backed up: maybe no repository either)
-    loaded = load_config(config_path)
-    repo = open_repository(loaded.config.storage, loaded.base_dir, policy)
+    repo = open_repository(storage, base_dir, policy)
     try:
         # One exclusive lock, taken before anything is forgotten (docs/repository.md, *Locks*).
         forgotten, pruned = forget_and_prune(repo, policy.keep, hosts=hosts,
@@ -111,16 +109,16 @@ def retention_task(config_path: str, policy: BackupPolicy, hosts: list[str]) -> 
 
 
 @task(name="restore-point", task_run_name="restore {host_name}/{disk_name}", cache_policy=NO_CACHE)
-def restore_task(config_path: str, host_name: str, disk_name: str, target: str, policy: BackupPolicy,
-                 point: str | None = None, force: bool = False, include: list[str] | None = None,
-                 target_host: str | None = None) -> RestoreResult:
-    loaded = load_config(config_path)
-    repo = open_repository(loaded.config.storage, loaded.base_dir, policy)
+def restore_task(storage: StorageConfig, base_dir: Path, host_name: str, disk_name: str, target: str,
+                 policy: BackupPolicy, point: str | None = None, force: bool = False,
+                 include: list[str] | None = None, target_host: HostConfig | None = None) -> RestoreResult:
+    """Restore onto this machine, or onto target_host (a host of the config) when it is not local."""
+    repo = open_repository(storage, base_dir, policy)
     chosen = repo.find_point(host_name, disk_name, point)
     if target_host is not None:
-        [host] = loaded.config.select(names=[target_host])
+        host = target_host
         if host.transport != "local":
-            with connect(host, base_dir=loaded.base_dir) as connector:
+            with connect(host, base_dir=base_dir) as connector:
                 existed = connector.run(f"test -e {shlex.quote(target)}", timeout=60).ok
                 with _say_what_an_interruption_left(f"{host.name}:{target}", existed, chosen.key):
                     return restore_to_host(repo, chosen, connector, target, force=force, include=include)
@@ -148,8 +146,7 @@ def _say_what_an_interruption_left(target: str, existed: bool, point: str) -> It
 
 @task(name="verify-repository", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=15,
       retry_condition_fn=retry_transient)
-def verify_task(config_path: str, policy: BackupPolicy, host: str | None = None, disk: str | None = None,
-                sample_percent: float = 100.0) -> VerifyReport:
-    loaded = load_config(config_path)
-    repo = open_repository(loaded.config.storage, loaded.base_dir, policy)
+def verify_task(storage: StorageConfig, base_dir: Path, policy: BackupPolicy, host: str | None = None,
+                disk: str | None = None, sample_percent: float = 100.0) -> VerifyReport:
+    repo = open_repository(storage, base_dir, policy)
     return verify(repo, host=host, disk=disk, sample_percent=sample_percent)
