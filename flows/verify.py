@@ -17,7 +17,9 @@ from tasks.backup.repo.verify import VerifyReport
 
 
 class RepositoryDamaged(BackupError):
-    """Verify found missing or corrupt chunks."""
+    """Verify found missing or corrupt chunks; `report` says which, and which points name them."""
+
+    report: VerifyReport
 
 
 @flow(name="verify-run", log_prints=True, flow_run_name=run_name("verify", "disk"))
@@ -48,5 +50,8 @@ def verify_run(config_path: str = "configs/lab.yaml", host: OptionalName = None,
                           description=f"{current_run_name('verify')}: {report.summary()}")
     if not report.ok:
         # verify() has recorded the damage: the next backup rewrites what the disks still hold.
-        raise RepositoryDamaged(f"{report.summary()}; recorded for the next backup and `patchdrill repair`")
+        damaged = RepositoryDamaged(f"{report.summary()}; recorded for the next backup and `patchdrill repair`")
+        # An attribute, not an __init__ argument: the exception still pickles with Prefect's results.
+        damaged.report = report
+        raise damaged
     return report

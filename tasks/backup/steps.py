@@ -26,7 +26,7 @@ from tasks.backup.cancel import Interrupted
 from tasks.backup.errors import RepositoryBusy
 from tasks.backup.remote_restore import restore_to_host
 from tasks.backup.restore import RestoreResult, restore
-from tasks.backup.repo.retention import PruneReport, forget_and_prune
+from tasks.backup.repo.retention import PruneData, PruneReport, forget_and_prune
 from tasks.backup.disk import (
     DiskReport, DiskSteps, DiskUpload, back_up_disk, open_repository, remove_disk_snapshot, scan_and_upload_disk,
     take_disk_snapshot, write_disk_point,
@@ -91,16 +91,18 @@ class RetentionSummary(BaseModel):
 
 
 @task(name="retention", cache_policy=NO_CACHE)
-def retention_task(storage: StorageConfig, base_dir: Path, policy: BackupPolicy, hosts: list[str]) -> RetentionSummary:
-    """Forget points the policy no longer keeps, then prune (deferred, not failed, if busy)."""
+def retention_task(storage: StorageConfig, base_dir: Path, policy: BackupPolicy, hosts: list[str], *,
+                   dry_run: bool = False, prune_data: PruneData | None = None) -> RetentionSummary:
+    """Forget these hosts' points the policy no longer keeps, then prune (deferred, not failed, if
+    busy). `prune_data` defaults to the policy's: after forgetting something, when policy.prune."""
     summary = RetentionSummary()
-    if policy.keep.keeps_everything or not hosts:
+    mode: PruneData = prune_data or ("after-forget" if policy.prune else "never")
+    if not hosts or (policy.keep.keeps_everything and mode != "always"):
         return summary  # nothing to forget (no disk backed up: maybe no repository either)
     repo = open_repository(storage, base_dir, policy)
     try:
         # One exclusive lock, taken before anything is forgotten (docs/repository.md, *Locks*).
-        forgotten, pruned = forget_and_prune(repo, policy.keep, hosts=hosts,
-                                             prune_data="after-forget" if policy.prune else "never")
+        forgotten, pruned = forget_and_prune(repo, policy.keep, hosts=hosts, prune_data=mode, dry_run=dry_run)
     except RepositoryBusy as exc:
         summary.prune_deferred = str(exc)
         return summary

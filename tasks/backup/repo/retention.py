@@ -83,8 +83,11 @@ def prune(repo: Repository, *, dry_run: bool = False, stale: timedelta = LOCK_ST
         return _prune(repo, dry_run, held.removed_stale)
 
 
+PruneData = Literal["always", "after-forget", "never"]
+
+
 def forget_and_prune(repo: Repository, rules: KeepRules, *, hosts: Sequence[str] | None = None,
-                     prune_data: Literal["always", "after-forget", "never"] = "always", dry_run: bool = False, stale: timedelta = LOCK_STALE,
+                     prune_data: PruneData = "always", dry_run: bool = False, stale: timedelta = LOCK_STALE,
                      lock_wait: timedelta = timedelta(0)) -> tuple[ForgetReport, PruneReport | None]:
     """Retention as one step under one exclusive lock, taken first: beside a running backup this
     raises RepositoryBusy having deleted nothing, never after forgetting points."""
