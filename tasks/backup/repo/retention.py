@@ -127,17 +127,16 @@ def _prune(repo: Repository, dry_run: bool, stale_removed: list[str]) -> PruneRe
     live = referenced_chunks(repo, points)
     live_maps = {p.map.id for p in points}
     # Uncommitted too: a chunk upload killed midway (the SDK uploads blocks past 64 MiB).
-    for info in list(repo.store.list("chunks/", uncommitted=True)):
-        chunk_id = info.key.rsplit("/", 1)[1]
-        if bytes.fromhex(chunk_id) in live:
+    for chunk_id, info in list(repo.chunk_blobs(uncommitted=True)):
+        if chunk_id in live:
             report.chunks_kept += 1
             continue
         report.chunks_deleted += 1
         report.bytes_freed += info.size
         if not dry_run:
             _delete(repo, info.key)
-    for info in list(repo.store.list("maps/")):
-        if info.key.rsplit("/", 1)[1] not in live_maps:
+    for map_id, info in list(repo.map_blobs()):
+        if map_id not in live_maps:
             report.maps_deleted += 1
             report.bytes_freed += info.size
             if not dry_run:
