@@ -97,7 +97,7 @@ def retention_task(storage: StorageConfig, base_dir: Path, policy: BackupPolicy,
     busy). `prune_data` defaults to the policy's: after forgetting something, when policy.prune."""
     summary = RetentionSummary()
     mode: PruneData = prune_data or ("after-forget" if policy.prune else "never")
-    if not hosts or (policy.keep.keeps_everything and mode != "always"):
+    if mode != "always" and (not hosts or policy.keep.keeps_everything):
         return summary  # nothing to forget (no disk backed up: maybe no repository either)
     repo = open_repository(storage, base_dir, policy)
     try:
