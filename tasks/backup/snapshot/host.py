@@ -17,7 +17,7 @@ import structlog
 from configs.models import DiskConfig, HostConfig
 from configs.policies import SnapshotPolicy
 from configs.secrets import redact
-from connectors.base import CommandResult, Connector, HostTimeout
+from connectors.base import CommandResult, Connector, HostTimeout, last_lines
 from tasks.backup.snapshot.view import HostCheck, RemovalStep, Snapshot, SnapshotError, SnapshotRecord
 
 log = structlog.stdlib.get_logger("patchdrill.backup")
@@ -81,13 +81,13 @@ class SnapshotHost:
         result = self.connector.run_script(VSS_REMOVE_SCRIPT, ["-ShadowId", shadow_id, "-SnapshotId", self.snapshot_id],
                                            timeout=HELPER_TIMEOUT)
         if not result.ok:
-            raise self.error(f"{VSS_REMOVE_SCRIPT.name} exited {result.exit_code}: {_tail(result.stderr) or 'no error text'}")
+            raise self.error(f"{VSS_REMOVE_SCRIPT.name} exited {result.exit_code}: {_said(result) or 'no error text'}")
         self.json_line(result, VSS_REMOVE_SCRIPT.name)
 
     def vss_check(self, shadow_id: str) -> None:
         result = self.connector.run_script(VSS_REMOVE_SCRIPT, ["-ShadowId", shadow_id, "-CheckOnly"], timeout=HELPER_TIMEOUT)
         if not result.ok:
-            raise self.error(f"cannot check shadow copy {shadow_id}: {_tail(result.stderr) or f'exit {result.exit_code}'}")
+            raise self.error(f"cannot check shadow copy {shadow_id}: {_said(result) or f'exit {result.exit_code}'}")
         if self.json_line(result, VSS_REMOVE_SCRIPT.name).get("shadow") != "present":
             raise self.error(f"shadow copy {shadow_id} is gone (VSS deletes copies whose diff area fills up): "
                              "the data read from it cannot be trusted")
@@ -96,10 +96,10 @@ class SnapshotHost:
         """Run one linux_snapshot.sh action; its key=value lines as a dict."""
         result = self.connector.run_script(LINUX_SCRIPT, [action, *args], timeout=HELPER_TIMEOUT)
         if result.exit_code == _EXIT_NOT_APPLICABLE:
-            raise NotApplicable(_tail(result.stderr))
+            raise NotApplicable(_said(result))
         if not result.ok:
             what = "no longer holds" if result.exit_code == _EXIT_INVALID else f"{action} failed (exit {result.exit_code})"
-            raise self.error(f"snapshot {self.snapshot_id} {what}: {_tail(result.stderr) or 'no error text'}")
+            raise self.error(f"snapshot {self.snapshot_id} {what}: {_said(result) or 'no error text'}")
         pairs = (line.partition("=") for line in result.stdout.splitlines() if "=" in line)
         return {key: value for key, _, value in pairs}
 
@@ -116,7 +116,7 @@ class SnapshotHost:
         except json.JSONDecodeError:
             report = None
         if not isinstance(report, dict):
-            raise self.error(f"{script} printed no JSON report: {_tail(result.stdout) or 'nothing'}")
+            raise self.error(f"{script} printed no JSON report: {redact(last_lines(result.stdout, 5)) or 'nothing'}")
         return report
 
     def user_script(self, phase: Literal["pre", "post"], command: str) -> str | None:
@@ -140,7 +140,7 @@ class SnapshotHost:
             return None
         if self.host.os_family == "linux" and result.exit_code in (124, 137):
             return f"{phase}-script timed out after {timeout:g}s and was stopped"
-        return f"{phase}-script exited {result.exit_code}" + (f": {_tail(result.stderr)}" if result.stderr.strip() else "")
+        return f"{phase}-script exited {result.exit_code}" + (f": {_said(result)}" if result.stderr.strip() else "")
 
     def user_script_or_raise(self, phase: Literal["pre", "post"]) -> None:
         command = self.policy.post_script if phase == "post" else self.policy.pre_script
@@ -161,5 +161,6 @@ def attach(record: SnapshotRecord, connector: Connector, host: HostConfig, disk:
                     _check=record.check, _runner=SnapshotHost(connector, host, disk, policy, record.snapshot_id))
 
 
-def _tail(text: str, lines: int = 5) -> str:
-    return redact(" | ".join(text.strip().splitlines()[-lines:]))
+def _said(result: CommandResult) -> str:
+    """The tail of what a failed helper printed, with any secret it echoed redacted."""
+    return redact(result.tail())

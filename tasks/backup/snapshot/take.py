@@ -48,9 +48,9 @@ from typing import Any
 from configs.models import DiskConfig, HostConfig
 from configs.policies import SnapshotPolicy
 from configs.secrets import redact
-from connectors.base import Connector, ConnectorError
+from connectors.base import Connector, ConnectorError, last_lines
 from tasks.backup.repo.repository import Consistency
-from tasks.backup.snapshot.host import HELPER_TIMEOUT, VSS_SCRIPT, NotApplicable, SnapshotHost, _tail
+from tasks.backup.snapshot.host import HELPER_TIMEOUT, VSS_SCRIPT, NotApplicable, SnapshotHost, _said
 from tasks.backup.snapshot.view import (
     APPLICATION, CRASH, FILE_SYSTEM, HostCheck, RemovalStep, Snapshot, SnapshotError,
 )
@@ -231,11 +231,11 @@ class _Taking(SnapshotHost):
             args.append("-AllowFallback")
         result = self.connector.run_script(VSS_SCRIPT, args, timeout=HELPER_TIMEOUT)
         if not result.ok:
-            raise self.error(f"VSS shadow copy failed (exit {result.exit_code}): {_tail(result.stderr) or 'no error text'}")
+            raise self.error(f"VSS shadow copy failed (exit {result.exit_code}): {_said(result) or 'no error text'}")
         report = self.json_line(result, VSS_SCRIPT.name)
         shadow_id = str(report.get("id") or "")
         if not _GUID.match(shadow_id) or not report.get("read_path"):
-            raise self.error(f"{VSS_SCRIPT.name} reported no shadow copy id or read path: {_tail(result.stdout)}")
+            raise self.error(f"{VSS_SCRIPT.name} reported no shadow copy id or read path: {redact(last_lines(result.stdout, 5))}")
         writers = [{"name": str(w.get("name")), "state": w.get("state"), "state_text": w.get("state_text")}
                    for w in report.get("writers") or []]
         if report.get("fallback_reason"):

@@ -259,8 +259,8 @@ def check_direct_upload(store: BlobStore, host: str, disk: str, kind: str) -> No
 
 def _report(result: CommandResult, model: type[BaseModel], doing: str) -> BaseModel:
     if not result.ok:
-        problem = result.stderr.strip().splitlines()[-1:] or [f"exit {result.exit_code}"]
-        raise SourceError(f"host {result.host}: {doing} failed: {problem[0]}")
+        raise SourceError(f"host {result.host}: {doing} failed: "
+                          f"{result.tail(1) or f'exit {result.exit_code}'}")
     try:
         return model.model_validate_json(result.stdout.strip())
     except ValidationError as exc:
