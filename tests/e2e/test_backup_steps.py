@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from uuid import UUID
@@ -24,6 +25,7 @@ from tests.hosts.loopfs import xfs  # noqa: F401 - a fixture
 pytestmark = pytest.mark.e2e
 BLOCK = 64 * 1024
 STEPS = ("snapshot", "scan and upload", "recovery point", "remove snapshot")
+FINAL = {"Completed", "Failed", "Crashed", "Cancelled", "RolledBack"}
 
 
 def _task_runs(flow_run_id: UUID) -> list[TaskRun]:
@@ -52,6 +54,21 @@ def _steps_of(runs: list[TaskRun], disk: str) -> list[tuple[str, str]]:
     return [(step, r.state_name or "") for r in ordered for step in STEPS if r.name == f"{step} lab-1/{disk}"]
 
 
+def _recorded_steps(flow_run_id: UUID, disk: str, count: int) -> list[tuple[str, str]]:
+    """The disk's step runs once the server has recorded `count` of them in a final state: task
+    run states reach it as events, written a moment after the flow itself has returned."""
+    deadline = time.monotonic() + 120
+    while True:
+        runs = _task_runs(flow_run_id)
+        steps = _steps_of(runs, disk)
+        disk_runs = [r.state_name for r in runs if r.name == f"backup lab-1/{disk}"]
+        settled = len(steps) >= count and all(state in FINAL for _, state in steps) and disk_runs \
+            and all(state in FINAL for state in disk_runs)
+        if settled or time.monotonic() > deadline:
+            return steps
+        time.sleep(0.5)
+
+
 def _config(tmp_path: Path, image: Path, store: Path) -> Path:
     cfg = tmp_path / "fleet.yaml"
     cfg.write_text(yaml.safe_dump({
@@ -67,8 +84,8 @@ def test_each_step_of_a_disk_is_a_task_run_in_runbook_order(prefect_server: None
     image.write_bytes(random.Random(1).randbytes(8 * BLOCK))
     state = backup_run(str(_config(tmp_path, image, tmp_path / "store")), policy="nightly", return_state=True)
     assert state.is_completed(), state.message
+    assert _recorded_steps(state.state_details.flow_run_id, "vm", 4) == [(step, "Completed") for step in STEPS]
     runs = _task_runs(state.state_details.flow_run_id)
-    assert _steps_of(runs, "vm") == [(step, "Completed") for step in STEPS]
     assert [r.state_name for r in runs if r.name == "backup lab-1/vm"] == ["Completed"]
 
 
@@ -94,9 +111,8 @@ def test_a_failing_upload_still_removes_the_snapshot(prefect_server: None, tmp_p
     image.write_bytes(random.Random(2).randbytes(8 * BLOCK))
     state = backup_run(str(_config(tmp_path, image, full_store)), policy="nightly", return_state=True)
     assert state.is_failed()
-    runs = _task_runs(state.state_details.flow_run_id)
-    assert _steps_of(runs, "vm") == [("snapshot", "Completed"), ("scan and upload", "Failed"),
-                                     ("remove snapshot", "Completed")]
+    assert _recorded_steps(state.state_details.flow_run_id, "vm", 3) == [
+        ("snapshot", "Completed"), ("scan and upload", "Failed"), ("remove snapshot", "Completed")]
     # The snapshot really was a clone beside the image, and it is gone.
     messages = _messages(state.state_details.flow_run_id)
     assert any("snapshot.taken" in m and "reflink" in m for m in messages), messages
