@@ -1,9 +1,9 @@
 """`patchdrill backup | restore | points | verify | prune | repair | unlock`: the backup pipeline from a shell.
 
-backup and restore run the same Prefect flows a deployment runs (on the ephemeral API when no
-server is configured); points, verify and prune work on the repository directly, so they answer
-at once and can list every damaged chunk (verify_run is the flow for schedules and the UI). Progress bars
-go to stderr so `--json` output on stdout stays clean.
+backup, restore, verify and prune run the same Prefect flows a deployment runs (on the ephemeral
+API when no server is configured), so a command and a scheduled run behave alike; points, repair
+and unlock work on the repository directly. Progress bars go to stderr so `--json` output on
+stdout stays clean.
 """
 
 from __future__ import annotations
@@ -229,14 +229,20 @@ def verify(config: ConfigOption = DEFAULT_CONFIG,
            sample: Annotated[float, typer.Option("--sample", min=0.01, max=100.0, help="Percent of chunks to read back.")] = 100.0,
            policy: PolicyOption = None, as_json: JsonOption = False) -> None:
     """Read chunks back and check them; exit 1 and list what is missing or corrupt."""
-    from tasks.backup.disk import open_repository
-    from tasks.backup.repo.verify import verify as verify_repository
+    from flows.verify import RepositoryDamaged, verify_run
 
-    loaded = load_or_exit(config)
-    chosen = _policy(config, policy)
-    with _progress(not as_json):
-        repo = _run(lambda: open_repository(loaded.config, loaded.base_dir, chosen))
-        report = _run(lambda: verify_repository(repo, host=host, disk=disk, sample_percent=sample))
+    def run() -> Any:
+        try:
+            return _outcome(verify_run(str(config), host=host, disk=disk, sample_percent=sample, policy=policy,
+                                       return_state=True))
+        except RepositoryDamaged as damaged:
+            if not hasattr(damaged, "report"):
+                raise
+            return damaged.report
+
+    _policy(config, policy)
+    with stoppable(), _progress(not as_json):
+        report = _run(run)
     emit(vars(report) | {"ok": report.ok}, as_json, lambda _: _render_verify(report))
     if not report.ok:
         raise typer.Exit(1)
@@ -254,22 +260,23 @@ def _render_verify(report: Any) -> None:
                       "`patchdrill repair` does it now from the live disks")
 
 
-def prune(config: ConfigOption = DEFAULT_CONFIG, policy: PolicyOption = None,
+def prune(config: ConfigOption = DEFAULT_CONFIG, host: HostsOption = None, group: GroupsOption = None,
+          policy: PolicyOption = None,
           dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would go; delete nothing.")] = False,
           as_json: JsonOption = False) -> None:
-    """Forget points the policy no longer keeps, then delete data no point references (one lock, taken first)."""
-    from tasks.backup.repo.retention import forget_and_prune
-    from tasks.backup.disk import open_repository
+    """Forget the selected hosts' points the policy no longer keeps (every host of the config by
+    default), then delete data no point references (one lock, taken first)."""
+    from flows.prune import prune_run
 
-    loaded = load_or_exit(config)
-    chosen = _policy(config, policy)
-    repo = _run(lambda: open_repository(loaded.config, loaded.base_dir, chosen))
-    forgotten, report = _run(lambda: forget_and_prune(repo, chosen.keep, dry_run=dry_run))
+    _policy(config, policy)
+    with stoppable(), _progress(False):
+        summary = _run(lambda: _outcome(prune_run(str(config), hosts=host, groups=group, policy=policy,
+                                                  dry_run=dry_run, return_state=True)))
+    report = summary.prune
     assert report is not None
-    summary = {"forgotten": forgotten.forgotten, **vars(report)}
     for why in report.stale_locks_removed:
         err_console.print(f"[yellow]removed stale lock[/] {why}", highlight=False)
-    emit(summary, as_json, lambda s: console.print(
+    emit({"forgotten": summary.forgotten, **vars(report)}, as_json, lambda s: console.print(
         f"{'would forget' if dry_run else 'forgot'} {len(s['forgotten'])} points; "
         f"{'would delete' if dry_run else 'deleted'} {s['chunks_deleted']} chunks and {s['maps_deleted']} maps, "
         f"{_mib(s['bytes_freed'])}; {s['chunks_kept']} chunks kept"))
@@ -320,7 +327,7 @@ def repair(config: ConfigOption = DEFAULT_CONFIG, policy: PolicyOption = None, a
     loaded = load_or_exit(config)
     chosen = _policy(config, policy)
     with _progress(not as_json):
-        repo = _run(lambda: open_repository(loaded.config, loaded.base_dir, chosen))
+        repo = _run(lambda: open_repository(loaded.config.storage, loaded.base_dir, chosen))
         report = _run(lambda: repair_repository(repo, partial(live_source, loaded.config, loaded.base_dir),
                                                 workers=chosen.workers))
     emit(vars(report) | {"damaged_points": report.damaged_points, "ok": report.ok}, as_json,

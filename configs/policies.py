@@ -21,6 +21,7 @@ from pydantic import (
     GetCoreSchemaHandler,
     GetJsonSchemaHandler,
     field_validator,
+    model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import core_schema
@@ -217,51 +218,12 @@ MIB = 1024 * 1024
 SnapshotMethod = Literal["auto", "vss", "lvm", "fsfreeze", "none"]
 
 
-class BackupPolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    block_size: int = Field(default=4 * MIB, ge=4096, le=64 * MIB,
-                            description="Bytes per block (a power of two). Smaller finds smaller changes; larger keeps maps small.")
-    compression_level: int = Field(default=3, ge=1, le=19, description="zstd level; 1-3 keep full backups fast.")
-    encryption_key: str | None = Field(default=None, description="Credential reference (env:, file:, prefect-secret:) whose value unlocks the repository. Unset: not encrypted.")
-    keep_last: int | None = Field(default=None, ge=1, description="Keep the newest N points of each disk.")
-    keep_daily: int | None = Field(default=None, ge=1, description="Keep the newest point of each of the last N days that have one.")
-    keep_weekly: int | None = Field(default=None, ge=1, description="...of each of the last N ISO weeks.")
-    keep_monthly: int | None = Field(default=None, ge=1, description="...of each of the last N months.")
-    prune: bool = Field(default=True, description="Delete unreferenced data after retention.")
-    stagger_seconds: float = Field(default=0.0, ge=0, le=3600, description="Delay between host starts, so hosts do not all hit storage at once.")
-    max_parallel_hosts: int = Field(default=4, ge=1, le=256, description="Hosts backed up at once.")
-    max_parallel_disks: int = Field(default=2, ge=1, le=64, description="Disks of one host backed up at once.")
-    workers: int | None = Field(default=None, ge=1, le=64, description="Hash/compress/upload threads per disk (default: CPU count, 2-8).")
-    pre_script: str | None = Field(default=None, description="Command run on the host before the snapshot (e.g. flush a database).")
-    post_script: str | None = Field(default=None, description="Command run on the host after the snapshot (always, also on failure).")
-    rehash: bool = Field(default=False, description="Read and hash every file and block instead of skipping files whose size, mtime, ctime and inode match the previous point (and blocks whose host-side hash does): slower, for a periodic full check (e.g. a weekly policy).")
-    snapshot_method: SnapshotMethod = Field(default="auto", description="How to get a consistent view: VSS (Windows), LVM or fsfreeze (Linux), none (crash-consistent).")
-
-    @field_validator("block_size")
-    @classmethod
-    def _power_of_two(cls, value: int) -> int:
-        if value & (value - 1):
-            raise ValueError(f"block_size {value} is not a power of two (e.g. 4194304 for 4 MiB)")
-        return value
-
-    @field_validator("encryption_key")
-    @classmethod
-    def _reference_only(cls, value: str | None) -> str | None:
-        return check_reference(value, "encryption_key")
-
-    @property
-    def keep(self) -> KeepRules:
-        return KeepRules(last=self.keep_last, daily=self.keep_daily, weekly=self.keep_weekly, monthly=self.keep_monthly)
-
-
-
 class SnapshotPolicy(BaseModel):
     """How a disk's consistent view is taken. Plain data: a UI form and a CLI option set."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Literal["auto", "vss", "lvm", "fsfreeze", "none"] = Field(
+    method: SnapshotMethod = Field(
         default="auto", description="auto: VSS on Windows; LVM, else a reflink clone, else none on Linux.")
     pre_script: str | None = Field(
         default=None, description="Command run on the host before the snapshot (e.g. flush and lock a database). "
@@ -280,19 +242,81 @@ class SnapshotPolicy(BaseModel):
         "many seconds, so a lost controller cannot hang its writers for ever.")
 
     @classmethod
-    def of(cls, policy: Any) -> "SnapshotPolicy":
-        """A SnapshotPolicy as is, or one read from a backup policy's snapshot_method,
-        pre_script and post_script (and snapshot_* fields, when it has them)."""
+    def of(cls, policy: "SnapshotPolicy | BackupPolicy") -> "SnapshotPolicy":
+        """A SnapshotPolicy as is, or a backup policy's (its `snapshot:` block with the flat
+        shorthands applied)."""
         if isinstance(policy, cls):
             return policy
-        if not hasattr(policy, "snapshot_method"):
+        if not isinstance(policy, BackupPolicy):
             raise TypeError(f"expected a SnapshotPolicy or a backup policy, not {type(policy).__name__}")
-        values: dict[str, Any] = {"method": policy.snapshot_method, "pre_script": getattr(policy, "pre_script", None),
-                                  "post_script": getattr(policy, "post_script", None)}
-        for name in ("script_timeout", "lvm_snapshot_size", "fallback", "freeze_limit"):
-            value = getattr(policy, f"snapshot_{name}", None)
-            if value is not None:
-                values[name] = value
-        return cls(**values)
+        return policy.snapshot_settings
 
 
+#: BackupPolicy's flat shorthands -> the SnapshotPolicy field each stands for.
+_SHORTHANDS = {"snapshot_method": "method", "pre_script": "pre_script", "post_script": "post_script"}
+
+
+class BackupPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    block_size: int = Field(default=4 * MIB, ge=4096, le=64 * MIB,
+                            description="Bytes per block (a power of two). Smaller finds smaller changes; larger keeps maps small.")
+    compression_level: int = Field(default=3, ge=1, le=19, description="zstd level; 1-3 keep full backups fast.")
+    encryption_key: str | None = Field(default=None, description="Credential reference (env:, file:, prefect-secret:) whose value unlocks the repository. Unset: not encrypted.")
+    keep_last: int | None = Field(default=None, ge=1, description="Keep the newest N points of each disk.")
+    keep_daily: int | None = Field(default=None, ge=1, description="Keep the newest point of each of the last N days that have one.")
+    keep_weekly: int | None = Field(default=None, ge=1, description="...of each of the last N ISO weeks.")
+    keep_monthly: int | None = Field(default=None, ge=1, description="...of each of the last N months.")
+    prune: bool = Field(default=True, description="Delete unreferenced data after retention.")
+    stagger_seconds: float = Field(default=0.0, ge=0, le=3600, description="Delay between host starts, so hosts do not all hit storage at once.")
+    max_parallel_hosts: int = Field(default=4, ge=1, le=256, description="Hosts backed up at once.")
+    max_parallel_disks: int = Field(default=2, ge=1, le=64, description="Disks of one host backed up at once.")
+    workers: int | None = Field(default=None, ge=1, le=64, description="Hash/compress/upload threads per disk (default: CPU count, 2-8).")
+    pre_script: str | None = Field(default=None, description="Shorthand for snapshot.pre_script.")
+    post_script: str | None = Field(default=None, description="Shorthand for snapshot.post_script.")
+    rehash: bool = Field(default=False, description="Read and hash every file and block instead of skipping files whose size, mtime, ctime and inode match the previous point (and blocks whose host-side hash does): slower, for a periodic full check (e.g. a weekly policy).")
+    snapshot_method: SnapshotMethod = Field(default="auto", description="Shorthand for snapshot.method.")
+    snapshot: SnapshotPolicy | None = Field(
+        default=None, description="How each disk's consistent view is taken: method, pre/post scripts and their "
+        "timeout, LVM snapshot size, fallback, fsfreeze limit. The flat snapshot_method, pre_script and post_script "
+        "are shorthands for three of its fields; giving one both ways with different values is an error.")
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"block_size {value} is not a power of two (e.g. 4194304 for 4 MiB)")
+        return value
+
+    @field_validator("encryption_key")
+    @classmethod
+    def _reference_only(cls, value: str | None) -> str | None:
+        return check_reference(value, "encryption_key")
+
+    @model_validator(mode="after")
+    def _one_way_each(self) -> "BackupPolicy":
+        nested = self.snapshot
+        if nested is not None:
+            # Both ways, each away from its default and different: which one was meant is unknown.
+            for flat, value in self._shorthands_given().items():
+                field = _SHORTHANDS[flat]
+                there = getattr(nested, field)
+                if there != SnapshotPolicy.model_fields[field].default and there != value:
+                    raise ValueError(f"{flat} {value!r} conflicts with snapshot.{field} {getattr(nested, field)!r}: "
+                                     f"set it in one place (snapshot.{field})")
+        return self
+
+    @property
+    def snapshot_settings(self) -> SnapshotPolicy:
+        """The snapshot block with the flat shorthands applied: what take_snapshot receives."""
+        given = {_SHORTHANDS[flat]: value for flat, value in self._shorthands_given().items()}
+        return (self.snapshot or SnapshotPolicy()).model_copy(update=given)
+
+    def _shorthands_given(self) -> dict[str, Any]:
+        # A shorthand at its default says nothing (a policy dumped and read back has them all).
+        fields = type(self).model_fields
+        return {flat: getattr(self, flat) for flat in _SHORTHANDS if getattr(self, flat) != fields[flat].default}
+
+    @property
+    def keep(self) -> KeepRules:
+        return KeepRules(last=self.keep_last, daily=self.keep_daily, weekly=self.keep_weekly, monthly=self.keep_monthly)

@@ -65,9 +65,14 @@ class CommandFailed(ConnectorError):
         self.command = command
         self.exit_code = exit_code
         self.stderr = stderr
-        tail = stderr.strip().splitlines()[-5:]
-        detail = ("; stderr: " + " | ".join(tail)) if tail else ""
+        tail = last_lines(stderr, 5)
+        detail = f"; stderr: {tail}" if tail else ""
         super().__init__(host, f"command {_short(command)!r} exited {exit_code}{detail}")
+
+
+def last_lines(text: str, lines: int) -> str:
+    """The last `lines` lines of text as one line (joined by " | "), for an error message."""
+    return " | ".join(text.strip().splitlines()[-lines:])
 
 
 def _short(command: str, limit: int = 120) -> str:
@@ -86,6 +91,11 @@ class CommandResult:
     @property
     def ok(self) -> bool:
         return self.exit_code == 0
+
+    def tail(self, lines: int = 5) -> str:
+        """What a message quotes of a failed command: the last lines of stderr, or of stdout when
+        stderr is empty, as one line; empty when the command printed nothing."""
+        return last_lines(self.stderr if self.stderr.strip() else self.stdout, lines)
 
     def check(self) -> "CommandResult":
         if not self.ok:

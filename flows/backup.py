@@ -1,5 +1,7 @@
-"""Back up the selected hosts: snapshot, changed-block scan, delta upload, recovery point,
-snapshot removal, then retention. Runbook order; the steps live in tasks/backup/."""
+"""Back up the selected hosts: per disk, snapshot, changed-block scan and upload, recovery point,
+snapshot removal (always), then retention. Each step is a task run of its own under the disk's
+`backup-disk` run, named after the host and disk, so the UI says which step of which disk failed;
+the steps live in tasks/backup/ (disk.py runs them in this order)."""
 
 
 from pathlib import Path
@@ -11,13 +13,13 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.states import Cancelled, State
 
 from configs.loader import load_config
-from configs.models import DiskConfig, HostConfig
+from configs.models import DiskConfig, HostConfig, PatchdrillConfig
 from flows.logs import configure
 from flows.run_form import Names, OptionalName, current_run_name, run_name, selection
 from tasks.backup import cancel
 from tasks.backup.errors import BackupError
 from tasks.backup.policy import policy_from_config
-from tasks.backup.disk import DiskReport, failed_report
+from tasks.backup.disk import DiskReport, failed_report, policy_name
 from tasks.backup.scheduling import Bounds, run_bounded
 from tasks.backup.steps import RetentionSummary, backup_disk_task, retention_task
 from tasks.rendering import artifact_key, human_size
@@ -35,13 +37,12 @@ class BackupRunFailed(BackupError):
     reports: list[DiskReport]
 
 
-def select_work(config_path: str, hosts: list[str] | None, groups: list[str] | None,
+def select_work(config: PatchdrillConfig, source: str, hosts: list[str] | None, groups: list[str] | None,
                 disks: list[str] | None) -> list[tuple[HostConfig, list[DiskConfig]]]:
-    loaded = load_config(Path(config_path))
     try:
-        chosen = loaded.config.select(groups, hosts)
+        chosen = config.select(groups, hosts)
     except KeyError as exc:
-        raise BackupError(f"{config_path}: {exc.args[0]}") from None
+        raise BackupError(f"{source}: {exc.args[0]}") from None
     work = [(h, [d for d in h.disks if not disks or d.name in disks]) for h in chosen]
     return [(h, ds) for h, ds in work if ds]
 
@@ -72,9 +73,12 @@ def backup_run(config_path: str = "configs/lab.yaml", hosts: Names = None, group
 def _back_up(config_path: str, hosts: list[str] | None, groups: list[str] | None, policy: str | None,
              disks: list[str] | None) -> list[DiskReport] | State:
     configure()
+    # Read and validated once: every task of the run gets typed models, never the file again.
     loaded = load_config(Path(config_path))
     chosen = policy_from_config(loaded.config.backup_policies, policy, source=config_path)
-    work = select_work(config_path, hosts, groups, disks)
+    name = policy_name(loaded.config, chosen)
+    work = select_work(loaded.config, config_path, hosts, groups, disks)
+    by_name = {(h.name, d.name): (h, d) for h, ds in work for d in ds}
     if not work:
         raise BackupError(f"{config_path}: no disks to back up for the selected hosts")
     log.info("backup.start", hosts=len(work), disks=sum(len(ds) for _, ds in work), policy=policy or "default")
@@ -82,7 +86,8 @@ def _back_up(config_path: str, hosts: list[str] | None, groups: list[str] | None
     finished = run_bounded(
         [(h.name, [d.name for d in ds]) for h, ds in work],
         Bounds(chosen.max_parallel_hosts, chosen.max_parallel_disks, chosen.stagger_seconds),
-        lambda host, disk: backup_disk_task.submit(config_path, host, disk, chosen),
+        lambda host, disk: backup_disk_task.submit(loaded.config.storage, loaded.base_dir, *by_name[host, disk], chosen,
+                                                   name),
         _first_done,
         sleep=cancel.wait, stopped=lambda: cancel.requested() is not None,
     )
@@ -92,7 +97,8 @@ def _back_up(config_path: str, hosts: list[str] | None, groups: list[str] | None
         return _stopped(reason, work, reports, key)
     reports.sort(key=lambda r: (r.host, r.disk))
 
-    retention = retention_task(config_path, chosen, sorted({r.host for r in reports if r.status == "ok"}))
+    retention = retention_task(loaded.config.storage, loaded.base_dir, chosen,
+                               sorted({r.host for r in reports if r.status == "ok"}))
     _publish(reports, retention, key)
     failed = [r for r in reports if r.status != "ok"]
     if failed:

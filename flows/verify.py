@@ -17,7 +17,9 @@ from tasks.backup.repo.verify import VerifyReport
 
 
 class RepositoryDamaged(BackupError):
-    """Verify found missing or corrupt chunks."""
+    """Verify found missing or corrupt chunks; `report` says which, and which points name them."""
+
+    report: VerifyReport
 
 
 @flow(name="verify-run", log_prints=True, flow_run_name=run_name("verify", "disk"))
@@ -35,9 +37,11 @@ def verify_run(config_path: str = "configs/lab.yaml", host: OptionalName = None,
     configure()
     if not 0 < sample_percent <= 100:
         raise BackupError(f"sample_percent must be in (0, 100], not {sample_percent}")
+    # Read and validated once: the task gets typed models, never the file again.
     loaded = load_config(Path(config_path))
     chosen = policy_from_config(loaded.config.backup_policies, policy, source=config_path)
-    report = verify_task(config_path, chosen, host=host, disk=disk, sample_percent=sample_percent)
+    report = verify_task(loaded.config.storage, loaded.base_dir, chosen, host=host, disk=disk,
+                         sample_percent=sample_percent)
     rows = ([{"chunk": c, "problem": "missing", "points": ", ".join(p)} for c, p in report.missing.items()]
             + [{"chunk": c, "problem": "corrupt", "points": ", ".join(p)} for c, p in report.corrupt.items()]
             + [{"chunk": "(map)", "problem": why, "points": key} for key, why in report.broken_points.items()])
@@ -46,5 +50,8 @@ def verify_run(config_path: str = "configs/lab.yaml", host: OptionalName = None,
                           description=f"{current_run_name('verify')}: {report.summary()}")
     if not report.ok:
         # verify() has recorded the damage: the next backup rewrites what the disks still hold.
-        raise RepositoryDamaged(f"{report.summary()}; recorded for the next backup and `patchdrill repair`")
+        damaged = RepositoryDamaged(f"{report.summary()}; recorded for the next backup and `patchdrill repair`")
+        # An attribute, not an __init__ argument: the exception still pickles with Prefect's results.
+        damaged.report = report
+        raise damaged
     return report

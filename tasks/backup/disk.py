@@ -1,5 +1,12 @@
-"""One disk of one host, end to end, without Prefect: connect, snapshot, pick the source, back
-up, and always remove the snapshot. The Prefect tasks and the CLI both call this."""
+"""One disk of one host, end to end, without Prefect: the runbook of a disk and its steps.
+
+`back_up_disk` runs the steps in runbook order, each over its own connection and with plain data
+between them, so the flow can run each step as a Prefect task of its own (tasks/backup/steps.py)
+and the UI shows which one failed: take the snapshot, scan and upload the changed blocks, write
+the recovery point, and always remove the snapshot, also when a step before failed or the run
+was stopped. The repository's backup lock is held from before the scan until the point is
+written, so a prune can never delete the new chunks in between.
+"""
 
 from __future__ import annotations
 
@@ -9,33 +16,32 @@ import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import structlog
 from pydantic import BaseModel
 
-from configs.models import DiskConfig, HostConfig, PatchdrillConfig
-from configs.policies import BackupPolicy
+from configs.models import DiskConfig, HostConfig, PatchdrillConfig, StorageConfig
+from configs.policies import BackupPolicy, SnapshotPolicy
 from configs.secrets import redact
 from connectors import connect
 from connectors.base import Connector, RetryPolicy
 from connectors.stores import open_store
 from tasks.backup import cancel
-from tasks.backup.snapshot import take as snapshots
-from tasks.backup.sources import windows_direct_upload as direct_upload
-from tasks.backup.engine import BackupRequest, backup
-from tasks.backup.scheduling import default_workers
+from tasks.backup.engine import LOCK_WAIT, BackupRequest, Upload, scan_and_upload, write_point
 from tasks.backup.errors import BackupError, SourceError
 from tasks.backup.policy import policy_from_config
-from tasks.backup.sources.remote import RemoteBlockSource, RemoteTreeSource
-from tasks.backup.repo.repository import RecoveryPoint, Repository
-from tasks.backup.repo.staging import StagingCleanup
-from tasks.backup.snapshot.view import Snapshot
+from tasks.backup.repo.repository import Repository
+from tasks.backup.scheduling import default_workers
+from tasks.backup.snapshot import take as snapshots
+from tasks.backup.snapshot.host import attach
+from tasks.backup.snapshot.view import SnapshotRecord
+from tasks.backup.sources import windows_direct_upload as direct_upload
 from tasks.backup.sources.base import BlockSource, TreeSource
 from tasks.backup.sources.local import LocalBlockSource, LocalTreeSource, is_directory_disk
+from tasks.backup.sources.remote import RemoteBlockSource, RemoteTreeSource
 
 log = structlog.stdlib.get_logger("patchdrill.backup")
-
 
 class DiskReport(BaseModel):
     """One row of a backup run's report (and of its table artifact)."""
@@ -61,17 +67,18 @@ class DiskReport(BaseModel):
     warning: str | None = None
 
 
-@contextlib.contextmanager
-def take_snapshot(connector: Connector, host: HostConfig, disk: DiskConfig, policy: BackupPolicy) -> Iterator[Snapshot]:
-    """The most consistent view the policy and host allow; leaving the block always removes it,
-    also when the backup inside failed."""
-    # Looked up at call time, so a test can watch the snapshot step without replacing this module.
-    with snapshots.take_snapshot(connector, host, disk, snapshots.SnapshotPolicy.of(policy)) as taken:
-        yield taken
+class DiskUpload(BaseModel):
+    """What the scan-and-upload step hands the point step."""
+
+    upload: Upload
+    #: staged upload blobs (Windows hosts) the backup could not delete, and the warning saying so
+    staging_left: int = 0
+    warning: str | None = None
 
 
-def open_repository(config: PatchdrillConfig, base_dir: Path, policy: BackupPolicy, *, create: bool = False) -> Repository:
-    store = open_store(config.storage, base_dir)
+def open_repository(storage: StorageConfig, base_dir: Path, policy: BackupPolicy, *,
+                    create: bool = False) -> Repository:
+    store = open_store(storage, base_dir)
     return Repository.open(store, key_reference=policy.encryption_key, base_dir=base_dir, create=create,
                            compression_level=policy.compression_level)
 
@@ -120,80 +127,126 @@ def live_source(config: PatchdrillConfig, base_dir: Path, host_name: str, disk_n
         connector.close()
 
 
-def back_up_disk(config: PatchdrillConfig, base_dir: Path, host: HostConfig, disk: DiskConfig,
-                 policy: BackupPolicy) -> DiskReport:
-    """Back up one disk; errors propagate (the caller decides what is retried)."""
-    cancel.check()
-    started = time.monotonic()
-    disk = _placed(host, disk, base_dir)
-    repo = open_repository(config, base_dir, policy, create=True)
-    windows = host.transport == "winrm"
-    staging_left, warning = 0, None
-    if windows:
-        # Before the snapshot: a disk that cannot go this way should not cost a VSS copy.
-        direct_upload.check_direct_upload(repo.store, host.name, disk.name, disk.kind)
-    # Transient host faults are retried once, by the Prefect task around this call (the run is
+# -- the steps of one disk ---------------------------------------------------------------------
+# Each opens what it needs (a connection, the repository) and returns plain data: a task
+# boundary may lie between any two of them.
+
+def take_disk_snapshot(host: HostConfig, disk: DiskConfig, policy: BackupPolicy, base_dir: Path) -> SnapshotRecord:
+    """Step 1: the most consistent view of the disk the policy and the host allow."""
+    # Transient host faults are retried by the Prefect task around the whole disk (the run is
     # resumable); a connector retrying too would multiply the attempts.
-    connector = connect(host, base_dir=base_dir, retry=RetryPolicy(attempts=1))
-    try:
-        with take_snapshot(connector, host, disk, policy) as snap:
-            request = BackupRequest(host=host.name, disk=disk.name, consistency=snap.consistency,
-                                    snapshot_method=snap.method, notes=tuple(getattr(snap, "notes", ()) or ()),
-                                    block_size=policy.block_size, workers=policy.workers or default_workers(),
-                                    # A live view ("none") is read after the lock: the engine stamps it then.
-                                    snapshot_time=snap.taken_at if snap.method != "none" else None,
-                                    policy=policy_name(config, policy), rehash=policy.rehash)
-            cancel.check()  # stopped while the snapshot was taken: leaving the block removes it
-            if windows:
-                # Windows hosts upload straight to Azure Blob (docs/repository.md, *Windows hosts*).
-                done = back_up_from_host(repo, connector, str(snap.read_path), request)
-                point, staging_left, warning = done.point, len(done.staging.left), done.warning
-            else:
-                point = backup(repo, _source(connector, host, disk, str(snap.read_path)), request)
-    finally:
-        connector.close()
+    with connect(host, base_dir=base_dir, retry=RetryPolicy(attempts=1)) as connector:
+        # Looked up at call time, so a test can watch the snapshot step without replacing this module.
+        return snapshots.take_snapshot(connector, host, disk, SnapshotPolicy.of(policy)).describe()
+
+
+def scan_and_upload_disk(storage: StorageConfig, base_dir: Path, host: HostConfig, disk: DiskConfig,
+                         policy: BackupPolicy, snap: SnapshotRecord) -> DiskUpload:
+    """Steps 2 and 3: scan the snapshot for changed blocks and upload them, with the map. Run
+    under a backup lock held until the point is written."""
+    repo = open_repository(storage, base_dir, policy)
+    request = _request(host, disk, policy, snap)
+    with connect(host, base_dir=base_dir, retry=RetryPolicy(attempts=1)) as connector:
+        cancel.check()
+        if host.transport == "winrm":
+            # Windows hosts upload straight to Azure Blob (docs/repository.md, *Windows hosts*).
+            return _upload_from_windows(repo, connector, snap.read_path, request)
+        return DiskUpload(upload=scan_and_upload(repo, _source(connector, host, disk, snap.read_path), request))
+
+
+def write_disk_point(storage: StorageConfig, base_dir: Path, host: HostConfig, disk: DiskConfig,
+                     policy: BackupPolicy, snap: SnapshotRecord, done: DiskUpload,
+                     policy_name: str | None = None) -> DiskReport:
+    """Step 4: the recovery point, written last, under the lock the upload was made under."""
+    repo = open_repository(storage, base_dir, policy)
+    point = write_point(repo, done.upload, _request(host, disk, policy, snap, policy_name))
     t = point.totals
     return DiskReport(host=host.name, disk=disk.name, point=point.key, consistency=point.consistency,
                       snapshot_method=point.snapshot_method, scanned_bytes=t.scanned, changed_bytes=t.changed_bytes,
                       uploaded_bytes=t.uploaded_bytes, stored_bytes=t.stored_bytes, size_bytes=t.size,
-                      repaired_chunks=t.repaired_chunks, staging_left=staging_left, warning=warning,
-                      seconds=round(time.monotonic() - started, 3))
+                      repaired_chunks=t.repaired_chunks, staging_left=done.staging_left, warning=done.warning)
+
+
+def remove_disk_snapshot(host: HostConfig, disk: DiskConfig, policy: BackupPolicy, base_dir: Path,
+                         snap: SnapshotRecord) -> None:
+    """Step 5: undo everything the snapshot step did on the host (raises SnapshotRemovalError
+    naming what is left)."""
+    if not snap.removal:
+        log.info("snapshot.removed", host=snap.host, disk=snap.disk, snapshot_id=snap.snapshot_id, method=snap.method)
+        return
+    # The connector's own retries, not the task's: removal runs once, also after a stop.
+    with connect(host, base_dir=base_dir) as connector:
+        attach(snap, connector, host, disk, SnapshotPolicy.of(policy)).remove()
 
 
 @dataclass(frozen=True)
-class StagedBackup:
-    point: RecoveryPoint
-    #: what removing the staging prefix left behind (a warning for the run's report, not a failure)
-    staging: StagingCleanup
-    prefix: str
+class DiskSteps:
+    """The steps `back_up_disk` runs: these plain functions, or Prefect tasks wrapping them."""
 
-    @property
-    def warning(self) -> str | None:
-        return self.staging.warning(self.prefix)
+    snapshot: Callable[[HostConfig, DiskConfig, BackupPolicy, Path], SnapshotRecord] = take_disk_snapshot
+    scan_and_upload: Callable[[StorageConfig, Path, HostConfig, DiskConfig, BackupPolicy, SnapshotRecord],
+                              DiskUpload] = scan_and_upload_disk
+    point: Callable[[StorageConfig, Path, HostConfig, DiskConfig, BackupPolicy, SnapshotRecord, DiskUpload,
+                     str | None], DiskReport] = write_disk_point
+    remove_snapshot: Callable[[HostConfig, DiskConfig, BackupPolicy, Path, SnapshotRecord], None] = remove_disk_snapshot
 
 
-def back_up_from_host(repo: Repository, connector: Connector, path: str, request: BackupRequest) -> StagedBackup:
-    """Back up an image file on a Windows host: the host scans it and uploads changed blocks
-    straight to the store; the controller makes chunks, the map and the point, and always
-    removes the staging prefix (what it cannot remove is in the result, never raised)."""
+def back_up_disk(storage: StorageConfig, base_dir: Path, host: HostConfig, disk: DiskConfig, policy: BackupPolicy,
+                 *, policy_name: str | None = None, steps: DiskSteps = DiskSteps()) -> DiskReport:
+    """Back up one disk in runbook order; errors propagate (the caller decides what is retried)."""
+    cancel.check()
+    started = time.monotonic()
+    disk = _placed(host, disk, base_dir)
+    repo = open_repository(storage, base_dir, policy, create=True)
+    if host.transport == "winrm":
+        # Before the snapshot: a disk that cannot go this way should not cost a VSS copy.
+        direct_upload.check_direct_upload(repo.store, host.name, disk.name, disk.kind)
+    snap = steps.snapshot(host, disk, policy, base_dir)
+    try:
+        cancel.check()  # stopped while the snapshot was taken: removal follows
+        with repo.lock("backup", wait=LOCK_WAIT):
+            done = steps.scan_and_upload(storage, base_dir, host, disk, policy, snap)
+            report = steps.point(storage, base_dir, host, disk, policy, snap, done, policy_name)
+    except BaseException as failure:
+        try:
+            steps.remove_snapshot(host, disk, policy, base_dir, snap)
+        except Exception as removal:  # noqa: BLE001 - the step's own failure is what the caller must see
+            failure.add_note(str(removal))
+        raise
+    steps.remove_snapshot(host, disk, policy, base_dir, snap)
+    return report.model_copy(update={"seconds": round(time.monotonic() - started, 3)})
+
+
+def _request(host: HostConfig, disk: DiskConfig, policy: BackupPolicy, snap: SnapshotRecord,
+             policy_name: str | None = None) -> BackupRequest:
+    return BackupRequest(host=host.name, disk=disk.name, consistency=snap.consistency, snapshot_method=snap.method,
+                         notes=snap.notes, block_size=policy.block_size, workers=policy.workers or default_workers(),
+                         # A live view ("none") is read after the lock: the engine stamps it then.
+                         snapshot_time=snap.taken_at if snap.method != "none" else None,
+                         policy=policy_name, rehash=policy.rehash)
+
+
+def _upload_from_windows(repo: Repository, connector: Connector, path: str, request: BackupRequest) -> DiskUpload:
+    """An image file on a Windows host: the host scans it and uploads changed blocks straight to
+    the store; the controller makes chunks and the map, and always removes the staging prefix
+    (what it cannot remove is in the result, never raised). Prune deletes staging blobs whenever
+    no backup holds a lock: the caller holds one."""
     direct_upload.check_direct_upload(repo.store, request.host, request.disk, "block")
     scan = direct_upload.scan_on_host(connector, path, request.block_size)
-    # Held until staging is discarded: prune deletes staging blobs whenever no backup holds a lock.
-    with repo.lock("backup", wait=request.lock_wait):
-        plan = direct_upload.plan_upload(repo, request.host, request.disk, scan.size, request.block_size, scan.hashes(),
-                           rehash=request.rehash)
-        source = direct_upload.StagedBlockSource(repo.store, plan, path)
-        try:
-            sent = direct_upload.upload_from_host(connector, repo.store, plan, path, threads=request.workers)
-            log.info("backup.staged", host=request.host, disk=request.disk, blocks=len(plan.changed), bytes_sent=sent)
-            point = backup(repo, source, request)
-        finally:
-            cleanup = source.discard()
-            if cleanup.left or cleanup.error:
-                log.warning("backup.staging_left", host=request.host, disk=request.disk, prefix=plan.prefix,
-                            blobs=len(cleanup.left), error=cleanup.error,
-                            hint="the point stands; the next prune removes what is left")
-    return StagedBackup(point, cleanup, plan.prefix)
+    plan = direct_upload.plan_upload(repo, request.host, request.disk, scan.size, request.block_size, scan.hashes(),
+                                     rehash=request.rehash)
+    source = direct_upload.StagedBlockSource(repo.store, plan, path)
+    try:
+        sent = direct_upload.upload_from_host(connector, repo.store, plan, path, threads=request.workers)
+        log.info("backup.staged", host=request.host, disk=request.disk, blocks=len(plan.changed), bytes_sent=sent)
+        upload = scan_and_upload(repo, source, request)
+    finally:
+        cleanup = source.discard()
+        if cleanup.left or cleanup.error:
+            log.warning("backup.staging_left", host=request.host, disk=request.disk, prefix=plan.prefix,
+                        blobs=len(cleanup.left), error=cleanup.error,
+                        hint="the point stands; the next prune removes what is left")
+    return DiskUpload(upload=upload, staging_left=len(cleanup.left), warning=cleanup.warning(plan.prefix))
 
 
 def failed_report(host: str, disk: str, error: BaseException) -> DiskReport:

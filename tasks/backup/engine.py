@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal, Sequence
 
 import structlog
+from pydantic import BaseModel, ConfigDict
 
 from tasks.backup import cancel, progress as progress_mod
 from tasks.backup.repo.blockmap import BlockMap, TreeEntry, TreeMap
@@ -91,6 +92,10 @@ class _ChunkWriter:
             self.progress.advance("scanned", amounts["scanned"])
 
 
+#: How long a backup waits for a running prune to finish before failing with RepositoryBusy.
+LOCK_WAIT = timedelta(minutes=30)
+
+
 @dataclass(frozen=True)
 class BackupRequest:
     host: str
@@ -102,7 +107,7 @@ class BackupRequest:
     block_size: int = 4 * 1024 * 1024
     workers: int = field(default_factory=default_workers)
     #: how long to wait for a running prune to finish before failing with RepositoryBusy
-    lock_wait: timedelta = timedelta(minutes=30)
+    lock_wait: timedelta = LOCK_WAIT
     #: when the snapshot the source reads was taken; None when the source is live, and the
     #: point's time is then the moment reading began (after any wait for the lock)
     snapshot_time: datetime | None = None
@@ -112,38 +117,75 @@ class BackupRequest:
     rehash: bool = False
 
 
+class Upload(BaseModel):
+    """What scanning a disk and uploading its new chunks left in the store: everything its
+    recovery point needs but the point itself. Plain data, so it crosses task boundaries."""
+
+    model_config = ConfigDict(frozen=True)
+    kind: Literal["block", "directory"]
+    #: the moment the data is from (the snapshot's time, or when reading began)
+    time: datetime
+    source_path: str
+    map: MapRef
+    parent: str | None
+    totals: Totals
+    #: damaged chunks this backup wrote again (hex ids): their damage records go with the point
+    repaired: list[str] = []
+    seconds: float = 0.0
+
+
 def backup(repo: Repository, source: BlockSource | TreeSource, request: BackupRequest,
            progress: ProgressSink | None = None) -> RecoveryPoint:
     """Back up one disk and return its recovery point (already written to the repository)."""
+    cancel.check()
+    with repo.lock("backup", wait=request.lock_wait):
+        return write_point(repo, scan_and_upload(repo, source, request, progress), request)
+
+
+def scan_and_upload(repo: Repository, source: BlockSource | TreeSource, request: BackupRequest,
+                    progress: ProgressSink | None = None) -> Upload:
+    """Read the disk, compare it with the parent point, upload the chunks the store lacks and
+    the map. Call with a backup lock held until `write_point`: prune must not delete the new
+    chunks before a point names them."""
     sink = progress or progress_mod.current()
     started = time.monotonic()
     cancel.check()
-    with repo.lock("backup", wait=request.lock_wait):
-        # Stamped here, not before the wait: a live source's data is from now on; a snapshot's
-        # from when it was taken.
-        moment = request.snapshot_time or utcnow()
-        parent = repo.latest_point(request.host, request.disk)
-        known = repo.chunk_ids()
-        previous = _previous_map(repo, parent, request.block_size)
-        damaged = damaged_chunks(repo, previous, known)
-        writer = _ChunkWriter(repo, known, sink, damaged)
-        scanned = _scan(source, request, previous, writer, sink)
-        # The last moment to stop: a scan cut short by a stop holds only part of the disk.
-        cancel.check()
-        map_id = repo.put_map(scanned.map_body)
-        totals = writer.totals.model_copy(update={"size": scanned.size, "skipped": len(getattr(source, "skipped", []))})
-        point = RecoveryPoint(
-            host=request.host, disk=request.disk, time=moment, kind=scanned.kind, source_path=source.path,
-            consistency=request.consistency, snapshot_method=request.snapshot_method, notes=list(request.notes),
-            block_size=request.block_size, map=MapRef(id=map_id, blocks=scanned.blocks, files=scanned.files),
-            parent=parent.key if parent else None,
-            totals=totals,
-            seconds=round(time.monotonic() - started, 3),
-            completed=utcnow(), tool=tool_version(), policy=request.policy,
-        )
-        repo.write_point(point)
-        for chunk_id in writer.repaired:
-            repo.clear_damage(chunk_id.hex())
+    # Stamped here, after any wait for the lock: a live source's data is from now on; a
+    # snapshot's from when it was taken.
+    moment = request.snapshot_time or utcnow()
+    parent = repo.latest_point(request.host, request.disk)
+    known = repo.chunk_ids()
+    previous = _previous_map(repo, parent, request.block_size)
+    damaged = damaged_chunks(repo, previous, known)
+    writer = _ChunkWriter(repo, known, sink, damaged)
+    scanned = _scan(source, request, previous, writer, sink)
+    # The last moment to stop: a scan cut short by a stop holds only part of the disk.
+    cancel.check()
+    map_id = repo.put_map(scanned.map_body)
+    totals = writer.totals.model_copy(update={"size": scanned.size, "skipped": len(getattr(source, "skipped", []))})
+    return Upload(kind=scanned.kind, time=moment, source_path=source.path,
+                  map=MapRef(id=map_id, blocks=scanned.blocks, files=scanned.files),
+                  parent=parent.key if parent else None, totals=totals,
+                  repaired=sorted(chunk_id.hex() for chunk_id in writer.repaired),
+                  seconds=time.monotonic() - started)
+
+
+def write_point(repo: Repository, upload: Upload, request: BackupRequest) -> RecoveryPoint:
+    """Write the recovery point of an upload: the last write of a backup, never overwritten.
+    Call under the same backup lock as `scan_and_upload`."""
+    started = time.monotonic()
+    cancel.check()
+    point = RecoveryPoint(
+        host=request.host, disk=request.disk, time=upload.time, kind=upload.kind, source_path=upload.source_path,
+        consistency=request.consistency, snapshot_method=request.snapshot_method, notes=list(request.notes),
+        block_size=request.block_size, map=upload.map, parent=upload.parent, totals=upload.totals,
+        seconds=round(upload.seconds + time.monotonic() - started, 3),
+        completed=utcnow(), tool=tool_version(), policy=request.policy,
+    )
+    repo.write_point(point)
+    for chunk_id in upload.repaired:
+        repo.clear_damage(chunk_id)
+    totals = upload.totals
     log.info("backup.point", host=request.host, disk=request.disk, point=point.key, consistency=point.consistency,
              changed_blocks=totals.changed_blocks, uploaded_bytes=totals.uploaded_bytes, seconds=point.seconds)
     return point

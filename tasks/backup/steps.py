@@ -17,16 +17,21 @@ from typing import Iterator
 from prefect import task
 from pydantic import BaseModel
 from prefect.cache_policies import NO_CACHE
+from prefect.transactions import CommitMode, transaction
 
-from configs.loader import load_config
+from configs.models import DiskConfig, HostConfig, StorageConfig
 from configs.policies import BackupPolicy
 from connectors import connect
 from tasks.backup.cancel import Interrupted
 from tasks.backup.errors import RepositoryBusy
 from tasks.backup.remote_restore import restore_to_host
 from tasks.backup.restore import RestoreResult, restore
-from tasks.backup.repo.retention import PruneReport, forget_and_prune
-from tasks.backup.disk import DiskReport, back_up_disk, find_disk, open_repository
+from tasks.backup.repo.retention import PruneData, PruneReport, forget_and_prune
+from tasks.backup.disk import (
+    DiskReport, DiskSteps, DiskUpload, back_up_disk, open_repository, remove_disk_snapshot, scan_and_upload_disk,
+    take_disk_snapshot, write_disk_point,
+)
+from tasks.backup.snapshot.view import SnapshotRecord
 from tasks.backup.repo.verify import VerifyReport, verify
 from tasks.retry import retry_transient
 
@@ -36,12 +41,46 @@ from tasks.retry import retry_transient
 # 60 s when the store or host stayed unreachable longer than that. Connectors open with one
 # attempt here, so host faults are retried by this layer only. A retried disk uploads only what
 # the store still lacks, so the outer layer costs a rescan, never a second copy of the data.
-@task(name="backup-disk", task_run_name="backup {host_name}/{disk_name}", retries=2, retry_delay_seconds=[15, 60],
+@task(name="backup-disk", task_run_name="backup {host.name}/{disk.name}", retries=2, retry_delay_seconds=[15, 60],
       retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
-def backup_disk_task(config_path: str, host_name: str, disk_name: str, policy: BackupPolicy) -> DiskReport:
-    loaded = load_config(config_path)
-    host, disk = find_disk(loaded.config, host_name, disk_name)
-    return back_up_disk(loaded.config, loaded.base_dir, host, disk, policy)
+def backup_disk_task(storage: StorageConfig, base_dir: Path, host: HostConfig, disk: DiskConfig,
+                     policy: BackupPolicy, policy_name: str | None = None) -> DiskReport:
+    """One disk in runbook order, each step a task run of its own (below)."""
+    # Each step's outcome stands on its own: by default Prefect rolls nested task runs back when
+    # their parent fails, and the UI would show a snapshot that was taken, and a removal that ran,
+    # as "RolledBack".
+    with transaction(commit_mode=CommitMode.EAGER):
+        return back_up_disk(storage, base_dir, host, disk, policy, policy_name=policy_name, steps=TASK_STEPS)
+
+
+# The steps of one disk, named so the UI says which one failed. No retries of their own: the
+# disk's task retries the whole runbook, snapshot included.
+@task(name="snapshot", task_run_name="snapshot {host.name}/{disk.name}", cache_policy=NO_CACHE)
+def snapshot_task(host: HostConfig, disk: DiskConfig, policy: BackupPolicy, base_dir: Path) -> SnapshotRecord:
+    return take_disk_snapshot(host, disk, policy, base_dir)
+
+
+@task(name="scan-and-upload", task_run_name="scan and upload {host.name}/{disk.name}", cache_policy=NO_CACHE)
+def scan_and_upload_task(storage: StorageConfig, base_dir: Path, host: HostConfig, disk: DiskConfig,
+                         policy: BackupPolicy, snap: SnapshotRecord) -> DiskUpload:
+    return scan_and_upload_disk(storage, base_dir, host, disk, policy, snap)
+
+
+@task(name="recovery-point", task_run_name="recovery point {host.name}/{disk.name}", cache_policy=NO_CACHE)
+def recovery_point_task(storage: StorageConfig, base_dir: Path, host: HostConfig, disk: DiskConfig,
+                        policy: BackupPolicy, snap: SnapshotRecord, done: DiskUpload,
+                        policy_name: str | None = None) -> DiskReport:
+    return write_disk_point(storage, base_dir, host, disk, policy, snap, done, policy_name)
+
+
+@task(name="remove-snapshot", task_run_name="remove snapshot {host.name}/{disk.name}", cache_policy=NO_CACHE)
+def remove_snapshot_task(host: HostConfig, disk: DiskConfig, policy: BackupPolicy, base_dir: Path,
+                         snap: SnapshotRecord) -> None:
+    remove_disk_snapshot(host, disk, policy, base_dir, snap)
+
+
+TASK_STEPS = DiskSteps(snapshot=snapshot_task, scan_and_upload=scan_and_upload_task, point=recovery_point_task,
+                       remove_snapshot=remove_snapshot_task)
 
 
 class RetentionSummary(BaseModel):
@@ -52,17 +91,18 @@ class RetentionSummary(BaseModel):
 
 
 @task(name="retention", cache_policy=NO_CACHE)
-def retention_task(config_path: str, policy: BackupPolicy, hosts: list[str]) -> RetentionSummary:
-    """Forget points the policy no longer keeps, then prune (deferred, not failed, if busy)."""
+def retention_task(storage: StorageConfig, base_dir: Path, policy: BackupPolicy, hosts: list[str], *,
+                   dry_run: bool = False, prune_data: PruneData | None = None) -> RetentionSummary:
+    """Forget these hosts' points the policy no longer keeps, then prune (deferred, not failed, if
+    busy). `prune_data` defaults to the policy's: after forgetting something, when policy.prune."""
     summary = RetentionSummary()
-    if policy.keep.keeps_everything or not hosts:
+    mode: PruneData = prune_data or ("after-forget" if policy.prune else "never")
+    if mode != "always" and (not hosts or policy.keep.keeps_everything):
         return summary  # nothing to forget (no disk backed up: maybe no repository either)
-    loaded = load_config(config_path)
-    repo = open_repository(loaded.config, loaded.base_dir, policy)
+    repo = open_repository(storage, base_dir, policy)
     try:
         # One exclusive lock, taken before anything is forgotten (docs/repository.md, *Locks*).
-        forgotten, pruned = forget_and_prune(repo, policy.keep, hosts=hosts,
-                                             prune_data="after-forget" if policy.prune else "never")
+        forgotten, pruned = forget_and_prune(repo, policy.keep, hosts=hosts, prune_data=mode, dry_run=dry_run)
     except RepositoryBusy as exc:
         summary.prune_deferred = str(exc)
         return summary
@@ -71,16 +111,16 @@ def retention_task(config_path: str, policy: BackupPolicy, hosts: list[str]) -> 
 
 
 @task(name="restore-point", task_run_name="restore {host_name}/{disk_name}", cache_policy=NO_CACHE)
-def restore_task(config_path: str, host_name: str, disk_name: str, target: str, policy: BackupPolicy,
-                 point: str | None = None, force: bool = False, include: list[str] | None = None,
-                 target_host: str | None = None) -> RestoreResult:
-    loaded = load_config(config_path)
-    repo = open_repository(loaded.config, loaded.base_dir, policy)
+def restore_task(storage: StorageConfig, base_dir: Path, host_name: str, disk_name: str, target: str,
+                 policy: BackupPolicy, point: str | None = None, force: bool = False,
+                 include: list[str] | None = None, target_host: HostConfig | None = None) -> RestoreResult:
+    """Restore onto this machine, or onto target_host (a host of the config) when it is not local."""
+    repo = open_repository(storage, base_dir, policy)
     chosen = repo.find_point(host_name, disk_name, point)
     if target_host is not None:
-        [host] = loaded.config.select(names=[target_host])
+        host = target_host
         if host.transport != "local":
-            with connect(host, base_dir=loaded.base_dir) as connector:
+            with connect(host, base_dir=base_dir) as connector:
                 existed = connector.run(f"test -e {shlex.quote(target)}", timeout=60).ok
                 with _say_what_an_interruption_left(f"{host.name}:{target}", existed, chosen.key):
                     return restore_to_host(repo, chosen, connector, target, force=force, include=include)
@@ -108,8 +148,7 @@ def _say_what_an_interruption_left(target: str, existed: bool, point: str) -> It
 
 @task(name="verify-repository", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=15,
       retry_condition_fn=retry_transient)
-def verify_task(config_path: str, policy: BackupPolicy, host: str | None = None, disk: str | None = None,
-                sample_percent: float = 100.0) -> VerifyReport:
-    loaded = load_config(config_path)
-    repo = open_repository(loaded.config, loaded.base_dir, policy)
+def verify_task(storage: StorageConfig, base_dir: Path, policy: BackupPolicy, host: str | None = None,
+                disk: str | None = None, sample_percent: float = 100.0) -> VerifyReport:
+    repo = open_repository(storage, base_dir, policy)
     return verify(repo, host=host, disk=disk, sample_percent=sample_percent)

@@ -224,3 +224,52 @@ def test_log_json_makes_every_console_line_json_on_a_real_run(lab_with_a_missing
     assert "patchdrill.backup" in loggers and any(name.startswith("prefect") for name in loggers), loggers
     assert [e["event"] for e in events if e["level"] == "error"][-1] == "cli.error"
     assert "Traceback" not in proc.stderr
+
+
+def _flow_runs(flow_name: str) -> list[str]:
+    """States of the runs of one flow on the test server, oldest first."""
+    import anyio
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    async def fetch() -> list[str]:
+        async with get_client() as client:
+            runs = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+                                               sort=FlowRunSort.EXPECTED_START_TIME_ASC)
+        return [run.state_name or "" for run in runs]
+    return anyio.run(fetch)
+
+
+def test_prune_and_verify_run_their_flows_for_the_selected_hosts(prefect_server: None, tmp_path: Path,
+                                                                 cli: Callable[..., tuple[int, str, str]]) -> None:
+    """`prune` forgets by the policy's rules only among the hosts it selects (every host of the
+    config by default), as the retention step after a backup does, and both commands are runs of
+    the same flows a deployment starts."""
+    earlier = {flow: _flow_runs(flow) for flow in ("prune-run", "verify-run")}  # the server is the session's
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.img").write_bytes(random.Random(name).randbytes(4 * BLOCK))
+    policies = {"keepall": {"block_size": BLOCK}, "trim": {"block_size": BLOCK, "keep_last": 1}}
+    hosts = [{"name": f"lab-{n}", "transport": "local", "disks": [{"name": "os", "path": f"{n}.img"}]} for n in "abc"]
+    everything = tmp_path / "all.yaml"
+    everything.write_text(yaml.safe_dump({"storage": {"kind": "local", "path": "store"}, "hosts": hosts,
+                                          "backup_policies": policies}))
+    for _ in range(2):
+        assert cli("backup", "-c", str(everything), "--policy", "keepall")[0] == 0
+    # lab-c is gone from this config: its points belong to whoever still backs it up.
+    without_c = tmp_path / "ab.yaml"
+    without_c.write_text(yaml.safe_dump({"storage": {"kind": "local", "path": "store"}, "hosts": hosts[:2],
+                                         "backup_policies": policies}))
+
+    code, out, err = cli("prune", "-c", str(without_c), "--policy", "trim", "--host", "lab-a", "--json")
+    assert code == 0, err
+    assert [key.split("/")[1] for key in json.loads(out)["forgotten"]] == ["lab-a"]
+    code, out, err = cli("prune", "-c", str(without_c), "--policy", "trim", "--json")
+    assert code == 0, err
+    assert [key.split("/")[1] for key in json.loads(out)["forgotten"]] == ["lab-b"]
+    code, out, err = cli("points", "-c", str(everything), "--json")
+    assert sorted(p["host"] for p in json.loads(out)) == ["lab-a", "lab-b", "lab-c", "lab-c"]
+
+    assert cli("verify", "-c", str(without_c), "--policy", "trim")[0] == 0
+    assert _flow_runs("prune-run")[len(earlier["prune-run"]):] == ["Completed", "Completed"]
+    assert _flow_runs("verify-run")[len(earlier["verify-run"]):] == ["Completed"]

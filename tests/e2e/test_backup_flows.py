@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -83,3 +84,30 @@ def test_a_failing_disk_fails_the_run_but_not_the_others(prefect_server: None, t
     rows = [row for data in _artifact("backup-all-nightly") for row in (json.loads(data) if isinstance(data, str) else data)]
     assert {(row["disk"], row["status"]) for row in rows} >= {("gone", "failed"), ("vm", "ok"), ("etc", "ok")}
     assert "no-such.img" in next(row["error"] for row in rows if row["disk"] == "gone")
+
+
+def test_each_flow_run_reads_the_config_once(prefect_server: None, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flow loads and validates the file; its tasks get typed models, never the path."""
+    import sys
+
+    import configs.loader
+
+    original = configs.loader.load_config
+    reads: list[str] = []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        reads.append(str(args[0]))
+        return original(*args, **kwargs)
+
+    # Every module that imported the loader by name, so no reader escapes the count.
+    for module in list(sys.modules.values()):
+        if getattr(module, "load_config", None) is original:
+            monkeypatch.setattr(module, "load_config", counted)
+    cfg = _config(tmp_path)
+    assert {r.status for r in backup_run(str(cfg), policy="nightly")} == {"ok"}
+    assert len(reads) == 1, reads
+    restore_run(str(cfg), "lab-1", "vm", str(tmp_path / "restored.img"), policy="nightly")
+    assert len(reads) == 2, reads
+    assert verify_run(str(cfg), policy="nightly").ok
+    assert reads == [str(cfg)] * 3

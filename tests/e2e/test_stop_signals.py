@@ -209,7 +209,7 @@ def restorable(lab: Lab) -> Path:
     cfg = lab.config("restore")
     loaded = load_config(cfg)
     [host] = loaded.config.hosts
-    back_up_disk(loaded.config, loaded.base_dir, host, host.disks[0], policy_from_config(loaded.config.backup_policies, None))
+    back_up_disk(loaded.config.storage, loaded.base_dir, host, host.disks[0], policy_from_config(loaded.config.backup_policies, None))
     return cfg
 
 

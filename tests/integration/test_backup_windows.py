@@ -38,7 +38,7 @@ from tasks.backup.repo.retention import prune
 from tasks.backup.repo.repository import chunk_key
 from tasks.backup.restore import restore
 from tasks.backup.disk import back_up_disk, open_repository
-from tasks.backup.snapshot.take import VSS_REMOVE_SCRIPT, VSS_SCRIPT
+from tasks.backup.snapshot.host import VSS_REMOVE_SCRIPT, VSS_SCRIPT
 from tasks.backup.repo.verify import verify
 from tests.e2e.test_backup_cli import cli  # noqa: F401 - the in-process `patchdrill` fixture
 from tests.e2e.test_backup_flows import _artifact
@@ -189,17 +189,17 @@ def _rewrite(path: Path, indexes: list[int]) -> None:
 def test_full_then_incremental_straight_to_azure(config: PatchdrillConfig, simulated: SimulatedWindowsDisk,
                                                  azure_store: AzureBlobStore, image: Path, tmp_path: Path) -> None:
     host, disk = _disk(config, "vm")
-    full = back_up_disk(config, tmp_path, host, disk, POLICY)
+    full = back_up_disk(config.storage, tmp_path, host, disk, POLICY)
     assert full.status == "ok" and full.consistency == "application-consistent" and full.snapshot_method == "vss"
     assert simulated.uploaded == [list(range(BLOCKS + 1))]
     assert simulated.scans[0].startswith(str(simulated.shadow_root)), "the scan read the live disk, not the shadow copy"
 
     changed = [0, 7, 8, 24]
     _rewrite(image, changed)
-    second = back_up_disk(config, tmp_path, host, disk, POLICY)
+    second = back_up_disk(config.storage, tmp_path, host, disk, POLICY)
     # Exactly the changed blocks went from the host to staging, and became new chunks.
     assert simulated.uploaded[1] == changed
-    repo = open_repository(config, tmp_path, POLICY)
+    repo = open_repository(config.storage, tmp_path, POLICY)
     point = repo.find_point("win-1", "vm", None)
     assert point.key == second.point and point.parent == full.point
     assert (point.totals.changed_blocks, point.totals.uploaded_chunks) == (len(changed), len(changed))
@@ -218,8 +218,8 @@ def test_damaged_and_missing_chunks_are_uploaded_again_and_rehash_reads_everythi
     """The host reports every block unchanged; blocks whose chunk verify found corrupt, or whose
     chunk is gone from the store, must still come up from the host and be written again."""
     host, disk = _disk(config, "vm")
-    back_up_disk(config, tmp_path, host, disk, POLICY)
-    repo = open_repository(config, tmp_path, POLICY)
+    back_up_disk(config.storage, tmp_path, host, disk, POLICY)
+    repo = open_repository(config.storage, tmp_path, POLICY)
     data = image.read_bytes()
     corrupt, missing = (repo.codec.chunk_id(data[i * BLOCK:(i + 1) * BLOCK]) for i in (3, 5))
     blob = repo.store.get(chunk_key(corrupt))
@@ -227,14 +227,14 @@ def test_damaged_and_missing_chunks_are_uploaded_again_and_rehash_reads_everythi
     assert list(verify(repo).corrupt) == [corrupt.hex()]  # recorded for the next backup
     repo.store.delete(chunk_key(missing))  # no verify ran since: found by the backup itself
 
-    again = back_up_disk(config, tmp_path, host, disk, POLICY)
+    again = back_up_disk(config.storage, tmp_path, host, disk, POLICY)
     assert simulated.uploaded[1] == [3, 5]
     assert again.repaired_chunks == 2 and again.scanned_bytes == 2 * BLOCK
     assert verify(repo).ok and repo.damaged_chunks() == {}
     restore(repo, repo.find_point("win-1", "vm", None), tmp_path / "restored.vhdx")
     assert (tmp_path / "restored.vhdx").read_bytes() == data
 
-    every = back_up_disk(config, tmp_path, host, disk, POLICY.model_copy(update={"rehash": True}))
+    every = back_up_disk(config.storage, tmp_path, host, disk, POLICY.model_copy(update={"rehash": True}))
     assert simulated.uploaded[2] == list(range(BLOCKS + 1))
     assert every.scanned_bytes == len(data) and every.uploaded_bytes == 0  # read and checked, nothing new
 
@@ -243,8 +243,8 @@ def test_a_failed_writer_is_recorded_as_file_system_consistent(config: Patchdril
                                                                tmp_path: Path) -> None:
     simulated.failing_writer = "Microsoft Hyper-V VSS Writer"
     host, disk = _disk(config, "vm")
-    report = back_up_disk(config, tmp_path, host, disk, POLICY)
-    point = open_repository(config, tmp_path, POLICY).find_point("win-1", "vm", None)
+    report = back_up_disk(config.storage, tmp_path, host, disk, POLICY)
+    point = open_repository(config.storage, tmp_path, POLICY).find_point("win-1", "vm", None)
     assert report.consistency == point.consistency == "file-system-consistent"
     assert any("Hyper-V VSS Writer" in note for note in point.notes), point.notes
 
@@ -255,7 +255,7 @@ def test_a_block_changed_after_the_scan_leaves_no_point_and_no_staging(
     simulated.change_before_upload = True
     host, disk = _disk(config, "vm")
     with pytest.raises(SourceError, match="block 0 .* changed between the scan and the upload"):
-        back_up_disk(config, tmp_path, host, disk, POLICY)
+        back_up_disk(config.storage, tmp_path, host, disk, POLICY)
     assert list(azure_store.list("points/")) == []
     assert list(azure_store.list("staging/")) == []
     assert simulated.shadows == {}
@@ -265,11 +265,11 @@ def test_directory_disks_and_local_stores_are_refused_before_any_snapshot(
         config: PatchdrillConfig, simulated: SimulatedWindowsDisk, tmp_path: Path) -> None:
     host, disk = _disk(config, "docs")
     with pytest.raises(SourceError, match="directory disks of Windows hosts are not supported"):
-        back_up_disk(config, tmp_path, host, disk, POLICY)
+        back_up_disk(config.storage, tmp_path, host, disk, POLICY)
     local = config.model_copy(update={"storage": LocalStorage(path=str(tmp_path / "repo"))})
     host, disk = _disk(local, "vm")
     with pytest.raises(SourceError, match="Windows backups need an Azure Blob repository"):
-        back_up_disk(local, tmp_path, host, disk, POLICY)
+        back_up_disk(local.storage, tmp_path, host, disk, POLICY)
     assert simulated.scans == [] and simulated.shadows == {} and not (tmp_path / "shadows").exists()
 
 
@@ -302,7 +302,7 @@ def test_a_host_leasing_and_snapshotting_its_staging_blobs_gets_them_deleted(
         config: PatchdrillConfig, simulated: SimulatedWindowsDisk, azure_store: AzureBlobStore, tmp_path: Path) -> None:
     simulated.after_put = _lease_and_snapshot
     host, disk = _disk(config, "vm")
-    report = back_up_disk(config, tmp_path, host, disk, POLICY)
+    report = back_up_disk(config.storage, tmp_path, host, disk, POLICY)
     assert report.status == "ok" and report.point
     assert _staging_as_stored(azure_store) == []
 
@@ -338,7 +338,7 @@ def test_staging_the_backup_cannot_delete_is_a_warning_and_prune_still_succeeds(
     assert (report["status"], report["error"], report["staging_left"]) == ("ok", None, BLOCKS + 1)
     assert f"{BLOCKS + 1} staged upload blobs under staging/win-1/vm/" in report["warning"]
     assert "the next prune removes them" in report["warning"]
-    repo = open_repository(config, tmp_path, POLICY)
+    repo = open_repository(config.storage, tmp_path, POLICY)
     assert repo.find_point("win-1", "vm", None).key == report["point"]
     assert "backup.staging_left" in err
     assert len(list(azure_store.list("staging/"))) == BLOCKS + 1
@@ -379,7 +379,7 @@ def test_each_batch_of_urls_is_signed_when_the_host_needs_it(
 
     simulated.on_upload = arrived
     host, disk = _disk(config, "vm")
-    assert back_up_disk(config, tmp_path, host, disk, POLICY).status == "ok"
+    assert back_up_disk(config.storage, tmp_path, host, disk, POLICY).status == "ok"
     # Signed batch by batch, never ahead of the host: 8, 16, 24, then the last block.
     assert signed_when_called == [8, 16, 24, 25]
     assert all(len(batch) == 1 for batch in expiries)  # one signing time per batch

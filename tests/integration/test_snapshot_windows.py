@@ -25,7 +25,8 @@ from configs.policies import SnapshotPolicy
 from connectors import settings_for
 from connectors.winrm import WinRmConnector
 from tasks.backup.snapshot.view import APPLICATION, FILE_SYSTEM, SnapshotError, SnapshotRemovalError
-from tasks.backup.snapshot.take import VSS_REMOVE_SCRIPT, VSS_SCRIPT, take_snapshot
+from tasks.backup.snapshot.host import VSS_REMOVE_SCRIPT, VSS_SCRIPT
+from tasks.backup.snapshot.take import take_snapshot
 from tests.hosts.wsman_server import WsmanTestHost
 from tests.hosts.wsman_sim import SimResult, script_handler
 

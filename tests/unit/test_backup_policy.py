@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import random
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 import pytest
 
-from configs.models import DiskConfig, HostConfig, LocalStorage, PatchdrillConfig
+from configs.models import DiskConfig, HostConfig, LocalStorage
 from configs.policies import BackupPolicy
 from connectors.base import AuthenticationFailed, HostTimeout, HostUnreachable
 from connectors.stores import StoreError, StoreUnavailable
 from tasks.backup.errors import BackupError, ChunkCorrupt, SourceError
 from tasks.backup.policy import policy_from_config
 from tasks.backup.snapshot import take as snapshots
+from tasks.backup import disk as disk_module
 from tasks.backup.disk import back_up_disk
 from tasks.backup.snapshot.view import Snapshot
 from tasks.retry import is_transient
@@ -46,32 +46,44 @@ def test_only_transient_faults_are_retried() -> None:
 
 
 def test_snapshot_is_removed_even_when_the_backup_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The real snapshot step, watched: each snapshot taken is checked to be removed afterwards."""
+    """The real snapshot step, watched: each snapshot taken is removed afterwards, from its record
+    (what the task boundary carries) and over a connection of its own."""
     events: list[str] = []
     levels: list[str] = []
-    real = snapshots.take_snapshot
+    real_take, real_attach = snapshots.take_snapshot, disk_module.attach
 
-    @contextmanager
-    def watched(*args, **kwargs) -> Iterator[Snapshot]:  # type: ignore[no-untyped-def]
-        snap = real(*args, **kwargs)
+    def taken(*args: Any, **kwargs: Any) -> Snapshot:
+        snap = real_take(*args, **kwargs)
         events.append("taken")
         levels.append(snap.consistency)
-        try:
-            with snap:
-                yield snap
-        finally:
-            events.append("removed" if snap.removed else "left behind")
+        return snap
 
-    monkeypatch.setattr(snapshots, "take_snapshot", watched)
+    def attached(*args: Any, **kwargs: Any) -> Snapshot:
+        snap = real_attach(*args, **kwargs)
+        original = snap.remove
+
+        def remove() -> None:
+            original()
+            events.append("removed" if snap.removed else "left behind")
+        snap.remove = remove  # type: ignore[method-assign]
+        return snap
+
+    monkeypatch.setattr(snapshots, "take_snapshot", taken)
+    monkeypatch.setattr(disk_module, "attach", attached)
     image = tmp_path / "disk.img"
     image.write_bytes(random.Random(1).randbytes(8 * 4096))
+    journal = tmp_path / "journal"
+    # No snapshot method: the post-script is held until removal, so removal has a step to run.
+    scripts = {"snapshot_method": "none", "pre_script": f"echo pre >> {journal}", "post_script": f"echo post >> {journal}"}
     host = HostConfig(name="lab", transport="local", disks=[DiskConfig(name="os", path=str(image))])
-    config = PatchdrillConfig(storage=LocalStorage(path=str(tmp_path / "store")), hosts=[host])
-    report = back_up_disk(config, tmp_path, host, host.disks[0], BackupPolicy(block_size=4096))
-    assert report.consistency == levels[0]
+    storage = LocalStorage(path=str(tmp_path / "store"))
+    report = back_up_disk(storage, tmp_path, host, host.disks[0], BackupPolicy(block_size=4096, **scripts))
+    assert report.consistency == levels[0] == "application-consistent"
     assert events == ["taken", "removed"]
+    assert journal.read_text().split() == ["pre", "post"]
 
     broken = DiskConfig(name="gone", path=str(tmp_path / "missing.img"))
     with pytest.raises(Exception, match="missing.img"):
-        back_up_disk(config, tmp_path, host, broken, BackupPolicy(block_size=4096, snapshot_method="none"))
+        back_up_disk(storage, tmp_path, host, broken, BackupPolicy(block_size=4096, **scripts))
     assert events == ["taken", "removed", "taken", "removed"]
+    assert journal.read_text().split() == ["pre", "post", "pre", "post"]

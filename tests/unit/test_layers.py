@@ -178,3 +178,21 @@ def test_the_repository_core_stands_on_its_own() -> None:
                    if target.startswith("tasks.") and not target.startswith("tasks.backup.repo")
                    and target not in REPO_GROUND)
     assert leaks == []
+
+
+#: The first segment of every kind of key in a backup repository (docs/repository.md).
+REPOSITORY_KEYS = ("config.json", "chunks/", "maps/", "points/", "locks/", "damaged/", "staging/")
+
+
+def test_only_the_repository_module_names_repository_keys() -> None:
+    """A key is written in one place, tasks/backup/repo/repository.py: anywhere else, a string that
+    starts like one is a key built by hand, which the format can change under."""
+    owner = ROOT / "tasks/backup/repo/repository.py"
+    found = []
+    for path in sorted(p for layer in LAYERS for p in (ROOT / layer).rglob("*.py")):
+        if path == owner or "host_scripts" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith(REPOSITORY_KEYS):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
+    assert found == []

@@ -8,7 +8,7 @@ import pytest
 
 from configs.models import HostConfig
 from connectors import connect, settings_for
-from connectors.base import CommandFailed, HostTimeout
+from connectors.base import CommandFailed, CommandResult, HostTimeout
 from connectors.local import LocalConnector
 
 HOST = HostConfig(name="lab", transport="local")
@@ -65,3 +65,16 @@ def test_run_script_runs_the_file_or_text_it_is_handed(tmp_path: Path) -> None:
     assert (from_text.stdout, from_text.command) == ("x|it's|", "script x it's")
     with pytest.raises(FileNotFoundError, match="gone.sh"):
         conn.run_script(tmp_path / "gone.sh")
+
+
+def test_a_result_quotes_the_tail_of_what_the_command_printed() -> None:
+    """stderr's last lines, else stdout's (a script that reports errors on stdout), as one line."""
+    with LocalConnector(HOST) as conn:
+        failed = conn.run("for i in 1 2 3 4 5 6 7; do echo \"problem $i\" >&2; done; echo done; exit 3")
+        quiet = conn.run("echo 'usage: scan PATH'; echo 'bad path'; exit 2")
+        silent = conn.run("exit 1")
+    assert failed.tail() == "problem 3 | problem 4 | problem 5 | problem 6 | problem 7"
+    assert failed.tail(1) == "problem 7"
+    assert quiet.tail() == "usage: scan PATH | bad path"
+    assert silent.tail() == ""
+    assert CommandResult("h", "c", 1, stdout="out\n", stderr=" \n").tail() == "out"

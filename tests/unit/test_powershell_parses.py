@@ -15,7 +15,7 @@ from tree_sitter import Language, Node, Parser
 
 from connectors import winrm
 from tasks import probes
-from tasks.backup.snapshot import take as snapshot
+from tasks.backup.snapshot import host as snapshot
 from tasks.backup.sources import windows_direct_upload as staged
 from tasks.patching import windows_update
 

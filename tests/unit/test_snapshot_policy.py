@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import yaml
 from pydantic import ValidationError
 
+from configs.loader import ConfigError, load_config
 from configs.models import DiskConfig, HostConfig
 from configs.policies import BackupPolicy, SnapshotPolicy
 from connectors import settings_for
 from connectors.local import LocalConnector
+from tasks.backup.disk import back_up_disk, open_repository
+from tasks.backup.policy import policy_from_config
 from tasks.backup.snapshot.view import CRASH, SnapshotError
 from tasks.backup.snapshot.take import take_snapshot
 
@@ -65,3 +71,37 @@ def test_auto_reads_a_relative_path_live_and_says_why() -> None:
     snap = take_snapshot(LocalConnector(settings_for(LINUX)), LINUX, DiskConfig(name="lab", path="lab/data"), SnapshotPolicy())
     assert (snap.method, snap.consistency, snap.read_path) == ("none", CRASH, "lab/data")
     assert "relative" in snap.notes[0]
+
+
+def test_the_snapshot_block_of_a_yaml_policy_reaches_the_snapshot_taken(tmp_path: Path) -> None:
+    """script_timeout, set in the file's snapshot: block, is the limit the pre-script runs under."""
+    image = tmp_path / "vm.img"
+    image.write_bytes(bytes(8192))
+    cfg = tmp_path / "fleet.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "storage": {"kind": "local", "path": "store"},
+        "hosts": [{"name": "lab-1", "transport": "local", "disks": [{"name": "vm", "path": "vm.img", "kind": "block"}]}],
+        "backup_policies": {"nightly": {"block_size": 4096, "snapshot": {
+            "method": "none", "pre_script": "sleep 60", "script_timeout": 0.5, "fallback": True}}},
+    }))
+    loaded = load_config(cfg)
+    policy = policy_from_config(loaded.config.backup_policies, "nightly")
+    [host] = loaded.config.hosts
+    report = back_up_disk(loaded.config.storage, loaded.base_dir, host, host.disks[0], policy)
+    point = open_repository(loaded.config.storage, loaded.base_dir, policy).find_point("lab-1", "vm")
+    assert report.consistency == CRASH
+    assert any("pre-script timed out after 0.5s" in note for note in point.notes), point.notes
+
+
+def test_a_shorthand_and_the_snapshot_block_that_disagree_name_the_field(tmp_path: Path) -> None:
+    cfg = tmp_path / "fleet.yaml"
+    cfg.write_text("storage: {kind: local, path: store}\nbackup_policies:\n  nightly:\n"
+                   "    snapshot_method: fsfreeze\n    snapshot: {method: lvm}\n")
+    with pytest.raises(ConfigError) as failure:
+        load_config(cfg)
+    message = str(failure.value)
+    assert "fleet.yaml" in message and "backup_policies.nightly" in message
+    assert "snapshot_method 'fsfreeze' conflicts with snapshot.method 'lvm'" in message
+    # The shorthand alone, or agreeing with the block, is what existing configs say: accepted.
+    assert BackupPolicy(snapshot_method="lvm", snapshot=SnapshotPolicy(method="lvm")).snapshot_settings.method == "lvm"
+    assert BackupPolicy(pre_script="flush").snapshot_settings.pre_script == "flush"

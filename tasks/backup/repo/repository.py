@@ -1,6 +1,7 @@
 """The backup repository inside a BlobStore, as specified in docs/repository.md.
 
-This module owns every key name and encoding: config.json, chunks, maps, points and locks.
+This module owns every key name and encoding: config.json, chunks, maps, points, locks, damage
+records and the staging area.
 The engines (backup, restore, verify, prune) go through it and never build a key themselves.
 """
 
@@ -25,7 +26,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from configs.secrets import redact, resolve
-from connectors.stores import BlobExists, BlobNotFound, BlobStore, StoreError
+from connectors.stores import BlobExists, BlobInfo, BlobNotFound, BlobStore, StoreError
 from tasks.backup import cancel
 from tasks.backup.repo import keys, locks
 from tasks.backup.errors import (
@@ -40,6 +41,8 @@ READABLE_VERSIONS = (1, 2)
 log = structlog.stdlib.get_logger("patchdrill.backup")
 
 CONFIG_KEY = "config.json"
+#: Where a Windows host stages raw blocks for the controller (docs/repository.md, *Windows hosts*).
+STAGING_PREFIX = "staging/"
 LOCK_REFRESH = timedelta(minutes=5)
 LOCK_STALE = timedelta(minutes=30)
 DAMAGE_PREFIX = "damaged/"
@@ -197,6 +200,21 @@ def chunk_key(chunk_id: bytes | str, prefix: str = "chunks") -> str:
     return f"{prefix}/{hex_id[:2]}/{hex_id}"
 
 
+def content_id(key: str) -> str:
+    """The hex id a chunk or map key names (the inverse of chunk_key)."""
+    return key.rsplit("/", 1)[1]
+
+
+def staging_prefix(host: str, disk: str, run: str) -> str:
+    """Where one staged upload of host/disk puts its blocks (no trailing slash)."""
+    return f"{STAGING_PREFIX}{host}/{disk}/{run}"
+
+
+def staged_block_key(prefix: str, index: int) -> str:
+    """The blob a host uploads block `index` of a staged upload to."""
+    return f"{prefix}/{index}"
+
+
 class Repository:
     """An opened repository: its config, its codec, and typed access to its files."""
 
@@ -286,7 +304,17 @@ class Repository:
 
     def chunk_ids(self) -> set[bytes]:
         """Every chunk id in the store (one listing; cheaper than an exists() per block)."""
-        return {bytes.fromhex(info.key.rsplit("/", 1)[1]) for info in self.store.list("chunks/")}
+        return {chunk_id for chunk_id, _ in self.chunk_blobs()}
+
+    def chunk_blobs(self, *, uncommitted: bool = False) -> Iterator[tuple[bytes, BlobInfo]]:
+        """Every chunk blob with its id; `uncommitted` adds uploads that never completed."""
+        for info in self.store.list("chunks/", uncommitted=uncommitted):
+            yield bytes.fromhex(content_id(info.key)), info
+
+    def map_blobs(self) -> Iterator[tuple[str, BlobInfo]]:
+        """Every block-map blob with its (hex) id."""
+        for info in self.store.list("maps/"):
+            yield content_id(info.key), info
 
     def put_chunk(self, chunk_id: bytes, data: bytes | bytearray | memoryview, *, replace: bool = False) -> int:
         """Store a chunk; returns the bytes written (0 if a concurrent writer stored it first).

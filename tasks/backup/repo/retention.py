@@ -83,8 +83,11 @@ def prune(repo: Repository, *, dry_run: bool = False, stale: timedelta = LOCK_ST
         return _prune(repo, dry_run, held.removed_stale)
 
 
+PruneData = Literal["always", "after-forget", "never"]
+
+
 def forget_and_prune(repo: Repository, rules: KeepRules, *, hosts: Sequence[str] | None = None,
-                     prune_data: Literal["always", "after-forget", "never"] = "always", dry_run: bool = False, stale: timedelta = LOCK_STALE,
+                     prune_data: PruneData = "always", dry_run: bool = False, stale: timedelta = LOCK_STALE,
                      lock_wait: timedelta = timedelta(0)) -> tuple[ForgetReport, PruneReport | None]:
     """Retention as one step under one exclusive lock, taken first: beside a running backup this
     raises RepositoryBusy having deleted nothing, never after forgetting points."""
@@ -124,17 +127,16 @@ def _prune(repo: Repository, dry_run: bool, stale_removed: list[str]) -> PruneRe
     live = referenced_chunks(repo, points)
     live_maps = {p.map.id for p in points}
     # Uncommitted too: a chunk upload killed midway (the SDK uploads blocks past 64 MiB).
-    for info in list(repo.store.list("chunks/", uncommitted=True)):
-        chunk_id = info.key.rsplit("/", 1)[1]
-        if bytes.fromhex(chunk_id) in live:
+    for chunk_id, info in list(repo.chunk_blobs(uncommitted=True)):
+        if chunk_id in live:
             report.chunks_kept += 1
             continue
         report.chunks_deleted += 1
         report.bytes_freed += info.size
         if not dry_run:
             _delete(repo, info.key)
-    for info in list(repo.store.list("maps/")):
-        if info.key.rsplit("/", 1)[1] not in live_maps:
+    for map_id, info in list(repo.map_blobs()):
+        if map_id not in live_maps:
             report.maps_deleted += 1
             report.bytes_freed += info.size
             if not dry_run:

@@ -10,11 +10,9 @@ import structlog
 
 from configs.secrets import redact
 from connectors.stores import BlobNotFound, BlobStore, StoreError
+from tasks.backup.repo.repository import STAGING_PREFIX
 
 log = structlog.stdlib.get_logger("patchdrill.backup")
-
-STAGING = "staging/"
-
 
 @dataclass
 class StagingCleanup:
@@ -37,7 +35,7 @@ class StagingCleanup:
         return None
 
 
-def remove_staged(store: BlobStore, prefix: str = STAGING, *, dry_run: bool = False) -> StagingCleanup:
+def remove_staged(store: BlobStore, prefix: str = STAGING_PREFIX, *, dry_run: bool = False) -> StagingCleanup:
     """Delete staged blobs under prefix, uncommitted ones (a killed block upload, a host's Put
     Block never committed) included; count and log what cannot be deleted instead of raising.
 

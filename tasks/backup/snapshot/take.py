@@ -39,35 +39,22 @@ Methods on Linux, and why they work the way they do:
 
 from __future__ import annotations
 
-import json
 import re
-import shlex
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Literal
-
-import structlog
+from pathlib import PurePosixPath
+from typing import Any
 
 from configs.models import DiskConfig, HostConfig
 from configs.policies import SnapshotPolicy
 from configs.secrets import redact
-from connectors.base import CommandResult, Connector, ConnectorError, HostTimeout
+from connectors.base import Connector, ConnectorError, last_lines
 from tasks.backup.repo.repository import Consistency
-from tasks.backup.snapshot.view import APPLICATION, CRASH, FILE_SYSTEM, Snapshot, SnapshotError, RemovalStep
+from tasks.backup.snapshot.host import HELPER_TIMEOUT, VSS_SCRIPT, NotApplicable, SnapshotHost, _said
+from tasks.backup.snapshot.view import (
+    APPLICATION, CRASH, FILE_SYSTEM, HostCheck, RemovalStep, Snapshot, SnapshotError,
+)
 
-log = structlog.stdlib.get_logger("patchdrill.backup")
-
-_HOST_SCRIPTS = Path(__file__).parents[1] / "host_scripts"
-LINUX_SCRIPT = _HOST_SCRIPTS / "linux_snapshot.sh"
-VSS_SCRIPT = _HOST_SCRIPTS / "vss_snapshot.ps1"
-VSS_REMOVE_SCRIPT = _HOST_SCRIPTS / "vss_remove.ps1"
-#: Seconds for the snapshot helpers themselves (lvcreate, mount, VSS with its writers).
-HELPER_TIMEOUT = 900.0
-#: Grace after SIGTERM before `timeout` kills a user script that ignores it.
-_KILL_GRACE = 10
-#: Exit codes of linux_snapshot.sh.
-_EXIT_INVALID, _EXIT_NOT_APPLICABLE = 3, 4
 _GUID = re.compile(r"^\{[0-9A-Fa-f-]{36}\}$")
 
 
@@ -80,15 +67,11 @@ class _View:
     level: Consistency
     details: dict[str, Any] = field(default_factory=dict)
     steps: list[RemovalStep] = field(default_factory=list)
-    check: Callable[[], None] | None = None
+    check: HostCheck | None = None
     #: False for a live read: the post-script then waits until removal.
     point_in_time: bool = True
     #: VSS writers quiesced the applications (application-consistent without a pre-script).
     writers_quiesced: bool = False
-
-
-class _NotApplicable(Exception):
-    """The method cannot work for this disk (not on an LV, no reflink): not a transport fault."""
 
 
 def take_snapshot(connector: Connector, host: HostConfig, disk: DiskConfig, policy: SnapshotPolicy, *,
@@ -97,22 +80,14 @@ def take_snapshot(connector: Connector, host: HostConfig, disk: DiskConfig, poli
     return _Taking(connector, host, disk, SnapshotPolicy.of(policy), host_online).run()
 
 
-class _Taking:
+class _Taking(SnapshotHost):
     """One take_snapshot call: the pre-script, the method, the post-script, the level."""
 
     def __init__(self, connector: Connector, host: HostConfig, disk: DiskConfig, policy: SnapshotPolicy,
                  host_online: bool) -> None:
-        self.connector = connector
-        self.host = host
-        self.disk = disk
-        self.policy = policy
+        super().__init__(connector, host, disk, policy, uuid.uuid4().hex[:12])
         self.online = host_online
-        self.snapshot_id = uuid.uuid4().hex[:12]
         self.notes: list[str] = []
-        self.log = log.bind(host=host.name, disk=disk.name, snapshot_id=self.snapshot_id)
-
-    def error(self, message: str) -> SnapshotError:
-        return SnapshotError(self.host.name, self.disk.name, message)
 
     def note(self, text: str) -> None:
         self.notes.append(redact(text))
@@ -151,7 +126,7 @@ class _Taking:
         try:
             if held:
                 # No snapshot by choice: the application stays quiesced until the read is over.
-                view.steps.append(RemovalStep("post-script", lambda: self.user_script_or_raise("post"), retry=False))
+                view.steps.append(RemovalStep(label="post-script", action="post-script", retry=False))
             else:
                 self.post_script_now()
         except BaseException:
@@ -163,7 +138,7 @@ class _Taking:
         """Undo a view nobody will receive (take_snapshot is failing after creating it)."""
         for step in view.steps:
             try:
-                step.action()
+                self.run_step(step)
             except (SnapshotError, ConnectorError) as exc:
                 self.log.error("snapshot.removal_failed", step=step.label, error=redact(str(exc)))
 
@@ -177,7 +152,8 @@ class _Taking:
     def snapshot(self, view: _View, notes: list[str], level: Consistency | None = None) -> Snapshot:
         snap = Snapshot(host=self.host.name, disk=self.disk.name, read_path=view.read_path,
                         consistency=level or view.level, method=view.method, notes=list(notes),
-                        snapshot_id=self.snapshot_id, details=view.details, _steps=view.steps, _check=view.check)
+                        snapshot_id=self.snapshot_id, details=view.details, _steps=view.steps, _check=view.check,
+                        _runner=SnapshotHost(self.connector, self.host, self.disk, self.policy, self.snapshot_id))
         self.log.info("snapshot.taken", method=snap.method, consistency=snap.consistency, read_path=snap.read_path,
                       notes=snap.notes)
         return snap
@@ -217,7 +193,7 @@ class _Taking:
                 return self.reflink()
             if method == "fsfreeze":
                 return self.fsfreeze()
-        except _NotApplicable as exc:
+        except NotApplicable as exc:
             if self.policy.method == "auto":
                 self.notes.append(f"{exc}; no snapshot method applies")
                 return self.live_view("none")
@@ -231,28 +207,23 @@ class _Taking:
         out = self.linux("lvm-create", [self.snapshot_id, self.disk.path, self.policy.lvm_snapshot_size])
         lv, mount_dir = out["snapshot_lv"], out.get("mount_dir", "")
         return _View(out["read_path"], "lvm", FILE_SYSTEM, details={"snapshot_lv": lv, "mount_dir": mount_dir},
-                     steps=[RemovalStep(f"lvm snapshot {lv}", lambda: self.linux_must("lvm-remove", [self.snapshot_id, lv, mount_dir]))],
-                     check=lambda: self.linux_must("lvm-check", [lv]))
+                     steps=[RemovalStep(label=f"lvm snapshot {lv}", action="linux",
+                                        args=("lvm-remove", self.snapshot_id, lv, mount_dir))],
+                     check=HostCheck(action="linux", args=("lvm-check", lv)))
 
     def reflink(self) -> _View:
         out = self.linux("reflink-create", [self.snapshot_id, self.disk.path])
         return _View(out["read_path"], "reflink", FILE_SYSTEM, details={"clone": out["read_path"]},
-                     steps=[RemovalStep(f"reflink clone {out['read_path']}",
-                                  lambda: self.linux_must("reflink-remove", [self.snapshot_id, self.disk.path]))])
+                     steps=[RemovalStep(label=f"reflink clone {out['read_path']}", action="linux",
+                                        args=("reflink-remove", self.snapshot_id, self.disk.path))])
 
     def fsfreeze(self) -> _View:
         out = self.linux("freeze", [self.snapshot_id, self.disk.path, f"{self.policy.freeze_limit:g}"])
         mount = out["mount"]
         self.notes.append(f"{mount} is held frozen until the snapshot is removed: its writers wait for the read")
         return _View(out["read_path"], "fsfreeze", FILE_SYSTEM, details={"frozen_mount": mount},
-                     steps=[RemovalStep(f"frozen file system {mount}", lambda: self.thaw(mount))],
-                     check=lambda: self.linux_must("freeze-check", [self.snapshot_id]))
-
-    def thaw(self, mount: str) -> None:
-        out = self.linux_must("thaw", [self.snapshot_id, mount])
-        if out.get("thawed_early"):
-            self.log.error("snapshot.thawed_early", mount=mount, at=out["thawed_early"],
-                           freeze_limit=self.policy.freeze_limit)
+                     steps=[RemovalStep(label=f"frozen file system {mount}", action="thaw", args=(mount,))],
+                     check=HostCheck(action="linux", args=("freeze-check", self.snapshot_id)))
 
     def vss(self) -> _View:
         args = ["-Path", self.disk.path, "-SnapshotId", self.snapshot_id]
@@ -260,11 +231,11 @@ class _Taking:
             args.append("-AllowFallback")
         result = self.connector.run_script(VSS_SCRIPT, args, timeout=HELPER_TIMEOUT)
         if not result.ok:
-            raise self.error(f"VSS shadow copy failed (exit {result.exit_code}): {_tail(result.stderr) or 'no error text'}")
+            raise self.error(f"VSS shadow copy failed (exit {result.exit_code}): {_said(result) or 'no error text'}")
         report = self.json_line(result, VSS_SCRIPT.name)
         shadow_id = str(report.get("id") or "")
         if not _GUID.match(shadow_id) or not report.get("read_path"):
-            raise self.error(f"{VSS_SCRIPT.name} reported no shadow copy id or read path: {_tail(result.stdout)}")
+            raise self.error(f"{VSS_SCRIPT.name} reported no shadow copy id or read path: {redact(last_lines(result.stdout, 5))}")
         writers = [{"name": str(w.get("name")), "state": w.get("state"), "state_text": w.get("state_text")}
                    for w in report.get("writers") or []]
         if report.get("fallback_reason"):
@@ -274,82 +245,10 @@ class _Taking:
                    "volume": report.get("volume"), "context": report.get("context"), "writers": writers}
         return _View(str(report["read_path"]), "vss", FILE_SYSTEM, details=details,
                      writers_quiesced=consistency == APPLICATION,
-                     steps=[RemovalStep(f"shadow copy {shadow_id}", lambda: self.vss_remove(shadow_id))],
-                     check=lambda: self.vss_check(shadow_id))
-
-    def vss_remove(self, shadow_id: str) -> None:
-        result = self.connector.run_script(VSS_REMOVE_SCRIPT, ["-ShadowId", shadow_id, "-SnapshotId", self.snapshot_id],
-                                           timeout=HELPER_TIMEOUT)
-        if not result.ok:
-            raise self.error(f"{VSS_REMOVE_SCRIPT.name} exited {result.exit_code}: {_tail(result.stderr) or 'no error text'}")
-        self.json_line(result, VSS_REMOVE_SCRIPT.name)
-
-    def vss_check(self, shadow_id: str) -> None:
-        result = self.connector.run_script(VSS_REMOVE_SCRIPT, ["-ShadowId", shadow_id, "-CheckOnly"], timeout=HELPER_TIMEOUT)
-        if not result.ok:
-            raise self.error(f"cannot check shadow copy {shadow_id}: {_tail(result.stderr) or f'exit {result.exit_code}'}")
-        if self.json_line(result, VSS_REMOVE_SCRIPT.name).get("shadow") != "present":
-            raise self.error(f"shadow copy {shadow_id} is gone (VSS deletes copies whose diff area fills up): "
-                             "the data read from it cannot be trusted")
+                     steps=[RemovalStep(label=f"shadow copy {shadow_id}", action="vss-remove", args=(shadow_id,))],
+                     check=HostCheck(action="vss-check", args=(shadow_id,)))
 
     # -- host calls ------------------------------------------------------------------------
-
-    def linux(self, action: str, args: list[str]) -> dict[str, str]:
-        """Run one linux_snapshot.sh action; its key=value lines as a dict."""
-        result = self.connector.run_script(LINUX_SCRIPT, [action, *args], timeout=HELPER_TIMEOUT)
-        if result.exit_code == _EXIT_NOT_APPLICABLE:
-            raise _NotApplicable(_tail(result.stderr))
-        if not result.ok:
-            what = "no longer holds" if result.exit_code == _EXIT_INVALID else f"{action} failed (exit {result.exit_code})"
-            raise self.error(f"snapshot {self.snapshot_id} {what}: {_tail(result.stderr) or 'no error text'}")
-        pairs = (line.partition("=") for line in result.stdout.splitlines() if "=" in line)
-        return {key: value for key, _, value in pairs}
-
-    def linux_must(self, action: str, args: list[str]) -> dict[str, str]:
-        try:
-            return self.linux(action, args)
-        except _NotApplicable as exc:
-            raise self.error(f"{action}: {exc}") from None
-
-    def json_line(self, result: CommandResult, script: str) -> dict[str, Any]:
-        lines = [line for line in result.stdout.splitlines() if line.strip()]
-        try:
-            report = json.loads(lines[-1]) if lines else None
-        except json.JSONDecodeError:
-            report = None
-        if not isinstance(report, dict):
-            raise self.error(f"{script} printed no JSON report: {_tail(result.stdout) or 'nothing'}")
-        return report
-
-    def user_script(self, phase: Literal["pre", "post"], command: str) -> str | None:
-        """Run the pre- or post-script; None when it succeeded, else why not (secret-free)."""
-        timeout = self.policy.script_timeout
-        env = {"PATCHDRILL_PHASE": phase, "PATCHDRILL_HOST": self.host.name, "PATCHDRILL_DISK": self.disk.name,
-               "PATCHDRILL_DISK_PATH": self.disk.path, "PATCHDRILL_SNAPSHOT_ID": self.snapshot_id}
-        if self.host.os_family == "linux":
-            # `timeout` on the host stops the script itself; the connector's own limit, a little
-            # longer, only guards against a host that stops answering.
-            wire = f"timeout -k {_KILL_GRACE} {timeout:g} sh -c {shlex.quote(command)}"
-            limit = timeout + _KILL_GRACE + 30
-        else:
-            wire, limit = command, timeout
-        self.log.info("snapshot.script", phase=phase, timeout=timeout)
-        try:
-            result = self.connector.run(wire, timeout=limit, env=env)
-        except HostTimeout:
-            return f"{phase}-script timed out after {timeout:g}s"
-        if result.ok:
-            return None
-        if self.host.os_family == "linux" and result.exit_code in (124, 137):
-            return f"{phase}-script timed out after {timeout:g}s and was stopped"
-        return f"{phase}-script exited {result.exit_code}" + (f": {_tail(result.stderr)}" if result.stderr.strip() else "")
-
-    def user_script_or_raise(self, phase: Literal["pre", "post"]) -> None:
-        command = self.policy.post_script if phase == "post" else self.policy.pre_script
-        if command:
-            failure = self.user_script(phase, command)
-            if failure:
-                raise self.error(failure)
 
     def post_script_now(self) -> None:
         """The post-script runs once the pre-script ran, whatever happened since."""
@@ -363,6 +262,3 @@ class _Taking:
             self.notes.append(redact(failure))
             self.log.error("snapshot.post_script_failed", reason=redact(failure))
 
-
-def _tail(text: str, lines: int = 5) -> str:
-    return redact(" | ".join(text.strip().splitlines()[-lines:]))

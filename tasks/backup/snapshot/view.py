@@ -1,7 +1,10 @@
-"""A snapshot once taken: its consistency level, where it is read, and its removal.
+"""A snapshot once taken: its consistency level, where it is read, and how it is removed.
 
-`take.py` takes one; leaving `with take_snapshot(...) as snap:` removes it, also when the
-backup inside failed.
+What removal must do is plain data (`RemovalStep`s, and a `HostCheck` that tells whether the view
+still holds), so a snapshot crosses a task boundary as a `SnapshotRecord` and can be removed by
+another task over another connection: `host.attach` makes a live `Snapshot` of a record again.
+A live snapshot used as a context manager is removed on leaving the block, also when the backup
+inside failed.
 """
 
 from __future__ import annotations
@@ -9,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from types import TracebackType
-from typing import Any, Callable, Literal
+from typing import Any, Literal, Protocol
 
 import structlog
+from pydantic import BaseModel, ConfigDict
 
 from configs.secrets import redact
 from connectors.base import ConnectorError
@@ -38,13 +42,50 @@ class SnapshotRemovalError(SnapshotError):
     """Removal failed: something is left on the host (named in the message) to clean up."""
 
 
-@dataclass
-class RemovalStep:
-    """One thing removal must do. `retry` steps stay pending when they fail."""
+class RemovalStep(BaseModel):
+    """One thing removal must do on the host: a linux_snapshot.sh action, a thaw, removing a VSS
+    shadow copy, or the post-script held back until the read was over."""
 
+    model_config = ConfigDict(frozen=True)
     label: str
-    action: Callable[[], None]
+    action: Literal["linux", "thaw", "vss-remove", "post-script"]
+    args: tuple[str, ...] = ()
+    #: a failed step stays pending for the next remove() (deleting a snapshot); one that must
+    #: run at most once (the post-script) does not
     retry: bool = True
+
+
+class HostCheck(BaseModel):
+    """How to ask the host whether the view still holds what it held when taken."""
+
+    model_config = ConfigDict(frozen=True)
+    action: Literal["linux", "vss-check"]
+    args: tuple[str, ...] = ()
+
+
+class SnapshotRecord(BaseModel):
+    """A snapshot as data: what the backup reads and records, and what removing it takes."""
+
+    model_config = ConfigDict(frozen=True)
+    host: str
+    disk: str
+    snapshot_id: str
+    method: str
+    consistency: Consistency
+    read_path: str
+    notes: tuple[str, ...] = ()
+    details: dict[str, Any] = {}
+    taken_at: datetime
+    removal: tuple[RemovalStep, ...] = ()
+    check: HostCheck | None = None
+
+
+class StepRunner(Protocol):
+    """Carries out removal steps and checks on the snapshot's host (host.SnapshotHost)."""
+
+    def run_step(self, step: RemovalStep) -> None: ...
+
+    def check(self, check: HostCheck) -> None: ...
 
 
 @dataclass
@@ -62,7 +103,8 @@ class Snapshot:
     taken_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     removal_error: SnapshotRemovalError | None = None
     _steps: list[RemovalStep] = field(default_factory=list, repr=False)
-    _check: Callable[[], None] | None = field(default=None, repr=False)
+    _check: HostCheck | None = field(default=None, repr=False)
+    _runner: StepRunner | None = field(default=None, repr=False)
 
     @property
     def removed(self) -> bool:
@@ -75,8 +117,8 @@ class Snapshot:
         overflowed, a shadow copy VSS deleted for space, or a file system the safety timer
         thawed mean the data read cannot be trusted at the recorded level.
         """
-        if self._check is not None and self._steps:
-            self._check()
+        if self._check is not None and self._steps and self._runner is not None:
+            self._runner.check(self._check)
 
     def remove(self) -> None:
         """Undo everything take_snapshot did on the host. Idempotent: done steps are not
@@ -86,7 +128,8 @@ class Snapshot:
             if not step.retry:
                 self._steps.remove(step)
             try:
-                step.action()
+                assert self._runner is not None, "a snapshot with removal steps has a host to run them on"
+                self._runner.run_step(step)
             except (SnapshotError, ConnectorError) as exc:
                 errors.append(f"{step.label}: {getattr(exc, 'message', exc)}")
                 continue
@@ -106,6 +149,13 @@ class Snapshot:
         """What the recovery point and the report keep about this snapshot."""
         return {"method": self.method, "consistency": self.consistency, "notes": list(self.notes),
                 "snapshot_id": self.snapshot_id, "taken_at": self.taken_at.isoformat(), "details": dict(self.details)}
+
+    def describe(self) -> SnapshotRecord:
+        """This snapshot as data, with the removal steps still pending."""
+        return SnapshotRecord(host=self.host, disk=self.disk, snapshot_id=self.snapshot_id, method=self.method,
+                              consistency=self.consistency, read_path=self.read_path, notes=tuple(self.notes),
+                              details=dict(self.details), taken_at=self.taken_at, removal=tuple(self._steps),
+                              check=self._check)
 
     def __enter__(self) -> "Snapshot":
         return self

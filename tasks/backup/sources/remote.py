@@ -63,8 +63,8 @@ class RemoteBlockSource:
         if self._scan is None or self._scan_block_size != block_size:
             result = self.connector.run_script(SCRIPT, ["scan", self.path, str(block_size)], timeout=_SCAN_TIMEOUT)
             if not result.ok:
-                problem = result.stderr.strip().splitlines()[-1:] or [f"exit {result.exit_code}"]
-                raise SourceError(f"host {self.connector.name}: block scan of {self.path!r} failed: {problem[0]}")
+                raise SourceError(f"host {self.connector.name}: block scan of {self.path!r} failed: "
+                                  f"{result.tail(1) or f'exit {result.exit_code}'}")
             try:
                 self._scan = json.loads(result.stdout)
             except ValueError:
@@ -112,7 +112,7 @@ class RemoteBlockSource:
                                                timeout=_SCAN_TIMEOUT)
             if not result.ok:
                 raise SourceError(f"host {self.connector.name}: reading blocks of {self.path!r} failed: "
-                                  f"{result.stderr.strip() or result.exit_code}")
+                                  f"{result.tail() or f'exit {result.exit_code}'}")
             for line in result.stdout.splitlines():
                 index, _, data = line.partition(" ")
                 yield int(index), base64.b64decode(data)
@@ -142,8 +142,8 @@ class RemoteTreeSource:
     def walk(self, previous: Mapping[str, TreeEntry]) -> Iterator[SourceFile]:
         result = self.connector.run_script(SCRIPT, ["tree", self.path, "0"], timeout=_SCAN_TIMEOUT)
         if not result.ok:
-            problem = result.stderr.strip().splitlines()[-1:] or [f"exit {result.exit_code}"]
-            raise SourceError(f"host {self.connector.name}: listing {self.path!r} failed: {problem[0]}")
+            raise SourceError(f"host {self.connector.name}: listing {self.path!r} failed: "
+                              f"{result.tail(1) or f'exit {result.exit_code}'}")
         entries = []
         for line in result.stdout.splitlines():
             body = json.loads(line)
@@ -186,8 +186,8 @@ class RemoteTreeSource:
         self._queue = self._queue[start + len(batch):]
         result = self.connector.run_script(SCRIPT, ["files", self.path, str(block_size), *batch], timeout=_SCAN_TIMEOUT)
         if not result.ok:
-            problem = result.stderr.strip().splitlines()[-1:] or [f"exit {result.exit_code}"]
-            raise SourceError(f"host {self.connector.name}: reading files under {self.path!r} failed: {problem[0]}")
+            raise SourceError(f"host {self.connector.name}: reading files under {self.path!r} failed: "
+                              f"{result.tail(1) or f'exit {result.exit_code}'}")
         fetched: dict[str, list[bytes]] = {p: [] for p in batch}
         for line in result.stdout.splitlines():
             number, _, data = line.partition(" ")

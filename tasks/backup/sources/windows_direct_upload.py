@@ -36,8 +36,8 @@ from tasks.backup.repo.blockmap import BlockMap
 from tasks.backup.repo.damage import damaged_blocks, damaged_chunks, unmatchable
 from tasks.backup.errors import SourceError
 from tasks.backup.sources.remote import changed_blocks
-from tasks.backup.repo.repository import Repository
-from tasks.backup.repo.staging import STAGING, StagingCleanup, remove_staged
+from tasks.backup.repo.repository import Repository, staged_block_key, staging_prefix
+from tasks.backup.repo.staging import StagingCleanup, remove_staged
 from tasks.backup.sources.base import BufferPool, SourceBlock, nothing_to_release
 
 log = structlog.stdlib.get_logger("patchdrill.backup")
@@ -78,7 +78,7 @@ class UploadPlan:
     changed: tuple[int, ...]
 
     def key(self, index: int) -> str:
-        return f"{self.prefix}/{index}"
+        return staged_block_key(self.prefix, index)
 
     def length(self, index: int) -> int:
         return min(self.block_size, self.size - index * self.block_size)
@@ -133,7 +133,7 @@ def plan_upload(repo: Repository, host: str, disk: str, size: int, block_size: i
     previous = None
     if parent is not None and parent.kind == "block":
         previous = BlockMap.from_json(repo.get_map(parent.map.id, point=parent.key), point=parent.key)
-    prefix = f"{STAGING}{host}/{disk}/{uuid.uuid4().hex}"
+    prefix = staging_prefix(host, disk, uuid.uuid4().hex)
     if rehash:
         changed = tuple(range(expected))
     else:
@@ -259,8 +259,8 @@ def check_direct_upload(store: BlobStore, host: str, disk: str, kind: str) -> No
 
 def _report(result: CommandResult, model: type[BaseModel], doing: str) -> BaseModel:
     if not result.ok:
-        problem = result.stderr.strip().splitlines()[-1:] or [f"exit {result.exit_code}"]
-        raise SourceError(f"host {result.host}: {doing} failed: {problem[0]}")
+        raise SourceError(f"host {result.host}: {doing} failed: "
+                          f"{result.tail(1) or f'exit {result.exit_code}'}")
     try:
         return model.model_validate_json(result.stdout.strip())
     except ValidationError as exc:
