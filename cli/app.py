@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cli import backup, patch
+from cli import backup, failover, patch
 from cli.common import (
     DEFAULT_CONFIG, ConfigOption, GroupsOption, HostsOption, JsonOption, console, emit, fail, load_or_exit,
     report_problems,
@@ -102,6 +102,7 @@ def _render_ping(rows: list) -> None:  # type: ignore[type-arg]
 
 # Each pipeline's commands live in a module of their own and add themselves to the app.
 backup.register(app)
+failover.register(app)
 patch.register(app)
 
 
