@@ -132,6 +132,12 @@ def failover(
         fail("choose exactly one of --planned (the primary is healthy) or --unplanned (the primary is down)")
     if planned and point != "latest":
         fail("--point is for --unplanned: a planned failover takes a final backup after stopping the primary")
+    from tasks.drill.failover import FailoverError, parse_selector
+
+    try:
+        parse_selector(point)
+    except FailoverError as exc:
+        fail(str(exc))
     mode = "planned" if planned else "unplanned"
     loaded, chosen = _checked_or_exit(config, plan, f"{mode}-failover", yes, wait_for_approval)
     if not yes and not wait_for_approval:

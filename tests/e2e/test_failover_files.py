@@ -182,3 +182,33 @@ def test_unplanned_failover_waits_for_approval_states_the_rpo_and_a_rejection_ch
     assert state.is_completed(), state
     assert serves(web_lab.copy_url)
     assert [s.name for s in web_lab.evidence(str(paused)).steps][:2] == ["choose-points", "approval"]
+
+
+def test_a_failing_probe_fails_the_failover_and_cancel_restarts_the_primary(
+        prefect_server: None, web_lab: WebLab, cli: Cli) -> None:  # noqa: F811
+    config = yaml.safe_load(web_lab.config.read_text())
+    [member] = config["recovery_plans"]["web"]["groups"][0]["members"]
+    member["probes"][0]["expect"] = "a page the copy does not serve"
+    web_lab.config.write_text(yaml.safe_dump(config))
+
+    code, out, err = cli("failover", "web", "--planned", "--yes", "-c", str(web_lab.config), "--json")
+    assert code == 1, out + err
+    summary = json.loads(out[:out.rindex("}") + 1])
+    assert summary["outcome"] == "failed"
+    assert "probe failed" in out and "failover cancel" in out
+    evidence = web_lab.evidence(summary["run_id"])
+    assert [(p.probe, p.ok) for p in evidence.probes] == [("index", False)]
+    assert evidence.rto_seconds is None  # the copy never passed its probes
+    assert not serves(web_lab.primary_url)  # stopped by the planned failover
+
+    # A failed (so uncommitted) failover cannot be committed, but it can be cancelled.
+    code, _, err = cli("failover", "commit", summary["run_id"], "-c", str(web_lab.config))
+    assert code == 1 and "only a failover whose probes passed" in err
+    member["probes"][0]["expect"] = "hello"
+    web_lab.config.write_text(yaml.safe_dump(config))
+    code, out, err = cli("failover", "cancel", summary["run_id"], "--yes", "-c", str(web_lab.config))
+    assert code == 0, out + err
+    assert serves(web_lab.primary_url) and not serves(web_lab.copy_url)
+    evidence = web_lab.evidence(summary["run_id"])
+    assert evidence.outcome == "cancelled"
+    assert [s.name for s in evidence.steps][-4:] == ["cancel-stop-copy", "start", "probe", "cancel"]
