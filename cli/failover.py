@@ -6,7 +6,8 @@ line; without it the command states what happens (for an unplanned failover, the
 loses) and asks; --wait-for-approval pauses for approval in the Prefect UI instead.
 
 Exit codes, as `patch run`: 0 the run completed, 1 it failed (also every mistake in the input),
-3 it was not approved (Cancelled; nothing changed).
+3 it was not approved (Cancelled; nothing changed); stopped by Ctrl-C or SIGTERM, 130 or 143,
+as a stopped backup (the evidence says which step the run reached).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from cli.common import DEFAULT_CONFIG, ConfigOption, JsonOption, console, emit, fail, load_or_exit
+from cli.interrupts import stoppable
 
 EXIT_FAILED = 1
 EXIT_CANCELLED = 3
@@ -107,7 +109,10 @@ def _finish(state: Any, as_json: bool) -> None:
         fail(f"{state.name}: {state.message or summary}")
     emit(summary, as_json, _render)
     if state.is_cancelled():
-        raise typer.Exit(EXIT_CANCELLED)
+        from tasks.backup import cancel
+
+        # Stopped by Ctrl-C or SIGTERM: the shell's code for the signal, as a stopped backup exits.
+        raise typer.Exit(cancel.exit_code() if cancel.requested() else EXIT_CANCELLED)
     if not state.is_completed():
         console.print(f"[bold red]{state.name}:[/] {state.message}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_FAILED)
@@ -144,8 +149,9 @@ def failover(
         _ask(_question(loaded, chosen, mode, point, policy, str(config)))
     from flows.failover import failover_run
 
-    state = failover_run(config_path=str(config), plan=plan, mode=mode, point=point, policy=policy,
-                         approved=not wait_for_approval, return_state=True)
+    with stoppable():
+        state = failover_run(config_path=str(config), plan=plan, mode=mode, point=point, policy=policy,
+                             approved=not wait_for_approval, return_state=True)
     _finish(state, as_json)
 
 
@@ -222,6 +228,7 @@ def failback(
         _ask(f"Fail {plan} back: the copies stop and their changes are restored onto the primaries?")
     from flows.failover import failback_run
 
-    state = failback_run(config_path=str(config), plan=plan, policy=policy, approved=not wait_for_approval,
-                         return_state=True)
+    with stoppable():
+        state = failback_run(config_path=str(config), plan=plan, policy=policy, approved=not wait_for_approval,
+                             return_state=True)
     _finish(state, as_json)

@@ -53,6 +53,7 @@ from connectors.stores import open_store
 from connectors.stores.base import BlobStore
 from flows.logs import configure
 from flows.run_form import OptionalName, current_run_name
+from tasks.backup import cancel
 from tasks.backup.policy import policy_from_config
 from tasks.backup.repository import RecoveryPoint
 from tasks.backup.restore import RestoreResult
@@ -62,7 +63,7 @@ from tasks.drill.evidence import DrillEvidence, DrillKind, GroupResult, PointUse
 from tasks.drill.failover import (
     FailoverError, FailoverMember, FailoverPlan, Side, backup_side_task, check_can_start, choose_point,
     commit_failover, copy_disk_name, copy_side, data_loss_seconds, describe_seconds, evidence_summary,
-    find_evidence, load_failover_plan, make_parent, primary_side, probe_task, start_task, stop_task, store_evidence,
+    committed, find_evidence, load_failover_plan, make_parent, undone, primary_side, probe_task, start_task, stop_task, store_evidence,
 )
 from tasks.rendering import artifact_key, human_size, markdown_text
 
@@ -99,6 +100,7 @@ class Journal:
 
     def step(self, name: str, action: Callable[[], T], *, group: str | None = None, member: str | None = None,
              detail: Callable[[T], str] = lambda _: "") -> T:
+        cancel.check()  # a stop asked for during the step before ends the run here
         record = Step(name=name, group=group, member=member, started=utcnow())
         self.evidence.steps.append(record)
         try:
@@ -235,10 +237,11 @@ def _publish(journal: Journal, title: str) -> None:
 
 
 def _conclude(journal: Journal, title: str, problem: str | None, *, outcome: str, note: str = "",
-              rejected: bool = False) -> State:
+              rejected: bool = False, stopped: bool = False) -> State:
     """The run's end: evidence closed and stored, the artifact, and the state the CLI exits by
-    (Cancelled when not approved, Failed when a step or probe failed, else Completed)."""
-    if rejected:
+    (Cancelled when not approved or stopped by a signal or the UI, Failed when a step or probe
+    failed, else Completed)."""
+    if rejected or stopped:
         journal.end("cancelled", problem)
     elif problem:
         journal.end("failed", problem)
@@ -248,6 +251,8 @@ def _conclude(journal: Journal, title: str, problem: str | None, *, outcome: str
     data = evidence_summary(journal.evidence)
     if rejected:
         return Cancelled(message=f"{title}: {problem}; nothing was changed", data=data)
+    if stopped:
+        return Cancelled(message=f"{title}: stopped part-way: {problem}", data=data)
     if problem:
         return Failed(message=f"{title}: {problem}", data=data)
     return Completed(message=f"{title}: {outcome}", data=data)
@@ -299,6 +304,12 @@ def failover_run(config_path: str = "configs/lab.yaml", plan: str = "", mode: Li
         approved: Skip the approval pause (the CLI's --yes).
         approval_timeout_minutes: How long the run waits for approval before it fails, having changed nothing.
     """
+    with cancel.stop_on_signals():
+        return _fail_over(config_path, plan, mode, point, policy, approved, approval_timeout_minutes)
+
+
+def _fail_over(config_path: str, plan: str, mode: Literal["planned", "unplanned"], point: str, policy: str | None,
+               approved: bool, approval_timeout_minutes: int) -> State:
     kind: DrillKind = "planned-failover" if mode == "planned" else "unplanned-failover"
     run = _prepare(config_path, plan, policy, kind)
     loaded, chosen_plan, backup_policy, base_dir, journal = run.loaded, run.plan, run.policy, run.base_dir, run.journal
@@ -321,6 +332,7 @@ def failover_run(config_path: str = "configs/lab.yaml", plan: str = "", mode: Li
     journal.evidence.started = utcnow()  # the failover itself starts now: RTO and RPO count from here
     primary = {m.host: primary_side(loaded.config, base_dir, m) for _, m in chosen_plan.members()}
     copy = {m.host: copy_side(loaded.config, m) for _, m in chosen_plan.members()}
+    stopped = False
     try:
         if mode == "planned":
             _stop_all(journal, chosen_plan, lambda m: primary[m.host], base_dir, "stop-primary")
@@ -339,10 +351,12 @@ def failover_run(config_path: str = "configs/lab.yaml", plan: str = "", mode: Li
                                       f"blocks written ({human_size(r.bytes_written)})")
                 _use(journal, member, member.host, disk, chosen, result.bytes_written, result.seconds)
         problem = _start_and_probe(journal, chosen_plan, lambda m: copy[m.host], base_dir, "copy")
+    except cancel.Interrupted as exc:
+        problem, stopped = str(exc), True
     except Exception as exc:  # noqa: BLE001 - the evidence records the failure, the state carries it
         problem = str(exc)
     hint = " (the primary stays stopped: `patchdrill failover cancel` restarts it)" if mode == "planned" else ""
-    return _conclude(journal, title, problem and problem + hint, outcome="failed over, not committed",
+    return _conclude(journal, title, problem and problem + hint, outcome="failed over, not committed", stopped=stopped,
                      note=f"failed over, not committed: `patchdrill failover commit {journal.evidence.run_id}` makes "
                           "the copies production, `failover cancel` undoes it")
 
@@ -360,6 +374,11 @@ def failback_run(config_path: str = "configs/lab.yaml", plan: str = "", policy: 
         approved: Skip the approval pause (the CLI's --yes).
         approval_timeout_minutes: How long the run waits for approval before it fails, having changed nothing.
     """
+    with cancel.stop_on_signals():
+        return _fail_back(config_path, plan, policy, approved, approval_timeout_minutes)
+
+
+def _fail_back(config_path: str, plan: str, policy: str | None, approved: bool, approval_timeout_minutes: int) -> State:
     run = _prepare(config_path, plan, policy, "failback")
     loaded, chosen_plan, backup_policy, base_dir, journal = run.loaded, run.plan, run.policy, run.base_dir, run.journal
     title = f"Failback of plan {plan} ({current_run_name(journal.evidence.run_id)})"
@@ -373,6 +392,7 @@ def failback_run(config_path: str = "configs/lab.yaml", plan: str = "", policy: 
     journal.evidence.started = utcnow()
     primary = {m.host: primary_side(loaded.config, base_dir, m) for _, m in chosen_plan.members()}
     copy = {m.host: copy_side(loaded.config, m) for _, m in chosen_plan.members()}
+    stopped = False
     try:
         for _, member in chosen_plan.members():
             for disk in member.disks:
@@ -397,10 +417,12 @@ def failback_run(config_path: str = "configs/lab.yaml", plan: str = "", policy: 
                 _use(journal, member, side.host.name, copy_disk_name(member, disk), chosen, result.bytes_written,
                      result.seconds)
         problem = _start_and_probe(journal, chosen_plan, lambda m: primary[m.host], base_dir, "primary-after")
+    except cancel.Interrupted as exc:
+        problem, stopped = str(exc), True
     except Exception as exc:  # noqa: BLE001 - the evidence records the failure, the state carries it
         problem = str(exc)
     moved = human_size(sum(p.bytes_written or 0 for p in journal.evidence.points))
-    return _conclude(journal, title, problem, outcome="failed back",
+    return _conclude(journal, title, problem, outcome="failed back", stopped=stopped,
                      note=f"failed back: the primaries serve again; {moved} moved")
 
 
@@ -419,9 +441,9 @@ def failover_cancel(config_path: str = "configs/lab.yaml", run_id: str = "") -> 
     evidence = find_evidence(store, run_id)
     if evidence.kind not in ("planned-failover", "unplanned-failover"):
         raise FailoverError(f"run {evidence.run_id} is a {evidence.kind}, not a failover: nothing to cancel")
-    if any(s.name == "commit" and s.ok for s in evidence.steps):
+    if committed(evidence):
         raise FailoverError(f"failover {evidence.run_id} is committed: fail back instead (`patchdrill failback {evidence.plan}`)")
-    if evidence.outcome == "cancelled":
+    if undone(evidence):
         raise FailoverError(f"failover {evidence.run_id} is already cancelled")
     chosen_plan = load_failover_plan(loaded.config, evidence.plan, source=config_path)
     journal = Journal(store, evidence)
@@ -438,9 +460,14 @@ def failover_cancel(config_path: str = "configs/lab.yaml", run_id: str = "") -> 
                              member=member.host)
             except Exception as exc:  # noqa: BLE001 - stop every copy, then report
                 problems.append(str(exc))
-    if evidence.kind == "planned-failover" and not problems:
+    # The primary is started again only if this failover stopped it (not after a rejected approval).
+    stopped_primary = any(s.name == "stop-primary" for s in evidence.steps)
+    if evidence.kind == "planned-failover" and stopped_primary and not problems:
+        failover_groups = list(evidence.groups)
         problem = _start_and_probe(journal, chosen_plan, lambda m: primary_side(loaded.config, base_dir, m), base_dir,
                                    "primary-after")
+        # The groups measure the failover's RTO: the primary's restart is in the steps and probes.
+        evidence.groups = failover_groups
         if problem:
             problems.append(problem)
     now = utcnow()
@@ -450,7 +477,7 @@ def failover_cancel(config_path: str = "configs/lab.yaml", run_id: str = "") -> 
         return Failed(message=f"cancel of failover {evidence.run_id}: " + "; ".join(problems),
                       data=evidence_summary(evidence))
     journal.end("cancelled", f"cancelled by {operator()}: copies stopped"
-                + ("; the primary serves again" if evidence.kind == "planned-failover" else ""))
+                + ("; the primary serves again" if evidence.kind == "planned-failover" and stopped_primary else ""))
     return Completed(message=f"failover {evidence.run_id} cancelled", data=evidence_summary(evidence))
 
 

@@ -315,22 +315,36 @@ def committed(evidence: DrillEvidence) -> bool:
     return any(s.name == "commit" and s.ok for s in evidence.steps)
 
 
+def undone(evidence: DrillEvidence) -> bool:
+    """A failover `failover cancel` has undone."""
+    return any(s.name == "cancel" and s.ok for s in evidence.steps)
+
+
+#: Steps after which a failover has changed something a cancel must undo.
+CHANGING_STEPS = ("stop-primary", "restore", "start")
+
+
 def failover_state(evidence: DrillEvidence) -> str:
     """In words: where a failover run left the plan."""
-    if evidence.outcome == "cancelled":
-        return "cancelled" if not any(s.name == "cancel" for s in evidence.steps) else "cancelled (copy stopped)"
-    if evidence.outcome != "passed":
-        return evidence.outcome
-    return "committed" if committed(evidence) else "failed over, not committed"
+    if undone(evidence):
+        return "cancelled (undone)"
+    changed = any(s.name in CHANGING_STEPS for s in evidence.steps)
+    if evidence.outcome == "passed":
+        return "committed" if committed(evidence) else "failed over, not committed"
+    if evidence.outcome in ("failed", "cancelled", "crashed") and changed:
+        return f"{evidence.outcome} part-way, not committed: cancel it"
+    return evidence.outcome
 
 
 def active_failover(store: BlobStore, plan: str) -> DrillEvidence | None:
-    """The plan's latest failover when it still serves from the copy (passed, not cancelled, not
-    failed back since), else None."""
+    """The plan's latest failover when it still has to be dealt with: in effect (passed, not
+    failed back since) or stopped part-way and not undone by a cancel. None otherwise."""
     current = None
     for evidence in plan_runs(store, plan):
-        if evidence.kind in ("planned-failover", "unplanned-failover") and evidence.outcome == "passed":
-            current = evidence
+        if evidence.kind in ("planned-failover", "unplanned-failover"):
+            changed = any(s.name in CHANGING_STEPS for s in evidence.steps)
+            if not undone(evidence) and (evidence.outcome == "passed" or changed):
+                current = evidence
         elif evidence.kind == "failback" and evidence.outcome == "passed":
             current = None
     return current
@@ -342,12 +356,16 @@ def check_can_start(store: BlobStore, plan: str, kind: str) -> DrillEvidence | N
     the failover it undoes."""
     current = active_failover(store, plan)
     if kind != "failback":
-        if current is not None:
+        if current is not None and current.outcome == "passed":
             raise FailoverError(f"plan {plan} already serves from its copies (failover {current.run_id}): fail back "
                                 "or cancel that one first")
+        if current is not None:
+            raise FailoverError(f"failover {current.run_id} of plan {plan} ended {current.outcome} part-way: cancel it "
+                                f"first (`patchdrill failover cancel {current.run_id}`)")
         return None
-    if current is None:
-        raise FailoverError(f"plan {plan} has no failover in effect: nothing to fail back")
+    if current is None or current.outcome != "passed":
+        hint = f" (failover {current.run_id} ended {current.outcome} part-way: cancel it)" if current else ""
+        raise FailoverError(f"plan {plan} has no failover in effect: nothing to fail back{hint}")
     if not committed(current):
         raise FailoverError(f"failover {current.run_id} of plan {plan} is not committed: commit it "
                             f"(`patchdrill failover commit {current.run_id}`) or cancel it instead of failing back")

@@ -7,9 +7,13 @@ Prefect API.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import signal
 import tempfile
+import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -212,3 +216,58 @@ def test_a_failing_probe_fails_the_failover_and_cancel_restarts_the_primary(
     evidence = web_lab.evidence(summary["run_id"])
     assert evidence.outcome == "cancelled"
     assert [s.name for s in evidence.steps][-4:] == ["cancel-stop-copy", "start", "probe", "cancel"]
+
+
+@pytest.fixture
+def signal_handlers() -> Iterator[Callable[[], None]]:
+    """What a new process would start with, for a test that signals itself: pytest's handlers
+    back and the stop token cleared (a stopped command keeps its handlers for the rest of its
+    process, which here goes on). Called between commands, and after the test."""
+    from tasks.backup import cancel
+
+    before = {number: signal.getsignal(number) for number in cancel.STOP_SIGNALS}
+
+    def fresh_process() -> None:
+        for number, handler in before.items():
+            signal.signal(number, handler)
+        cancel.reset()
+
+    yield fresh_process
+    fresh_process()
+
+
+def test_sigterm_mid_failover_ends_it_cancelled_with_the_step_it_reached_in_the_evidence(
+        prefect_server: None, web_lab: WebLab, cli: Cli, signal_handlers: Callable[[], None]) -> None:  # noqa: F811
+    """SIGTERM is sent to this process (the command runs in it, in the main thread) once the
+    evidence shows the restore under way, as `kill PID` would reach the command."""
+    store = LocalBlobStore(web_lab.store)
+    sent = threading.Event()
+
+    def watch() -> None:
+        while not sent.is_set():
+            for info in store.list("evidence/drills/web/"):
+                steps = [s["name"] for s in json.loads(store.get(info.key))["steps"]]
+                if "restore" in steps:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    sent.set()
+                    return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    code, out, err = cli("failover", "web", "--planned", "--yes", "-c", str(web_lab.config), "--json")
+    sent.set()
+    watcher.join()
+    assert code == 143, out + err
+    summary = json.loads(out[:out.rindex("}") + 1])
+    evidence = web_lab.evidence(summary["run_id"])
+    assert evidence.outcome == "cancelled" and "interrupted by SIGTERM" in evidence.notes[-1]
+    steps = [s.name for s in evidence.steps]
+    assert steps[:3] == ["stop-primary", "final-backup", "restore"] and "probe" not in steps, steps
+    # Stopped part-way and not committed: no new failover until it is cancelled, which undoes it.
+    signal_handlers()
+    code, _, err = cli("failover", "web", "--planned", "--yes", "-c", str(web_lab.config))
+    assert code == 1 and "ended cancelled part-way: cancel it first" in err
+    code, out, err = cli("failover", "cancel", summary["run_id"], "--yes", "-c", str(web_lab.config))
+    assert code == 0, out + err
+    assert serves(web_lab.primary_url)
