@@ -87,9 +87,9 @@ class DrTarget(_Plain):
 class AppControl(_Plain):
     """How the restored copy's application is started and stopped on the target.
 
-    Commands are templates: `{root}` is the member's target path, `{disks[NAME]}` where disk
-    NAME was restored, `{name}` the control's name. On a Linux target with netns isolation
-    they run inside the member's namespace.
+    Commands are templates: `{root}` is the member's target path, `{disk:NAME}` where disk
+    NAME was restored, `{name}` the control's name, `{port}` the copy's port, `{namespace}` its
+    network namespace. On a Linux target with netns isolation they run inside it.
     """
 
     preset: Literal["process", "systemd", "windows-service", "hyperv", "libvirt", "command"] = Field(
@@ -100,7 +100,8 @@ class AppControl(_Plain):
     command: str | None = Field(default=None, description="process: the command line that runs the application in the foreground.")
     start: str | None = Field(default=None, description="command: the start template (also overrides a preset's).")
     stop: str | None = Field(default=None, description="command: the stop template (also overrides a preset's).")
-    start_timeout_seconds: float = Field(default=120, gt=0, le=3600)
+    verify: str | None = Field(default=None, description="command: a check that exits 0 once the copy is stopped (cleanup's proof).")
+    port: int | None = Field(default=None, ge=1, le=65535, description="The port the copy answers on: cleanup proves it closed.")
     ready_wait_seconds: float = Field(default=30, ge=0, le=3600, description="How long probes retry while the copy starts.")
 
     @model_validator(mode="after")
@@ -112,6 +113,15 @@ class AppControl(_Plain):
         if self.preset == "command" and not (self.start and self.stop):
             raise ValueError("preset 'command' needs both start and stop templates")
         return self
+
+    @property
+    def template(self) -> str | None:
+        """The preset's one template: the command line, or the unit/service/VM/domain name."""
+        if self.preset in ("process", "systemd"):
+            return self.start or self.command
+        if self.preset == "command":
+            return self.start
+        return self.name
 
 
 class Action(_Plain):
@@ -151,7 +161,7 @@ class PlanMember(_Plain):
                              "(checked for clashes between members sharing a network).")
 
     def listening_ports(self) -> set[int]:
-        found = set(self.ports)
+        found = set(self.ports) | ({self.app.port} if self.app and self.app.port else set())
         for probe in self.probes:
             if isinstance(probe, TcpProbe):
                 found.add(probe.port)
@@ -197,6 +207,8 @@ class RecoveryPlan(_Plain):
     rpo_target: timedelta = Field(description="Oldest acceptable recovery point at failover start (e.g. PT24H).")
     groups: list[PlanGroup] = Field(min_length=1, description="Started in order; a group starts when the one before passed its probes.")
     schedule: DrillSchedule | None = Field(default=None, description="The quarterly drill's schedule (deployments/prefect.yaml).")
+    backup_policy: str | None = Field(default=None, description="Backup policy whose repository settings (its key) open "
+                                      "the points; default: the config's default policy.")
 
     @field_validator("rto_target", "rpo_target")
     @classmethod
