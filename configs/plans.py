@@ -23,16 +23,12 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from configs.policies import HealthProbe, HttpProbe, TcpProbe
+from configs.probes import HttpProbe, Probe, TcpProbe
 
 #: The DR target that is the machine running patchdrill, not an inventory host.
 CONTROLLER = "controller"
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 _CRON_FIELD = re.compile(r"^[0-9A-Za-z*/,\-?LW#]+$")
-
-#: A drill probe: one model with the patch pipeline's health probes.
-Probe = HealthProbe
-
 
 class _Plain(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

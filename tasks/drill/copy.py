@@ -9,7 +9,9 @@ last, so a point listed here is complete).
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from configs.models import PatchdrillConfig
 from configs.plans import PointSelector
 from connectors.base import Connector
 from connectors.local import LocalConnector
+from tasks.backup.blockmap import TreeMap
 from tasks.backup.policy import policy_from_config
 from tasks.backup.remote_restore import restore_to_host
 from tasks.backup.repository import RecoveryPoint, Repository, parse_stamp
@@ -76,3 +79,23 @@ def disk_digest(connector: Connector, path: str) -> Digest:
         tail = (result.stderr.strip().splitlines() or [f"exit {result.exit_code}"])[-1]
         raise OSError(f"{connector.name}: cannot read {path} for its checksum: {tail}")
     return Digest(**json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+def point_file_digests(repo: Repository, point: RecoveryPoint, paths: Iterable[str]) -> dict[str, str | None]:
+    """sha256 of files as a directory point holds them (None for a path it lacks), read from
+    their verified chunks: what a checksum probe compares the restored copy with."""
+    if point.kind != "directory":
+        raise PointMissing(f"{point.key} is a block image: checksum probes read files of directory points")
+    tree = TreeMap.from_json(repo.get_map(point.map.id, point=point.key), point=point.key)
+    entries = {e.path: e for e in tree.entries if e.type == "file"}
+    found: dict[str, str | None] = {}
+    for path in paths:
+        entry = entries.get(path.strip("/"))
+        if entry is None:
+            found[path] = None
+            continue
+        digest = hashlib.sha256()
+        for chunk_id in entry.chunks:
+            digest.update(repo.get_chunk(chunk_id, point=point.key))
+        found[path] = digest.hexdigest()
+    return found

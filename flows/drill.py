@@ -1,0 +1,245 @@
+"""DR drill: a test failover of a recovery plan, with proven cleanup and measured RTO/RPO.
+
+The runbook, step by step:
+1. wait for the plan's drill slot (one drill per plan at a time; a second run waits and says so);
+2. readiness, changing nothing: every member's point exists and is within the RPO target, its
+   DR target answers with room for the restore, its primary's steady-state probes pass; a
+   failure ends the run here, naming member and reason;
+3. checksum the primaries' disks (read-only digests);
+4. group after group, each starting only when the one before passed its probes: per member,
+   record in the ledger, restore the point onto the DR target (delta-aware), isolate the copy in
+   a network namespace of its own (proven unable to reach the primary), start it, probe it
+   inside its namespace; a group's pass time is when its last probe passed;
+5. cleanup, always (a failed probe, an error, a cancellation, Ctrl-C or SIGTERM): everything
+   the ledger names is removed and each removal verified;
+6. checksum the primaries again and probe their steady state: a test failover never touches them;
+7. the evidence record (DrillEvidence) goes to the store, the report to the run's artifacts.
+
+The run ends Completed only when every probe passed, cleanup was verified and the primaries are
+unchanged; Failed otherwise; Cancelled when it was stopped (cleanup still ran).
+"""
+
+
+import getpass
+import os
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated
+
+import structlog
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import FlowRunContext
+from prefect.states import Cancelled, Completed, Failed, State
+from pydantic import WithJsonSchema
+
+from flows.logs import configure
+from tasks.backup import cancel
+from tasks.drill.evidence import DrillEvidence, GroupResult, ProbeRecord, plan_version, utcnow
+from tasks.drill.probing import primary_probes
+from tasks.drill.report import drill_markdown, drill_rows
+from tasks.drill.steps import (
+    DrillContext, MemberOutcome, Timeline, checksums, cleanup_items, cleanup_step, extra_cleanup,
+    failover_member_task, open_drill, primary_digests, readiness_step, write_evidence,
+)
+from tasks.patching.slots import exclusive
+from tasks.rendering import artifact_key
+
+log = structlog.stdlib.get_logger("patchdrill.drill")
+
+DRILL_LIMIT_PREFIX = "patchdrill-drill-"
+#: The config whose plans the run form offers (read when this module is imported, i.e. when
+#: `prefect deploy` builds the form); deployments run with the config named in prefect.yaml.
+FORM_CONFIG = os.environ.get("PATCHDRILL_CONFIG", "configs/lab.yaml")
+
+
+def _plan_names() -> list[str]:
+    from configs.loader import ConfigError, load_config
+
+    try:
+        return sorted(load_config(FORM_CONFIG).config.recovery_plans)
+    except ConfigError:
+        return []
+
+
+# The form shows the plans as choices; from Python or the CLI any name is accepted and checked.
+_PLANS = _plan_names()
+PlanChoice = Annotated[str, WithJsonSchema({"type": "string", "enum": _PLANS} if _PLANS else {"type": "string"})]
+
+
+def drill_limit_name(plan: str) -> str:
+    return f"{DRILL_LIMIT_PREFIX}{plan}"
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%MZ")
+    return f"drill {flow_run.parameters.get('plan', '')} {stamp}"
+
+
+def _run_id() -> str:
+    context = FlowRunContext.get()
+    return str(context.flow_run.id) if context and context.flow_run else uuid.uuid4().hex
+
+
+def _operator(given: str | None) -> str:
+    if given:
+        return given
+    try:
+        return os.environ.get("PATCHDRILL_OPERATOR") or getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+@flow(name="drill-run", flow_run_name=_run_name)
+def drill_run(config_path: str = "configs/lab.yaml", plan: PlanChoice = _PLANS[0] if _PLANS else "",
+              operator: str = "", slot_timeout_minutes: float = 240.0) -> State:
+    """Test failover of a recovery plan: restore each member into an isolated copy on its DR
+    target, start and probe it, clean up with proof, and record RTO/RPO against the plan.
+
+    Args:
+        config_path: The fleet's YAML config, relative to the repository (or absolute).
+        plan: The recovery plan to drill.
+        operator: Who runs the drill (recorded in the evidence); empty: PATCHDRILL_OPERATOR or the OS user.
+        slot_timeout_minutes: How long to wait while another drill of the same plan runs.
+    """
+    configure()
+    run_id = _run_id()
+    with cancel.stop_on_signals():
+        ctx = open_drill(config_path, plan, run_id)
+        evidence = DrillEvidence(run_id=run_id, kind="test-failover", plan=plan, plan_version=plan_version(ctx.plan),
+                                 operator=_operator(operator or None), started=utcnow(),
+                                 rto_target_seconds=ctx.plan.rto_target.total_seconds(),
+                                 rpo_target_seconds=ctx.plan.rpo_target.total_seconds())
+        try:
+            with exclusive([drill_limit_name(plan)], slot_timeout_minutes * 60):
+                return _drill(ctx, evidence)
+        except TimeoutError:
+            message = (f"another drill of plan {plan} held its slot (concurrency limit {drill_limit_name(plan)}) for "
+                       f"{slot_timeout_minutes:g} min: not started")
+            return _finish(ctx, evidence, "failed", message)
+
+
+def _drill(ctx: DrillContext, evidence: DrillEvidence) -> State:
+    timeline = Timeline()
+    evidence.steps = timeline.steps
+    # Started (and re-stamped) once the slot is ours: the RTO clock runs from here.
+    evidence.started = utcnow()
+    write_evidence(ctx.store, evidence)
+    log.info("drill.start", plan=ctx.plan_name, run_id=ctx.run_id, members=len(ctx.members))
+
+    with timeline.step("readiness") as step:
+        ready = readiness_step(ctx)
+        evidence.probes += ready.probes
+        step.ok, step.detail = ready.ok, ready.summary()
+    if not ready.ok:
+        evidence.notes.append("readiness failed: nothing was created, restored or started")
+        return _finish(ctx, evidence, "failed", f"not ready: {ready.summary()}")
+
+    with timeline.step("primary checksums before"):
+        before = primary_digests(ctx, "before")
+    outcomes: list[MemberOutcome] = []
+    try:
+        for group in ctx.groups:
+            if cancel.requested():
+                break
+            result = GroupResult(name=group[0].group, started=utcnow())
+            evidence.groups.append(result)
+            futures = [failover_member_task.submit(ctx, member, {d: ready.points[(member.id, d)] for d in member.disks})
+                       for member in group]
+            done = [future.result() for future in futures]
+            outcomes += done
+            for outcome in done:
+                evidence.steps += outcome.steps
+                evidence.points += outcome.points
+                evidence.probes += outcome.probes
+            failed = [o for o in done if not o.ok]
+            result.ok = not failed
+            if failed:
+                result.detail = "; ".join(f"{o.member}: {o.error}" for o in failed)
+                break
+            result.probes_passed_at = max((p.at for o in done for p in o.probes), default=utcnow())
+            result.detail = f"{len(done)} member(s) up, every probe passed"
+    finally:
+        _clean_up(ctx, evidence, timeline)
+
+    with timeline.step("primary checksums after") as step:
+        after = primary_digests(ctx, "after")
+        evidence.primary_checksums = checksums(before, after)
+        changed = [f"{c.host}/{c.disk}" for c in evidence.primary_checksums if not c.unchanged]
+        step.ok, step.detail = not changed, (f"CHANGED: {', '.join(changed)}" if changed else "unchanged")
+    evidence.probes += _steady_state_after(ctx)
+    return _verdict(ctx, evidence, outcomes, changed)
+
+
+def _clean_up(ctx: DrillContext, evidence: DrillEvidence, timeline: Timeline) -> None:
+    """Always runs, whatever stopped the groups; its failures are evidence, never an exception."""
+    with timeline.step("cleanup") as step:
+        problems = extra_cleanup(ctx, timeline)
+        try:
+            report = cleanup_step(ctx)
+        except Exception as exc:  # noqa: BLE001 - an unverified cleanup is reported, never hidden
+            evidence.cleanup_verified = False
+            step.ok, step.detail = False, f"cleanup could not run: {exc}; run `patchdrill drill cleanup {ctx.run_id}`"
+            return
+        evidence.cleanup = cleanup_items(report)
+        evidence.cleanup_verified = report.ok and not problems
+        step.ok = evidence.cleanup_verified
+        step.detail = "; ".join([report.summary(), *problems])
+
+
+def _steady_state_after(ctx: DrillContext) -> list[ProbeRecord]:
+    records: list[ProbeRecord] = []
+    for member in ctx.members:
+        if member.spec.steady_state:
+            with ctx.connect(member.primary) as primary:
+                records += primary_probes(member.id, "primary-after", member.primary, primary,
+                                          member.spec.steady_state, ctx.base_dir)
+    return records
+
+
+def _verdict(ctx: DrillContext, evidence: DrillEvidence, outcomes: list[MemberOutcome], changed: list[str]) -> State:
+    if cancel.requested() or any(o.cancelled for o in outcomes):
+        reason = cancel.requested() or "cancelled"
+        note = "cleanup verified" if evidence.cleanup_verified else "cleanup NOT verified"
+        return _finish(ctx, evidence, "cancelled", f"drill {reason}: stopped; {note}")
+    problems = [f"{o.member}: {o.error}" for o in outcomes if not o.ok]
+    if len(evidence.groups) < len(ctx.groups):
+        problems.append(f"{len(ctx.groups) - len(evidence.groups)} group(s) not started")
+    if not evidence.cleanup_verified:
+        problems.append(f"cleanup NOT verified: run `patchdrill drill cleanup {ctx.run_id}`")
+    if changed:
+        problems.append(f"primary disks changed during the drill: {', '.join(changed)}")
+    problems += [f"{p.member}: primary after the drill: {p.probe}: {p.detail}"
+                 for p in evidence.probes if p.phase == "primary-after" and not p.ok]
+    if problems:
+        return _finish(ctx, evidence, "failed", "; ".join(problems))
+    rto, rpo = evidence.rto_seconds, evidence.rpo_seconds
+    return _finish(ctx, evidence, "passed", f"drill passed: RTO {rto:.1f} s, RPO {rpo:.0f} s; cleanup verified")
+
+
+_STATES: dict[str, Callable[..., State]] = {"passed": Completed, "failed": Failed, "cancelled": Cancelled}
+
+
+def _finish(ctx: DrillContext, evidence: DrillEvidence, outcome: str, message: str) -> State:
+    evidence.finished, evidence.outcome = utcnow(), outcome  # type: ignore[assignment]
+    evidence.notes.append(message)
+    key = write_evidence(ctx.store, evidence)
+    _publish(evidence)
+    log.info("drill.finished", plan=ctx.plan_name, run_id=ctx.run_id, outcome=outcome, evidence=key)
+    return _STATES[outcome](message=message, data=evidence)
+
+
+def _publish(evidence: DrillEvidence) -> None:
+    title = f"Drill of plan {evidence.plan} ({evidence.outcome})"
+    create_markdown_artifact(key=artifact_key("drill", evidence.plan, "report"), markdown=drill_markdown(evidence),
+                             description=title)
+    create_table_artifact(key=artifact_key("drill", evidence.plan, "rto"), table=drill_rows(evidence),
+                          description=f"{title}: RTO and RPO against the plan's targets")
+
+
+def config_dir(config_path: str) -> Path:
+    return Path(config_path).resolve().parent
