@@ -4,6 +4,7 @@ that passed, one whose web copy failed its probe, and names an attacker could pu
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from html.parser import HTMLParser
 
 from tasks.drill.evidence import (
     Checksum, CleanupItem, DrillEvidence, GroupResult, PointUsed, ProbeRecord, Step,
@@ -96,3 +97,28 @@ def _shift(value: object, by: timedelta) -> None:
     elif isinstance(value, list):
         for item in value:
             _shift(item, by)
+
+
+class Page(HTMLParser):
+    """Every element (tag and attributes) and every piece of text a browser would build."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.elements: list[tuple[str, dict[str, str | None]]] = []
+        self.text: list[str] = []
+        self.feed(source)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.elements.append((tag, dict(attrs)))
+
+    handle_startendtag = handle_starttag
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+    def tags(self, name: str) -> list[dict[str, str | None]]:
+        return [attrs for tag, attrs in self.elements if tag == name]
+
+    @property
+    def all_text(self) -> str:
+        return "".join(self.text)

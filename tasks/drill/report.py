@@ -288,6 +288,11 @@ class _Mark:
     label: str
     css: str
 
+    @property
+    def anchor(self) -> str:
+        """Labels in the right half of the chart read leftwards, so none runs off its edge."""
+        return "end" if self.x > CHART_LEFT + CHART_WIDTH / 2 else "start"
+
 
 @dataclass(frozen=True)
 class _Chart:

@@ -7,7 +7,6 @@ the HTML parsed by the standard library's parser, so the tests read what a viewe
 from __future__ import annotations
 
 from datetime import timedelta
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -19,34 +18,9 @@ from tasks.drill.report import (
     CHART_LEFT, CHART_WIDTH, drill_html, drill_markdown, history_rows, html_report_name, member_rows,
     primary_untouched, rto_line, rto_trend, sparkline, timeline_chart, write_html_report,
 )
-from tests.drill_samples import HOSTILE_MEMBER, HOSTILE_PLAN, HOSTILE_PROBE, START, at, drill
+from tests.drill_samples import HOSTILE_MEMBER, HOSTILE_PLAN, HOSTILE_PROBE, START, Page, at, drill
 
 MARKDOWN = MarkdownIt("commonmark").enable("table")
-
-
-class _Page(HTMLParser):
-    """Every element (tag and attributes) and every piece of text a browser would build."""
-
-    def __init__(self, source: str) -> None:
-        super().__init__(convert_charrefs=True)
-        self.elements: list[tuple[str, dict[str, str | None]]] = []
-        self.text: list[str] = []
-        self.feed(source)
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.elements.append((tag, dict(attrs)))
-
-    handle_startendtag = handle_starttag
-
-    def handle_data(self, data: str) -> None:
-        self.text.append(data)
-
-    def tags(self, name: str) -> list[dict[str, str | None]]:
-        return [attrs for tag, attrs in self.elements if tag == name]
-
-    @property
-    def all_text(self) -> str:
-        return "".join(self.text)
 
 
 def _with_rto(evidence: DrillEvidence, seconds: float | None) -> DrillEvidence:
@@ -144,7 +118,7 @@ def test_primary_untouched_needs_every_disk_checked_after_and_equal() -> None:
 
 
 def test_html_escapes_hostile_plan_member_and_probe_names_everywhere() -> None:
-    page = _Page(drill_html(drill(passed=False, plan=HOSTILE_PLAN, db=HOSTILE_MEMBER, probe=HOSTILE_PROBE)))
+    page = Page(drill_html(drill(passed=False, plan=HOSTILE_PLAN, db=HOSTILE_MEMBER, probe=HOSTILE_PROBE)))
     assert not page.tags("script") and not page.tags("img")
     assert not any(name.startswith("on") for _, attrs in page.elements for name in attrs)
     assert HOSTILE_PLAN in page.all_text and HOSTILE_MEMBER in page.all_text and HOSTILE_PROBE in page.all_text
@@ -154,7 +128,7 @@ def test_html_escapes_hostile_plan_member_and_probe_names_everywhere() -> None:
 
 def test_html_is_self_contained_and_forbids_scripts_and_fetches() -> None:
     source = drill_html(drill())
-    page = _Page(source)
+    page = Page(source)
     policy = [a["content"] for a in page.tags("meta") if a.get("http-equiv") == "Content-Security-Policy"]
     assert policy == ["default-src 'none'; style-src 'unsafe-inline'; img-src data:"]
     for _, attrs in page.elements:
@@ -176,7 +150,7 @@ def test_html_chart_draws_a_bar_per_step_and_the_rto_target_where_it_belongs() -
     assert first_restore.x == pytest.approx(CHART_LEFT + 4 / span * CHART_WIDTH)
     assert first_restore.width == pytest.approx(60 / span * CHART_WIDTH) and first_restore.state == "ok"
 
-    page = _Page(drill_html(evidence))
+    page = Page(drill_html(evidence))
     assert len(page.tags("svg")) == 1
     bars = [a for a in page.tags("rect") if (a.get("class") or "").startswith("bar ")]
     assert [a["class"] for a in bars] == ["bar ok"] * len(evidence.steps)
@@ -186,7 +160,7 @@ def test_html_chart_draws_a_bar_per_step_and_the_rto_target_where_it_belongs() -
 def test_html_of_a_failed_drill_marks_the_failed_step_and_draws_no_measured_rto() -> None:
     evidence = drill(passed=False)
     assert [line.css for line in timeline_chart(evidence).lines] == ["target"]
-    page = _Page(drill_html(evidence))
+    page = Page(drill_html(evidence))
     states = [a["class"] for a in page.tags("rect") if (a.get("class") or "").startswith("bar ")]
     assert states.count("bar failed") == 1
     assert "not reached (target 5 min 00 s)" in page.all_text
