@@ -25,7 +25,6 @@ import os
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Annotated
 
 import structlog
@@ -39,13 +38,12 @@ from flows.logs import configure
 from tasks.backup import cancel
 from tasks.drill.evidence import DrillEvidence, GroupResult, ProbeRecord, plan_version, utcnow
 from tasks.drill.probing import primary_probes
-from tasks.drill.report import drill_markdown, drill_rows
+from tasks.drill.report import artifact_keys, drill_markdown, drill_title, member_rows
 from tasks.drill.steps import (
     DrillContext, MemberOutcome, Timeline, checksums, cleanup_items, cleanup_step, extra_cleanup,
     failover_member_task, open_drill, primary_digests, readiness_step, write_evidence,
 )
 from tasks.patching.slots import exclusive
-from tasks.rendering import artifact_key
 
 log = structlog.stdlib.get_logger("patchdrill.drill")
 
@@ -234,12 +232,7 @@ def _finish(ctx: DrillContext, evidence: DrillEvidence, outcome: str, message: s
 
 
 def _publish(evidence: DrillEvidence) -> None:
-    title = f"Drill of plan {evidence.plan} ({evidence.outcome})"
-    create_markdown_artifact(key=artifact_key("drill", evidence.plan, "report"), markdown=drill_markdown(evidence),
-                             description=title)
-    create_table_artifact(key=artifact_key("drill", evidence.plan, "rto"), table=drill_rows(evidence),
-                          description=f"{title}: RTO and RPO against the plan's targets")
-
-
-def config_dir(config_path: str) -> Path:
-    return Path(config_path).resolve().parent
+    keys, title = artifact_keys(evidence), drill_title(evidence)
+    create_markdown_artifact(key=keys["summary"], markdown=drill_markdown(evidence), description=title)
+    create_table_artifact(key=keys["members"], table=member_rows(evidence),
+                          description=f"{title}: per member, RTO and RPO against the plan's targets")
