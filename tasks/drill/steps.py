@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import shlex
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -344,5 +343,24 @@ def checksums(before: dict[tuple[str, str], str], after: dict[tuple[str, str], s
             for (host, disk), digest in sorted(before.items())]
 
 
-def elapsed(since: float) -> float:
-    return round(time.monotonic() - since, 3)
+def find_evidence(store: BlobStore, run_id: str) -> DrillEvidence | None:
+    """The evidence record of one run, whatever its plan."""
+    for info in store.list("evidence/drills/"):
+        if info.key.endswith(f"/{run_id}.json"):
+            return DrillEvidence.model_validate_json(store.get(info.key))
+    return None
+
+
+def record_cleanup(store: BlobStore, run_id: str, report: CleanupReport) -> DrillEvidence | None:
+    """After `drill cleanup RUN`: the run's evidence gets the cleanup's proof, and a run that
+    never finished (its controller died) is marked crashed, so its record tells the truth."""
+    evidence = find_evidence(store, run_id)
+    if evidence is None:
+        return None
+    evidence.cleanup = cleanup_items(report)
+    evidence.cleanup_verified = report.ok
+    evidence.notes.append(f"{utcnow().isoformat(timespec='seconds')}: `drill cleanup`: {report.summary()}")
+    if evidence.outcome == "running":
+        evidence.outcome, evidence.finished = "crashed", utcnow()
+    write_evidence(store, evidence)
+    return evidence
