@@ -23,6 +23,7 @@ unchanged; Failed otherwise; Cancelled when it was stopped (cleanup still ran).
 import getpass
 import os
 import uuid
+from pathlib import Path
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Annotated
@@ -50,7 +51,7 @@ log = structlog.stdlib.get_logger("patchdrill.drill")
 DRILL_LIMIT_PREFIX = "patchdrill-drill-"
 #: The config whose plans the run form offers (read when this module is imported, i.e. when
 #: `prefect deploy` builds the form); deployments run with the config named in prefect.yaml.
-FORM_CONFIG = os.environ.get("PATCHDRILL_CONFIG", "configs/lab.yaml")
+FORM_CONFIG = Path(__file__).resolve().parents[1] / os.environ.get("PATCHDRILL_CONFIG", "configs/lab.yaml")
 
 
 def _plan_names() -> list[str]:
