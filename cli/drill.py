@@ -100,8 +100,12 @@ def run(
     chosen = _plan_or_exit(config, plan)
     if not yes:
         members = sum(len(g.members) for g in chosen.groups)
-        if not typer.confirm(f"Drill plan {plan}: restore {members} member(s) onto their DR targets, start them "
-                             "isolated, probe, then remove everything. Start?", default=False, err=True):
+        try:
+            agreed = typer.confirm(f"Drill plan {plan}: restore {members} member(s) onto their DR targets, start "
+                                   "them isolated, probe, then remove everything. Start?", default=False, err=True)
+        except typer.Abort:
+            agreed = False  # no terminal to ask (stdin closed)
+        if not agreed:
             fail("not started (run with --yes to start without asking)")
     with stoppable():
         state = drill_run(config_path=str(config), plan=plan, operator=operator or "", return_state=True)
