@@ -152,6 +152,9 @@ class PlanMember(_Plain):
     post_actions: list[Action] = Field(default_factory=list, description="After the copy's probes passed.")
     probes: list[Probe] = Field(default_factory=list, description="Run against the copy (inside its namespace).")
     steady_state: list[Probe] = Field(default_factory=list, description="Run against the primary before and after: it must stay healthy.")
+    primary_writes: bool = Field(default=False, description="The primary keeps writing these disks during the drill "
+                                 "(a live database): their checksums before and after are recorded, but a difference "
+                                 "does not fail the drill. Off: any change to the primary fails it.")
     cleanup: list[str] = Field(default_factory=list, description="Extra commands run on the target at cleanup (before the files go).")
     ports: list[int] = Field(default_factory=list, description="Ports the copy listens on, beside those its probes name "
                              "(checked for clashes between members sharing a network).")

@@ -168,8 +168,16 @@ def _drill(ctx: DrillContext, evidence: DrillEvidence) -> State:
     with timeline.step("primary checksums after") as step:
         after = primary_digests(ctx, "after")
         evidence.primary_checksums = checksums(before, after)
-        changed = [f"{c.host}/{c.disk}" for c in evidence.primary_checksums if not c.unchanged]
-        step.ok, step.detail = not changed, (f"CHANGED: {', '.join(changed)}" if changed else "unchanged")
+        live = {(m.primary.name, d) for m in ctx.members if m.spec.primary_writes for d in m.disks}
+        moved = [c for c in evidence.primary_checksums if not c.unchanged]
+        changed = [f"{c.host}/{c.disk}" for c in moved if (c.host, c.disk) not in live]
+        expected = [f"{c.host}/{c.disk}" for c in moved if (c.host, c.disk) in live]
+        if expected:
+            evidence.notes.append(f"primary disks written by their own application during the drill (primary_writes): "
+                                  f"{', '.join(expected)}")
+        step.ok = not changed
+        step.detail = (f"CHANGED: {', '.join(changed)}" if changed else "unchanged") + (
+            f"; changed by the running primary, as the plan expects: {', '.join(expected)}" if expected else "")
     evidence.probes += _steady_state_after(ctx)
     return _verdict(ctx, evidence, outcomes, changed)
 
