@@ -121,7 +121,9 @@ class AppControl(_Plain):
 
 
 class Action(_Plain):
-    """A step before the copy starts (pre) or after its probes (post)."""
+    """A step before the copy starts (pre) or after its probes passed (post). A manual action
+    pauses the run for a person (the Prefect UI's Resume form) before the member's group starts
+    (pre) or once the group's probes passed (post); a rejection stops the drill, cleanup runs."""
 
     kind: Literal["script", "manual"] = "script"
     where: Literal["target", "controller"] = Field(default="target", description="script: run on the DR target (inside "

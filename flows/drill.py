@@ -25,6 +25,7 @@ import os
 import uuid
 from pathlib import Path
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Annotated
 
@@ -32,14 +33,18 @@ import structlog
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
 from prefect.states import Cancelled, Completed, Failed, State
-from pydantic import WithJsonSchema
+from pydantic import Field, WithJsonSchema
 
 from flows.logs import configure
 from tasks.backup import cancel
 from tasks.drill.evidence import DrillEvidence, GroupResult, ProbeRecord, plan_version, utcnow
 from tasks.drill.probing import primary_probes
 from tasks.drill.report import artifact_keys, drill_markdown, drill_title, member_rows
+from tasks.drill.members import Member
 from tasks.drill.steps import (
     DrillContext, MemberOutcome, Timeline, checksums, cleanup_items, cleanup_step, extra_cleanup,
     failover_member_task, open_drill, primary_digests, readiness_step, write_evidence,
@@ -49,6 +54,15 @@ from tasks.patching.slots import exclusive
 log = structlog.stdlib.get_logger("patchdrill.drill")
 
 DRILL_LIMIT_PREFIX = "patchdrill-drill-"
+# Prefect polls a paused run for its input at this interval (its own default is 10 s).
+MANUAL_POLL_SECONDS = int(os.environ.get("PATCHDRILL_APPROVAL_POLL_SECONDS", "10"))
+
+
+class ManualActionDone(RunInput):
+    """The Resume form of a drill paused for a plan's manual actions."""
+
+    done: bool = Field(description="The steps described are done: go on with the drill. Unticked: stop it (cleanup runs).")
+    comment: str = Field(default="", description="Recorded in the drill's evidence.")
 #: The config whose plans the run form offers (read when this module is imported, i.e. when
 #: `prefect deploy` builds the form); deployments run with the config named in prefect.yaml.
 FORM_CONFIG = Path(__file__).resolve().parents[1] / os.environ.get("PATCHDRILL_CONFIG", "configs/lab.yaml")
@@ -95,7 +109,7 @@ def _operator(given: str | None) -> str:
 
 @flow(name="drill-run", flow_run_name=_run_name)
 def drill_run(config_path: str = "configs/lab.yaml", plan: PlanChoice = _PLANS[0] if _PLANS else "",
-              operator: str = "", slot_timeout_minutes: float = 240.0) -> State:
+              operator: str = "", slot_timeout_minutes: float = 240.0, manual_timeout_minutes: float = 240.0) -> State:
     """Test failover of a recovery plan: restore each member into an isolated copy on its DR
     target, start and probe it, clean up with proof, and record RTO/RPO against the plan.
 
@@ -104,6 +118,7 @@ def drill_run(config_path: str = "configs/lab.yaml", plan: PlanChoice = _PLANS[0
         plan: The recovery plan to drill.
         operator: Who runs the drill (recorded in the evidence); empty: PATCHDRILL_OPERATOR or the OS user.
         slot_timeout_minutes: How long to wait while another drill of the same plan runs.
+        manual_timeout_minutes: How long a pause for the plan's manual actions waits for a person; then the drill fails (cleanup runs).
     """
     configure()
     run_id = _run_id()
@@ -115,14 +130,14 @@ def drill_run(config_path: str = "configs/lab.yaml", plan: PlanChoice = _PLANS[0
                                  rpo_target_seconds=ctx.plan.rpo_target.total_seconds())
         try:
             with exclusive([drill_limit_name(plan)], slot_timeout_minutes * 60):
-                return _drill(ctx, evidence)
+                return _drill(ctx, evidence, manual_timeout_minutes)
         except TimeoutError:
             message = (f"another drill of plan {plan} held its slot (concurrency limit {drill_limit_name(plan)}) for "
                        f"{slot_timeout_minutes:g} min: not started")
             return _finish(ctx, evidence, "failed", message)
 
 
-def _drill(ctx: DrillContext, evidence: DrillEvidence) -> State:
+def _drill(ctx: DrillContext, evidence: DrillEvidence, manual_timeout_minutes: float) -> State:
     timeline = Timeline()
     evidence.steps = timeline.steps
     # Started (and re-stamped) once the slot is ours: the RTO clock runs from here.
@@ -141,12 +156,17 @@ def _drill(ctx: DrillContext, evidence: DrillEvidence) -> State:
     with timeline.step("primary checksums before"):
         before = primary_digests(ctx, "before")
     outcomes: list[MemberOutcome] = []
+    stopped: Stop | None = None
     try:
         for group in ctx.groups:
             if cancel.requested():
                 break
             result = GroupResult(name=group[0].group, started=utcnow())
             evidence.groups.append(result)
+            stopped = _manual_gate(group, "pre", timeline, manual_timeout_minutes)
+            if stopped:
+                result.detail = stopped.reason
+                break
             futures = [failover_member_task.submit(ctx, member, {d: ready.points[(member.id, d)] for d in member.disks})
                        for member in group]
             done = [future.result() for future in futures]
@@ -162,6 +182,10 @@ def _drill(ctx: DrillContext, evidence: DrillEvidence) -> State:
                 break
             result.probes_passed_at = max((p.at for o in done for p in o.probes), default=utcnow())
             result.detail = f"{len(done)} member(s) up, every probe passed"
+            stopped = _manual_gate(group, "post", timeline, manual_timeout_minutes)
+            if stopped:
+                result.ok, result.detail = False, f"{result.detail}; {stopped.reason}"
+                break
     finally:
         _clean_up(ctx, evidence, timeline)
 
@@ -179,7 +203,50 @@ def _drill(ctx: DrillContext, evidence: DrillEvidence) -> State:
         step.detail = (f"CHANGED: {', '.join(changed)}" if changed else "unchanged") + (
             f"; changed by the running primary, as the plan expects: {', '.join(expected)}" if expected else "")
     evidence.probes += _steady_state_after(ctx)
-    return _verdict(ctx, evidence, outcomes, changed)
+    return _verdict(ctx, evidence, outcomes, changed, stopped)
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Why a manual-action pause stopped the drill; rejected: a person said no (the run ends
+    Cancelled), else nobody could be asked or nobody answered (Failed)."""
+
+    reason: str
+    rejected: bool = False
+
+
+def _manual_gate(group: list[Member], phase: str, timeline: Timeline, timeout_minutes: float) -> Stop | None:
+    """Pause for the group's manual actions of this phase (before its members start, after its
+    probes passed, where recovery plans place them); why to stop, or None to go on."""
+    from prefect.settings import get_current_settings
+
+    steps = [f"{m.id}: {a.instructions}" for m in group
+             for a in (m.spec.pre_actions if phase == "pre" else m.spec.post_actions) if a.kind == "manual"]
+    if not steps:
+        return None
+    with timeline.step(f"manual {phase} {group[0].group}", " | ".join(steps)) as step:
+        if not get_current_settings().api.url:
+            step.ok = False
+            step.detail += ("; needs a person to resume the run, and this run has no Prefect server to pause on "
+                            "(set PREFECT_API_URL, or run the drill deployment)")
+            return Stop(f"manual actions of group {group[0].group} could not be asked for: no Prefect server")
+        log.info("drill.waiting_for_manual_actions", group=group[0].group, phase=phase, steps=steps)
+        form = ManualActionDone.with_initial_data(
+            description="Do these steps, then resume (untick *done* to stop the drill):\n\n"
+                        + "\n".join(f"- {line}" for line in steps), comment="")
+        try:
+            answer = pause_flow_run(wait_for_input=form, timeout=int(timeout_minutes * 60),
+                                    poll_interval=MANUAL_POLL_SECONDS)
+        except FlowPauseTimeout:
+            step.ok = False
+            step.detail += f"; nobody answered within {timeout_minutes:g} min"
+            return Stop(f"manual actions of group {group[0].group} not confirmed within {timeout_minutes:g} min")
+        step.ok = answer.done
+        step.detail += f"; answered done={answer.done}" + (f": {answer.comment}" if answer.comment else "")
+        if not answer.done:
+            return Stop(f"manual actions of group {group[0].group} rejected"
+                        + (f": {answer.comment}" if answer.comment else ""), rejected=True)
+    return None
 
 
 def _clean_up(ctx: DrillContext, evidence: DrillEvidence, timeline: Timeline) -> None:
@@ -208,12 +275,13 @@ def _steady_state_after(ctx: DrillContext) -> list[ProbeRecord]:
     return records
 
 
-def _verdict(ctx: DrillContext, evidence: DrillEvidence, outcomes: list[MemberOutcome], changed: list[str]) -> State:
-    if cancel.requested() or any(o.cancelled for o in outcomes):
-        reason = cancel.requested() or "cancelled"
+def _verdict(ctx: DrillContext, evidence: DrillEvidence, outcomes: list[MemberOutcome], changed: list[str],
+             stopped: Stop | None) -> State:
+    if cancel.requested() or any(o.cancelled for o in outcomes) or (stopped and stopped.rejected):
+        reason = stopped.reason if stopped else cancel.requested() or "cancelled"
         note = "cleanup verified" if evidence.cleanup_verified else "cleanup NOT verified"
         return _finish(ctx, evidence, "cancelled", f"drill {reason}: stopped; {note}")
-    problems = [f"{o.member}: {o.error}" for o in outcomes if not o.ok]
+    problems = [f"{o.member}: {o.error}" for o in outcomes if not o.ok] + ([stopped.reason] if stopped else [])
     if len(evidence.groups) < len(ctx.groups):
         problems.append(f"{len(ctx.groups) - len(evidence.groups)} group(s) not started")
     if not evidence.cleanup_verified:

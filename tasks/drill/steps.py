@@ -186,13 +186,14 @@ def template_values(member: Member, namespace: str | None) -> dict[str, str]:
 
 def run_actions(ctx: DrillContext, member: Member, actions: list[Action], connector: Connector,
                 namespace: str | None, timeline: Timeline, phase: str) -> None:
-    """Pre or post actions: scripts on the target (inside the namespace) or on the controller.
-    Manual actions need a person: this run has none to ask, so they fail the member honestly."""
+    """A member's pre or post script actions: on the target (inside the namespace) or on the
+    controller. Manual actions are not here: the flow pauses for them at the group's boundary
+    (a task cannot pause its flow run)."""
     values = template_values(member, namespace)
     for index, action in enumerate(actions):
-        with timeline.step(f"{phase} action {index + 1}", action.command or action.instructions or ""):
-            if action.kind == "manual":
-                raise RuntimeError(f"manual action needs a person: {action.instructions}; this run cannot pause for one")
+        if action.kind == "manual":
+            continue
+        with timeline.step(f"{phase} action {index + 1}", action.command or ""):
             command = _fill(action.command or "", values)
             if action.where == "controller":
                 with ctx.connect(CONTROLLER_HOST) as local:

@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -343,3 +344,60 @@ def test_a_second_drill_of_the_same_plan_waits_for_the_first(prefect_server: Non
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=HANG_GUARD) == 3
     assert second.wait(timeout=HANG_GUARD) == 0, second_err.read_text()[-3000:]
+
+
+# --------------------------------------------------------------------------- manual actions
+
+
+def test_manual_actions_pause_the_drill_and_are_answered_through_the_prefect_api(
+        prefect_server: None, drill_lab: DrillLab, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pre action approved (the group then starts), a post action rejected (the drill stops
+    Cancelled, cleanup runs and is verified), both answered as the UI's Resume form does."""
+    import flows.drill as drill_flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.flow_runs import resume_flow_run
+
+    monkeypatch.setattr(drill_flow, "MANUAL_POLL_SECONDS", 1)
+    name = "manual"
+    spec = plan(drill_lab, name)
+    member = spec["groups"][0]["members"][0]
+    member["pre_actions"] = [{"kind": "manual", "instructions": "Tell the on-call DBA the drill starts"}]
+    member["post_actions"] = [{"kind": "manual", "instructions": "Check the copy by hand"}]
+    cfg = drill_lab.config(name, spec)
+    outcome: dict[str, Any] = {}
+    worker = threading.Thread(target=lambda: outcome.update(
+        state=drill_flow.drill_run(config_path=str(cfg), plan=name, return_state=True)), name="paused-drill")
+    worker.start()
+
+    def paused() -> Any:
+        states = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
+        deadline = time.monotonic() + HANG_GUARD
+        while worker.is_alive() and time.monotonic() < deadline:
+            with get_client(sync_client=True) as client:
+                found = [r for r in client.read_flow_runs(flow_run_filter=states) if r.name.startswith(f"drill {name} ")]
+            if found:
+                return found[0].id
+            time.sleep(0.2)
+        pytest.fail(f"the drill never paused: {outcome}")
+
+    run_id = paused()
+    assert not drill_lab.copy_root(name).exists()  # nothing of the group starts before the person answers
+    resume_flow_run(run_id, run_input={"done": True, "comment": "DBA told"})
+    # Resumed runs go back to Running before they pause again for the post action.
+    deadline = time.monotonic() + HANG_GUARD
+    while not serving(drill_lab, name) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    run_id = paused()
+    assert drill_lab.copy_root(name).exists()  # the copy is up while the person checks it
+    resume_flow_run(run_id, run_input={"done": False, "comment": "the copy looks wrong"})
+    worker.join(HANG_GUARD)
+    state = outcome["state"]
+    assert state.is_cancelled(), state
+    assert "rejected: the copy looks wrong" in state.message
+    evidence = evidence_of(cfg, str(run_id))
+    assert evidence.outcome == "cancelled"
+    answers = [s.detail for s in evidence.steps if s.name.startswith("manual ")]
+    assert "answered done=True: DBA told" in answers[0] and "answered done=False" in answers[1]
+    assert_cleaned(evidence, drill_lab, name, cfg)
