@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cli import backup, failover, patch
+from cli import backup, drill, failover, patch
 from cli.common import (
     DEFAULT_CONFIG, ConfigOption, GroupsOption, HostsOption, JsonOption, console, emit, fail, load_or_exit,
     report_problems,
@@ -104,6 +104,7 @@ def _render_ping(rows: list) -> None:  # type: ignore[type-arg]
 backup.register(app)
 failover.register(app)
 patch.register(app)
+drill.register(app)
 
 
 # A fresh PREFECT_HOME migrates its database before Prefect's temporary API answers: 10-25 s,

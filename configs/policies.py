@@ -1,5 +1,5 @@
-"""The policies of the pipelines: patching (with its health probes and rollout quotas), backup,
-snapshots and retention.
+"""The policies of the pipelines: patching (with its rollout quotas and health probes, whose
+models live in configs.probes), backup, snapshots and retention.
 
 Plain pydantic and the standard library: `configs.models` validates a whole config file with
 these, and every pipeline reads them from here, so importing a policy never loads Prefect, a
@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass
 from enum import Enum
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -25,6 +25,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import core_schema
 
+from configs.probes import ChecksumProbe, Probe
 from configs.secrets import check_reference
 
 class _Frozen(BaseModel):
@@ -125,36 +126,6 @@ class Severity(str, Enum):
 # --------------------------------------------------------------------------- patch policy
 
 
-class TcpProbe(_Frozen):
-    kind: Literal["tcp"] = "tcp"
-    port: int = Field(ge=1, le=65535)
-    address: str | None = Field(default=None, description="Defaults to the host's own address.")
-    timeout_seconds: float = Field(default=10.0, gt=0)
-
-
-class HttpProbe(_Frozen):
-    kind: Literal["http"] = "http"
-    url: str = Field(pattern=r"^https?://", description="May contain {address}, replaced by the host's address.")
-    expect_status: int = Field(default=200, ge=100, le=599)
-    timeout_seconds: float = Field(default=10.0, gt=0)
-
-
-class ServiceProbe(_Frozen):
-    kind: Literal["service"] = "service"
-    name: str = Field(min_length=1, description="systemd unit or Windows service name.")
-    expect_state: Literal["running", "stopped"] = "running"
-    timeout_seconds: float = Field(default=30.0, gt=0)
-
-
-class CommandProbe(_Frozen):
-    kind: Literal["command"] = "command"
-    command: str = Field(min_length=1, description="Run on the host; passes when it exits with expect_exit.")
-    expect_exit: int = 0
-    timeout_seconds: float = Field(default=60.0, gt=0)
-
-
-HealthProbe = Annotated[TcpProbe | HttpProbe | ServiceProbe | CommandProbe, Field(discriminator="kind")]
-
 _YEAR_MONTH = re.compile(r"^(\d{4})-(\d{2})$")
 
 
@@ -197,9 +168,16 @@ class PatchPolicy(_Frozen):
     pre_hooks: list[str] = Field(default_factory=list, description="Commands run on each host before installing; a failure skips the host.")
     post_hooks: list[str] = Field(default_factory=list, description="Commands run on each host after install and reboot.")
     hook_timeout_seconds: float = Field(default=300.0, gt=0)
-    health_probes: list[HealthProbe] = Field(default_factory=list, description="Checks after install/reboot; a failure counts against max_errors.")
+    health_probes: list[Probe] = Field(default_factory=list, description="Checks after install/reboot (the probes of configs/probes.py); a failure counts against max_errors.")
     reboot_timeout_minutes: int = Field(default=15, gt=0, description="How long a host may take to go down and come back.")
     approval_required: bool = Field(default=False, description="Pause the run for approval of the assessment before installing.")
+
+    @field_validator("health_probes")
+    @classmethod
+    def _no_checksum(cls, value: list[Probe]) -> list[Probe]:
+        if any(isinstance(probe, ChecksumProbe) for probe in value):
+            raise ValueError("a checksum probe compares a restored copy with its recovery point: it belongs in a recovery plan, not a patch policy")
+        return value
 
     @field_validator("baseline_months")
     @classmethod

@@ -28,7 +28,7 @@ from connectors.base import BootIdentity, Connector, ConnectorError
 from connectors.stores import open_store
 from tasks.patching import history, linux_host, windows_host
 from tasks.patching.errors import error_text
-from tasks.patching.health import check_health, failure_summary
+from tasks.probes import check_health, failure_summary
 from tasks.patching.linux_host import InstallResult
 from tasks.patching.models import ComplianceState, Enrollment, HostPatchRecord, Update, UpdateOutcome
 from tasks.patching.plan import windows
@@ -144,7 +144,7 @@ def health_task(host: HostConfig, base_dir: Path, policy: PatchPolicy) -> str | 
     if not policy.health_probes:
         return None
     with connect(host, base_dir=base_dir) as conn:
-        results = check_health(host, conn, policy.health_probes)
+        results = check_health(host, conn, policy.health_probes, base_dir=base_dir)
     failed = failure_summary(results)
     if failed:
         log.error("health check failed", host=host.name, failed=failed)

@@ -17,11 +17,11 @@ from typing import Iterator
 
 import pytest
 
-from configs.policies import CommandProbe, HttpProbe, ServiceProbe, TcpProbe
+from configs.probes import CommandProbe, HttpProbe, ServiceProbe, TcpProbe
 from connectors import connect
 from connectors.base import BootIdentity
 from tasks.patching import windows_host
-from tasks.patching.health import check_health, failure_summary
+from tasks.probes import check_health, failure_summary
 from tasks.patching.models import ComplianceState
 from tasks.patching.reboot_gate import RebootFailed, reboot_and_wait
 from tests.hosts.sshd import SshdMaker
@@ -127,7 +127,7 @@ def test_health_probes_pass_and_fail_for_the_right_reasons(sshd_host: SshdHost, 
         HttpProbe(url=f"http://127.0.0.1:{http_status_server}/broken", timeout_seconds=SLOW_HOST_SECONDS),
         CommandProbe(command="test -d /etc", timeout_seconds=SLOW_HOST_SECONDS),
         CommandProbe(command="echo 'app not ready' >&2; exit 3", timeout_seconds=SLOW_HOST_SECONDS),
-        ServiceProbe(name="patchdrill-no-such-unit", expect_state="stopped", timeout_seconds=SLOW_HOST_SECONDS),
+        ServiceProbe(service="patchdrill-no-such-unit", expect_state="stopped", timeout_seconds=SLOW_HOST_SECONDS),
     ]
     with connect(config) as conn:
         results = check_health(config, conn, probes)

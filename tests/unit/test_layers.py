@@ -147,7 +147,8 @@ PLANNER = ("tasks.patching.plan", *sorted(module_name(path) for path in (ROOT / 
     ("tasks.backup.blockmap", HEAVY),
     ("configs.models", HEAVY),
     ("configs.policies", HEAVY),
-    ("tasks.patching.health", ("prefect", "winrm", "azure")),
+    ("tasks.probes", ("prefect", "winrm", "azure")),
+    ("configs.probes", HEAVY),
     ("connectors.stores", ("prefect", "azure")),
     *((module, HEAVY) for module in PLANNER),
 ])

@@ -1,0 +1,328 @@
+"""Starting and stopping a drill's test copy: command templates and presets.
+
+A plan's start and stop steps are templates with placeholders, filled per member and quoted for
+the shell that runs them (POSIX sh or PowerShell), so no name, path or disk, however hostile,
+can become part of a command:
+
+    {root}          the copy's root directory on the target
+    {name}          the copy's name (the member's)
+    {port}          the port the copy answers on
+    {namespace}     the copy's network namespace (isolated copies)
+    {disk:NAME}     the restored path of disk NAME
+    {{ and }}       literal braces
+
+Presets:
+    process           the template is the copy's command line; it starts detached (inside the
+                      namespace when isolated), its pid and start time in a pidfile under the
+                      copy's root; stopped by TERM, then KILL after a grace period
+    systemd           a transient unit (`systemd-run`, joined to the namespace with
+                      NetworkNamespacePath=) running the template; `systemctl stop`
+    windows-service   Start-Service / Stop-Service of the service the template names
+    hyperv            Start-VM / Stop-VM -TurnOff of the VM the template names
+    libvirt           `virsh start` / `virsh destroy` of the domain the template names
+    command           free start, stop and (optional) verify templates
+
+Rendering (`render`) is pure. `start_copy` records the copy in the drill's ledger before it
+starts it; `stop_copy` stops what a ledger entry names and is safe to call again.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from connectors.base import Connector
+from connectors.powershell import ps_quote
+from tasks.drill.isolation import namespace_name
+from tasks.drill.ledger import (
+    CommandEntry,
+    DomainEntry,
+    Ledger,
+    ProcessEntry,
+    Resource,
+    ServiceEntry,
+    UnitEntry,
+    VmEntry,
+)
+from tasks.drill.target import TargetError, host_script, in_namespace, shell
+
+Preset = Literal["process", "systemd", "windows-service", "hyperv", "libvirt", "command"]
+Shell = Literal["sh", "powershell"]
+PRESETS: tuple[Preset, ...] = ("process", "systemd", "windows-service", "hyperv", "libvirt", "command")
+#: Where a plain process's pidfile and log live, under the copy's root.
+STATE_DIR = ".patchdrill"
+DEFAULT_GRACE_SECONDS = 10.0
+
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+
+
+class TemplateError(ValueError):
+    """A start or stop template that cannot be filled; names the member and the placeholder."""
+
+
+@dataclass(frozen=True)
+class CopyContext:
+    """What a member's templates are filled with."""
+
+    member: str
+    root: str
+    name: str = ""
+    port: int | None = None
+    namespace: str | None = None
+    disks: Mapping[str, str] = field(default_factory=dict)
+
+    def value(self, placeholder: str) -> str:
+        if placeholder == "root":
+            return self.root
+        if placeholder == "name":
+            return self.name or self.member
+        if placeholder == "port":
+            if self.port is None:
+                raise TemplateError(f"member {self.member!r}: the template uses {{port}} but the member has no port")
+            return str(self.port)
+        if placeholder == "namespace":
+            if self.namespace is None:
+                raise TemplateError(f"member {self.member!r}: the template uses {{namespace}} but the copy is not isolated")
+            return self.namespace
+        if placeholder.startswith("disk:"):
+            disk = placeholder.removeprefix("disk:")
+            if disk not in self.disks:
+                known = ", ".join(sorted(self.disks)) or "none"
+                raise TemplateError(f"member {self.member!r}: the template uses {{disk:{disk}}}, "
+                                    f"but the restored disks are: {known}")
+            return self.disks[disk]
+        raise TemplateError(f"member {self.member!r}: unknown placeholder {{{placeholder}}}; "
+                            "use {root}, {name}, {port}, {namespace} or {disk:NAME}")
+
+
+def fill(template: str, context: CopyContext, quote: Callable[[str], str] = lambda value: value) -> str:
+    """The template with each placeholder replaced by its value passed through `quote`."""
+    def replace(match: re.Match[str]) -> str:
+        token = match.group(0)
+        if token in ("{{", "}}"):
+            return token[0]
+        if match.group(1) is None:
+            raise TemplateError(f"member {context.member!r}: unbalanced {token!r} in {template!r}; "
+                                "write {{ or }} for a literal brace")
+        return quote(context.value(match.group(1)))
+    return _PLACEHOLDER.sub(replace, template)
+
+
+def quoter(shell_kind: Shell) -> Callable[[str], str]:
+    return ps_quote if shell_kind == "powershell" else shlex.quote
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    """A member's start and stop steps: a preset and its templates.
+
+    template: the command line (process, systemd, command) or the name of the service, VM or
+    domain (windows-service, hyperv, libvirt; default "{name}"). stop and verify: the command
+    preset's stop command and its check that the copy is stopped (exit 0 = stopped).
+    """
+
+    preset: Preset
+    template: str | None = None
+    stop: str | None = None
+    verify: str | None = None
+    grace_seconds: float = DEFAULT_GRACE_SECONDS
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A preset's commands for one member. For `process`, start is the copy's own command line
+    (started detached by `start_copy`) and stop is empty: it stops by its pidfile."""
+
+    preset: Preset
+    shell: Shell
+    start: str
+    stop: str
+    verify: str | None
+    name: str | None = None
+
+
+#: start, stop and the "is stopped" condition of the Windows presets; {name} is the quoted name.
+_WINDOWS_PRESETS: dict[str, tuple[str, str, str]] = {
+    "windows-service": ("Start-Service -Name {name}", "Stop-Service -Name {name} -Force",
+                        "(Get-Service -Name {name}).Status -eq 'Stopped'"),
+    "hyperv": ("Start-VM -Name {name}", "Stop-VM -Name {name} -TurnOff -Force", "(Get-VM -Name {name}).State -eq 'Off'"),
+}
+
+
+def stopped_check(preset: str, name: str) -> str:
+    """The PowerShell that exits 0 when the named service or VM is stopped."""
+    return f"if ({_WINDOWS_PRESETS[preset][2].format(name=ps_quote(name))}) {{ exit 0 }} else {{ exit 1 }}"
+
+
+def unit_name(context: CopyContext, run_id: str) -> str:
+    """A systemd unit name derived like the namespace's: valid whatever the member is called."""
+    return f"{namespace_name(run_id, context.member)}.service"
+
+
+def render(spec: ControlSpec, context: CopyContext, *, run_id: str) -> Rendered:
+    """The commands of a member's start and stop steps, every value quoted for its shell. Pure."""
+    if spec.preset not in PRESETS:
+        raise TemplateError(f"member {context.member!r}: unknown start/stop preset {spec.preset!r}; "
+                            f"choose one of {', '.join(PRESETS)}")
+    if spec.preset in ("process", "systemd", "command") and not spec.template:
+        raise TemplateError(f"member {context.member!r}: preset {spec.preset!r} needs a command template")
+    sh = quoter("sh")
+    if spec.preset == "process":
+        return Rendered("process", "sh", fill(spec.template or "", context, sh), "", None)
+    if spec.preset == "systemd":
+        unit = unit_name(context, run_id)
+        options = [f"--unit={unit}", "--collect", "--quiet", "--service-type=exec",
+                   f"--working-directory={context.root}"]
+        if context.namespace:
+            options.append(f"--property=NetworkNamespacePath=/run/netns/{context.namespace}")
+        command = "exec " + fill(spec.template or "", context, sh)
+        start = shlex.join(["systemd-run", *options, "--", "/bin/sh", "-c", command])
+        return Rendered("systemd", "sh", start, f"systemctl stop {sh(unit)}",
+                        f"! systemctl is-active --quiet {sh(unit)}", name=unit)
+    if spec.preset in _WINDOWS_PRESETS:
+        name = fill(spec.template or "{name}", context)
+        start, stop, _ = (part.format(name=ps_quote(name)) for part in _WINDOWS_PRESETS[spec.preset])
+        return Rendered(spec.preset, "powershell", start, stop, stopped_check(spec.preset, name), name=name)
+    if spec.preset == "libvirt":
+        name = fill(spec.template or "{name}", context)
+        return Rendered("libvirt", "sh", f"virsh start {sh(name)}", f"virsh destroy {sh(name)}",
+                        f"[ \"$(virsh domstate {sh(name)})\" = 'shut off' ]", name=name)
+    if not spec.stop:
+        raise TemplateError(f"member {context.member!r}: preset 'command' needs a stop command")
+    return Rendered("command", "sh", fill(spec.template or "", context, sh), fill(spec.stop, context, sh),
+                    fill(spec.verify, context, sh) if spec.verify else None)
+
+
+def render_for(connector: Connector, spec: ControlSpec, context: CopyContext, *, run_id: str) -> Rendered:
+    """render() with the command preset's templates quoted for the target's shell."""
+    rendered = render(spec, context, run_id=run_id)
+    if rendered.preset != "command" or connector.os_family != "windows":
+        return rendered
+    ps = quoter("powershell")
+    return Rendered("command", "powershell", fill(spec.template or "", context, ps), fill(spec.stop or "", context, ps),
+                    fill(spec.verify, context, ps) if spec.verify else None)
+
+
+@dataclass(frozen=True)
+class Started:
+    """A running copy and the ledger entry that names it (what stop_copy and cleanup take)."""
+
+    entry: Resource
+    rendered: Rendered
+
+
+def state_paths(context: CopyContext) -> tuple[str, str]:
+    """The pidfile and the log of a plain process, under the copy's root."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", context.name or context.member).strip(".-")[:40] or "copy"
+    return f"{context.root}/{STATE_DIR}/{slug}.pid", f"{context.root}/{STATE_DIR}/{slug}.log"
+
+
+def start_copy(connector: Connector, ledger: Ledger, spec: ControlSpec, context: CopyContext) -> Started:
+    """Record the copy in the ledger, then start it (inside its namespace when it has one)."""
+    rendered = render_for(connector, spec, context, run_id=ledger.run_id)
+    common = {"host": connector.name, "member": context.member}
+    if rendered.preset == "process":
+        pidfile, logfile = state_paths(context)
+        entry = ledger.record("process", **common, copy_root=context.root, pidfile=pidfile,
+                              namespace=context.namespace, port=context.port)
+        started = host_script(connector, "start", pidfile, logfile, context.root, rendered.start,
+                              namespace=context.namespace)
+        entry = ledger.record("process", **common, copy_root=context.root, pidfile=pidfile,
+                              namespace=context.namespace, port=context.port, refines=entry.seq,
+                              pid=started["pid"], start_time=started["start_time"], boot_id=started["boot_id"])
+        return Started(entry=_as_resource(entry), rendered=rendered)
+    if rendered.preset == "systemd":
+        entry = ledger.record("unit", **common, unit=rendered.name, namespace=context.namespace, port=context.port)
+    elif rendered.preset == "windows-service":
+        entry = ledger.record("service", **common, service=rendered.name)
+    elif rendered.preset == "hyperv":
+        entry = ledger.record("hyperv-vm", **common, vm=rendered.name)
+    elif rendered.preset == "libvirt":
+        entry = ledger.record("libvirt-domain", **common, domain=rendered.name)
+    else:
+        entry = ledger.record("command", **common, shell=rendered.shell, stop=rendered.stop, verify=rendered.verify,
+                              namespace=context.namespace, port=context.port)
+    start = rendered.start
+    if rendered.preset == "command" and context.namespace:
+        start = in_namespace(context.namespace, f"sh -c {shlex.quote(start)}")
+    shell(connector, start)
+    return Started(entry=entry, rendered=rendered)  # type: ignore[arg-type]
+
+
+def _as_resource(entry: Resource) -> Resource:
+    # The refining entry carries everything the first one did: present it under the first seq,
+    # as the ledger's resources() merges them.
+    return entry.model_copy(update={"seq": entry.refines, "refines": None}) if entry.refines is not None else entry
+
+
+def wait_listening(connector: Connector, port: int, *, namespace: str | None, timeout: float = 30.0) -> bool:
+    """Whether something answers on 127.0.0.1:port (inside the namespace) within `timeout`."""
+    return bool(host_script(connector, "wait", timeout, f"127.0.0.1:{port}", namespace=namespace,
+                            timeout=timeout + 60)["connected"])
+
+
+@dataclass(frozen=True)
+class Stopped:
+    action: str
+    stopped: list[dict[str, object]] = field(default_factory=list)
+
+
+def process_identity(connector: Connector, entry: ProcessEntry) -> tuple[int, int, str] | None:
+    """The recorded process's pid, start time and boot id: from the ledger, else its pidfile."""
+    if entry.pid is not None and entry.start_time is not None and entry.boot_id is not None:
+        return entry.pid, entry.start_time, entry.boot_id
+    found = host_script(connector, "pidfile", entry.pidfile)
+    if not found["found"]:
+        return None
+    return found["pid"], found["start_time"], found["boot_id"]
+
+
+def stop_process(connector: Connector, entry: ProcessEntry, *, grace: float = DEFAULT_GRACE_SECONDS) -> Stopped:
+    identity = process_identity(connector, entry)
+    if identity is None:
+        return Stopped(f"no pid recorded and no pidfile at {entry.pidfile}: the process was never started")
+    pid, start_time, boot_id = identity
+    current = host_script(connector, "identity", pid)
+    if current["boot_id"] != boot_id:
+        return Stopped(f"pid {pid} was started before {connector.name} rebooted: already gone")
+    stopped = host_script(connector, "stop", grace, f"{pid}:{start_time}", timeout=grace + 60)["processes"]
+    record = stopped[0]
+    if record["was"] == "gone":
+        return Stopped(f"pid {pid} had already exited", stopped)
+    if record["was"] == "reused":
+        return Stopped(f"pid {pid} now belongs to another process (start time differs): ours had exited; "
+                       "the other was left alone", stopped)
+    return Stopped(f"sent {' then '.join(record['signals'])} to pid {pid}", stopped)
+
+
+def stop_copy(connector: Connector, entry: Resource, *, grace: float = DEFAULT_GRACE_SECONDS) -> Stopped:
+    """Stop the copy a ledger entry names. Stopping what is already stopped says so."""
+    if isinstance(entry, ProcessEntry):
+        return stop_process(connector, entry, grace=grace)
+    if isinstance(entry, UnitEntry):
+        result = shell(connector, f"systemctl stop {shlex.quote(entry.unit)}", check=False)
+        return Stopped(f"systemctl stop {entry.unit}: exit {result.exit_code}")
+    if isinstance(entry, (ServiceEntry, VmEntry)):
+        preset, name = ("windows-service", entry.service) if isinstance(entry, ServiceEntry) else ("hyperv", entry.vm)
+        result = shell(connector, _WINDOWS_PRESETS[preset][1].format(name=ps_quote(name)), check=False)
+        return Stopped(f"{'Stop-Service' if preset == 'windows-service' else 'Stop-VM'} {name}: exit {result.exit_code}")
+    if isinstance(entry, DomainEntry):
+        result = shell(connector, f"virsh destroy {shlex.quote(entry.domain)}", check=False)
+        return Stopped(f"virsh destroy {entry.domain}: exit {result.exit_code}")
+    if isinstance(entry, CommandEntry):
+        stop = entry.stop
+        if entry.namespace and entry.shell == "sh":
+            stop = in_namespace(entry.namespace, f"sh -c {shlex.quote(stop)}")
+        result = shell(connector, stop, check=False)
+        return Stopped(f"ran the stop command: exit {result.exit_code}")
+    raise TargetError(f"{connector.name}: a {entry.kind} entry is not a started copy")
+
+
+__all__ = [
+    "PRESETS", "ControlSpec", "stopped_check", "CopyContext", "Preset", "Rendered", "Started", "Stopped", "TemplateError", "fill",
+    "process_identity", "render", "render_for", "start_copy", "state_paths", "stop_copy", "stop_process",
+    "unit_name", "wait_listening",
+]
