@@ -64,7 +64,7 @@ def _checked_or_exit(config: Any, plan: str, kind: str, yes: bool, wait_for_appr
     from prefect.settings import get_current_settings
 
     from connectors.stores import StoreError, open_store
-    from tasks.drill.failover import FailoverError, check_can_start, load_failover_plan
+    from tasks.drill.failover import FailoverError, check_can_start, load_plan
 
     if wait_for_approval and yes:
         fail("--yes and --wait-for-approval contradict each other: choose one")
@@ -72,7 +72,7 @@ def _checked_or_exit(config: Any, plan: str, kind: str, yes: bool, wait_for_appr
         fail("--wait-for-approval needs a Prefect server to approve on: set PREFECT_API_URL")
     loaded = load_or_exit(config)
     try:
-        chosen = load_failover_plan(loaded.config, plan, source=str(config))
+        chosen = load_plan(loaded.config, loaded.base_dir, plan, source=str(config))
         with open_store(loaded.config.storage, loaded.base_dir) as store:
             check_can_start(store, plan, kind)
     except (FailoverError, StoreError) as exc:
@@ -123,8 +123,9 @@ def failover(
     plan: Annotated[str, typer.Argument(help="Recovery plan to fail over.")],
     planned: Annotated[bool, typer.Option("--planned", help="Stop the primary, final backup, zero data loss.")] = False,
     unplanned: Annotated[bool, typer.Option("--unplanned", help="The primary is down: restore from --point.")] = False,
-    point: Annotated[str, typer.Option(
-        "--point", help="Unplanned: latest, latest-app-consistent, or before:<ISO time>.")] = "latest",
+    point: Annotated[Optional[str], typer.Option(
+        "--point", help="Unplanned: latest, latest-application-consistent, or before:<ISO time> "
+        "(default: each member's own `point` in the plan).")] = None,
     config: ConfigOption = DEFAULT_CONFIG,
     policy: PolicyOption = None,
     yes: YesOption = False,
@@ -135,18 +136,19 @@ def failover(
     (or `failover cancel RUN`). Exit 0 failed over, 1 failed, 3 not approved."""
     if planned == unplanned:
         fail("choose exactly one of --planned (the primary is healthy) or --unplanned (the primary is down)")
-    if planned and point != "latest":
+    if planned and point is not None:
         fail("--point is for --unplanned: a planned failover takes a final backup after stopping the primary")
     from tasks.drill.failover import FailoverError, parse_selector
 
     try:
-        parse_selector(point)
+        if point is not None:
+            parse_selector(point)
     except FailoverError as exc:
         fail(str(exc))
     mode = "planned" if planned else "unplanned"
     loaded, chosen = _checked_or_exit(config, plan, f"{mode}-failover", yes, wait_for_approval)
     if not yes and not wait_for_approval:
-        _ask(_question(loaded, chosen, mode, point, policy, str(config)))
+        _ask(_question(loaded, plan, chosen, mode, point, policy))
     from flows.failover import failover_run
 
     with stoppable():
@@ -155,26 +157,32 @@ def failover(
     _finish(state, as_json)
 
 
-def _question(loaded: Any, plan: Any, mode: str, point: str, policy: str | None, source: str) -> str:
+def _question(loaded: Any, name: str, chosen: tuple[Any, Any], mode: str, point: str | None,
+              policy: str | None) -> str:
     """What the failover will do, and for an unplanned one the data it loses, before the question."""
-    from flows.failover import data_loss_text, unplanned_points
+    from flows.failover import data_loss_text
     from tasks.backup.errors import BackupError
-    from tasks.drill.failover import FailoverError
+    from tasks.backup.policy import policy_from_config
+    from tasks.backup.run import open_repository
+    from tasks.drill.failover import FailoverError, members_of, unplanned_points
 
-    targets = ", ".join(f"{m.host} → {m.target_host or 'the controller'}" for _, m in plan.members())
+    plan, groups = chosen
+    targets = ", ".join(f"{m.primary.name} → {m.target.name}" for m in members_of(groups))
     if mode == "planned":
-        console.print(f"Planned failover of {plan.name}: {targets}. The primaries' applications stop, a final "
+        console.print(f"Planned failover of {name}: {targets}. The primaries' applications stop, a final "
                       "backup is taken after the stop (no data is lost), the copies start as production.",
                       highlight=False, soft_wrap=True)
     else:
         try:
-            points = unplanned_points(plan, source, policy, point)
+            repo = open_repository(loaded.config, loaded.base_dir, policy_from_config(
+                loaded.config.backup_policies, policy or plan.backup_policy))
+            points = unplanned_points(repo, groups, point)
         except (BackupError, FailoverError) as exc:
             fail(str(exc))
-        console.print(f"Unplanned failover of {plan.name}: {targets}. The primaries are not touched.",
+        console.print(f"Unplanned failover of {name}: {targets}. The primaries are not touched.",
                       highlight=False, soft_wrap=True)
         console.print(data_loss_text(points, datetime.now(timezone.utc)), highlight=False, soft_wrap=True)
-    return f"Fail {plan.name} over ({mode})?"
+    return f"Fail {name} over ({mode})?"
 
 
 @failover_app.command("commit")

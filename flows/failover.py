@@ -33,6 +33,7 @@ import getpass
 import os
 import uuid
 from dataclasses import dataclass
+from functools import cached_property
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Literal, TypeVar
@@ -47,7 +48,6 @@ from prefect.states import Cancelled, Completed, Failed, State
 from pydantic import Field
 
 from configs.loader import LoadedConfig, load_config
-from configs.models import PatchdrillConfig
 from configs.policies import BackupPolicy
 from connectors.stores import open_store
 from connectors.stores.base import BlobStore
@@ -55,16 +55,16 @@ from flows.logs import configure
 from flows.run_form import OptionalName, current_run_name
 from tasks.backup import cancel
 from tasks.backup.policy import policy_from_config
-from tasks.backup.repository import RecoveryPoint
-from tasks.backup.restore import RestoreResult
+from tasks.backup.repository import RecoveryPoint, Repository
 from tasks.backup.run import DiskReport, open_repository
-from tasks.backup.tasks import backup_disk_task, restore_task
+from tasks.backup.tasks import backup_disk_task
 from tasks.drill.evidence import DrillEvidence, DrillKind, GroupResult, PointUsed, Step, plan_version, utcnow
 from tasks.drill.failover import (
-    FailoverError, FailoverMember, FailoverPlan, Side, backup_side_task, check_can_start, choose_point,
-    commit_failover, copy_disk_name, copy_side, data_loss_seconds, describe_seconds, evidence_summary,
-    committed, find_evidence, load_failover_plan, make_parent, undone, primary_side, probe_task, start_task, stop_task, store_evidence,
+    FailoverError, Side, backup_side_task, check_can_start, commit_failover, committed, copy_disk_name, copy_side,
+    data_loss_seconds, describe_seconds, evidence_summary, find_evidence, load_plan, members_of, primary_side,
+    probe_task, restore_side_task, start_task, stop_task, store_evidence, undone, unplanned_points,
 )
+from tasks.drill.members import Member
 from tasks.rendering import artifact_key, human_size, markdown_text
 
 log = structlog.stdlib.get_logger("patchdrill.drill")
@@ -140,85 +140,66 @@ def _approve(journal: Journal, description: str, approved: bool, timeout_minutes
     return "not approved" + (f": {answer.comment}" if answer.comment else "")
 
 
-def unplanned_points(plan: FailoverPlan, config_path: str, policy: OptionalName, selector: str) -> dict[tuple[str, str], RecoveryPoint]:
-    """The point each member's disk is restored from in an unplanned failover."""
-    loaded = load_config(Path(config_path))
-    repo = open_repository(loaded.config, loaded.base_dir,
-                           policy_from_config(loaded.config.backup_policies, policy, source=config_path))
-    return {(m.host, d): choose_point(repo, m.host, d, selector) for _, m in plan.members() for d in m.disks}
-
-
 def data_loss_text(points: dict[tuple[str, str], RecoveryPoint], now: datetime) -> str:
     """The approval's statement of what an unplanned failover loses."""
     lines = [f"DATA LOSS: writes after the recovery points are lost; RPO = {describe_seconds(data_loss_seconds(now, list(points.values())))} "
              f"as of {now.isoformat(timespec='seconds')} (it grows while this waits):"]
-    lines += [f"- {host}/{disk}: point {p.time.isoformat(timespec='seconds')} ({p.consistency}), "
-              f"{describe_seconds(data_loss_seconds(now, [p]))} before now" for (host, disk), p in points.items()]
+    lines += [f"- {p.host}/{p.disk}: point {p.time.isoformat(timespec='seconds')} ({p.consistency}), "
+              f"{describe_seconds(data_loss_seconds(now, [p]))} before now" for p in points.values()]
     return "\n".join(lines)
 
 
-def _targets(plan: FailoverPlan) -> str:
-    return "\n".join(f"- {m.host} ({', '.join(m.disks)}) → {m.target_host or 'the controller'} "
-                     f"({', '.join(m.target_paths[d] for d in m.disks)})" for _, m in plan.members())
+def _targets(groups: list[list[Member]]) -> str:
+    return "\n".join(f"- {m.id}: {m.primary.name} ({', '.join(m.disks)}) → {m.target.name}:{m.root}"
+                     for m in members_of(groups))
 
 
-def _use(journal: Journal, member: FailoverMember, host: str, disk: str, point: RecoveryPoint,
+def _use(journal: Journal, member: Member, host: str, disk: str, point: RecoveryPoint,
          bytes_written: int | None, seconds: float | None) -> None:
-    journal.evidence.points.append(PointUsed(member=member.host, host=host, disk=disk, point_id=point.key,
+    journal.evidence.points.append(PointUsed(member=member.id, host=host, disk=disk, point_id=point.key,
                                              taken_at=point.time, consistency=point.consistency,
                                              bytes_written=bytes_written, restore_seconds=seconds))
 
 
-def _restore_copy(config_path: str, member: FailoverMember, side: Side, disk: str, point: RecoveryPoint,
-                  policy: BackupPolicy, base_dir: Path) -> RestoreResult:
-    """Restore a primary's point onto its DR target, delta-aware (a copy already there from an
-    earlier failover or drill is overwritten only where it differs)."""
-    if side.host.transport != "local":
-        make_parent(side, disk, base_dir)
-    return restore_task(config_path, member.host, disk, side.paths[disk], policy, point=point.key, force=True,
-                        target_host=member.target_host)
-
-
-def _made_point(config: PatchdrillConfig, base_dir: Path, policy: BackupPolicy, report: DiskReport) -> RecoveryPoint:
+def _made_point(repo: Repository, report: DiskReport) -> RecoveryPoint:
     """The point a backup just made (its report names it by key)."""
     if report.point is None:
         raise FailoverError(f"{report.host}/{report.disk}: the backup made no recovery point: {report.error}")
-    return open_repository(config, base_dir, policy).read_point(report.point)
+    return repo.read_point(report.point)
 
 
-def _start_and_probe(journal: Journal, plan: FailoverPlan, sides: Callable[[FailoverMember], Side], base_dir: Path,
+def _start_and_probe(journal: Journal, groups: list[list[Member]], sides: Callable[[Member], Side], base_dir: Path,
                      phase: Literal["copy", "primary-after"]) -> str | None:
     """Start group by group, each after the one before passed its probes; the first failing
     probe stops there and is returned as the reason."""
-    for group in plan.groups:
-        result = GroupResult(name=group.name, started=utcnow())
+    for group in groups:
+        name = group[0].group
+        result = GroupResult(name=name, started=utcnow())
         journal.evidence.groups.append(result)
-        for member in group.members:
+        for member in group:
             side = sides(member)
-            journal.step("start", lambda: start_task(member, side, base_dir), group=group.name, member=member.host,
-                         detail=lambda _: f"on {side.host.name}")
-        records = [r for member in group.members
-                   for r in journal.step("probe", lambda: probe_task(member, sides(member), base_dir, phase),
-                                         group=group.name, member=member.host,
+            journal.step("start", lambda: start_task(side, base_dir), group=name, member=member.id, detail=str)
+        records = [r for member in group
+                   for r in journal.step("probe", lambda: probe_task(sides(member), base_dir, phase),
+                                         group=name, member=member.id,
                                          detail=lambda rs: ", ".join(f"{r.probe}: {r.detail}" for r in rs))]
         journal.evidence.probes.extend(records)
         failed = [r for r in records if not r.ok]
         if failed:
             result.detail = "; ".join(f"{r.member} {r.probe}: {r.detail}" for r in failed)
             store_evidence(journal.store, journal.evidence)
-            return f"group {group.name}: probe failed: {result.detail}"
+            return f"group {name}: probe failed: {result.detail}"
         result.ok, result.probes_passed_at, result.detail = True, utcnow(), f"{len(records)} probe(s) passed"
         store_evidence(journal.store, journal.evidence)
     return None
 
 
-def _stop_all(journal: Journal, plan: FailoverPlan, sides: Callable[[FailoverMember], Side], base_dir: Path,
+def _stop_all(journal: Journal, groups: list[list[Member]], sides: Callable[[Member], Side], base_dir: Path,
               name: str) -> None:
-    for group in reversed(plan.groups):
-        for member in reversed(group.members):
+    for group in reversed(groups):
+        for member in reversed(group):
             side = sides(member)
-            journal.step(name, lambda: stop_task(member, side, base_dir), group=group.name, member=member.host,
-                         detail=lambda _: f"on {side.host.name}")
+            journal.step(name, lambda: stop_task(side, base_dir), group=member.group, member=member.id, detail=str)
 
 
 def _publish(journal: Journal, title: str) -> None:
@@ -261,7 +242,7 @@ def _conclude(journal: Journal, title: str, problem: str | None, *, outcome: str
 @dataclass
 class _Run:
     loaded: LoadedConfig
-    plan: FailoverPlan
+    groups: list[list[Member]]
     policy: BackupPolicy
     journal: Journal
 
@@ -269,21 +250,28 @@ class _Run:
     def base_dir(self) -> Path:
         return self.loaded.base_dir
 
+    @cached_property
+    def repo(self) -> Repository:
+        # Opened when first needed: a planned failover of a disk never backed up creates the
+        # repository with its final backup.
+        return open_repository(self.loaded.config, self.base_dir, self.policy)
+
 
 def _prepare(config_path: str, plan: str, policy: str | None, kind: DrillKind) -> _Run:
-    """The config, plan and policy read, the plan's state checked (check_can_start), and the
-    run's evidence begun in the store."""
+    """The config, plan and policy read (the plan's backup_policy unless `policy` names
+    another), the plan's state checked (check_can_start), and the run's evidence begun."""
     configure()
     loaded = load_config(Path(config_path))
-    chosen = load_failover_plan(loaded.config, plan, source=config_path)
-    backup_policy = policy_from_config(loaded.config.backup_policies, policy, source=config_path)
+    chosen, groups = load_plan(loaded.config, loaded.base_dir, plan, source=config_path)
+    backup_policy = policy_from_config(loaded.config.backup_policies, policy or chosen.backup_policy, source=config_path)
     store = open_store(loaded.config.storage, loaded.base_dir)
     undoes = check_can_start(store, plan, kind)
     evidence = DrillEvidence(run_id=_run_id(), kind=kind, plan=plan, plan_version=plan_version(chosen),
-                             operator=operator(), started=utcnow(), rto_target_seconds=chosen.rto_seconds,
-                             rpo_target_seconds=chosen.rpo_seconds,
+                             operator=operator(), started=utcnow(),
+                             rto_target_seconds=chosen.rto_target.total_seconds(),
+                             rpo_target_seconds=chosen.rpo_target.total_seconds(),
                              notes=[f"fails back failover {undoes.run_id}"] if undoes else [])
-    return _Run(loaded, chosen, backup_policy, Journal(store, evidence))
+    return _Run(loaded, groups, backup_policy, Journal(store, evidence))
 
 
 # --------------------------------------------------------------------------- flows
@@ -291,7 +279,7 @@ def _prepare(config_path: str, plan: str, policy: str | None, kind: DrillKind) -
 
 @flow(name="failover", flow_run_name="failover {plan} {mode}")
 def failover_run(config_path: str = "configs/lab.yaml", plan: str = "", mode: Literal["planned", "unplanned"] = "planned",
-                 point: str = "latest", policy: OptionalName = None, approved: bool = False,
+                 point: OptionalName = None, policy: OptionalName = None, approved: bool = False,
                  approval_timeout_minutes: int = 240) -> State:
     """Fail a recovery plan over to its DR targets (not a drill: the copies become production).
 
@@ -299,8 +287,8 @@ def failover_run(config_path: str = "configs/lab.yaml", plan: str = "", mode: Li
         config_path: The fleet's YAML config, relative to the repository (or absolute).
         plan: The recovery plan (a key of recovery_plans in the config).
         mode: planned: stop the primary, final backup, zero data loss; unplanned: the primary is down, restore from `point`.
-        point: Unplanned only: latest, latest-app-consistent, or before:<ISO time>.
-        policy: Backup policy whose repository settings (key, block size) apply; empty for the default.
+        point: Unplanned only: latest, latest-application-consistent, or before:<ISO time>; empty for each member's own point selector.
+        policy: Backup policy whose repository settings (key, block size) apply; empty for the plan's.
         approved: Skip the approval pause (the CLI's --yes).
         approval_timeout_minutes: How long the run waits for approval before it fails, having changed nothing.
     """
@@ -308,49 +296,49 @@ def failover_run(config_path: str = "configs/lab.yaml", plan: str = "", mode: Li
         return _fail_over(config_path, plan, mode, point, policy, approved, approval_timeout_minutes)
 
 
-def _fail_over(config_path: str, plan: str, mode: Literal["planned", "unplanned"], point: str, policy: str | None,
+def _fail_over(config_path: str, plan: str, mode: Literal["planned", "unplanned"], point: str | None, policy: str | None,
                approved: bool, approval_timeout_minutes: int) -> State:
     kind: DrillKind = "planned-failover" if mode == "planned" else "unplanned-failover"
     run = _prepare(config_path, plan, policy, kind)
-    loaded, chosen_plan, backup_policy, base_dir, journal = run.loaded, run.plan, run.policy, run.base_dir, run.journal
+    groups, base_dir, journal = run.groups, run.base_dir, run.journal
     title = f"{mode.capitalize()} failover of plan {plan} ({current_run_name(journal.evidence.run_id)})"
 
     points: dict[tuple[str, str], RecoveryPoint] = {}
     if mode == "unplanned":
-        points = journal.step("choose-points", lambda: unplanned_points(chosen_plan, config_path, policy, point),
+        points = journal.step("choose-points", lambda: unplanned_points(run.repo, groups, point),
                               detail=lambda found: ", ".join(p.key for p in found.values()))
         impact = data_loss_text(points, utcnow())
         journal.evidence.notes.append(impact.splitlines()[0])
     else:
         impact = ("The primary's applications are stopped and backed up once more after the stop: no data is lost; "
                   "the primary stays stopped until failback (or a cancel).")
-    description = f"{title}\n\n{impact}\n\nMembers and their DR targets:\n{_targets(chosen_plan)}"
+    description = f"{title}\n\n{impact}\n\nMembers and their DR targets:\n{_targets(groups)}"
     rejected = _approve(journal, description, approved, approval_timeout_minutes)
     if rejected:
         return _conclude(journal, title, rejected, outcome="not approved", rejected=True)
 
     journal.evidence.started = utcnow()  # the failover itself starts now: RTO and RPO count from here
-    primary = {m.host: primary_side(loaded.config, base_dir, m) for _, m in chosen_plan.members()}
-    copy = {m.host: copy_side(loaded.config, m) for _, m in chosen_plan.members()}
+    primary = {m.id: primary_side(m, base_dir) for m in members_of(groups)}
+    copy = {m.id: copy_side(m) for m in members_of(groups)}
     stopped = False
     try:
         if mode == "planned":
-            _stop_all(journal, chosen_plan, lambda m: primary[m.host], base_dir, "stop-primary")
-            for _, member in chosen_plan.members():
+            _stop_all(journal, groups, lambda m: primary[m.id], base_dir, "stop-primary")
+            for member in members_of(groups):
                 for disk in member.disks:
-                    report = journal.step("final-backup", lambda: backup_disk_task(config_path, member.host, disk, backup_policy),
-                                          member=member.host, detail=lambda r: f"{disk}: point {r.point}, "
+                    report = journal.step("final-backup", lambda: backup_disk_task(config_path, member.primary.name, disk,
+                                                                                   run.policy),
+                                          member=member.id, detail=lambda r: f"{disk}: point {r.point}, "
                                           f"{human_size(r.changed_bytes)} changed since the last backup")
-                    points[(member.host, disk)] = _made_point(loaded.config, base_dir, backup_policy, report)
-        for _, member in chosen_plan.members():
+                    points[(member.id, disk)] = _made_point(run.repo, report)
+        for member in members_of(groups):
             for disk in member.disks:
-                chosen = points[(member.host, disk)]
-                result = journal.step("restore", lambda: _restore_copy(config_path, member, copy[member.host], disk,
-                                                                       chosen, backup_policy, base_dir),
-                                      member=member.host, detail=lambda r: f"{disk} → {r.target}: {r.blocks_written}/{r.blocks} "
+                chosen = points[(member.id, disk)]
+                result = journal.step("restore", lambda: restore_side_task(run.repo, chosen, copy[member.id], disk, base_dir),
+                                      member=member.id, detail=lambda r: f"{disk} → {r.target}: {r.blocks_written}/{r.blocks} "
                                       f"blocks written ({human_size(r.bytes_written)})")
-                _use(journal, member, member.host, disk, chosen, result.bytes_written, result.seconds)
-        problem = _start_and_probe(journal, chosen_plan, lambda m: copy[m.host], base_dir, "copy")
+                _use(journal, member, member.primary.name, disk, chosen, result.bytes_written, result.seconds)
+        problem = _start_and_probe(journal, groups, lambda m: copy[m.id], base_dir, "copy")
     except cancel.Interrupted as exc:
         problem, stopped = str(exc), True
     except Exception as exc:  # noqa: BLE001 - the evidence records the failure, the state carries it
@@ -370,7 +358,7 @@ def failback_run(config_path: str = "configs/lab.yaml", plan: str = "", policy: 
     Args:
         config_path: The fleet's YAML config, relative to the repository (or absolute).
         plan: The recovery plan (a key of recovery_plans in the config) whose failover is undone.
-        policy: Backup policy whose repository settings (key, block size) apply; empty for the default.
+        policy: Backup policy whose repository settings (key, block size) apply; empty for the plan's.
         approved: Skip the approval pause (the CLI's --yes).
         approval_timeout_minutes: How long the run waits for approval before it fails, having changed nothing.
     """
@@ -380,43 +368,40 @@ def failback_run(config_path: str = "configs/lab.yaml", plan: str = "", policy: 
 
 def _fail_back(config_path: str, plan: str, policy: str | None, approved: bool, approval_timeout_minutes: int) -> State:
     run = _prepare(config_path, plan, policy, "failback")
-    loaded, chosen_plan, backup_policy, base_dir, journal = run.loaded, run.plan, run.policy, run.base_dir, run.journal
+    groups, base_dir, journal = run.groups, run.base_dir, run.journal
     title = f"Failback of plan {plan} ({current_run_name(journal.evidence.run_id)})"
     description = (f"{title}\n\nThe copies are backed up, stopped, backed up once more after the stop (no data is "
                    f"lost) and restored onto the primaries (only changed blocks travel); then the primaries start.\n\n"
-                   f"Members (primary ← copy):\n{_targets(chosen_plan)}")
+                   f"Members (primary ← copy):\n{_targets(groups)}")
     rejected = _approve(journal, description, approved, approval_timeout_minutes)
     if rejected:
         return _conclude(journal, title, rejected, outcome="not approved", rejected=True)
 
     journal.evidence.started = utcnow()
-    primary = {m.host: primary_side(loaded.config, base_dir, m) for _, m in chosen_plan.members()}
-    copy = {m.host: copy_side(loaded.config, m) for _, m in chosen_plan.members()}
+    primary = {m.id: primary_side(m, base_dir) for m in members_of(groups)}
+    copy = {m.id: copy_side(m) for m in members_of(groups)}
     stopped = False
     try:
-        for _, member in chosen_plan.members():
+        for member in members_of(groups):
             for disk in member.disks:
-                journal.step("re-protect", lambda: backup_side_task(loaded.config, base_dir, member, copy[member.host], disk,
-                                                                    backup_policy),
-                             member=member.host, detail=lambda r: f"{r.host}/{r.disk}: point {r.point}")
-        _stop_all(journal, chosen_plan, lambda m: copy[m.host], base_dir, "stop-copy")
-        for _, member in chosen_plan.members():
+                journal.step("re-protect", lambda: backup_side_task(run.loaded.config, base_dir, copy[member.id], disk,
+                                                                    run.policy),
+                             member=member.id, detail=lambda r: f"{r.host}/{r.disk}: point {r.point}")
+        _stop_all(journal, groups, lambda m: copy[m.id], base_dir, "stop-copy")
+        for member in members_of(groups):
             for disk in member.disks:
-                side = copy[member.host]
-                report = journal.step("final-backup", lambda: backup_side_task(loaded.config, base_dir, member, side, disk,
-                                                                               backup_policy),
-                                      member=member.host, detail=lambda r: f"{r.host}/{r.disk}: point {r.point}, "
+                report = journal.step("final-backup", lambda: backup_side_task(run.loaded.config, base_dir, copy[member.id],
+                                                                               disk, run.policy),
+                                      member=member.id, detail=lambda r: f"{r.host}/{r.disk}: point {r.point}, "
                                       f"{human_size(r.changed_bytes)} changed since the re-protect")
-                chosen = _made_point(loaded.config, base_dir, backup_policy, report)
-                target = primary[member.host].paths[disk]
-                result = journal.step("restore", lambda: restore_task(
-                    config_path, side.host.name, copy_disk_name(member, disk), target, backup_policy, point=chosen.key,
-                    force=True, target_host=member.host),
-                    member=member.host, detail=lambda r: f"{disk} → {r.target}: {r.blocks_written}/{r.blocks} blocks "
-                    f"written ({human_size(r.bytes_written)} moved)")
-                _use(journal, member, side.host.name, copy_disk_name(member, disk), chosen, result.bytes_written,
+                chosen = _made_point(run.repo, report)
+                result = journal.step("restore", lambda: restore_side_task(run.repo, chosen, primary[member.id], disk,
+                                                                           base_dir),
+                                      member=member.id, detail=lambda r: f"{disk} → {r.target}: {r.blocks_written}/"
+                                      f"{r.blocks} blocks written ({human_size(r.bytes_written)} moved)")
+                _use(journal, member, member.target.name, copy_disk_name(member, disk), chosen, result.bytes_written,
                      result.seconds)
-        problem = _start_and_probe(journal, chosen_plan, lambda m: primary[m.host], base_dir, "primary-after")
+        problem = _start_and_probe(journal, groups, lambda m: primary[m.id], base_dir, "primary-after")
     except cancel.Interrupted as exc:
         problem, stopped = str(exc), True
     except Exception as exc:  # noqa: BLE001 - the evidence records the failure, the state carries it
@@ -445,27 +430,26 @@ def failover_cancel(config_path: str = "configs/lab.yaml", run_id: str = "") -> 
         raise FailoverError(f"failover {evidence.run_id} is committed: fail back instead (`patchdrill failback {evidence.plan}`)")
     if undone(evidence):
         raise FailoverError(f"failover {evidence.run_id} is already cancelled")
-    chosen_plan = load_failover_plan(loaded.config, evidence.plan, source=config_path)
+    _, groups = load_plan(loaded.config, loaded.base_dir, evidence.plan, source=config_path)
     journal = Journal(store, evidence)
     base_dir = loaded.base_dir
     started = {s.member for s in evidence.steps if s.name == "start" and s.ok}
     problems = []
-    for group in reversed(chosen_plan.groups):
-        for member in reversed(group.members):
-            if member.host not in started:
+    for group in reversed(groups):
+        for member in reversed(group):
+            if member.id not in started:
                 continue  # never started on its copy: nothing to stop
-            side = copy_side(loaded.config, member)
+            side = copy_side(member)
             try:
-                journal.step("cancel-stop-copy", lambda: stop_task(member, side, base_dir), group=group.name,
-                             member=member.host)
+                journal.step("cancel-stop-copy", lambda: stop_task(side, base_dir), group=member.group,
+                             member=member.id, detail=str)
             except Exception as exc:  # noqa: BLE001 - stop every copy, then report
                 problems.append(str(exc))
     # The primary is started again only if this failover stopped it (not after a rejected approval).
     stopped_primary = any(s.name == "stop-primary" for s in evidence.steps)
     if evidence.kind == "planned-failover" and stopped_primary and not problems:
         failover_groups = list(evidence.groups)
-        problem = _start_and_probe(journal, chosen_plan, lambda m: primary_side(loaded.config, base_dir, m), base_dir,
-                                   "primary-after")
+        problem = _start_and_probe(journal, groups, lambda m: primary_side(m, base_dir), base_dir, "primary-after")
         # The groups measure the failover's RTO: the primary's restart is in the steps and probes.
         evidence.groups = failover_groups
         if problem:

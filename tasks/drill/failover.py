@@ -7,44 +7,53 @@ the controller). A failback is the same move in reverse, from the copy to the pr
 described by a `Side`: a host and where each disk lives on it, so one set of steps serves both
 directions and both kinds of target.
 
-The application's start, stop and probe steps are command templates run on the side's host;
-`{path}` is the member's first disk on that side, `{paths[NAME]}` any of its disks, `{address}`
-the side's host address and `{host}` its name. The same templates serve the primary and the
-copy: a copy is the same application on other disks at another address.
-
-Plans are read here from the config's `recovery_plans` (see `FailoverPlan`) until the shared
-recovery-plan models carry the same facts; everything below them takes explicit arguments.
+The plan is the drill's (configs/plans.py, resolved by tasks/drill/members.py). A member's
+application is started and stopped with its `command` preset's templates, filled for each side:
+`{root}` is the copy's target path on the copy and the directory holding the primary's first
+disk on the primary, `{disk:NAME}` the disk's path on that side. The copy is checked with the
+member's `probes`, the primary (on failback) with its `steady_state` probes; their text may also
+use `{address}`, the side's host address. The same templates serve both sides: a copy is the
+same application on other disks at another address. A failover's copy is production: it runs on
+its host's network, never in the drill's namespace.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import posixpath
 import shlex
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from pathlib import Path, PurePosixPath
+from datetime import datetime
+from pathlib import Path
 from typing import Literal
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from configs.models import DiskConfig, HostConfig, PatchdrillConfig
+from configs.plans import PointSelector, RecoveryPlan
 from configs.policies import BackupPolicy
 from configs.secrets import redact
 from connectors import connect
 from connectors.stores.base import BlobStore
-from tasks.backup.errors import PointNotFound
+from tasks.backup import cancel
 from tasks.backup.repository import RecoveryPoint, Repository
+from tasks.backup.restore import RestoreResult
 from tasks.backup.run import DiskReport, back_up_disk
+from tasks.drill.control import CopyContext, TemplateError, fill, quoter
+from tasks.drill.copy import PointMissing, choose_point, restore_copy
 from tasks.drill.evidence import DrillEvidence, ProbeRecord, Step, evidence_key, utcnow
+from tasks.drill.members import Member, PlanError, find_plan, primary_disk_path, resolve
+from tasks.drill.probing import fill_templates
+from tasks.probes import ProbeContext, run_probes
 
 #: How long one start, stop or probe command may run on its host.
 STEP_TIMEOUT_SECONDS = 600.0
 #: Where a run's copy of a disk is backed up from the DR host: points/<dr-host>/<host>.<disk>/…
 COPY_DISK_SEPARATOR = "."
+#: Seconds between two rounds of probes while an application starts.
+PROBE_RETRY_SECONDS = 0.5
 
 
 class FailoverError(Exception):
@@ -52,157 +61,106 @@ class FailoverError(Exception):
     plan, member, host or command at fault."""
 
 
-class _Plain(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ProbeCommand(_Plain):
-    """A probe run on the side's host: passes when the command exits 0 (and prints `expect`)."""
-
-    name: str
-    command: str = Field(description="Command template ({path}, {paths[DISK]}, {address}, {host}).")
-    expect: str | None = Field(default=None, description="Text the command's output must contain.")
-
-
-class FailoverMember(_Plain):
-    host: str = Field(description="The primary host (a host of the config).")
-    disks: list[str] = Field(min_length=1, description="The primary host's disks the member's application lives on.")
-    target_host: str | None = Field(default=None, description="The DR host (a host of the config); none: the controller.")
-    target_paths: dict[str, str] = Field(description="Disk name → where its copy lives on the DR target.")
-    start: str = Field(description="Command template that starts the application and returns once it runs.")
-    stop: str = Field(description="Command template that stops the application cleanly and returns once it stopped.")
-    probes: list[ProbeCommand] = Field(default_factory=list)
-
-    @property
-    def name(self) -> str:
-        return self.host
-
-
-class FailoverGroup(_Plain):
-    name: str
-    members: list[FailoverMember] = Field(min_length=1)
-
-
-class FailoverPlan(_Plain):
-    """What a failover needs of a recovery plan (read from the config's `recovery_plans`)."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-    name: str
-    rto_seconds: float = Field(gt=0)
-    rpo_seconds: float = Field(gt=0)
-    groups: list[FailoverGroup] = Field(min_length=1)
-
-    def members(self) -> list[tuple[FailoverGroup, FailoverMember]]:
-        return [(group, member) for group in self.groups for member in group.members]
-
-
-def load_failover_plan(config: PatchdrillConfig, name: str, *, source: str = "config") -> FailoverPlan:
-    """The named plan, checked against the hosts and disks of the config; one line on error."""
-    if name not in config.recovery_plans:
-        known = ", ".join(sorted(config.recovery_plans)) or "none"
-        raise FailoverError(f"{source}: no recovery plan {name!r} (known: {known})")
-    body = config.recovery_plans[name].model_dump(mode="json")
+def load_plan(config: PatchdrillConfig, base_dir: Path, name: str, *,
+              source: str = "config") -> tuple[RecoveryPlan, list[list[Member]]]:
+    """The named plan and its members group by group; refuses what a failover cannot run."""
     try:
-        plan = FailoverPlan.model_validate({"name": name, **body})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise FailoverError(f"{source}: recovery_plans.{name}.{where}: {first['msg']}") from None
-    hosts = {h.name: h for h in config.hosts}
-    for group, member in plan.members():
-        at = f"{source}: recovery_plans.{name} group {group.name!r} member {member.host!r}"
-        if member.host not in hosts:
-            raise FailoverError(f"{at}: no host {member.host!r} in the config")
-        known_disks = {d.name for d in hosts[member.host].disks}
-        for disk in member.disks:
-            if disk not in known_disks:
-                raise FailoverError(f"{at}: host {member.host!r} has no disk {disk!r}")
-            if disk not in member.target_paths:
-                raise FailoverError(f"{at}: no target path for disk {disk!r} (target_paths)")
-        if member.target_host is not None and member.target_host not in hosts:
-            raise FailoverError(f"{at}: no DR host {member.target_host!r} in the config")
-        if member.target_host == member.host:
-            raise FailoverError(f"{at}: the DR target is the primary itself")
-    return plan
+        plan = find_plan(config, name, source)
+        groups = resolve(config, base_dir, plan)
+    except PlanError as exc:
+        raise FailoverError(str(exc)) from None
+    for member in (m for group in groups for m in group):
+        app = member.spec.app
+        if app is not None and app.preset != "command":
+            # The presets start a drill's copy as a new process, unit or VM of its own; a failover
+            # must stop the primary's running application, which only its own commands know.
+            raise FailoverError(f"{source}: recovery_plans.{name}: member {member.id}: a failover starts and stops "
+                                f"the application on the primary and on the copy with the 'command' preset's start "
+                                f"and stop templates; preset {app.preset!r} is for drills only")
+    return plan, groups
+
+
+def members_of(groups: list[list[Member]]) -> list[Member]:
+    return [m for group in groups for m in group]
 
 
 # --------------------------------------------------------------------------- sides
 
 
-#: The controller as a DR target (a member without target_host): restores land on this machine.
-CONTROLLER = HostConfig(name="controller", transport="local")
-
-
 @dataclass(frozen=True)
 class Side:
-    """One end of a failover: a host and where each of the member's disks lives on it."""
+    """One end of a failover for one member: a host, the member's root there and where each
+    of its disks lives. The copy's root is the plan's target path (disk NAME at <root>/NAME);
+    the primary's is the directory holding its first disk."""
 
+    member: Member
     host: HostConfig
+    root: str
     paths: dict[str, str]
     role: Literal["primary", "copy"]
 
-    def render(self, template: str) -> str:
-        first = next(iter(self.paths.values()))
+    def context(self) -> CopyContext:
+        app = self.member.spec.app
+        return CopyContext(member=self.member.id, root=self.root, name=(app.name if app else None) or "",
+                           port=app.port if app else None, disks=self.paths)
+
+    def command(self, template: str) -> str:
+        """A start or stop template filled for this side, each value quoted for its shell."""
         try:
-            return template.format(path=first, paths=self.paths, address=self.host.address, host=self.host.name)
-        except (KeyError, IndexError, ValueError) as exc:
-            raise FailoverError(f"command template {template!r}: unknown or malformed placeholder {exc}") from None
+            return fill(template, self.context(), quoter("powershell" if self.host.os_family == "windows" else "sh"))
+        except TemplateError as exc:
+            raise FailoverError(str(exc)) from None
+
+    def values(self) -> dict[str, str]:
+        """What a probe's text fields are filled with: the templates' placeholders and the side's
+        {address}, so one probe checks the primary or the copy, wherever it runs."""
+        return {"root": self.root, "name": self.member.id, "address": self.host.address,
+                **{f"disk:{disk}": path for disk, path in self.paths.items()}}
 
 
-def primary_side(config: PatchdrillConfig, base_dir: Path, member: FailoverMember) -> Side:
-    host = next(h for h in config.hosts if h.name == member.host)
-    disks = {d.name: d for d in host.disks}
-    paths = {}
-    for name in member.disks:
-        path = disks[name].path
-        if host.transport == "local" and not Path(path).is_absolute():
-            path = os.path.normpath(base_dir / path)  # the lab's paths are relative to the config
-        paths[name] = path
-    return Side(host=host, paths=paths, role="primary")
+def primary_side(member: Member, base_dir: Path) -> Side:
+    paths = {disk: primary_disk_path(member, disk, base_dir) for disk in member.disks}
+    return Side(member=member, host=member.primary, root=posixpath.dirname(next(iter(paths.values())).rstrip("/")),
+                paths=paths, role="primary")
 
 
-def copy_side(config: PatchdrillConfig, member: FailoverMember) -> Side:
-    host = CONTROLLER if member.target_host is None else next(h for h in config.hosts if h.name == member.target_host)
-    return Side(host=host, paths={d: member.target_paths[d] for d in member.disks}, role="copy")
+def copy_side(member: Member) -> Side:
+    return Side(member=member, host=member.target, root=member.root, paths=member.restored, role="copy")
 
 
-def copy_disk_name(member: FailoverMember, disk: str) -> str:
+def copy_disk_name(member: Member, disk: str) -> str:
     """The name under which the DR copy of a disk is backed up as a disk of the DR host."""
-    return f"{member.host}{COPY_DISK_SEPARATOR}{disk}"
+    return f"{member.primary.name}{COPY_DISK_SEPARATOR}{disk}"
 
 
 # --------------------------------------------------------------------------- points
 
 
-PointSelector = str  # "latest" | "latest-app-consistent" | "before:<ISO time>"
-
-
-def parse_selector(selector: str) -> tuple[str, datetime | None]:
-    """('latest'|'app'|'before', time) from a selector; one clear line for anything else."""
-    if selector in ("latest", ""):
-        return "latest", None
-    if selector in ("latest-app-consistent", "app-consistent"):
-        return "app", None
-    if selector.startswith("before:"):
-        text = selector.removeprefix("before:")
+def parse_selector(text: str) -> PointSelector:
+    """latest | latest-application-consistent (or latest-app-consistent) | before:<ISO time>."""
+    if text in ("latest", "latest-application-consistent", "latest-app-consistent"):
+        return PointSelector(select="latest" if text == "latest" else "latest-application-consistent")
+    if text.startswith("before:"):
+        moment = text.removeprefix("before:")
         try:
-            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            return PointSelector(select="before", before=datetime.fromisoformat(moment.replace("Z", "+00:00")))
         except ValueError:
-            raise FailoverError(f"--point {selector!r}: {text!r} is not an ISO time such as 2026-12-02T01:30:00Z") from None
-        return "before", moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-    raise FailoverError(f"--point {selector!r}: use latest, latest-app-consistent or before:<ISO time>")
+            raise FailoverError(f"--point {text!r}: {moment!r} is not an ISO time such as 2026-12-02T01:30:00Z") from None
+    raise FailoverError(f"--point {text!r}: use latest, latest-application-consistent or before:<ISO time>")
 
 
-def choose_point(repo: Repository, host: str, disk: str, selector: str) -> RecoveryPoint:
-    kind, moment = parse_selector(selector)
-    points = repo.points(host, disk)
-    if kind == "app":
-        points = [p for p in points if p.consistency == "application-consistent"]
-    elif kind == "before":
-        points = [p for p in points if moment is not None and p.time <= moment]
-    if not points:
-        raise PointNotFound(f"{repo.name}: no recovery point of host {host!r} disk {disk!r} matches {selector!r}")
-    return points[-1]
+def unplanned_points(repo: Repository, groups: list[list[Member]],
+                     override: str | None) -> dict[tuple[str, str], RecoveryPoint]:
+    """The point each member's disk is restored from: the --point given, else the member's own."""
+    chosen = parse_selector(override) if override else None
+    found = {}
+    for member in members_of(groups):
+        for disk in member.disks:
+            try:
+                found[(member.id, disk)] = choose_point(repo, member.primary.name, disk, chosen or member.spec.point)
+            except PointMissing as exc:
+                raise FailoverError(f"member {member.id}: {exc}") from None
+    return found
 
 
 def data_loss_seconds(start: datetime, points: list[RecoveryPoint]) -> float:
@@ -221,10 +179,9 @@ def describe_seconds(seconds: float) -> str:
 # --------------------------------------------------------------------------- steps on a host
 
 
-def run_on(side: Side, template: str, base_dir: Path, what: str) -> str:
-    """Run a rendered template on the side's host; its output, or FailoverError naming the
-    host, the step and the command's last line."""
-    command = side.render(template)
+def run_on(side: Side, command: str, base_dir: Path, what: str) -> str:
+    """Run a command on the side's host; its output, or FailoverError naming the host, the step
+    and the command's last line."""
     with connect(side.host, base_dir=base_dir) as connector:
         result = connector.run(command, timeout=STEP_TIMEOUT_SECONDS)
     if not result.ok:
@@ -233,55 +190,69 @@ def run_on(side: Side, template: str, base_dir: Path, what: str) -> str:
     return result.stdout
 
 
-def make_parent(side: Side, disk: str, base_dir: Path) -> None:
-    """Create the directory a disk's copy goes into on a fresh DR target. A restore on the
-    controller makes it itself; one over a connector expects it there."""
-    parent = shlex.quote(str(PurePosixPath(side.paths[disk]).parent))
+def control(side: Side, action: Literal["start", "stop"], base_dir: Path) -> str:
+    """Start or stop the member's application on the side with the plan's template."""
+    app = side.member.spec.app
+    template = None if app is None else getattr(app, action)
+    if template is None:
+        return f"no application to {action} (files only)"
+    run_on(side, side.command(template), base_dir, f"{action} of {side.member.id}")
+    return f"{action} done on {side.host.name}"
+
+
+@task(name="stop-application", task_run_name="stop {side.member.id} on {side.host.name}", cache_policy=NO_CACHE)
+def stop_task(side: Side, base_dir: Path) -> str:
+    return control(side, "stop", base_dir)
+
+
+@task(name="start-application", task_run_name="start {side.member.id} on {side.host.name}", cache_policy=NO_CACHE)
+def start_task(side: Side, base_dir: Path) -> str:
+    return control(side, "start", base_dir)
+
+
+@task(name="probe-application", task_run_name="probe {side.member.id} on {side.host.name}", cache_policy=NO_CACHE)
+def probe_task(side: Side, base_dir: Path, phase: Literal["copy", "primary-after"]) -> list[ProbeRecord]:
+    """The copy's probes (the plan's `probes`) or the primary's (its `steady_state`), against
+    the side's host on its own network (a failover's copy is production, not isolated); retried
+    as a round while the application starts, up to its ready_wait_seconds."""
+    spec = side.member.spec
+    probes = [fill_templates(p, side.values()) for p in (spec.probes if side.role == "copy" else spec.steady_state)]
+    deadline = time.monotonic() + (spec.app.ready_wait_seconds if spec.app else 0)
     with connect(side.host, base_dir=base_dir) as connector:
-        result = connector.run(f"mkdir -p -- {parent}", timeout=60)
-    if not result.ok:
-        raise FailoverError(f"{side.host.name}: cannot create {parent} for the copy of disk {disk}: "
-                            f"{result.stderr.strip() or f'exit {result.exit_code}'}")
+        context = ProbeContext.for_host(side.host, connector, base_dir=base_dir)
+        while True:
+            results = run_probes(context, probes)
+            if all(r.ok for r in results) or time.monotonic() >= deadline or cancel.requested():
+                break
+            time.sleep(PROBE_RETRY_SECONDS)
+    return [ProbeRecord(member=side.member.id, phase=phase, probe=r.probe, ok=r.ok, detail=r.detail,
+                        seconds=round(r.seconds, 3), at=utcnow(), observed=r.observed) for r in results]
 
 
-@task(name="stop-application", task_run_name="stop {member.host} on {side.host.name}", cache_policy=NO_CACHE)
-def stop_task(member: FailoverMember, side: Side, base_dir: Path) -> None:
-    run_on(side, member.stop, base_dir, f"stopping {member.host}'s application")
-
-
-@task(name="start-application", task_run_name="start {member.host} on {side.host.name}", cache_policy=NO_CACHE)
-def start_task(member: FailoverMember, side: Side, base_dir: Path) -> None:
-    run_on(side, member.start, base_dir, f"starting {member.host}'s application")
-
-
-@task(name="probe-application", task_run_name="probe {member.host} on {side.host.name}", cache_policy=NO_CACHE)
-def probe_task(member: FailoverMember, side: Side, base_dir: Path,
-               phase: Literal["copy", "primary-after"]) -> list[ProbeRecord]:
-    """Every probe of the member, each a record (a failed probe is a record, not an exception)."""
-    records = []
-    for probe in member.probes:
-        started, at = time.monotonic(), utcnow()
-        try:
-            output = run_on(side, probe.command, base_dir, f"probe {probe.name}")
-            ok = probe.expect is None or probe.expect in output
-            detail = "passed" if ok else f"output lacks {probe.expect!r}"
-            observed = output.strip()[-200:]
-        except Exception as exc:  # noqa: BLE001 - a probe that cannot run has failed
-            ok, detail, observed = False, redact(str(exc)), None
-        records.append(ProbeRecord(member=member.host, phase=phase, probe=probe.name, ok=ok, detail=detail,
-                                   seconds=round(time.monotonic() - started, 3), at=at, observed=observed))
-    return records
-
-
-@task(name="backup-copy", task_run_name="back up the copy of {member.host}/{disk} on {side.host.name}",
-      cache_policy=NO_CACHE)
-def backup_side_task(config: PatchdrillConfig, base_dir: Path, member: FailoverMember, side: Side, disk: str,
-                     policy: BackupPolicy) -> DiskReport:
-    """Back up a member's disk as it lies on a side: on the copy side it is a disk of the DR host
-    named <host>.<disk>, so the copy is protected while it serves (ASR's re-protect)."""
-    name = disk if side.role == "primary" else copy_disk_name(member, disk)
+@task(name="backup-side", task_run_name="back up {side.member.id}/{disk} on {side.host.name}", cache_policy=NO_CACHE)
+def backup_side_task(config: PatchdrillConfig, base_dir: Path, side: Side, disk: str, policy: BackupPolicy) -> DiskReport:
+    """Back up a member's disk as it lies on a side: on the primary under its own name, on the
+    copy as a disk of the DR host named <host>.<disk>, so the copy is protected while it serves
+    (ASR's re-protect)."""
+    name = disk if side.role == "primary" else copy_disk_name(side.member, disk)
     disk_config = DiskConfig(name=name, path=side.paths[disk], kind="auto")
     return back_up_disk(config, base_dir, side.host, disk_config, policy)
+
+
+@task(name="restore-side", task_run_name="restore {side.member.id}/{disk} onto {side.host.name}", cache_policy=NO_CACHE)
+def restore_side_task(repo: Repository, point: RecoveryPoint, side: Side, disk: str, base_dir: Path) -> RestoreResult:
+    """Restore point onto the side's path for disk, delta-aware: what is there already (an
+    earlier copy, the primary's own disk on failback) is rewritten only where it differs."""
+    with connect(side.host, base_dir=base_dir) as connector:
+        if side.host.transport != "local":
+            # A fresh DR host: a restore on the controller makes the directory, one over a
+            # connector expects it there.
+            parent = shlex.quote(posixpath.dirname(side.paths[disk].rstrip("/")))
+            made = connector.run(f"mkdir -p -- {parent}", timeout=60)
+            if not made.ok:
+                raise FailoverError(f"{side.host.name}: cannot create {parent} for disk {disk}: "
+                                    f"{made.stderr.strip() or f'exit {made.exit_code}'}")
+        return restore_copy(repo, point, connector, side.paths[disk])
 
 
 # --------------------------------------------------------------------------- evidence

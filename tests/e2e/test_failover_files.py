@@ -36,14 +36,14 @@ Cli = Callable[..., tuple[int, str, str]]
 FILES = {"a.bin": 16 * BLOCK, "b.bin": 9 * BLOCK + 123}
 INDEX = b"hello from the primary\n"
 
-# The application: a web server over the disk's directory, a pidfile beside it (not on the disk).
-START = ("nohup python3 -m http.server {port} --bind {{address}} --directory {{path}} >/dev/null 2>&1 & "
-         "echo $! > {{path}}.pid; for i in $(seq 100); do "
-         "python3 -c \"import socket; socket.create_connection(('{{address}}', {port}), 1)\" 2>/dev/null && exit 0; "
-         "sleep 0.1; done; exit 1")
-STOP = "pid=$(cat {path}.pid) && kill $pid && while kill -0 $pid 2>/dev/null; do sleep 0.1; done && rm -f {path}.pid"
-PROBE = ("python3 -c \"import urllib.request; print(urllib.request.urlopen('http://{{address}}:{port}/index.html', "
-         "timeout=5).read().decode())\"")
+# The application: a web server over the disk's directory. Each side's root (beside the disk, not
+# on it) holds the address it listens on and its pidfile, so one template serves both sides.
+START = ("nohup python3 -m http.server {port} --bind $(cat {{root}}/address) --directory {{disk:www}} >/dev/null 2>&1 & "
+         "echo $! > {{root}}/web.pid; for i in $(seq 100); do "
+         "python3 -c \"import socket; socket.create_connection(('$(cat {{root}}/address)', {port}), 1)\" 2>/dev/null "
+         "&& exit 0; sleep 0.1; done; exit 1")
+STOP = ("pid=$(cat {root}/web.pid) && kill $pid && while kill -0 $pid 2>/dev/null; do sleep 0.1; done "
+        "&& rm -f {root}/web.pid")
 
 
 @dataclass
@@ -84,16 +84,20 @@ def web_lab(sshd_factory: SshdMaker) -> Iterator[WebLab]:
               "transport": "ssh", "disks": [{"name": "www", "path": str(data), "kind": "directory"}]},
              {**dr_host.config.model_dump(mode="json", exclude_none=True, exclude_defaults=True), "transport": "ssh"}]
     copy = work / "dr" / "www"
+    (work / "dr").mkdir()
+    for side, host in (("primary", primary_host), ("dr", dr_host)):
+        (work / side / "address").write_text(host.address)
+    index = {"kind": "http", "name": "index", "url": f"http://{{address}}:{port}/index.html", "expect_body": "hello"}
     config.write_text(yaml.safe_dump({
         "storage": {"kind": "local", "path": "store"},
         "hosts": hosts,
         "backup_policies": {"default": {"block_size": BLOCK, "snapshot_method": "none"}},
         "recovery_plans": {"web": {
-            "rto_seconds": 600, "rpo_seconds": 3600,
+            "rto_target": 600, "rpo_target": 3600,
             "groups": [{"name": "web", "members": [{
-                "host": primary_host.name, "disks": ["www"], "target_host": dr_host.name,
-                "target_paths": {"www": str(copy)}, "start": START.format(port=port), "stop": STOP,
-                "probes": [{"name": "index", "command": PROBE.format(port=port), "expect": "hello"}]}]}]}},
+                "host": primary_host.name, "disks": ["www"], "target": {"host": dr_host.name, "path": str(work / "dr")},
+                "app": {"preset": "command", "start": START.format(port=port), "stop": STOP, "port": port},
+                "probes": [index], "steady_state": [dict(index)]}]}]}},
     }))
     lab = WebLab(config=config, store=work / "store", primary=data, copy=copy,
                  primary_url=f"http://{primary_host.address}:{port}/index.html",
@@ -101,13 +105,14 @@ def web_lab(sshd_factory: SshdMaker) -> Iterator[WebLab]:
     from connectors import connect
 
     with connect(primary_host.config) as connector:
-        assert connector.run(START.format(port=port).format(path=data, address=primary_host.address), timeout=60).ok
+        started = START.format(port=port).replace("{root}", str(work / "primary")).replace("{disk:www}", str(data))
+        assert connector.run(started, timeout=60).ok
     try:
         yield lab
     finally:
-        for host, path in ((primary_host, data), (dr_host, copy)):
+        for host, root in ((primary_host, work / "primary"), (dr_host, work / "dr")):
             with connect(host.config) as connector:
-                connector.run(f"test -e {path}.pid && kill $(cat {path}.pid)", timeout=60)
+                connector.run(f"test -e {root}/web.pid && kill $(cat {root}/web.pid)", timeout=60)
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -192,7 +197,7 @@ def test_a_failing_probe_fails_the_failover_and_cancel_restarts_the_primary(
         prefect_server: None, web_lab: WebLab, cli: Cli) -> None:  # noqa: F811
     config = yaml.safe_load(web_lab.config.read_text())
     [member] = config["recovery_plans"]["web"]["groups"][0]["members"]
-    member["probes"][0]["expect"] = "a page the copy does not serve"
+    member["probes"][0]["expect_body"] = "a page the copy does not serve"
     web_lab.config.write_text(yaml.safe_dump(config))
 
     code, out, err = cli("failover", "web", "--planned", "--yes", "-c", str(web_lab.config), "--json")
@@ -208,8 +213,6 @@ def test_a_failing_probe_fails_the_failover_and_cancel_restarts_the_primary(
     # A failed (so uncommitted) failover cannot be committed, but it can be cancelled.
     code, _, err = cli("failover", "commit", summary["run_id"], "-c", str(web_lab.config))
     assert code == 1 and "only a failover whose probes passed" in err
-    member["probes"][0]["expect"] = "hello"
-    web_lab.config.write_text(yaml.safe_dump(config))
     code, out, err = cli("failover", "cancel", summary["run_id"], "--yes", "-c", str(web_lab.config))
     assert code == 0, out + err
     assert serves(web_lab.primary_url) and not serves(web_lab.copy_url)

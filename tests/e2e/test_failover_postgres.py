@@ -98,10 +98,16 @@ def pg_lab(sshd_factory: SshdMaker) -> Iterator[PgLab]:
     subprocess.run(["runuser", "-u", "postgres", "--", str(bin_dir / "initdb"), "-A", "trust", "-D", str(primary.data)],
                    capture_output=True, check=True, timeout=120)
     pg_ctl = bin_dir / "pg_ctl"
-    start = (f"runuser -u postgres -- {pg_ctl} -D {{path}} -l {{path}}.log -w -t 60 -o "
-             f"\"-c listen_addresses={{address}} -p {port} -c unix_socket_directories=''\" start")
-    stop = f"runuser -u postgres -- {pg_ctl} -D {{path}} -m fast -w -t 60 stop"
-    probe = f"runuser -u postgres -- {bin_dir / 'psql'} -h {{address}} -p {port} -d postgres -Atc 'select count(*) from events'"
+    # One template for both sides: each side's root holds its own listen address (host
+    # configuration kept beside the disk, not on it) and the server's log.
+    for side, host in (("primary", primary_host), ("dr", dr_host)):
+        (work / side / "address").write_text(host.address)
+    start = (f"runuser -u postgres -- {pg_ctl} -D {{disk:pgdata}} -l {{root}}/pg.log -w -t 60 -o "
+             f"\"-c listen_addresses=$(cat {{root}}/address) -p {port} -c unix_socket_directories=''\" start")
+    stop = f"runuser -u postgres -- {pg_ctl} -D {{disk:pgdata}} -m fast -w -t 60 stop"
+    probe = {"kind": "command", "name": "events-readable",
+             "command": f"runuser -u postgres -- {bin_dir / 'psql'} -h {{address}} -p {port} -d postgres -Atc "
+                        "'select count(*) from events'"}
     config = work / "fleet.yaml"
     hosts = []
     for host, disks in ((primary_host, [{"name": "pgdata", "path": str(primary.data), "kind": "directory"}]),
@@ -113,13 +119,13 @@ def pg_lab(sshd_factory: SshdMaker) -> Iterator[PgLab]:
         "hosts": hosts,
         "backup_policies": {"default": {"block_size": BLOCK, "snapshot_method": "none"}},
         "recovery_plans": {"pg": {
-            "rto_seconds": 600, "rpo_seconds": 3600,
+            "rto_target": 600, "rpo_target": 3600,
             "groups": [{"name": "database", "members": [{
-                "host": primary_host.name, "disks": ["pgdata"], "target_host": dr_host.name,
-                "target_paths": {"pgdata": str(copy.data)}, "start": start, "stop": stop,
-                "probes": [{"name": "events-readable", "command": probe}]}]}]}},
+                "host": primary_host.name, "disks": ["pgdata"], "target": {"host": dr_host.name, "path": str(work / "dr")},
+                "app": {"preset": "command", "start": start, "stop": stop, "port": port},
+                "probes": [probe], "steady_state": [dict(probe)]}]}]}},
     }))
-    primary.ctl("-l", f"{primary.data}.log", "-w", "-o",
+    primary.ctl("-l", str(work / "primary" / "pg.log"), "-w", "-o",
                 f"-c listen_addresses={primary.address} -p {port} -c unix_socket_directories=''", "start")
     primary.psql("create table events (id serial primary key, note text not null)")
     primary.psql("insert into events (note) values ('first'), ('second')")

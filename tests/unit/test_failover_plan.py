@@ -13,75 +13,70 @@ import yaml
 from configs.loader import load_config
 from connectors.stores import LocalBlobStore
 from tasks.backup.engine import BackupRequest, backup
-from tasks.backup.errors import PointNotFound
 from tasks.backup.repository import Repository
 from tasks.backup.source import LocalBlockSource
 from tasks.drill.evidence import DrillEvidence, utcnow
 from tasks.drill.failover import (
-    FailoverError, choose_point, commit_failover, copy_side, data_loss_seconds, load_failover_plan,
-    parse_selector, primary_side, store_evidence,
+    FailoverError, commit_failover, copy_side, data_loss_seconds, load_plan, parse_selector, primary_side,
+    store_evidence, unplanned_points,
 )
 from tests.e2e.test_backup_cli import cli  # noqa: F401 - the in-process CLI fixture
 
 Cli = Callable[..., tuple[int, str, str]]
-MEMBER = {"host": "db-1", "disks": ["data"], "target_host": "dr-1", "target_paths": {"data": "/srv/dr/data"},
-          "start": "start-db {path} {address}", "stop": "stop-db {paths[data]}",
-          "probes": [{"name": "ready", "command": "ready {address}"}]}
+PROBE = {"kind": "command", "name": "ready", "command": "ready {address} {disk:data}"}
+MEMBER = {"host": "db-1", "disks": ["data"], "target": {"host": "dr-1", "path": "/srv/dr"},
+          "app": {"preset": "command", "start": "start-db {disk:data} --log {root}/db.log", "stop": "stop-db {disk:data}"},
+          "probes": [PROBE], "steady_state": [PROBE]}
 
 
 def _config(tmp_path: Path, member: dict[str, Any] | None = None) -> Path:
     path = tmp_path / "fleet.yaml"
     path.write_text(yaml.safe_dump({
         "storage": {"kind": "local", "path": "store"},
-        "hosts": [{"name": "db-1", "transport": "local", "address": "10.0.0.1",
-                   "disks": [{"name": "data", "path": "data", "kind": "directory"}]},
-                  {"name": "dr-1", "transport": "local", "address": "10.9.0.1"}],
-        "recovery_plans": {"db": {"rto_seconds": 900, "rpo_seconds": 3600,
+        "hosts": [{"name": "db-1", "transport": "ssh", "user": "root", "address": "10.0.0.1",
+                   "disks": [{"name": "data", "path": "/var/lib/db/data", "kind": "directory"}]},
+                  {"name": "dr-1", "transport": "ssh", "user": "root", "address": "10.9.0.1"}],
+        "recovery_plans": {"db": {"rto_target": 900, "rpo_target": 3600,
                                   "groups": [{"name": "database", "members": [member or MEMBER]}]}},
     }))
     return path
 
 
-def _plan_error(tmp_path: Path, **change: Any) -> str:
-    loaded = load_config(_config(tmp_path, {**MEMBER, **change}))
-    with pytest.raises(FailoverError) as caught:
-        load_failover_plan(loaded.config, "db", source="fleet.yaml")
-    return str(caught.value)
-
-
-def test_a_plan_reads_into_sides_whose_templates_name_each_sides_paths_and_address(tmp_path: Path) -> None:
+def test_one_template_fills_for_the_primary_and_for_the_copy(tmp_path: Path) -> None:
     loaded = load_config(_config(tmp_path))
-    plan = load_failover_plan(loaded.config, "db")
-    [(group, member)] = plan.members()
-    primary, copy = primary_side(loaded.config, loaded.base_dir, member), copy_side(loaded.config, member)
-    assert primary.render(member.start) == f"start-db {tmp_path / 'data'} 10.0.0.1"
-    assert copy.render(member.start) == "start-db /srv/dr/data 10.9.0.1"
-    assert copy.render(member.stop) == "stop-db /srv/dr/data"
-    with pytest.raises(FailoverError, match=r"unknown or malformed placeholder 'port'"):
-        copy.render("serve --port {port}")
+    _, [[member]] = load_plan(loaded.config, loaded.base_dir, "db")
+    primary, copy = primary_side(member, loaded.base_dir), copy_side(member)
+    assert member.spec.app is not None
+    assert primary.command(member.spec.app.start) == "start-db /var/lib/db/data --log /var/lib/db/db.log"
+    assert copy.command(member.spec.app.start) == "start-db /srv/dr/data --log /srv/dr/db.log"
+    assert primary.values()["address"] == "10.0.0.1" and copy.values()["address"] == "10.9.0.1"
+    with pytest.raises(FailoverError, match=r"unknown placeholder \{address\}"):
+        copy.command("serve --bind {address}")
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"host": "db-9"}, "member 'db-9': no host 'db-9' in the config"),
-    ({"disks": ["logs"]}, "host 'db-1' has no disk 'logs'"),
-    ({"target_paths": {}}, "no target path for disk 'data'"),
-    ({"target_host": "db-1"}, "the DR target is the primary itself"),
-    ({"target_host": "dr-9"}, "no DR host 'dr-9'"),
-    ({"start": None}, "recovery_plans.db.groups.0.members.0.start: Input should be a valid string"),
-])
-def test_a_bad_member_is_one_line_naming_the_plan_and_the_member(tmp_path: Path, change: dict[str, Any],
-                                                                 message: str) -> None:
-    error = _plan_error(tmp_path, **change)
-    assert message in error and error.startswith("fleet.yaml: recovery_plans.db") and "\n" not in error
+def test_hostile_paths_are_quoted_in_the_commands(tmp_path: Path) -> None:
+    member = {**MEMBER, "target": {"host": "dr-1", "path": "/srv/dr; rm -rf /"}}
+    loaded = load_config(_config(tmp_path, member))
+    _, [[resolved]] = load_plan(loaded.config, loaded.base_dir, "db")
+    assert copy_side(resolved).command("stop-db {disk:data}") == "stop-db '/srv/dr; rm -rf /data'"
+
+
+def test_a_preset_that_cannot_stop_the_primary_is_refused_naming_the_member(tmp_path: Path) -> None:
+    member = {**MEMBER, "app": {"preset": "process", "command": "db --data {disk:data}"}}
+    loaded = load_config(_config(tmp_path, member))
+    with pytest.raises(FailoverError) as caught:
+        load_plan(loaded.config, loaded.base_dir, "db", source="fleet.yaml")
+    assert "fleet.yaml: recovery_plans.db: member database/db-1#0" in str(caught.value)
+    assert "preset 'process' is for drills only" in str(caught.value)
 
 
 def test_an_unknown_plan_names_the_known_ones(tmp_path: Path) -> None:
     loaded = load_config(_config(tmp_path))
     with pytest.raises(FailoverError, match=r"no recovery plan 'web' \(known: db\)"):
-        load_failover_plan(loaded.config, "web")
+        load_plan(loaded.config, loaded.base_dir, "web")
 
 
-def test_points_are_chosen_latest_application_consistent_or_before_a_time(tmp_path: Path) -> None:
+def test_unplanned_points_follow_the_plan_unless_the_command_overrides_them(tmp_path: Path) -> None:
     image = tmp_path / "disk.img"
     repo = Repository.open(LocalBlobStore(tmp_path / "repo"), create=True)
     made = []
@@ -89,12 +84,15 @@ def test_points_are_chosen_latest_application_consistent_or_before_a_time(tmp_pa
         image.write_bytes(bytes([number]) * 8192)
         made.append(backup(repo, LocalBlockSource(image), BackupRequest(host="db-1", disk="data", block_size=4096,
                                                                         consistency=consistency, workers=1)))
-    assert choose_point(repo, "db-1", "data", "latest") == made[1]
-    assert choose_point(repo, "db-1", "data", "latest-app-consistent") == made[0]
+    loaded = load_config(_config(tmp_path, {**MEMBER, "point": "latest-application-consistent"}))
+    _, groups = load_plan(loaded.config, loaded.base_dir, "db")
+    key = ("database/db-1#0", "data")
+    assert unplanned_points(repo, groups, None)[key] == made[0]  # the plan's own selector
+    assert unplanned_points(repo, groups, "latest")[key] == made[1]
     between = made[0].time + (made[1].time - made[0].time) / 2
-    assert choose_point(repo, "db-1", "data", f"before:{between.isoformat()}") == made[0]
-    with pytest.raises(PointNotFound, match="matches 'before:2000-01-01T00:00:00'"):
-        choose_point(repo, "db-1", "data", "before:2000-01-01T00:00:00")
+    assert unplanned_points(repo, groups, f"before:{between.isoformat()}")[key] == made[0]
+    with pytest.raises(FailoverError, match="member database/db-1#0: no point taken before 2000"):
+        unplanned_points(repo, groups, "before:2000-01-01T00:00:00+00:00")
     # The data lost is counted from the oldest point; a point after the start loses nothing.
     start = made[1].time + timedelta(seconds=30)
     assert data_loss_seconds(start, made) == pytest.approx((start - made[0].time).total_seconds())
@@ -105,7 +103,7 @@ def test_points_are_chosen_latest_application_consistent_or_before_a_time(tmp_pa
 def test_a_bad_point_selector_says_what_is_accepted(selector: str) -> None:
     with pytest.raises(FailoverError, match="latest|ISO time"):
         parse_selector(selector)
-    assert parse_selector("before:2026-12-01T10:00:00Z") == ("before", datetime(2026, 12, 1, 10, tzinfo=timezone.utc))
+    assert parse_selector("before:2026-12-01T10:00:00Z").cutoff == datetime(2026, 12, 1, 10, tzinfo=timezone.utc)
 
 
 def _evidence(kind: str, outcome: str) -> DrillEvidence:
@@ -133,7 +131,7 @@ def test_only_a_passed_failover_commits_and_only_once(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("args", "message"), [
     (["failover", "db"], "choose exactly one of --planned"),
     (["failover", "db", "--planned", "--unplanned"], "choose exactly one of --planned"),
-    (["failover", "db", "--planned", "--point", "latest-app-consistent"], "--point is for --unplanned"),
+    (["failover", "db", "--planned", "--point", "latest"], "--point is for --unplanned"),
     (["failover", "db", "--unplanned", "--point", "before:noon", "--yes"], "is not an ISO time"),
     (["failover", "web", "--planned", "--yes"], "no recovery plan 'web' (known: db)"),
     (["failover", "db", "--planned", "--yes", "--wait-for-approval"], "contradict each other"),
