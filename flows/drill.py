@@ -40,6 +40,7 @@ from prefect.states import Cancelled, Completed, Failed, State
 from pydantic import Field, WithJsonSchema
 
 from flows.logs import configure
+from flows.run_form import current_run_name
 from tasks.backup import cancel
 from tasks.drill.evidence import DrillEvidence, GroupResult, ProbeRecord, plan_version, utcnow
 from tasks.drill.probing import primary_probes
@@ -309,7 +310,7 @@ def _finish(ctx: DrillContext, evidence: DrillEvidence, outcome: str, message: s
 
 
 def _publish(evidence: DrillEvidence) -> None:
-    keys, title = artifact_keys(evidence), drill_title(evidence)
+    keys, title = artifact_keys(evidence), f"{current_run_name('drill')}: {drill_title(evidence)}"
     create_markdown_artifact(key=keys["summary"], markdown=drill_markdown(evidence), description=title)
     create_table_artifact(key=keys["members"], table=member_rows(evidence),
                           description=f"{title}: per member, RTO and RPO against the plan's targets")
