@@ -39,6 +39,7 @@ from prefect.input import RunInput
 from prefect.states import Cancelled, Completed, Failed, State
 from pydantic import Field, WithJsonSchema
 
+from configs.secrets import redact
 from flows.logs import configure
 from flows.run_form import current_run_name
 from tasks.backup import cancel
@@ -131,11 +132,23 @@ def drill_run(config_path: str = "configs/lab.yaml", plan: PlanChoice = _PLANS[0
                                  rpo_target_seconds=ctx.plan.rpo_target.total_seconds())
         try:
             with exclusive([drill_limit_name(plan)], slot_timeout_minutes * 60):
-                return _drill(ctx, evidence, manual_timeout_minutes)
+                try:
+                    return _drill(ctx, evidence, manual_timeout_minutes)
+                except Exception as exc:  # noqa: BLE001 - the evidence must not be left saying "running"
+                    return _finish(ctx, evidence, "failed", _error_note(evidence, exc))
         except TimeoutError:
             message = (f"another drill of plan {plan} held its slot (concurrency limit {drill_limit_name(plan)}) for "
                        f"{slot_timeout_minutes:g} min: not started")
             return _finish(ctx, evidence, "failed", message)
+
+
+def _error_note(evidence: DrillEvidence, exc: Exception) -> str:
+    """An unexpected error's account, saying what it left: cleanup runs in the groups' finally,
+    so it either ran (and says whether it was verified) or nothing had been created yet."""
+    cleanup = {True: "cleanup verified", False: f"cleanup NOT verified: run `patchdrill drill cleanup {evidence.run_id}`",
+               None: "nothing had been created"}[evidence.cleanup_verified]
+    log.error("drill.error", run_id=evidence.run_id, error=redact(str(exc)))
+    return f"drill stopped by an error: {type(exc).__name__}: {redact(str(exc))}; {cleanup}"
 
 
 def _drill(ctx: DrillContext, evidence: DrillEvidence, manual_timeout_minutes: float) -> State:
