@@ -307,7 +307,8 @@ class _Chart:
 
 
 def _lane_label(step: Step) -> str:
-    if step.group and step.member:
+    """`db / db-01`; a member id that already names its group (`db/db-01#0`) stands alone."""
+    if step.group and step.member and not step.member.startswith(f"{step.group}/"):
         return f"{step.group} / {step.member}"
     return step.member or step.group or "plan"
 

@@ -142,6 +142,8 @@ def test_html_chart_draws_a_bar_per_step_and_the_rto_target_where_it_belongs() -
     chart = timeline_chart(evidence)
     assert len(chart.bars) == len(evidence.steps)
     assert [lane.label for lane in chart.lanes] == ["plan", "db / db-01", "web / web-01"]
+    named = drill(db="db/db-prod#0")
+    assert [lane.label for lane in timeline_chart(named).lanes] == ["plan", "db/db-prod#0", "web / web-01"]
     span = evidence.rto_target_seconds  # 300 s: longer than the run, so it sets the scale
     target, measured = chart.lines
     assert target.x == pytest.approx(CHART_LEFT + CHART_WIDTH)
