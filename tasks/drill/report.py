@@ -334,8 +334,9 @@ def timeline_chart(evidence: DrillEvidence) -> _Chart:
     for step in e.steps:
         label = _lane_label(step)
         lane = lanes.setdefault(label, _Lane(label=label, y=AXIS_ROOM / 2 + len(lanes) * LANE_HEIGHT))
-        start = _offset(e, step.started)
-        stop = _offset(e, step.finished) if step.finished else end_of_run
+        # A step begun before the clock started (waiting for the plan's slot) is drawn from 0.
+        start = max(_offset(e, step.started), 0.0)
+        stop = max(_offset(e, step.finished) if step.finished else end_of_run, start)
         state = "running" if step.ok is None else ("ok" if step.ok else "failed")
         bars.append(_Bar(x=CHART_LEFT + start * scale, width=max((stop - start) * scale, 2.0),
                          y=lane.y + (LANE_HEIGHT - BAR_HEIGHT) / 2, state=state,

@@ -177,6 +177,13 @@ def test_a_step_still_running_is_drawn_to_the_end_of_the_run() -> None:
     assert bar.x + bar.width == pytest.approx(CHART_LEFT + 118 / 300 * CHART_WIDTH)
 
 
+def test_a_step_begun_before_the_clock_is_drawn_from_its_start() -> None:
+    evidence = drill()
+    evidence.steps.insert(0, evidence.steps[0].model_copy(update={"name": "wait for slot", "started": at(-30), "finished": at(0)}))
+    bar = timeline_chart(evidence).bars[0]
+    assert (bar.x, bar.width) == (CHART_LEFT, 2.0)
+
+
 def test_html_report_is_written_whole_under_a_safe_name(tmp_path: Path) -> None:
     evidence = drill(plan="../../etc/Shop Plan", run_id="Run/7")
     path = write_html_report(evidence, tmp_path / "reports")
