@@ -111,7 +111,8 @@ def _operator(given: str | None) -> str:
 
 @flow(name="drill-run", flow_run_name=_run_name)
 def drill_run(config_path: str = "configs/lab.yaml", plan: PlanChoice = _PLANS[0] if _PLANS else "",
-              operator: str = "", slot_timeout_minutes: float = 240.0, manual_timeout_minutes: float = 240.0) -> State:
+              operator: str = "", manual_confirmed: bool = False, slot_timeout_minutes: float = 240.0,
+              manual_timeout_minutes: float = 240.0) -> State:
     """Test failover of a recovery plan: restore each member into an isolated copy on its DR
     target, start and probe it, clean up with proof, and record RTO/RPO against the plan.
 
@@ -119,6 +120,7 @@ def drill_run(config_path: str = "configs/lab.yaml", plan: PlanChoice = _PLANS[0
         config_path: The fleet's YAML config, relative to the repository (or absolute).
         plan: The recovery plan to drill.
         operator: Who runs the drill (recorded in the evidence); empty: PATCHDRILL_OPERATOR or the OS user.
+        manual_confirmed: The plan's manual actions are confirmed in advance: do not pause for them.
         slot_timeout_minutes: How long to wait while another drill of the same plan runs.
         manual_timeout_minutes: How long a pause for the plan's manual actions waits for a person; then the drill fails (cleanup runs).
     """
@@ -133,7 +135,7 @@ def drill_run(config_path: str = "configs/lab.yaml", plan: PlanChoice = _PLANS[0
         try:
             with exclusive([drill_limit_name(plan)], slot_timeout_minutes * 60):
                 try:
-                    return _drill(ctx, evidence, manual_timeout_minutes)
+                    return _drill(ctx, evidence, None if manual_confirmed else manual_timeout_minutes)
                 except Exception as exc:  # noqa: BLE001 - the evidence must not be left saying "running"
                     return _finish(ctx, evidence, "failed", _error_note(evidence, exc))
         except TimeoutError:
@@ -151,7 +153,7 @@ def _error_note(evidence: DrillEvidence, exc: Exception) -> str:
     return f"drill stopped by an error: {type(exc).__name__}: {redact(str(exc))}; {cleanup}"
 
 
-def _drill(ctx: DrillContext, evidence: DrillEvidence, manual_timeout_minutes: float) -> State:
+def _drill(ctx: DrillContext, evidence: DrillEvidence, manual_timeout_minutes: float | None) -> State:
     timeline = Timeline()
     evidence.steps = timeline.steps
     # Started (and re-stamped) once the slot is ours: the RTO clock runs from here.
@@ -229,9 +231,10 @@ class Stop:
     rejected: bool = False
 
 
-def _manual_gate(group: list[Member], phase: str, timeline: Timeline, timeout_minutes: float) -> Stop | None:
+def _manual_gate(group: list[Member], phase: str, timeline: Timeline, timeout_minutes: float | None) -> Stop | None:
     """Pause for the group's manual actions of this phase (before its members start, after its
-    probes passed, where recovery plans place them); why to stop, or None to go on."""
+    probes passed, where recovery plans place them); why to stop, or None to go on. No timeout:
+    the run's starter confirmed them in advance (`drill run --yes`)."""
     from prefect.settings import get_current_settings
 
     steps = [f"{m.id}: {a.instructions}" for m in group
@@ -239,10 +242,13 @@ def _manual_gate(group: list[Member], phase: str, timeline: Timeline, timeout_mi
     if not steps:
         return None
     with timeline.step(f"manual {phase} {group[0].group}", " | ".join(steps)) as step:
+        if timeout_minutes is None:
+            step.detail += "; confirmed in advance by whoever started the run (--yes)"
+            return None
         if not get_current_settings().api.url:
             step.ok = False
             step.detail += ("; needs a person to resume the run, and this run has no Prefect server to pause on "
-                            "(set PREFECT_API_URL, or run the drill deployment)")
+                            "(set PREFECT_API_URL, run the drill deployment, or confirm them with drill run --yes)")
             return Stop(f"manual actions of group {group[0].group} could not be asked for: no Prefect server")
         log.info("drill.waiting_for_manual_actions", group=group[0].group, phase=phase, steps=steps)
         form = ManualActionDone.with_initial_data(
