@@ -179,7 +179,9 @@ def test_scheduler_creates_every_deployments_runs_at_the_expected_times(stack: S
         time.sleep(2)
     for name, (zone, times, on_day) in EXPECTED.items():
         got = runs.get(name, [])
-        assert len(got) >= 3, f"{name}: the scheduler created {len(got)} run(s)"
+        # The scheduler looks 100 days ahead: three runs of the others, one of a quarterly drill.
+        needed = 1 if name.endswith("-quarterly") else 3
+        assert len(got) >= needed, f"{name}: the scheduler created {len(got)} run(s)"
         # The first expected occurrence may have passed between deploying and the scheduler's cycle.
         expected = _occurrences(stack.deployed_at, zone, times, on_day, len(got) + 1)
         assert got in (expected[:-1], expected[1:]), name
