@@ -82,8 +82,10 @@ def _render_run(evidence: Any) -> None:
 def run(
     plan: Annotated[str, typer.Argument(help="The recovery plan to drill.")],
     config: ConfigOption = DEFAULT_CONFIG,
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="Start without asking: the drill restores copies onto "
-                                      "the DR targets and starts them (isolated), then removes them.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="The plan's manual actions are done (or you will do them "
+                                      "as the drill reaches them): do not pause for them. Without it, a plan with "
+                                      "manual actions pauses for the Prefect UI, which needs a server "
+                                      "(PREFECT_API_URL).")] = False,
     operator: Annotated[Optional[str], typer.Option("--operator", help="Who runs the drill, for the evidence "
                                                     "(default: PATCHDRILL_OPERATOR, else your user name).")] = None,
     as_json: JsonOption = False,
@@ -97,18 +99,10 @@ def run(
     from flows.drill import drill_run
     from tasks.drill.evidence import DrillEvidence
 
-    chosen = _plan_or_exit(config, plan)
-    if not yes:
-        members = sum(len(g.members) for g in chosen.groups)
-        try:
-            agreed = typer.confirm(f"Drill plan {plan}: restore {members} member(s) onto their DR targets, start "
-                                   "them isolated, probe, then remove everything. Start?", default=False, err=True)
-        except typer.Abort:
-            agreed = False  # no terminal to ask (stdin closed)
-        if not agreed:
-            fail("not started (run with --yes to start without asking)")
+    _plan_or_exit(config, plan)
     with stoppable():
-        state = drill_run(config_path=str(config), plan=plan, operator=operator or "", return_state=True)
+        state = drill_run(config_path=str(config), plan=plan, operator=operator or "", manual_confirmed=yes,
+                          return_state=True)
     evidence = state.result(raise_on_failure=False)
     if not isinstance(evidence, DrillEvidence):
         fail(f"drill {plan} {state.name}: {state.message or evidence}")

@@ -39,7 +39,9 @@ from prefect.input import RunInput
 from prefect.states import Cancelled, Completed, Failed, State
 from pydantic import Field, WithJsonSchema
 
+from configs.secrets import redact
 from flows.logs import configure
+from flows.run_form import current_run_name
 from tasks.backup import cancel
 from tasks.drill.evidence import DrillEvidence, GroupResult, ProbeRecord, plan_version, utcnow
 from tasks.drill.probing import primary_probes
@@ -109,7 +111,8 @@ def _operator(given: str | None) -> str:
 
 @flow(name="drill-run", flow_run_name=_run_name)
 def drill_run(config_path: str = "configs/lab.yaml", plan: PlanChoice = _PLANS[0] if _PLANS else "",
-              operator: str = "", slot_timeout_minutes: float = 240.0, manual_timeout_minutes: float = 240.0) -> State:
+              operator: str = "", manual_confirmed: bool = False, slot_timeout_minutes: float = 240.0,
+              manual_timeout_minutes: float = 240.0) -> State:
     """Test failover of a recovery plan: restore each member into an isolated copy on its DR
     target, start and probe it, clean up with proof, and record RTO/RPO against the plan.
 
@@ -117,6 +120,7 @@ def drill_run(config_path: str = "configs/lab.yaml", plan: PlanChoice = _PLANS[0
         config_path: The fleet's YAML config, relative to the repository (or absolute).
         plan: The recovery plan to drill.
         operator: Who runs the drill (recorded in the evidence); empty: PATCHDRILL_OPERATOR or the OS user.
+        manual_confirmed: The plan's manual actions are confirmed in advance: do not pause for them.
         slot_timeout_minutes: How long to wait while another drill of the same plan runs.
         manual_timeout_minutes: How long a pause for the plan's manual actions waits for a person; then the drill fails (cleanup runs).
     """
@@ -130,14 +134,26 @@ def drill_run(config_path: str = "configs/lab.yaml", plan: PlanChoice = _PLANS[0
                                  rpo_target_seconds=ctx.plan.rpo_target.total_seconds())
         try:
             with exclusive([drill_limit_name(plan)], slot_timeout_minutes * 60):
-                return _drill(ctx, evidence, manual_timeout_minutes)
+                try:
+                    return _drill(ctx, evidence, None if manual_confirmed else manual_timeout_minutes)
+                except Exception as exc:  # noqa: BLE001 - the evidence must not be left saying "running"
+                    return _finish(ctx, evidence, "failed", _error_note(evidence, exc))
         except TimeoutError:
             message = (f"another drill of plan {plan} held its slot (concurrency limit {drill_limit_name(plan)}) for "
                        f"{slot_timeout_minutes:g} min: not started")
             return _finish(ctx, evidence, "failed", message)
 
 
-def _drill(ctx: DrillContext, evidence: DrillEvidence, manual_timeout_minutes: float) -> State:
+def _error_note(evidence: DrillEvidence, exc: Exception) -> str:
+    """An unexpected error's account, saying what it left: cleanup runs in the groups' finally,
+    so it either ran (and says whether it was verified) or nothing had been created yet."""
+    cleanup = {True: "cleanup verified", False: f"cleanup NOT verified: run `patchdrill drill cleanup {evidence.run_id}`",
+               None: "nothing had been created"}[evidence.cleanup_verified]
+    log.error("drill.error", run_id=evidence.run_id, error=redact(str(exc)))
+    return f"drill stopped by an error: {type(exc).__name__}: {redact(str(exc))}; {cleanup}"
+
+
+def _drill(ctx: DrillContext, evidence: DrillEvidence, manual_timeout_minutes: float | None) -> State:
     timeline = Timeline()
     evidence.steps = timeline.steps
     # Started (and re-stamped) once the slot is ours: the RTO clock runs from here.
@@ -215,9 +231,10 @@ class Stop:
     rejected: bool = False
 
 
-def _manual_gate(group: list[Member], phase: str, timeline: Timeline, timeout_minutes: float) -> Stop | None:
+def _manual_gate(group: list[Member], phase: str, timeline: Timeline, timeout_minutes: float | None) -> Stop | None:
     """Pause for the group's manual actions of this phase (before its members start, after its
-    probes passed, where recovery plans place them); why to stop, or None to go on."""
+    probes passed, where recovery plans place them); why to stop, or None to go on. No timeout:
+    the run's starter confirmed them in advance (`drill run --yes`)."""
     from prefect.settings import get_current_settings
 
     steps = [f"{m.id}: {a.instructions}" for m in group
@@ -225,10 +242,13 @@ def _manual_gate(group: list[Member], phase: str, timeline: Timeline, timeout_mi
     if not steps:
         return None
     with timeline.step(f"manual {phase} {group[0].group}", " | ".join(steps)) as step:
+        if timeout_minutes is None:
+            step.detail += "; confirmed in advance by whoever started the run (--yes)"
+            return None
         if not get_current_settings().api.url:
             step.ok = False
             step.detail += ("; needs a person to resume the run, and this run has no Prefect server to pause on "
-                            "(set PREFECT_API_URL, or run the drill deployment)")
+                            "(set PREFECT_API_URL, run the drill deployment, or confirm them with drill run --yes)")
             return Stop(f"manual actions of group {group[0].group} could not be asked for: no Prefect server")
         log.info("drill.waiting_for_manual_actions", group=group[0].group, phase=phase, steps=steps)
         form = ManualActionDone.with_initial_data(
@@ -309,7 +329,7 @@ def _finish(ctx: DrillContext, evidence: DrillEvidence, outcome: str, message: s
 
 
 def _publish(evidence: DrillEvidence) -> None:
-    keys, title = artifact_keys(evidence), drill_title(evidence)
+    keys, title = artifact_keys(evidence), f"{current_run_name('drill')}: {drill_title(evidence)}"
     create_markdown_artifact(key=keys["summary"], markdown=drill_markdown(evidence), description=title)
     create_table_artifact(key=keys["members"], table=member_rows(evidence),
                           description=f"{title}: per member, RTO and RPO against the plan's targets")

@@ -76,9 +76,10 @@ class ProbeContext:
     expected_digests: ExpectedDigests | None = None
 
     @classmethod
-    def for_host(cls, host: HostConfig, connector: Connector, **options: object) -> "ProbeContext":
+    def for_host(cls, host: HostConfig, connector: Connector, *, prefix: str = "", base_dir: Path | None = None,
+                 expected_digests: ExpectedDigests | None = None) -> "ProbeContext":
         return cls(name=host.name, address=host.address, connector=connector, os_family=host.os_family,
-                   **options)  # type: ignore[arg-type]
+                   prefix=prefix, base_dir=base_dir, expected_digests=expected_digests)
 
     @property
     def on_windows(self) -> bool:
@@ -137,8 +138,13 @@ def _run_script(ctx: ProbeContext, script: Path, args: list[str], timeout: float
     return ctx.connector.run(command, timeout=timeout, stdin=text.encode("utf-8"))
 
 
-def _host_check(ctx: ProbeContext, args: list[str], timeout: float) -> dict[str, object]:
-    script = WINDOWS_SCRIPT if ctx.on_windows else LINUX_SCRIPT
+def _host_check(ctx: ProbeContext, check: str, values: dict[str, str], timeout: float) -> dict[str, object]:
+    """One check of the host script: `values` in the order probe_host.py reads them, named
+    (-Key value) for probe_host.ps1."""
+    if ctx.on_windows:
+        script, args = WINDOWS_SCRIPT, ["-Check", check, *(a for key, value in values.items() for a in (f"-{key}", value))]
+    else:
+        script, args = LINUX_SCRIPT, [check, *values.values()]
     result = _run_script(ctx, script, args, timeout + HOST_OVERHEAD_SECONDS)
     lines = result.stdout.strip().splitlines()
     if result.exit_code != 0 or not lines:
@@ -163,7 +169,8 @@ def _tcp(ctx: ProbeContext, probe: TcpProbe) -> _Outcome:
     address = probe.address or ctx.address
     target = f"{address}:{probe.port}"
     if _on_host(ctx, probe):
-        answer = _host_check(ctx, ["tcp", address, str(probe.port), f"{probe.timeout_seconds:g}"], probe.timeout_seconds)
+        answer = _host_check(ctx, "tcp", {"Address": address, "Port": str(probe.port), "Timeout": f"{probe.timeout_seconds:g}"},
+                             probe.timeout_seconds)
         if answer.get("ok") is True:
             return _Outcome(True, f"{target} accepts connections (from {ctx.name})")
         return _Outcome(False, f"{target} from {ctx.name}: {answer.get('error', 'refused')}")
@@ -190,10 +197,10 @@ def _http(ctx: ProbeContext, probe: HttpProbe) -> _Outcome:
     if _on_host(ctx, probe):
         if ctx.on_windows and probe.ca_bundle:
             raise _CannotRun("ca_bundle is not supported on Windows hosts: import the CA into the host's certificate store")
-        args = ["http", url, f"{probe.timeout_seconds:g}", "1" if probe.verify_tls else "0"]
+        values = {"Url": url, "Timeout": f"{probe.timeout_seconds:g}", "Verify": "1" if probe.verify_tls else "0"}
         if probe.ca_bundle:
-            args.append(probe.ca_bundle)
-        answer = _host_check(ctx, args, probe.timeout_seconds)
+            values["CaBundle"] = probe.ca_bundle
+        answer = _host_check(ctx, "http", values, probe.timeout_seconds)
         if "error" in answer:
             return _Outcome(False, f"{url} from {ctx.name}: {answer['error']}")
         status, body = answer.get("status"), answer.get("body")
@@ -264,7 +271,7 @@ def _checksum(ctx: ProbeContext, probe: ChecksumProbe) -> _Outcome:
     expected = dict(ctx.expected_digests(probe))
     if not expected:
         raise _CannotRun("the recovery point gave no digests for these paths")
-    answer = _host_check(ctx, ["sha256", *expected], probe.timeout_seconds)
+    answer = _host_check(ctx, "sha256", {"PathsJson": json.dumps(list(expected))}, probe.timeout_seconds)
     found = answer.get("digests")
     if not isinstance(found, dict):
         raise _CannotRun("the host-side check printed no digests")

@@ -19,15 +19,18 @@ ledger recorded, is refused and reported as a failure.
 
 from __future__ import annotations
 
+import json
 import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from connectors.base import Connector, ConnectorError
 from connectors.stores.base import BlobStore
-from tasks.drill.control import DEFAULT_GRACE_SECONDS, Stopped, process_identity, stop_copy, stopped_check
-from tasks.drill.copies import path_exists, remove_path
-from tasks.drill.isolation import NETNS_DIR, connect_attempts, list_namespaces, namespace_pids, remove_namespace
+from connectors.powershell import ps_quote
+from tasks.drill.control import DEFAULT_GRACE_SECONDS, Stopped, stop_copy, stopped_check, unit_stopped_check, unit_name
+from tasks.drill.copies import remove_path
+from tasks.drill.isolation import NETNS_DIR, NamespaceRemoval, namespace_name, remove_namespace
 from tasks.drill.ledger import (
     ClosedEntry,
     CommandEntry,
@@ -44,7 +47,7 @@ from tasks.drill.ledger import (
     VmEntry,
     resources,
 )
-from tasks.drill.target import TargetError, host_script, shell
+from tasks.drill.target import Refused, TargetError, host_script, shell
 
 Connect = Callable[[str], Connector]
 
@@ -95,7 +98,6 @@ class _Work:
     refusal: str | None = None
     action: str = ""
     context: Stopped | object | None = None
-    removal_failed: bool = False
     evidence: list[str] = field(default_factory=list)
 
 
@@ -126,10 +128,17 @@ class _Connections:
                 pass
 
 
-def _refusal(entry: Resource, roots: set[tuple[str, str]]) -> str | None:
+def _refusal(entry: Resource, roots: set[tuple[str, str]], run_id: str) -> str | None:
+    """Why an entry that is valid in form must still not be acted on, or None."""
     if isinstance(entry, (PathEntry, ProcessEntry)) and (entry.host, entry.copy_root) not in roots:
         return (f"refused: {entry.copy_root} is not a copy root this drill's ledger recorded on {entry.host}; "
                 "nothing was touched")
+    # Names this run derives itself: a ledger naming any other namespace or unit (a production
+    # one, another run's) gets nothing of it stopped or deleted.
+    if isinstance(entry, NamespaceEntry) and entry.name != namespace_name(run_id, entry.member or ""):
+        return f"refused: namespace {entry.name} is not the one this run makes for member {entry.member!r}; nothing was touched"
+    if isinstance(entry, UnitEntry) and entry.unit != unit_name(run_id, entry.member or ""):
+        return f"refused: unit {entry.unit} is not the one this run makes for member {entry.member!r}; nothing was touched"
     return None
 
 
@@ -140,15 +149,13 @@ def cleanup(entries: Sequence[Resource | ClosedEntry | InvalidEntry], connect: C
     work = [_Work(entry) for entry in resources(entries)]
     roots = {(w.entry.host, w.entry.copy_root) for w in work if isinstance(w.entry, CopyRootEntry)}
     for item in work:
-        item.refusal = _refusal(item.entry, roots)
+        item.refusal = _refusal(item.entry, roots, run_id)
     connections = _Connections(connect)
     try:
         for item in reversed(work):
             if item.refusal is None:
                 _remove(item, connections, run_id, grace)
-        for item in reversed(work):
-            if item.refusal is None:
-                _verify(item, connections)
+        _verify_all(list(reversed(work)), connections)
     finally:
         connections.close()
     items = [CleanupItem(seq=entry.seq, member=None, kind="invalid-entry", target="-", identifier=entry.key,
@@ -179,130 +186,133 @@ def _remove(item: _Work, connections: _Connections, run_id: str, grace: float) -
         elif isinstance(entry, (CopyRootEntry, PathEntry)):
             item.action = remove_path(connector, entry, run_id)
         else:
-            stopped = stop_copy(connector, entry, grace=grace)
+            stopped = stop_copy(connector, entry, run_id=run_id, grace=grace)
             item.action, item.context = stopped.action, stopped
+    except Refused as exc:
+        item.refusal = f"refused: {exc}; nothing was touched"
     except (TargetError, ConnectorError, OSError) as exc:
-        item.action, item.removal_failed = f"removal failed: {exc}", True
+        item.action = f"removal failed: {exc}"
 
 
-def _verify(item: _Work, connections: _Connections) -> None:
-    entry = item.entry
-    try:
-        connector = connections.get(entry.host)
-        item.evidence = _VERIFIERS[type(entry)](connector, entry, item)
-    except (TargetError, ConnectorError, OSError) as exc:
-        item.evidence = [f"NOT verified: {exc}"]
-    if not item.evidence:
-        item.evidence = ["NOT verified: nothing could be checked for this item"]
+@dataclass(frozen=True)
+class _Check:
+    """One look at the target: a check batched through the host script, or a command run by
+    itself that exits 0 when the thing is stopped. `judge` turns the answer into a line of
+    evidence ("NOT …" when the thing is not gone), or None when the answer proves nothing."""
+
+    judge: Callable[[Any], str | None]
+    host: dict[str, Any] | None = None
+    command: str | None = None
+
+
+def _verify_host(items: list[_Work], connector: Connector) -> None:
+    plans = [(item, _plan(item, connector)) for item in items]
+    batched = [check.host for _, plan in plans for check in plan if check.host is not None]
+    answers = iter(host_script(connector, "checks", json.dumps(batched))["results"] if batched else [])
+    for item, plan in plans:
+        lines = []
+        for check in plan:
+            if check.host is not None:
+                answer: Any = next(answers)
+            else:
+                answer = shell(connector, check.command or "", check=False)
+            lines.append(check.judge(answer))
+        item.evidence = [line for line in lines if line is not None] or [
+            "NOT verified: nothing could be checked for this item"]
+
+
+def _verify_all(work: list[_Work], connections: _Connections) -> None:
+    by_host: dict[str, list[_Work]] = {}
+    for item in work:
+        if item.refusal is None:
+            by_host.setdefault(item.entry.host, []).append(item)
+    for host, items in by_host.items():
+        try:
+            _verify_host(items, connections.get(host))
+        except (TargetError, ConnectorError, OSError) as exc:
+            for item in items:
+                item.evidence = [f"NOT verified: {exc}"]
 
 
 def _gone(ok: bool, text: str) -> str:
     return text if ok else f"NOT gone: {text}"
 
 
-def _verify_namespace(connector: Connector, entry: Resource, item: _Work) -> list[str]:
-    assert isinstance(entry, NamespaceEntry)
-    listed = list_namespaces(connector)
-    file_there = shell(connector, f"test -e {shlex.quote(f'{NETNS_DIR}/{entry.name}')}", check=False).ok
-    evidence = [_gone(entry.name not in listed,
-                      f"`ip netns list` on {connector.name} ({len(listed)} namespaces) does not list {entry.name}"
-                      if entry.name not in listed else f"`ip netns list` still lists {entry.name}"),
-                _gone(not file_there, f"{NETNS_DIR}/{entry.name} absent" if not file_there
-                      else f"{NETNS_DIR}/{entry.name} still exists")]
-    removal = item.context
-    for stopped in getattr(removal, "stopped", []):
-        evidence.append(_process_evidence(connector, int(stopped["pid"]), int(stopped["start_time"]), None))
-    return evidence
+def _exit_zero(command: str, what: str) -> _Check:
+    return _Check(command=command, judge=lambda result: _gone(result.ok, f"{what} (`{command}` exited {result.exit_code})"))
 
 
-def _process_evidence(connector: Connector, pid: int, start_time: int, boot_id: str | None) -> str:
-    now = host_script(connector, "identity", pid)
-    if boot_id is not None and now["boot_id"] != boot_id:
-        return f"pid {pid}: {connector.name} rebooted since it started (boot id changed)"
-    if not now["alive"]:
-        return f"pid {pid}: no such process" + (" (a zombie: exited)" if now["state"] == "Z" else "")
-    if now["start_time"] != start_time:
-        return f"pid {pid}: now another process (start time {now['start_time']}, ours {start_time}): ours is gone"
-    return f"NOT gone: pid {pid} (start time {start_time}) is still running, state {now['state']}"
+def _process_check(pid: int | None, start_time: int | None, boot_id: str | None, pidfile: str | None) -> _Check:
+    def judge(answer: dict[str, Any]) -> str | None:
+        if answer["source"] == "none":
+            return None
+        return _gone(not answer["running"], f"pid {answer['pid']} (from the {answer['source']}): {answer['why']}")
+    return _Check(host={"kind": "process", "pid": pid, "start_time": start_time, "boot_id": boot_id, "pidfile": pidfile},
+                  judge=judge)
 
 
-def _port_evidence(connector: Connector, port: int, namespace: str | None) -> str:
-    if namespace is not None and namespace not in list_namespaces(connector):
-        return f"port {port}: its namespace {namespace} is gone, nothing can listen in it"
-    attempt = connect_attempts(connector, [("127.0.0.1", port)], namespace=namespace)[0]
-    where = f"inside {namespace}" if namespace else f"on {connector.name}"
-    if attempt.connected:
-        return f"NOT gone: 127.0.0.1:{port} {where} still accepts connections"
-    return f"127.0.0.1:{port} {where}: {attempt.errno}"
+def _port_check(port: int, namespace: str | None, host: str) -> _Check:
+    where = f"inside {namespace}" if namespace else f"on {host}"
+
+    def judge(answer: dict[str, Any]) -> str:
+        if answer["namespace_gone"]:
+            return f"port {port}: its namespace {namespace} is gone, nothing can listen in it"
+        if answer["connected"]:
+            return f"NOT gone: 127.0.0.1:{port} {where} still accepts connections"
+        return f"127.0.0.1:{port} {where}: {answer['errno']}"
+    return _Check(host={"kind": "connect", "address": "127.0.0.1", "port": port, "namespace": namespace}, judge=judge)
 
 
-def _verify_process(connector: Connector, entry: Resource, item: _Work) -> list[str]:
-    assert isinstance(entry, ProcessEntry)
-    evidence = []
-    identity = process_identity(connector, entry) if entry.pid is None else (entry.pid, entry.start_time, entry.boot_id)
-    if identity is not None and identity[1] is not None:
-        evidence.append(_process_evidence(connector, identity[0], identity[1], identity[2]))
-    elif entry.namespace is not None and entry.namespace in list_namespaces(connector):
-        left = namespace_pids(connector, entry.namespace)
-        evidence.append(_gone(not left, f"no pid was recorded; processes in {entry.namespace}: {left or 'none'}"))
-    if entry.port is not None:
-        evidence.append(_port_evidence(connector, entry.port, entry.namespace))
-    if not evidence:
-        evidence.append("NOT verified: no pid, no pidfile, no namespace and no port to check this process by")
-    return evidence
+def _namespace_check(name: str, *, for_process: bool) -> _Check:
+    def judge(answer: dict[str, Any]) -> str | None:
+        if for_process:
+            if not answer["listed"]:
+                return None
+            return _gone(not answer["pids"], f"processes left in {name}: {answer['pids'] or 'none'}")
+        if answer["listed"] or answer["file"]:
+            return f"NOT gone: `ip netns list` still lists {name}" if answer["listed"] else \
+                f"NOT gone: {NETNS_DIR}/{name} still exists"
+        return f"`ip netns list` ({answer['count']} namespaces) does not list {name}; {NETNS_DIR}/{name} absent"
+    return _Check(host={"kind": "netns", "name": name}, judge=judge)
 
 
-def _verify_path(connector: Connector, entry: Resource, item: _Work) -> list[str]:
-    assert isinstance(entry, (CopyRootEntry, PathEntry))
-    path = entry.copy_root if isinstance(entry, CopyRootEntry) else entry.path
-    present, seen = path_exists(connector, path)
-    return [_gone(not present, seen)]
+def _path_check(path: str, connector: Connector) -> _Check:
+    if connector.os_family == "windows":
+        return _exit_zero(f"if (Test-Path -LiteralPath {ps_quote(path)}) {{ exit 1 }} else {{ exit 0 }}", f"{path} absent")
+    return _Check(host={"kind": "exists", "path": path},
+                  judge=lambda answer: _gone(not answer["exists"],
+                                             f"{path}: present ({answer['kind']})" if answer["exists"] else f"{path}: absent"))
 
 
-def _exit_zero(connector: Connector, command: str, what: str) -> str:
-    result = shell(connector, command, check=False)
-    return _gone(result.ok, f"{what} (`{command}` exited {result.exit_code})")
-
-
-def _verify_unit(connector: Connector, entry: Resource, item: _Work) -> list[str]:
-    assert isinstance(entry, UnitEntry)
-    evidence = [_exit_zero(connector, f"! systemctl is-active --quiet {shlex.quote(entry.unit)}",
-                           f"unit {entry.unit} is not active")]
-    if entry.port is not None:
-        evidence.append(_port_evidence(connector, entry.port, entry.namespace))
-    return evidence
-
-
-def _verify_windows(connector: Connector, entry: Resource, item: _Work) -> list[str]:
-    assert isinstance(entry, (ServiceEntry, VmEntry))
+def _plan(item: _Work, connector: Connector) -> list[_Check]:
+    """What to look at on the target to prove the item gone, independently of its removal."""
+    entry = item.entry
+    if isinstance(entry, NamespaceEntry):
+        stopped = item.context.stopped if isinstance(item.context, NamespaceRemoval) else []
+        return [_namespace_check(entry.name, for_process=False),
+                *(_process_check(int(p["pid"]), int(p["start_time"]), None, None) for p in stopped)]
+    if isinstance(entry, (CopyRootEntry, PathEntry)):
+        return [_path_check(entry.copy_root if isinstance(entry, CopyRootEntry) else entry.path, connector)]
+    if isinstance(entry, ProcessEntry):
+        checks = [_process_check(entry.pid, entry.start_time, entry.boot_id, entry.pidfile)]
+        if entry.namespace is not None:
+            checks.append(_namespace_check(entry.namespace, for_process=True))
+        if entry.port is not None:
+            checks.append(_port_check(entry.port, entry.namespace, connector.name))
+        return checks
+    if isinstance(entry, UnitEntry):
+        checks = [_exit_zero(unit_stopped_check(entry.unit), f"unit {entry.unit} is inactive")]
+        return checks + ([_port_check(entry.port, entry.namespace, connector.name)] if entry.port else [])
     if isinstance(entry, ServiceEntry):
-        return [_exit_zero(connector, stopped_check("windows-service", entry.service), f"service {entry.service} is stopped")]
-    return [_exit_zero(connector, stopped_check("hyperv", entry.vm), f"VM {entry.vm} is off")]
-
-
-def _verify_domain(connector: Connector, entry: Resource, item: _Work) -> list[str]:
-    assert isinstance(entry, DomainEntry)
-    name = shlex.quote(entry.domain)
-    return [_exit_zero(connector, f"[ \"$(virsh domstate {name})\" = 'shut off' ]", f"domain {entry.domain} is shut off")]
-
-
-def _verify_command(connector: Connector, entry: Resource, item: _Work) -> list[str]:
+        return [_exit_zero(stopped_check("windows-service", entry.service), f"service {entry.service} is stopped")]
+    if isinstance(entry, VmEntry):
+        return [_exit_zero(stopped_check("hyperv", entry.vm), f"VM {entry.vm} is off")]
+    if isinstance(entry, DomainEntry):
+        name = shlex.quote(entry.domain)
+        return [_exit_zero(f"[ \"$(virsh domstate {name})\" = 'shut off' ]", f"domain {entry.domain} is shut off")]
     assert isinstance(entry, CommandEntry)
-    evidence = []
-    if entry.verify:
-        evidence.append(_exit_zero(connector, entry.verify, "the verify command says the copy is stopped"))
-    if entry.port is not None:
-        evidence.append(_port_evidence(connector, entry.port, entry.namespace))
-    if not evidence:
-        evidence.append("NOT verified: a command copy with neither a verify command nor a port cannot be proven stopped")
-    return evidence
-
-
-_VERIFIERS: dict[type, Callable[[Connector, Resource, _Work], list[str]]] = {
-    NamespaceEntry: _verify_namespace, ProcessEntry: _verify_process, CopyRootEntry: _verify_path,
-    PathEntry: _verify_path, UnitEntry: _verify_unit, ServiceEntry: _verify_windows, VmEntry: _verify_windows,
-    DomainEntry: _verify_domain, CommandEntry: _verify_command,
-}
+    checks = [_exit_zero(entry.verify, "the verify command says the copy is stopped")] if entry.verify else []
+    return checks + ([_port_check(entry.port, entry.namespace, connector.name)] if entry.port else [])
 
 
 def cleanup_run(store: BlobStore, run_id: str, connect: Connect, *, grace: float = DEFAULT_GRACE_SECONDS) -> CleanupReport:

@@ -28,6 +28,7 @@ starts it; `stop_copy` stops what a ledger entry names and is safe to call again
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from collections.abc import Callable, Mapping
@@ -157,9 +158,16 @@ def stopped_check(preset: str, name: str) -> str:
     return f"if ({_WINDOWS_PRESETS[preset][2].format(name=ps_quote(name))}) {{ exit 0 }} else {{ exit 1 }}"
 
 
-def unit_name(context: CopyContext, run_id: str) -> str:
+def unit_stopped_check(unit: str) -> str:
+    """The sh that exits 0 when the unit is inactive or failed (a collected transient unit
+    reads inactive); anything else, or no systemd to ask, exits non-zero."""
+    return (f"case \"$(systemctl show --property=ActiveState --value -- {shlex.quote(unit)})\" in "
+            "inactive|failed) exit 0;; *) exit 1;; esac")
+
+
+def unit_name(run_id: str, member: str) -> str:
     """A systemd unit name derived like the namespace's: valid whatever the member is called."""
-    return f"{namespace_name(run_id, context.member)}.service"
+    return f"{namespace_name(run_id, member)}.service"
 
 
 def render(spec: ControlSpec, context: CopyContext, *, run_id: str) -> Rendered:
@@ -173,15 +181,14 @@ def render(spec: ControlSpec, context: CopyContext, *, run_id: str) -> Rendered:
     if spec.preset == "process":
         return Rendered("process", "sh", fill(spec.template or "", context, sh), "", None)
     if spec.preset == "systemd":
-        unit = unit_name(context, run_id)
+        unit = unit_name(run_id, context.member)
         options = [f"--unit={unit}", "--collect", "--quiet", "--service-type=exec",
                    f"--working-directory={context.root}"]
         if context.namespace:
             options.append(f"--property=NetworkNamespacePath=/run/netns/{context.namespace}")
         command = "exec " + fill(spec.template or "", context, sh)
         start = shlex.join(["systemd-run", *options, "--", "/bin/sh", "-c", command])
-        return Rendered("systemd", "sh", start, f"systemctl stop {sh(unit)}",
-                        f"! systemctl is-active --quiet {sh(unit)}", name=unit)
+        return Rendered("systemd", "sh", start, f"systemctl stop {sh(unit)}", unit_stopped_check(unit), name=unit)
     if spec.preset in _WINDOWS_PRESETS:
         name = fill(spec.template or "{name}", context)
         start, stop, _ = (part.format(name=ps_quote(name)) for part in _WINDOWS_PRESETS[spec.preset])
@@ -196,8 +203,23 @@ def render(spec: ControlSpec, context: CopyContext, *, run_id: str) -> Rendered:
                     fill(spec.verify, context, sh) if spec.verify else None)
 
 
+#: the operating system each preset needs (the command preset runs on either)
+PRESET_OS: dict[str, str] = {"process": "linux", "systemd": "linux", "libvirt": "linux",
+                             "windows-service": "windows", "hyperv": "windows"}
+
+
+def check_preset(preset: str, *, member: str, host: str, os_family: str) -> None:
+    """Fail with one line naming the member when its preset cannot run on its target's OS."""
+    needs = PRESET_OS.get(preset)
+    if needs is not None and needs != os_family:
+        raise TemplateError(f"member {member!r}: start/stop preset {preset!r} needs a "
+                            f"{needs.capitalize()} target; {host} is a {os_family.capitalize()} host")
+
+
 def render_for(connector: Connector, spec: ControlSpec, context: CopyContext, *, run_id: str) -> Rendered:
-    """render() with the command preset's templates quoted for the target's shell."""
+    """render() for the member's target: the preset must suit its OS, and the command preset's
+    templates are quoted for its shell."""
+    check_preset(spec.preset, member=context.member, host=connector.name, os_family=connector.os_family)
     rendered = render(spec, context, run_id=run_id)
     if rendered.preset != "command" or connector.os_family != "windows":
         return rendered
@@ -270,38 +292,32 @@ class Stopped:
     stopped: list[dict[str, object]] = field(default_factory=list)
 
 
-def process_identity(connector: Connector, entry: ProcessEntry) -> tuple[int, int, str] | None:
-    """The recorded process's pid, start time and boot id: from the ledger, else its pidfile."""
-    if entry.pid is not None and entry.start_time is not None and entry.boot_id is not None:
-        return entry.pid, entry.start_time, entry.boot_id
-    found = host_script(connector, "pidfile", entry.pidfile)
-    if not found["found"]:
-        return None
-    return found["pid"], found["start_time"], found["boot_id"]
-
-
-def stop_process(connector: Connector, entry: ProcessEntry, *, grace: float = DEFAULT_GRACE_SECONDS) -> Stopped:
-    identity = process_identity(connector, entry)
-    if identity is None:
+def stop_process(connector: Connector, entry: ProcessEntry, *, run_id: str,
+                 grace: float = DEFAULT_GRACE_SECONDS) -> Stopped:
+    """TERM, then KILL after `grace`, the recorded process (by the ledger's pid, else its
+    pidfile's), only while it is still that process (same pid, start time and boot id) and its
+    pidfile in the run's marked copy root names it."""
+    recorded = [{"pid": entry.pid, "start_time": entry.start_time, "boot_id": entry.boot_id}] \
+        if entry.pid is not None and entry.start_time is not None else []
+    request = {"pidfile": entry.pidfile, "root": entry.copy_root, "marker": run_id, "processes": recorded}
+    done = host_script(connector, "stop", grace, json.dumps(request), timeout=grace + 60)
+    if not done["processes"]:
         return Stopped(f"no pid recorded and no pidfile at {entry.pidfile}: the process was never started")
-    pid, start_time, boot_id = identity
-    current = host_script(connector, "identity", pid)
-    if current["boot_id"] != boot_id:
-        return Stopped(f"pid {pid} was started before {connector.name} rebooted: already gone")
-    stopped = host_script(connector, "stop", grace, f"{pid}:{start_time}", timeout=grace + 60)["processes"]
-    record = stopped[0]
-    if record["was"] == "gone":
-        return Stopped(f"pid {pid} had already exited", stopped)
-    if record["was"] == "reused":
-        return Stopped(f"pid {pid} now belongs to another process (start time differs): ours had exited; "
-                       "the other was left alone", stopped)
-    return Stopped(f"sent {' then '.join(record['signals'])} to pid {pid}", stopped)
+    record = done["processes"][0]
+    pid = record["pid"]
+    action = {
+        "gone": f"pid {pid} had already exited",
+        "rebooted": f"pid {pid} was started before {connector.name} rebooted: already gone",
+        "reused": f"pid {pid} now belongs to another process (start time differs): ours had exited; "
+                  "the other was left alone",
+    }.get(record["was"], f"sent {' then '.join(record['signals'])} to pid {pid}")
+    return Stopped(action, done["processes"])
 
 
-def stop_copy(connector: Connector, entry: Resource, *, grace: float = DEFAULT_GRACE_SECONDS) -> Stopped:
-    """Stop the copy a ledger entry names. Stopping what is already stopped says so."""
+def stop_copy(connector: Connector, entry: Resource, *, run_id: str, grace: float = DEFAULT_GRACE_SECONDS) -> Stopped:
+    """Stop the copy a ledger entry of run `run_id` names. Stopping what is already stopped says so."""
     if isinstance(entry, ProcessEntry):
-        return stop_process(connector, entry, grace=grace)
+        return stop_process(connector, entry, run_id=run_id, grace=grace)
     if isinstance(entry, UnitEntry):
         result = shell(connector, f"systemctl stop {shlex.quote(entry.unit)}", check=False)
         return Stopped(f"systemctl stop {entry.unit}: exit {result.exit_code}")
@@ -322,7 +338,7 @@ def stop_copy(connector: Connector, entry: Resource, *, grace: float = DEFAULT_G
 
 
 __all__ = [
-    "PRESETS", "ControlSpec", "stopped_check", "CopyContext", "Preset", "Rendered", "Started", "Stopped", "TemplateError", "fill",
-    "process_identity", "render", "render_for", "start_copy", "state_paths", "stop_copy", "stop_process",
+    "PRESETS", "PRESET_OS", "check_preset", "ControlSpec", "stopped_check", "unit_stopped_check", "CopyContext", "Preset", "Rendered", "Started", "Stopped", "TemplateError", "fill",
+    "render", "render_for", "start_copy", "state_paths", "stop_copy", "stop_process",
     "unit_name", "wait_listening",
 ]

@@ -66,14 +66,4 @@ def remove_path(connector: Connector, entry: CopyRootEntry | PathEntry, run_id: 
     return "removed"
 
 
-def path_exists(connector: Connector, path: str) -> tuple[bool, str]:
-    """Whether the path is there, and how that was seen."""
-    if connector.os_family == "windows":
-        result = shell(connector, f"Test-Path -LiteralPath {ps_quote(path)}")
-        present = result.stdout.strip().lower() == "true"
-        return present, f"Test-Path {path}: {result.stdout.strip()}"
-    answer = host_script(connector, "exists", path)
-    return answer["exists"], f"{path}: {'present (' + answer['kind'] + ')' if answer['exists'] else 'absent'}"
-
-
-__all__ = ["MARKER", "claim_copy_root", "marker_path", "path_exists", "record_path", "remove_path"]
+__all__ = ["MARKER", "claim_copy_root", "marker_path", "record_path", "remove_path"]

@@ -90,16 +90,16 @@ def namespace_exists(connector: Connector, name: str) -> bool:
     return name in list_namespaces(connector)
 
 
-def create_namespace(connector: Connector, ledger: Ledger, *, member: str, run_id: str | None = None) -> Namespace:
+def create_namespace(connector: Connector, ledger: Ledger, *, member: str) -> Namespace:
     """Record, then create, the member's namespace with its loopback up.
 
     Creating it again in the same run (a retried step) reuses it.
     """
-    name = namespace_name(run_id or ledger.run_id, member)
+    name = namespace_name(ledger.run_id, member)
     ledger.record("namespace", host=connector.name, member=member, name=name)
-    if not namespace_exists(connector, name):
-        shell(connector, f"ip netns add {shlex.quote(name)}", timeout=30)
-    shell(connector, in_namespace(name, "ip link set lo up"), timeout=30)
+    quoted = shlex.quote(name)
+    shell(connector, f"{{ [ -e {NETNS_DIR}/{quoted} ] || ip netns add {quoted}; }} && "
+                     + in_namespace(name, "ip link set lo up"), timeout=30)
     return Namespace(name=name, host=connector.name)
 
 
@@ -151,10 +151,17 @@ def connect_attempts(connector: Connector, endpoints: list[tuple[str, int]], *, 
     """Try a TCP connect to each endpoint on the target, inside `namespace` when given."""
     if not endpoints:
         return []
-    args = [f"[{address}]:{port}" if ":" in address else f"{address}:{port}" for address, port in endpoints]
-    answer = host_script(connector, "connect", timeout, *args, namespace=namespace)
-    return [ConnectAttempt(address=r["address"], port=r["port"], connected=r["connected"], errno=r["errno"],
-                           seconds=r["seconds"]) for r in answer["results"]]
+    answer = host_script(connector, "connect", timeout, *_endpoint_args(endpoints), namespace=namespace)
+    return _attempts(answer["results"])
+
+
+def _endpoint_args(endpoints: list[tuple[str, int]]) -> list[str]:
+    return [f"[{address}]:{port}" if ":" in address else f"{address}:{port}" for address, port in endpoints]
+
+
+def _attempts(results: list[dict[str, object]]) -> list[ConnectAttempt]:
+    return [ConnectAttempt(address=str(r["address"]), port=int(r["port"]), connected=bool(r["connected"]),  # type: ignore[call-overload]
+                           errno=r["errno"], seconds=float(r["seconds"])) for r in results]  # type: ignore[arg-type]
 
 
 def prove_isolation(connector: Connector, namespace: Namespace, production: list[tuple[str, int]], *,
@@ -169,14 +176,12 @@ def prove_isolation(connector: Connector, namespace: Namespace, production: list
     """
     if not production:
         raise ValueError(f"namespace {namespace.name}: a proof of isolation needs at least one production endpoint")
-    links = [line.split(":")[1].strip().split("@")[0]
-             for line in shell(connector, in_namespace(namespace.name, "ip -o link show")).stdout.splitlines()
-             if line.strip()]
-    routes = [line.strip() for line in shell(connector, in_namespace(namespace.name, "ip route show")).stdout.splitlines()
-              if line.strip()]
-    inside = connect_attempts(connector, production, namespace=namespace.name)
+    endpoints = [*production, *([("127.0.0.1", copy_port)] if copy_port else [])]
+    seen = host_script(connector, "inside", CONNECT_TIMEOUT, *_endpoint_args(endpoints), namespace=namespace.name)
+    attempts = _attempts(seen["results"])
+    inside, copy = attempts[:len(production)], (attempts[-1] if copy_port else None)
     outside = connect_attempts(connector, production, namespace=None)
-    copy = connect_attempts(connector, [("127.0.0.1", copy_port)], namespace=namespace.name)[0] if copy_port else None
+    links, routes = list(seen["links"]), list(seen["routes"])
     problems = [f"interface {link} besides loopback" for link in links if link != "lo"]
     problems += [f"route {route!r}" for route in routes]
     for attempt in inside:
@@ -221,20 +226,10 @@ def remove_namespace(connector: Connector, name: str, *, grace: float = 5.0) -> 
     `ip netns del` on a namespace that still has processes only unlinks its name: the
     processes and their network live on, invisible to `ip netns list`. They are stopped first.
     """
-    if not namespace_exists(connector, name):
-        return NamespaceRemoval(name=name, existed=False, stopped=[])
-    targets = []
-    for pid in namespace_pids(connector, name):
-        found = host_script(connector, "identity", pid)
-        if found["alive"]:
-            targets.append(f"{pid}:{found['start_time']}")
-    stopped: list[dict[str, object]] = []
-    if targets:
-        stopped = host_script(connector, "stop", grace, *targets, timeout=grace + 60)["processes"]
-    result = shell(connector, f"ip netns del {shlex.quote(name)}", timeout=30, check=False)
-    if not result.ok and namespace_exists(connector, name):
-        raise TargetError(f"{connector.name}: ip netns del {name} exited {result.exit_code}: {result.stderr.strip()}")
-    return NamespaceRemoval(name=name, existed=True, stopped=stopped)
+    done = host_script(connector, "netns-remove", name, grace, timeout=grace + 60)
+    if done["existed"] and not done["deleted"]:
+        raise TargetError(f"{connector.name}: ip netns del {name} failed: {done['error']}")
+    return NamespaceRemoval(name=name, existed=done["existed"], stopped=done["stopped"])
 
 
 __all__ = [

@@ -16,6 +16,7 @@ from datetime import datetime
 from configs.models import HostConfig
 from connectors.base import Connector, ConnectorError
 from tasks.backup.repository import RecoveryPoint, Repository
+from tasks.drill.copies import MARKER
 from tasks.drill.copy import PointMissing, choose_point
 from tasks.drill.evidence import ProbeRecord
 from tasks.drill.members import Member
@@ -61,6 +62,19 @@ def _free_bytes(connector: Connector, path: str) -> int:
     return int(result.stdout.split()[3]) * 1024
 
 
+def _occupied(connector: Connector, root: str) -> str | None:
+    """Why the copy root must not be used: cleanup removes it whole, so it must be absent, empty,
+    or a previous drill's copy (its marker), never a directory holding someone's data."""
+    path = shlex.quote(root)
+    answer = connector.run(f"if [ ! -e {path} ]; then echo absent; elif [ -f {path}/{MARKER} ]; then echo drill; "
+                           f"elif [ -d {path} ] && [ -z \"$(ls -A {path})\" ]; then echo empty; else echo occupied; fi",
+                           timeout=60, check=True).stdout.strip()
+    if answer == "occupied":
+        return (f"{connector.name}:{root} holds data that is not a drill's copy, and cleanup removes the copy root "
+                "whole: give the member a directory of its own")
+    return None
+
+
 def check_points(member: Member, repo: Repository, now: datetime, rpo_seconds: float, ready: Readiness) -> None:
     for disk in member.disks:
         try:
@@ -81,6 +95,9 @@ def check_target(member: Member, connector: Connector, ready: Readiness) -> None
         ready.checks.append(Check(member.id, "target", True, f"{member.target.name} answers; free space on a "
                                   "Windows target is not checked"))
         return
+    occupied = _occupied(connector, member.root)
+    if occupied:
+        ready.checks.append(Check(member.id, "target path", False, occupied))
     needed = int(sum(p.totals.size for (m, _), p in ready.points.items() if m == member.id) * HEADROOM)
     free = _free_bytes(connector, member.root)
     ok = free >= needed

@@ -307,7 +307,8 @@ class _Chart:
 
 
 def _lane_label(step: Step) -> str:
-    if step.group and step.member:
+    """`db / db-01`; a member id that already names its group (`db/db-01#0`) stands alone."""
+    if step.group and step.member and not step.member.startswith(f"{step.group}/"):
         return f"{step.group} / {step.member}"
     return step.member or step.group or "plan"
 
@@ -333,8 +334,9 @@ def timeline_chart(evidence: DrillEvidence) -> _Chart:
     for step in e.steps:
         label = _lane_label(step)
         lane = lanes.setdefault(label, _Lane(label=label, y=AXIS_ROOM / 2 + len(lanes) * LANE_HEIGHT))
-        start = _offset(e, step.started)
-        stop = _offset(e, step.finished) if step.finished else end_of_run
+        # A step begun before the clock started (waiting for the plan's slot) is drawn from 0.
+        start = max(_offset(e, step.started), 0.0)
+        stop = max(_offset(e, step.finished) if step.finished else end_of_run, start)
         state = "running" if step.ok is None else ("ok" if step.ok else "failed")
         bars.append(_Bar(x=CHART_LEFT + start * scale, width=max((stop - start) * scale, 2.0),
                          y=lane.y + (LANE_HEIGHT - BAR_HEIGHT) / 2, state=state,

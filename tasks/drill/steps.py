@@ -236,7 +236,7 @@ def failover_member(ctx: DrillContext, member: Member, points: dict[str, Recover
                 cancel.check()
                 with timeline.step("isolate") as step:
                     require_isolation(target, member.id, "netns")
-                    space = create_namespace(target, ctx.ledger, member=member.id, run_id=ctx.run_id)
+                    space = create_namespace(target, ctx.ledger, member=member.id)
                     namespace = space.name
                     proof = prove_isolation(target, space, [(member.primary.address, member.primary.effective_port)])
                     outcome.isolation = proof.evidence

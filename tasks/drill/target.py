@@ -23,6 +23,14 @@ class TargetError(Exception):
     """A drill step on a target failed; the message names the host and what failed."""
 
 
+class Refused(TargetError):
+    """The target refused a step for safety (a path outside its copy root, no drill marker)."""
+
+
+#: drill_host.py's exit status for a refusal
+REFUSED_EXIT = 3
+
+
 def in_namespace(namespace: str | None, command: str) -> str:
     """`command` as run inside network namespace `namespace` (unchanged when None)."""
     if namespace is None:
@@ -35,6 +43,8 @@ def host_script(connector: Connector, *args: str | int | float, namespace: str |
     """Run one subcommand of host_scripts/drill_host.py on the target and return its JSON."""
     command = in_namespace(namespace, "python3 - " + " ".join(shlex.quote(str(arg)) for arg in args))
     result = connector.run(command, timeout=timeout, stdin=HOST_SCRIPT.read_bytes())
+    if result.exit_code == REFUSED_EXIT:
+        raise Refused(f"{connector.name}: {_tail(result)}")
     if not result.ok:
         raise TargetError(f"{connector.name}: drill_host.py {args[0]} exited {result.exit_code}: "
                           f"{_tail(result)}")

@@ -1,12 +1,17 @@
 # Probe checks run on a Windows host itself; the counterpart of probe_host.py, same JSON out.
-#   probe_host.ps1 tcp ADDRESS PORT TIMEOUT
-#   probe_host.ps1 http URL TIMEOUT VERIFY(1|0)
-#   probe_host.ps1 sha256 PATH...
+#   probe_host.ps1 -Check tcp -Address A -Port P -Timeout T
+#   probe_host.ps1 -Check http -Url U -Timeout T -Verify 1|0
+#   probe_host.ps1 -Check sha256 -PathsJson '["C:\\a", …]'
 # TCP uses TcpClient rather than Test-NetConnection: Test-NetConnection has no timeout and
 # waits about 20 s on a filtered port. HTTP is Invoke-WebRequest without redirects.
 param(
     [Parameter(Mandatory = $true)][string]$Check,
-    [Parameter(ValueFromRemainingArguments = $true)][string[]]$Rest
+    [string]$Address,
+    [int]$Port,
+    [string]$Url,
+    [double]$Timeout = 10,
+    [string]$Verify = '1',
+    [string]$PathsJson = '[]'
 )
 $ErrorActionPreference = 'Stop'
 $BodyLimit = 65536
@@ -59,9 +64,9 @@ function Get-Digests([string[]]$Paths) {
 }
 
 switch ($Check) {
-    'tcp' { $result = Test-Tcp $Rest[0] ([int]$Rest[1]) ([double]$Rest[2]) }
-    'http' { $result = Test-Http $Rest[0] ([double]$Rest[1]) $Rest[2] }
-    'sha256' { $result = Get-Digests $Rest }
+    'tcp' { $result = Test-Tcp $Address $Port $Timeout }
+    'http' { $result = Test-Http $Url $Timeout $Verify }
+    'sha256' { $result = Get-Digests @($PathsJson | ConvertFrom-Json) }
     default { throw "unknown check $Check" }
 }
 $result | ConvertTo-Json -Compress -Depth 4

@@ -3,7 +3,7 @@
 
     probe_host.py tcp ADDRESS PORT TIMEOUT
     probe_host.py http URL TIMEOUT VERIFY(1|0) [CA_BUNDLE]
-    probe_host.py sha256 PATH...
+    probe_host.py sha256 PATHS_JSON          (a JSON list of paths)
 
 Prints one JSON object on stdout; judging it (expected status, body) is the controller's work,
 so a check reads the same wherever it ran. Standard library only: python3 is all a target has.
@@ -53,9 +53,9 @@ def http(url: str, timeout: str, verify: str, ca_bundle: str = "") -> dict[str, 
         return {"error": f"{type(reason).__name__}: {reason}"}
 
 
-def sha256(*paths: str) -> dict[str, object]:
+def sha256(paths_json: str) -> dict[str, object]:
     digests: dict[str, str | None] = {}
-    for path in paths:
+    for path in json.loads(paths_json):
         try:
             digest = hashlib.sha256()
             with open(path, "rb") as handle:

@@ -170,7 +170,9 @@ def assert_cleaned(evidence: DrillEvidence, lab: DrillLab, name: str, cfg: Path)
 def test_a_passing_drill_restores_isolates_probes_and_cleans_up_with_proof(prefect_server: None,
                                                                            drill_lab: DrillLab) -> None:
     name = "pass"
-    cfg = drill_lab.config(name, plan(drill_lab, name))
+    spec = plan(drill_lab, name)
+    spec["groups"][0]["members"][0]["pre_actions"] = [{"kind": "manual", "instructions": "Warn the web team"}]
+    cfg = drill_lab.config(name, spec)
     before_primary = primary_state(drill_lab)
     code, output = drill(cfg, name)
     assert code == 0, output
@@ -189,6 +191,9 @@ def test_a_passing_drill_restores_isolates_probes_and_cleans_up_with_proof(prefe
     assert f"outside -> production {drill_lab.primary.address}:{drill_lab.primary.port}: connected" in isolate.detail
     [checksum] = evidence.primary_checksums
     assert checksum.unchanged is True
+    # --yes confirmed the manual action in advance: recorded, no pause.
+    [manual] = [s for s in evidence.steps if s.name == "manual pre web"]
+    assert manual.ok and "Warn the web team" in manual.detail and "confirmed in advance" in manual.detail
     assert primary_state(drill_lab) == before_primary
     assert_cleaned(evidence, drill_lab, name, cfg)
     # The report and history read the same record back.
@@ -401,3 +406,17 @@ def test_manual_actions_pause_the_drill_and_are_answered_through_the_prefect_api
     answers = [s.detail for s in evidence.steps if s.name.startswith("manual ")]
     assert "answered done=True: DBA told" in answers[0] and "answered done=False" in answers[1]
     assert_cleaned(evidence, drill_lab, name, cfg)
+
+
+def test_readiness_refuses_a_copy_root_that_holds_someone_elses_data(prefect_server: None,
+                                                                     drill_lab: DrillLab) -> None:
+    """Cleanup removes a copy root whole: a target path with other data in it is never used."""
+    name = "occupied"
+    cfg = drill_lab.config(name, plan(drill_lab, name))
+    drill_lab.copy_root(name).mkdir(parents=True)
+    (drill_lab.copy_root(name) / "precious").write_text("someone's data")
+    code, output = drill(cfg, name)
+    assert code == 1, output
+    evidence = latest_evidence(cfg, name)
+    assert "holds data that is not a drill's copy" in evidence.notes[-1]
+    assert (drill_lab.copy_root(name) / "precious").read_text() == "someone's data"

@@ -100,13 +100,15 @@ class PgCluster:
                 "database": database}
 
 
-def make_cluster(data: Path, socket_dir: Path) -> PgCluster:
-    """initdb a new cluster in `data` (created, owned by postgres); not started."""
+def make_cluster(data: Path, socket_dir: Path, *, waldir: Path | None = None) -> PgCluster:
+    """initdb a new cluster in `data` (created, owned by postgres), its WAL in `waldir` when
+    given (initdb links pg_wal there); not started."""
     binaries = bin_dir()
     owned_directory(data)
     owned_directory(socket_dir)
+    wal = ["--waldir", str(owned_directory(waldir))] if waldir is not None else []
     as_postgres(binaries / "initdb", "-D", data, "-U", USER, "--auth-local=trust", "--auth-host=scram-sha-256",
-                "--no-sync", "-E", "UTF8", "--locale=C.UTF-8")
+                "--no-sync", "-E", "UTF8", "--locale=C.UTF-8", *wal)
     return PgCluster(bin=binaries, data=data, socket_dir=socket_dir, port=free_port("127.0.0.1"))
 
 

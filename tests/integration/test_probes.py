@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
+import socket
 import os
 import sqlite3
 import ssl
@@ -20,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from pydantic import TypeAdapter
 
@@ -36,9 +39,11 @@ from configs.probes import (
 from connectors import connect
 from connectors.base import CommandResult, Connector, Script
 from connectors.local import LocalConnector
-from tasks.probes import ProbeContext, ProbeResult, run_probe, run_probes
+from tasks.probes import WINDOWS_SCRIPT, ProbeContext, ProbeResult, run_probe, run_probes
 from tests.hosts.postgres import PgCluster, checksum_query, table_with_rows
 from tests.hosts.sshd_server import SshdHost, free_port
+from tests.hosts.wsman_server import WsmanTestHost
+from tests.hosts.wsman_sim import SimResult, script_handler
 from tests.hosts.wsman_tls import issue_server_cert, make_ca
 
 pytestmark = pytest.mark.integration
@@ -197,13 +202,15 @@ def test_http_and_tcp_run_on_the_host_when_asked(on_ssh: ProbeContext, web_app: 
 
 
 def test_command_exit_code_and_output(on_ssh: ProbeContext) -> None:
-    passes, wrong_output, wrong_exit = _check(
+    passes, wrong_output, wrong_exit, too_slow = _check(
         on_ssh,
         CommandProbe(command="echo 'replication lag: 0'", expect_output=r"lag: 0$", timeout_seconds=SLOW),
         CommandProbe(command="echo 'replication lag: 93'", expect_output=r"lag: 0$", timeout_seconds=SLOW),
         CommandProbe(command="echo broken >&2; exit 4", timeout_seconds=SLOW),
+        CommandProbe(command="sleep 30", timeout_seconds=1),
     )
     assert passes.ok and passes.observed == "replication lag: 0"
+    assert not too_slow.ok and too_slow.detail.startswith("could not run:") and "within 1s" in too_slow.detail
     assert not wrong_output.ok and "does not match 'lag: 0$': replication lag: 93" in wrong_output.detail
     assert not wrong_exit.ok and wrong_exit.detail == "exited 4, expected 0: broken"
 
@@ -387,7 +394,7 @@ def _wait_inside(name: str, port: int, server: subprocess.Popen[bytes]) -> None:
 
 
 def test_probes_inside_a_namespace_reach_its_copy_and_not_the_host(namespace: Namespace, on_ssh: ProbeContext,
-                                                                   sshd_host: SshdHost) -> None:
+                                                                   sshd_host: SshdHost, postgres_cluster: PgCluster) -> None:
     inside = ProbeContext(name=on_ssh.name, address="127.0.0.1", connector=on_ssh.connector,
                           prefix=f"ip netns exec {namespace.name}")
     copy_http = HttpProbe(url="http://{address}:%d/" % namespace.port, expect_body="inside the namespace", timeout_seconds=SLOW)
@@ -398,7 +405,100 @@ def test_probes_inside_a_namespace_reach_its_copy_and_not_the_host(namespace: Na
     assert in_http.ok and in_tcp.ok, (in_http, in_tcp)
     assert not in_primary.ok, "the isolated copy reached the production address"
     assert in_command.ok and "eth" not in (in_command.observed or "")
+    # A database on the host's network is out of reach too (a Unix socket would not be: the
+    # namespace isolates the network, not the file system).
+    primary_db = SqlProbe(host="127.0.0.1", port=postgres_cluster.port, user="postgres", query="SELECT 1",
+                          timeout_seconds=5)
+    from_inside, from_outside = run_probe(inside, primary_db), run_probe(on_ssh, primary_db)
+    assert not from_inside.ok and "Connection refused" in from_inside.detail
+    # Outside, the server answers (and asks for the password this probe does not give).
+    assert "no password supplied" in from_outside.detail
+    assert run_probe(inside, primary_db.model_copy(update={"host": str(postgres_cluster.socket_dir)})).ok
     # The same probes from outside the namespace: the copy is out of reach, the primary is not.
     out_http, out_tcp, out_primary = _check(on_ssh, copy_http.model_copy(update={"url": f"http://127.0.0.1:{namespace.port}/"}),
                                             copy_tcp.model_copy(update={"address": "127.0.0.1"}), primary)
     assert not out_http.ok and not out_tcp.ok and out_primary.ok
+
+
+# --------------------------------------------------------------------------- Windows hosts
+
+
+class SimulatedProbeHost:
+    """What probe_host.ps1 would print on Windows, made in Python: no PowerShell runs here, so
+    the WinRM transport and the runner's Windows side are real and the host's check is not."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, str]] = []
+
+    def respond(self, named: dict[str, str]) -> SimResult:
+        self.calls.append(named)
+        if named["Check"] == "tcp":
+            try:
+                with socket.create_connection((named["Address"], int(named["Port"])), timeout=float(named["Timeout"])):
+                    answer: dict[str, object] = {"ok": True}
+            except OSError as exc:
+                answer = {"ok": False, "error": str(exc.strerror)}
+        elif named["Check"] == "http":
+            response = httpx.get(named["Url"], timeout=float(named["Timeout"]), verify=named["Verify"] == "1")
+            answer = {"status": response.status_code, "body": response.text}
+        else:
+            answer = {"digests": {p: hashlib.sha256(Path(p).read_bytes()).hexdigest() if Path(p).exists() else None
+                                  for p in json.loads(named["PathsJson"])}}
+        return SimResult(stdout=json.dumps(answer) + "\r\n")
+
+
+def test_a_windows_sql_probe_hands_sqlcmd_its_password_on_stdin(fresh_winrm_server: WsmanTestHost,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """sqlcmd is simulated (no SQL Server here): the handler sees the PowerShell the host would
+    run, and answers as sqlcmd does with -h -1 -W -s ','."""
+    password = "Win-" + os.urandom(6).hex()
+    monkeypatch.setenv("PD_TEST_SQLCMD_PASSWORD", password)
+    seen: list[str] = []
+
+    def sqlcmd(script: str, args: list[str]) -> SimResult | None:
+        if "sqlcmd" not in script:
+            return None
+        seen.append(script)
+        return SimResult(stdout="42,shop\r\n")
+
+    fresh_winrm_server.handlers[:0] = [sqlcmd]
+    config = fresh_winrm_server.host_config("win-sql", connect_timeout=SLOW)
+    probe = SqlProbe(engine="sqlserver", host="sql-1", port=1433, user="probe", database="shop",
+                     password="env:PD_TEST_SQLCMD_PASSWORD", query="SELECT count(*), DB_NAME() FROM orders",
+                     expect_rows=[["42", "shop"]], timeout_seconds=SLOW)
+    with connect(config) as conn:
+        result = run_probe(ProbeContext.for_host(config, conn), probe)
+    assert result.ok, result
+    [script] = seen
+    assert password not in script and "$env:SQLCMDPASSWORD = [Console]::In.ReadLine()" in script
+    assert "-S 'sql-1,1433'" in script and "-U 'probe'" in script and "SET NOCOUNT ON; SELECT count(*)" in script
+
+
+def test_windows_hosts_check_through_probe_host_ps1(fresh_winrm_server: WsmanTestHost, web_app: WebApp,
+                                                     tmp_path: Path) -> None:
+    simulated = SimulatedProbeHost()
+    fresh_winrm_server.handlers[:0] = [script_handler(WINDOWS_SCRIPT, simulated.respond)]
+    data = _write(tmp_path / "app.ini", "[app]\nport=8080\n")
+    closed = free_port("127.0.0.1")
+    config = fresh_winrm_server.host_config("win-probe", connect_timeout=SLOW)
+    with connect(config) as conn:
+        ctx = ProbeContext.for_host(config, conn, expected_digests=lambda probe: {
+            str(data): hashlib.sha256(data.read_bytes()).hexdigest()})
+        tcp_open, tcp_closed, body, digests, no_ca, not_ps1 = _check(
+            ctx,
+            TcpProbe(address="127.0.0.1", port=fresh_winrm_server.port, where="host", timeout_seconds=SLOW),
+            TcpProbe(address="127.0.0.1", port=closed, where="host", timeout_seconds=5),
+            HttpProbe(url=f"{web_app.http}/healthz", expect_body="42 orders", where="host", timeout_seconds=SLOW),
+            ChecksumProbe(paths=["app.ini"], timeout_seconds=SLOW),
+            HttpProbe(url=f"{web_app.https}/healthz", ca_bundle=str(web_app.ca_bundle), where="host"),
+            ScriptProbe(script=str(_write(tmp_path / "check.sh", "true\n"))),
+        )
+        in_namespace = run_probe(ProbeContext.for_host(config, conn, prefix="ip netns exec x"), CommandProbe(command="hostname"))
+    assert tcp_open.ok and body.ok and digests.ok, (tcp_open, body, digests)
+    assert not tcp_closed.ok and f"127.0.0.1:{closed} from win-probe" in tcp_closed.detail
+    assert [c["Check"] for c in simulated.calls] == ["tcp", "tcp", "http", "sha256"]
+    assert simulated.calls[0] == {"Check": "tcp", "Address": "127.0.0.1", "Port": str(fresh_winrm_server.port),
+                                  "Timeout": f"{SLOW:g}"}
+    assert not no_ca.ok and "import the CA into the host's certificate store" in no_ca.detail
+    assert not not_ps1.ok and "expected .ps1" in not_ps1.detail
+    assert not in_namespace.ok and "Linux hosts only" in in_namespace.detail

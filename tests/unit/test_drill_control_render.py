@@ -16,7 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from tasks.drill.control import ControlSpec, CopyContext, TemplateError, fill, render, state_paths, unit_name
+from tasks.drill.control import (
+    ControlSpec,
+    CopyContext,
+    TemplateError,
+    check_preset,
+    fill,
+    render,
+    state_paths,
+    unit_name,
+    unit_stopped_check,
+)
 from tasks.drill.isolation import namespace_name
 from tests.unit.test_powershell_parses import syntax_problems
 
@@ -81,7 +91,7 @@ def test_systemd_preset_joins_the_namespace_and_stops_by_unit(tmp_path: Path) ->
     against a stub that records its argv, and the unit name is derived, never the member's."""
     ctx = context(member=HOSTILE, root=HOSTILE)
     rendered = render(ControlSpec("systemd", "app --root {root}"), ctx, run_id=RUN)
-    unit = unit_name(ctx, RUN)
+    unit = unit_name(RUN, HOSTILE)
     assert unit == f"{namespace_name(RUN, HOSTILE)}.service"
     [call] = argv_of(rendered.start, tmp_path, ("systemd-run",))
     assert call[:6] == ["systemd-run", f"--unit={unit}", "--collect", "--quiet", "--service-type=exec",
@@ -92,7 +102,7 @@ def test_systemd_preset_joins_the_namespace_and_stops_by_unit(tmp_path: Path) ->
     (tmp_path / "stop").mkdir()
     assert argv_of(rendered.stop, tmp_path / "stop", ("systemctl",)) == [["systemctl", "stop", unit]]
     assert rendered.stop == f"systemctl stop {unit}"
-    assert rendered.verify == f"! systemctl is-active --quiet {unit}"
+    assert rendered.verify == unit_stopped_check(unit)
     unisolated = render(ControlSpec("systemd", "app"), context(namespace=None), run_id=RUN)
     assert "NetworkNamespacePath" not in unisolated.start
 
@@ -148,3 +158,33 @@ def test_namespace_names_are_short_valid_and_unique() -> None:
         assert len(name) <= 24 and name.startswith("pd-")
         assert all(ch.isalnum() or ch == "-" for ch in name) and name == name.lower()
     assert namespace_name("a", "web") == namespace_name("a", "web")
+
+
+@pytest.mark.parametrize(("state", "stopped"), [("inactive", True), ("failed", True), ("active", False),
+                                                ("deactivating", False), ("", False)])
+def test_the_unit_check_passes_only_for_a_stopped_unit(tmp_path: Path, state: str, stopped: bool) -> None:
+    """No systemd here: `systemctl` is a stub printing the ActiveState it is given; an empty
+    answer stands for a host where systemctl could not tell (no systemd running)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "systemctl").write_text(f"#!/bin/sh\nprintf '%s\\n' {shlex.quote(state)}\n")
+    (bin_dir / "systemctl").chmod(0o755)
+    done = subprocess.run(["sh", "-c", unit_stopped_check("pd-web-01.service")],
+                          env={**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin"}, check=False)
+    assert (done.returncode == 0) is stopped
+
+
+@pytest.mark.parametrize(("preset", "os_family", "needs"), [
+    ("process", "windows", "Linux"), ("systemd", "windows", "Linux"), ("libvirt", "windows", "Linux"),
+    ("windows-service", "linux", "Windows"), ("hyperv", "linux", "Windows"),
+])
+def test_a_preset_on_the_wrong_os_is_one_line_naming_the_member(preset: str, os_family: str, needs: str) -> None:
+    with pytest.raises(TemplateError) as caught:
+        check_preset(preset, member="sql-01", host="dr-9", os_family=os_family)
+    assert str(caught.value) == (f"member 'sql-01': start/stop preset {preset!r} needs a {needs} target; "
+                                 f"dr-9 is a {os_family.capitalize()} host")
+
+
+def test_the_command_preset_runs_on_either_os() -> None:
+    for os_family in ("linux", "windows"):
+        check_preset("command", member="m", host="h", os_family=os_family)

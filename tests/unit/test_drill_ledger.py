@@ -94,7 +94,7 @@ def test_a_process_refinement_merges_into_its_entry_and_keeps_its_place(store: L
     ("path", {"copy_root": ROOT, "path": f"{ROOT}/../../../etc"}, "'..'"),
     ("process", {"copy_root": ROOT, "pidfile": "/etc/pid"}, "not a file under its copy root"),
     ("unit", {"unit": "sshd.service; reboot"}, "not a systemd service unit"),
-    ("service", {"service": "svc'; Remove-Item C:\\ -Recurse; '"}, "quotes or shell metacharacters"),
+    ("service", {"service": "svc\nRemove-Item C:\\ -Recurse"}, "holds control characters"),
     ("copy-root", {"copy_root": "C:\\Windows", "os_family": "windows"}, "too close"),
     ("copy-root", {"copy_root": "C:\\Windows\\System32", "os_family": "windows"}, "system directory"),
     ("bogus", {}, "does not match any of the expected tags"),

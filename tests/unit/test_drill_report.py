@@ -142,6 +142,8 @@ def test_html_chart_draws_a_bar_per_step_and_the_rto_target_where_it_belongs() -
     chart = timeline_chart(evidence)
     assert len(chart.bars) == len(evidence.steps)
     assert [lane.label for lane in chart.lanes] == ["plan", "db / db-01", "web / web-01"]
+    named = drill(db="db/db-prod#0")
+    assert [lane.label for lane in timeline_chart(named).lanes] == ["plan", "db/db-prod#0", "web / web-01"]
     span = evidence.rto_target_seconds  # 300 s: longer than the run, so it sets the scale
     target, measured = chart.lines
     assert target.x == pytest.approx(CHART_LEFT + CHART_WIDTH)
@@ -173,6 +175,13 @@ def test_a_step_still_running_is_drawn_to_the_end_of_the_run() -> None:
     bar = timeline_chart(evidence).bars[-1]
     assert bar.state == "running"
     assert bar.x + bar.width == pytest.approx(CHART_LEFT + 118 / 300 * CHART_WIDTH)
+
+
+def test_a_step_begun_before_the_clock_is_drawn_from_its_start() -> None:
+    evidence = drill()
+    evidence.steps.insert(0, evidence.steps[0].model_copy(update={"name": "wait for slot", "started": at(-30), "finished": at(0)}))
+    bar = timeline_chart(evidence).bars[0]
+    assert (bar.x, bar.width) == (CHART_LEFT, 2.0)
 
 
 def test_html_report_is_written_whole_under_a_safe_name(tmp_path: Path) -> None:

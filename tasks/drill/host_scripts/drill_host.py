@@ -8,27 +8,42 @@ namespace). Every subcommand prints one JSON object on stdout.
         start COMMAND (`sh -c 'exec COMMAND'`) detached: its own session, stdin /dev/null,
         stdout and stderr to LOGFILE; write "PID START_TIME BOOT_ID" to PIDFILE.
         -> {"pid", "start_time", "boot_id"}
-    identity PID
-        -> {"pid", "alive", "start_time", "state", "boot_id"} (start_time: clock ticks since boot,
-        field 22 of /proc/PID/stat: with the boot id, what makes a pid one process and not a
-        later one that reused the number)
-    pidfile PIDFILE
-        -> {"found": bool, "pid", "start_time", "boot_id"}
-    stop GRACE PID:START_TIME...
-        SIGTERM each process (and its process group, when it leads one) that is still the
-        recorded one, SIGKILL what is left after GRACE seconds, wait for it to go.
-        -> {"processes": [{"pid", "was": "running|gone|reused", "signals": [...], "alive_after"}]}
+    stop GRACE JSON
+        JSON: {"pidfile", "root", "marker", "processes": [{"pid", "start_time", "boot_id"}]};
+        with no process given, the pidfile's. A running process is signalled only when the
+        pidfile, under a ROOT marked with this run's MARKER text, names it (exit 3 otherwise).
+        SIGTERM each process (and its process
+        group, when it leads one) that is still the recorded one (same pid, start time and
+        boot id: a reused pid is another process and is left alone), SIGKILL what is left
+        after GRACE seconds, wait for it to go.
+        -> {"processes": [{"pid", "start_time", "was": "running|gone|reused|rebooted", "signals", "alive_after"}],
+            "pidfile": {"found", ...}}
+    netns-remove NAME GRACE
+        stop every process in namespace NAME (as stop does), then `ip netns del NAME`.
+        -> {"existed": bool, "stopped": [...], "deleted": bool, "error": str|null}
+    checks JSON
+        run each check of a JSON list and answer {"results": [...]} in the same order. Checks:
+        {"kind": "process", "pid", "start_time", "boot_id", "pidfile"} -> is the recorded
+            process (or the pidfile's) still running: {"source", "pid", "state", "running", "why"}
+        {"kind": "exists", "path"} -> {"exists", "kind"}
+        {"kind": "netns", "name"} -> {"listed", "file", "count", "pids"}
+        {"kind": "connect", "address", "port", "namespace"} -> as connect, plus
+            "namespace_gone" when the namespace no longer exists
+        {"kind": "boot"} -> {"boot_id"}
     connect TIMEOUT HOST:PORT...
         -> {"results": [{"address", "port", "connected", "errno", "error", "seconds"}]}
+    inside TIMEOUT HOST:PORT...
+        (run inside a namespace) its links and routes, then connect as above.
+        -> {"links": [...], "routes": [...], "results": [...]}
     wait TIMEOUT HOST:PORT
         try to connect every 0.1 s until it works or TIMEOUT seconds passed.
         -> {"connected": bool, "errno", "seconds"}
     remove ROOT MARKER_TEXT PATH
         remove PATH (a file, link or whole tree, never following links out of it). PATH must
         lie under ROOT, and ROOT must hold the marker file whose text is MARKER_TEXT.
-        -> {"existed": bool, "removed": bool, "error": str|null}
-    exists PATH
-        -> {"exists": bool, "kind": "file|directory|link|other|null"}
+        -> {"existed": bool, "removed": bool, "error": str|null}; exit status 3 when refused
+
+Exit status 2 with a one-line message on stderr when a subcommand fails.
 """
 
 from __future__ import annotations
@@ -40,6 +55,7 @@ import shutil
 import signal
 import socket
 import stat
+import subprocess
 import sys
 import time
 
@@ -123,17 +139,18 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
-def stop(grace: float, targets: list[tuple[int, int]]) -> dict:
-    report = []
-    for pid, start_time in targets:
-        now = identity(pid)
-        if not now["alive"]:
-            was = "gone"
-        elif now["start_time"] != start_time:
-            was = "reused"
-        else:
-            was = "running"
-        report.append({"pid": pid, "start_time": start_time, "was": was, "signals": []})
+def _state_of(pid: int, start_time: int, recorded_boot: str | None) -> str:
+    now = identity(pid)
+    if recorded_boot and recorded_boot != now["boot_id"]:
+        return "rebooted"
+    if not now["alive"]:
+        return "gone"
+    return "running" if now["start_time"] == start_time else "reused"
+
+
+def stop_processes(grace: float, targets: list[dict]) -> list[dict]:
+    report = [{"pid": t["pid"], "start_time": t["start_time"], "was": _state_of(t["pid"], t["start_time"], t.get("boot_id")),
+               "signals": []} for t in targets]
     running = [entry for entry in report if entry["was"] == "running"]
     for entry in running:
         _signal(entry["pid"], signal.SIGTERM)
@@ -150,7 +167,132 @@ def stop(grace: float, targets: list[tuple[int, int]]) -> dict:
         time.sleep(0.05)
     for entry in report:
         entry["alive_after"] = _still_ours(entry["pid"], entry["start_time"])
-    return {"processes": report}
+    return report
+
+
+def _marked(root: str, marker_text: str) -> bool:
+    try:
+        with open(os.path.join(root, MARKER), encoding="utf-8") as handle:
+            return handle.read().strip() == marker_text
+    except OSError:
+        return False
+
+
+def stop(grace: float, request: dict) -> dict:
+    """Stop the process a drill started: the one its pidfile names, under a copy root that
+    carries this run's marker. A pid the ledger recorded is signalled only when that pidfile
+    agrees (same pid and start time): a ledger alone cannot get any other process killed."""
+    found = read_pidfile(request["pidfile"]) if _marked(request["root"], request["marker"]) else {"found": False}
+    targets = list(request.get("processes", []))
+    if not targets and found["found"]:
+        targets.append({"pid": found["pid"], "start_time": found["start_time"], "boot_id": found["boot_id"]})
+    for target in targets:
+        state = _state_of(target["pid"], target["start_time"], target.get("boot_id"))
+        corroborated = found["found"] and (found["pid"], found["start_time"]) == (target["pid"], target["start_time"])
+        if state == "running" and not corroborated:
+            refuse(f"refusing to signal pid {target['pid']}: it is running, but no pidfile of this run's copy "
+                   f"({request['pidfile']}) names it")
+    return {"processes": stop_processes(grace, targets), "pidfile": found}
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+
+
+def netns_names() -> list[str]:
+    return [line.split()[0] for line in _ip("netns", "list").stdout.splitlines() if line.strip()]
+
+
+def netns_pids(name: str) -> list[int]:
+    return sorted({int(token) for token in _ip("netns", "pids", name).stdout.split() if token.isdigit()})
+
+
+def netns_remove(name: str, grace: float) -> dict:
+    if name not in netns_names() and not os.path.exists(f"/run/netns/{name}"):
+        return {"existed": False, "stopped": [], "deleted": False, "error": None}
+    targets = []
+    for pid in netns_pids(name):
+        now = identity(pid)
+        if now["alive"]:
+            targets.append({"pid": pid, "start_time": now["start_time"], "boot_id": now["boot_id"]})
+    stopped = stop_processes(grace, targets)
+    deleted = _ip("netns", "del", name)
+    error = (deleted.stderr.strip() or f"exit {deleted.returncode}") if deleted.returncode else None
+    return {"existed": True, "stopped": stopped, "deleted": deleted.returncode == 0, "error": error}
+
+
+def process_check(check: dict) -> dict:
+    pid, start_time, recorded_boot, source = check.get("pid"), check.get("start_time"), check.get("boot_id"), "ledger"
+    if pid is None and check.get("pidfile"):
+        found = read_pidfile(check["pidfile"])
+        if found["found"]:
+            pid, start_time, recorded_boot, source = found["pid"], found["start_time"], found["boot_id"], "pidfile"
+    if pid is None:
+        return {"source": "none", "pid": None, "state": None, "running": False, "why": "no pid recorded, no pidfile"}
+    now = identity(pid)
+    state = _state_of(pid, start_time, recorded_boot)
+    why = {"rebooted": "the host rebooted since it started (boot id changed)",
+           "gone": "a zombie: exited" if now["state"] == "Z" else "no such process",
+           "reused": f"now another process (start time {now['start_time']}, ours {start_time}): ours is gone",
+           "running": f"still running (start time {start_time}), state {now['state']}"}[state]
+    return {"source": source, "pid": pid, "state": now["state"], "running": state == "running", "why": why}
+
+
+_CONNECT_INSIDE = (
+    "import json, socket, sys\n"
+    "s = socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET)\n"
+    "s.settimeout(float(sys.argv[3]))\n"
+    "try:\n    s.connect((sys.argv[1], int(sys.argv[2]))); r = [True, None]\n"
+    "except socket.timeout:\n    r = [False, 'ETIMEDOUT']\n"
+    "except OSError as e:\n    import errno; r = [False, errno.errorcode.get(e.errno, str(e.errno))]\n"
+    "print(json.dumps(r))\n"
+)
+
+
+def connect_check(check: dict) -> dict:
+    namespace, address, port = check.get("namespace"), check["address"], int(check["port"])
+    result = {"address": address, "port": port, "connected": False, "errno": None, "namespace_gone": False}
+    if namespace is None:
+        return {**result, **connect(check.get("timeout", 3.0), [f"[{address}]:{port}"])["results"][0]}
+    if namespace not in netns_names():
+        return {**result, "namespace_gone": True}
+    done = subprocess.run(["ip", "netns", "exec", namespace, sys.executable, "-c", _CONNECT_INSIDE, address, str(port),
+                           str(check.get("timeout", 3.0))], capture_output=True, text=True, check=False)
+    try:
+        result["connected"], result["errno"] = json.loads(done.stdout)
+    except ValueError:
+        result["errno"] = "ERROR"
+        result["error"] = done.stderr.strip()[-300:]
+    return result
+
+
+def checks(items: list[dict]) -> dict:
+    results = []
+    for check in items:
+        kind = check["kind"]
+        if kind == "process":
+            results.append(process_check(check))
+        elif kind == "exists":
+            results.append({"exists": _kind(check["path"]) is not None, "kind": _kind(check["path"])})
+        elif kind == "netns":
+            names = netns_names()
+            listed = check["name"] in names
+            results.append({"listed": listed, "file": os.path.exists(f"/run/netns/{check['name']}"),
+                            "count": len(names), "pids": netns_pids(check["name"]) if listed else []})
+        elif kind == "connect":
+            results.append(connect_check(check))
+        elif kind == "boot":
+            results.append({"boot_id": boot_id()})
+        else:
+            fail(f"unknown check {kind!r}")
+    return {"results": results}
+
+
+def inside(timeout: float, endpoints: list[str]) -> dict:
+    links = [line.split(":")[1].strip().split("@")[0] for line in _ip("-o", "link", "show").stdout.splitlines()
+             if line.strip()]
+    routes = [line.strip() for line in _ip("route", "show").stdout.splitlines() if line.strip()]
+    return {"links": links, "routes": routes, **connect(timeout, endpoints)}
 
 
 def connect(timeout: float, endpoints: list[str]) -> dict:
@@ -205,18 +347,12 @@ def remove(root: str, marker_text: str, path: str) -> dict:
     target = os.path.join(parent, os.path.basename(path.rstrip("/")))
     inside = target == real_root or target.startswith(real_root.rstrip("/") + "/")
     if not inside:
-        fail(f"refusing to remove {path}: it resolves to {target}, outside the copy root {real_root}")
+        refuse(f"refusing to remove {path}: it resolves to {target}, outside the copy root {real_root}")
     kind = _kind(target)
     if kind is None:
         return {"existed": False, "removed": False, "error": None}
-    try:
-        with open(os.path.join(real_root, MARKER), encoding="utf-8") as handle:
-            claimed = handle.read().strip()
-    except OSError:
-        claimed = None
-    if claimed != marker_text:
-        fail(f"refusing to remove {path}: {real_root} holds no drill marker of this run "
-             f"({MARKER} {'missing' if claimed is None else 'names another run'})")
+    if not _marked(real_root, marker_text):
+        refuse(f"refusing to remove {path}: {real_root} holds no drill marker of this run ({MARKER})")
     try:
         if kind == "directory":
             # rmtree never follows a link out of the tree (it unlinks the link itself).
@@ -233,25 +369,30 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def refuse(message: str) -> None:
+    """Exit 3: the request was refused for safety, nothing was touched."""
+    print(message, file=sys.stderr)
+    sys.exit(3)
+
+
 def main(argv: list[str]) -> dict:
     command, args = argv[0], argv[1:]
     if command == "start":
         return start(*args)
-    if command == "identity":
-        return identity(int(args[0]))
-    if command == "pidfile":
-        return read_pidfile(args[0])
     if command == "stop":
-        targets = [tuple(int(part) for part in arg.split(":")) for arg in args[1:]]
-        return stop(float(args[0]), targets)  # type: ignore[arg-type]
+        return stop(float(args[0]), json.loads(args[1]))
+    if command == "netns-remove":
+        return netns_remove(args[0], float(args[1]))
+    if command == "checks":
+        return checks(json.loads(args[0]))
+    if command == "inside":
+        return inside(float(args[0]), args[1:])
     if command == "connect":
         return connect(float(args[0]), args[1:])
     if command == "wait":
         return wait(float(args[0]), args[1])
     if command == "remove":
         return remove(*args)
-    if command == "exists":
-        return {"exists": _kind(args[0]) is not None, "kind": _kind(args[0])}
     fail(f"unknown subcommand {command!r}")
     return {}
 
