@@ -232,7 +232,11 @@ def test_every_deployment_runs_with_its_defaults_on_the_lab(stack: Stack) -> Non
     readable run name and its artifacts keyed per group or plan."""
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    names = [d["name"] for d in yaml.safe_load((REPO / "deployments/prefect.yaml").read_text())["deployments"]]
+    # Failover, failback and their cancel change production: they need a plan chosen in the form and
+    # pause for approval, so they have no defaults to run with (tests/e2e/test_failover_files.py runs
+    # and approves them on a real server); registering them is checked above.
+    names = [d["name"] for d in yaml.safe_load((REPO / "deployments/prefect.yaml").read_text())["deployments"]
+             if not d["entrypoint"].startswith("flows/failover.py:")]
     # The backup comes first: verify, restore and the drills read the recovery point it writes.
     later = [n for n in names if n != "nightly-backup"]
 
