@@ -274,3 +274,22 @@ def test_sigterm_mid_failover_ends_it_cancelled_with_the_step_it_reached_in_the_
     code, out, err = cli("failover", "cancel", summary["run_id"], "--yes", "-c", str(web_lab.config))
     assert code == 0, out + err
     assert serves(web_lab.primary_url)
+
+
+def test_the_command_waits_for_approval_in_the_prefect_ui_and_exits_by_the_answer(
+        prefect_server: None, web_lab: WebLab, cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    import flows.failover as failover_flow
+    from prefect.flow_runs import resume_flow_run
+
+    monkeypatch.setattr(failover_flow, "APPROVAL_POLL_SECONDS", 1)
+    worker, outcome = in_thread(lambda: cli("failover", "web", "--planned", "--wait-for-approval", "-c",
+                                            str(web_lab.config), "--json"), "failover-waiting")
+    paused = paused_run(worker, outcome)
+    assert "no data is lost" in _description(paused)
+    assert serves(web_lab.primary_url)  # nothing is stopped while the run waits
+    resume_flow_run(paused, run_input={"approve": True, "comment": "maintenance window 12"})
+    code, out, err = joined(worker, outcome)
+    assert code == 0, out + err
+    assert serves(web_lab.copy_url) and not serves(web_lab.primary_url)
+    approval = next(s for s in web_lab.evidence(str(paused)).steps if s.name == "approval")
+    assert approval.detail == "approved: maintenance window 12"
