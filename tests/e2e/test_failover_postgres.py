@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,20 +25,13 @@ import yaml
 from connectors.stores import LocalBlobStore
 from tasks.drill.evidence import DrillEvidence, evidence_key
 from tests.e2e.test_backup_cli import cli  # noqa: F401 - the in-process CLI fixture
+from tests.hosts.postgres import as_postgres, bin_dir, scratch_directory
 from tests.hosts.sshd import SshdMaker
 from tests.hosts.sshd_server import SshdHost, free_port
 
 pytestmark = pytest.mark.e2e
-PG_BIN = Path("/usr/lib/postgresql")
 BLOCK = 64 * 1024
 Cli = Callable[..., tuple[int, str, str]]
-
-
-def _pg_bin() -> Path:
-    versions = sorted(PG_BIN.glob("*/bin/pg_ctl")) if PG_BIN.exists() else []
-    if not versions:
-        pytest.skip("Debian's postgresql is not installed (apt-get install postgresql)")
-    return versions[-1].parent
 
 
 @dataclass
@@ -51,10 +43,8 @@ class Cluster:
     address: str
     port: int
 
-    def psql(self, sql: str, *, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["runuser", "-u", "postgres", "--", str(self.bin / "psql"), "-h", self.address,
-                               "-p", str(self.port), "-d", "postgres", "-Atc", sql],
-                              capture_output=True, text=True, check=check, timeout=60)
+    def psql(self, sql: str) -> subprocess.CompletedProcess[str]:
+        return as_postgres(self.bin / "psql", "-h", self.address, "-p", str(self.port), "-d", "postgres", "-Atc", sql)
 
     def rows(self) -> list[str]:
         return self.psql("select note from events order by id").stdout.split()
@@ -64,8 +54,7 @@ class Cluster:
                               capture_output=True, check=False).returncode == 0
 
     def ctl(self, *args: str) -> None:
-        subprocess.run(["runuser", "-u", "postgres", "--", str(self.bin / "pg_ctl"), "-D", str(self.data), *args],
-                       capture_output=True, check=True, timeout=120)
+        as_postgres(self.bin / "pg_ctl", "-D", self.data, *args)
 
 
 @dataclass
@@ -83,21 +72,18 @@ class PgLab:
 def pg_lab(sshd_factory: SshdMaker) -> Iterator[PgLab]:
     """A running primary cluster with a table, on the primary sshd host; the DR host empty; a
     config with the recovery plan `pg` that fails the cluster over to the DR host."""
-    bin_dir = _pg_bin()
+    binaries = bin_dir()
     primary_host: SshdHost = sshd_factory("pg-primary")
     dr_host: SshdHost = sshd_factory("pg-dr")
-    # Under /tmp with traversable parents: the clusters run as the postgres user.
-    work = Path(tempfile.mkdtemp(prefix="pd-failover-", dir="/tmp"))
-    work.chmod(0o755)
+    work = scratch_directory("pd-failover-")
     for side in ("primary", "dr"):
         (work / side).mkdir()
         shutil.chown(work / side, "postgres")
     port = free_port(primary_host.address)
-    primary = Cluster(bin_dir, work / "primary" / "pgdata", primary_host.address, port)
-    copy = Cluster(bin_dir, work / "dr" / "pgdata", dr_host.address, port)
-    subprocess.run(["runuser", "-u", "postgres", "--", str(bin_dir / "initdb"), "-A", "trust", "-D", str(primary.data)],
-                   capture_output=True, check=True, timeout=120)
-    pg_ctl = bin_dir / "pg_ctl"
+    primary = Cluster(binaries, work / "primary" / "pgdata", primary_host.address, port)
+    copy = Cluster(binaries, work / "dr" / "pgdata", dr_host.address, port)
+    as_postgres(binaries / "initdb", "-A", "trust", "-D", primary.data)
+    pg_ctl = binaries / "pg_ctl"
     # One template for both sides: each side's root holds its own listen address (host
     # configuration kept beside the disk, not on it) and the server's log.
     for side, host in (("primary", primary_host), ("dr", dr_host)):
@@ -106,7 +92,7 @@ def pg_lab(sshd_factory: SshdMaker) -> Iterator[PgLab]:
              f"\"-c listen_addresses=$(cat {{root}}/address) -p {port} -c unix_socket_directories=''\" start")
     stop = f"runuser -u postgres -- {pg_ctl} -D {{disk:pgdata}} -m fast -w -t 60 stop"
     probe = {"kind": "command", "name": "events-readable",
-             "command": f"runuser -u postgres -- {bin_dir / 'psql'} -h {{address}} -p {port} -d postgres -Atc "
+             "command": f"runuser -u postgres -- {binaries / 'psql'} -h {{address}} -p {port} -d postgres -Atc "
                         "'select count(*) from events'"}
     config = work / "fleet.yaml"
     hosts = []
@@ -134,8 +120,7 @@ def pg_lab(sshd_factory: SshdMaker) -> Iterator[PgLab]:
     finally:
         for cluster in (primary, copy):
             if (cluster.data / "postmaster.pid").exists():
-                subprocess.run(["runuser", "-u", "postgres", "--", str(pg_ctl), "-D", str(cluster.data), "-m",
-                                "immediate", "-w", "stop"], capture_output=True, check=False, timeout=120)
+                as_postgres(pg_ctl, "-D", cluster.data, "-m", "immediate", "-w", "stop", check=False)
         shutil.rmtree(work, ignore_errors=True)
 
 
