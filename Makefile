@@ -10,7 +10,7 @@ export UV_LINK_MODE := copy
 PORT ?= 4200
 
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
-APT_PACKAGES := openssh-server openssh-client apt-utils dpkg-dev restic xfsprogs postgresql sqlite3
+APT_PACKAGES := openssh-server openssh-client apt-utils dpkg-dev restic xfsprogs postgresql sqlite3 chromium
 
 .PHONY: help demo test server bootstrap uv python-deps node-deps system-deps bench clean
 

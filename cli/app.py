@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cli import backup, patch
+from cli import backup, drill, failover, patch
 from cli.common import (
     DEFAULT_CONFIG, ConfigOption, GroupsOption, HostsOption, JsonOption, console, emit, fail, load_or_exit,
     report_problems,
@@ -102,7 +102,9 @@ def _render_ping(rows: list) -> None:  # type: ignore[type-arg]
 
 # Each pipeline's commands live in a module of their own and add themselves to the app.
 backup.register(app)
+failover.register(app)
 patch.register(app)
+drill.register(app)
 
 
 # A fresh PREFECT_HOME migrates its database before Prefect's temporary API answers: 10-25 s,

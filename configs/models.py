@@ -7,6 +7,7 @@ documentation (each Field's description). Credentials are references, never lite
 from __future__ import annotations
 
 import ipaddress
+import re
 from datetime import time
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -15,6 +16,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from configs.plans import RecoveryPlan, plan_problems
 from configs.policies import BackupPolicy, PatchPolicy
 from configs.secrets import SecretError, check_reference, parse_reference, resolve
 
@@ -216,19 +218,14 @@ def _is_loopback(host: str) -> bool:
 StorageConfig = Annotated[LocalStorage | AzureStorage, Field(discriminator="kind")]
 
 
-class RecoveryPlan(Strict):
-    """Filled in by the DR pipeline."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
-
-
 class PatchdrillConfig(Strict):
     version: Literal[1] = Field(default=1, description="Config format version.")
     storage: StorageConfig
     hosts: list[HostConfig] = Field(default_factory=list)
     patch_policies: dict[str, PatchPolicy] = Field(default_factory=dict)
     backup_policies: dict[str, BackupPolicy] = Field(default_factory=dict)
-    recovery_plans: dict[str, RecoveryPlan] = Field(default_factory=dict)
+    recovery_plans: dict[str, RecoveryPlan] = Field(
+        default_factory=dict, description="DR drills: named recovery plans (`patchdrill drill run NAME`).")
 
     @field_validator("hosts")
     @classmethod
@@ -249,6 +246,20 @@ class PatchdrillConfig(Strict):
         if problems:
             raise ValidationError.from_exception_data("hosts", problems)
         return hosts
+
+    @field_validator("recovery_plans")
+    @classmethod
+    def _plans_match_inventory(cls, plans: dict[str, RecoveryPlan], info: ValidationInfo) -> dict[str, RecoveryPlan]:
+        problems = [InitErrorDetails(type=PydanticCustomError("plan_name", "plan name {name!r} must be letters, digits, "
+                                                              "'.', '_' or '-' (it names limits and keys)", {"name": name}),
+                                     loc=(name,), input=name)
+                    for name in plans if not re.match(_NAME, name)]
+        if "hosts" in info.data:  # else the hosts failed validation and are reported already
+            base_dir = info.context.get(REFERENCES_FROM) if isinstance(info.context, dict) else None
+            problems += plan_problems(plans, info.data["hosts"], base_dir)
+        if problems:
+            raise ValidationError.from_exception_data("recovery_plans", problems)
+        return plans
 
     def select(self, groups: list[str] | None = None, names: list[str] | None = None) -> list[HostConfig]:
         chosen = [h for h in self.hosts if (not groups or set(groups) & set(h.groups)) and (not names or h.name in names)]

@@ -35,7 +35,7 @@ def host_busy(host: str) -> str:
 
 
 @contextmanager
-def _exclusive(names: list[str], timeout_seconds: float) -> Iterator[None]:
+def exclusive(names: list[str], timeout_seconds: float) -> Iterator[None]:
     """Hold the one slot of each of these Prefect global concurrency limits, all at once (the
     server grants all or none, so two holders never deadlock), shared by every worker of the
     server; TimeoutError when they stay busy. Each limit is (re)set to 1 first: a missing limit
@@ -64,7 +64,7 @@ def update_domain_slot(update_domain: int, timeout_seconds: float) -> AbstractCo
     The slot spans the whole batch, not each reboot: hosts of one batch reboot together by
     design, and what must never happen is a second run rebooting the same domain meanwhile.
     """
-    return _exclusive([reboot_limit_name(update_domain)], timeout_seconds)
+    return exclusive([reboot_limit_name(update_domain)], timeout_seconds)
 
 
 def host_slots(hosts: list[str], timeout_seconds: float) -> AbstractContextManager[None]:
@@ -72,4 +72,4 @@ def host_slots(hosts: list[str], timeout_seconds: float) -> AbstractContextManag
     them): two runs never work on one host at once, whatever update domain their configs give
     it. A survey takes its hosts' slots together: one acquisition per task run, not per host,
     costs the server and the run a fraction of the CPU."""
-    return _exclusive([host_limit_name(host) for host in hosts], timeout_seconds)
+    return exclusive([host_limit_name(host) for host in hosts], timeout_seconds)
