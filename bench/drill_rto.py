@@ -46,7 +46,7 @@ from configs.loader import load_config  # noqa: E402
 from connectors.stores import open_store  # noqa: E402
 from tasks.backup.policy import policy_from_config  # noqa: E402
 from tasks.backup.restore import restore  # noqa: E402
-from tasks.backup.run import open_repository  # noqa: E402
+from tasks.backup.disk import open_repository  # noqa: E402
 from tasks.drill.evidence import DrillEvidence  # noqa: E402
 
 APP_DIR = ROOT / "examples" / "notes-app"
@@ -115,7 +115,7 @@ def backup(config: Path) -> None:
 def bare_restore(config: Path, target: Path, *, force: bool) -> float:
     """tasks/backup's restore alone, onto target (force: over a previous copy, delta)."""
     loaded = load_config(config)
-    repo = open_repository(loaded.config, loaded.base_dir, policy_from_config(loaded.config.backup_policies, None))
+    repo = open_repository(loaded.config.storage, loaded.base_dir, policy_from_config(loaded.config.backup_policies, None))
     point = repo.find_point(HOST, DISK)
     os.sync()
     started = time.perf_counter()

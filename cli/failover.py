@@ -163,7 +163,7 @@ def _question(loaded: Any, name: str, chosen: tuple[Any, Any], mode: str, point:
     from flows.failover import data_loss_text
     from tasks.backup.errors import BackupError
     from tasks.backup.policy import policy_from_config
-    from tasks.backup.run import open_repository
+    from tasks.backup.disk import open_repository
     from tasks.drill.failover import FailoverError, members_of, unplanned_points
 
     plan, groups = chosen
@@ -174,7 +174,7 @@ def _question(loaded: Any, name: str, chosen: tuple[Any, Any], mode: str, point:
                       highlight=False, soft_wrap=True)
     else:
         try:
-            repo = open_repository(loaded.config, loaded.base_dir, policy_from_config(
+            repo = open_repository(loaded.config.storage, loaded.base_dir, policy_from_config(
                 loaded.config.backup_policies, policy or plan.backup_policy))
             points = unplanned_points(repo, groups, point)
         except (BackupError, FailoverError) as exc:

@@ -55,9 +55,9 @@ from flows.logs import configure
 from flows.run_form import OptionalName, current_run_name
 from tasks.backup import cancel
 from tasks.backup.policy import policy_from_config
-from tasks.backup.repository import RecoveryPoint, Repository
-from tasks.backup.run import DiskReport, open_repository
-from tasks.backup.tasks import backup_disk_task
+from tasks.backup.repo.repository import RecoveryPoint, Repository
+from tasks.backup.disk import DiskReport, find_disk, open_repository, policy_name
+from tasks.backup.steps import backup_disk_task
 from tasks.drill.evidence import DrillEvidence, DrillKind, GroupResult, PointUsed, Step, plan_version, utcnow
 from tasks.drill.failover import (
     FailoverError, Side, backup_side_task, check_can_start, commit_failover, committed, copy_disk_name, copy_side,
@@ -254,7 +254,7 @@ class _Run:
     def repo(self) -> Repository:
         # Opened when first needed: a planned failover of a disk never backed up creates the
         # repository with its final backup.
-        return open_repository(self.loaded.config, self.base_dir, self.policy)
+        return open_repository(self.loaded.config.storage, self.base_dir, self.policy)
 
 
 def _prepare(config_path: str, plan: str, policy: str | None, kind: DrillKind) -> _Run:
@@ -326,8 +326,9 @@ def _fail_over(config_path: str, plan: str, mode: Literal["planned", "unplanned"
             _stop_all(journal, groups, lambda m: primary[m.id], base_dir, "stop-primary")
             for member in members_of(groups):
                 for disk in member.disks:
-                    report = journal.step("final-backup", lambda: backup_disk_task(config_path, member.primary.name, disk,
-                                                                                   run.policy),
+                    report = journal.step("final-backup", lambda: backup_disk_task(
+                        run.loaded.config.storage, base_dir, *find_disk(run.loaded.config, member.primary.name, disk),
+                        run.policy, policy_name(run.loaded.config, run.policy)),
                                           member=member.id, detail=lambda r: f"{disk}: point {r.point}, "
                                           f"{human_size(r.changed_bytes)} changed since the last backup")
                     points[(member.id, disk)] = _made_point(run.repo, report)

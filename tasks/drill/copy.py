@@ -19,12 +19,12 @@ from configs.models import PatchdrillConfig
 from configs.plans import PointSelector
 from connectors.base import Connector
 from connectors.local import LocalConnector
-from tasks.backup.blockmap import TreeMap
+from tasks.backup.repo.blockmap import TreeMap
 from tasks.backup.policy import policy_from_config
 from tasks.backup.remote_restore import restore_to_host
-from tasks.backup.repository import RecoveryPoint, Repository, parse_stamp
+from tasks.backup.repo.repository import RecoveryPoint, Repository, parse_stamp
 from tasks.backup.restore import RestoreResult, restore
-from tasks.backup.run import open_repository
+from tasks.backup.disk import open_repository
 
 DIGEST_SCRIPT = Path(__file__).parent / "host_scripts" / "digest.py"
 
@@ -36,7 +36,7 @@ class PointMissing(Exception):
 def repository(config: PatchdrillConfig, base_dir: Path, policy: str | None) -> Repository:
     """The repository holding the plan's points, opened with its backup policy's key."""
     chosen = policy_from_config(config.backup_policies, policy, source="recovery plan")
-    return open_repository(config, base_dir, chosen)
+    return open_repository(config.storage, base_dir, chosen)
 
 
 def choose_point(repo: Repository, host: str, disk: str, selector: PointSelector) -> RecoveryPoint:

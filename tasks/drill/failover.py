@@ -38,9 +38,9 @@ from configs.secrets import redact
 from connectors import connect
 from connectors.stores.base import BlobStore
 from tasks.backup import cancel
-from tasks.backup.repository import RecoveryPoint, Repository
+from tasks.backup.repo.repository import RecoveryPoint, Repository
 from tasks.backup.restore import RestoreResult
-from tasks.backup.run import DiskReport, back_up_disk
+from tasks.backup.disk import DiskReport, back_up_disk, policy_name
 from tasks.drill.control import CopyContext, TemplateError, fill, quoter
 from tasks.drill.copy import PointMissing, choose_point, restore_copy
 from tasks.drill.evidence import DrillEvidence, ProbeRecord, Step, evidence_key, utcnow
@@ -236,7 +236,8 @@ def backup_side_task(config: PatchdrillConfig, base_dir: Path, side: Side, disk:
     (ASR's re-protect)."""
     name = disk if side.role == "primary" else copy_disk_name(side.member, disk)
     disk_config = DiskConfig(name=name, path=side.paths[disk], kind="auto")
-    return back_up_disk(config, base_dir, side.host, disk_config, policy)
+    return back_up_disk(config.storage, base_dir, side.host, disk_config, policy,
+                        policy_name=policy_name(config, policy))
 
 
 @task(name="restore-side", task_run_name="restore {side.member.id}/{disk} onto {side.host.name}", cache_policy=NO_CACHE)

@@ -15,7 +15,7 @@ from datetime import datetime
 
 from configs.models import HostConfig
 from connectors.base import Connector, ConnectorError
-from tasks.backup.repository import RecoveryPoint, Repository
+from tasks.backup.repo.repository import RecoveryPoint, Repository
 from tasks.drill.copies import MARKER
 from tasks.drill.copy import PointMissing, choose_point
 from tasks.drill.evidence import ProbeRecord

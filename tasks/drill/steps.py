@@ -32,7 +32,7 @@ from connectors import connect
 from connectors.base import Connector, ConnectorError
 from connectors.stores import BlobStore, open_store
 from tasks.backup import cancel
-from tasks.backup.repository import RecoveryPoint, Repository
+from tasks.backup.repo.repository import RecoveryPoint, Repository
 from tasks.drill.cleanup import CleanupReport, cleanup_run
 from tasks.drill.control import ControlSpec, CopyContext, start_copy, wait_listening
 from tasks.drill.copies import claim_copy_root, record_path

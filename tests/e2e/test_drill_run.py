@@ -32,7 +32,7 @@ from cli.app import app
 from configs.loader import load_config
 from configs.policies import BackupPolicy
 from connectors.stores import open_store
-from tasks.backup.run import back_up_disk
+from tasks.backup.disk import back_up_disk
 from tasks.drill.evidence import DrillEvidence
 from tasks.drill.ledger import Ledger, NamespaceEntry
 from tasks.drill.steps import find_evidence
@@ -102,7 +102,7 @@ def drill_lab(sshd_fleet: SshdFleet, tmp_path_factory: pytest.TempPathFactory) -
     lab = DrillLab(root, sshd_fleet.create("drill-primary"), sshd_fleet.create("drill-target"), disk)
     loaded = load_config(lab.config("backup", plan(lab, "backup")))
     host = loaded.config.hosts[0]
-    back_up_disk(loaded.config, loaded.base_dir, host, host.disks[0], BackupPolicy(block_size=65536,
+    back_up_disk(loaded.config.storage, loaded.base_dir, host, host.disks[0], BackupPolicy(block_size=65536,
                                                                                   snapshot_method="none"))
     return lab
 

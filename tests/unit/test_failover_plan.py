@@ -13,8 +13,8 @@ import yaml
 from configs.loader import load_config
 from connectors.stores import LocalBlobStore
 from tasks.backup.engine import BackupRequest, backup
-from tasks.backup.repository import Repository
-from tasks.backup.source import LocalBlockSource
+from tasks.backup.repo.repository import Repository
+from tasks.backup.sources.local import LocalBlockSource
 from tasks.drill.evidence import DrillEvidence, utcnow
 from tasks.drill.failover import (
     FailoverError, commit_failover, copy_side, data_loss_seconds, load_plan, parse_selector, primary_side,

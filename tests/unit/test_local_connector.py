@@ -69,7 +69,7 @@ def test_run_script_runs_the_file_or_text_it_is_handed(tmp_path: Path) -> None:
 
 def test_a_result_quotes_the_tail_of_what_the_command_printed() -> None:
     """stderr's last lines, else stdout's (a script that reports errors on stdout), as one line."""
-    with LocalConnector(HOST) as conn:
+    with connect(HOST) as conn:
         failed = conn.run("for i in 1 2 3 4 5 6 7; do echo \"problem $i\" >&2; done; echo done; exit 3")
         quiet = conn.run("echo 'usage: scan PATH'; echo 'bad path'; exit 2")
         silent = conn.run("exit 1")
