@@ -144,7 +144,7 @@ def app_start(data: Path, port: int) -> float:
 
 def drill(config: Path) -> DrillEvidence | str:
     """Run the drill; its evidence record, or why there is none."""
-    done = patchdrill(config, "drill", "run", PLAN)
+    done = patchdrill(config, "drill", "run", PLAN, "--yes")
     if "No such command" in done.stderr:
         return "not measured: this tree has no `patchdrill drill run`"
     newest = _newest_evidence(config)
