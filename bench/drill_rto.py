@@ -13,7 +13,7 @@ a local store, the controller as DR target, the copy in a network namespace when
 4. the same after 1% of the image is rewritten and an incremental taken, with the previous copy
    already on the target (delta restore): bare delta restore + start, and the drill again.
 
-    uv run python bench/drill_rto.py --size 2GiB   # --notes N, --port P, --workdir DIR, --keep
+    uv run python bench/drill_rto.py --size 2GiB   # --runs K, --notes N, --port P, --workdir DIR, --keep
 
 Where the tree has no `patchdrill drill run` yet, the drill rows say "not measured" and only the
 floor is measured.
@@ -144,7 +144,7 @@ def app_start(data: Path, port: int) -> float:
 
 def drill(config: Path) -> DrillEvidence | str:
     """Run the drill; its evidence record, or why there is none."""
-    done = patchdrill(config, "drill", "run", PLAN)
+    done = patchdrill(config, "drill", "run", PLAN, "--yes")
     if "No such command" in done.stderr:
         return "not measured: this tree has no `patchdrill drill run`"
     newest = _newest_evidence(config)
@@ -164,7 +164,30 @@ def _newest_evidence(config: Path) -> DrillEvidence | None:
     return max(records, key=lambda r: r.started, default=None)
 
 
-def run(work: Path, size: int, notes: int, port: int) -> None:
+def floor(config: Path, copy: Path, port: int, runs: int, previous: Path | None) -> Floor:
+    """The best of `runs` bare restores (onto a copy of `previous` when given: delta), then the
+    application's start on the result: on a shared machine one restore can swing by 3x."""
+    best: float | None = None
+    for _ in range(runs):
+        shutil.rmtree(copy, ignore_errors=True)
+        if previous is not None:
+            shutil.copytree(previous, copy)
+        seconds = bare_restore(config, copy, force=previous is not None)
+        best = seconds if best is None else min(best, seconds)
+    assert best is not None
+    return Floor(best, app_start(copy, port))
+
+
+def _place_previous_copy(previous: Path, root: Path) -> None:
+    """Leave the previous point's copy on the DR target as an earlier drill would have: under a
+    copy root carrying the drill's marker, which the drill claims and restores over (delta)."""
+    from tasks.drill.copies import MARKER  # only on a tree that has the drill
+
+    shutil.copytree(previous, root / DISK, dirs_exist_ok=True)
+    (root / MARKER).write_text("bench-previous-copy\n", encoding="utf-8")
+
+
+def run(work: Path, size: int, notes: int, port: int, runs: int) -> None:
     primary = work / "primary"
     seeded = subprocess.run([sys.executable, str(APP_DIR / "seed.py"), "--data", str(primary), "--notes", str(notes)],
                             capture_output=True, text=True, check=True).stdout.strip()
@@ -176,8 +199,10 @@ def run(work: Path, size: int, notes: int, port: int) -> None:
     backup(config)
 
     copy = work / "bare" / DISK
-    fresh = Floor(bare_restore(config, copy, force=False), app_start(copy, port))
+    fresh = floor(config, copy, port, runs, previous=None)
     fresh_drill = drill(config)
+    previous = work / "previous" / DISK
+    shutil.copytree(copy, previous)
 
     # Delta: the primary moves on (1% of the image, one more note), a new point is taken, and
     # both the bare restore and the drill start from a copy of the previous point.
@@ -185,11 +210,12 @@ def run(work: Path, size: int, notes: int, port: int) -> None:
     subprocess.run([sys.executable, str(APP_DIR / "seed.py"), "--data", str(primary), "--notes", "1"],
                    capture_output=True, check=True)
     backup(config)
-    shutil.copytree(copy, work / "dr" / DISK, dirs_exist_ok=True)
-    delta = Floor(bare_restore(config, copy, force=True), app_start(copy, port))
+    delta = floor(config, copy, port, runs, previous=previous)
+    if not isinstance(fresh_drill, str):
+        _place_previous_copy(previous, work / "dr")
     delta_drill = drill(config)
 
-    print(f"rewritten before the delta runs: {rewritten / (1 << 20):.0f} MiB\n")
+    print(f"rewritten before the delta runs: {rewritten / (1 << 20):.0f} MiB; bare restores: best of {runs}\n")
     report("fresh target", fresh, fresh_drill)
     report("previous copy on the target (delta)", delta, delta_drill)
 
@@ -224,11 +250,12 @@ def main() -> None:
     parser.add_argument("--notes", type=int, default=1000, help="notes in the application's database")
     parser.add_argument("--port", type=int, default=18090, help="notes-app's port (inside its namespace in the drill)")
     parser.add_argument("--workdir", type=Path, default=None, help="where to put the primary, the store and the copies")
+    parser.add_argument("--runs", type=int, default=2, help="bare restores per case; the best is the floor")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pd-bench-drill-", dir=args.workdir))
     try:
-        run(work, parse_size(args.size), args.notes, args.port)
+        run(work, parse_size(args.size), args.notes, args.port, max(args.runs, 1))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
