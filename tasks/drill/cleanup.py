@@ -69,6 +69,11 @@ class CleanupItem:
     verified: bool
     evidence: str
 
+    def record(self) -> dict[str, object]:
+        """The fields a drill's evidence record keeps per cleanup item (no sequence number)."""
+        return {"member": self.member, "kind": self.kind, "target": self.target, "identifier": self.identifier,
+                "action": self.action, "verified": self.verified, "evidence": self.evidence}
+
 
 @dataclass(frozen=True)
 class CleanupReport:
@@ -192,6 +197,8 @@ def _remove(item: _Work, connections: _Connections, run_id: str, grace: float) -
         item.refusal = f"refused: {exc}; nothing was touched"
     except (TargetError, ConnectorError, OSError) as exc:
         item.action = f"removal failed: {exc}"
+    except Exception as exc:  # noqa: BLE001 - one item's surprise must not leave the others in place
+        item.action = f"removal failed: {type(exc).__name__}: {exc}"
 
 
 @dataclass(frozen=True)
@@ -229,9 +236,9 @@ def _verify_all(work: list[_Work], connections: _Connections) -> None:
     for host, items in by_host.items():
         try:
             _verify_host(items, connections.get(host))
-        except (TargetError, ConnectorError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever went wrong, these items are not proven gone
             for item in items:
-                item.evidence = [f"NOT verified: {exc}"]
+                item.evidence = [f"NOT verified: {exc if isinstance(exc, TargetError) else repr(exc)}"]
 
 
 def _gone(ok: bool, text: str) -> str:
@@ -311,6 +318,7 @@ def _plan(item: _Work, connector: Connector) -> list[_Check]:
         name = shlex.quote(entry.domain)
         return [_exit_zero(f"[ \"$(virsh domstate {name})\" = 'shut off' ]", f"domain {entry.domain} is shut off")]
     assert isinstance(entry, CommandEntry)
+    # The verify command runs on the target itself: the copy's namespace is gone by now.
     checks = [_exit_zero(entry.verify, "the verify command says the copy is stopped")] if entry.verify else []
     return checks + ([_port_check(entry.port, entry.namespace, connector.name)] if entry.port else [])
 

@@ -9,7 +9,6 @@ commands, so a failing test leaves no namespace or process behind.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -247,6 +246,7 @@ def test_cleanup_after_a_controller_killed_mid_drill_works_from_the_ledger_alone
     # Cleaning up again finds everything gone, says so, and still proves it.
     second = cleanup_run(store, run_id, lambda host: SshConnector(ssh_host_config), grace=5)
     assert second.ok and second.closed
+    assert sum(isinstance(entry, ClosedEntry) for entry in Ledger(store, run_id).read()) == 1
     actions = {item.kind: item.action for item in second.items}
     assert actions["namespace"] == f"namespace {made['namespace']} was already gone"
     assert actions["copy-root"] == "was already gone" and actions["path"] == "was already gone"
@@ -463,21 +463,6 @@ def test_an_unreachable_target_fails_the_cleanup_and_keeps_the_ledger_open(
     assert "cannot open a connection to dr-gone" in item.action and item.evidence.startswith("NOT verified")
 
 
-def test_windows_targets_have_no_namespaces(tmp_path: Path) -> None:
-    """No Windows here: a WinRM connector is built but never connects; the check reads its OS
-    family only."""
-    from connectors.winrm import WinRmConnector
-
-    windows = WinRmConnector(HostConfig(name="win-dr", transport="winrm", os_family="windows", address="192.0.2.9",
-                                        user="u", password="env:NOPE"))
-    with pytest.raises(isolation.IsolationUnsupported) as caught:
-        isolation.require_isolation(windows, "sql-01", "netns")
-    assert str(caught.value).startswith("member 'sql-01': isolation 'netns' needs a Linux target; win-dr")
-    assert "'none'" in str(caught.value)
-    isolation.require_isolation(windows, "sql-01", "none")
-    os.environ.pop("NOPE", None)
-
-
 # -- the controller itself as the DR target (connectors/local.py) ----------------------------
 
 
@@ -489,7 +474,8 @@ def controller() -> LocalConnector:
 def test_the_controller_as_target_isolates_starts_and_cleans_up(controller: LocalConnector, store: LocalBlobStore,
                                                                  run_id: str, guard: Guard, tmp_path: Path) -> None:
     ledger = Ledger(store, run_id)
-    root = str(tmp_path / "local-copy")
+    # A copy root whose name a shell would trip over if anything forgot to quote it.
+    root = str(tmp_path / "it's a copy; $(touch pwned) `x`")
     claim_copy_root(controller, ledger, member="app", root=root)
     namespace = create_namespace(controller, ledger, member="app")
     port = free_port("127.0.0.1")
@@ -508,6 +494,8 @@ def test_the_controller_as_target_isolates_starts_and_cleans_up(controller: Loca
     assert [item.kind for item in report.items] == ["process", "namespace", "copy-root"]
     assert f"pid {started.entry.pid} (from the ledger)" in report.items[0].evidence  # type: ignore[union-attr]
     assert namespace.name not in namespaces() and not Path(root).exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["store"]
+    assert not Path("pwned").exists() and not (tmp_path / "pwned").exists()
 
 
 def test_a_copy_that_nothing_can_check_is_a_failure_not_a_success(controller: LocalConnector, store: LocalBlobStore,

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from configs.secrets import remember
+from connectors.stores.base import BlobStore
 from connectors.stores.local import LocalBlobStore
 from tasks.drill.ledger import (
     ClosedEntry,
@@ -45,24 +46,30 @@ def test_entries_come_back_in_the_order_recorded_one_blob_each(store: LocalBlobS
     assert not Ledger(store, "run-1").is_closed()
 
 
-def test_racing_writers_never_overwrite_each_other(store: LocalBlobStore) -> None:
-    ledgers = [Ledger(store, "race") for _ in range(8)]
-    barrier = threading.Barrier(len(ledgers))
+def race_writers(store: BlobStore, run_id: str, writers: int, each: int) -> None:
+    """`writers` Ledger objects on one run, started together, each recording `each` entries;
+    afterwards every entry must be there once, numbered 0…n-1."""
+    ledgers = [Ledger(store, run_id) for _ in range(writers)]
+    barrier = threading.Barrier(writers)
 
     def write(index: int) -> None:
         barrier.wait()
-        for n in range(5):
+        for n in range(each):
             ledgers[index].record("namespace", host="dr-1", member=f"m{index}-{n}", name=f"pd-m{index}-{n}")
 
-    threads = [threading.Thread(target=write, args=(i,)) for i in range(len(ledgers))]
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(writers)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    entries = Ledger(store, "race").read()
+    entries = Ledger(store, run_id).read()
     assert sorted(e.member for e in entries if isinstance(e, NamespaceEntry)) == sorted(
-        f"m{i}-{n}" for i in range(8) for n in range(5))
-    assert [e.seq for e in entries] == list(range(40))
+        f"m{i}-{n}" for i in range(writers) for n in range(each))
+    assert [e.seq for e in entries] == list(range(writers * each))
+
+
+def test_racing_writers_never_overwrite_each_other(store: LocalBlobStore) -> None:
+    race_writers(store, "race", writers=8, each=5)
 
 
 def test_a_process_refinement_merges_into_its_entry_and_keeps_its_place(store: LocalBlobStore) -> None:

@@ -13,11 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from configs.models import HostConfig
 from connectors.base import BootIdentity, CommandResult, Connector, Script
 from connectors.stores.local import LocalBlobStore
+from connectors.winrm import WinRmConnector
 from tasks.drill.cleanup import cleanup_run
 from tasks.drill.control import ControlSpec, CopyContext, start_copy
 from tasks.drill.copies import claim_copy_root
+from tasks.drill.isolation import IsolationUnsupported, require_isolation
 from tasks.drill.ledger import Ledger, ServiceEntry
 from tests.unit.test_powershell_parses import syntax_problems
 
@@ -90,6 +93,9 @@ def test_a_windows_service_copy_is_recorded_started_stopped_and_proven(tmp_path:
     assert report.ok and report.closed, report.summary()
     assert [(item.kind, item.identifier) for item in report.items] == [("service", HOSTILE_SERVICE), ("copy-root", ROOT)]
     assert "exited 0" in report.items[0].evidence
+    assert report.items[0].record() == {
+        "member": "sql-01", "kind": "service", "target": "win-dr", "identifier": HOSTILE_SERVICE,
+        "action": f"Stop-Service {HOSTILE_SERVICE}: exit 0", "verified": True, "evidence": report.items[0].evidence}
     assert not target.running and not target.root_exists
     quoted = "'SQL Copy \u2019\u2019; Stop-Computer -Force; '''"
     assert f"Start-Service -Name {quoted}" in target.sent and f"Stop-Service -Name {quoted} -Force" in target.sent
@@ -115,3 +121,14 @@ def test_linux_presets_are_refused_on_a_windows_target_before_anything_is_record
         start_copy(target, Ledger(store, "win-run"), ControlSpec(preset, "app"),  # type: ignore[arg-type]
                    CopyContext(member="sql-01", root=ROOT))
     assert list(store.list("drills/")) == [] and target.sent == []
+
+
+def test_windows_targets_have_no_namespaces() -> None:
+    """A WinRM connector is built but never connects: the check reads its OS family only."""
+    windows = WinRmConnector(HostConfig(name="win-dr", transport="winrm", os_family="windows", address="192.0.2.9",
+                                        user="u"))
+    with pytest.raises(IsolationUnsupported) as caught:
+        require_isolation(windows, "sql-01", "netns")
+    assert str(caught.value).startswith("member 'sql-01': isolation 'netns' needs a Linux target; win-dr")
+    assert "'none'" in str(caught.value)
+    require_isolation(windows, "sql-01", "none")

@@ -151,6 +151,8 @@ PLANNER = ("tasks.patching.plan", *sorted(module_name(path) for path in (ROOT / 
     ("configs.probes", HEAVY),
     ("connectors.stores", ("prefect", "azure")),
     *((module, HEAVY) for module in PLANNER),
+    # A drill's isolation, start/stop and cleanup work over any connector, without Prefect.
+    *((f"tasks.drill.{module}", HEAVY) for module in ("ledger", "isolation", "control", "copies", "cleanup")),
 ])
 def test_pure_modules_load_no_orchestrator_or_sdk(module: str, forbidden: tuple[str, ...]) -> None:
     """In a fresh interpreter, so what this test process already imported cannot hide a load."""
