@@ -113,17 +113,15 @@ class _Outcome:
 
 def _run(ctx: ProbeContext, command: str, timeout: float, stdin: bytes | None = None) -> CommandResult:
     """A shell command on the host, inside the context's prefix when it has one."""
+    _refuse_prefix_on_windows(ctx)
     if ctx.prefix:
-        if ctx.on_windows:
-            raise _CannotRun("a command prefix (network namespace) applies to Linux hosts only")
         command = f"{ctx.prefix} sh -c {shlex.quote(command)}"
     return ctx.connector.run(command, timeout=timeout, stdin=stdin)
 
 
 def _run_script(ctx: ProbeContext, script: Path, args: list[str], timeout: float) -> CommandResult:
+    _refuse_prefix_on_windows(ctx)
     if ctx.on_windows:
-        if ctx.prefix:
-            raise _CannotRun("a command prefix (network namespace) applies to Linux hosts only")
         if script.suffix.lower() != ".ps1":
             raise _CannotRun(f"script {script.name!r} cannot run on a Windows host: expected .ps1")
         return ctx.connector.run_script(script, args, timeout=timeout)
@@ -136,6 +134,11 @@ def _run_script(ctx: ProbeContext, script: Path, args: list[str], timeout: float
     _, text = script_source(script)
     command = " ".join([ctx.prefix, *interpreter, *(shlex.quote(a) for a in args)])
     return ctx.connector.run(command, timeout=timeout, stdin=text.encode("utf-8"))
+
+
+def _refuse_prefix_on_windows(ctx: ProbeContext) -> None:
+    if ctx.prefix and ctx.on_windows:
+        raise _CannotRun("a command prefix (network namespace) applies to Linux hosts only")
 
 
 def _host_check(ctx: ProbeContext, check: str, values: dict[str, str], timeout: float) -> dict[str, object]:

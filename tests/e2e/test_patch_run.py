@@ -306,8 +306,12 @@ def test_patch_run_reboots_through_the_gate_and_records_history(
 def test_failed_health_probe_stops_the_rollout_before_the_next_update_domain(
         prefect_server: None, lab_host: LabMaker, tmp_path: Path) -> None:
     bad, spared = lab_host("budget-bad", 1, breaks_health=True), lab_host("budget-spared", 2)
+    # The same check as a script on the controller, named relative to the config file.
+    (tmp_path / "checks").mkdir()
+    (tmp_path / "checks" / "health.sh").write_text('grep -qx ok "$DPKG_ROOT/etc/demo/health"\n')
+    script_probe = {"kind": "script", "script": "checks/health.sh", "name": "health script", "timeout_seconds": 60}
     cfg = write_config(tmp_path / "fleet.yaml", [bad.config(), spared.config()],
-                       {"baseline_months": baseline_now(), "max_errors": 0, "health_probes": [HEALTH_PROBE]})
+                       {"baseline_months": baseline_now(), "max_errors": 0, "health_probes": [HEALTH_PROBE, script_probe]})
     spared_boot = spared.sshd.boot_id
 
     state, report = run_patch(config_path=str(cfg))
@@ -318,6 +322,7 @@ def test_failed_health_probe_stops_the_rollout_before_the_next_update_domain(
     rows = records(report)
     assert rows["budget-bad"].status == "failed" and rows["budget-bad"].rebooted
     assert "health: command" in rows["budget-bad"].reason and "exited 1" in rows["budget-bad"].reason
+    assert "health script: exited 1, expected 0" in rows["budget-bad"].reason
     assert report.stopped and "exceed the budget of 0" in report.stopped
     assert rows["budget-spared"].status == "skipped" and rows["budget-spared"].reason == report.stopped
     # The other update domain was never touched.
