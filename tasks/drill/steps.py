@@ -318,8 +318,7 @@ def cleanup_step(ctx: DrillContext) -> CleanupReport:
 
 
 def cleanup_items(report: CleanupReport) -> list[CleanupItem]:
-    return [CleanupItem(member=i.member, kind=i.kind, target=i.target, identifier=i.identifier, action=i.action,
-                        verified=i.verified, evidence=i.evidence) for i in report.items]
+    return [CleanupItem.model_validate(i.record()) for i in report.items]
 
 
 # --------------------------------------------------------------------------- evidence

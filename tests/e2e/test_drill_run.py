@@ -197,8 +197,11 @@ def test_a_passing_drill_restores_isolates_probes_and_cleans_up_with_proof(prefe
     assert primary_state(drill_lab) == before_primary
     assert_cleaned(evidence, drill_lab, name, cfg)
     # The report and history read the same record back.
-    report = CliRunner().invoke(app, ["drill", "report", evidence.run_id, "--config", str(cfg)])
+    report = CliRunner().invoke(app, ["drill", "report", evidence.run_id, "--config", str(cfg),
+                                      "--html", str(drill_lab.root / "reports")])
     assert report.exit_code == 0 and "Cleanup proof" in report.output
+    [page] = (drill_lab.root / "reports").glob("*.html")
+    assert evidence.run_id in page.read_text()
     history = CliRunner().invoke(app, ["drill", "history", name, "--config", str(cfg), "--json"])
     assert history.exit_code == 0 and evidence.run_id in history.output
 
