@@ -156,7 +156,7 @@ def _error_note(evidence: DrillEvidence, exc: Exception) -> str:
 def _drill(ctx: DrillContext, evidence: DrillEvidence, manual_timeout_minutes: float | None) -> State:
     timeline = Timeline()
     evidence.steps = timeline.steps
-    # Started (and re-stamped) once the slot is ours: the RTO clock runs from here.
+    # Stamped once the slot is ours, and again when the failover itself begins (below).
     evidence.started = utcnow()
     write_evidence(ctx.store, evidence)
     log.info("drill.start", plan=ctx.plan_name, run_id=ctx.run_id, members=len(ctx.members))
@@ -171,6 +171,9 @@ def _drill(ctx: DrillContext, evidence: DrillEvidence, manual_timeout_minutes: f
 
     with timeline.step("primary checksums before"):
         before = primary_digests(ctx, "before")
+    # The RTO clock starts with the failover itself: readiness and the primary's checksums are
+    # evidence about production, not part of recovering it (ASR measures from failover start too).
+    evidence.started = utcnow()
     outcomes: list[MemberOutcome] = []
     stopped: Stop | None = None
     try:

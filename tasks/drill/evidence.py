@@ -110,7 +110,7 @@ class DrillEvidence(_Record):
     plan: str
     plan_version: str = Field(description="sha256 of the plan's canonical JSON: which version of the plan ran.")
     operator: str
-    started: datetime
+    started: datetime = Field(description="When the failover itself began: RTO and RPO count from here.")
     finished: datetime | None = None
     outcome: Outcome = "running"
     rto_target_seconds: float
@@ -137,7 +137,8 @@ class DrillEvidence(_Record):
         """Start − the oldest point restored: the most data any member lost."""
         if not self.points:
             return None
-        return (self.started - min(p.taken_at for p in self.points)).total_seconds()
+        # A planned failover's final point is taken after the start: nothing was lost, not less.
+        return max(0.0, (self.started - min(p.taken_at for p in self.points)).total_seconds())
 
     @property
     def rto_ok(self) -> bool | None:

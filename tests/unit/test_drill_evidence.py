@@ -43,6 +43,7 @@ def test_rpo_is_the_oldest_point_restored() -> None:
     assert evidence.rpo_seconds == 90 * 60
     assert evidence.rpo_ok is False
     assert _evidence(points=[_point("db", 30)]).rpo_ok is True
+    assert _evidence(points=[_point("db", -2)]).rpo_seconds == 0.0  # a planned failover's final point
 
 
 def test_plan_version_follows_content_and_the_record_round_trips() -> None:
