@@ -1,8 +1,11 @@
 """`make demo`: the main job on the embedded lab config, start to finish, no server needed.
 
-Makes sample data (a directory tree and a disk image) under .lab/, backs both up to the local
-store, changes a little of each, backs up again (only the changes travel), verifies every chunk
-and restores the latest points beside the originals, checking they are byte-identical.
+Makes sample data (a directory tree, a disk image, and the notes web application with its
+seeded SQLite database) under .lab/, backs them up to the local store, changes a little of the
+first two, backs up again (only the changes travel), verifies every chunk and restores the latest
+points beside the originals, checking they are byte-identical. Then it drills plan lab-notes:
+the application restored, started inside a network namespace of its own, probed over HTTP, by
+SQL and by checksums, removed with proof; the RTO/RPO line and the HTML report's path end it.
 Prefect runs in its ephemeral mode: the flows are the same ones a deployment schedules.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 import filecmp
 import random
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from configs.loader import load_config
+from tasks.drill.evidence import DrillEvidence
 from flows.logs import configure
 from tasks.inventory import ping_hosts
 from tasks.rendering import human_size
@@ -26,6 +31,10 @@ REPO = Path(__file__).resolve().parent.parent
 LAB_CONFIG = REPO / "configs" / "lab.yaml"
 LAB = REPO / ".lab"
 MIB = 1024 * 1024
+NOTES_APP = REPO / "examples" / "notes-app"
+#: The notes the lab's copy of notes-app holds; plan lab-notes in lab.yaml probes for this count.
+NOTES_SEEDED = 120
+DRILL_PLAN = "lab-notes"
 console = Console()
 
 
@@ -45,6 +54,16 @@ def make_sample_data(rng: random.Random) -> None:
     with image.open("wb") as out:
         for block in range(32):
             out.write(bytes(MIB) if block % 4 == 3 else rng.randbytes(MIB))
+
+
+def install_notes_app() -> None:
+    """The application as the lab host runs it: its code beside its data directory, the database
+    seeded by the app's own seed.py, so a restored copy can start on its own."""
+    home = LAB / "notes-app"
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(NOTES_APP / "app.py", home / "app.py")
+    subprocess.run([sys.executable, str(NOTES_APP / "seed.py"), "--data", str(home / "data"), "--notes", str(NOTES_SEEDED)],
+                   check=True, capture_output=True)
 
 
 def change_a_little(rng: random.Random) -> None:
@@ -73,6 +92,49 @@ def same_tree(left: Path, right: Path) -> bool:
     return not mismatch and not errors and all(same_tree(left / d, right / d) for d in compare.common_dirs)
 
 
+def drill_tables(evidence: DrillEvidence) -> list[Table]:
+    """The copy's probes (the last try of each), the cleanup's proof, and the RTO/RPO verdicts."""
+    from tasks.drill.report import rpo_line, rto_line
+
+    probes = Table(title=f"drill {evidence.plan}: the restored copy's probes, inside its namespace")
+    for column in ("probe", "result", "detail"):
+        probes.add_column(column)
+    last = {p.probe: p for p in evidence.probes if p.phase == "copy"}
+    for record in last.values():
+        probes.add_row(record.probe, "[green]pass[/]" if record.ok else "[red]FAIL[/]", record.detail)
+    cleanup = Table(title="cleanup, each removal checked")
+    for column in ("kind", "item", "verified"):
+        cleanup.add_column(column)
+    for item in evidence.cleanup:
+        cleanup.add_row(item.kind, item.identifier, "[green]yes[/]" if item.verified else "[red]NO[/]")
+    targets = Table(title=f"RTO/RPO of plan {evidence.plan}")
+    for column in ("objective", "measured against target"):
+        targets.add_column(column)
+    targets.add_row("RTO", rto_line(evidence))
+    targets.add_row("RPO", rpo_line(evidence))
+    return [probes, cleanup, targets]
+
+
+def drill(config: Path) -> bool:
+    """Drill plan lab-notes as `patchdrill drill run` does; print its evidence and report's path."""
+    from flows.drill import drill_run
+    from tasks.drill.report import write_html_report
+
+    state = drill_run(config_path=str(config), plan=DRILL_PLAN, operator="demo", manual_confirmed=True, return_state=True)
+    evidence = state.result(raise_on_failure=False)
+    if not isinstance(evidence, DrillEvidence):
+        console.print(f"[red]drill {DRILL_PLAN} {state.name}[/]: {state.message or evidence}", highlight=False)
+        return False
+    for table in drill_tables(evidence):
+        console.print(table)
+    console.print(f"drill run {evidence.run_id}; cleanup " + ("[green]verified[/]" if evidence.cleanup_verified
+                                else f"[red]NOT verified[/]: run `patchdrill drill cleanup {evidence.run_id}`"), highlight=False)
+    color = "green" if state.is_completed() else "red"
+    console.print(f"[{color}]{evidence.notes[-1] if evidence.notes else f'drill {evidence.outcome}'}[/]", highlight=False)
+    console.print(f"HTML report: {write_html_report(evidence, LAB / 'reports')}", highlight=False, soft_wrap=True)
+    return state.is_completed()
+
+
 def main() -> int:
     from flows.backup import backup_run
     from flows.restore import restore_run
@@ -90,6 +152,7 @@ def main() -> int:
     shutil.rmtree(LAB, ignore_errors=True)
     rng = random.Random(20261122)
     make_sample_data(rng)
+    install_notes_app()
     first = backup_run(str(LAB_CONFIG))
     console.print(backup_table("backup 1", first))
     change_a_little(rng)
@@ -114,6 +177,7 @@ def main() -> int:
         ok &= identical
         console.print(f"restore {disk}: {result.point} → {target}: {result.bytes_written / MIB:.1f} MiB written, "
                       + ("[green]byte-identical[/]" if identical else "[red]DIFFERS[/]"))
+    ok &= drill(LAB_CONFIG)
     return 0 if ok else 1
 
 

@@ -24,7 +24,7 @@ from types import FrameType
 
 import httpx
 
-from cli.demo import make_sample_data
+from cli.demo import install_notes_app, make_sample_data
 
 REPO = Path(__file__).resolve().parent.parent
 PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
@@ -83,6 +83,8 @@ def make_lab_data() -> None:
     """The sample disks lab.yaml names, made once with the demo's generator so backups have work."""
     if not (LAB / "disk.img").exists() or not (LAB / "sample").is_dir():
         make_sample_data(random.Random(7))
+    if not (LAB / "notes-app" / "data").is_dir():
+        install_notes_app()
 
 
 class LabStack:
