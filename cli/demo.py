@@ -56,13 +56,12 @@ def make_sample_data(rng: random.Random) -> None:
             out.write(bytes(MIB) if block % 4 == 3 else rng.randbytes(MIB))
 
 
-def install_notes_app() -> None:
+def install_notes_app(home: Path = LAB / "notes-app", notes: int = NOTES_SEEDED) -> None:
     """The application as the lab host runs it: its code beside its data directory, the database
     seeded by the app's own seed.py, so a restored copy can start on its own."""
-    home = LAB / "notes-app"
     home.mkdir(parents=True, exist_ok=True)
     shutil.copy2(NOTES_APP / "app.py", home / "app.py")
-    subprocess.run([sys.executable, str(NOTES_APP / "seed.py"), "--data", str(home / "data"), "--notes", str(NOTES_SEEDED)],
+    subprocess.run([sys.executable, str(NOTES_APP / "seed.py"), "--data", str(home / "data"), "--notes", str(notes)],
                    check=True, capture_output=True)
 
 
@@ -115,7 +114,7 @@ def drill_tables(evidence: DrillEvidence) -> list[Table]:
     return [probes, cleanup, targets]
 
 
-def drill(config: Path) -> bool:
+def drill(config: Path, reports: Path = LAB / "reports") -> bool:
     """Drill plan lab-notes as `patchdrill drill run` does; print its evidence and report's path."""
     from flows.drill import drill_run
     from tasks.drill.report import write_html_report
@@ -130,8 +129,10 @@ def drill(config: Path) -> bool:
     console.print(f"drill run {evidence.run_id}; cleanup " + ("[green]verified[/]" if evidence.cleanup_verified
                                 else f"[red]NOT verified[/]: run `patchdrill drill cleanup {evidence.run_id}`"), highlight=False)
     color = "green" if state.is_completed() else "red"
-    console.print(f"[{color}]{evidence.notes[-1] if evidence.notes else f'drill {evidence.outcome}'}[/]", highlight=False)
-    console.print(f"HTML report: {write_html_report(evidence, LAB / 'reports')}", highlight=False, soft_wrap=True)
+    note = evidence.notes[-1] if evidence.notes else ""
+    # A passed drill's note says so itself; a failed one's names only the members and what failed.
+    console.print(f"[{color}]{note if note.startswith('drill ') else f'drill {evidence.outcome}: {note}'}[/]", highlight=False)
+    console.print(f"HTML report: {write_html_report(evidence, reports)}", highlight=False, soft_wrap=True)
     return state.is_completed()
 
 

@@ -289,7 +289,7 @@ def test_every_deployment_runs_with_its_defaults_on_the_lab(stack: Stack) -> Non
         assert artifacts[key].description.startswith(f"{run.name}") or run.name in artifacts[key].description
         assert str(run.id) not in (artifacts[key].description or ""), "titled by run name, not its id"
     backup_rows = json.loads(results["nightly-backup"][1]["backup-all-nightly"].data)
-    assert {row["disk"] for row in backup_rows} == {"sample", "image"}
+    assert {row["disk"] for row in backup_rows} == {"sample", "image", "notes"}
     sizes = [row[column] for row in backup_rows for column in ("scanned", "changed", "uploaded", "stored")]
     assert all(re.fullmatch(r"\d+(\.\d)? (Bytes|KiB|MiB|GiB)", size) for size in sizes), backup_rows
     assert "32.0 MiB" in {row["scanned"] for row in backup_rows}  # the lab's 32 MiB disk image
