@@ -185,8 +185,8 @@ def run_on(side: Side, command: str, base_dir: Path, what: str) -> str:
     with connect(side.host, base_dir=base_dir) as connector:
         result = connector.run(command, timeout=STEP_TIMEOUT_SECONDS)
     if not result.ok:
-        last = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or [f"exit {result.exit_code}"]
-        raise FailoverError(redact(f"{side.host.name}: {what} failed (exit {result.exit_code}): {last[0]}"))
+        last = result.tail(1) or "it printed nothing"
+        raise FailoverError(redact(f"{side.host.name}: {what} failed (exit {result.exit_code}): {last}"))
     return result.stdout
 
 

@@ -56,7 +56,7 @@ def _run_hooks(conn: Connector, commands: list[str], timeout: float, stage: str)
     for command in commands:
         result = conn.run(command, timeout=timeout)
         if not result.ok:
-            tail = " | ".join((result.stderr or result.stdout).strip().splitlines()[-3:])
+            tail = result.tail(3)
             return redact(f"{stage} hook {command!r} exited {result.exit_code}" + (f": {tail}" if tail else ""))
     return None
 

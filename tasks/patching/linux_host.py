@@ -229,7 +229,7 @@ def _failure_detail(results: list[CommandResult]) -> str:
     if not failed:
         return "still missing after the install reported success"
     last = failed[-1]
-    tail = " | ".join((last.stderr or last.stdout).strip().splitlines()[-3:])
+    tail = last.tail(3)
     return redact(f"install exited {last.exit_code}: {tail}" if tail else f"install exited {last.exit_code}")
 
 

@@ -93,7 +93,7 @@ def reboot_and_wait(
         # decided by its boot identity below, not by this call.
         result = None
     if result is not None and not result.ok:
-        detail = " | ".join((result.stderr or result.stdout).strip().splitlines()[-3:])
+        detail = result.tail(3)
         raise RebootFailed(connector.name, f"the reboot request exited {result.exit_code}" + (f": {detail}" if detail else ""))
     try:
         after = connector.wait_until_up(timeout, interval=interval, not_boot_id=before.boot_id)

@@ -356,7 +356,7 @@ def test_script_arguments_are_literals() -> None:
 
 
 def test_a_non_winrm_host_is_refused() -> None:
-    with pytest.raises(ValueError, match="'box'.*transport is 'ssh'"):
+    with pytest.raises(ValueError, match="'box'.*WinRmConnector takes WinRmSettings.*not SshSettings"):
         WinRmConnector(settings_for(HostConfig(name="box", transport="ssh", user="root")))
 
 
