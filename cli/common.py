@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Callable, NoReturn, Optional
+from typing import Annotated, Any, Callable, NoReturn, Optional, TypeVar
 
 import structlog
 import typer
@@ -62,6 +62,29 @@ def to_jsonable(data: Any) -> Any:
     if isinstance(data, dict):
         return {key: to_jsonable(value) for key, value in data.items()}
     return data
+
+
+#: exit codes of the commands that run a flow: 0 Completed, 1 Failed (or bad input), 3 Cancelled
+EXIT_FAILED = 1
+EXIT_CANCELLED = 3
+
+R = TypeVar("R")
+
+
+def flow_result(state: Any, expected: type[R], what: str) -> R:
+    """The result a flow run returned, or one line saying why there is none (it stopped early)."""
+    result = state.result(raise_on_failure=False)
+    if not isinstance(result, expected):
+        fail(f"{what}{state.name}: {state.message or result}")
+    return result
+
+
+def exit_as(state: Any, *, cancelled: int = EXIT_CANCELLED) -> None:
+    """Leave with the exit code the flow run's final state stands for (nothing when Completed)."""
+    if state.is_cancelled():
+        raise typer.Exit(cancelled)
+    if not state.is_completed():
+        raise typer.Exit(EXIT_FAILED)
 
 
 def emit(data: Any, as_json: bool, render: Callable[[Any], None]) -> None:

@@ -16,10 +16,11 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from cli.common import DEFAULT_CONFIG, ConfigOption, JsonOption, console, emit, err_console, fail, load_or_exit
+from cli.common import (
+    DEFAULT_CONFIG, EXIT_FAILED, ConfigOption, JsonOption, console, emit, err_console, exit_as, fail, flow_result,
+    load_or_exit,
+)
 
-EXIT_FAILED = 1
-EXIT_CANCELLED = 3
 
 drill_app = typer.Typer(no_args_is_help=True, help="DR drills: test failover of a recovery plan, cleanup, evidence.")
 
@@ -103,14 +104,8 @@ def run(
     with stoppable():
         state = drill_run(config_path=str(config), plan=plan, operator=operator or "", manual_confirmed=yes,
                           return_state=True)
-    evidence = state.result(raise_on_failure=False)
-    if not isinstance(evidence, DrillEvidence):
-        fail(f"drill {plan} {state.name}: {state.message or evidence}")
-    emit(evidence, as_json, _render_run)
-    if state.is_cancelled():
-        raise typer.Exit(EXIT_CANCELLED)
-    if not state.is_completed():
-        raise typer.Exit(EXIT_FAILED)
+    emit(flow_result(state, DrillEvidence, f"drill {plan} "), as_json, _render_run)
+    exit_as(state)
 
 
 @drill_app.command("cleanup")

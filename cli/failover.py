@@ -20,11 +20,11 @@ import typer
 from rich.table import Table
 from typer.core import TyperGroup
 
-from cli.common import DEFAULT_CONFIG, ConfigOption, JsonOption, console, emit, fail, load_or_exit
+from cli.common import (
+    DEFAULT_CONFIG, EXIT_CANCELLED, ConfigOption, JsonOption, console, emit, exit_as, fail, flow_result, load_or_exit,
+)
 from cli.interrupts import stoppable
 
-EXIT_FAILED = 1
-EXIT_CANCELLED = 3
 
 #: The hidden command `failover PLAN …` runs: a group cannot take an argument before its
 #: subcommands (`failover commit RUN` would read "commit" as the plan).
@@ -104,18 +104,15 @@ def _render(summary: dict[str, Any]) -> None:
 
 
 def _finish(state: Any, as_json: bool) -> None:
-    summary = state.result(raise_on_failure=False)
-    if not isinstance(summary, dict):
-        fail(f"{state.name}: {state.message or summary}")
-    emit(summary, as_json, _render)
+    emit(flow_result(state, dict, ""), as_json, _render)
     if state.is_cancelled():
         from tasks.backup import cancel
 
         # Stopped by Ctrl-C or SIGTERM: the shell's code for the signal, as a stopped backup exits.
-        raise typer.Exit(cancel.exit_code() if cancel.requested() else EXIT_CANCELLED)
+        exit_as(state, cancelled=cancel.exit_code() if cancel.requested() else EXIT_CANCELLED)
     if not state.is_completed():
         console.print(f"[bold red]{state.name}:[/] {state.message}", highlight=False, soft_wrap=True)
-        raise typer.Exit(EXIT_FAILED)
+    exit_as(state)
 
 
 @failover_app.command(FAILOVER_COMMAND, hidden=True)

@@ -14,7 +14,8 @@ import typer
 from rich.table import Table
 
 from cli.common import (
-    DEFAULT_CONFIG, ConfigOption, GroupsOption, HostsOption, JsonOption, console, emit, fail, load_or_exit,
+    DEFAULT_CONFIG, ConfigOption, GroupsOption, HostsOption, JsonOption, console, emit, exit_as,
+    fail, flow_result, load_or_exit,
 )
 
 PolicyOption = Annotated[Optional[str], typer.Option(
@@ -30,8 +31,6 @@ RefreshOption = Annotated[bool, typer.Option(
 
 # Exit codes of `patch run`, as its flow run's final state: Completed 0, Failed 1 (also every
 # mistake in the input), Cancelled 3 (not approved).
-EXIT_FAILED = 1
-EXIT_CANCELLED = 3
 
 patch_app = typer.Typer(no_args_is_help=True, help="Patch runs: enroll, assess, install by update domain, report.")
 
@@ -197,14 +196,8 @@ def run(
     state = patch_run(config_path=str(config), groups=group, hosts=host, policy=policy, dry_run=dry_run,
                       ignore_windows=ignore_windows, reboot_outside_window=reboot_outside_window, approved=yes,
                       forks=forks, refresh=refresh, return_state=True)
-    report = state.result(raise_on_failure=False)
-    if not isinstance(report, PatchRunReport):
-        fail(f"patch run {state.name}: {state.message or report}")
-    emit(report, as_json, _render_run)
-    if state.is_cancelled():
-        raise typer.Exit(EXIT_CANCELLED)
-    if not state.is_completed():
-        raise typer.Exit(EXIT_FAILED)
+    emit(flow_result(state, PatchRunReport, "patch run "), as_json, _render_run)
+    exit_as(state)
 
 
 @patch_app.command("calendar")
