@@ -6,8 +6,11 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export UV_LINK_MODE := copy
 
-# `make server PORT=4300` moves the API and the UI together.
+# `make server PORT=4300` moves the API and the UI together; DB=postgres gives the server a
+# private PostgreSQL cluster under .lab/postgres; WORKERS=2 starts two workers on the pool.
 PORT ?= 4200
+DB ?= sqlite
+WORKERS ?= 1
 
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 APT_PACKAGES := openssh-server openssh-client apt-utils dpkg-dev restic xfsprogs postgresql sqlite3 chromium
@@ -18,6 +21,7 @@ help:
 	@echo "make demo    run the main job on the embedded lab (local store, local host)"
 	@echo "make test    run the whole test suite (installs everything it needs)"
 	@echo "make server  Prefect server + UI + worker + every deployment on http://127.0.0.1:$(PORT) (PORT=...; Ctrl-C stops all)"
+	@echo "             DB=postgres: the server on its own PostgreSQL cluster (.lab/postgres); WORKERS=2: two workers"
 	@echo "make bench   run the benchmarks in bench/ (slow; not part of the tests)"
 
 uv:
@@ -48,7 +52,7 @@ test: bootstrap
 	@$(UV) run --frozen pytest -q
 
 server: python-deps
-	@$(UV) run --frozen python -m cli.lab_server --port $(PORT)
+	@$(UV) run --frozen python -m cli.lab_server --port $(PORT) --db $(DB) --workers $(WORKERS)
 
 bench: bootstrap
 	@$(UV) run --frozen python bench/backup_vs_restic.py

@@ -3,7 +3,12 @@
 Starts the Prefect server (API, UI and its services, the scheduler among them) on one port,
 creates the `patchdrill` process work pool, deploys deployments/prefect.yaml, starts a worker,
 and makes the lab's sample data, so every shipped deployment runs from the UI with its defaults.
-Ctrl-C (SIGINT) or SIGTERM stops the worker, then the server, and waits for both.
+Ctrl-C (SIGINT) or SIGTERM stops the workers, then the server, then its database, and waits
+for each.
+
+`--db postgres` gives the server a private PostgreSQL cluster (cli/lab_postgres.py) instead of
+its SQLite file; `--workers N` starts N workers on the one pool, which share its runs as workers
+on several machines would.
 
 The UI is told the API's address explicitly (PREFECT_UI_API_URL): left to itself it follows a
 PREFECT_API_URL from the user's profile, which may name another port.
@@ -21,10 +26,12 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import httpx
 
 from cli.demo import install_notes_app, make_sample_data
+from cli.lab_postgres import LabPostgres, PostgresFailed
 
 REPO = Path(__file__).resolve().parent.parent
 PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
@@ -91,23 +98,42 @@ class LabStack:
     """The server and worker processes; each in its own session so a terminal's Ctrl-C reaches
     only this supervisor, which then stops them in order."""
 
-    def __init__(self, port: int, log_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, port: int, log_dir: Path, env: dict[str, str] | None = None, *,
+                 database: LabPostgres | None = None, workers: int = 1, worker_limit: int | None = None) -> None:
         self.port = port
         self.log_dir = log_dir
         self.env = stack_environment(port, env)
+        self.database = database
+        self.workers = workers
+        self.worker_limit = worker_limit
         self.processes: list[subprocess.Popen[bytes]] = []
 
     @property
     def ui_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        return self._spawn_command(name, [sys.executable, "-m", "prefect", *args], env=env)
+
+    def _spawn_command(self, name: str, command: list[str], *, env: dict[str, str] | None = None,
+                       cwd: Path = REPO, **popen: Any) -> subprocess.Popen[bytes]:
         log = (self.log_dir / f"{name}.log").open("wb")
-        process = subprocess.Popen([sys.executable, "-m", "prefect", *args], cwd=REPO, env=self.env,
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(command, cwd=cwd, env=env or self.env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True, **popen)
         log.close()
         self.processes.append(process)
         return process
+
+    def _server_environment(self) -> dict[str, str]:
+        """The server's own environment: the database URL (with its password) goes to it alone."""
+        if self.database is None:
+            return self.env
+        binaries = self.database.prepare()
+        log = self.log_dir / "postgres.log"
+        postgres = self._spawn_command("postgres", self.database.command(binaries), env=self.env,
+                                       cwd=self.database.root, **self.database.as_service_user)
+        self.database.wait_ready(binaries, postgres, log)
+        return {**self.env, "PREFECT_API_DATABASE_CONNECTION_URL": self.database.connection_url()}
 
     def _prefect(self, *args: str) -> None:
         done = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", *args], cwd=REPO, env=self.env,
@@ -133,17 +159,34 @@ class LabStack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         make_lab_apt_root()
         make_lab_data()
-        server = self._spawn("server", "server", "start", "--host", "127.0.0.1", "--port", str(self.port))
+        try:
+            server_env = self._server_environment()
+        except PostgresFailed as exc:
+            raise StackFailed(str(exc)) from None
+        server = self._spawn("server", "server", "start", "--host", "127.0.0.1", "--port", str(self.port),
+                             env=server_env)
         self._wait_healthy(server)
         self._prefect("work-pool", "create", WORK_POOL, "--type", "process", "--overwrite")
         self._prefect("deploy", "--all", "--prefect-file", str(PREFECT_YAML))
-        self._spawn("worker", "worker", "start", "--pool", WORK_POOL)
+        limit = ["--limit", str(self.worker_limit)] if self.worker_limit else []
+        for number in range(1, self.workers + 1):
+            # The first worker keeps the name and log of a one-worker stack.
+            suffix = "" if number == 1 else f"-{number}"
+            self._spawn(f"worker{suffix}", "worker", "start", "--pool", WORK_POOL, "--name", worker_name(number),
+                        *limit)
 
     def stop(self) -> None:
-        """Worker first (it may be running a flow), then the server; each whole process group."""
+        """Workers first (they may be running flows), then the server, then its database; each
+        whole process group."""
         for process in reversed(self.processes):
             _stop_group(process)
         self.processes.clear()
+
+
+def worker_name(number: int) -> str:
+    """What the UI shows as the worker and what each run it takes carries as its
+    `prefect.worker.name` label."""
+    return f"{WORK_POOL}-worker-{number}"
 
 
 def _check_port_free(port: int) -> None:
@@ -179,8 +222,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT") or 4200))
     parser.add_argument("--log-dir", type=Path, default=LAB / "server")
+    parser.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite",
+                        help="the server's database: its SQLite file, or a private PostgreSQL cluster")
+    parser.add_argument("--db-dir", type=Path, default=LAB / "postgres",
+                        help="the PostgreSQL cluster's directory (data, socket, password)")
+    parser.add_argument("--db-port", type=int, default=0, help="the PostgreSQL port (default: a free one)")
+    parser.add_argument("--workers", type=_positive, default=1,
+                        help="workers started on the patchdrill pool")
+    parser.add_argument("--worker-limit", type=_positive, default=None,
+                        help="flow runs each worker runs at once (default: no limit)")
     args = parser.parse_args(argv)
-    stack = LabStack(args.port, args.log_dir)
+    database = None
+    if args.db == "postgres":
+        database = LabPostgres(args.db_dir.resolve(), args.db_port or _free_port())
+    stack = LabStack(args.port, args.log_dir, database=database, workers=args.workers,
+                     worker_limit=args.worker_limit)
 
     def interrupted(signum: int, _: FrameType | None) -> None:
         raise KeyboardInterrupt
@@ -189,14 +245,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stack.start()
         print(f"Prefect UI: {stack.ui_url}  (API {stack.env['PREFECT_API_URL']}; logs in {args.log_dir})", flush=True)
+        if database is not None:
+            print(f"Database: PostgreSQL on 127.0.0.1:{database.port}, cluster in {database.root}", flush=True)
+        if args.workers > 1:
+            print(f"Workers: {', '.join(worker_name(n) for n in range(1, args.workers + 1))} on pool {WORK_POOL}",
+                  flush=True)
         print(f"In another shell: export PREFECT_API_URL={stack.env['PREFECT_API_URL']}", flush=True)
-        print("Ctrl-C stops the worker and the server.", flush=True)
+        print("Ctrl-C stops the workers, the server and its database.", flush=True)
         while all(p.poll() is None for p in stack.processes):
             time.sleep(1)
         print("a process of the stack exited; stopping the rest", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
-        print("stopping the worker and the server", flush=True)
+        print("stopping the workers, the server and its database", flush=True)
         return 0
     except StackFailed as exc:
         print(f"make server: {exc}", file=sys.stderr, flush=True)
@@ -205,6 +266,19 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stack.stop()
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 if __name__ == "__main__":
