@@ -15,13 +15,14 @@ WORKERS ?= 1
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 APT_PACKAGES := openssh-server openssh-client apt-utils dpkg-dev restic xfsprogs postgresql sqlite3 chromium
 
-.PHONY: help demo test server bootstrap uv python-deps node-deps system-deps bench clean
+.PHONY: help demo test server deploy bootstrap uv python-deps node-deps system-deps bench clean
 
 help:
 	@echo "make demo    run the main job on the embedded lab (local store, local host)"
 	@echo "make test    run the whole test suite (installs everything it needs)"
 	@echo "make server  Prefect server + UI + worker + every deployment on http://127.0.0.1:$(PORT) (PORT=...; Ctrl-C stops all)"
 	@echo "             DB=postgres: the server on its own PostgreSQL cluster (.lab/postgres); WORKERS=2: two workers"
+	@echo "make deploy  register every deployment on PREFECT_API_URL's server (GIT=url [BRANCH=b]: runs clone the code from git)"
 	@echo "make bench   run the benchmarks in bench/ (slow; not part of the tests)"
 
 uv:
@@ -53,6 +54,9 @@ test: bootstrap
 
 server: python-deps
 	@$(UV) run --frozen python -m cli.lab_server --port $(PORT) --db $(DB) --workers $(WORKERS)
+
+deploy: python-deps
+	@$(UV) run --frozen python -m cli.deploy $(if $(GIT),--git-repository '$(GIT)') $(if $(BRANCH),--git-branch '$(BRANCH)')
 
 bench: bootstrap
 	@$(UV) run --frozen python bench/backup_vs_restic.py
