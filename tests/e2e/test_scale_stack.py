@@ -55,7 +55,10 @@ def scale_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScaleStack
     port = _free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_WORKER_QUERY_SECONDS="2",
-               PREFECT_RUNNER_POLL_FREQUENCY="2")
+               PREFECT_RUNNER_POLL_FREQUENCY="2",
+               # A run refused a slot retries after the limit's average hold, capped here (30 s by
+               # default): the test holds its slots long, and the same code path retries sooner.
+               PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS="1")
     output = home / "lab-server.out"
     with output.open("w") as out:
         process = subprocess.Popen([sys.executable, "-m", "cli.lab_server", "--port", str(port), "--db", "postgres",
