@@ -61,6 +61,7 @@ deploy: python-deps
 bench: bootstrap
 	@$(UV) run --frozen python bench/backup_vs_restic.py
 	@$(UV) run --frozen python bench/fanout_vs_ansible.py
+	@$(UV) run --frozen python bench/worker_capacity.py
 
 clean:
 	rm -rf .lab .bench .pytest_cache

@@ -11,7 +11,9 @@ its own sandboxed real apt (tests/e2e/test_patch_run.py's lab hosts).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -77,7 +79,7 @@ def scale_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScaleStack
         process.wait(timeout=90)
     for pid in _processes_with(f"PREFECT_HOME={home}"):
         os.kill(pid, signal.SIGKILL)
-    subprocess.run(["rm", "-rf", str(db_dir)], check=False)
+    shutil.rmtree(db_dir, ignore_errors=True)
 
 
 def test_make_server_passes_db_and_workers_through() -> None:
@@ -273,3 +275,20 @@ def test_a_cluster_directory_postgres_cannot_reach_is_one_clear_line(tmp_path: P
                                    "directory is not searchable by others (chmod o+x it, or keep the repository "
                                    "elsewhere)")
     assert _processes_with(f"PREFECT_HOME={tmp_path / 'home'}") == []
+
+
+def test_ctrl_c_stops_the_workers_the_server_and_the_database(scale_stack: ScaleStack) -> None:
+    """Last in this module: SIGINT to the supervisor's process group, as a terminal's Ctrl-C."""
+    port = int(scale_stack.output.read_text().split("PostgreSQL on 127.0.0.1:")[1].split(",")[0])
+    assert len(_processes_with(f"PREFECT_HOME={scale_stack.home}")) >= 4  # postgres, server, two workers
+    os.killpg(scale_stack.process.pid, signal.SIGINT)
+    assert scale_stack.process.wait(timeout=90) == 0
+    deadline = time.monotonic() + 30
+    while (left := _processes_with(f"PREFECT_HOME={scale_stack.home}")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert left == []
+    for listening in (scale_stack.port, port):
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", listening), timeout=5).close()
+    # A clean shutdown, not a kill: the cluster starts again without recovery.
+    assert "database system is shut down" in (scale_stack.logs / "postgres.log").read_text()
