@@ -82,6 +82,9 @@ class LabPostgres:
     def prepare(self) -> Path:
         """Make the cluster on first use (initdb); returns the binaries to start it with."""
         binaries = server_binaries()
+        if (self.data / "PG_VERSION").exists() and not self.password_file.is_file():
+            raise PostgresFailed(f"{self.password_file} is missing, so the server cannot log in to the cluster in "
+                                 f"{self.data}: restore it, or remove {self.root} to start with an empty database")
         self.root.mkdir(parents=True, exist_ok=True)
         self._owned_by_service_user(self.socket_dir)
         if not (self.data / "PG_VERSION").exists():
