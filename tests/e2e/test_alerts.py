@@ -95,3 +95,63 @@ def test_an_unreachable_webhook_leaves_the_failed_run_and_its_error_as_they_were
     assert "ConnectError" in record["logs"]
     port_and_token = url.removeprefix("http://127.0.0.1")
     assert all(port_and_token not in text for text in (*record.values(), out, err))
+
+
+def test_the_freshness_check_alerts_each_disk_whose_newest_point_is_older_than_its_policy_allows(
+        prefect_server: None, webhook: WebhookReceiver, tmp_path: Path, cli: Cli) -> None:
+    """Three disks of this machine: one backed up now, one backed up with its point's key then
+    re-dated three days back (the store and its listing are real; the test does not wait three
+    days), one never backed up. The policy allows one hour."""
+    for name in ("fresh", "old", "never"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "data.txt").write_text(f"{name}\n")
+    cfg = tmp_path / "fleet.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "storage": {"kind": "local", "path": "store"},
+        "hosts": [{"name": "lab-1", "transport": "local",
+                   "disks": [{"name": n, "path": n, "kind": "directory"} for n in ("fresh", "old", "never")]}],
+        "backup_policies": {"nightly": {"block_size": 65536, "snapshot_method": "none", "max_point_age": "PT1H"}},
+        "alerts": alerts_section()}))
+    loaded = load_config(cfg)
+    host = loaded.config.hosts[0]
+    policy = loaded.config.backup_policies["nightly"]
+    for disk in host.disks[:2]:
+        back_up_disk(loaded.config.storage, loaded.base_dir, host, disk, policy, policy_name="nightly")
+    with open_store(loaded.config.storage, loaded.base_dir) as store:
+        [key] = [i.key for i in store.list("points/lab-1/old/")]
+        taken = parse_stamp(key.rsplit("/", 1)[1].removesuffix(".json"))
+        store.put(point_key("lab-1", "old", taken - timedelta(days=3)), store.get(key))
+        store.delete(key)
+
+    code, out, err = cli("freshness", "-c", str(cfg), "--json")
+
+    assert code == 1, err
+    rows = {row["disk"]: row for row in json.loads(out)}
+    assert {d: r["stale"] for d, r in rows.items()} == {"fresh": False, "old": True, "never": True}
+    assert rows["never"]["newest_point"] is None and rows["old"]["age_seconds"] > 3 * 86400
+    posts = {p["payload"]["disk"]: p for p in webhook.wait_for("patchdrill.backup.stale", count=2)}
+    assert set(posts) == {"old", "never"}
+    assert posts["never"]["text"] == "patchdrill: lab-1/never has no recovery point; backup policy nightly allows 1.0 h"
+    assert posts["old"]["payload"]["max_age_seconds"] == 3600 and posts["old"]["payload"]["policy"] == "nightly"
+    assert posts["old"]["payload"]["age_seconds"] > 3 * 86400
+    for disk in ("old", "never"):
+        [event] = events("patchdrill.backup.stale", f"patchdrill.disk.lab-1/{disk}")
+        assert event.resource["patchdrill.host"] == "lab-1" and event.resource["patchdrill.disk"] == disk
+    assert events("patchdrill.backup.stale", "patchdrill.disk.lab-1/fresh", deadline=0) == []
+
+
+def test_a_run_failed_by_its_own_config_still_reaches_the_webhook(prefect_server: None, webhook: WebhookReceiver,
+                                                                  tmp_path: Path) -> None:
+    """As a deployment's run meets a config edited since: the flow fails loading it, and the
+    hook reads the `alerts:` section on its own."""
+    from flows.backup import backup_run
+
+    cfg = tmp_path / "fleet.yaml"
+    cfg.write_text(yaml.safe_dump({"storage": {"kind": "local", "path": "store"}, "hosts": [],
+                                   "backup_policies": {"default": {"block_size": 3000}},
+                                   "alerts": alerts_section()}))
+    state = backup_run(config_path=str(cfg), return_state=True)
+    assert state.is_failed()
+    [post] = webhook.received("patchdrill.run.failed")
+    assert "backup_policies.default.block_size" in post["payload"]["message"]
+    assert post["payload"]["run_id"] == str(state.state_details.flow_run_id)
