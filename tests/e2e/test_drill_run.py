@@ -245,9 +245,10 @@ def test_a_drill_that_misses_its_rto_target_alerts_the_webhook_and_emits_an_even
     assert_cleaned(evidence, drill_lab, name, cfg)
 
 
-def test_readiness_stops_a_drill_before_anything_is_created(prefect_server: None, drill_lab: DrillLab) -> None:
+def test_readiness_stops_a_drill_before_anything_is_created(prefect_server: None, drill_lab: DrillLab,
+                                                            webhook: WebhookReceiver) -> None:
     name = "too-old"
-    cfg = drill_lab.config(name, plan(drill_lab, name, rpo="PT1S"))
+    cfg = drill_lab.config(name, plan(drill_lab, name, rpo="PT1S"), alerts=alerts_section())
     code, output = drill(cfg, name)
     assert code == 1, output
     evidence = latest_evidence(cfg, name)
@@ -258,6 +259,12 @@ def test_readiness_stops_a_drill_before_anything_is_created(prefect_server: None
     loaded = load_config(cfg)
     with open_store(loaded.config.storage, loaded.base_dir) as store:
         assert not list(store.list(f"drills/{evidence.run_id}/"))  # no ledger: nothing was created
+    # Two alerts: the RPO the point would have given, beyond its target, and the failed run.
+    [missed] = webhook.received("patchdrill.drill.rpo-missed")
+    assert missed["payload"]["run_id"] == evidence.run_id and missed["payload"]["outcome"] == "failed"
+    assert missed["payload"]["target_seconds"] == 1 and missed["payload"]["measured_seconds"] > 1
+    [failed] = webhook.received("patchdrill.run.failed")
+    assert failed["payload"]["run_id"] == evidence.run_id and "beyond the RPO target" in failed["payload"]["message"]
 
 
 # --------------------------------------------------------------------------- interrupted runs
