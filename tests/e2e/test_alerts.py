@@ -64,7 +64,7 @@ def test_a_failed_backup_run_posts_to_the_webhook_and_emits_an_event(
     assert f"prefect.flow-run.{run_id}" in {r.id for r in event.related}
     # The webhook's token is the credential: nowhere in what the run leaves or the command says.
     record = run_record(run_id, "alert.posted")
-    for where, text in {**record, "output": out + err, "caplog": caplog.text}.items():
+    for where, text in {**record, "event": event.model_dump_json(), "output": out + err, "caplog": caplog.text}.items():
         assert webhook.token not in text, where
 
 
