@@ -266,7 +266,8 @@ def freshness(config: ConfigOption = DEFAULT_CONFIG, host: HostsOption = None, g
     none); exit 1 if any is stale."""
     from flows.freshness import freshness_check
 
-    _policy(config, policy)
+    if _policy(config, policy).max_point_age is None:
+        fail(f"{config}: backup policy {policy or 'default'} sets no max_point_age: nothing to check against")
     with stoppable():
         rows = _run(lambda: _outcome(freshness_check(str(config), hosts=host, groups=group, policy=policy,
                                                      return_state=True)))

@@ -20,7 +20,8 @@ class WebhookConfig(BaseModel):
 
     url: str = Field(description="Reference (env:NAME, file:PATH or prefect-secret:BLOCK) to the webhook's URL, "
                                  "e.g. a Slack or Teams incoming webhook. Never the URL itself: it is the credential.")
-    timeout_seconds: float = Field(default=10.0, gt=0, le=120, description="Seconds one post may take.")
+    timeout_seconds: float = Field(default=10.0, gt=0, le=120,
+                                   description="Seconds a post waits to connect, to send and for the answer.")
     attempts: int = Field(default=3, ge=1, le=10,
                           description="Posts tried before giving up (unreachable, timeouts, 429 and 5xx answers are "
                                       "retried with backoff and jitter); a post that still fails is logged as a "

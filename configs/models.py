@@ -15,11 +15,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from configs.plans import RecoveryPlan, plan_problems
-from configs.policies import BackupPolicy, PatchPolicy
 from configs.alerts import AlertsConfig
 from configs.errors import field_error
-from configs.secrets import REFERENCES_FROM, SecretError, is_loopback, check_reference, parse_reference, resolve
+from configs.plans import RecoveryPlan, plan_problems
+from configs.policies import BackupPolicy, PatchPolicy
+from configs.secrets import REFERENCES_FROM, SecretError, check_reference, is_loopback, parse_reference, resolve
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")

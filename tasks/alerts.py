@@ -54,7 +54,7 @@ class Alert:
 def raise_alert(alert: Alert, settings: AlertsConfig | None, base_dir: Path | None) -> None:
     """Emit the alert's Prefect event and post it to the configured webhook, if any."""
     occurred = datetime.now(timezone.utc)
-    log.warning("alert", alert=alert.event, resource=alert.resource["prefect.resource.id"], text=alert.text)
+    log.warning("alert.raised", alert=alert.event, resource=alert.resource["prefect.resource.id"], text=alert.text)
     _emit(alert, occurred)
     if settings is not None and settings.webhook is not None:
         _post(alert, occurred, settings, base_dir)

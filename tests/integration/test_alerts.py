@@ -58,6 +58,13 @@ def test_config_check_refuses_a_literal_webhook_url_and_accepts_references(tmp_p
     assert CliRunner().invoke(app, ["config", "check", str(write(tmp_path, unset))]).exit_code == 0
 
 
+def test_freshness_refuses_a_policy_without_max_point_age_in_one_line(tmp_path: Path) -> None:
+    cfg = write(tmp_path, {}, backup_policies={"nightly": {"keep_last": 3}})
+    result = CliRunner().invoke(app, ["freshness", "-c", str(cfg), "--policy", "nightly"])
+    assert result.exit_code == 1
+    assert result.output == f"error: {cfg}: backup policy nightly sets no max_point_age: nothing to check against\n"
+
+
 def test_a_post_is_retried_after_a_server_error_but_not_after_a_refusal(webhook: WebhookReceiver) -> None:
     webhook.fail_next(503, 502)
     assert post_json(webhook.url, {"text": "hello"}, timeout=5, attempts=3, max_wait=0.1) == 200
