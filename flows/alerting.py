@@ -23,9 +23,9 @@ from prefect.states import State
 from configs.alerts import AlertsConfig
 from configs.loader import ConfigError, load_alerts
 from configs.secrets import redact
-from tasks.alerts import raise_alert, run_failed
+from tasks.alerts import LOGGER_NAME as ALERTS_LOGGER, raise_alert, run_failed
 
-log = structlog.stdlib.get_logger("patchdrill.alerts")
+log = structlog.stdlib.get_logger(ALERTS_LOGGER)
 
 # What a crash carries when a person or the runtime stopped the run: not a failure to report.
 _STOPPED = (KeyboardInterrupt, SystemExit, TerminationSignal, asyncio.CancelledError)
@@ -35,6 +35,13 @@ def alert_failed_run(flow: Flow[Any, Any], flow_run: FlowRun, state: State) -> N
     """Raise `patchdrill.run.failed` for a run that ended Failed or Crashed."""
     if state.is_crashed() and isinstance(state.data, _STOPPED):
         return
+    try:
+        _alert(flow, flow_run, state)
+    except Exception as exc:  # noqa: BLE001 - an alert must never fail what it reports on
+        log.warning("alert.not_raised", run=str(flow_run.id), error=f"{type(exc).__name__}: {redact(str(exc))}")
+
+
+def _alert(flow: Flow[Any, Any], flow_run: FlowRun, state: State) -> None:
     settings, base_dir = alert_settings(flow_run.parameters.get("config_path"))
     related = [{"prefect.resource.id": f"prefect.flow-run.{flow_run.id}", "prefect.resource.role": "flow-run",
                 "prefect.resource.name": flow_run.name},

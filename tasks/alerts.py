@@ -27,7 +27,10 @@ from configs.alerts import AlertsConfig
 from configs.secrets import SecretError, redact, resolve
 from connectors.webhook import WebhookError, post_json
 
-log = structlog.stdlib.get_logger("patchdrill.alerts")
+#: Its routine lines (raised, posted) go to the run's log only; on the console the command's own
+#: outcome says what failed, and only a delivery problem (a warning) gets a line (flows/logs.py).
+LOGGER_NAME = "patchdrill.alerts"
+log = structlog.stdlib.get_logger(LOGGER_NAME)
 
 RUN_FAILED = "patchdrill.run.failed"
 RTO_MISSED = "patchdrill.drill.rto-missed"
@@ -54,7 +57,7 @@ class Alert:
 def raise_alert(alert: Alert, settings: AlertsConfig | None, base_dir: Path | None) -> None:
     """Emit the alert's Prefect event and post it to the configured webhook, if any."""
     occurred = datetime.now(timezone.utc)
-    log.warning("alert.raised", alert=alert.event, resource=alert.resource["prefect.resource.id"], text=alert.text)
+    log.info("alert.raised", alert=alert.event, resource=alert.resource["prefect.resource.id"], text=alert.text)
     _emit(alert, occurred)
     if settings is not None and settings.webhook is not None:
         _post(alert, occurred, settings, base_dir)
