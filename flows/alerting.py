@@ -59,12 +59,14 @@ def alert_settings(config_path: Any) -> tuple[AlertsConfig | None, Path | None]:
     rest of the file is wrong still reaches the webhook. None (events only) when unreadable."""
     if not isinstance(config_path, str) or not config_path:
         return None, None
+    # Info, not a warning: a file that cannot be read failed the run itself with the same
+    # error, which the run's state (and the command's error line) already says.
     try:
         return load_alerts(config_path), Path(config_path).resolve().parent
     except ConfigError as exc:
-        log.warning("alert.config_unreadable", config=config_path, error=redact(str(exc)))
+        log.info("alert.config_unreadable", config=config_path, error=redact(str(exc)))
     except Exception as exc:  # noqa: BLE001 - an alert must never fail what it reports on
-        log.warning("alert.config_unreadable", config=config_path, error=f"{type(exc).__name__}: {redact(str(exc))}")
+        log.info("alert.config_unreadable", config=config_path, error=f"{type(exc).__name__}: {redact(str(exc))}")
     return None, None
 
 
