@@ -1,4 +1,4 @@
-"""`patchdrill backup | restore | points | verify | prune | repair | unlock`: the backup pipeline from a shell.
+"""`patchdrill backup | restore | points | verify | freshness | prune | repair | unlock`: the backup pipeline from a shell.
 
 backup, restore, verify and prune run the same Prefect flows a deployment runs (on the ephemeral
 API when no server is configured), so a command and a scheduled run behave alike; points, repair
@@ -260,6 +260,33 @@ def _render_verify(report: Any) -> None:
                       "`patchdrill repair` does it now from the live disks")
 
 
+def freshness(config: ConfigOption = DEFAULT_CONFIG, host: HostsOption = None, group: GroupsOption = None,
+              policy: PolicyOption = None, as_json: JsonOption = False) -> None:
+    """Alert on each disk whose newest point is older than the policy's max_point_age (or that has
+    none); exit 1 if any is stale."""
+    from flows.freshness import freshness_check
+
+    if _policy(config, policy).max_point_age is None:
+        fail(f"{config}: backup policy {policy or 'default'} sets no max_point_age: nothing to check against")
+    with stoppable():
+        rows = _run(lambda: _outcome(freshness_check(str(config), hosts=host, groups=group, policy=policy,
+                                                     return_state=True)))
+    emit(rows, as_json, _render_freshness)
+    if any(row.stale for row in rows):
+        raise typer.Exit(1)
+
+
+def _render_freshness(rows: list[Any]) -> None:
+    table = Table(title="newest recovery point per disk")
+    for column in ("host", "disk", "newest point (UTC)", "age", "state"):
+        table.add_column(column)
+    for row in rows:
+        age = "" if row.age_seconds is None else f"{row.age_seconds / 3600:,.1f} h"
+        newest = row.newest_point.strftime("%Y-%m-%d %H:%M:%S") if row.newest_point else "none"
+        table.add_row(row.host, row.disk, newest, age, "[red]stale[/]" if row.stale else "[green]ok[/]")
+    console.print(table)
+
+
 def prune(config: ConfigOption = DEFAULT_CONFIG, host: HostsOption = None, group: GroupsOption = None,
           policy: PolicyOption = None,
           dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would go; delete nothing.")] = False,
@@ -353,5 +380,5 @@ def _render_repair(report: Any) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    for command in (backup, restore, points, verify, prune, repair, unlock):
+    for command in (backup, restore, points, verify, freshness, prune, repair, unlock):
         app.command(command.__name__)(command)

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from configs.alerts import AlertsConfig
 from configs.models import REFERENCES_FROM, PatchdrillConfig
 
 Loc = tuple[str | int, ...]
@@ -79,15 +80,33 @@ class LoadedConfig:
 
 def load_config(path: Path | str) -> LoadedConfig:
     path = Path(path)
+    base_dir = path.resolve().parent
+    return LoadedConfig(config=parse_config(_read(path), str(path), base_dir=base_dir), path=path,
+                        base_dir=base_dir)
+
+
+def load_alerts(path: Path | str) -> AlertsConfig | None:
+    """Only the `alerts:` section (None when there is none): what a failed run's alert needs even
+    when the rest of the file is what failed the run."""
+    path = Path(path)
+    root, data = _parse_yaml(_read(path), str(path))
+    section = data.get("alerts") if isinstance(data, dict) else None
+    if section is None:
+        return None
+    try:
+        return AlertsConfig.model_validate(section, context={REFERENCES_FROM: path.resolve().parent})
+    except ValidationError as exc:
+        raise _config_error(exc, {"alerts": section}, root, str(path), prefix=("alerts",)) from None
+
+
+def _read(path: Path) -> str:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError([Problem(str(path), "", None, "file not found")]) from None
     except OSError as exc:
         raise ConfigError([Problem(str(path), "", None, f"cannot read: {exc.strerror}")]) from None
-    base_dir = path.resolve().parent
-    return LoadedConfig(config=parse_config(_decode(raw, str(path)), str(path), base_dir=base_dir), path=path,
-                        base_dir=base_dir)
+    return _decode(raw, str(path))
 
 
 def _decode(raw: bytes, filename: str) -> str:
@@ -117,12 +136,19 @@ def _parse_config(text: str, filename: str, base_dir: Path | None) -> Patchdrill
         context = {REFERENCES_FROM: base_dir} if base_dir is not None else None
         return PatchdrillConfig.model_validate(data, context=context)
     except ValidationError as exc:
-        lines = _LineFinder(root)
-        problems = []
-        for err in exc.errors(include_input=False, include_url=False):
-            loc = _yaml_path(data, err["loc"])
-            problems.append(Problem(filename, _dotted(loc), lines.line(loc), _message(err)))
-        raise ConfigError(problems) from None
+        raise _config_error(exc, data, root, filename) from None
+
+
+def _config_error(exc: ValidationError, data: Any, root: yaml.Node | None, filename: str,
+                  prefix: Loc = ()) -> ConfigError:
+    """Each of pydantic's errors as a Problem naming its field and line; `prefix` is the path of
+    the section validated when it was not the whole file."""
+    lines = _LineFinder(root)
+    problems = []
+    for err in exc.errors(include_input=False, include_url=False):
+        loc = _yaml_path(data, (*prefix, *err["loc"]))
+        problems.append(Problem(filename, _dotted(loc), lines.line(loc), _message(err)))
+    return ConfigError(problems)
 
 
 @contextmanager

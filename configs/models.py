@@ -6,7 +6,6 @@ documentation (each Field's description). Credentials are references, never lite
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from datetime import time
 from typing import Annotated, Literal
@@ -16,19 +15,14 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from configs.alerts import AlertsConfig
+from configs.errors import field_error
 from configs.plans import RecoveryPlan, plan_problems
 from configs.policies import BackupPolicy, PatchPolicy
-from configs.secrets import SecretError, check_reference, parse_reference, resolve
+from configs.secrets import REFERENCES_FROM, SecretError, check_reference, is_loopback, parse_reference, resolve
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-
-
-def field_error(field: str, kind: str, message: str) -> ValidationError:
-    """A model-level check's error placed on one field, so the loader can name that field's line
-    (a plain ValueError from a model validator points at the whole model)."""
-    return ValidationError.from_exception_data(
-        field, [InitErrorDetails(type=PydanticCustomError(kind, message), loc=(field,), input=None)])
 
 
 class Strict(BaseModel):
@@ -196,23 +190,11 @@ class AzureStorage(Strict):
         return None
 
     def _readable_on_the_wire(self, scheme: str, host: str) -> bool:
-        return scheme == "http" and not self.allow_insecure_transport and not _is_loopback(host)
+        return scheme == "http" and not self.allow_insecure_transport and not is_loopback(host)
 
 
 _INSECURE = ("would send backups and signed requests readable: use https, or set allow_insecure_transport: true "
              "for a lab emulator such as Azurite")
-#: The validation context key under which the loader passes the config file's directory, so
-#: credential references can be resolved while validating (relative `file:` paths need it).
-REFERENCES_FROM = "references_from"
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 StorageConfig = Annotated[LocalStorage | AzureStorage, Field(discriminator="kind")]
@@ -226,6 +208,9 @@ class PatchdrillConfig(Strict):
     backup_policies: dict[str, BackupPolicy] = Field(default_factory=dict)
     recovery_plans: dict[str, RecoveryPlan] = Field(
         default_factory=dict, description="DR drills: named recovery plans (`patchdrill drill run NAME`).")
+    alerts: AlertsConfig | None = Field(
+        default=None, description="Where failed runs, missed RTO/RPO targets and stale recovery points are announced "
+                                  "besides Prefect events: a Slack- or Teams-compatible webhook.")
 
     @field_validator("hosts")
     @classmethod
@@ -273,6 +258,6 @@ class PatchdrillConfig(Strict):
 HostConfig.model_rebuild()
 
 __all__ = [
-    "AzureStorage", "BackupPolicy", "CredentialRef", "DiskConfig", "HostConfig", "LocalStorage",
+    "AlertsConfig", "AzureStorage", "BackupPolicy", "CredentialRef", "DiskConfig", "HostConfig", "LocalStorage",
     "MaintenanceWindow", "PatchPolicy", "PatchdrillConfig", "RecoveryPlan", "StorageConfig",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from datetime import timedelta
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Literal
@@ -274,6 +275,10 @@ class BackupPolicy(BaseModel):
     workers: int | None = Field(default=None, ge=1, le=64, description="Hash/compress/upload threads per disk (default: CPU count, 2-8).")
     pre_script: str | None = Field(default=None, description="Shorthand for snapshot.pre_script.")
     post_script: str | None = Field(default=None, description="Shorthand for snapshot.post_script.")
+    max_point_age: timedelta | None = Field(
+        default=None, description="Oldest a disk's newest point may be (ISO 8601 duration such as PT26H, or seconds): "
+        "the freshness check raises a patchdrill.backup.stale alert for every disk this policy backs up whose newest "
+        "point is older, or that has none. Unset: not checked.")
     rehash: bool = Field(default=False, description="Read and hash every file and block instead of skipping files whose size, mtime, ctime and inode match the previous point (and blocks whose host-side hash does): slower, for a periodic full check (e.g. a weekly policy).")
     snapshot_method: SnapshotMethod = Field(default="auto", description="Shorthand for snapshot.method.")
     snapshot: SnapshotPolicy | None = Field(
@@ -286,6 +291,13 @@ class BackupPolicy(BaseModel):
     def _power_of_two(cls, value: int) -> int:
         if value & (value - 1):
             raise ValueError(f"block_size {value} is not a power of two (e.g. 4194304 for 4 MiB)")
+        return value
+
+    @field_validator("max_point_age")
+    @classmethod
+    def _positive_age(cls, value: timedelta | None) -> timedelta | None:
+        if value is not None and value <= timedelta(0):
+            raise ValueError("max_point_age must be longer than zero")
         return value
 
     @field_validator("encryption_key")

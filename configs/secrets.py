@@ -10,6 +10,7 @@ thousands a run, and a set that grew with each would make every later `redact` s
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import threading
@@ -18,6 +19,9 @@ from pathlib import Path
 _lock = threading.Lock()
 _secrets: set[str] = set()
 MASK = "***"
+#: The validation context key under which the loader passes the config file's directory, so
+#: credential references can be resolved while validating (relative `file:` paths need it).
+REFERENCES_FROM = "references_from"
 
 # A SAS token is a query string (a URL's, or a connection string's SharedAccessSignature=…)
 # whose `sig` field signs the others. The whole query is masked, not only `sig`: the other
@@ -128,3 +132,14 @@ def resolve(reference: str, *, base_dir: Path | None = None) -> str:
             raise SecretError(f"cannot load Prefect Secret block {rest!r}: {type(exc).__name__}") from None
         value = str(value)
     return remember(value)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a URL's host is this machine: what is sent there never crosses a network, so a
+    credential in it may travel over plain http."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -14,6 +14,7 @@ from prefect.states import Cancelled, State
 
 from configs.loader import load_config
 from configs.models import DiskConfig, HostConfig, PatchdrillConfig
+from flows.alerting import ALERT_ON_CRASH, ALERT_ON_FAILURE
 from flows.logs import configure
 from flows.run_form import Names, OptionalName, current_run_name, run_name, selection
 from tasks.backup import cancel
@@ -51,7 +52,8 @@ def _first_done(futures: list[PrefectFuture[DiskReport]]) -> PrefectFuture[DiskR
     return next(as_completed(futures))
 
 
-@flow(name="backup-run", log_prints=True, flow_run_name=run_name("backup", "policy"))
+@flow(name="backup-run", log_prints=True, flow_run_name=run_name("backup", "policy"),
+      on_failure=ALERT_ON_FAILURE, on_crashed=ALERT_ON_CRASH)
 def backup_run(config_path: str = "configs/lab.yaml", hosts: Names = None, groups: Names = None,
                policy: OptionalName = None, disks: Names = None) -> list[DiskReport] | State:
     """Back up every disk of the selected hosts (all hosts when none are selected).

@@ -40,8 +40,10 @@ from prefect.states import Cancelled, Completed, Failed, State
 from pydantic import Field, WithJsonSchema
 
 from configs.secrets import redact
+from flows.alerting import ALERT_ON_CRASH, ALERT_ON_FAILURE
 from flows.logs import configure
 from flows.run_form import current_run_name
+from tasks.alerts import drill_objectives_missed, raise_alert
 from tasks.backup import cancel
 from tasks.drill.evidence import DrillEvidence, GroupResult, ProbeRecord, plan_version, utcnow
 from tasks.drill.probing import primary_probes
@@ -109,7 +111,8 @@ def _operator(given: str | None) -> str:
         return "unknown"
 
 
-@flow(name="drill-run", flow_run_name=_run_name)
+@flow(name="drill-run", flow_run_name=_run_name,
+      on_failure=ALERT_ON_FAILURE, on_crashed=ALERT_ON_CRASH)
 def drill_run(config_path: str = "configs/lab.yaml", plan: PlanChoice = _PLANS[0] if _PLANS else "",
               operator: str = "", manual_confirmed: bool = False, slot_timeout_minutes: float = 240.0,
               manual_timeout_minutes: float = 240.0) -> State:
@@ -167,7 +170,11 @@ def _drill(ctx: DrillContext, evidence: DrillEvidence, manual_timeout_minutes: f
         step.ok, step.detail = ready.ok, ready.summary()
     if not ready.ok:
         evidence.notes.append("readiness failed: nothing was created, restored or started")
-        return _finish(ctx, evidence, "failed", f"not ready: {ready.summary()}")
+        # The RPO this drill would have had: a point beyond the target is a missed RPO even
+        # though readiness stopped the drill before anything was restored.
+        oldest = min((point.time for point in ready.points.values()), default=None)
+        return _finish(ctx, evidence, "failed", f"not ready: {ready.summary()}",
+                       rpo_at_readiness=None if oldest is None else (evidence.started - oldest).total_seconds())
 
     with timeline.step("primary checksums before"):
         before = primary_digests(ctx, "before")
@@ -322,12 +329,19 @@ def _verdict(ctx: DrillContext, evidence: DrillEvidence, outcomes: list[MemberOu
 _STATES: dict[str, Callable[..., State]] = {"passed": Completed, "failed": Failed, "cancelled": Cancelled}
 
 
-def _finish(ctx: DrillContext, evidence: DrillEvidence, outcome: str, message: str) -> State:
+def _finish(ctx: DrillContext, evidence: DrillEvidence, outcome: str, message: str, *,
+            rpo_at_readiness: float | None = None) -> State:
     evidence.finished, evidence.outcome = utcnow(), outcome  # type: ignore[assignment]
     evidence.notes.append(message)
     key = write_evidence(ctx.store, evidence)
     _publish(evidence)
     log.info("drill.finished", plan=ctx.plan_name, run_id=ctx.run_id, outcome=outcome, evidence=key)
+    if outcome != "cancelled":  # a stopped drill's figures measure the stop, not the recovery
+        rpo = evidence.rpo_seconds if evidence.rpo_seconds is not None else rpo_at_readiness
+        for alert in drill_objectives_missed(
+                ctx.plan_name, ctx.run_id, outcome, {"rto": evidence.rto_seconds, "rpo": rpo},
+                {"rto": evidence.rto_target_seconds, "rpo": evidence.rpo_target_seconds}, key):
+            raise_alert(alert, ctx.config.alerts, ctx.base_dir)
     return _STATES[outcome](message=message, data=evidence)
 
 

@@ -51,6 +51,7 @@ from configs.loader import LoadedConfig, load_config
 from configs.policies import BackupPolicy
 from connectors.stores import open_store
 from connectors.stores.base import BlobStore
+from flows.alerting import ALERT_ON_CRASH, ALERT_ON_FAILURE
 from flows.logs import configure
 from flows.run_form import OptionalName, current_run_name
 from tasks.backup import cancel
@@ -277,7 +278,8 @@ def _prepare(config_path: str, plan: str, policy: str | None, kind: DrillKind) -
 # --------------------------------------------------------------------------- flows
 
 
-@flow(name="failover", flow_run_name="failover {plan} {mode}")
+@flow(name="failover", flow_run_name="failover {plan} {mode}",
+      on_failure=ALERT_ON_FAILURE, on_crashed=ALERT_ON_CRASH)
 def failover_run(config_path: str = "configs/lab.yaml", plan: str = "", mode: Literal["planned", "unplanned"] = "planned",
                  point: OptionalName = None, policy: OptionalName = None, approved: bool = False,
                  approval_timeout_minutes: int = 240) -> State:
@@ -350,7 +352,8 @@ def _fail_over(config_path: str, plan: str, mode: Literal["planned", "unplanned"
                           "the copies production, `failover cancel` undoes it")
 
 
-@flow(name="failback", flow_run_name="failback {plan}")
+@flow(name="failback", flow_run_name="failback {plan}",
+      on_failure=ALERT_ON_FAILURE, on_crashed=ALERT_ON_CRASH)
 def failback_run(config_path: str = "configs/lab.yaml", plan: str = "", policy: OptionalName = None,
                  approved: bool = False, approval_timeout_minutes: int = 240) -> State:
     """Bring a committed failover home: re-protect the copies, stop them, final sync, restore onto
@@ -412,7 +415,8 @@ def _fail_back(config_path: str, plan: str, policy: str | None, approved: bool, 
                      note=f"failed back: the primaries serve again; {moved} moved")
 
 
-@flow(name="failover-cancel", flow_run_name="failover-cancel {run_id}")
+@flow(name="failover-cancel", flow_run_name="failover-cancel {run_id}",
+      on_failure=ALERT_ON_FAILURE, on_crashed=ALERT_ON_CRASH)
 def failover_cancel(config_path: str = "configs/lab.yaml", run_id: str = "") -> State:
     """Undo an uncommitted failover: stop the copies and, after a planned failover, start the
     primary again (it was only stopped; its disks are as they were).

@@ -13,6 +13,7 @@ from prefect.artifacts import create_table_artifact
 
 from configs.loader import load_config
 from configs.models import HostConfig
+from flows.alerting import ALERT_ON_CRASH, ALERT_ON_FAILURE
 from flows.logs import configure
 from flows.run_form import Names, current_run_name, run_name, selection
 from tasks.rendering import artifact_key
@@ -31,7 +32,8 @@ def ping_task(host: HostConfig, base_dir: Path) -> PingResult:
     return row
 
 
-@flow(name="inventory-check", log_prints=True, flow_run_name=run_name("inventory"))
+@flow(name="inventory-check", log_prints=True, flow_run_name=run_name("inventory"),
+      on_failure=ALERT_ON_FAILURE, on_crashed=ALERT_ON_CRASH)
 def inventory_check(config_path: str = "configs/lab.yaml", groups: Names = None) -> list[PingResult]:
     """Ping every selected host in parallel and publish a reachability table.
 

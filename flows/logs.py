@@ -15,6 +15,8 @@ import structlog
 from configs.secrets import redact
 
 LOGGER_NAME = "patchdrill"
+#: tasks.alerts' logger (not imported: flows/logs.py loads before anything that logs)
+ALERTS_LOGGER = f"{LOGGER_NAME}.alerts"
 _configured = False
 _json_lines = False
 _run_handler_attached = False
@@ -38,6 +40,15 @@ class RedactingFilter(logging.Filter):
             record.msg = redact(record.getMessage())
             record.args = None
         return True
+
+
+class _QuietAlerts(logging.Filter):
+    """Keeps an alert's routine lines (raised, posted) off the console: a failed command already
+    ends with its one error line, and those lines are in the run's log. Delivery problems
+    (warnings) still show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.name.startswith(ALERTS_LOGGER)
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -153,6 +164,7 @@ def configure(json: bool = False, level: int = logging.INFO) -> None:
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler.addFilter(RedactingFilter())
+    handler.addFilter(_QuietAlerts())
     logger.addHandler(handler)
     structlog.configure(
         processors=[

@@ -32,6 +32,7 @@ from prefect.input import RunInput
 from prefect.states import Cancelled, Completed, Failed, State
 from pydantic import BaseModel, Field
 
+from flows.alerting import ALERT_ON_CRASH, ALERT_ON_FAILURE
 from flows.logs import configure
 from flows.run_form import Names, OptionalName, current_run_name, run_name, selection
 from tasks.patching.models import HostPatchRecord
@@ -178,7 +179,8 @@ def publish_report(report: PatchRunReport) -> None:
 # --------------------------------------------------------------------------- flows
 
 
-@flow(name="patch-enroll", flow_run_name=run_name("patch-enroll"))
+@flow(name="patch-enroll", flow_run_name=run_name("patch-enroll"),
+      on_failure=ALERT_ON_FAILURE, on_crashed=ALERT_ON_CRASH)
 def patch_enroll(config_path: str = "configs/lab.yaml", groups: Names = None, hosts: Names = None) -> list[EnrollmentRow]:
     """Enroll hosts: OS, build, package manager, hotpatch eligibility; store the records.
 
@@ -199,7 +201,8 @@ def patch_enroll(config_path: str = "configs/lab.yaml", groups: Names = None, ho
     return rows
 
 
-@flow(name="patch-assess", flow_run_name=run_name("patch-assess", "policy"))
+@flow(name="patch-assess", flow_run_name=run_name("patch-assess", "policy"),
+      on_failure=ALERT_ON_FAILURE, on_crashed=ALERT_ON_CRASH)
 def patch_assess(config_path: str = "configs/lab.yaml", groups: Names = None, hosts: Names = None,
                  policy: OptionalName = None, refresh: bool = True, forks: int = DEFAULT_FORKS) -> AssessmentReport:
     """What each host misses and what a run would install now. Installs nothing; it refreshes
@@ -227,7 +230,8 @@ def patch_assess(config_path: str = "configs/lab.yaml", groups: Names = None, ho
     return report
 
 
-@flow(name="patch-run", flow_run_name=run_name("patch-run", "policy"))
+@flow(name="patch-run", flow_run_name=run_name("patch-run", "policy"),
+      on_failure=ALERT_ON_FAILURE, on_crashed=ALERT_ON_CRASH)
 def patch_run(
     config_path: str = "configs/lab.yaml",
     groups: Names = None,

@@ -8,6 +8,7 @@ from prefect import flow
 from prefect.artifacts import create_table_artifact
 
 from configs.loader import load_config
+from flows.alerting import ALERT_ON_CRASH, ALERT_ON_FAILURE
 from flows.logs import configure
 from flows.run_form import Names, OptionalName, current_run_name, run_name, selection
 from tasks.backup.errors import BackupError, RepositoryBusy
@@ -16,7 +17,8 @@ from tasks.backup.steps import RetentionSummary, retention_task
 from tasks.rendering import artifact_key, human_size
 
 
-@flow(name="prune-run", log_prints=True, flow_run_name=run_name("prune", "policy"))
+@flow(name="prune-run", log_prints=True, flow_run_name=run_name("prune", "policy"),
+      on_failure=ALERT_ON_FAILURE, on_crashed=ALERT_ON_CRASH)
 def prune_run(config_path: str = "configs/lab.yaml", hosts: Names = None, groups: Names = None,
               policy: OptionalName = None, dry_run: bool = False) -> RetentionSummary:
     """Apply the policy's keep rules to the selected hosts' points, then prune unreferenced data.

@@ -8,6 +8,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.states import Cancelled, State
 
 from configs.loader import load_config
+from flows.alerting import ALERT_ON_CRASH, ALERT_ON_FAILURE
 from flows.logs import configure
 from flows.run_form import Names, OptionalName, current_run_name, run_name
 from tasks.backup import cancel
@@ -19,7 +20,8 @@ from tasks.backup.steps import restore_task
 from tasks.rendering import artifact_key, human_size
 
 
-@flow(name="restore-run", log_prints=True, flow_run_name=run_name("restore", "disk"))
+@flow(name="restore-run", log_prints=True, flow_run_name=run_name("restore", "disk"),
+      on_failure=ALERT_ON_FAILURE, on_crashed=ALERT_ON_CRASH)
 def restore_run(config_path: str, host: str, disk: str, target: str, point: OptionalName = None,
                 force: bool = False, include: Names = None, policy: OptionalName = None,
                 target_host: OptionalName = None) -> RestoreResult | State:

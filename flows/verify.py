@@ -7,6 +7,7 @@ from prefect import flow
 from prefect.artifacts import create_table_artifact
 
 from configs.loader import load_config
+from flows.alerting import ALERT_ON_CRASH, ALERT_ON_FAILURE
 from flows.logs import configure
 from flows.run_form import OptionalName, current_run_name, run_name
 from tasks.rendering import artifact_key
@@ -22,7 +23,8 @@ class RepositoryDamaged(BackupError):
     report: VerifyReport
 
 
-@flow(name="verify-run", log_prints=True, flow_run_name=run_name("verify", "disk"))
+@flow(name="verify-run", log_prints=True, flow_run_name=run_name("verify", "disk"),
+      on_failure=ALERT_ON_FAILURE, on_crashed=ALERT_ON_CRASH)
 def verify_run(config_path: str = "configs/lab.yaml", host: OptionalName = None, disk: OptionalName = None,
                sample_percent: float = 100.0, policy: OptionalName = None) -> VerifyReport:
     """Check chunks against their ids; the run fails (and the artifact lists them) on any damage.

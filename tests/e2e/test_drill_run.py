@@ -36,8 +36,10 @@ from tasks.backup.disk import back_up_disk
 from tasks.drill.evidence import DrillEvidence
 from tasks.drill.ledger import Ledger, NamespaceEntry
 from tasks.drill.steps import find_evidence
+from tests.alert_checks import alerts_section, events
 from tests.hosts.sshd import SshdFleet
 from tests.hosts.sshd_server import SshdHost
+from tests.hosts.webhook import WebhookReceiver
 
 pytestmark = pytest.mark.e2e
 PATCHDRILL = Path(sys.executable).with_name("patchdrill")
@@ -53,8 +55,8 @@ class DrillLab:
     target: SshdHost
     disk: Path
 
-    def config(self, name: str, plan: dict[str, Any]) -> Path:
-        """A config holding both hosts, the lab's store and one plan `name`."""
+    def config(self, name: str, plan: dict[str, Any], alerts: dict[str, Any] | None = None) -> Path:
+        """A config holding both hosts, the lab's store and one plan `name` (and `alerts:`, if given)."""
         path = self.root / f"{name}.yaml"
         hosts = [self.primary.host_config().model_dump(exclude_none=True) | {
                      "disks": [{"name": "www", "path": str(self.disk), "kind": "directory"}]},
@@ -64,6 +66,7 @@ class DrillLab:
             "hosts": hosts,
             "backup_policies": {"default": {"block_size": 65536, "snapshot_method": "none"}},
             "recovery_plans": {name: plan},
+            **({"alerts": alerts} if alerts else {}),
         }, sort_keys=False))
         return path
 
@@ -221,9 +224,31 @@ def test_a_failing_probe_fails_the_drill_and_cleanup_still_runs_verified(prefect
     assert_cleaned(evidence, drill_lab, name, cfg)
 
 
-def test_readiness_stops_a_drill_before_anything_is_created(prefect_server: None, drill_lab: DrillLab) -> None:
+def test_a_drill_that_misses_its_rto_target_alerts_the_webhook_and_emits_an_event(
+        prefect_server: None, drill_lab: DrillLab, webhook: WebhookReceiver) -> None:
+    name = "rto-missed"
+    spec = plan(drill_lab, name) | {"rto_target": 0.001}  # no restore and start is this quick
+    cfg = drill_lab.config(name, spec, alerts=alerts_section())
+    code, output = drill(cfg, name)
+    assert code == 0, output  # probes passed and cleanup was verified: the drill itself passed
+    evidence = latest_evidence(cfg, name)
+    assert evidence.rto_ok is False and evidence.rpo_ok is True
+    [post] = webhook.wait_for("patchdrill.drill.rto-missed")
+    assert post["payload"] == {"plan": name, "run_id": evidence.run_id, "outcome": "passed", "objective": "rto",
+                               "measured_seconds": round(evidence.rto_seconds or 0, 3), "target_seconds": 0.001,
+                               "evidence": f"evidence/drills/{name}/{evidence.run_id}.json"}
+    assert post["text"].startswith(f"patchdrill: drill of plan {name} missed its RTO target: ")
+    # Only what was missed is alerted: not the RPO, and not a failure of the run.
+    assert [p["event"] for p in webhook.received()] == ["patchdrill.drill.rto-missed"]
+    [event] = events("patchdrill.drill.rto-missed", f"patchdrill.plan.{name}")
+    assert event.payload["run_id"] == evidence.run_id and event.payload["measured_seconds"] > 0.001
+    assert_cleaned(evidence, drill_lab, name, cfg)
+
+
+def test_readiness_stops_a_drill_before_anything_is_created(prefect_server: None, drill_lab: DrillLab,
+                                                            webhook: WebhookReceiver) -> None:
     name = "too-old"
-    cfg = drill_lab.config(name, plan(drill_lab, name, rpo="PT1S"))
+    cfg = drill_lab.config(name, plan(drill_lab, name, rpo="PT1S"), alerts=alerts_section())
     code, output = drill(cfg, name)
     assert code == 1, output
     evidence = latest_evidence(cfg, name)
@@ -234,6 +259,12 @@ def test_readiness_stops_a_drill_before_anything_is_created(prefect_server: None
     loaded = load_config(cfg)
     with open_store(loaded.config.storage, loaded.base_dir) as store:
         assert not list(store.list(f"drills/{evidence.run_id}/"))  # no ledger: nothing was created
+    # Two alerts: the RPO the point would have given, beyond its target, and the failed run.
+    [missed] = webhook.received("patchdrill.drill.rpo-missed")
+    assert missed["payload"]["run_id"] == evidence.run_id and missed["payload"]["outcome"] == "failed"
+    assert missed["payload"]["target_seconds"] == 1 and missed["payload"]["measured_seconds"] > 1
+    [failed] = webhook.received("patchdrill.run.failed")
+    assert failed["payload"]["run_id"] == evidence.run_id and "beyond the RPO target" in failed["payload"]["message"]
 
 
 # --------------------------------------------------------------------------- interrupted runs

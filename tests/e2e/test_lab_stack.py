@@ -142,6 +142,7 @@ EXPECTED: dict[str, tuple[str, list[clock], Any]] = {
     "patch-app-monthly": ("Asia/Tokyo", [clock(3)], _patch_tuesday_plus(8)),
     "patch-assess-daily": ("UTC", [clock(6)], lambda day: True),
     "nightly-backup": ("UTC", [clock(1)], lambda day: True),
+    "freshness-check": ("UTC", [clock(h, 30) for h in range(24)], lambda day: True),
     "weekly-verify": ("UTC", [clock(9)], lambda day: day.weekday() == 6),
     "drill-lab-web-quarterly": ("UTC", [clock(3)], lambda day: day.day == 1 and day.month in (1, 4, 7, 10)),
 }
@@ -276,6 +277,7 @@ def test_every_deployment_runs_with_its_defaults_on_the_lab(stack: Stack) -> Non
              "patch-assess-daily": ("patch-assess all ", "patch-all-assessment"),
              "nightly-backup": ("backup all nightly ", "backup-all-nightly"),
              "weekly-verify": ("verify all ", "verify-all"),
+             "freshness-check": ("freshness all nightly ", "freshness-all-nightly"),
              "inventory-check": ("inventory all ", "inventory-all"),
              "restore": ("restore lab-local sample ", "restore-lab-local-sample"),
              # Both drills of plan lab-web: one waits on the plan's slot while the other runs.

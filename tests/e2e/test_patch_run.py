@@ -34,10 +34,12 @@ from connectors.stores import LocalBlobStore
 from flows.patch import PatchRunReport, patch_run
 from tasks.patching.history import history
 from tasks.patching.models import ComplianceState, HostPatchRecord
+from tests.alert_checks import alerts_section, events, run_record
 from tests.config_reads import count_config_reads
 from tests.hosts.aptlab import REBOOT_POSTINST, AptLab
 from tests.hosts.sshd import SshdMaker
 from tests.hosts.sshd_server import SshdHost
+from tests.hosts.webhook import WebhookReceiver
 from tests.hosts.winrm import HostFactory
 from tests.hosts.wu_sim import SimulatedUpdate, SimulatedWindowsUpdate
 
@@ -145,9 +147,11 @@ def lab_host(sshd_factory: SshdMaker, tmp_path_factory: pytest.TempPathFactory,
     return make
 
 
-def write_config(path: Path, hosts: list[dict[str, Any]], policy: dict[str, Any]) -> Path:
+def write_config(path: Path, hosts: list[dict[str, Any]], policy: dict[str, Any],
+                 alerts: dict[str, Any] | None = None) -> Path:
     path.write_text(yaml.safe_dump({"storage": {"kind": "local", "path": "store"}, "hosts": hosts,
-                                    "patch_policies": {"default": {"reboot_timeout_minutes": 3, **policy}}}))
+                                    "patch_policies": {"default": {"reboot_timeout_minutes": 3, **policy}},
+                                    **({"alerts": alerts} if alerts else {})}))
     return path
 
 
@@ -606,14 +610,16 @@ def test_rejected_approval_cancels_the_run_with_the_approvers_comment(
     assert table == {"demo-kernel=1.1": "Missing", "demo-web=1.1": "Missing", "demo-db=1.2": "Excluded"}
 
 
-def test_a_failed_install_fails_the_run_and_the_command(prefect_server: None, lab_host: LabMaker, tmp_path: Path) -> None:
+def test_a_failed_install_fails_the_run_and_the_command_and_alerts(prefect_server: None, lab_host: LabMaker,
+                                                                   tmp_path: Path, webhook: WebhookReceiver) -> None:
     from typer.testing import CliRunner
 
     from cli.app import app
 
     host = lab_host("install-fails", 1)
     host.lab.publish("security", "demo-web", "1.3", postinst="#!/bin/sh\necho 'cannot migrate' >&2\nexit 1\n")
-    cfg = write_config(tmp_path / "fleet.yaml", [host.config()], {"baseline_months": baseline_now(), "max_errors": 1})
+    cfg = write_config(tmp_path / "fleet.yaml", [host.config()], {"baseline_months": baseline_now(), "max_errors": 1},
+                       alerts=alerts_section())
 
     result = CliRunner().invoke(app, ["patch", "run", "--config", str(cfg), "--json"])
 
@@ -626,6 +632,13 @@ def test_a_failed_install_fails_the_run_and_the_command(prefect_server: None, la
     assert state.is_failed() and state.message == "1 host(s) not patched: install-fails"
     artifacts = run_artifacts(report["run_id"])
     assert {row["update"]: row["state"] for row in artifacts["patch-all-compliance"]}["demo-web=1.3"] == "Failed"
+    # The failed run's alert: at the webhook and as a Prefect event, saying which host failed.
+    [post] = webhook.wait_for("patchdrill.run.failed")
+    assert post["payload"]["run_id"] == report["run_id"] and post["payload"]["flow"] == "patch-run"
+    assert "1 host(s) not patched: install-fails" in post["text"]
+    [event] = events("patchdrill.run.failed", f"patchdrill.run.{report['run_id']}")
+    assert event.payload["message"] == "1 host(s) not patched: install-fails"
+    assert all(webhook.token not in text for text in run_record(report["run_id"], "alert.posted").values())
 
 
 def test_assess_and_dry_run_say_they_refresh_lists_and_no_refresh_changes_nothing(

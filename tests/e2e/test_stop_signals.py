@@ -26,6 +26,9 @@ import anyio
 import pytest
 import yaml
 
+from tests.alert_checks import alerts_section
+from tests.hosts.webhook import WebhookReceiver
+
 REPO = Path(__file__).resolve().parents[2]
 PATCHDRILL = Path(sys.executable).with_name("patchdrill")
 MIB = 1024 * 1024
@@ -41,13 +44,15 @@ class Lab:
     image: Path
     prefect_home: Path
 
-    def config(self, name: str) -> Path:
-        """A config with a store of its own (so each test starts without points) on the shared image."""
+    def config(self, name: str, *, image: Path | None = None, alerts: bool = False) -> Path:
+        """A config with a store of its own (so each test starts without points) on the shared
+        image (or `image`), posting alerts to the test's webhook receiver if asked."""
         cfg = self.root / f"{name}.yaml"
         cfg.write_text(yaml.safe_dump({
+            **({"alerts": alerts_section()} if alerts else {}),
             "storage": {"kind": "local", "path": f"store-{name}"},
             "hosts": [{"name": "lab-1", "transport": "local",
-                       "disks": [{"name": "os", "path": str(self.image), "kind": "block"}]}],
+                       "disks": [{"name": "os", "path": str(image or self.image), "kind": "block"}]}],
             "backup_policies": {"default": {
                 "block_size": BLOCK, "workers": 2, "snapshot_method": "none",
                 # The post-script runs when the snapshot is removed: its mark proves removal ran.
@@ -218,9 +223,9 @@ def _allocated(path: Path) -> int:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_a_signal_stops_a_backup_cleanly(lab: Lab, signum: int) -> None:
+def test_a_signal_stops_a_backup_cleanly(lab: Lab, signum: int, webhook: WebhookReceiver) -> None:
     name = f"backup-{signal.Signals(signum).name.lower()}"
-    cfg = lab.config(name)
+    cfg = lab.config(name, alerts=True)
     command = _start(lab, name, "backup", "-c", str(cfg))
     chunks = lab.store(name) / "chunks"
     _wait_for("the upload start", lambda: bool(_files(chunks)), command)
@@ -237,6 +242,20 @@ def test_a_signal_stops_a_backup_cleanly(lab: Lab, signum: int) -> None:
     assert lab.snapshot_removed(name)
     assert all(_ended(pid) for pid in servers), "the temporary Prefect server outlived the command"
     _unlocked(lab, cfg)
+    # Stopped by its operator, not failed: no alert (the hook would have posted before the exit).
+    assert webhook.received() == []
+
+
+def test_a_failed_cli_run_without_a_prefect_server_alerts_the_webhook(lab: Lab, webhook: WebhookReceiver) -> None:
+    """The ad-hoc path: no PREFECT_API_URL, the command's own temporary API; the flow's failure
+    hook posts before the command exits."""
+    cfg = lab.config("missing-disk", image=lab.root / "no-such.img", alerts=True)
+    failed = subprocess.run([str(PATCHDRILL), "backup", "-c", str(cfg)], cwd=lab.root, env=_env(lab),
+                            capture_output=True, text=True, timeout=HANG_GUARD)
+    assert failed.returncode == 1, failed.stderr
+    [post] = webhook.received("patchdrill.run.failed")
+    assert post["payload"]["flow"] == "backup-run" and "lab-1/os" in post["payload"]["message"]
+    assert webhook.token not in failed.stdout + failed.stderr
 
 
 @pytest.mark.parametrize("what", ["backup", "restore"])

@@ -144,6 +144,14 @@ def point_key(host: str, disk: str, moment: datetime) -> str:
     return f"points/{host}/{disk}/{point_stamp(moment)}.json"
 
 
+def newest_point_time(store: BlobStore, host: str, disk: str) -> datetime | None:
+    """The time of a disk's newest point, from the keys alone: no point is read and no key
+    material is needed, so it works on an encrypted repository at the cost of one listing."""
+    stamps = [info.key.rsplit("/", 1)[1].removesuffix(".json")
+              for info in store.list(f"points/{host}/{disk}/") if info.key.endswith(".json")]
+    return parse_stamp(max(stamps)) if stamps else None
+
+
 class ChunkCodec:
     """Hashing and the blob encoding of chunks and maps (zstd, optionally AES-256-GCM)."""
 
