@@ -24,6 +24,7 @@ from types import FrameType
 
 import httpx
 
+from cli.api import forget_lab_server, record_lab_server
 from cli.demo import install_notes_app, make_sample_data
 
 REPO = Path(__file__).resolve().parent.parent
@@ -138,10 +139,13 @@ class LabStack:
         self._prefect("work-pool", "create", WORK_POOL, "--type", "process", "--overwrite")
         self._prefect("deploy", "--all", "--prefect-file", str(PREFECT_YAML))
         self._spawn("worker", "worker", "start", "--pool", WORK_POOL)
+        # Found by ad-hoc `patchdrill` commands (cli/api.py), so their runs show in this UI too.
+        record_lab_server(self.env["PREFECT_API_URL"], server.pid)
 
     def stop(self) -> None:
         """Worker first (it may be running a flow), then the server; each whole process group."""
         for process in reversed(self.processes):
+            forget_lab_server(process.pid)
             _stop_group(process)
         self.processes.clear()
 
