@@ -258,7 +258,7 @@ def choose_api() -> tuple[str, str | None]:
 @contextlib.contextmanager
 def using_api() -> Iterator[str]:
     """Run the flows inside on the chosen Prefect API (see the module's docstring); yields which."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     from cli.temporary_server import detach_ephemeral_server
 
@@ -275,8 +275,11 @@ def using_api() -> Iterator[str]:
     previous = os.environ.get(PRIVATE_API_ENV)
     if private:
         os.environ[PRIVATE_API_ENV] = "1"
+    # Heartbeats let a server's automations tell a crashed run; nobody sets one up on the private
+    # server, and a synchronous flow waits up to a second for its heartbeat thread at the end.
+    updates: dict[Any, Any] = {PREFECT_API_URL: url, **({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None} if private else {})}
     try:
-        with temporary_settings(updates={PREFECT_API_URL: url}):
+        with temporary_settings(updates=updates):
             yield where
     finally:
         if private:
