@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from cli.common import err_console, fail
+from cli.common import fail, notice
 
 MODE_ENV = "PATCHDRILL_SERVER"
 IDLE_ENV = "PATCHDRILL_SERVER_IDLE_MINUTES"
@@ -174,8 +174,9 @@ class BackgroundServer:
             process = subprocess.Popen(
                 [sys.executable, "-m", DAEMON_MODULE, "--state-file", str(self.state_file), "--idle-minutes", f"{idle:g}"],
                 env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        err_console.print(f"starting patchdrill's background Prefect server (pid {process.pid}; it stops after "
-                          f"{idle:g} min idle, `patchdrill server stop` stops it now)", highlight=False)
+        notice("server.starting", f"starting patchdrill's background Prefect server (pid {process.pid}; it stops "
+               f"after {idle:g} min idle, `patchdrill server stop` stops it now)", pid=process.pid, idle_minutes=idle,
+               log=str(self.log_file))
         try:
             state = self._wait_healthy(None, process, timeout)
         except BaseException:

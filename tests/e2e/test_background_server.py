@@ -155,10 +155,11 @@ def test_the_state_file_of_a_killed_server_is_recovered_from(lab: Lab) -> None:
     _wait_for("the killed server to end", lambda: not _alive(killed["pid"]))
     assert lab.state_file.exists(), "the state file of a killed server is what this test is about"
 
-    done = lab.run("backup", "-c", str(lab.config("after-kill", lab.root / "data")))
+    done = lab.run("--log-json", "backup", "-c", str(lab.config("after-kill", lab.root / "data")))
     assert done.returncode == 0, done.stderr
-    assert "starting patchdrill's background Prefect server" in done.stderr
+    [starting] = [event for event in map(json.loads, done.stderr.splitlines()) if event["event"] == "server.starting"]
     fresh = lab.state()
+    assert starting["pid"] == fresh["pid"]
     assert fresh["pid"] != killed["pid"] and _alive(fresh["pid"])
     flow, state = _runs(fresh["url"])[-1]
     assert flow == "backup-run" and state.is_completed()
