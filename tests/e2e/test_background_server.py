@@ -122,30 +122,22 @@ def _ensure_server(lab: Lab) -> None:
 
 
 def test_the_first_command_starts_the_server_and_the_next_reuses_it(lab: Lab) -> None:
-    cfg = lab.config("reuse", lab.root / "data")
-    first = lab.run("backup", "-c", str(cfg))
+    """Also: a failed run exits non-zero and is Failed on the server, a completed one Completed."""
+    first = lab.run("backup", "-c", str(lab.config("reuse", lab.root / "data")))
     assert first.returncode == 0, first.stderr
     assert "starting patchdrill's background Prefect server" in first.stderr
     started = lab.state()
 
-    second = lab.run("backup", "-c", str(cfg))
-    assert second.returncode == 0, second.stderr
+    second = lab.run("backup", "-c", str(lab.config("missing", lab.root / "no-such-disk")))
+    assert second.returncode == 1, second.stderr
+    assert "Traceback" not in second.stderr
     assert "starting patchdrill's background Prefect server" not in second.stderr
     assert lab.state() == started, "the second command started another server"
     assert _alive(started["pid"])
 
     runs = _runs(started["url"])
     assert [flow for flow, _ in runs] == ["backup-run", "backup-run"]
-    assert all(state.is_completed() for _, state in runs)
-
-
-def test_a_failed_run_exits_non_zero_and_is_failed_on_the_server(lab: Lab) -> None:
-    cfg = lab.config("missing", lab.root / "no-such-disk")
-    done = lab.run("backup", "-c", str(cfg))
-    assert done.returncode == 1, done.stderr
-    assert "Traceback" not in done.stderr
-    flow, state = _runs(lab.state()["url"])[-1]
-    assert flow == "backup-run" and state.is_failed()
+    assert runs[0][1].is_completed() and runs[1][1].is_failed()
 
 
 def test_the_state_file_of_a_killed_server_is_recovered_from(lab: Lab) -> None:
@@ -207,8 +199,6 @@ def test_server_stop_leaves_nothing_running(lab: Lab) -> None:
     assert not _alive(server["pid"]) and not lab.state_file.exists()
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", server["port"])) != 0, "the server's port still answers"
-    again = lab.run("server", "stop")
-    assert again.returncode == 0 and "no background server runs" in again.stdout
 
 
 def test_a_configured_server_that_does_not_answer_is_one_line(lab: Lab) -> None:
@@ -226,7 +216,7 @@ def test_a_configured_server_that_does_not_answer_is_one_line(lab: Lab) -> None:
 
 def test_an_idle_background_server_stops_by_itself(lab: Lab) -> None:
     """On the module's home, whose database is already made: only the server's start is paid."""
-    assert lab.run("server", "stop").returncode == 0
+    _stop_server(lab)
     done = lab.run("backup", "-c", str(lab.config("idle", lab.root / "data")), PATCHDRILL_SERVER_IDLE_MINUTES="0.2")
     assert done.returncode == 0, done.stderr
     server = lab.state()
