@@ -1,4 +1,4 @@
-"""The `patchdrill` command: ad-hoc runs with no server needed."""
+"""The `patchdrill` command: ad-hoc runs with no server needed (cli/api.py says which API they use)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cli import backup, drill, failover, patch
+from cli import backup, drill, failover, patch, server
 from cli.common import (
     DEFAULT_CONFIG, ConfigOption, GroupsOption, HostsOption, JsonOption, console, emit, fail, load_or_exit,
     report_problems,
@@ -105,6 +105,7 @@ backup.register(app)
 failover.register(app)
 patch.register(app)
 drill.register(app)
+server.register(app)
 
 
 # A fresh PREFECT_HOME migrates its database before Prefect's temporary API answers: 10-25 s,

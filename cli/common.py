@@ -37,6 +37,14 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+def notice(event: str, message: str, **fields: Any) -> None:
+    """One informational line on stderr (a JSON line under --log-json), apart from the command's output."""
+    if json_lines():
+        _log.info(event, **fields)
+    else:
+        err_console.print(escape(message), highlight=False, soft_wrap=True)
+
+
 def load_or_exit(path: Path) -> LoadedConfig:
     try:
         return load_config(path)

@@ -23,6 +23,7 @@ from typer.core import TyperGroup
 from cli.common import (
     DEFAULT_CONFIG, EXIT_CANCELLED, ConfigOption, JsonOption, console, emit, exit_as, fail, flow_result, load_or_exit,
 )
+from cli.api import using_api
 from cli.interrupts import stoppable
 
 
@@ -215,7 +216,9 @@ def cancel(
         _ask(f"Cancel failover {run}: stop its copies (and restart the primary after a planned failover)?")
     from flows.failover import failover_cancel
 
-    _finish(failover_cancel(config_path=str(config), run_id=run, return_state=True), as_json)
+    with using_api():
+        state = failover_cancel(config_path=str(config), run_id=run, return_state=True)
+    _finish(state, as_json)
 
 
 def failback(

@@ -1,80 +1,24 @@
 """Ctrl-C and SIGTERM for commands that run a flow in this process.
 
 The flows stop their own work on a signal (tasks/backup/cancel.py); what is left here belongs
-to the command line: Prefect's temporary API server. With no PREFECT_API_URL, Prefect starts it
-as a child process in the command's process group, so a Ctrl-C at the terminal (which signals
-the whole foreground group) also stopped the server, under the run that still had to record its
-end there: the command then hung with Prefect's events worker retrying a dead server. Started
-in a session of its own, the server outlives the first Ctrl-C long enough for the run to be
-recorded Cancelled, and still ends with the command (Prefect stops it at exit; a second signal
-kills it before exiting at once).
+to the command line: the Prefect API the run reports to (cli/api.py). A background or
+configured server outlives the command by design; Prefect's temporary server
+(cli/temporary_server.py) must not.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
-import sys
-from typing import Any, Iterator
+from typing import Iterator
 
+from cli.api import using_api
+from cli.temporary_server import kill_ephemeral_server
 from tasks.backup import cancel
-
-
-def _detached_server_class() -> type:
-    import prefect
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import get_current_settings
-
-    class DetachedEphemeralServer(SubprocessASGIServer):
-        """Prefect's temporary server, started as Prefect 3.8 starts it, in a new session."""
-
-        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
-            return subprocess.Popen(
-                args=[sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
-                      "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
-                      "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
-                env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-                     "PREFECT__SERVER_FINAL": "1",
-                     **get_current_settings().to_environment_variables(exclude_unset=True)},
-                start_new_session=True,
-            )
-
-    return DetachedEphemeralServer
-
-
-def _detach_ephemeral_server() -> None:
-    """Make the temporary server Prefect will start (if it starts one) a detached one.
-
-    Prefect looks its temporary server up as SubprocessASGIServer() and gets the instance kept
-    for the default port, which is how prefect_test_harness substitutes its own; this does the
-    same, and leaves alone a server already started or substituted, or a configured API.
-    """
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import get_current_settings
-
-    if get_current_settings().api.url or None in SubprocessASGIServer._instances:
-        return
-    SubprocessASGIServer._instances[None] = _detached_server_class()()
-
-
-def _kill_ephemeral_server() -> None:
-    from prefect.server.api.server import SubprocessASGIServer
-
-    for server in list(SubprocessASGIServer._instances.values()):
-        process = server.server_process
-        if process is not None and process.poll() is None:
-            process.kill()
-            # Reaped before the command exits: a killed server that is still dying would
-            # otherwise outlive the command for a moment, orphaned.
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=5)
 
 
 @contextlib.contextmanager
 def stoppable() -> Iterator[None]:
     """Run a flow so that the first SIGINT/SIGTERM stops it cleanly and the second exits at once,
     leaving no temporary Prefect server behind either way."""
-    _detach_ephemeral_server()
-    with cancel.stop_on_signals(), cancel.on_hard_exit(_kill_ephemeral_server):
+    with using_api(), cancel.stop_on_signals(), cancel.on_hard_exit(kill_ephemeral_server):
         yield

@@ -30,6 +30,7 @@ from typing import Any
 
 import httpx
 
+from cli.api import forget_lab_server, record_lab_server
 from cli.demo import install_notes_app, make_sample_data
 from cli.lab_postgres import LabPostgres, PostgresFailed
 
@@ -174,11 +175,14 @@ class LabStack:
             suffix = "" if number == 1 else f"-{number}"
             self._spawn(f"worker{suffix}", "worker", "start", "--pool", WORK_POOL, "--name", worker_name(number),
                         *limit)
+        # Found by ad-hoc `patchdrill` commands (cli/api.py), so their runs show in this UI too.
+        record_lab_server(self.env["PREFECT_API_URL"], server.pid)
 
     def stop(self) -> None:
         """Workers first (they may be running flows), then the server, then its database; each
         whole process group."""
         for process in reversed(self.processes):
+            forget_lab_server(process.pid)
             _stop_group(process)
         self.processes.clear()
 

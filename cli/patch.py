@@ -1,7 +1,7 @@
 """`patchdrill patch …`: enroll, assess, run, calendar, history from the command line.
 
-enroll, assess and run start the same flows a deployment or the UI starts (with no server
-configured, Prefect's ephemeral API); calendar and history only read.
+enroll, assess and run start the same flows a deployment or the UI starts (on the Prefect API
+cli/api.py chooses); calendar and history only read.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
+from cli.api import using_api
 from cli.common import (
     DEFAULT_CONFIG, ConfigOption, GroupsOption, HostsOption, JsonOption, console, emit, exit_as,
     fail, flow_result, load_or_exit,
@@ -58,7 +59,8 @@ def enroll(config: ConfigOption = DEFAULT_CONFIG, group: GroupsOption = None, ho
     from flows.patch import patch_enroll
 
     _fleet_or_exit(config, group, host, None)
-    rows = patch_enroll(config_path=str(config), groups=group, hosts=host)
+    with using_api():
+        rows = patch_enroll(config_path=str(config), groups=group, hosts=host)
 
     def render(data: list[Any]) -> None:
         table = Table(title="enrollment")
@@ -122,8 +124,9 @@ def assess(
     from flows.patch import patch_assess
 
     _fleet_or_exit(config, group, host, policy)
-    report = patch_assess(config_path=str(config), groups=group, hosts=host, policy=policy, refresh=refresh,
-                          forks=forks)
+    with using_api():
+        report = patch_assess(config_path=str(config), groups=group, hosts=host, policy=policy, refresh=refresh,
+                              forks=forks)
     emit(report, as_json, _render_assess)
     if report.errors:
         raise typer.Exit(2)
@@ -193,9 +196,10 @@ def run(
     if fleet.policy.approval_required and not dry_run and not yes and not wait_for_approval:
         fail(f"policy {fleet.policy_name!r} requires approval: review `patchdrill patch run --dry-run`, then run "
              "again with --yes, or with --wait-for-approval to approve in the Prefect UI")
-    state = patch_run(config_path=str(config), groups=group, hosts=host, policy=policy, dry_run=dry_run,
-                      ignore_windows=ignore_windows, reboot_outside_window=reboot_outside_window, approved=yes,
-                      forks=forks, refresh=refresh, return_state=True)
+    with using_api():
+        state = patch_run(config_path=str(config), groups=group, hosts=host, policy=policy, dry_run=dry_run,
+                          ignore_windows=ignore_windows, reboot_outside_window=reboot_outside_window, approved=yes,
+                          forks=forks, refresh=refresh, return_state=True)
     emit(flow_result(state, PatchRunReport, "patch run "), as_json, _render_run)
     exit_as(state)
 

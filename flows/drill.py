@@ -255,7 +255,8 @@ def _manual_gate(group: list[Member], phase: str, timeline: Timeline, timeout_mi
         if timeout_minutes is None:
             step.detail += "; confirmed in advance by whoever started the run (--yes)"
             return None
-        if not get_current_settings().api.url:
+        # The CLI's private background server has no one watching it: as with no server at all.
+        if not get_current_settings().api.url or os.environ.get("PATCHDRILL_PRIVATE_API") == "1":
             step.ok = False
             step.detail += ("; needs a person to resume the run, and this run has no Prefect server to pause on "
                             "(set PREFECT_API_URL, run the drill deployment, or confirm them with drill run --yes)")

@@ -208,11 +208,12 @@ def test_backup_json_reports_every_disk_when_one_fails(prefect_server: None, lab
 
 
 def test_log_json_makes_every_console_line_json_on_a_real_run(lab_with_a_missing_disk: Path, tmp_path: Path) -> None:
-    """A real process on Prefect's temporary API server, as a user without a server runs it: every
-    line on stderr parses as JSON, Prefect's own included, and stdout holds the report."""
+    """A real process on Prefect's temporary API server (PATCHDRILL_SERVER=temporary, whose start
+    Prefect logs itself): every line on stderr parses as JSON, Prefect's own included, and stdout
+    holds the report. The background server's start line: test_background_server.py."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180", PATCHDRILL_SERVER="temporary")
     proc = subprocess.run(
         [sys.executable, "-c", "from cli.app import app; app()",
          "--log-json", "backup", "-c", str(lab_with_a_missing_disk), "--json"],

@@ -78,9 +78,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Lab:
 
 
 def _env(lab: Lab, **extra: str) -> dict[str, str]:
-    env = {**os.environ, "PREFECT_HOME": str(lab.prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **extra}
+    env = {**os.environ, "PREFECT_HOME": str(lab.prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           # The command's own temporary server, which must end with it; the background server,
+           # which must not, is stopped the same way in test_background_server.py.
+           "PATCHDRILL_SERVER": "temporary", **extra}
     if "PREFECT_API_URL" not in extra:
-        env.pop("PREFECT_API_URL", None)  # the command's own temporary server, as on a fresh machine
+        env.pop("PREFECT_API_URL", None)  # no configured server, as on a fresh machine
     return env
 
 

@@ -86,3 +86,20 @@ def test_commands_that_run_no_flow_do_not_load_prefect() -> None:
     proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
+
+
+def test_points_and_config_check_load_neither_prefect_nor_the_azure_sdk(tmp_path: Path) -> None:
+    """Commands that run no flow start without the background server, Prefect or the Azure SDK."""
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("storage: {kind: local, path: s}\nhosts:\n  - {name: up, transport: local}\n")
+    probe = ("import sys, cli.app\n"
+             "for args in (['config', 'check', sys.argv[1]], ['points', '-c', sys.argv[1], '--json']):\n"
+             "    try:\n        cli.app.app(args, standalone_mode=False)\n"
+             "    except SystemExit as e:\n        assert not e.code, e.code\n"
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'azure'}))")
+    proc = subprocess.run([sys.executable, "-c", probe, str(cfg)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
