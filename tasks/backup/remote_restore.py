@@ -5,7 +5,7 @@ left there), and the same rules as a local restore decide what may be touched (r
 Images: the host hashes what its target holds (blockscan scan), the controller compares with
 the point and sends only the blocks that differ, verified, in patch files that the host applies
 in place (blockscan apply). A new target is assembled under a temporary name and renamed when
-complete. Directories: the controller verifies every chunk and ships the tree's plan and the
+complete; the directories above it are created first (a fresh DR volume). Directories: the controller verifies every chunk and ships the tree's plan and the
 blocks of its files (onto an existing tree only those whose host-side hash differs, blockscan
 hashes); the host writes them with the same tree writer a local restore uses (blockscan
 place): no symbolic link in the target is followed, an existing directory is restored in place
@@ -15,6 +15,7 @@ and a whole point's restore removes what the point lacks.
 from __future__ import annotations
 
 import json
+import posixpath
 import shlex
 import shutil
 import struct
@@ -59,9 +60,21 @@ def restore_to_host(repo: Repository, point: RecoveryPoint, connector: Connector
     if found["removed"]:
         log.warning("restore.leftovers_removed", host=connector.name, target=target, removed=found["removed"])
     in_place = decide(found, point, force, where)
+    if not found["exists"]:
+        _make_parent(connector, target)
     if point.kind == "directory":
         return _restore_tree(repo, point, connector, target, in_place, include)
     return _restore_image(repo, point, connector, target, in_place)
+
+
+def _make_parent(connector: Connector, target: str) -> None:
+    """Create the directories above a new target (a fresh DR volume's path): the patch, plan and
+    data files are sent beside the target before the host assembles it."""
+    parent = posixpath.dirname(target.rstrip("/")) or "/"
+    made = connector.run(f"mkdir -p -- {shlex.quote(parent)}", timeout=60)
+    if not made.ok:
+        raise RestoreFailed(f"host {connector.name}: cannot create {parent} for restore target {target!r}: "
+                            f"{_last_line(made)}")
 
 
 class _Patches:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import posixpath
-import shlex
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -245,14 +244,6 @@ def restore_side_task(repo: Repository, point: RecoveryPoint, side: Side, disk: 
     """Restore point onto the side's path for disk, delta-aware: what is there already (an
     earlier copy, the primary's own disk on failback) is rewritten only where it differs."""
     with connect(side.host, base_dir=base_dir) as connector:
-        if side.host.transport != "local":
-            # A fresh DR host: a restore on the controller makes the directory, one over a
-            # connector expects it there.
-            parent = shlex.quote(posixpath.dirname(side.paths[disk].rstrip("/")))
-            made = connector.run(f"mkdir -p -- {parent}", timeout=60)
-            if not made.ok:
-                raise FailoverError(f"{side.host.name}: cannot create {parent} for disk {disk}: "
-                                    f"{made.stderr.strip() or f'exit {made.exit_code}'}")
         return restore_copy(repo, point, connector, side.paths[disk])
 
 
