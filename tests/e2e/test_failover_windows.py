@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 import yaml
@@ -139,3 +139,243 @@ def test_a_windows_target_with_room_passes_the_free_space_check(win_lab: WinLab,
     assert ready.ok, ready.summary()
     [space] = [c for c in ready.checks if c.check == "target"]
     assert space.detail.startswith(f"win-dr:{ROOT} has 51200 MiB ({50 * 2 ** 30} bytes) free, the restore needs ")
+
+
+# --------------------------------------------------------------------------- failover of a Windows member
+#
+# Real here as above, and also: Azurite as the store (Windows hosts upload their changed blocks
+# straight to it with SAS URLs), the failover and failback flows and commands, the restore onto a
+# Windows host (tasks/backup/remote_restore.py: the controller compares block hashes and sends
+# only the blocks that differ, through the connector's put).
+#
+# Simulated, each answered by a handler matched on the exact text patchdrill sends: VSS and the
+# block scanner (SimulatedWindowsDisk, as the Windows backup tests use it: a shadow copy is a
+# point-in-time copy of the image file), win_restore.ps1 (WindowsRestoreSim below, doing in
+# Python what the script does in PowerShell), and the Service Control Manager and Hyper-V
+# (ServiceManager: Start-Service/Stop-Service/Get-Service and Start-VM/Stop-VM/Get-VM change and
+# report a running flag, nothing runs). The "C:" of each simulated host is a local directory.
+
+import random  # noqa: E402
+import re  # noqa: E402
+import struct  # noqa: E402
+
+from tasks.backup.remote_restore import WINDOWS_SCRIPT  # noqa: E402
+from tasks.backup.snapshot.host import VSS_REMOVE_SCRIPT, VSS_SCRIPT  # noqa: E402
+from tasks.backup.sources import windows_direct_upload as staged  # noqa: E402
+from tests.hosts.azurite import AzuriteServer  # noqa: E402
+from tests.integration.test_backup_windows import SimulatedWindowsDisk  # noqa: E402
+
+IMAGE_BLOCKS = 24
+_NAME = r"'((?:[^']|'')*)'"
+
+
+@dataclass
+class ServiceManager:
+    """Windows services and Hyper-V VMs of one simulated host: a running flag per name."""
+
+    running: dict[str, bool] = field(default_factory=dict)
+    calls: list[str] = field(default_factory=list)
+
+    def handle(self, script: str, args: list[str]) -> SimResult | None:
+        text = script.strip()
+        change = re.fullmatch(rf"(Start|Stop)-(Service|VM) -Name {_NAME}(?: -TurnOff)?(?: -Force)?", text)
+        if change:
+            name = change.group(3).replace("''", "'")
+            self.calls.append(f"{change.group(1)}-{change.group(2)} {name}")
+            self.running[name] = change.group(1) == "Start"
+            return SimResult()
+        check = re.fullmatch(rf"if \(\(Get-(Service|VM) -Name {_NAME}\)\.(?:Status|State) -eq '(?:Stopped|Off)'\) "
+                             r"\{ exit 0 \} else \{ exit 1 \}", text)
+        if check:
+            name = check.group(2).replace("''", "'")
+            self.calls.append(f"Get-{check.group(1)} {name}")
+            return SimResult(exit_code=1 if self.running.get(name) else 0)
+        return None
+
+
+class WindowsRestoreSim:
+    """win_restore.ps1 in Python: Probe, Apply (patch records into the image), Discard."""
+
+    def __init__(self) -> None:
+        self.applied: list[tuple[str, int]] = []  # (target, bytes) per Apply
+
+    def respond(self, args: dict[str, str]) -> SimResult:
+        path = Path(args["Path"])
+        work = Path(f"{path}.patchdrill-restore")
+        if args["Mode"] == "Discard":
+            work.unlink(missing_ok=True)
+            return SimResult()
+        if args["Mode"] == "Probe":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            work.unlink(missing_ok=True)
+            found = {"exists": path.exists(), "kind": ("dir" if path.is_dir() else "file") if path.exists() else None,
+                     "size": path.stat().st_size if path.is_file() else None}
+            return SimResult(stdout=json.dumps(found) + "\r\n")
+        fresh = args.get("Fresh") == "true"
+        into = work if fresh else path
+        patch = Path(args["Patch"]).read_bytes()
+        block_size, written, offset = int(args["BlockSize"]), 0, 0
+        with open(into, "r+b" if into.exists() else "w+b") as image:
+            while offset + 12 <= len(patch):
+                index, length = struct.unpack(">QI", patch[offset:offset + 12])
+                image.seek(index * block_size)
+                image.write(patch[offset + 12:offset + 12 + length])
+                written += length
+                offset += 12 + length
+            image.truncate(int(args["Size"]))
+        Path(args["Patch"]).unlink()
+        if fresh and args.get("Finish") == "true":
+            work.replace(path)
+        self.applied.append((str(path), written))
+        return SimResult(stdout=json.dumps({"blocks": 0, "bytes": written}) + "\r\n")
+
+
+@dataclass
+class WinHost:
+    server: WsmanTestHost
+    disk: SimulatedWindowsDisk
+    services: ServiceManager
+    restores: WindowsRestoreSim
+
+    def reset(self) -> None:
+        self.services.running.clear()
+        self.services.calls.clear()
+        self.restores.applied.clear()
+        self.disk.uploaded.clear()
+
+
+@pytest.fixture(scope="module")
+def win_pair(wsman_host_factory: HostFactory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, WinHost]]:
+    """Two simulated Windows hosts for the module: a primary and its DR target."""
+    hosts = {}
+    for role in ("primary", "dr"):
+        server = wsman_host_factory(scheme="https", auth=("ntlm",))
+        disk = SimulatedWindowsDisk(shadow_root=tmp_path_factory.mktemp(f"shadows-{role}"))
+        services, restores = ServiceManager(), WindowsRestoreSim()
+        server.handlers[:0] = [script_handler(VSS_SCRIPT, disk.snapshot), script_handler(VSS_REMOVE_SCRIPT, disk.remove),
+                               script_handler(staged.HOST_SCRIPT, disk.blockscan),
+                               script_handler(WINDOWS_SCRIPT, restores.respond), services.handle]
+        hosts[role] = WinHost(server, disk, services, restores)
+    yield hosts
+    for host in hosts.values():
+        host.server.stop()
+
+
+def _windows_plan(tmp_path: Path, pair: dict[str, WinHost], azurite: AzuriteServer, container: str,
+                  app: dict[str, object], point: str) -> tuple[Path, Path, Path]:
+    """A primary VM image (vm.vhdx on the primary's simulated C:) and a plan failing it over to
+    the DR host under a path whose parent does not exist yet."""
+    image = tmp_path / "c" / "vms" / "vm.vhdx"
+    image.parent.mkdir(parents=True)
+    image.write_bytes(random.Random(7).randbytes(IMAGE_BLOCKS * BLOCK + 321))
+    copy_root = tmp_path / "d" / "dr" / "vms"
+    hosts = [pair["primary"].server.host_config("win-primary", connect_timeout=60,
+                                                 disks=[{"name": "vm", "path": str(image), "kind": "block"}]),
+             pair["dr"].server.host_config("win-dr", connect_timeout=60)]
+    config = tmp_path / "fleet.yaml"
+    config.write_text(yaml.safe_dump({
+        "storage": {"kind": "azure", "container": container, "connection_string": "env:PATCHDRILL_TEST_AZURE"},
+        "hosts": [h.model_dump(mode="json", exclude_none=True) for h in hosts],
+        "backup_policies": {"default": {"block_size": BLOCK, "workers": 2}},
+        "recovery_plans": {"win": {"rto_target": 900, "rpo_target": 86400, "groups": [{"name": "vms", "members": [{
+            "host": "win-primary", "point": point, "isolation": "none",
+            "target": {"host": "win-dr", "path": str(copy_root)}, "app": app}]}]}},
+    }))
+    return config, image, copy_root / "vm"
+
+
+def _rewrite(path: Path, blocks: list[int]) -> None:
+    with open(path, "r+b") as handle:
+        for index in blocks:
+            handle.seek(index * BLOCK + 10)
+            handle.write(b"written on the DR side")
+
+
+def _summary(out: str) -> dict[str, object]:
+    found, _ = json.JSONDecoder().raw_decode(out)
+    return found
+
+
+def test_windows_service_member_fails_over_planned_and_back_with_vss_points(
+        prefect_server: None, win_pair: dict[str, WinHost], azure_store: object, azurite: AzuriteServer,
+        azure_container_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli: Cli) -> None:  # noqa: F811
+    monkeypatch.setenv("PATCHDRILL_TEST_AZURE", azurite.connection_string)
+    primary, dr = win_pair["primary"], win_pair["dr"]
+    for host in (primary, dr):
+        host.reset()
+    app = {"preset": "windows-service", "name": "AppSvc-DR", "primary": {"name": "AppSvc"}}
+    config, image, copy = _windows_plan(tmp_path, win_pair, azurite, azure_container_name, app, "latest")
+    primary.services.running["AppSvc"] = True
+
+    code, out, err = cli("failover", "win", "--planned", "--yes", "-c", str(config), "--json")
+    assert code == 0, out + err
+    over = _summary(out)
+    assert primary.services.calls[:2] == ["Stop-Service AppSvc", "Get-Service AppSvc"]
+    assert dr.services.running == {"AppSvc-DR": True} and not primary.services.running["AppSvc"]
+    assert copy.read_bytes() == image.read_bytes()
+    [used] = _evidence_azure(azurite, azure_container_name, str(over["run_id"]))["points"]
+    assert (used["consistency"], used["host"]) == ("application-consistent", "win-primary")
+    assert over["bytes_moved"] == IMAGE_BLOCKS * BLOCK + 321  # a fresh target: every block once
+    assert dr.restores.applied == [(str(copy), IMAGE_BLOCKS * BLOCK + 321)]  # through win_restore.ps1
+    assert cli("failover", "commit", str(over["run_id"]), "-c", str(config))[0] == 0
+
+    changed = [3, 17]
+    _rewrite(copy, changed)
+    code, out, err = cli("failback", "win", "--yes", "-c", str(config), "--json")
+    assert code == 0, out + err
+    back = _summary(out)
+    assert back["bytes_moved"] == len(changed) * BLOCK  # only the blocks changed on the DR side
+    assert primary.restores.applied == [(str(image), len(changed) * BLOCK)]
+    assert image.read_bytes() == copy.read_bytes()
+    assert primary.services.running == {"AppSvc": True} and dr.services.running == {"AppSvc-DR": False}
+    assert "Get-Service AppSvc-DR" in dr.services.calls
+    steps = [s["name"] for s in _evidence_azure(azurite, azure_container_name, str(back["run_id"]))["steps"]]
+    assert steps == ["re-protect", "stop-copy", "final-backup", "restore", "start", "probe"]
+    assert primary.disk.shadows == {} and dr.disk.shadows == {}
+
+
+def test_hyperv_member_fails_over_unplanned_from_its_latest_vss_point_and_back(
+        prefect_server: None, win_pair: dict[str, WinHost], azure_store: object, azurite: AzuriteServer,
+        azure_container_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli: Cli) -> None:  # noqa: F811
+    """Two backups: one application-consistent (VSS writers stable), then a newer one whose
+    Hyper-V writer failed (file-system-consistent). The member asks for the latest
+    application-consistent point: the failover restores the older one."""
+    monkeypatch.setenv("PATCHDRILL_TEST_AZURE", azurite.connection_string)
+    primary, dr = win_pair["primary"], win_pair["dr"]
+    for host in (primary, dr):
+        host.reset()
+    app = {"preset": "hyperv", "name": "web-vm-dr", "primary": {"name": "web-vm"}}
+    config, image, copy = _windows_plan(tmp_path, win_pair, azurite, azure_container_name, app,
+                                        "latest-application-consistent")
+    consistent = image.read_bytes()
+    assert cli("backup", "-c", str(config), "--json")[0] == 0
+    _rewrite(image, [5])
+    primary.disk.failing_writer = "Microsoft Hyper-V VSS Writer"
+    try:
+        code, out, err = cli("backup", "-c", str(config), "--json")
+    finally:
+        primary.disk.failing_writer = None
+    assert code == 0 and json.loads(out)[0]["consistency"] == "file-system-consistent", out + err
+
+    code, out, err = cli("failover", "win", "--unplanned", "--yes", "-c", str(config), "--json")
+    assert code == 0, out + err
+    over = _summary(out)
+    [used] = _evidence_azure(azurite, azure_container_name, str(over["run_id"]))["points"]
+    assert used["consistency"] == "application-consistent"
+    assert copy.read_bytes() == consistent  # the VSS point, not the newer file-system-consistent one
+    assert dr.services.running == {"web-vm-dr": True} and primary.services.calls == []  # the primary untouched
+    assert cli("failover", "commit", str(over["run_id"]), "-c", str(config))[0] == 0
+
+    code, out, err = cli("failback", "win", "--yes", "-c", str(config), "--json")
+    assert code == 0, out + err
+    assert image.read_bytes() == consistent
+    assert dr.services.calls == ["Start-VM web-vm-dr", "Stop-VM web-vm-dr", "Get-VM web-vm-dr"]
+    assert primary.services.running == {"web-vm": True} and dr.services.running == {"web-vm-dr": False}
+    assert _summary(out)["bytes_moved"] == BLOCK  # block 5, rewritten on the primary after the VSS point
+    assert primary.restores.applied == [(str(image), BLOCK)]
+
+
+def _evidence_azure(azurite: AzuriteServer, container: str, run_id: str) -> dict[str, Any]:
+    client = azurite.container(container)
+    [name] = [b.name for b in client.list_blobs(name_starts_with="evidence/drills/win/") if run_id in b.name]
+    return json.loads(client.download_blob(name).readall())
