@@ -42,9 +42,7 @@ from tasks.backup import cancel
 from tasks.backup.repo.repository import RecoveryPoint, Repository
 from tasks.backup.restore import RestoreResult
 from tasks.backup.disk import DiskReport, back_up_disk, policy_name
-from tasks.drill.control import (
-    CopyContext, TemplateError, check_preset, control_spec, fill, quoter, start_service, stop_service,
-)
+from tasks.drill.control import CopyContext, TemplateError, check_preset, control_spec, start_service, stop_service
 from tasks.drill.copy import PointMissing, choose_point, restore_copy
 from tasks.drill.evidence import DrillEvidence, ProbeRecord, Step, evidence_key, utcnow
 from tasks.drill.members import Member, PlanError, find_plan, primary_disk_path, resolve

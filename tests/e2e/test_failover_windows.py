@@ -1,5 +1,5 @@
-"""Windows DR targets: free space checked in a drill's readiness, through the real WinRM
-transport.
+"""Windows members: free space on a Windows DR target checked in a drill's readiness, and a
+Windows member's failover and failback, through the real WinRM transport.
 
 Real: pywinrm over HTTPS with NTLM to the WS-Management test host, connectors/winrm.py sending
 the shipped tasks/drill/host_scripts/free_space.ps1 with its arguments, the `patchdrill drill
@@ -10,11 +10,25 @@ Simulated (there is no Windows here): what free_space.ps1 does on Windows. A han
 host, matched on the script's exact shipped text, answers as a volume with the free bytes the
 test gives it; every other script the drill might send is recorded, so the test proves readiness
 created nothing on the target.
+
+Failover and failback of a Windows member: real as above, and also Azurite as the store (Windows
+hosts upload their changed blocks straight to it with SAS URLs), the failover and failback
+commands and flows, and the restore onto a Windows host (tasks/backup/remote_restore.py: the
+controller compares block hashes and sends only the blocks that differ, through the connector's
+put). Simulated, each answered by a handler matched on the exact text patchdrill sends: VSS and
+the block scanner (SimulatedWindowsDisk, as the Windows backup tests use it: a shadow copy is a
+point-in-time copy of the image file), win_restore.ps1 (WindowsRestoreSim, doing in Python what
+the script does in PowerShell), and the Service Control Manager and Hyper-V (ServiceManager:
+Start-Service/Stop-Service/Get-Service and Start-VM/Stop-VM/Get-VM change and report a running
+flag; nothing runs). The "C:" of each simulated host is a local directory.
 """
 
 from __future__ import annotations
 
 import json
+import random
+import re
+import struct
 from datetime import datetime, timezone
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,14 +42,19 @@ from configs.loader import load_config
 from configs.policies import BackupPolicy
 from connectors import connect
 from tasks.backup.disk import back_up_disk
+from tasks.backup.remote_restore import WINDOWS_SCRIPT
+from tasks.backup.snapshot.host import VSS_REMOVE_SCRIPT, VSS_SCRIPT
+from tasks.backup.sources import windows_direct_upload as staged
 from tasks.drill.copy import repository
 from tasks.drill.evidence import DrillEvidence
 from tasks.drill.members import find_plan, resolve
 from tasks.drill.readiness import FREE_SPACE_SCRIPT, Readiness, check_points, check_target
 from tests.e2e.test_backup_cli import cli  # noqa: F401 - the in-process CLI fixture
+from tests.hosts.azurite import AzuriteServer
 from tests.hosts.winrm import HostFactory
 from tests.hosts.wsman_server import WsmanTestHost
 from tests.hosts.wsman_sim import SimResult, script_handler
+from tests.integration.test_backup_windows import SimulatedWindowsDisk
 
 pytestmark = pytest.mark.e2e
 Cli = Callable[..., tuple[int, str, str]]
@@ -122,7 +141,6 @@ def test_a_windows_target_without_room_stops_the_drill_naming_member_target_and_
     assert needs >= win_lab.size > 4096 and evidence.points == []
     assert volume.asked == [{"Path": ROOT}]
     # Readiness sent the free-space script and nothing else: no directory, service or file was made.
-    print(volume.others)
     assert volume.others == [FREE_SPACE_SCRIPT.read_text().splitlines()[0]]
 
 
@@ -142,28 +160,6 @@ def test_a_windows_target_with_room_passes_the_free_space_check(win_lab: WinLab,
 
 
 # --------------------------------------------------------------------------- failover of a Windows member
-#
-# Real here as above, and also: Azurite as the store (Windows hosts upload their changed blocks
-# straight to it with SAS URLs), the failover and failback flows and commands, the restore onto a
-# Windows host (tasks/backup/remote_restore.py: the controller compares block hashes and sends
-# only the blocks that differ, through the connector's put).
-#
-# Simulated, each answered by a handler matched on the exact text patchdrill sends: VSS and the
-# block scanner (SimulatedWindowsDisk, as the Windows backup tests use it: a shadow copy is a
-# point-in-time copy of the image file), win_restore.ps1 (WindowsRestoreSim below, doing in
-# Python what the script does in PowerShell), and the Service Control Manager and Hyper-V
-# (ServiceManager: Start-Service/Stop-Service/Get-Service and Start-VM/Stop-VM/Get-VM change and
-# report a running flag, nothing runs). The "C:" of each simulated host is a local directory.
-
-import random  # noqa: E402
-import re  # noqa: E402
-import struct  # noqa: E402
-
-from tasks.backup.remote_restore import WINDOWS_SCRIPT  # noqa: E402
-from tasks.backup.snapshot.host import VSS_REMOVE_SCRIPT, VSS_SCRIPT  # noqa: E402
-from tasks.backup.sources import windows_direct_upload as staged  # noqa: E402
-from tests.hosts.azurite import AzuriteServer  # noqa: E402
-from tests.integration.test_backup_windows import SimulatedWindowsDisk  # noqa: E402
 
 IMAGE_BLOCKS = 24
 _NAME = r"'((?:[^']|'')*)'"
