@@ -89,6 +89,8 @@ def run(
                                       "(PREFECT_API_URL).")] = False,
     operator: Annotated[Optional[str], typer.Option("--operator", help="Who runs the drill, for the evidence "
                                                     "(default: PATCHDRILL_OPERATOR, else your user name).")] = None,
+    slot_timeout: Annotated[float, typer.Option("--slot-timeout", min=0, help="Minutes to wait while another drill "
+                                                "of the plan runs; then this one fails, having started nothing.")] = 240.0,
     as_json: JsonOption = False,
 ) -> None:
     """Test failover of a recovery plan: restore, isolate, start, probe, clean up with proof.
@@ -103,7 +105,7 @@ def run(
     _plan_or_exit(config, plan)
     with stoppable():
         state = drill_run(config_path=str(config), plan=plan, operator=operator or "", manual_confirmed=yes,
-                          return_state=True)
+                          slot_timeout_minutes=slot_timeout, return_state=True)
     emit(flow_result(state, DrillEvidence, f"drill {plan} "), as_json, _render_run)
     exit_as(state)
 

@@ -80,12 +80,36 @@ class DrTarget(_Plain):
         return value
 
 
+#: What each preset reads from an app's fields, on either side (`primary:` may set only these).
+PRESET_FIELDS: dict[str, tuple[str, ...]] = {
+    "process": ("command", "pidfile"), "systemd": ("name", "command"), "windows-service": ("name",),
+    "hyperv": ("name",), "libvirt": ("name",), "command": ("start", "stop", "verify"),
+}
+
+
+class AppSide(_Plain):
+    """What differs on the primary side in a failover or failback: the same application under
+    another unit, service, VM or domain name, or another command line. Unset fields are the
+    copy's. Only the fields the preset reads may be given (config check names the others)."""
+
+    name: str | None = Field(default=None, description="The primary's unit, service, VM or domain name.")
+    command: str | None = Field(default=None, description="process: the primary's command line.")
+    pidfile: str | None = Field(default=None, description="process: where the primary's pid is kept.")
+    start: str | None = Field(default=None, description="command: the primary's start template.")
+    stop: str | None = Field(default=None, description="command: the primary's stop template.")
+    verify: str | None = Field(default=None, description="command: the primary's stopped check.")
+
+
 class AppControl(_Plain):
     """How the restored copy's application is started and stopped on the target.
 
     Commands are templates: `{root}` is the member's target path, `{disk:NAME}` where disk
     NAME was restored, `{name}` the control's name, `{port}` the copy's port, `{namespace}` its
     network namespace. On a Linux target with netns isolation they run inside it.
+
+    A failover and its failback use the same preset on both sides: they stop and start the
+    primary's application and the copy's (docs/drill.md, "Failover with presets"); `primary`
+    says what differs on the primary.
     """
 
     preset: Literal["process", "systemd", "windows-service", "hyperv", "libvirt", "command"] = Field(
@@ -99,6 +123,17 @@ class AppControl(_Plain):
     verify: str | None = Field(default=None, description="command: a check that exits 0 once the copy is stopped (cleanup's proof).")
     port: int | None = Field(default=None, ge=1, le=65535, description="The port the copy answers on: cleanup proves it closed.")
     ready_wait_seconds: float = Field(default=30, ge=0, le=3600, description="How long probes retry while the copy starts.")
+    pidfile: str | None = Field(default=None, description="process, failover only: where the application's pid is "
+                                "kept on its side (a template; default {root}/.patchdrill/<name>.pid). A pidfile "
+                                "holding just a pid, as daemons write them, is read too.")
+    primary: AppSide | None = Field(default=None, description="Failover and failback: what differs on the primary "
+                                    "(another unit or service name, command line or template); default: the same.")
+
+    def on(self, side: Literal["primary", "copy"]) -> "AppControl":
+        """The control as it applies on one side of a failover: the primary's overrides merged."""
+        if side == "copy" or self.primary is None:
+            return self
+        return self.model_copy(update={**self.primary.model_dump(exclude_none=True), "primary": None})
 
     @model_validator(mode="after")
     def _what_it_needs(self) -> "AppControl":
@@ -289,6 +324,7 @@ def plan_problems(plans: dict[str, RecoveryPlan], hosts: Sequence[_Host],
                     if disk not in known:
                         problems.append(_problem(at + ("disks", di), "unknown_disk",
                                                  f"host {member.host!r} has no disk {disk!r} (known: {', '.join(sorted(known)) or 'none'})"))
+            problems += _app_problems(member, at, by_name.get(member.target.host))
             target_name = member.target.host
             target = by_name.get(target_name)
             if target_name != CONTROLLER and target is None:
@@ -335,6 +371,36 @@ def plan_problems(plans: dict[str, RecoveryPlan], hosts: Sequence[_Host],
     return problems
 
 
+#: The operating system each preset's commands run on (the command preset runs on either).
+PRESET_OS: dict[str, str] = {"process": "linux", "systemd": "linux", "libvirt": "linux",
+                             "windows-service": "windows", "hyperv": "windows"}
+
+
+def _app_problems(member: PlanMember, at: tuple[str | int, ...], target: _Host | None) -> list[InitErrorDetails]:
+    """A primary override the preset does not read, and a preset the target's operating system
+    cannot run."""
+    app = member.app
+    if app is None:
+        return []
+    problems = []
+    used = PRESET_FIELDS[app.preset]
+    for name in sorted(app.primary.model_fields_set if app.primary else ()):
+        if getattr(app.primary, name) is not None and name not in used:
+            problems.append(_problem(at + ("app", "primary", name), "unused_field",
+                                     f"preset {app.preset!r} does not read {name!r}; on the primary it takes "
+                                     f"{', '.join(used)}"))
+    needs = PRESET_OS.get(app.preset)
+    target_os = target.os_family if target is not None else ("linux" if member.target.host == CONTROLLER else None)
+    if needs and target_os and target_os != needs:
+        # The primary is not checked here: a drill never runs the preset there (a Hyper-V VM's
+        # image may be drilled under libvirt); a failover refuses it when it starts.
+        problems.append(_problem(at + ("app", "preset"), "preset_os",
+                                 f"preset {app.preset!r} runs on {needs.capitalize()} hosts; the target "
+                                 f"{member.target.host!r} runs {target_os.capitalize()}: use the command preset "
+                                 f"or a {target_os.capitalize()} preset"))
+    return problems
+
+
 def _absolute(path: str) -> bool:
     return path.startswith("/") or bool(re.match(r"^[A-Za-z]:[\\/]", path))
 
@@ -349,6 +415,6 @@ def _placed(path: str, host: _Host | None, base_dir: Any) -> str:
 PlanName = Annotated[str, Field(pattern=_NAME)]
 
 __all__ = [
-    "CONTROLLER", "Action", "AppControl", "DrTarget", "DrillSchedule", "PlanGroup", "PlanMember", "PlanName",
+    "CONTROLLER", "PRESET_FIELDS", "PRESET_OS", "Action", "AppControl", "AppSide", "DrTarget", "DrillSchedule", "PlanGroup", "PlanMember", "PlanName",
     "PointSelector", "Probe", "RecoveryPlan", "isolation_of", "member_disks", "member_id", "plan_problems",
 ]

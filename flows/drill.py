@@ -1,7 +1,8 @@
 """DR drill: a test failover of a recovery plan, with proven cleanup and measured RTO/RPO.
 
 The runbook, step by step:
-1. wait for the plan's drill slot (one drill per plan at a time; a second run waits and says so);
+1. wait for the plan's drill slot (one drill per plan at a time, with or without a server: the
+   Prefect concurrency limit and a lease in the store; a second run waits and says so);
 2. readiness, changing nothing: every member's point exists and is within the RPO target, its
    DR target answers with room for the restore, its primary's steady-state probes pass; a
    failure ends the run here, naming member and reason;
@@ -22,6 +23,7 @@ unchanged; Failed otherwise; Cancelled when it was stopped (cleanup still ran).
 
 import getpass
 import os
+import time
 import uuid
 from pathlib import Path
 from collections.abc import Callable
@@ -54,6 +56,7 @@ from tasks.drill.steps import (
     failover_member_task, open_drill, primary_digests, readiness_step, write_evidence,
 )
 from tasks.patching.slots import exclusive
+from tasks.drill.slot import SlotBusy, drill_slot
 
 log = structlog.stdlib.get_logger("patchdrill.drill")
 
@@ -135,12 +138,20 @@ def drill_run(config_path: str = "configs/lab.yaml", plan: PlanChoice = _PLANS[0
                                  operator=_operator(operator or None), started=utcnow(),
                                  rto_target_seconds=ctx.plan.rto_target.total_seconds(),
                                  rpo_target_seconds=ctx.plan.rpo_target.total_seconds())
+        waited = time.monotonic()
         try:
-            with exclusive([drill_limit_name(plan)], slot_timeout_minutes * 60):
+            # The server's limit for runs of one server; the lease in the store for every run,
+            # those from the command line on a temporary API of their own included.
+            with exclusive([drill_limit_name(plan)], slot_timeout_minutes * 60), \
+                    drill_slot(ctx.store, plan, run_id,
+                               timeout_seconds=max(0.0, slot_timeout_minutes * 60 - (time.monotonic() - waited))):
                 try:
                     return _drill(ctx, evidence, None if manual_confirmed else manual_timeout_minutes)
                 except Exception as exc:  # noqa: BLE001 - the evidence must not be left saying "running"
                     return _finish(ctx, evidence, "failed", _error_note(evidence, exc))
+        except SlotBusy as exc:
+            return _finish(ctx, evidence, "failed", f"another drill of plan {plan} held its slot for "
+                                                    f"{slot_timeout_minutes:g} min: {exc.holder}; not started")
         except TimeoutError:
             message = (f"another drill of plan {plan} held its slot (concurrency limit {drill_limit_name(plan)}) for "
                        f"{slot_timeout_minutes:g} min: not started")

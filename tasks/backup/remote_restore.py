@@ -5,24 +5,27 @@ left there), and the same rules as a local restore decide what may be touched (r
 Images: the host hashes what its target holds (blockscan scan), the controller compares with
 the point and sends only the blocks that differ, verified, in patch files that the host applies
 in place (blockscan apply). A new target is assembled under a temporary name and renamed when
-complete. Directories: the controller verifies every chunk and ships the tree's plan and the
+complete; the directories above it are created first (a fresh DR volume). Directories: the controller verifies every chunk and ships the tree's plan and the
 blocks of its files (onto an existing tree only those whose host-side hash differs, blockscan
 hashes); the host writes them with the same tree writer a local restore uses (blockscan
 place): no symbolic link in the target is followed, an existing directory is restored in place
-and a whole point's restore removes what the point lacks.
+and a whole point's restore removes what the point lacks. Windows hosts take image points only:
+win_blockscan.ps1 hashes what the target holds, win_restore.ps1 writes the patch files in place.
 """
 
 from __future__ import annotations
 
 import json
+import posixpath
 import shlex
 import shutil
 import struct
 import tempfile
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -32,6 +35,8 @@ from tasks.backup import cancel
 from tasks.backup.repo.blockmap import BlockMap, TreeMap
 from tasks.backup.errors import BackupError, RestoreFailed
 from tasks.backup.sources.remote import FINGERPRINT, SCRIPT, RemoteBlockSource, host_fingerprint
+from tasks.backup.sources.windows_direct_upload import FINGERPRINT as WINDOWS_FINGERPRINT
+from tasks.backup.sources.windows_direct_upload import scan_on_host, sha256_fingerprint
 from tasks.backup.repo.repository import RecoveryPoint, Repository
 from tasks.backup.restore import RestoreResult, decide, select_entries, tree_plan
 
@@ -40,6 +45,7 @@ log = structlog.stdlib.get_logger("patchdrill.backup")
 #: bytes of block data per patch file: bounds the controller's and the host's temporary space
 PATCH_BYTES = 64 * 1024 * 1024
 _APPLY_TIMEOUT = 3600.0
+WINDOWS_SCRIPT = Path(__file__).parent / "host_scripts" / "win_restore.ps1"
 
 
 def _last_line(result: CommandResult) -> str:
@@ -52,6 +58,8 @@ def restore_to_host(repo: Repository, point: RecoveryPoint, connector: Connector
     where = f"{connector.name}:{target}"
     if point.kind == "block" and include:
         raise BackupError(f"point {point.key} is a block-level image: it has no files to select")
+    if connector.os_family == "windows":
+        return _restore_windows(repo, point, connector, target, force)
     probed = connector.run_script(SCRIPT, ["probe", target, "0"], timeout=300)
     if not probed.ok:
         raise RestoreFailed(f"host {connector.name}: cannot look at restore target {target!r}: {_last_line(probed)}")
@@ -59,19 +67,123 @@ def restore_to_host(repo: Repository, point: RecoveryPoint, connector: Connector
     if found["removed"]:
         log.warning("restore.leftovers_removed", host=connector.name, target=target, removed=found["removed"])
     in_place = decide(found, point, force, where)
+    if not found["exists"]:
+        _make_parent(connector, target)
     if point.kind == "directory":
         return _restore_tree(repo, point, connector, target, in_place, include)
     return _restore_image(repo, point, connector, target, in_place)
 
 
-class _Patches:
-    """Changed blocks gathered into patch files, each shipped and applied when full."""
+def _restore_windows(repo: Repository, point: RecoveryPoint, connector: Connector, target: str,
+                     force: bool) -> RestoreResult:
+    """An image point onto a Windows host: win_restore.ps1 describes the target (making its
+    parent directory, removing a killed restore's work file), the same rules decide."""
+    where = f"{connector.name}:{target}"
+    if point.kind != "block":
+        raise BackupError(f"point {point.key} is a directory tree: only image points (VHD, VHDX, raw) restore onto "
+                          f"Windows hosts such as {connector.name}")
+    probed = connector.run_script(WINDOWS_SCRIPT, ["-Mode", "Probe", "-Path", target], timeout=300)
+    if not probed.ok:
+        raise RestoreFailed(f"host {connector.name}: cannot look at restore target {target!r}: "
+                            f"{probed.tail(1) or f'exit {probed.exit_code}'}")
+    found = json.loads(probed.stdout.strip().splitlines()[-1])
+    return _restore_image(repo, point, connector, target, decide(found, point, force, where))
 
-    def __init__(self, connector: Connector, target: str, work: str, block_map: BlockMap, scratch: Path) -> None:
-        self.connector = connector
-        self.target = target
-        self.work = work
-        self.block_map = block_map
+
+def _make_parent(connector: Connector, target: str) -> None:
+    """Create the directories above a new target (a fresh DR volume's path): the patch, plan and
+    data files are sent beside the target before the host assembles it."""
+    parent = posixpath.dirname(target.rstrip("/")) or "/"
+    made = connector.run(f"mkdir -p -- {shlex.quote(parent)}", timeout=60)
+    if not made.ok:
+        raise RestoreFailed(f"host {connector.name}: cannot create {parent} for restore target {target!r}: "
+                            f"{_last_line(made)}")
+
+
+class _ImageHost(Protocol):
+    """How one kind of host takes an image restore: what it holds, and how a patch file of
+    changed blocks reaches the target (Linux: blockscan.py over the connector; Windows:
+    win_blockscan.ps1 and win_restore.ps1 over WinRM)."""
+
+    #: the name of the block hash `fingerprint` computes (a point's map may hold the same kind)
+    fingerprint_name: str
+
+    def scan(self, block_size: int) -> list[bytes]: ...
+
+    def fingerprint(self, data: bytes) -> bytes: ...
+
+    def ship(self, patch: Path, *, finish: bool) -> None: ...
+
+    def discard(self) -> None: ...
+
+
+class _LinuxImage:
+    def __init__(self, connector: Connector, target: str, exists: bool, block_map: BlockMap) -> None:
+        self.connector, self.target, self.block_map = connector, target, block_map
+        self.exists = exists
+        self.work = target if exists else blockscan.temp_name(target)
+        self.fingerprint_name = FINGERPRINT
+
+    def scan(self, block_size: int) -> list[bytes]:
+        return RemoteBlockSource(self.connector, self.target).scan(block_size)
+
+    def fingerprint(self, data: bytes) -> bytes:
+        return host_fingerprint(data)
+
+    def ship(self, patch: Path, *, finish: bool) -> None:
+        # Named like a restore's temporary, so the next restore removes it should this one die.
+        remote = f"{blockscan.temp_name(self.target)}.patch"
+        self.connector.put(patch, remote)
+        rename = self.target if finish and not self.exists else "-"
+        result = self.connector.run_script(SCRIPT, ["apply", remote, self.work, str(self.block_map.block_size),
+                                                    str(self.block_map.size), "1" if finish else "0", rename],
+                                           timeout=_APPLY_TIMEOUT)
+        if not result.ok:
+            self.connector.run(f"rm -f {shlex.quote(remote)}", timeout=60)
+            raise RestoreFailed(f"host {self.connector.name}: {_last_line(result)}")
+
+    def discard(self) -> None:
+        if not self.exists:
+            self.connector.run(f"rm -f {shlex.quote(self.work)}", timeout=60)
+
+
+class _WindowsImage:
+    """An image file on a Windows host. The changed blocks cross WinRM in patch files (the
+    connector's put, max_transfer_bytes each): fine for the images a drill or failover of a
+    small VM moves, slow for large ones, whose data has no faster way to the host yet (a host
+    cannot read the repository's compressed, possibly encrypted chunks itself)."""
+
+    fingerprint_name = WINDOWS_FINGERPRINT
+
+    def __init__(self, connector: Connector, target: str, exists: bool, block_map: BlockMap) -> None:
+        self.connector, self.target, self.block_map, self.exists = connector, target, block_map, exists
+
+    def scan(self, block_size: int) -> list[bytes]:
+        return scan_on_host(self.connector, self.target, block_size).hashes()
+
+    def fingerprint(self, data: bytes) -> bytes:
+        return sha256_fingerprint(data)
+
+    def ship(self, patch: Path, *, finish: bool) -> None:
+        remote = f"{self.target}.{uuid.uuid4().hex[:12]}.patchdrill-patch"
+        self.connector.put(patch, remote)
+        args = ["-Mode", "Apply", "-Path", self.target, "-Patch", remote, "-BlockSize", str(self.block_map.block_size),
+                "-Size", str(self.block_map.size)] + ([] if self.exists else ["-Fresh"]) + (["-Finish"] if finish else [])
+        result = self.connector.run_script(WINDOWS_SCRIPT, args, timeout=_APPLY_TIMEOUT)
+        if not result.ok:
+            raise RestoreFailed(f"host {self.connector.name}: writing {self.target!r} failed: "
+                                f"{result.tail(1) or f'exit {result.exit_code}'}")
+
+    def discard(self) -> None:
+        if not self.exists:
+            self.connector.run_script(WINDOWS_SCRIPT, ["-Mode", "Discard", "-Path", self.target], timeout=60)
+
+
+class _Patches:
+    """Changed blocks gathered into patch files, each shipped to the host and applied when full."""
+
+    def __init__(self, host: _ImageHost, scratch: Path) -> None:
+        self.host = host
         self.scratch = scratch
         self.pending = 0
         self.blocks = 0
@@ -85,19 +197,11 @@ class _Patches:
         self.blocks += 1
         self.bytes += len(data)
         if self.pending >= PATCH_BYTES:
-            self.ship(finish=False, rename="-")
+            self.ship(finish=False)
 
-    def ship(self, *, finish: bool, rename: str) -> None:
+    def ship(self, *, finish: bool) -> None:
         self._file.close()
-        # Named like a restore's temporary, so the next restore removes it should this one die.
-        remote = f"{blockscan.temp_name(self.target)}.patch"
-        self.connector.put(self.scratch / "patch", remote)
-        result = self.connector.run_script(SCRIPT, ["apply", remote, self.work, str(self.block_map.block_size),
-                                                    str(self.block_map.size), "1" if finish else "0", rename],
-                                           timeout=_APPLY_TIMEOUT)
-        if not result.ok:
-            self.connector.run(f"rm -f {shlex.quote(remote)}", timeout=60)
-            raise RestoreFailed(f"host {self.connector.name}: {_last_line(result)}")
+        self.host.ship(self.scratch / "patch", finish=finish)
         self.pending = 0
         self._file = open(self.scratch / "patch", "wb")
 
@@ -109,14 +213,15 @@ def _restore_image(repo: Repository, point: RecoveryPoint, connector: Connector,
                    exists: bool) -> RestoreResult:
     started = time.monotonic()
     block_map = BlockMap.from_json(repo.get_map(point.map.id, point=point.key), point=point.key)
-    theirs: list[bytes] = RemoteBlockSource(connector, target).scan(block_map.block_size) if exists else []
-    known = block_map.fingerprints if block_map.fingerprint == FINGERPRINT else None
+    kind = _WindowsImage if connector.os_family == "windows" else _LinuxImage
+    host: _ImageHost = kind(connector, target, exists, block_map)
+    theirs: list[bytes] = host.scan(block_map.block_size) if exists else []
+    known = block_map.fingerprints if block_map.fingerprint == host.fingerprint_name else None
     zero = repo.codec.chunk_id(bytes(block_map.block_size))
     recurring = {c for c, n in Counter(block_map.chunks).items() if n > 1}
     cache: dict[bytes, bytes] = {}
-    work = target if exists else blockscan.temp_name(target)
     scratch = Path(tempfile.mkdtemp(prefix="patchdrill-restore-"))
-    patches = _Patches(connector, target, work, block_map, scratch)
+    patches = _Patches(host, scratch)
     try:
         for index, chunk_id in enumerate(block_map.chunks):
             cancel.check()
@@ -127,13 +232,12 @@ def _restore_image(repo: Repository, point: RecoveryPoint, connector: Connector,
             data = cache.get(chunk_id) or repo.get_chunk(chunk_id, point=point.key)
             if chunk_id in recurring and len(cache) < 16:
                 cache[chunk_id] = data
-            if exists and known is None and index < len(theirs) and theirs[index] == host_fingerprint(data):
+            if exists and known is None and index < len(theirs) and theirs[index] == host.fingerprint(data):
                 continue
             patches.add(index, data)
-        patches.ship(finish=True, rename="-" if exists else target)
+        patches.ship(finish=True)
     except BaseException:
-        if not exists:
-            connector.run(f"rm -f {shlex.quote(work)}", timeout=60)
+        host.discard()
         raise
     finally:
         patches.close()

@@ -24,6 +24,11 @@ Presets:
 
 Rendering (`render`) is pure. `start_copy` records the copy in the drill's ledger before it
 starts it; `stop_copy` stops what a ledger entry names and is safe to call again.
+
+A failover and its failback use the same presets for an application that stays
+(`start_service`, `stop_service`, rendered by `render_service`): a plain process keeps its pid
+in a pidfile of the side's (default `{root}/.patchdrill/NAME.pid`), a systemd preset controls
+the installed unit called `name`, and every stop is followed by its stopped check.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from configs.plans import PRESET_OS, AppControl
 from connectors.base import Connector
 from connectors.powershell import ps_quote
 from tasks.drill.isolation import namespace_name
@@ -48,7 +54,7 @@ from tasks.drill.ledger import (
     UnitEntry,
     VmEntry,
 )
-from tasks.drill.target import TargetError, host_script, in_namespace, shell
+from tasks.drill.target import DEFAULT_TIMEOUT, TargetError, host_script, in_namespace, shell
 
 Preset = Literal["process", "systemd", "windows-service", "hyperv", "libvirt", "command"]
 Shell = Literal["sh", "powershell"]
@@ -132,6 +138,11 @@ class ControlSpec:
     grace_seconds: float = DEFAULT_GRACE_SECONDS
 
 
+def control_spec(app: AppControl) -> ControlSpec:
+    """A plan's app control as the preset's templates."""
+    return ControlSpec(preset=app.preset, template=app.template, stop=app.stop, verify=app.verify)
+
+
 @dataclass(frozen=True)
 class Rendered:
     """A preset's commands for one member. For `process`, start is the copy's own command line
@@ -165,6 +176,11 @@ def unit_stopped_check(unit: str) -> str:
             "inactive|failed) exit 0;; *) exit 1;; esac")
 
 
+def unit_commands(unit: str) -> tuple[str, str, str]:
+    """Start, stop and the stopped check of a systemd unit."""
+    return f"systemctl start {shlex.quote(unit)}", f"systemctl stop {shlex.quote(unit)}", unit_stopped_check(unit)
+
+
 def unit_name(run_id: str, member: str) -> str:
     """A systemd unit name derived like the namespace's: valid whatever the member is called."""
     return f"{namespace_name(run_id, member)}.service"
@@ -188,7 +204,8 @@ def render(spec: ControlSpec, context: CopyContext, *, run_id: str) -> Rendered:
             options.append(f"--property=NetworkNamespacePath=/run/netns/{context.namespace}")
         command = "exec " + fill(spec.template or "", context, sh)
         start = shlex.join(["systemd-run", *options, "--", "/bin/sh", "-c", command])
-        return Rendered("systemd", "sh", start, f"systemctl stop {sh(unit)}", unit_stopped_check(unit), name=unit)
+        _, stop, stopped = unit_commands(unit)
+        return Rendered("systemd", "sh", start, stop, stopped, name=unit)
     if spec.preset in _WINDOWS_PRESETS:
         name = fill(spec.template or "{name}", context)
         start, stop, _ = (part.format(name=ps_quote(name)) for part in _WINDOWS_PRESETS[spec.preset])
@@ -203,11 +220,6 @@ def render(spec: ControlSpec, context: CopyContext, *, run_id: str) -> Rendered:
                     fill(spec.verify, context, sh) if spec.verify else None)
 
 
-#: the operating system each preset needs (the command preset runs on either)
-PRESET_OS: dict[str, str] = {"process": "linux", "systemd": "linux", "libvirt": "linux",
-                             "windows-service": "windows", "hyperv": "windows"}
-
-
 def check_preset(preset: str, *, member: str, host: str, os_family: str) -> None:
     """Fail with one line naming the member when its preset cannot run on its target's OS."""
     needs = PRESET_OS.get(preset)
@@ -219,13 +231,31 @@ def check_preset(preset: str, *, member: str, host: str, os_family: str) -> None
 def render_for(connector: Connector, spec: ControlSpec, context: CopyContext, *, run_id: str) -> Rendered:
     """render() for the member's target: the preset must suit its OS, and the command preset's
     templates are quoted for its shell."""
-    check_preset(spec.preset, member=context.member, host=connector.name, os_family=connector.os_family)
+    return render_on(connector.name, connector.os_family, spec, context, run_id=run_id)
+
+
+def render_on(host: str, os_family: str, spec: ControlSpec, context: CopyContext, *, run_id: str) -> Rendered:
+    check_preset(spec.preset, member=context.member, host=host, os_family=os_family)
     rendered = render(spec, context, run_id=run_id)
-    if rendered.preset != "command" or connector.os_family != "windows":
+    if rendered.preset != "command" or os_family != "windows":
         return rendered
     ps = quoter("powershell")
     return Rendered("command", "powershell", fill(spec.template or "", context, ps), fill(spec.stop or "", context, ps),
                     fill(spec.verify, context, ps) if spec.verify else None)
+
+
+def render_service(host: str, os_family: str, spec: ControlSpec, context: CopyContext) -> Rendered:
+    """A failover's start and stop of the application on one side: render()'s commands, with
+    one difference. A drill's systemd copy is a transient unit named after its run (so cleanup
+    can prove it gone); a failover moves an application that stays, so its systemd preset starts
+    and stops the installed unit called `name` (context.name) on that side."""
+    if spec.preset != "systemd":
+        return render_on(host, os_family, spec, context, run_id="")
+    check_preset(spec.preset, member=context.member, host=host, os_family=os_family)
+    if not context.name:
+        raise TemplateError(f"member {context.member!r}: preset 'systemd' needs the unit's name")
+    start, stop, stopped = unit_commands(context.name)
+    return Rendered("systemd", "sh", start, stop, stopped, name=context.name)
 
 
 @dataclass(frozen=True)
@@ -314,6 +344,57 @@ def stop_process(connector: Connector, entry: ProcessEntry, *, run_id: str,
     return Stopped(action, done["processes"])
 
 
+def service_paths(context: CopyContext, pidfile: str | None) -> tuple[str, str]:
+    """A failover's plain process: its pidfile (the plan's template filled, else where a drill
+    keeps it) and its log beside it."""
+    if pidfile is None:
+        return state_paths(context)
+    path = fill(pidfile, context)
+    return path, path.removesuffix(".pid") + ".log"
+
+
+def start_service(connector: Connector, spec: ControlSpec, context: CopyContext, *, pidfile: str | None = None,
+                  timeout: float = DEFAULT_TIMEOUT) -> str:
+    """Start a side's application with its preset, on the host's own network (a failover's
+    copy is production): a plain process detached with its pidfile, anything else by its start
+    command. Returns what was done, in words."""
+    rendered = render_service(connector.name, connector.os_family, spec, context)
+    if rendered.preset == "process":
+        path, logfile = service_paths(context, pidfile)
+        started = host_script(connector, "start", path, logfile, context.root, rendered.start)
+        return f"started pid {started['pid']} (pidfile {path})"
+    shell(connector, rendered.start, timeout=timeout)
+    return f"{rendered.preset} {rendered.name or 'start command'} started"
+
+
+def stop_service(connector: Connector, spec: ControlSpec, context: CopyContext, *, pidfile: str | None = None,
+                 grace: float = DEFAULT_GRACE_SECONDS, timeout: float = DEFAULT_TIMEOUT) -> str:
+    """Stop a side's application with its preset and prove it stopped: a plain process by its
+    pidfile (TERM, then KILL after `grace`; gone afterwards), anything else by its stop command
+    and then its stopped check (a unit inactive, a service Stopped, a VM Off, a domain shut off,
+    the command preset's verify when it has one). Stopping what is not running says so."""
+    rendered = render_service(connector.name, connector.os_family, spec, context)
+    if rendered.preset == "process":
+        path, _ = service_paths(context, pidfile)
+        done = host_script(connector, "stop-pidfile", grace, path, timeout=grace + 60)
+        if not done["processes"]:
+            return f"not running: no pid in {path}"
+        record = done["processes"][0]
+        if record["alive_after"]:
+            raise TargetError(f"{connector.name}: pid {record['pid']} of {context.member} ({path}) is still running "
+                              f"after {' then '.join(record['signals'])}")
+        return f"sent {' then '.join(record['signals'])} to pid {record['pid']}" if record["signals"] else \
+            f"pid {record['pid']} in {path} had already exited"
+    shell(connector, rendered.stop, timeout=timeout)
+    if rendered.verify is None:
+        return f"{rendered.preset} {rendered.name or 'stop command'} stopped"
+    checked = shell(connector, rendered.verify, timeout=timeout, check=False)
+    if not checked.ok:
+        raise TargetError(f"{connector.name}: {context.member} is not stopped after its stop command: "
+                          f"{rendered.verify!r} exited {checked.exit_code}")
+    return f"{rendered.preset} {rendered.name or 'stop command'} stopped (checked)"
+
+
 def stop_copy(connector: Connector, entry: Resource, *, run_id: str, grace: float = DEFAULT_GRACE_SECONDS) -> Stopped:
     """Stop the copy a ledger entry of run `run_id` names. Stopping what is already stopped says so."""
     if isinstance(entry, ProcessEntry):
@@ -338,7 +419,7 @@ def stop_copy(connector: Connector, entry: Resource, *, run_id: str, grace: floa
 
 
 __all__ = [
-    "PRESETS", "PRESET_OS", "check_preset", "ControlSpec", "stopped_check", "unit_stopped_check", "CopyContext", "Preset", "Rendered", "Started", "Stopped", "TemplateError", "fill",
-    "render", "render_for", "start_copy", "state_paths", "stop_copy", "stop_process",
-    "unit_name", "wait_listening",
+    "PRESETS", "PRESET_OS", "check_preset", "ControlSpec", "control_spec", "stopped_check", "unit_stopped_check", "CopyContext", "Preset", "Rendered", "Started", "Stopped", "TemplateError", "fill",
+    "render", "render_for", "render_on", "render_service", "service_paths", "start_copy", "start_service",
+    "state_paths", "stop_copy", "stop_process", "stop_service", "unit_commands", "unit_name", "wait_listening",
 ]

@@ -8,9 +8,11 @@ described by a `Side`: a host and where each disk lives on it, so one set of ste
 directions and both kinds of target.
 
 The plan is the drill's (configs/plans.py, resolved by tasks/drill/members.py). A member's
-application is started and stopped with its `command` preset's templates, filled for each side:
-`{root}` is the copy's target path on the copy and the directory holding the primary's first
-disk on the primary, `{disk:NAME}` the disk's path on that side. The copy is checked with the
+application is started and stopped with its preset on both sides, rendered by
+tasks/drill/control.py as a drill's are (`start_service`, `stop_service`), with the templates
+filled for each side: `{root}` is the copy's target path on the copy and the directory holding
+the primary's first disk on the primary, `{disk:NAME}` the disk's path on that side. What
+differs on the primary (a unit or service name, a command line) is the app's `primary:`. The copy is checked with the
 member's `probes`, the primary (on failback) with its `steady_state` probes; their text may also
 use `{address}`, the side's host address. The same templates serve both sides: a copy is the
 same application on other disks at another address. A failover's copy is production: it runs on
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import json
 import posixpath
-import shlex
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,7 +33,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from configs.models import DiskConfig, HostConfig, PatchdrillConfig
-from configs.plans import PointSelector, RecoveryPlan
+from configs.plans import AppControl, PointSelector, RecoveryPlan
 from configs.policies import BackupPolicy
 from configs.secrets import redact
 from connectors import connect
@@ -41,11 +42,12 @@ from tasks.backup import cancel
 from tasks.backup.repo.repository import RecoveryPoint, Repository
 from tasks.backup.restore import RestoreResult
 from tasks.backup.disk import DiskReport, back_up_disk, policy_name
-from tasks.drill.control import CopyContext, TemplateError, fill, quoter
+from tasks.drill.control import CopyContext, TemplateError, check_preset, control_spec, start_service, stop_service
 from tasks.drill.copy import PointMissing, choose_point, restore_copy
 from tasks.drill.evidence import DrillEvidence, ProbeRecord, Step, evidence_key, utcnow
 from tasks.drill.members import Member, PlanError, find_plan, primary_disk_path, resolve
 from tasks.drill.probing import fill_templates
+from tasks.drill.target import TargetError
 from tasks.probes import ProbeContext, run_probes
 
 #: How long one start, stop or probe command may run on its host.
@@ -70,13 +72,14 @@ def load_plan(config: PatchdrillConfig, base_dir: Path, name: str, *,
     except PlanError as exc:
         raise FailoverError(str(exc)) from None
     for member in (m for group in groups for m in group):
-        app = member.spec.app
-        if app is not None and app.preset != "command":
-            # The presets start a drill's copy as a new process, unit or VM of its own; a failover
-            # must stop the primary's running application, which only its own commands know.
-            raise FailoverError(f"{source}: recovery_plans.{name}: member {member.id}: a failover starts and stops "
-                                f"the application on the primary and on the copy with the 'command' preset's start "
-                                f"and stop templates; preset {app.preset!r} is for drills only")
+        if member.spec.app is None:
+            continue
+        for host in (member.primary, member.target):
+            # config check proves the target suits the preset; a failover runs it on the primary too.
+            try:
+                check_preset(member.spec.app.preset, member=member.id, host=host.name, os_family=host.os_family)
+            except TemplateError as exc:
+                raise FailoverError(f"{source}: recovery_plans.{name}: {exc}") from None
     return plan, groups
 
 
@@ -99,17 +102,16 @@ class Side:
     paths: dict[str, str]
     role: Literal["primary", "copy"]
 
-    def context(self) -> CopyContext:
+    @property
+    def app(self) -> AppControl | None:
+        """The member's application control as it applies on this side (the primary's overrides)."""
         app = self.member.spec.app
+        return None if app is None else app.on(self.role)
+
+    def context(self) -> CopyContext:
+        app = self.app
         return CopyContext(member=self.member.id, root=self.root, name=(app.name if app else None) or "",
                            port=app.port if app else None, disks=self.paths)
-
-    def command(self, template: str) -> str:
-        """A start or stop template filled for this side, each value quoted for its shell."""
-        try:
-            return fill(template, self.context(), quoter("powershell" if self.host.os_family == "windows" else "sh"))
-        except TemplateError as exc:
-            raise FailoverError(str(exc)) from None
 
     def values(self) -> dict[str, str]:
         """What a probe's text fields are filled with: the templates' placeholders and the side's
@@ -179,25 +181,22 @@ def describe_seconds(seconds: float) -> str:
 # --------------------------------------------------------------------------- steps on a host
 
 
-def run_on(side: Side, command: str, base_dir: Path, what: str) -> str:
-    """Run a command on the side's host; its output, or FailoverError naming the host, the step
-    and the command's last line."""
-    with connect(side.host, base_dir=base_dir) as connector:
-        result = connector.run(command, timeout=STEP_TIMEOUT_SECONDS)
-    if not result.ok:
-        last = result.tail(1) or "it printed nothing"
-        raise FailoverError(redact(f"{side.host.name}: {what} failed (exit {result.exit_code}): {last}"))
-    return result.stdout
-
-
 def control(side: Side, action: Literal["start", "stop"], base_dir: Path) -> str:
-    """Start or stop the member's application on the side with the plan's template."""
-    app = side.member.spec.app
-    template = None if app is None else getattr(app, action)
-    if template is None:
+    """Start or stop the member's application on the side with its preset (tasks/drill/control.py
+    renders the commands, as for a drill): a stop is proven by the preset's stopped check."""
+    app = side.app
+    if app is None:
         return f"no application to {action} (files only)"
-    run_on(side, side.command(template), base_dir, f"{action} of {side.member.id}")
-    return f"{action} done on {side.host.name}"
+    spec = control_spec(app)
+    try:
+        with connect(side.host, base_dir=base_dir) as connector:
+            if action == "start":
+                done = start_service(connector, spec, side.context(), pidfile=app.pidfile, timeout=STEP_TIMEOUT_SECONDS)
+            else:
+                done = stop_service(connector, spec, side.context(), pidfile=app.pidfile, timeout=STEP_TIMEOUT_SECONDS)
+    except (TargetError, TemplateError) as exc:
+        raise FailoverError(redact(f"{action} of {side.member.id} on the {side.role}: {exc}")) from None
+    return f"{done} on {side.host.name}"
 
 
 @task(name="stop-application", task_run_name="stop {side.member.id} on {side.host.name}", cache_policy=NO_CACHE)
@@ -245,14 +244,6 @@ def restore_side_task(repo: Repository, point: RecoveryPoint, side: Side, disk: 
     """Restore point onto the side's path for disk, delta-aware: what is there already (an
     earlier copy, the primary's own disk on failback) is rewritten only where it differs."""
     with connect(side.host, base_dir=base_dir) as connector:
-        if side.host.transport != "local":
-            # A fresh DR host: a restore on the controller makes the directory, one over a
-            # connector expects it there.
-            parent = shlex.quote(posixpath.dirname(side.paths[disk].rstrip("/")))
-            made = connector.run(f"mkdir -p -- {parent}", timeout=60)
-            if not made.ok:
-                raise FailoverError(f"{side.host.name}: cannot create {parent} for disk {disk}: "
-                                    f"{made.stderr.strip() or f'exit {made.exit_code}'}")
         return restore_copy(repo, point, connector, side.paths[disk])
 
 

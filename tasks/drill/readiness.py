@@ -2,16 +2,18 @@
 
 Per member: the point its selector picks exists for every disk and is within the plan's RPO
 target; the DR target answers and has room for the restore (free space under the copy root
-against the points' sizes); the primary's steady-state probes pass. A failed check stops the
+against the points' sizes, on Linux and Windows targets alike); the primary's steady-state probes pass. A failed check stops the
 drill before anything is created, and names the member and the reason.
 """
 
 from __future__ import annotations
 
+import json
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 
 from configs.models import HostConfig
 from connectors.base import Connector, ConnectorError
@@ -23,6 +25,7 @@ from tasks.drill.members import Member
 from tasks.drill.probing import primary_probes
 
 Connect = Callable[[HostConfig], Connector]
+FREE_SPACE_SCRIPT = Path(__file__).parent / "host_scripts" / "free_space.ps1"
 #: Free space kept beyond the points' size (file system overhead, the restore's temporaries).
 HEADROOM = 1.05
 
@@ -55,7 +58,11 @@ class Readiness:
 
 
 def _free_bytes(connector: Connector, path: str) -> int:
-    """Free bytes on the file system that holds path (or its nearest existing parent)."""
+    """Free bytes on the file system that holds path (or its nearest existing parent): `df` on
+    Linux, host_scripts/free_space.ps1 (the volume's available free space) on Windows."""
+    if connector.os_family == "windows":
+        result = connector.run_script(FREE_SPACE_SCRIPT, ["-Path", path], timeout=60, check=True)
+        return int(json.loads(result.stdout.strip().splitlines()[-1])["free"])
     script = (f"p={shlex.quote(path)}; while [ ! -e \"$p\" ]; do p=$(dirname \"$p\"); done; "
               "df -Pk \"$p\" | tail -n 1")
     result = connector.run(script, timeout=60, check=True)
@@ -75,6 +82,10 @@ def _occupied(connector: Connector, root: str) -> str | None:
     return None
 
 
+def _bytes(count: int) -> str:
+    return f"{count >> 20} MiB ({count} bytes)"
+
+
 def check_points(member: Member, repo: Repository, now: datetime, rpo_seconds: float, ready: Readiness) -> None:
     for disk in member.disks:
         try:
@@ -91,18 +102,15 @@ def check_points(member: Member, repo: Repository, now: datetime, rpo_seconds: f
 
 
 def check_target(member: Member, connector: Connector, ready: Readiness) -> None:
-    if member.target.os_family == "windows":
-        ready.checks.append(Check(member.id, "target", True, f"{member.target.name} answers; free space on a "
-                                  "Windows target is not checked"))
-        return
-    occupied = _occupied(connector, member.root)
-    if occupied:
-        ready.checks.append(Check(member.id, "target path", False, occupied))
+    if member.target.os_family != "windows":
+        occupied = _occupied(connector, member.root)
+        if occupied:
+            ready.checks.append(Check(member.id, "target path", False, occupied))
     needed = int(sum(p.totals.size for (m, _), p in ready.points.items() if m == member.id) * HEADROOM)
     free = _free_bytes(connector, member.root)
     ok = free >= needed
-    ready.checks.append(Check(member.id, "target", ok, f"{member.target.name}:{member.root} has {free >> 20} MiB "
-                              f"free, the restore needs {needed >> 20} MiB" + ("" if ok else ": not enough room")))
+    ready.checks.append(Check(member.id, "target", ok, f"{member.target.name}:{member.root} has {_bytes(free)} "
+                              f"free, the restore needs {_bytes(needed)}" + ("" if ok else ": not enough room")))
     if member.isolation == "netns" and not connector.run("command -v ip", timeout=30).ok:
         ready.checks.append(Check(member.id, "isolation", False, f"{member.target.name} has no iproute2 'ip' for "
                                   "a network namespace"))

@@ -34,7 +34,7 @@ from connectors.stores import BlobStore, open_store
 from tasks.backup import cancel
 from tasks.backup.repo.repository import RecoveryPoint, Repository
 from tasks.drill.cleanup import CleanupReport, cleanup_run
-from tasks.drill.control import ControlSpec, CopyContext, start_copy, wait_listening
+from tasks.drill.control import ControlSpec, CopyContext, control_spec, start_copy, wait_listening
 from tasks.drill.copies import claim_copy_root, record_path
 from tasks.drill.copy import disk_digest, point_file_digests, repository, restore_copy
 from tasks.drill.evidence import (
@@ -203,10 +203,7 @@ def run_actions(ctx: DrillContext, member: Member, actions: list[Action], connec
 
 
 def _control_spec(member: Member) -> ControlSpec | None:
-    app = member.spec.app
-    if app is None:
-        return None
-    return ControlSpec(preset=app.preset, template=app.template, stop=app.stop, verify=app.verify)
+    return None if member.spec.app is None else control_spec(member.spec.app)
 
 
 def failover_member(ctx: DrillContext, member: Member, points: dict[str, RecoveryPoint]) -> MemberOutcome:

@@ -16,8 +16,9 @@ from tasks.backup.engine import BackupRequest, backup
 from tasks.backup.repo.repository import Repository
 from tasks.backup.sources.local import LocalBlockSource
 from tasks.drill.evidence import DrillEvidence, utcnow
+from tasks.drill.control import Rendered, TemplateError, control_spec, fill, render_service
 from tasks.drill.failover import (
-    FailoverError, commit_failover, copy_side, data_loss_seconds, load_plan, parse_selector, primary_side,
+    FailoverError, Side, commit_failover, copy_side, data_loss_seconds, load_plan, parse_selector, primary_side,
     store_evidence, unplanned_points,
 )
 from tests.e2e.test_backup_cli import cli  # noqa: F401 - the in-process CLI fixture
@@ -42,32 +43,50 @@ def _config(tmp_path: Path, member: dict[str, Any] | None = None) -> Path:
     return path
 
 
+def _commands(side: Side) -> Rendered:
+    assert side.app is not None
+    return render_service(side.host.name, side.host.os_family, control_spec(side.app), side.context())
+
+
 def test_one_template_fills_for_the_primary_and_for_the_copy(tmp_path: Path) -> None:
     loaded = load_config(_config(tmp_path))
     _, [[member]] = load_plan(loaded.config, loaded.base_dir, "db")
     primary, copy = primary_side(member, loaded.base_dir), copy_side(member)
-    assert member.spec.app is not None
-    assert primary.command(member.spec.app.start) == "start-db /var/lib/db/data --log /var/lib/db/db.log"
-    assert copy.command(member.spec.app.start) == "start-db /srv/dr/data --log /srv/dr/db.log"
+    assert _commands(primary).start == "start-db /var/lib/db/data --log /var/lib/db/db.log"
+    assert _commands(copy).start == "start-db /srv/dr/data --log /srv/dr/db.log"
     assert primary.values()["address"] == "10.0.0.1" and copy.values()["address"] == "10.9.0.1"
-    with pytest.raises(FailoverError, match=r"unknown placeholder \{address\}"):
-        copy.command("serve --bind {address}")
+    with pytest.raises(TemplateError, match=r"unknown placeholder \{address\}"):
+        fill("serve --bind {address}", copy.context())
 
 
 def test_hostile_paths_are_quoted_in_the_commands(tmp_path: Path) -> None:
     member = {**MEMBER, "target": {"host": "dr-1", "path": "/srv/dr; rm -rf /"}}
     loaded = load_config(_config(tmp_path, member))
     _, [[resolved]] = load_plan(loaded.config, loaded.base_dir, "db")
-    assert copy_side(resolved).command("stop-db {disk:data}") == "stop-db '/srv/dr; rm -rf /data'"
+    assert _commands(copy_side(resolved)).stop == "stop-db '/srv/dr; rm -rf /data'"
 
 
-def test_a_preset_that_cannot_stop_the_primary_is_refused_naming_the_member(tmp_path: Path) -> None:
-    member = {**MEMBER, "app": {"preset": "process", "command": "db --data {disk:data}"}}
+def test_the_primary_side_takes_its_own_unit_name_and_the_copy_the_plans(tmp_path: Path) -> None:
+    member = {**MEMBER, "app": {"preset": "systemd", "name": "db-dr.service", "command": "db --data {disk:data}",
+                                "primary": {"name": "db-prod.service"}}}
     loaded = load_config(_config(tmp_path, member))
+    _, [[resolved]] = load_plan(loaded.config, loaded.base_dir, "db")
+    primary, copy = _commands(primary_side(resolved, loaded.base_dir)), _commands(copy_side(resolved))
+    assert (primary.start, primary.stop) == ("systemctl start db-prod.service", "systemctl stop db-prod.service")
+    assert (copy.start, copy.stop) == ("systemctl start db-dr.service", "systemctl stop db-dr.service")
+    assert primary.verify is not None and "ActiveState" in primary.verify and "db-prod.service" in primary.verify
+
+
+def test_a_preset_the_primary_cannot_run_is_refused_naming_the_member(tmp_path: Path) -> None:
+    """config check proves the target suits the preset; the primary is checked when a failover starts."""
+    path = _config(tmp_path, {**MEMBER, "app": {"preset": "process", "command": "db --data {disk:data}"}})
+    text = path.read_text().replace("address: 10.0.0.1", "address: 10.0.0.1\n  os_family: windows", 1)
+    path.write_text(text.replace("transport: ssh", "transport: winrm", 1))
+    loaded = load_config(path)
     with pytest.raises(FailoverError) as caught:
         load_plan(loaded.config, loaded.base_dir, "db", source="fleet.yaml")
-    assert "fleet.yaml: recovery_plans.db: member database/db-1#0" in str(caught.value)
-    assert "preset 'process' is for drills only" in str(caught.value)
+    assert "fleet.yaml: recovery_plans.db: member 'database/db-1#0': start/stop preset 'process' needs a Linux " \
+           "target; db-1 is a Windows host" in str(caught.value)
 
 
 def test_an_unknown_plan_names_the_known_ones(tmp_path: Path) -> None:

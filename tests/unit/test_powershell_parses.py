@@ -16,7 +16,9 @@ from tree_sitter import Language, Node, Parser
 from connectors import winrm
 from tasks import probes
 from tasks.backup.snapshot import host as snapshot
+from tasks.backup import remote_restore
 from tasks.backup.sources import windows_direct_upload as staged
+from tasks.drill import readiness
 from tasks.patching import windows_update
 
 POWERSHELL = Language(tree_sitter_powershell.language())
@@ -42,7 +44,8 @@ def syntax_problems(source: str) -> list[str]:
 def test_every_script_the_code_sends_is_checked() -> None:
     sent = {winrm.STDIN_LOADER, winrm.BOOT_IDENTITY, winrm.FILE_WRITE_CHUNK, winrm.FILE_COMMIT, winrm.FILE_STAT,
             winrm.FILE_READ_CHUNK, snapshot.VSS_SCRIPT, snapshot.VSS_REMOVE_SCRIPT, staged.HOST_SCRIPT,
-            windows_update.SCRIPT, probes.WINDOWS_SCRIPT}
+            windows_update.SCRIPT, probes.WINDOWS_SCRIPT, readiness.FREE_SPACE_SCRIPT,
+            remote_restore.WINDOWS_SCRIPT}
     missing = sorted(str(path) for path in sent if path.resolve() not in SCRIPTS)
     assert not missing, f"sent to hosts but not found by the glob: {missing}"
 

@@ -18,6 +18,11 @@ namespace). Every subcommand prints one JSON object on stdout.
         after GRACE seconds, wait for it to go.
         -> {"processes": [{"pid", "start_time", "was": "running|gone|reused|rebooted", "signals", "alive_after"}],
             "pidfile": {"found", ...}}
+    stop-pidfile GRACE PIDFILE
+        a failover's application on one side: stop the process PIDFILE names (patchdrill's
+        "PID START_TIME BOOT_ID", or a daemon's own "PID") while it is still that process, as
+        stop does. The pidfile's path comes from the config, not from a ledger in the store.
+        -> {"processes": [...] (empty when PIDFILE names no process), "pidfile": {"found", ...}}
     netns-remove NAME GRACE
         stop every process in namespace NAME (as stop does), then `ip netns del NAME`.
         -> {"existed": bool, "stopped": [...], "deleted": bool, "error": str|null}
@@ -193,6 +198,19 @@ def stop(grace: float, request: dict) -> dict:
             refuse(f"refusing to signal pid {target['pid']}: it is running, but no pidfile of this run's copy "
                    f"({request['pidfile']}) names it")
     return {"processes": stop_processes(grace, targets), "pidfile": found}
+
+
+def stop_pidfile(grace: float, pidfile: str) -> dict:
+    found = read_pidfile(pidfile)
+    if not found["found"]:
+        try:
+            with open(pidfile, encoding="ascii") as handle:
+                pid = int(handle.read().strip())
+        except (OSError, ValueError):
+            return {"processes": [], "pidfile": found}
+        # A daemon's own pidfile records no start time: the process holding the pid now is it.
+        found = {"found": True, "pid": pid, "start_time": identity(pid)["start_time"], "boot_id": None}
+    return {"processes": stop_processes(grace, [found]), "pidfile": found}
 
 
 def _ip(*args: str) -> subprocess.CompletedProcess:
@@ -381,6 +399,8 @@ def main(argv: list[str]) -> dict:
         return start(*args)
     if command == "stop":
         return stop(float(args[0]), json.loads(args[1]))
+    if command == "stop-pidfile":
+        return stop_pidfile(float(args[0]), args[1])
     if command == "netns-remove":
         return netns_remove(args[0], float(args[1]))
     if command == "checks":
