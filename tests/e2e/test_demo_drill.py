@@ -28,7 +28,12 @@ def lab_notes_config(root: Path, home: Path) -> Path:
     lab: dict[str, Any] = yaml.safe_load(demo.LAB_CONFIG.read_text())
     host = lab["hosts"][0] | {"disks": [{"name": "notes", "path": str(home), "kind": "directory"}]}
     plan = lab["recovery_plans"][demo.DRILL_PLAN]
-    plan["groups"][0]["members"][0]["target"]["path"] = str(root / "drill")
+    member = plan["groups"][0]["members"][0]
+    member["target"]["path"] = str(root / "drill")
+    # The probes here fail for good once the copy listens (wrong data, not a slow start): a
+    # short retry window instead of the default 30 s; the wait for the port uses it too, so it
+    # keeps room for a slow start on a busy machine.
+    member["app"]["ready_wait_seconds"] = 10
     cfg = root / "lab.yaml"
     cfg.write_text(yaml.safe_dump({"version": 1, "storage": {"kind": "local", "path": str(root / "store")},
                                    "hosts": [host], "recovery_plans": {demo.DRILL_PLAN: plan}}, sort_keys=False))

@@ -192,6 +192,9 @@ def test_a_passing_drill_restores_isolates_probes_and_cleans_up_with_proof(prefe
     # From inside the namespace the primary's sshd is refused; from the target itself it answers.
     assert f"inside -> production {drill_lab.primary.address}:{drill_lab.primary.port}: ECONNREFUSED" in isolate.detail
     assert f"outside -> production {drill_lab.primary.address}:{drill_lab.primary.port}: connected" in isolate.detail
+    # The namespace does not wait for the data: it is made while the restore runs (off the RTO).
+    restored = next(s for s in evidence.steps if s.name == "restore www")
+    assert restored.finished is not None and isolate.ok and isolate.started < restored.finished, evidence.steps
     [checksum] = evidence.primary_checksums
     assert checksum.unchanged is True
     # --yes confirmed the manual action in advance: recorded, no pause.

@@ -198,6 +198,8 @@ def test_a_failing_probe_fails_the_failover_and_cancel_restarts_the_primary(
     config = yaml.safe_load(web_lab.config.read_text())
     [member] = config["recovery_plans"]["web"]["groups"][0]["members"]
     member["probes"][0]["expect_body"] = "a page the copy does not serve"
+    # The copy answers at once with the wrong page: retrying for the default 30 s proves nothing more.
+    member["app"]["ready_wait_seconds"] = 3
     web_lab.config.write_text(yaml.safe_dump(config))
 
     code, out, err = cli("failover", "web", "--planned", "--yes", "-c", str(web_lab.config), "--json")
