@@ -556,7 +556,9 @@ def main(argv: list[str] | None = None) -> int:
         config = write_patchdrill_config(hosts, hosts.workdir / "patchdrill.yaml")
         ansible_dir = write_ansible_files(hosts, args.forks)
         # --forks alone sets the CLI's parallelism (hosts in flight), as -f does Ansible's.
-        cli_env = {**base_env, "PREFECT_HOME": str(hosts.workdir / "prefect-home")}
+        # Prefect's temporary API per command, as the figures in bench/README.md were made (and
+        # nothing left running); bench/adhoc_cli.py measures the background server.
+        cli_env = {**base_env, "PREFECT_HOME": str(hosts.workdir / "prefect-home"), "PATCHDRILL_SERVER": "temporary"}
         ansible_env = {**base_env, "ANSIBLE_CONFIG": str(ansible_dir / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1"}
 
         costs: list[tuple[str, float, str]] = []
