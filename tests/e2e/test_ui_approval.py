@@ -21,7 +21,8 @@ from tests.hosts.lab_stack import (RunningStack, artifact_keys, flow_run, paused
                                    wait_for_state)
 from tests.hosts.patch_host import DEPLOYMENT, HostMaker, PatchableHost
 
-pytestmark = pytest.mark.e2e
+# The first test also waits for the shared stack to come up (a minute or more on a busy machine).
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 
 class StartedEarly:
