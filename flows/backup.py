@@ -54,8 +54,8 @@ def _first_done(futures: list[PrefectFuture[DiskReport]]) -> PrefectFuture[DiskR
 
 @flow(name="backup-run", log_prints=True, flow_run_name=run_name("backup", "policy"),
       on_failure=ALERT_ON_FAILURE, on_crashed=ALERT_ON_CRASH)
-def backup_run(config_path: str = "configs/lab.yaml", hosts: Names = None, groups: Names = None,
-               policy: OptionalName = None, disks: Names = None) -> list[DiskReport] | State:
+def backup_run(config_path: str = "configs/lab.yaml", hosts: Names = [], groups: Names = [],
+               policy: OptionalName = "", disks: Names = []) -> list[DiskReport] | State:
     """Back up every disk of the selected hosts (all hosts when none are selected).
 
     Ctrl-C, SIGTERM or a cancellation from the Prefect UI stops it cleanly: no point for the

@@ -281,7 +281,7 @@ def _prepare(config_path: str, plan: str, policy: str | None, kind: DrillKind) -
 @flow(name="failover", flow_run_name="failover {plan} {mode}",
       on_failure=ALERT_ON_FAILURE, on_crashed=ALERT_ON_CRASH)
 def failover_run(config_path: str = "configs/lab.yaml", plan: str = "", mode: Literal["planned", "unplanned"] = "planned",
-                 point: OptionalName = None, policy: OptionalName = None, approved: bool = False,
+                 point: OptionalName = "", policy: OptionalName = "", approved: bool = False,
                  approval_timeout_minutes: int = 240) -> State:
     """Fail a recovery plan over to its DR targets (not a drill: the copies become production).
 
@@ -354,7 +354,7 @@ def _fail_over(config_path: str, plan: str, mode: Literal["planned", "unplanned"
 
 @flow(name="failback", flow_run_name="failback {plan}",
       on_failure=ALERT_ON_FAILURE, on_crashed=ALERT_ON_CRASH)
-def failback_run(config_path: str = "configs/lab.yaml", plan: str = "", policy: OptionalName = None,
+def failback_run(config_path: str = "configs/lab.yaml", plan: str = "", policy: OptionalName = "",
                  approved: bool = False, approval_timeout_minutes: int = 240) -> State:
     """Bring a committed failover home: re-protect the copies, stop them, final sync, restore onto
     the primary delta-aware (only changed blocks travel), start and probe the primary.

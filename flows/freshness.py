@@ -30,8 +30,8 @@ from tasks.rendering import artifact_key
 
 @flow(name="freshness-check", flow_run_name=run_name("freshness", "policy"),
       on_failure=ALERT_ON_FAILURE, on_crashed=ALERT_ON_CRASH)
-def freshness_check(config_path: str = "configs/lab.yaml", hosts: Names = None, groups: Names = None,
-                    policy: OptionalName = None) -> list[DiskFreshness]:
+def freshness_check(config_path: str = "configs/lab.yaml", hosts: Names = [], groups: Names = [],
+                    policy: OptionalName = "") -> list[DiskFreshness]:
     """Alert on every disk whose newest recovery point is older than the policy's max_point_age.
 
     Args:

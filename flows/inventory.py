@@ -34,7 +34,7 @@ def ping_task(host: HostConfig, base_dir: Path) -> PingResult:
 
 @flow(name="inventory-check", log_prints=True, flow_run_name=run_name("inventory"),
       on_failure=ALERT_ON_FAILURE, on_crashed=ALERT_ON_CRASH)
-def inventory_check(config_path: str = "configs/lab.yaml", groups: Names = None) -> list[PingResult]:
+def inventory_check(config_path: str = "configs/lab.yaml", groups: Names = []) -> list[PingResult]:
     """Ping every selected host in parallel and publish a reachability table.
 
     Args:

@@ -27,13 +27,13 @@ import structlog
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext
-from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from prefect.states import Cancelled, Completed, Failed, State
 from pydantic import BaseModel, Field
 
 from flows.alerting import ALERT_ON_CRASH, ALERT_ON_FAILURE
 from flows.logs import configure
+from flows.pause import wait_for_answer
 from flows.run_form import Names, OptionalName, current_run_name, run_name, selection
 from tasks.patching.models import HostPatchRecord
 from tasks.patching.fleet import PatchFleet, load_fleet
@@ -136,11 +136,11 @@ def assessment_markdown(report: AssessmentReport, rollout_plan: RolloutPlan) -> 
     return "\n".join(lines)
 
 
-def request_approval(summary: str, timeout_minutes: int) -> PatchApproval:
-    """Pause until someone submits the Resume form; a timeout fails the run (nothing installed)."""
+def request_approval(summary: str, timeout_minutes: int) -> PatchApproval | None:
+    """Pause until someone submits the Resume form; None when nobody did within the timeout."""
     log.info("waiting for approval", timeout_minutes=timeout_minutes)
     form = PatchApproval.with_initial_data(description=summary, reboot_outside_window=False, comment="")
-    return pause_flow_run(wait_for_input=form, timeout=timeout_minutes * 60, poll_interval=APPROVAL_POLL_SECONDS)
+    return wait_for_answer(form, key="approval", timeout_seconds=timeout_minutes * 60, poll_seconds=APPROVAL_POLL_SECONDS)
 
 
 def patch_batch(batch: Batch, fleet: PatchFleet, ctx: PatchContext, report: AssessmentReport,
@@ -181,7 +181,7 @@ def publish_report(report: PatchRunReport) -> None:
 
 @flow(name="patch-enroll", flow_run_name=run_name("patch-enroll"),
       on_failure=ALERT_ON_FAILURE, on_crashed=ALERT_ON_CRASH)
-def patch_enroll(config_path: str = "configs/lab.yaml", groups: Names = None, hosts: Names = None) -> list[EnrollmentRow]:
+def patch_enroll(config_path: str = "configs/lab.yaml", groups: Names = [], hosts: Names = []) -> list[EnrollmentRow]:
     """Enroll hosts: OS, build, package manager, hotpatch eligibility; store the records.
 
     Args:
@@ -203,8 +203,8 @@ def patch_enroll(config_path: str = "configs/lab.yaml", groups: Names = None, ho
 
 @flow(name="patch-assess", flow_run_name=run_name("patch-assess", "policy"),
       on_failure=ALERT_ON_FAILURE, on_crashed=ALERT_ON_CRASH)
-def patch_assess(config_path: str = "configs/lab.yaml", groups: Names = None, hosts: Names = None,
-                 policy: OptionalName = None, refresh: bool = True, forks: int = DEFAULT_FORKS) -> AssessmentReport:
+def patch_assess(config_path: str = "configs/lab.yaml", groups: Names = [], hosts: Names = [],
+                 policy: OptionalName = "", refresh: bool = True, forks: int = DEFAULT_FORKS) -> AssessmentReport:
     """What each host misses and what a run would install now. Installs nothing; it refreshes
     each Linux host's package lists unless refresh is off (then the host changes not at all).
 
@@ -234,9 +234,9 @@ def patch_assess(config_path: str = "configs/lab.yaml", groups: Names = None, ho
       on_failure=ALERT_ON_FAILURE, on_crashed=ALERT_ON_CRASH)
 def patch_run(
     config_path: str = "configs/lab.yaml",
-    groups: Names = None,
-    hosts: Names = None,
-    policy: OptionalName = None,
+    groups: Names = [],
+    hosts: Names = [],
+    policy: OptionalName = "",
     dry_run: bool = False,
     ignore_windows: bool = False,
     reboot_outside_window: bool = False,
@@ -280,13 +280,17 @@ def patch_run(
     unpatched = records_outside_rollout(run_id, now, assessment, rollout_plan)
     if fleet.policy.approval_required and not approved and rollout_plan.batches:
         answer = request_approval(assessment_markdown(assessment, rollout_plan), approval_timeout_minutes)
-        log.info("approval answered", approve=answer.approve, comment=answer.comment)
-        if not answer.approve:
-            refused = f"not approved{': ' + answer.comment if answer.comment else ''}"
+        if answer is None or not answer.approve:
+            refused = (f"no approval within {approval_timeout_minutes} min" if answer is None
+                       else f"not approved{': ' + answer.comment if answer.comment else ''}")
+            log.info("not approved", reason=refused)
             unpatched += [record_for_unpatched(run_id, p.host, now, p, "skipped", refused)
                           for p in with_work if p.host in rollout_plan.scheduled]
             report = _finish(report, fleet, unpatched, stopped=refused)
+            if answer is None:
+                return Failed(message=f"{refused}: nothing installed", data=report)
             return Cancelled(message=answer.comment or "not approved", data=report)
+        log.info("approval answered", approve=answer.approve, comment=answer.comment)
         reboot_outside_window = reboot_outside_window or answer.reboot_outside_window
 
     ctx = PatchContext(run_id=run_id, records=fleet.records, base_dir=fleet.base_dir, policy=fleet.policy,

@@ -19,8 +19,8 @@ from tasks.rendering import artifact_key, human_size
 
 @flow(name="prune-run", log_prints=True, flow_run_name=run_name("prune", "policy"),
       on_failure=ALERT_ON_FAILURE, on_crashed=ALERT_ON_CRASH)
-def prune_run(config_path: str = "configs/lab.yaml", hosts: Names = None, groups: Names = None,
-              policy: OptionalName = None, dry_run: bool = False) -> RetentionSummary:
+def prune_run(config_path: str = "configs/lab.yaml", hosts: Names = [], groups: Names = [],
+              policy: OptionalName = "", dry_run: bool = False) -> RetentionSummary:
     """Apply the policy's keep rules to the selected hosts' points, then prune unreferenced data.
 
     Fails (deleting nothing) when a backup holds the repository: prune never runs beside one.

@@ -22,9 +22,9 @@ from tasks.rendering import artifact_key, human_size
 
 @flow(name="restore-run", log_prints=True, flow_run_name=run_name("restore", "disk"),
       on_failure=ALERT_ON_FAILURE, on_crashed=ALERT_ON_CRASH)
-def restore_run(config_path: str, host: str, disk: str, target: str, point: OptionalName = None,
-                force: bool = False, include: Names = None, policy: OptionalName = None,
-                target_host: OptionalName = None) -> RestoreResult | State:
+def restore_run(config_path: str, host: str, disk: str, target: str, point: OptionalName = "",
+                force: bool = False, include: Names = [], policy: OptionalName = "",
+                target_host: OptionalName = "") -> RestoreResult | State:
     """Restore host/disk's latest point (or `point`, a time stamp or key) to target, on this
     machine or on target_host (any host of the config, e.g. an isolated DR host).
 

@@ -11,16 +11,23 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Annotated, Any
 
-from pydantic import WithJsonSchema
+from pydantic import BeforeValidator, WithJsonSchema
+
+
+def _empty_is_none(value: Any) -> Any:
+    return None if value in ("", []) else value
+
 
 # Flow modules using these aliases evaluate their annotations at definition time (no
 # `from __future__ import annotations`): the engine of a served run validates parameters from
 # the function's annotations and cannot resolve an alias named only in a string.
-# Optional selections stay None for "all" when called from Python or the CLI, while the form
-# shows a plain list or text field: an `anyOf [..., null]` schema renders as
-# `Property is type "None"`.
-Names = Annotated[list[str] | None, WithJsonSchema({"type": "array", "items": {"type": "string"}})]
-OptionalName = Annotated[str | None, WithJsonSchema({"type": "string"})]
+# The form shows a plain list or text field (an `anyOf [..., null]` schema renders as
+# `Property is type "None"`), so a flow's default for them is the empty list or string, which
+# that schema accepts: the UI submits a field's default as it is, and the server refuses a
+# Custom run whose null default fails the schema. Empty arrives in the flow as None: "all".
+Names = Annotated[list[str] | None, BeforeValidator(_empty_is_none),
+                  WithJsonSchema({"type": "array", "items": {"type": "string"}})]
+OptionalName = Annotated[str | None, BeforeValidator(_empty_is_none), WithJsonSchema({"type": "string"})]
 
 
 def selection(parameters: Mapping[str, Any]) -> str:

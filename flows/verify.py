@@ -25,8 +25,8 @@ class RepositoryDamaged(BackupError):
 
 @flow(name="verify-run", log_prints=True, flow_run_name=run_name("verify", "disk"),
       on_failure=ALERT_ON_FAILURE, on_crashed=ALERT_ON_CRASH)
-def verify_run(config_path: str = "configs/lab.yaml", host: OptionalName = None, disk: OptionalName = None,
-               sample_percent: float = 100.0, policy: OptionalName = None) -> VerifyReport:
+def verify_run(config_path: str = "configs/lab.yaml", host: OptionalName = "", disk: OptionalName = "",
+               sample_percent: float = 100.0, policy: OptionalName = "") -> VerifyReport:
     """Check chunks against their ids; the run fails (and the artifact lists them) on any damage.
 
     Args:

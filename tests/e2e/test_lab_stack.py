@@ -26,6 +26,8 @@ import httpx
 import pytest
 import yaml
 
+from tests.hosts.lab_stack import processes_with
+
 REPO = Path(__file__).resolve().parents[2]
 SERVER_LOGS = REPO / ".lab" / "server"
 pytestmark = pytest.mark.e2e
@@ -48,20 +50,6 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def _processes_with(marker: str) -> list[int]:
-    """Processes whose environment carries marker: everything the stack started inherits it."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if marker.encode() in (entry / "environ").read_bytes():
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +75,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     if process.poll() is None:  # a test failed before stopping it
         os.killpg(process.pid, signal.SIGINT)
         process.wait(timeout=60)
-    for pid in _processes_with(f"PREFECT_HOME={home}"):
+    for pid in processes_with(f"PREFECT_HOME={home}"):
         os.kill(pid, signal.SIGKILL)
 
 
@@ -311,7 +299,7 @@ def test_a_busy_port_is_one_clear_line_and_starts_nothing(tmp_path: Path) -> Non
     assert done.stderr.strip() == (f"make server: port {port} is in use on 127.0.0.1: stop what listens there "
                                    "or choose another with PORT=...")
     assert "Traceback" not in done.stdout + done.stderr
-    assert _processes_with(f"PREFECT_HOME={tmp_path}") == []
+    assert processes_with(f"PREFECT_HOME={tmp_path}") == []
 
 
 # ----------------------------------------------------------------------------- Ctrl-C
@@ -319,12 +307,12 @@ def test_a_busy_port_is_one_clear_line_and_starts_nothing(tmp_path: Path) -> Non
 
 def test_ctrl_c_stops_everything_it_started(stack: Stack) -> None:
     """Last in this module: SIGINT to make's process group, as a terminal's Ctrl-C sends it."""
-    assert _processes_with(f"PREFECT_HOME={stack.home}")  # server and worker are up
+    assert processes_with(f"PREFECT_HOME={stack.home}")  # server and worker are up
     os.killpg(stack.process.pid, signal.SIGINT)
     # make re-raises the interrupt once its recipe has exited (or exits 2).
     assert stack.process.wait(timeout=90) in (0, 2, -signal.SIGINT)
     deadline = time.monotonic() + 30
-    while (left := _processes_with(f"PREFECT_HOME={stack.home}")) and time.monotonic() < deadline:
+    while (left := processes_with(f"PREFECT_HOME={stack.home}")) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert left == []
     with pytest.raises(ConnectionRefusedError):  # nothing listens on the port any more
