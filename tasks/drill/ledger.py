@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import PurePosixPath, PureWindowsPath
@@ -318,6 +319,10 @@ class Ledger:
         self.run_id = check_run_id(run_id)
         self.prefix = ledger_prefix(run_id)
         self._next: int | None = None
+        # Threads of one run (members of a group, a namespace made beside a restore) record at
+        # once: two entries of different kinds under one number would not collide in the store
+        # (the key holds the kind), and one would be lost when the ledger is read by number.
+        self._lock = threading.Lock()
 
     def record(self, kind: str, **fields: Any) -> Resource | ClosedEntry:
         """Validate and append one entry; returns it with its sequence number and time.
@@ -325,6 +330,10 @@ class Ledger:
         Call it before creating the thing it names: the ledger must know of anything that may
         exist. A ValueError names the field at fault (nothing is written then).
         """
+        with self._lock:
+            return self._append(kind, fields)
+
+    def _append(self, kind: str, fields: dict[str, Any]) -> Resource | ClosedEntry:
         seq = self._next if self._next is not None else self._last_seq() + 1
         while True:
             data = {**fields, "kind": kind, "seq": seq, "recorded_at": datetime.now(timezone.utc)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
@@ -70,6 +71,45 @@ def race_writers(store: BlobStore, run_id: str, writers: int, each: int) -> None
 
 def test_racing_writers_never_overwrite_each_other(store: LocalBlobStore) -> None:
     race_writers(store, "race", writers=8, each=5)
+
+
+class FirstPutWaits(LocalBlobStore):
+    """The real local store, except that its first put waits (at most a second) until a second put
+    has begun: two threads of one run recording at the same moment, made certain rather than
+    left to the scheduler. The wait only orders the threads; nothing is timed."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.second_began = threading.Event()
+        self._puts = 0
+        self._count = threading.Lock()
+
+    def put(self, key: str, data: bytes | BinaryIO, *, overwrite: bool = True) -> None:
+        with self._count:
+            self._puts += 1
+            first = self._puts == 1
+        if first:
+            self.second_began.wait(1.0)
+        else:
+            self.second_began.set()
+        super().put(key, data, overwrite=overwrite)
+
+
+def test_threads_sharing_one_ledger_record_different_kinds_under_different_numbers(tmp_path: Path) -> None:
+    """A drill records the copy's path and makes its namespace on two threads with one Ledger:
+    entries of different kinds have different keys, so only the ledger itself can keep them from
+    sharing a number (and one of them vanishing when the ledger is read by number)."""
+    store = FirstPutWaits(tmp_path / "store")
+    ledger = Ledger(store, "run-threads")
+    path = threading.Thread(target=ledger.record, args=("path",),
+                            kwargs={"host": "dr-1", "member": "web", "copy_root": ROOT, "path": f"{ROOT}/www"})
+    path.start()
+    ledger.record("namespace", host="dr-1", member="web", name="pd-web-0011223344")
+    path.join()
+    entries = Ledger(store, "run-threads").read()
+    assert sorted(e.kind for e in entries) == ["namespace", "path"]
+    assert sorted(e.seq for e in entries) == [0, 1]
+    assert sorted(r.kind for r in resources(entries)) == ["namespace", "path"]
 
 
 def test_a_process_refinement_merges_into_its_entry_and_keeps_its_place(store: LocalBlobStore) -> None:
