@@ -26,7 +26,8 @@ from uuid import UUID
 
 import pytest
 
-from tests.e2e.test_lab_stack import _free_port, _processes_with
+from tests.e2e.test_lab_stack import _free_port
+from tests.hosts.lab_stack import processes_with
 from tests.e2e.test_patch_run import LabMaker, baseline_now, lab_host, reboot_watcher, write_config  # noqa: F401
 from tests.hosts.postgres import scratch_directory
 
@@ -77,7 +78,7 @@ def scale_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScaleStack
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGINT)
         process.wait(timeout=90)
-    for pid in _processes_with(f"PREFECT_HOME={home}"):
+    for pid in processes_with(f"PREFECT_HOME={home}"):
         os.kill(pid, signal.SIGKILL)
     shutil.rmtree(db_dir, ignore_errors=True)
 
@@ -274,17 +275,17 @@ def test_a_cluster_directory_postgres_cannot_reach_is_one_clear_line(tmp_path: P
     assert done.stderr.strip() == (f"make server: the postgres user cannot reach {tmp_path / 'pg' / 'run'}: a parent "
                                    "directory is not searchable by others (chmod o+x it, or keep the repository "
                                    "elsewhere)")
-    assert _processes_with(f"PREFECT_HOME={tmp_path / 'home'}") == []
+    assert processes_with(f"PREFECT_HOME={tmp_path / 'home'}") == []
 
 
 def test_ctrl_c_stops_the_workers_the_server_and_the_database(scale_stack: ScaleStack) -> None:
     """Last in this module: SIGINT to the supervisor's process group, as a terminal's Ctrl-C."""
     port = int(scale_stack.output.read_text().split("PostgreSQL on 127.0.0.1:")[1].split(",")[0])
-    assert len(_processes_with(f"PREFECT_HOME={scale_stack.home}")) >= 4  # postgres, server, two workers
+    assert len(processes_with(f"PREFECT_HOME={scale_stack.home}")) >= 4  # postgres, server, two workers
     os.killpg(scale_stack.process.pid, signal.SIGINT)
     assert scale_stack.process.wait(timeout=90) == 0
     deadline = time.monotonic() + 30
-    while (left := _processes_with(f"PREFECT_HOME={scale_stack.home}")) and time.monotonic() < deadline:
+    while (left := processes_with(f"PREFECT_HOME={scale_stack.home}")) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert left == []
     for listening in (scale_stack.port, port):
