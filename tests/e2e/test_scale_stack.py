@@ -125,6 +125,56 @@ def _until_waiting(client: Any, runs: list[Any], limit: str) -> None:
         time.sleep(1)
 
 
+
+# Holds the slots the way a run does, in a process of its own on the stack's API alone: this
+# test process also serves the session's test server, and a lease taken here may be acquired on
+# one server and renewed on the other.
+_HOLDER = """
+import sys
+from tasks.patching.slots import exclusive
+held = {name: exclusive([name], timeout_seconds=60) for name in sys.argv[1:]}
+for slot in held.values():
+    slot.__enter__()
+print("held", flush=True)
+for line in sys.stdin:
+    held.pop(line.strip()).__exit__(None, None, None)
+    print("released", flush=True)
+for slot in held.values():
+    slot.__exit__(None, None, None)
+"""
+
+
+class _SlotHolder:
+    def __init__(self, api_url: str, names: list[str]) -> None:
+        env = {**os.environ, "PREFECT_API_URL": api_url}
+        self.process = subprocess.Popen([sys.executable, "-c", _HOLDER, *names], cwd=REPO, env=env, text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def _answer(self, expected: str) -> None:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline().strip()
+        assert line == expected, f"slot holder said {line!r} (exit {self.process.poll()})"
+
+    def __enter__(self) -> "_SlotHolder":
+        self._answer("held")
+        return self
+
+    def release(self, name: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(name + "\n")
+        self.process.stdin.flush()
+        self._answer("released")
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
 def _final_run(client: Any, run: Any) -> Any:
     deadline = time.monotonic() + 300
     while not (run := client.read_flow_run(run.id)).state.is_final() and time.monotonic() < deadline:
@@ -177,7 +227,7 @@ def test_two_workers_share_runs_and_no_slot_is_held_twice_at_once(
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks.patching.slots import exclusive, host_limit_name, reboot_limit_name
+    from tasks.patching.slots import host_limit_name, reboot_limit_name
 
     alpha, beta = lab_host("alpha", 1), lab_host("beta", 1)
     cfg = write_config(tmp_path / "fleet.yaml", [alpha.config(), beta.config()],
@@ -189,21 +239,15 @@ def test_two_workers_share_runs_and_no_slot_is_held_twice_at_once(
         chosen = next(d for d in client.read_deployments() if d.name == deployment)
         return client.create_flow_run_from_deployment(chosen.id, parameters={"config_path": str(cfg), **parameters})
 
-    with temporary_settings(updates={PREFECT_API_URL: scale_stack.api_url}), get_client(sync_client=True) as client:
-        held = {name: exclusive([name], timeout_seconds=60) for name in (host_slot, domain_slot)}
-        for slot in held.values():
-            slot.__enter__()
-        try:
-            patch = {"groups": ["lab"], "policy": "default", "approved": True}
-            first = start(client, "patch-web-monthly", hosts=["alpha"], **patch)
-            second = start(client, "patch-web-monthly", hosts=["alpha", "beta"], **patch)
-            # Released in turn, each while both runs wait on it: first the host, then the domain.
-            for releasing in (host_slot, domain_slot):
-                _until_waiting(client, [first, second], releasing)
-                held.pop(releasing).__exit__(None, None, None)
-        finally:
-            for slot in held.values():
-                slot.__exit__(None, None, None)
+    with temporary_settings(updates={PREFECT_API_URL: scale_stack.api_url}), get_client(sync_client=True) as client, \
+            _SlotHolder(scale_stack.api_url, [host_slot, domain_slot]) as holder:
+        patch = {"groups": ["lab"], "policy": "default", "approved": True}
+        first = start(client, "patch-web-monthly", hosts=["alpha"], **patch)
+        second = start(client, "patch-web-monthly", hosts=["alpha", "beta"], **patch)
+        # Released in turn, each while both runs wait on it: first the host, then the domain.
+        for releasing in (host_slot, domain_slot):
+            _until_waiting(client, [first, second], releasing)
+            holder.release(releasing)
         runs = [_final_run(client, run) for run in (first, second)]
         holds = _slot_holds(client, since, {str(r.id) for r in runs}, {host_slot, domain_slot})
 
