@@ -61,7 +61,7 @@ def _hold_uncommitted_insert(cluster: PgCluster) -> Iterator[subprocess.Popen[st
 
 
 def test_a_running_cluster_backed_up_restored_and_started_equals_the_point(prefect_server: None) -> None:
-    bin_dir()  # skips early where PostgreSQL is not installed
+    bin_dir()  # fails early where PostgreSQL is missing (skips without root)
     scratch = scratch_directory("patchdrill-pg-backup-")
     with ExitStack() as cleanup:
         # Callbacks run last-in first-out: the servers stop before their file system is unmounted.
