@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,6 +192,14 @@ def test_unplanned_failover_states_the_data_loss_before_approval_and_reports_the
     # The disaster: the primary's postmaster dies at once, no clean shutdown.
     pid = int((pg_lab.primary.data / "postmaster.pid").read_text().split()[0])
     os.kill(pid, 9)
+    # Both "hosts" share this machine's process table, and the restored postmaster.pid names the
+    # killed postmaster: PostgreSQL refuses to start while that pid exists, and a killed process
+    # stays a zombie until init reaps it, which under load takes seconds. On two machines the pid
+    # means nothing on the DR side, so the test waits for the reap rather than racing it.
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{pid}").exists():
+        assert time.monotonic() < deadline, f"the killed postmaster {pid} was never reaped"
+        time.sleep(0.1)
 
     # Asked first, with the loss stated; "no" changes nothing and exits 3.
     monkeypatch.setattr(sys, "stdin", io.StringIO("n\n"))
@@ -201,7 +210,8 @@ def test_unplanned_failover_states_the_data_loss_before_approval_and_reports_the
 
     code, out, err = cli("failover", "pg", "--unplanned", "--point", "latest", "--yes", "-c", str(pg_lab.config),
                          "--json")
-    assert code == 0, out + err
+    copy_log = pg_lab.copy.data.parent / "pg.log"
+    assert code == 0, out + err + (copy_log.read_text() if copy_log.exists() else "")
     summary = json.loads(out)
     assert pg_lab.copy.rows() == ["first", "second"]  # the write after the point is the loss
     evidence = pg_lab.evidence(summary["run_id"])
