@@ -50,7 +50,7 @@ demo: python-deps
 	@$(UV) run --frozen python -m cli.demo
 
 test: bootstrap
-	@$(UV) run --frozen pytest -q
+	@$(UV) run --frozen pytest -q --numprocesses 2 --dist loadfile
 
 server: python-deps
 	@$(UV) run --frozen python -m cli.lab_server --port $(PORT) --db $(DB) --workers $(WORKERS)
