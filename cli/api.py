@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from cli import warm
 from cli.common import fail, notice
 
 MODE_ENV = "PATCHDRILL_SERVER"
@@ -67,12 +68,7 @@ def healthy(url: str, timeout: float = HEALTH_TIMEOUT_SECONDS) -> bool:
         return False
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        found = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return found if isinstance(found, dict) else None
+_read_json = warm.read_state
 
 
 def _running(pid: int, marker: str | None = None) -> bool:
@@ -210,7 +206,9 @@ class BackgroundServer:
             time.sleep(0.1)
 
     def stop(self) -> dict[str, Any] | None:
-        """Stop the running server (SIGTERM, then SIGKILL after a grace time); its last state."""
+        """Stop the running server (SIGTERM, then SIGKILL after a grace time) and the warm process
+        beside it; the server's last state."""
+        warm.stop()
         with self._locked():
             state = self.state()
             if state is None:
@@ -284,6 +282,8 @@ def using_api() -> Iterator[str]:
             yield where
     finally:
         if private:
+            # After the run, not before: its imports would compete with this command for the CPU.
+            warm.start(BackgroundServer.default().state_file)
             if previous is None:
                 os.environ.pop(PRIVATE_API_ENV, None)
             else:

@@ -22,6 +22,13 @@ _log = structlog.stdlib.get_logger("patchdrill.cli")
 console = Console()
 err_console = Console(stderr=True)
 
+
+def reopen_consoles() -> None:
+    """Look at standard output and error again (terminal or not, colours, width): a warm
+    process's command (cli/warm.py) was handed its caller's after these were made."""
+    console.__init__()  # type: ignore[misc]
+    err_console.__init__(stderr=True)  # type: ignore[misc]
+
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Config file (YAML).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 GroupsOption = Annotated[Optional[list[str]], typer.Option("--group", "-g", help="Only hosts in this group (repeatable).")]

@@ -36,6 +36,7 @@ def status(as_json: JsonOption = False) -> None:
             "idle_minutes": state.get("idle_minutes"), "up_seconds": round(time.time() - state.get("started", time.time())),
         },
         "background_log": str(background.log_file),
+        "warm": _warm_state(),
     }
 
     def render(r: dict[str, Any]) -> None:
@@ -54,6 +55,9 @@ def status(as_json: JsonOption = False) -> None:
             console.print(f"background server: pid {b['pid']}, {b['url']}, "
                           f"{'answers' if b['answers'] else 'does not answer'}, up {b['up_seconds']} s, "
                           f"stops after {b['idle_minutes']:g} min idle; log {r['background_log']}", highlight=False)
+        if r["warm"]:
+            console.print(f"warm process: pid {r['warm']['pid']}, {r['warm']['served']} commands served "
+                          "(cli/warm.py)", highlight=False)
 
     emit(report, as_json, render)
 
@@ -67,3 +71,12 @@ def stop(as_json: JsonOption = False) -> None:
     emit({"stopped": None if stopped is None else {"pid": stopped["pid"], "url": stopped["url"]}}, as_json,
          lambda r: console.print(f"stopped the background server (pid {r['stopped']['pid']})" if r["stopped"]
                                  else "no background server runs", highlight=False))
+
+
+def _warm_state() -> dict[str, Any] | None:
+    from cli import warm
+
+    state = warm.read_state(warm.state_file())
+    if state is None or not warm.alive(int(state.get("pid", 0))):
+        return None
+    return {"pid": state["pid"], "served": state.get("served", 0)}

@@ -56,6 +56,15 @@ class Lab:
     def state(self) -> dict[str, Any]:
         return json.loads(self.state_file.read_text())
 
+    @property
+    def warm_file(self) -> Path:
+        return self.home / "patchdrill" / "server" / "warm.json"
+
+    def warm(self) -> dict[str, Any]:
+        """The warm process's state once it serves (cli/warm.py): started after a command's run."""
+        _wait_for("the warm process", lambda: self.warm_file.exists() and _alive(json.loads(self.warm_file.read_text())["pid"]))
+        return json.loads(self.warm_file.read_text())
+
     def config(self, name: str, disk: Path, **policy: Any) -> Path:
         cfg = self.root / f"{name}.yaml"
         cfg.write_text(yaml.safe_dump({
@@ -157,12 +166,27 @@ def test_the_state_file_of_a_killed_server_is_recovered_from(lab: Lab) -> None:
     assert flow == "backup-run" and state.is_completed()
 
 
-def test_ctrl_c_cancels_the_run_on_the_background_server_and_keeps_the_server(lab: Lab) -> None:
-    _ensure_server(lab)
-    image = lab.root / "disk.img"
-    with open(image, "wb") as handle:
+def _random_image(path: Path) -> Path:
+    """An image of IMAGE_MIB that does not compress: a backup of it is still uploading when a test acts."""
+    with open(path, "wb") as handle:
         for _ in range(IMAGE_MIB // 4):
             handle.write(os.urandom(4 * MIB))
+    return path
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def test_ctrl_c_cancels_the_run_on_the_background_server_and_keeps_the_server(lab: Lab) -> None:
+    """Through the warm process (cli/warm.py), as every command after the first runs: the
+    terminal's Ctrl-C reaches the caller, which forwards it to the command's process group."""
+    _ensure_server(lab)
+    warm = lab.warm()
+    image = _random_image(lab.root / "disk.img")
     cfg = lab.config("ctrl-c", image, block_size=MIB, workers=1)
     stderr = lab.root / "ctrl-c.stderr"
     with open(stderr, "wb") as sink:
@@ -186,17 +210,23 @@ def test_ctrl_c_cancels_the_run_on_the_background_server_and_keeps_the_server(la
     with contextlib.suppress(ProcessLookupError):
         os.killpg(command.pid, 0)
         pytest.fail("something the command started outlived it")
+    assert lab.warm()["served"] == warm["served"] + 1, "the command did not run in the warm process"
+    _wait_for("the command's process to end", lambda: not _children(warm["pid"]))
 
 
 def test_server_stop_leaves_nothing_running(lab: Lab) -> None:
     _ensure_server(lab)
     server = lab.state()
+    warm = lab.warm()
     status = json.loads(lab.run("server", "status", "--json").stdout)
     assert status["background"]["pid"] == server["pid"] and status["background"]["answers"]
+    assert status["warm"]["pid"] == warm["pid"]
     done = lab.run("server", "stop")
     assert done.returncode == 0, done.stderr
     assert f"stopped the background server (pid {server['pid']})" in done.stdout
     assert not _alive(server["pid"]) and not lab.state_file.exists()
+    _wait_for("the warm process to stop", lambda: not _alive(warm["pid"]))
+    assert not lab.warm_file.exists() and not Path(warm["socket"]).exists()
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", server["port"])) != 0, "the server's port still answers"
 
@@ -224,3 +254,85 @@ def test_an_idle_background_server_stops_by_itself(lab: Lab) -> None:
     _wait_for("the idle server to stop", lambda: not _alive(server["pid"]))
     assert not lab.state_file.exists()
     assert "idle for 0.2 min: stopping" in (lab.home / "patchdrill" / "server" / "server.log").read_text()
+
+
+# --------------------------------------------------------------------------- the warm process
+
+
+def test_commands_after_the_first_run_in_the_warm_process_from_the_callers_directory(lab: Lab) -> None:
+    """The caller's working directory (a relative config), its standard input (a config read
+    from /dev/stdin), output, error and exit codes are the command's, as in a process of its own."""
+    _ensure_server(lab)
+    served = lab.warm()["served"]
+    lab.config("relative", lab.root / "data")
+    done = lab.run("backup", "-c", "relative.yaml", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)[0]["host"] == "lab-1"
+    failed = lab.run("backup", "-c", str(lab.config("warm-missing", lab.root / "no-such-disk")))
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert "no-such-disk" in failed.stderr
+    piped = subprocess.run([str(PATCHDRILL), "config", "check", "/dev/stdin"], cwd=lab.root, env=lab.env(),
+                           input=(lab.root / "relative.yaml").read_text(), capture_output=True, text=True,
+                           timeout=HANG_GUARD)
+    assert piped.returncode == 0 and piped.stdout.startswith("ok /dev/stdin: 1 hosts"), piped.stdout + piped.stderr
+    assert lab.warm()["served"] == served + 3
+    runs = _runs(lab.state()["url"])
+    assert [state.type.value for _, state in runs[-2:]] == ["COMPLETED", "FAILED"]
+
+
+def test_a_terminal_at_the_callers_stdin_is_fed_through(lab: Lab) -> None:
+    """A terminal (a real pseudo-terminal here) is read by the caller and fed to the command:
+    what is typed reaches it, and end of input (Ctrl-D) ends it."""
+    import pty
+
+    _ensure_server(lab)
+    served = lab.warm()["served"]
+    master, slave = pty.openpty()
+    try:
+        command = subprocess.Popen([str(PATCHDRILL), "config", "check", "/dev/stdin"], cwd=lab.root, env=lab.env(),
+                                   stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        os.close(slave)
+        for line in lab.config("typed", lab.root / "data").read_text().splitlines():
+            os.write(master, line.encode() + b"\n")
+        os.write(master, b"\x04")
+        out, err = command.communicate(timeout=HANG_GUARD)
+    finally:
+        os.close(master)
+    assert command.returncode == 0 and out.startswith("ok /dev/stdin: 1 hosts"), out + err
+    assert lab.warm()["served"] == served + 1
+
+
+def test_a_killed_caller_stops_its_command_cleanly(lab: Lab) -> None:
+    """kill -9 of `patchdrill` leaves its command without anyone to report to: it stops as on
+    SIGTERM (the run Cancelled, no partial point), instead of running on unseen."""
+    _ensure_server(lab)
+    warm = lab.warm()
+    image = _random_image(lab.root / "killed.img")
+    cfg = lab.config("killed", image, block_size=MIB, workers=1)
+    command = subprocess.Popen([str(PATCHDRILL), "backup", "-c", str(cfg)], cwd=lab.root, env=lab.env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    chunks = lab.root / "store-killed" / "chunks"
+    _wait_for("the upload start", lambda: chunks.exists() and any(p.is_file() for p in chunks.rglob("*")))
+    [child] = _children(warm["pid"])
+    command.kill()
+    command.wait(timeout=HANG_GUARD)
+    _wait_for("the orphaned command to stop", lambda: not _alive(child))
+    flow, state = _runs(lab.state()["url"])[-1]
+    assert flow == "backup-run" and state.is_cancelled(), state
+    assert not list((lab.root / "store-killed").glob("points/**/*.json")), "a point was written by a stopped backup"
+
+
+def test_another_environment_runs_in_a_process_of_its_own(lab: Lab) -> None:
+    """A PREFECT_*/PATCHDRILL_* variable is read on import: a caller whose differ from the warm
+    process's is not served by it, and the command still runs (PATCHDRILL_WARM=0 too). The last
+    test of the module: the other environment's command leaves a warm process of its own."""
+    _ensure_server(lab)
+    lab.warm()
+    log = lab.home / "patchdrill" / "server" / "warm.log"
+    off = lab.run("backup", "-c", str(lab.config("warm-off", lab.root / "data")), PATCHDRILL_WARM="0")
+    assert off.returncode == 0, off.stderr
+    done = lab.run("backup", "-c", str(lab.config("other-env", lab.root / "data")), PATCHDRILL_APPROVAL_POLL_SECONDS="3")
+    assert done.returncode == 0, done.stderr
+    served = log.read_text()
+    assert "relative.yaml" in served, "the log names no command the warm process ran"
+    assert "warm-off.yaml" not in served and "other-env.yaml" not in served
