@@ -1,0 +1,110 @@
+"""The patch run's safety net end to end: the recovery-point gate.
+
+The hosts are those of test_patch_run.py: real sshd servers in their own mount namespace, each
+with a sandboxed real apt and dpkg. The disk each protects is its whole apt root (dpkg's status,
+the package files, the application's health file), a directory disk backed up and restored over
+SSH by the real backup pipeline into a local store, so a restored point puts the packages back
+as they were. Runs go through the CLI or the flow, on the real Prefect test server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.app import app
+from connectors.stores import LocalBlobStore
+from tasks.backup.repo.repository import Repository
+from tasks.drill.copy import point_file_digests
+from tasks.patching.history import history
+from tests.e2e.test_patch_run import (  # noqa: F401 - fixtures used by name
+    LabHost, LabMaker, baseline_now, lab_host, reboot_watcher, records, run_artifacts, run_patch,
+    tree_digest, write_config,
+)
+
+pytestmark = pytest.mark.e2e
+
+UNTOUCHED = {"demo-web": "1.0", "demo-kernel": "1.0", "demo-db": "1.0"}
+PATCHED = {"demo-web": "1.1", "demo-kernel": "1.1", "demo-db": "1.0"}
+
+
+def protected(host: LabHost) -> dict[str, Any]:
+    """The host's config with its apt root as its one protected disk."""
+    return {**host.config(), "disks": [{"name": "root", "path": str(host.lab.root), "kind": "directory"}]}
+
+
+def test_gate_skips_a_host_without_a_fresh_point_and_patches_one_that_has_it(
+        prefect_server: None, lab_host: LabMaker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cli.common import console
+
+    backed, bare = lab_host("gate-backed", 1), lab_host("gate-bare", 2)
+    cfg = write_config(tmp_path / "fleet.yaml", [protected(backed), protected(bare)],
+                       {"baseline_months": baseline_now(), "max_errors": 1, "recovery_point": {"max_age_hours": 24}})
+    runner = CliRunner()
+    backup = runner.invoke(app, ["backup", "--config", str(cfg), "--host", "gate-backed", "--json"])
+    assert backup.exit_code == 0, backup.output
+    [disk] = json.loads(backup.stdout)
+    bare_boot = bare.sshd.boot_id
+
+    result = runner.invoke(app, ["patch", "run", "--config", str(cfg), "--json"])
+
+    # A skipped host fails the run, as a host skipped by its pre-hook does.
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    rows = {r["host"]: r for r in report["records"]}
+    assert rows["gate-bare"]["status"] == "skipped"
+    assert rows["gate-bare"]["reason"] == "disk root: no recovery point newer than 24 h (it has none)"
+    assert bare.versions() == UNTOUCHED and bare.sshd.boot_id == bare_boot
+    assert {o["state"] for o in rows["gate-bare"]["updates"] if o["update_id"] != "demo-db=1.2"} == {"Missing"}
+
+    assert rows["gate-backed"]["status"] == "succeeded", rows["gate-backed"]["reason"]
+    assert backed.versions() == PATCHED
+    [used] = rows["gate-backed"]["recovery"]["points"]
+    assert (used["disk"], used["point"], used["taken"]) == ("root", disk["point"], False)
+
+    store = LocalBlobStore(tmp_path / "store")
+    [stored] = history(store, "gate-backed")
+    assert stored.recovery is not None and stored.recovery.points[0].point == disk["point"]
+    assert history(store, "gate-bare")[0].reason == rows["gate-bare"]["reason"]
+    summary = run_artifacts(report["run_id"])["patch-all-summary"]
+    assert f"| gate-backed | root | {disk['point']} | crash-consistent | existing |" in summary
+    monkeypatch.setattr(console, "width", 300)  # the table's columns whole, as on a wide terminal
+    shown = runner.invoke(app, ["patch", "history", "gate-backed", "--config", str(cfg)])
+    stamp = disk["point"].rsplit("/", 1)[1].removesuffix(".json")
+    assert shown.exit_code == 0 and f"root@{stamp}" in shown.output, shown.output
+
+
+def test_a_point_taken_before_install_is_the_pre_patch_state_and_named_in_history(
+        prefect_server: None, lab_host: LabMaker, tmp_path: Path) -> None:
+    host = lab_host("gate-take", 1)
+    # The backup policy's pre-script makes the point application-consistent, which the gate requires.
+    cfg = write_config(tmp_path / "fleet.yaml", [protected(host)],
+                       {"baseline_months": baseline_now(),
+                        "recovery_point": {"take_before_install": True, "app_consistent": True}})
+    config = cfg.read_text() + "backup_policies: {default: {pre_script: 'true'}}\n"
+    cfg.write_text(config)
+    status_before = (host.lab.admindir / "status").read_bytes()
+
+    state, report = run_patch(config_path=str(cfg))
+
+    assert state.is_completed(), state.message
+    record = records(report)["gate-take"]
+    assert record.status == "succeeded" and host.versions() == PATCHED
+    assert record.recovery is not None
+    [used] = record.recovery.points
+    assert used.taken and used.consistency == "application-consistent"
+    assert record.started_at <= used.time <= (record.finished_at or used.time)
+    # The point holds the host as it was before the install: dpkg's status of the 1.0 packages.
+    repo = Repository.open(LocalBlobStore(tmp_path / "store"))
+    point = repo.read_point(used.point)
+    assert point_file_digests(repo, point, ["var/lib/dpkg/status"]) == {
+        "var/lib/dpkg/status": hashlib.sha256(status_before).hexdigest()}
+    [stored] = history(LocalBlobStore(tmp_path / "store"), "gate-take")
+    assert stored.recovery == record.recovery
+    assert f"| gate-take | root | {used.point} | application-consistent | taken before install |" in \
+        run_artifacts(report.run_id)["patch-all-summary"]
