@@ -34,6 +34,7 @@ from tasks.patching.plan import windows
 from tasks.patching.plan.host import HostPlan, unpatched_updates
 from tasks.patching.reboot_gate import RebootFailed, decide, reboot_and_wait
 from tasks.patching.safety.recovery_gate import PointPolicy, gate_host
+from tasks.patching.safety.rollback import after_failed_health
 from tasks.patching.slots import HOST_SLOT_TIMEOUT_SECONDS, host_busy, host_slots
 from tasks.retry import retry_transient
 
@@ -205,6 +206,8 @@ def _patch_host(host: HostConfig, ctx: PatchContext, enrollment: Enrollment, pla
     unhealthy = health_task(host, ctx.base_dir, policy)
     if unhealthy:
         problems.append(f"health: {unhealthy}")
+        record, rolled_back = after_failed_health(host, ctx, record)
+        problems += rolled_back
     if policy.post_hooks and not gate.error:
         with connect(host, base_dir=ctx.base_dir) as conn:
             post = _run_hooks(conn, policy.post_hooks, policy.hook_timeout_seconds, "post")

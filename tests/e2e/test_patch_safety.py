@@ -1,4 +1,4 @@
-"""The patch run's safety net end to end: the recovery-point gate.
+"""The patch run's safety net end to end: the recovery-point gate and the rollback.
 
 The hosts are those of test_patch_run.py: real sshd servers in their own mount namespace, each
 with a sandboxed real apt and dpkg. The disk each protects is its whole apt root (dpkg's status,
@@ -23,7 +23,7 @@ from tasks.backup.repo.repository import Repository
 from tasks.drill.copy import point_file_digests
 from tasks.patching.history import history
 from tests.e2e.test_patch_run import (  # noqa: F401 - fixtures used by name
-    LabHost, LabMaker, baseline_now, lab_host, reboot_watcher, records, run_artifacts, run_patch,
+    HEALTH_PROBE, LabHost, LabMaker, baseline_now, lab_host, reboot_watcher, records, run_artifacts, run_patch,
     tree_digest, write_config,
 )
 
@@ -108,3 +108,63 @@ def test_a_point_taken_before_install_is_the_pre_patch_state_and_named_in_histor
     assert stored.recovery == record.recovery
     assert f"| gate-take | root | {used.point} | application-consistent | taken before install |" in \
         run_artifacts(report.run_id)["patch-all-summary"]
+
+
+def test_failed_health_rolls_back_to_the_pre_patch_point_and_counts_against_the_budget(
+        prefect_server: None, lab_host: LabMaker, tmp_path: Path) -> None:
+    bad, spared = lab_host("rollback-bad", 1, breaks_health=True), lab_host("rollback-spared", 2)
+    stops = tmp_path / "workload.log"
+    cfg = write_config(tmp_path / "fleet.yaml", [protected(bad), protected(spared)], {
+        "baseline_months": baseline_now(), "max_errors": 0, "health_probes": [HEALTH_PROBE],
+        "recovery_point": {"take_before_install": True, "rollback": "restore",
+                           "workload_stop": f"echo stop >> {stops}", "workload_start": f"echo start >> {stops}"}})
+    before, spared_boot = tree_digest(bad.lab.root), spared.sshd.boot_id
+
+    # No list refresh: the host's disk at the run's start is then exactly its pre-patch point.
+    state, report = run_patch(config_path=str(cfg), refresh=False)
+
+    rows = records(report)
+    record = rows["rollback-bad"]
+    # Rolled back, still a failed patch: the budget of 0 stops the rollout before the next domain.
+    assert record.status == "failed" and record.rebooted
+    assert state.is_failed() and report.stopped and "exceed the budget of 0" in report.stopped
+    assert rows["rollback-spared"].status == "skipped" and spared.versions() == UNTOUCHED
+    assert spared.sshd.boot_id == spared_boot
+    assert record.recovery is not None and record.recovery.rollback is not None
+    rollback = record.recovery.rollback
+    assert rollback.status == "restored" and rollback.probes_after == "passed", rollback
+    [used] = record.recovery.points
+    [restored] = rollback.disks
+    assert (restored.disk, restored.point) == ("root", used.point) and restored.bytes_written > 0
+    assert "health: command" in record.reason and "rolled back to the pre-patch point (root;" in record.reason
+    # The disk equals its pre-patch state, byte for byte: packages, dpkg status, the health file.
+    after = tree_digest(bad.lab.root)
+    assert after == before
+    repo = Repository.open(LocalBlobStore(tmp_path / "store"))
+    assert point_file_digests(repo, repo.read_point(used.point), list(after)) == after
+    assert bad.versions() == UNTOUCHED
+    assert stops.read_text() == "stop\nstart\n"
+    [stored] = history(LocalBlobStore(tmp_path / "store"), "rollback-bad")
+    assert stored.recovery == record.recovery
+    assert "| rollback-bad | rollback | | |" in run_artifacts(report.run_id)["patch-all-summary"]
+
+
+def test_a_rollback_whose_workload_will_not_stop_restores_nothing_and_says_so(
+        prefect_server: None, lab_host: LabMaker, tmp_path: Path) -> None:
+    host = lab_host("rollback-stuck", 1, breaks_health=True)
+    cfg = write_config(tmp_path / "fleet.yaml", [protected(host)], {
+        "baseline_months": baseline_now(), "max_errors": 1, "health_probes": [HEALTH_PROBE],
+        "recovery_point": {"take_before_install": True, "rollback": "restore",
+                           "workload_stop": "echo 'service busy' >&2; exit 3", "workload_start": "true"}})
+
+    state, report = run_patch(config_path=str(cfg), refresh=False)
+
+    record = records(report)["rollback-stuck"]
+    assert state.is_failed() and record.status == "failed"
+    assert record.recovery is not None and record.recovery.rollback is not None
+    rollback = record.recovery.rollback
+    assert rollback.status == "failed" and rollback.disks == []
+    assert rollback.error == "workload_stop \"echo 'service busy' >&2; exit 3\" exited 3: service busy"
+    assert f"rollback failed: {rollback.error}" in record.reason
+    # Nothing was restored over a workload that still runs: the host keeps the patched packages.
+    assert host.versions() == PATCHED
