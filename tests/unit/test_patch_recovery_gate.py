@@ -16,7 +16,7 @@ from configs.models import DiskConfig, HostConfig, LocalStorage
 from configs.policies import BackupPolicy, SnapshotPolicy
 from configs.recovery_point import RecoveryPointGate
 from tasks.backup.disk import back_up_disk
-from tasks.patching.safety.recovery_gate import PointPolicy, check_recovery_points
+from tasks.patching.safety.recovery_gate import PointPolicy, check_recovery_points, window_closed_meanwhile
 
 HEAD = """\
 storage: {kind: local, path: store}
@@ -177,3 +177,16 @@ def test_the_gate_refuses_a_host_whose_store_has_no_repository(tmp_path: Path) -
     verdict = check_recovery_points(host, LocalStorage(path=str(tmp_path / "empty")), tmp_path,
                                     RecoveryPointGate(max_age_hours=12), PointPolicy(BackupPolicy(), None))
     assert verdict.refused == "disk data: no recovery point newer than 12 h (it has none)"
+
+
+def test_a_window_that_closed_while_the_points_were_taken_stops_the_install() -> None:
+    host = HostConfig(name="h1", transport="local",
+                      maintenance_windows=[{"start": "02:00", "duration_minutes": 60}])  # type: ignore[list-item]
+    day = datetime(2026, 12, 2, tzinfo=timezone.utc)
+    started, inside, after = day.replace(hour=2, minute=30), day.replace(hour=2, minute=50), day.replace(hour=3, minute=5)
+    assert window_closed_meanwhile(host, started, inside) is None
+    assert window_closed_meanwhile(host, started, after) == (
+        "the maintenance window closed while the recovery points were taken (closed; opens 2026-12-03T02:00+00:00 "
+        "UTC); the install would run outside it")
+    # A host started outside its window was started by a run that overrides windows: no check.
+    assert window_closed_meanwhile(host, day.replace(hour=5), day.replace(hour=6)) is None

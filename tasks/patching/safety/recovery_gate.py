@@ -31,6 +31,7 @@ from tasks.backup.repo.repository import CONFIG_KEY, Repository, parse_stamp
 from tasks.backup.steps import backup_disk_task
 from tasks.patching.errors import error_text
 from tasks.patching.models import HostPatchRecord
+from tasks.patching.plan import windows
 from tasks.patching.plan.host import HostPlan, unpatched_updates
 from tasks.patching.safety.records import PointUsed, RecoveryRecord
 
@@ -176,6 +177,16 @@ def recovery_gate_task(host: HostConfig, ctx: RunContext) -> GateVerdict:
         return GateVerdict(recovery=RecoveryRecord(), refused=f"recovery points cannot be read: {error_text(exc)}")
 
 
+def window_closed_meanwhile(host: HostConfig, started: datetime, now: datetime) -> str | None:
+    """Why the install may no longer start when the host's window closed while its points were
+    taken (a long backup); None while it is open, or when the run started the host outside its
+    window (the run overrides windows)."""
+    if not windows.is_open(host, started) or windows.is_open(host, now):
+        return None
+    return (f"the maintenance window closed while the recovery points were taken ({windows.describe(host, now)}); "
+            f"the install would run outside it")
+
+
 def gate_host(host: HostConfig, ctx: RunContext, plan: HostPlan,
               record: HostPatchRecord) -> tuple[HostPatchRecord, bool]:
     """The record with the points the host is patched on, and True when it must be skipped (the
@@ -184,11 +195,12 @@ def gate_host(host: HostConfig, ctx: RunContext, plan: HostPlan,
         return record, False
     verdict = recovery_gate_task(host, ctx)
     record = record.model_copy(update={"recovery": verdict.recovery})
-    if verdict.refused is None:
+    refused = verdict.refused or window_closed_meanwhile(host, record.started_at, datetime.now(timezone.utc))
+    if refused is None:
         return record, False
-    return record.model_copy(update={"status": "skipped", "reason": verdict.refused,
-                                     "updates": unpatched_updates(plan, verdict.refused)}), True
+    return record.model_copy(update={"status": "skipped", "reason": refused,
+                                     "updates": unpatched_updates(plan, refused)}), True
 
 
-__all__ = ["GateVerdict", "gate_host", "PointPolicy", "check_recovery_points", "fresh_point", "point_policy",
+__all__ = ["GateVerdict", "gate_host", "window_closed_meanwhile", "PointPolicy", "check_recovery_points", "fresh_point", "point_policy",
            "recovery_gate_task", "take_point"]
