@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ pytestmark = pytest.mark.e2e
 
 UNTOUCHED = {"demo-web": "1.0", "demo-kernel": "1.0", "demo-db": "1.0"}
 PATCHED = {"demo-web": "1.1", "demo-kernel": "1.1", "demo-db": "1.0"}
+BLOCK = 64 * 1024
 
 
 def protected(host: LabHost) -> dict[str, Any]:
@@ -114,11 +116,20 @@ def test_failed_health_rolls_back_to_the_pre_patch_point_and_counts_against_the_
         prefect_server: None, lab_host: LabMaker, tmp_path: Path) -> None:
     bad, spared = lab_host("rollback-bad", 1, breaks_health=True), lab_host("rollback-spared", 2)
     stops = tmp_path / "workload.log"
-    cfg = write_config(tmp_path / "fleet.yaml", [protected(bad), protected(spared)], {
+    # A second disk, an image file of the workload's (kind block): the patch (a pre-hook, which
+    # runs after the point is taken) rewrites 7 bytes of its second 64 KiB block.
+    image = bad.lab.base / "vm.img"
+    image.write_bytes(os.urandom(4 * BLOCK + 123))
+    bad_host = protected(bad)
+    bad_host["disks"].append({"name": "vm", "path": str(image), "kind": "block"})
+    cfg = write_config(tmp_path / "fleet.yaml", [bad_host, protected(spared)], {
         "baseline_months": baseline_now(), "max_errors": 0, "health_probes": [HEALTH_PROBE],
+        "pre_hooks": [f"printf patched | dd of={image} bs=1 seek={BLOCK + 100} conv=notrunc 2>/dev/null"],
         "recovery_point": {"take_before_install": True, "rollback": "restore",
                            "workload_stop": f"echo stop >> {stops}", "workload_start": f"echo start >> {stops}"}})
+    cfg.write_text(cfg.read_text() + f"backup_policies: {{default: {{block_size: {BLOCK}}}}}\n")
     before, spared_boot = tree_digest(bad.lab.root), spared.sshd.boot_id
+    image_before = hashlib.sha256(image.read_bytes()).hexdigest()
 
     # No list refresh: the host's disk at the run's start is then exactly its pre-patch point.
     state, report = run_patch(config_path=str(cfg), refresh=False)
@@ -133,10 +144,14 @@ def test_failed_health_rolls_back_to_the_pre_patch_point_and_counts_against_the_
     assert record.recovery is not None and record.recovery.rollback is not None
     rollback = record.recovery.rollback
     assert rollback.status == "restored" and rollback.probes_after == "passed", rollback
-    [used] = record.recovery.points
-    [restored] = rollback.disks
+    used, used_image = record.recovery.points
+    restored, restored_image = rollback.disks
     assert (restored.disk, restored.point) == ("root", used.point) and restored.bytes_written > 0
-    assert "health: command" in record.reason and "rolled back to the pre-patch point (root;" in record.reason
+    # Delta-aware: of the image, only the one block the patch changed travelled back.
+    assert (restored_image.disk, restored_image.point) == ("vm", used_image.point)
+    assert restored_image.bytes_written == BLOCK
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == image_before
+    assert "health: command" in record.reason and "rolled back to the pre-patch point (root, vm;" in record.reason
     # The disk equals its pre-patch state, byte for byte: packages, dpkg status, the health file.
     after = tree_digest(bad.lab.root)
     assert after == before
