@@ -263,11 +263,15 @@ def history_command(
 
     def render(data: list[Any]) -> None:
         table = Table(title=f"{host}: last {days} days")
-        for column in ("started", "run", "month", "status", "rebooted", "updates", "reason"):
+        # The recovery-point column only for hosts whose policy has the gate: the table stays narrow otherwise.
+        gated = any(r.recovery is not None for r in data)
+        for column in ("started", "run", "month", "status", "rebooted", "updates",
+                       *(["recovery point"] if gated else []), "reason"):
             table.add_column(column)
         for r in data:
+            recovery = [r.recovery.describe() if r.recovery else ""] if gated else []
             table.add_row(r.started_at.isoformat(timespec="minutes"), r.run_id[:8], r.month_kind, _status(r.status),
-                          "yes" if r.rebooted else "no", str(len(r.updates)), r.reason)
+                          "yes" if r.rebooted else "no", str(len(r.updates)), *recovery, r.reason)
         console.print(table)
 
     emit(records, as_json, render)

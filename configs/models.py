@@ -19,6 +19,7 @@ from configs.alerts import AlertsConfig
 from configs.errors import field_error
 from configs.plans import RecoveryPlan, plan_problems
 from configs.policies import BackupPolicy, PatchPolicy
+from configs.recovery_point import gate_problems
 from configs.secrets import REFERENCES_FROM, SecretError, check_reference, is_loopback, parse_reference, resolve
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
@@ -245,6 +246,13 @@ class PatchdrillConfig(Strict):
         if problems:
             raise ValidationError.from_exception_data("recovery_plans", problems)
         return plans
+
+    @model_validator(mode="after")
+    def _recovery_points_can_work(self) -> "PatchdrillConfig":
+        problems = gate_problems(self.patch_policies, self.hosts, set(self.backup_policies))
+        if problems:
+            raise ValidationError.from_exception_data("patch_policies", problems)
+        return self
 
     def select(self, groups: list[str] | None = None, names: list[str] | None = None) -> list[HostConfig]:
         chosen = [h for h in self.hosts if (not groups or set(groups) & set(h.groups)) and (not names or h.name in names)]

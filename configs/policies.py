@@ -28,6 +28,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import core_schema
 
 from configs.probes import ChecksumProbe, Probe
+from configs.recovery_point import RecoveryPointGate
 from configs.secrets import check_reference
 
 class _Frozen(BaseModel):
@@ -173,6 +174,9 @@ class PatchPolicy(_Frozen):
     health_probes: list[Probe] = Field(default_factory=list, description="Checks after install/reboot (the probes of configs/probes.py); a failure counts against max_errors.")
     reboot_timeout_minutes: int = Field(default=15, gt=0, description="How long a host may take to go down and come back.")
     approval_required: bool = Field(default=False, description="Pause the run for approval of the assessment before installing.")
+    recovery_point: RecoveryPointGate | None = Field(
+        default=None, description="No patch without a fresh recovery point of every protected disk (checked, or "
+        "taken right before the install), and what a failed health check does: report, or restore that point.")
 
     @field_validator("health_probes")
     @classmethod

@@ -42,6 +42,7 @@ from tasks.patching.plan.host import HostAssessment, HostPlan, plan_host, record
 from tasks.patching.plan.report import compliance_rows, summary_markdown
 from tasks.patching.plan.rollout import Batch, Rollout, RolloutPlan, plan
 from tasks.patching.report import write_records_task
+from tasks.patching.safety.recovery_gate import point_policy
 from tasks.patching.slots import reboot_limit_name, update_domain_slot
 from tasks.patching.survey import EnrollmentRow, enroll_task, survey_batches, survey_task
 from tasks.rendering import artifact_key, markdown_text
@@ -294,7 +295,7 @@ def patch_run(
         reboot_outside_window = reboot_outside_window or answer.reboot_outside_window
 
     ctx = PatchContext(run_id=run_id, records=fleet.records, base_dir=fleet.base_dir, policy=fleet.policy,
-                       reboot_outside_window=reboot_outside_window)
+                       reboot_outside_window=reboot_outside_window, point_policy=point_policy(fleet))
     rollout, patched = roll_out(rollout_plan, fleet, ctx, assessment, domain_slot_timeout_minutes * 60)
     if rollout.stop_reason:
         plans = {p.host: p for p in with_work}

@@ -33,6 +33,8 @@ from tasks.patching.models import ComplianceState, Enrollment, HostPatchRecord, 
 from tasks.patching.plan import windows
 from tasks.patching.plan.host import HostPlan, unpatched_updates
 from tasks.patching.reboot_gate import RebootFailed, decide, reboot_and_wait
+from tasks.patching.safety.recovery_gate import PointPolicy, gate_host
+from tasks.patching.safety.rollback import after_failed_health
 from tasks.patching.slots import HOST_SLOT_TIMEOUT_SECONDS, host_busy, host_slots
 from tasks.retry import retry_transient
 
@@ -49,6 +51,8 @@ class PatchContext:
     policy: PatchPolicy
     reboot_outside_window: bool
     host_slot_timeout_seconds: float = HOST_SLOT_TIMEOUT_SECONDS
+    #: takes and reads the recovery points of a policy with a recovery_point gate
+    point_policy: PointPolicy | None = None
 
 
 def _run_hooks(conn: Connector, commands: list[str], timeout: float, stage: str) -> str | None:
@@ -182,6 +186,9 @@ def patch_host_task(host: HostConfig, ctx: PatchContext, enrollment: Enrollment,
 def _patch_host(host: HostConfig, ctx: PatchContext, enrollment: Enrollment, plan: HostPlan,
                 record: HostPatchRecord) -> HostPatchRecord:
     policy = ctx.policy
+    record, skipped = gate_host(host, ctx, plan, record)
+    if skipped:
+        return record
     if policy.pre_hooks:
         with connect(host, base_dir=ctx.base_dir) as conn:
             refused = _run_hooks(conn, policy.pre_hooks, policy.hook_timeout_seconds, "pre")
@@ -199,6 +206,8 @@ def _patch_host(host: HostConfig, ctx: PatchContext, enrollment: Enrollment, pla
     unhealthy = health_task(host, ctx.base_dir, policy)
     if unhealthy:
         problems.append(f"health: {unhealthy}")
+        record, rolled_back = after_failed_health(host, ctx, record)
+        problems += rolled_back
     if policy.post_hooks and not gate.error:
         with connect(host, base_dir=ctx.base_dir) as conn:
             post = _run_hooks(conn, policy.post_hooks, policy.hook_timeout_seconds, "post")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from configs.secrets import redact
 from tasks.patching.models import ComplianceState, HostPatchRecord
+from tasks.patching.safety.report import recovery_markdown
 from tasks.rendering import markdown_text
 
 
@@ -33,5 +34,6 @@ def summary_markdown(title: str, records: list[HostPatchRecord], *, plan_text: s
                                        ComplianceState.MISSING, ComplianceState.FAILED)]
         lines.append(f"| {markdown_text(r.host)} | {r.status} | {'yes' if r.rebooted else 'no'} | "
                      + " | ".join(str(c) for c in counts) + f" | {markdown_text(r.reason)} |")
+    lines += recovery_markdown(records)
     lines += ["", "## Plan", "", "```", plan_text, "```"]
     return redact("\n".join(lines))

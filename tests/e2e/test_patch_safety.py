@@ -1,0 +1,185 @@
+"""The patch run's safety net end to end: the recovery-point gate and the rollback.
+
+The hosts are those of test_patch_run.py: real sshd servers in their own mount namespace, each
+with a sandboxed real apt and dpkg. The disk each protects is its whole apt root (dpkg's status,
+the package files, the application's health file), a directory disk backed up and restored over
+SSH by the real backup pipeline into a local store, so a restored point puts the packages back
+as they were. Runs go through the CLI or the flow, on the real Prefect test server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.app import app
+from connectors.stores import LocalBlobStore
+from tasks.backup.repo.repository import Repository
+from tasks.drill.copy import point_file_digests
+from tasks.patching.history import history
+from tests.e2e.test_patch_run import (  # noqa: F401 - fixtures used by name
+    HEALTH_PROBE, LabHost, LabMaker, baseline_now, lab_host, reboot_watcher, records, run_artifacts, run_patch,
+    tree_digest, write_config,
+)
+
+pytestmark = pytest.mark.e2e
+
+UNTOUCHED = {"demo-web": "1.0", "demo-kernel": "1.0", "demo-db": "1.0"}
+PATCHED = {"demo-web": "1.1", "demo-kernel": "1.1", "demo-db": "1.0"}
+BLOCK = 64 * 1024
+
+
+def protected(host: LabHost) -> dict[str, Any]:
+    """The host's config with its apt root as its one protected disk."""
+    return {**host.config(), "disks": [{"name": "root", "path": str(host.lab.root), "kind": "directory"}]}
+
+
+def test_gate_skips_a_host_without_a_fresh_point_and_patches_one_that_has_it(
+        prefect_server: None, lab_host: LabMaker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cli.common import console
+
+    backed, bare = lab_host("gate-backed", 1), lab_host("gate-bare", 2)
+    cfg = write_config(tmp_path / "fleet.yaml", [protected(backed), protected(bare)],
+                       {"baseline_months": baseline_now(), "max_errors": 1, "recovery_point": {"max_age_hours": 24}})
+    runner = CliRunner()
+    backup = runner.invoke(app, ["backup", "--config", str(cfg), "--host", "gate-backed", "--json"])
+    assert backup.exit_code == 0, backup.output
+    [disk] = json.loads(backup.stdout)
+    bare_boot = bare.sshd.boot_id
+
+    result = runner.invoke(app, ["patch", "run", "--config", str(cfg), "--json"])
+
+    # A skipped host fails the run, as a host skipped by its pre-hook does.
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    rows = {r["host"]: r for r in report["records"]}
+    assert rows["gate-bare"]["status"] == "skipped"
+    assert rows["gate-bare"]["reason"] == "disk root: no recovery point newer than 24 h (it has none)"
+    assert bare.versions() == UNTOUCHED and bare.sshd.boot_id == bare_boot
+    assert {o["state"] for o in rows["gate-bare"]["updates"] if o["update_id"] != "demo-db=1.2"} == {"Missing"}
+
+    assert rows["gate-backed"]["status"] == "succeeded", rows["gate-backed"]["reason"]
+    assert backed.versions() == PATCHED
+    [used] = rows["gate-backed"]["recovery"]["points"]
+    assert (used["disk"], used["point"], used["taken"]) == ("root", disk["point"], False)
+
+    store = LocalBlobStore(tmp_path / "store")
+    [stored] = history(store, "gate-backed")
+    assert stored.recovery is not None and stored.recovery.points[0].point == disk["point"]
+    assert history(store, "gate-bare")[0].reason == rows["gate-bare"]["reason"]
+    summary = run_artifacts(report["run_id"])["patch-all-summary"]
+    assert f"| gate-backed | root | {disk['point']} | crash-consistent | existing |" in summary
+    monkeypatch.setattr(console, "width", 300)  # the table's columns whole, as on a wide terminal
+    shown = runner.invoke(app, ["patch", "history", "gate-backed", "--config", str(cfg)])
+    stamp = disk["point"].rsplit("/", 1)[1].removesuffix(".json")
+    assert shown.exit_code == 0 and f"root@{stamp}" in shown.output, shown.output
+
+
+def test_a_point_taken_before_install_is_the_pre_patch_state_and_named_in_history(
+        prefect_server: None, lab_host: LabMaker, tmp_path: Path) -> None:
+    host = lab_host("gate-take", 1)
+    # The backup policy's pre-script makes the point application-consistent, which the gate requires.
+    cfg = write_config(tmp_path / "fleet.yaml", [protected(host)],
+                       {"baseline_months": baseline_now(),
+                        "recovery_point": {"take_before_install": True, "app_consistent": True}})
+    config = cfg.read_text() + "backup_policies: {default: {pre_script: 'true'}}\n"
+    cfg.write_text(config)
+    status_before = (host.lab.admindir / "status").read_bytes()
+
+    state, report = run_patch(config_path=str(cfg))
+
+    assert state.is_completed(), state.message
+    record = records(report)["gate-take"]
+    assert record.status == "succeeded" and host.versions() == PATCHED
+    assert record.recovery is not None
+    [used] = record.recovery.points
+    assert used.taken and used.consistency == "application-consistent"
+    assert record.started_at <= used.time <= (record.finished_at or used.time)
+    # The point holds the host as it was before the install: dpkg's status of the 1.0 packages.
+    repo = Repository.open(LocalBlobStore(tmp_path / "store"))
+    point = repo.read_point(used.point)
+    assert point_file_digests(repo, point, ["var/lib/dpkg/status"]) == {
+        "var/lib/dpkg/status": hashlib.sha256(status_before).hexdigest()}
+    [stored] = history(LocalBlobStore(tmp_path / "store"), "gate-take")
+    assert stored.recovery == record.recovery
+    assert f"| gate-take | root | {used.point} | application-consistent | taken before install |" in \
+        run_artifacts(report.run_id)["patch-all-summary"]
+
+
+def test_failed_health_rolls_back_to_the_pre_patch_point_and_counts_against_the_budget(
+        prefect_server: None, lab_host: LabMaker, tmp_path: Path) -> None:
+    bad, spared = lab_host("rollback-bad", 1, breaks_health=True), lab_host("rollback-spared", 2)
+    stops = tmp_path / "workload.log"
+    # A second disk, an image file of the workload's (kind block): the patch (a pre-hook, which
+    # runs after the point is taken) rewrites 7 bytes of its second 64 KiB block.
+    image = bad.lab.base / "vm.img"
+    image.write_bytes(os.urandom(4 * BLOCK + 123))
+    bad_host = protected(bad)
+    bad_host["disks"].append({"name": "vm", "path": str(image), "kind": "block"})
+    cfg = write_config(tmp_path / "fleet.yaml", [bad_host, protected(spared)], {
+        "baseline_months": baseline_now(), "max_errors": 0, "health_probes": [HEALTH_PROBE],
+        "pre_hooks": [f"printf patched | dd of={image} bs=1 seek={BLOCK + 100} conv=notrunc 2>/dev/null"],
+        "recovery_point": {"take_before_install": True, "rollback": "restore",
+                           "workload_stop": f"echo stop >> {stops}", "workload_start": f"echo start >> {stops}"}})
+    cfg.write_text(cfg.read_text() + f"backup_policies: {{default: {{block_size: {BLOCK}}}}}\n")
+    before, spared_boot = tree_digest(bad.lab.root), spared.sshd.boot_id
+    image_before = hashlib.sha256(image.read_bytes()).hexdigest()
+
+    # No list refresh: the host's disk at the run's start is then exactly its pre-patch point.
+    state, report = run_patch(config_path=str(cfg), refresh=False)
+
+    rows = records(report)
+    record = rows["rollback-bad"]
+    # Rolled back, still a failed patch: the budget of 0 stops the rollout before the next domain.
+    assert record.status == "failed" and record.rebooted
+    assert state.is_failed() and report.stopped and "exceed the budget of 0" in report.stopped
+    assert rows["rollback-spared"].status == "skipped" and spared.versions() == UNTOUCHED
+    assert spared.sshd.boot_id == spared_boot
+    assert record.recovery is not None and record.recovery.rollback is not None
+    rollback = record.recovery.rollback
+    assert rollback.status == "restored" and rollback.probes_after == "passed", rollback
+    used, used_image = record.recovery.points
+    restored, restored_image = rollback.disks
+    assert (restored.disk, restored.point) == ("root", used.point) and restored.bytes_written > 0
+    # Delta-aware: of the image, only the one block the patch changed travelled back.
+    assert (restored_image.disk, restored_image.point) == ("vm", used_image.point)
+    assert restored_image.bytes_written == BLOCK
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == image_before
+    assert "health: command" in record.reason and "rolled back to the pre-patch point (root, vm;" in record.reason
+    # The disk equals its pre-patch state, byte for byte: packages, dpkg status, the health file.
+    after = tree_digest(bad.lab.root)
+    assert after == before
+    repo = Repository.open(LocalBlobStore(tmp_path / "store"))
+    assert point_file_digests(repo, repo.read_point(used.point), list(after)) == after
+    assert bad.versions() == UNTOUCHED
+    assert stops.read_text() == "stop\nstart\n"
+    [stored] = history(LocalBlobStore(tmp_path / "store"), "rollback-bad")
+    assert stored.recovery == record.recovery
+    assert "| rollback-bad | rollback | | |" in run_artifacts(report.run_id)["patch-all-summary"]
+
+
+def test_a_rollback_whose_workload_will_not_stop_restores_nothing_and_says_so(
+        prefect_server: None, lab_host: LabMaker, tmp_path: Path) -> None:
+    host = lab_host("rollback-stuck", 1, breaks_health=True)
+    cfg = write_config(tmp_path / "fleet.yaml", [protected(host)], {
+        "baseline_months": baseline_now(), "max_errors": 1, "health_probes": [HEALTH_PROBE],
+        "recovery_point": {"take_before_install": True, "rollback": "restore",
+                           "workload_stop": "echo 'service busy' >&2; exit 3", "workload_start": "true"}})
+
+    state, report = run_patch(config_path=str(cfg), refresh=False)
+
+    record = records(report)["rollback-stuck"]
+    assert state.is_failed() and record.status == "failed"
+    assert record.recovery is not None and record.recovery.rollback is not None
+    rollback = record.recovery.rollback
+    assert rollback.status == "failed" and rollback.disks == []
+    assert rollback.error == "workload_stop \"echo 'service busy' >&2; exit 3\" exited 3: service busy"
+    assert f"rollback failed: {rollback.error}" in record.reason
+    # Nothing was restored over a workload that still runs: the host keeps the patched packages.
+    assert host.versions() == PATCHED
