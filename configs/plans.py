@@ -296,7 +296,7 @@ def _overlaps(a: str, b: str) -> bool:
     return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
 
 
-def _problem(loc: tuple[str | int, ...], kind: str, message: str) -> InitErrorDetails:
+def config_problem(loc: tuple[str | int, ...], kind: str, message: str) -> InitErrorDetails:
     # The message goes through str.format-like templating in pydantic-core: escape the braces.
     return InitErrorDetails(type=PydanticCustomError(kind, message.replace("{", "{{").replace("}", "}}")),
                             loc=loc, input=None)
@@ -315,28 +315,28 @@ def plan_problems(plans: dict[str, RecoveryPlan], hosts: Sequence[_Host],
             at: tuple[str | int, ...] = (plan_name, "groups", gi, "members", mi)
             primary = by_name.get(member.host)
             if primary is None:
-                problems.append(_problem(at + ("host",), "unknown_host", f"no host {member.host!r} in the inventory"))
+                problems.append(config_problem(at + ("host",), "unknown_host", f"no host {member.host!r} in the inventory"))
             else:
                 known = {d.name for d in primary.disks}
                 if not known:
-                    problems.append(_problem(at + ("host",), "no_disks", f"host {member.host!r} has no disks to restore"))
+                    problems.append(config_problem(at + ("host",), "no_disks", f"host {member.host!r} has no disks to restore"))
                 for di, disk in enumerate(member.disks or []):
                     if disk not in known:
-                        problems.append(_problem(at + ("disks", di), "unknown_disk",
+                        problems.append(config_problem(at + ("disks", di), "unknown_disk",
                                                  f"host {member.host!r} has no disk {disk!r} (known: {', '.join(sorted(known)) or 'none'})"))
             problems += _app_problems(member, at, by_name.get(member.target.host))
             target_name = member.target.host
             target = by_name.get(target_name)
             if target_name != CONTROLLER and target is None:
-                problems.append(_problem(at + ("target", "host"), "unknown_host",
+                problems.append(config_problem(at + ("target", "host"), "unknown_host",
                                          f"no host {target_name!r} in the inventory (or '{CONTROLLER}')"))
                 continue
             if target_name == member.host:
-                problems.append(_problem(at + ("target", "host"), "target_is_primary",
+                problems.append(config_problem(at + ("target", "host"), "target_is_primary",
                                          f"the DR target of {member.host!r} is the primary itself: a drill must never touch the primary"))
                 continue
             if target is not None and target.transport != "local" and not _absolute(member.target.path):
-                problems.append(_problem(at + ("target", "path"), "relative_path",
+                problems.append(config_problem(at + ("target", "path"), "relative_path",
                                          f"target path {member.target.path!r} must be absolute on host {target_name!r}"))
             target_os = target.os_family if target is not None else "linux"
             target_address = target.address if target is not None else None
@@ -347,17 +347,17 @@ def plan_problems(plans: dict[str, RecoveryPlan], hosts: Sequence[_Host],
             if same_machine and primary is not None:
                 for disk in primary.disks:
                     if _overlaps(str(_placed(disk.path, primary, base_dir)), str(_placed(member.target.path, target, base_dir))):
-                        problems.append(_problem(at + ("target", "path"), "target_is_primary",
+                        problems.append(config_problem(at + ("target", "path"), "target_is_primary",
                                                  f"target path {member.target.path!r} overlaps disk {disk.name!r} of "
                                                  f"{member.host!r} ({disk.path}) on the same machine: the restore would "
                                                  "write over the primary"))
                         break
             if target_os == "windows" and member.isolation == "netns":
-                problems.append(_problem(at + ("isolation",), "netns_on_windows",
+                problems.append(config_problem(at + ("isolation",), "netns_on_windows",
                                          f"target {target_name!r} runs Windows, which has no network namespaces: "
                                          "use isolation: none (and an isolated network of your own)"))
             elif target_os == "windows" and member.isolation is None:
-                problems.append(_problem(at + ("isolation",), "isolation_required",
+                problems.append(config_problem(at + ("isolation",), "isolation_required",
                                          f"target {target_name!r} runs Windows, where patchdrill cannot isolate the copy: "
                                          "say isolation: none explicitly"))
             if isolation_of(member, target_os) == "none":
@@ -365,7 +365,7 @@ def plan_problems(plans: dict[str, RecoveryPlan], hosts: Sequence[_Host],
                 for port in sorted(member.listening_ports()):
                     other = shared.setdefault((network, port), member_id(group.name, member, mi))
                     if other != member_id(group.name, member, mi):
-                        problems.append(_problem(at + ("isolation",), "duplicate_port",
+                        problems.append(config_problem(at + ("isolation",), "duplicate_port",
                                                  f"port {port} is used by {other} too, on the same network of "
                                                  f"{target_name!r} (isolation none): give one of them netns or another port"))
     return problems
@@ -386,7 +386,7 @@ def _app_problems(member: PlanMember, at: tuple[str | int, ...], target: _Host |
     used = PRESET_FIELDS[app.preset]
     for name in sorted(app.primary.model_fields_set if app.primary else ()):
         if getattr(app.primary, name) is not None and name not in used:
-            problems.append(_problem(at + ("app", "primary", name), "unused_field",
+            problems.append(config_problem(at + ("app", "primary", name), "unused_field",
                                      f"preset {app.preset!r} does not read {name!r}; on the primary it takes "
                                      f"{', '.join(used)}"))
     needs = PRESET_OS.get(app.preset)
@@ -394,7 +394,7 @@ def _app_problems(member: PlanMember, at: tuple[str | int, ...], target: _Host |
     if needs and target_os and target_os != needs:
         # The primary is not checked here: a drill never runs the preset there (a Hyper-V VM's
         # image may be drilled under libvirt); a failover refuses it when it starts.
-        problems.append(_problem(at + ("app", "preset"), "preset_os",
+        problems.append(config_problem(at + ("app", "preset"), "preset_os",
                                  f"preset {app.preset!r} runs on {needs.capitalize()} hosts; the target "
                                  f"{member.target.host!r} runs {target_os.capitalize()}: use the command preset "
                                  f"or a {target_os.capitalize()} preset"))

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import InitErrorDetails
 
 from configs.errors import field_error
-from configs.plans import _problem
+from configs.plans import config_problem
 
 
 # What the checks read of a disk, a host and a patch policy (configs.models and configs.policies
@@ -146,23 +146,23 @@ def gate_problems(policies: Mapping[str, _Policy], hosts: Sequence["_Host[DiskT]
         loc = ("patch_policies", name, "recovery_point")
         if gate.backup_policy is not None and gate.backup_policy not in backup_policies:
             known = ", ".join(sorted(backup_policies)) or "none"
-            problems.append(_problem((*loc, "backup_policy"), "unknown_backup_policy",
+            problems.append(config_problem((*loc, "backup_policy"), "unknown_backup_policy",
                                      f"no backup policy named {gate.backup_policy!r} (defined: {known})"))
         elif gate.backup_policy is None and len(backup_policies) > 1 and "default" not in backup_policies:
-            problems.append(_problem((*loc, "backup_policy"), "ambiguous_backup_policy",
+            problems.append(config_problem((*loc, "backup_policy"), "ambiguous_backup_policy",
                                      f"several backup policies ({', '.join(sorted(backup_policies))}) and none "
                                      f"named 'default': name the one that takes and reads the points"))
         for host in covered_hosts(name, hosts):
             disks = protected_disks(host, gate)
             missing = sorted(set(gate.disks) - {d.name for d in host.disks})
             if missing:
-                problems.append(_problem((*loc, "disks"), "unknown_disk",
+                problems.append(config_problem((*loc, "disks"), "unknown_disk",
                                          f"host {host.name} has no disk {', '.join(missing)}"))
             elif not disks:
-                problems.append(_problem(loc, "nothing_protected",
+                problems.append(config_problem(loc, "nothing_protected",
                                          f"host {host.name} has no disks: no recovery point can let it be patched"))
             if gate.rollback == "restore":
-                problems += [_problem((*loc, "rollback"), "rollback_impossible", why)
+                problems += [config_problem((*loc, "rollback"), "rollback_impossible", why)
                              for disk in disks if (why := rollback_problem(host, disk, gate)) is not None]
     return problems
 

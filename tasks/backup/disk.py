@@ -93,7 +93,7 @@ def _source(connector: Connector, host: HostConfig, disk: DiskConfig, path: str)
     raise SourceError(f"host {host.name} disk {disk.name}: no block source for transport {host.transport!r}")
 
 
-def _placed(host: HostConfig, disk: DiskConfig, base_dir: Path) -> DiskConfig:
+def placed_disk(host: HostConfig, disk: DiskConfig, base_dir: Path) -> DiskConfig:
     if host.transport == "local" and not Path(disk.path).is_absolute():
         # The lab's paths are relative to the config file, not to wherever the run started.
         return disk.model_copy(update={"path": os.path.normpath(base_dir / disk.path)})
@@ -119,7 +119,7 @@ def live_source(config: PatchdrillConfig, base_dir: Path, host_name: str, disk_n
     if host.transport == "winrm":
         raise SourceError(f"host {host_name} disk {disk_name}: repair does not read Windows hosts yet; "
                           "back the disk up again instead (the backup rewrites damaged chunks it meets)")
-    disk = _placed(host, disk, base_dir)
+    disk = placed_disk(host, disk, base_dir)
     connector = connect(host, base_dir=base_dir)
     try:
         yield _source(connector, host, disk, disk.path)
@@ -196,7 +196,7 @@ def back_up_disk(storage: StorageConfig, base_dir: Path, host: HostConfig, disk:
     """Back up one disk in runbook order; errors propagate (the caller decides what is retried)."""
     cancel.check()
     started = time.monotonic()
-    disk = _placed(host, disk, base_dir)
+    disk = placed_disk(host, disk, base_dir)
     repo = open_repository(storage, base_dir, policy, create=True)
     if host.transport == "winrm":
         # Before the snapshot: a disk that cannot go this way should not cost a VSS copy.

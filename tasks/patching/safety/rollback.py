@@ -25,7 +25,7 @@ from configs.recovery_point import protected_disks, rollback_problem
 from configs.secrets import redact
 from connectors import connect
 from connectors.base import Connector
-from tasks.backup.disk import _placed as placed_on_host, open_repository
+from tasks.backup.disk import open_repository, placed_disk as placed_on_host
 from tasks.drill.copy import restore_copy
 from tasks.patching.errors import error_text
 from tasks.patching.models import HostPatchRecord
