@@ -336,3 +336,34 @@ def test_another_environment_runs_in_a_process_of_its_own(lab: Lab) -> None:
     served = log.read_text()
     assert "relative.yaml" in served, "the log names no command the warm process ran"
     assert "warm-off.yaml" not in served and "other-env.yaml" not in served
+
+
+def test_an_ad_hoc_command_reports_to_the_server_make_server_recorded(
+        prefect_server: None, tmp_path: Path, lab: Lab) -> None:
+    """`make server` records itself (cli/api.py record_lab_server); a command with no
+    PREFECT_API_URL finds the record and runs there, so its run is in that server's UI history.
+    The recorded server is the session's real Prefect test server, the recording process this one."""
+    from prefect.settings import PREFECT_API_URL
+
+    from cli.server_daemon import write_state
+
+    url = str(PREFECT_API_URL.value())
+    home = tmp_path / "home-with-lab-record"
+    (home / "patchdrill").mkdir(parents=True)
+    write_state(home / "patchdrill" / "lab-server.json", {"url": url, "pid": os.getpid()})
+    cfg = lab.config("recorded", lab.root / "data")
+    env = {**lab.env(), "PREFECT_HOME": str(home)}
+    done = subprocess.run([str(PATCHDRILL), "backup", "-c", str(cfg)], cwd=lab.root, env=env, capture_output=True,
+                          text=True, timeout=HANG_GUARD)
+    assert done.returncode == 0, done.stderr
+    assert "starting patchdrill's background Prefect server" not in done.stderr
+    assert not (home / "patchdrill" / "server" / "server.json").exists(), "it started a background server"
+
+    async def runs_of_this_config() -> list[Any]:
+        from prefect.client.orchestration import get_client
+
+        async with get_client() as client:
+            return [r for r in await client.read_flow_runs() if r.parameters.get("config_path") == str(cfg)]
+
+    [run] = anyio.run(runs_of_this_config)
+    assert run.state is not None and run.state.is_completed()
