@@ -23,6 +23,7 @@ unchanged; Failed otherwise; Cancelled when it was stopped (cleanup still ran).
 
 import getpass
 import os
+import re
 import time
 import uuid
 from pathlib import Path
@@ -35,8 +36,6 @@ import structlog
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext
-from prefect.exceptions import FlowPauseTimeout
-from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from prefect.states import Cancelled, Completed, Failed, State
 from pydantic import Field, WithJsonSchema
@@ -44,6 +43,7 @@ from pydantic import Field, WithJsonSchema
 from configs.secrets import redact
 from flows.alerting import ALERT_ON_CRASH, ALERT_ON_FAILURE
 from flows.logs import configure
+from flows.pause import wait_for_answer
 from flows.run_form import current_run_name
 from tasks.alerts import drill_objectives_missed, raise_alert
 from tasks.backup import cancel
@@ -276,10 +276,10 @@ def _manual_gate(group: list[Member], phase: str, timeline: Timeline, timeout_mi
         form = ManualActionDone.with_initial_data(
             description="Do these steps, then resume (untick *done* to stop the drill):\n\n"
                         + "\n".join(f"- {line}" for line in steps), comment="")
-        try:
-            answer = pause_flow_run(wait_for_input=form, timeout=int(timeout_minutes * 60),
-                                    poll_interval=MANUAL_POLL_SECONDS)
-        except FlowPauseTimeout:
+        key = re.sub(r"[^A-Za-z0-9_-]", "-", f"manual-{group[0].group}-{phase}")  # a pause key is a URL path part
+        answer = wait_for_answer(form, key=key, timeout_seconds=timeout_minutes * 60,
+                                 poll_seconds=MANUAL_POLL_SECONDS)
+        if answer is None:
             step.ok = False
             step.detail += f"; nobody answered within {timeout_minutes:g} min"
             return Stop(f"manual actions of group {group[0].group} not confirmed within {timeout_minutes:g} min")

@@ -42,7 +42,6 @@ import structlog
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
-from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from prefect.states import Cancelled, Completed, Failed, State
 from pydantic import Field
@@ -53,6 +52,7 @@ from connectors.stores import open_store
 from connectors.stores.base import BlobStore
 from flows.alerting import ALERT_ON_CRASH, ALERT_ON_FAILURE
 from flows.logs import configure
+from flows.pause import wait_for_answer
 from flows.run_form import OptionalName, current_run_name
 from tasks.backup import cancel
 from tasks.backup.policy import policy_from_config
@@ -122,23 +122,39 @@ class Journal:
         store_evidence(self.store, self.evidence)
 
 
-def request_approval(description: str, timeout_minutes: int) -> FailoverApproval:
-    """Pause until someone submits the Resume form; a timeout fails the run (nothing changed)."""
+def request_approval(description: str, timeout_minutes: float) -> FailoverApproval | None:
+    """Pause until someone submits the Resume form; None when nobody did within the timeout."""
     log.info("waiting for approval", timeout_minutes=timeout_minutes)
     form = FailoverApproval.with_initial_data(description=description, comment="")
-    return pause_flow_run(wait_for_input=form, timeout=timeout_minutes * 60, poll_interval=APPROVAL_POLL_SECONDS)
+    return wait_for_answer(form, key="approval", timeout_seconds=timeout_minutes * 60, poll_seconds=APPROVAL_POLL_SECONDS)
 
 
-def _approve(journal: Journal, description: str, approved: bool, timeout_minutes: int) -> str | None:
-    """None when approved (on the CLI or in the Resume form), else the rejection's reason."""
+def _approval_detail(answer: FailoverApproval | None) -> str:
+    if answer is None:
+        return "no answer"
+    return ("approved" if answer.approve else "rejected") + (f": {answer.comment}" if answer.comment else "")
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a failover or failback did not start: a person said no (the run ends Cancelled), or
+    nobody answered in time (it ends Failed, which alerts); either way nothing changed."""
+
+    reason: str
+    by_person: bool
+
+
+def _approve(journal: Journal, description: str, approved: bool, timeout_minutes: float) -> Refusal | None:
+    """None when approved (on the CLI or in the Resume form), else the refusal."""
     if approved:
         journal.evidence.notes.append(f"approved on the command line by {journal.evidence.operator}")
         return None
-    answer = journal.step("approval", lambda: request_approval(description, timeout_minutes),
-                          detail=lambda a: ("approved" if a.approve else "rejected") + (f": {a.comment}" if a.comment else ""))
+    answer = journal.step("approval", lambda: request_approval(description, timeout_minutes), detail=_approval_detail)
+    if answer is None:
+        return Refusal(f"no approval within {timeout_minutes:g} min", by_person=False)
     if answer.approve:
         return None
-    return "not approved" + (f": {answer.comment}" if answer.comment else "")
+    return Refusal("not approved" + (f": {answer.comment}" if answer.comment else ""), by_person=True)
 
 
 def data_loss_text(points: dict[tuple[str, str], RecoveryPoint], now: datetime) -> str:
@@ -219,7 +235,7 @@ def _publish(journal: Journal, title: str) -> None:
 
 
 def _conclude(journal: Journal, title: str, problem: str | None, *, outcome: str, note: str = "",
-              rejected: bool = False, stopped: bool = False) -> State:
+              rejected: bool = False, stopped: bool = False, unchanged: bool = False) -> State:
     """The run's end: evidence closed and stored, the artifact, and the state the CLI exits by
     (Cancelled when not approved or stopped by a signal or the UI, Failed when a step or probe
     failed, else Completed)."""
@@ -236,7 +252,7 @@ def _conclude(journal: Journal, title: str, problem: str | None, *, outcome: str
     if stopped:
         return Cancelled(message=f"{title}: stopped part-way: {problem}", data=data)
     if problem:
-        return Failed(message=f"{title}: {problem}", data=data)
+        return Failed(message=f"{title}: {problem}" + ("; nothing was changed" if unchanged else ""), data=data)
     return Completed(message=f"{title}: {outcome}", data=data)
 
 
@@ -282,7 +298,7 @@ def _prepare(config_path: str, plan: str, policy: str | None, kind: DrillKind) -
       on_failure=ALERT_ON_FAILURE, on_crashed=ALERT_ON_CRASH)
 def failover_run(config_path: str = "configs/lab.yaml", plan: str = "", mode: Literal["planned", "unplanned"] = "planned",
                  point: OptionalName = "", policy: OptionalName = "", approved: bool = False,
-                 approval_timeout_minutes: int = 240) -> State:
+                 approval_timeout_minutes: float = 240) -> State:
     """Fail a recovery plan over to its DR targets (not a drill: the copies become production).
 
     Args:
@@ -299,7 +315,7 @@ def failover_run(config_path: str = "configs/lab.yaml", plan: str = "", mode: Li
 
 
 def _fail_over(config_path: str, plan: str, mode: Literal["planned", "unplanned"], point: str | None, policy: str | None,
-               approved: bool, approval_timeout_minutes: int) -> State:
+               approved: bool, approval_timeout_minutes: float) -> State:
     kind: DrillKind = "planned-failover" if mode == "planned" else "unplanned-failover"
     run = _prepare(config_path, plan, policy, kind)
     groups, base_dir, journal = run.groups, run.base_dir, run.journal
@@ -315,9 +331,10 @@ def _fail_over(config_path: str, plan: str, mode: Literal["planned", "unplanned"
         impact = ("The primary's applications are stopped and backed up once more after the stop: no data is lost; "
                   "the primary stays stopped until failback (or a cancel).")
     description = f"{title}\n\n{impact}\n\nMembers and their DR targets:\n{_targets(groups)}"
-    rejected = _approve(journal, description, approved, approval_timeout_minutes)
-    if rejected:
-        return _conclude(journal, title, rejected, outcome="not approved", rejected=True)
+    refusal = _approve(journal, description, approved, approval_timeout_minutes)
+    if refusal:
+        return _conclude(journal, title, refusal.reason, outcome="not approved", rejected=refusal.by_person,
+                         unchanged=True)
 
     journal.evidence.started = utcnow()  # the failover itself starts now: RTO and RPO count from here
     primary = {m.id: primary_side(m, base_dir) for m in members_of(groups)}
@@ -355,7 +372,7 @@ def _fail_over(config_path: str, plan: str, mode: Literal["planned", "unplanned"
 @flow(name="failback", flow_run_name="failback {plan}",
       on_failure=ALERT_ON_FAILURE, on_crashed=ALERT_ON_CRASH)
 def failback_run(config_path: str = "configs/lab.yaml", plan: str = "", policy: OptionalName = "",
-                 approved: bool = False, approval_timeout_minutes: int = 240) -> State:
+                 approved: bool = False, approval_timeout_minutes: float = 240) -> State:
     """Bring a committed failover home: re-protect the copies, stop them, final sync, restore onto
     the primary delta-aware (only changed blocks travel), start and probe the primary.
 
@@ -370,16 +387,17 @@ def failback_run(config_path: str = "configs/lab.yaml", plan: str = "", policy: 
         return _fail_back(config_path, plan, policy, approved, approval_timeout_minutes)
 
 
-def _fail_back(config_path: str, plan: str, policy: str | None, approved: bool, approval_timeout_minutes: int) -> State:
+def _fail_back(config_path: str, plan: str, policy: str | None, approved: bool, approval_timeout_minutes: float) -> State:
     run = _prepare(config_path, plan, policy, "failback")
     groups, base_dir, journal = run.groups, run.base_dir, run.journal
     title = f"Failback of plan {plan} ({current_run_name(journal.evidence.run_id)})"
     description = (f"{title}\n\nThe copies are backed up, stopped, backed up once more after the stop (no data is "
                    f"lost) and restored onto the primaries (only changed blocks travel); then the primaries start.\n\n"
                    f"Members (primary ← copy):\n{_targets(groups)}")
-    rejected = _approve(journal, description, approved, approval_timeout_minutes)
-    if rejected:
-        return _conclude(journal, title, rejected, outcome="not approved", rejected=True)
+    refusal = _approve(journal, description, approved, approval_timeout_minutes)
+    if refusal:
+        return _conclude(journal, title, refusal.reason, outcome="not approved", rejected=refusal.by_person,
+                         unchanged=True)
 
     journal.evidence.started = utcnow()
     primary = {m.id: primary_side(m, base_dir) for m in members_of(groups)}

@@ -137,7 +137,7 @@ def assessment_markdown(report: AssessmentReport, rollout_plan: RolloutPlan) -> 
     return "\n".join(lines)
 
 
-def request_approval(summary: str, timeout_minutes: int) -> PatchApproval | None:
+def request_approval(summary: str, timeout_minutes: float) -> PatchApproval | None:
     """Pause until someone submits the Resume form; None when nobody did within the timeout."""
     log.info("waiting for approval", timeout_minutes=timeout_minutes)
     form = PatchApproval.with_initial_data(description=summary, reboot_outside_window=False, comment="")
@@ -242,7 +242,7 @@ def patch_run(
     ignore_windows: bool = False,
     reboot_outside_window: bool = False,
     approved: bool = False,
-    approval_timeout_minutes: int = 240,
+    approval_timeout_minutes: float = 240,
     domain_slot_timeout_minutes: float = 60.0,
     forks: int = DEFAULT_FORKS,
     refresh: bool = True,
@@ -282,7 +282,7 @@ def patch_run(
     if fleet.policy.approval_required and not approved and rollout_plan.batches:
         answer = request_approval(assessment_markdown(assessment, rollout_plan), approval_timeout_minutes)
         if answer is None or not answer.approve:
-            refused = (f"no approval within {approval_timeout_minutes} min" if answer is None
+            refused = (f"no approval within {approval_timeout_minutes:g} min" if answer is None
                        else f"not approved{': ' + answer.comment if answer.comment else ''}")
             log.info("not approved", reason=refused)
             unpatched += [record_for_unpatched(run_id, p.host, now, p, "skipped", refused)

@@ -457,3 +457,24 @@ def test_readiness_refuses_a_copy_root_that_holds_someone_elses_data(prefect_ser
     evidence = latest_evidence(cfg, name)
     assert "holds data that is not a drill's copy" in evidence.notes[-1]
     assert (drill_lab.copy_root(name) / "precious").read_text() == "someone's data"
+
+
+def test_a_manual_action_nobody_answers_fails_the_drill_and_cleanup_still_runs(
+        prefect_server: None, drill_lab: DrillLab, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The drill keeps the manual action's deadline itself (flows/pause.py): past it the run is
+    Running again, fails with its own reason and still cleans up, verified."""
+    import flows.drill as drill_flow
+
+    monkeypatch.setattr(drill_flow, "MANUAL_POLL_SECONDS", 1)
+    name = "unanswered"
+    spec = plan(drill_lab, name)
+    spec["groups"][0]["members"][0]["post_actions"] = [{"kind": "manual", "instructions": "Check the copy by hand"}]
+    cfg = drill_lab.config(name, spec)
+    state = drill_flow.drill_run(config_path=str(cfg), plan=name, manual_timeout_minutes=0.05, return_state=True)
+    assert state.is_failed(), state
+    assert "not confirmed within 0.05 min" in (state.message or "")
+    evidence = evidence_of(cfg, str(state.state_details.flow_run_id))
+    assert evidence.outcome == "failed"
+    [manual] = [s for s in evidence.steps if s.name.startswith("manual ")]
+    assert not manual.ok and "nobody answered within 0.05 min" in manual.detail
+    assert_cleaned(evidence, drill_lab, name, cfg)

@@ -193,6 +193,27 @@ def test_unplanned_failover_waits_for_approval_states_the_rpo_and_a_rejection_ch
     assert [s.name for s in web_lab.evidence(str(paused)).steps][:2] == ["choose-points", "approval"]
 
 
+def test_a_failover_nobody_approves_in_time_fails_having_changed_nothing(
+        prefect_server: None, web_lab: WebLab, cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """The flow keeps the approval's deadline itself (flows/pause.py): past it the run ends Failed
+    (an alert, unlike a person's no, which is Cancelled) with its own reason, and the evidence
+    records the unanswered approval step."""
+    import flows.failover as failover_flow
+
+    monkeypatch.setattr(failover_flow, "APPROVAL_POLL_SECONDS", 1)
+    assert cli("backup", "-c", str(web_lab.config))[0] == 0
+    state = failover_flow.failover_run(config_path=str(web_lab.config), plan="web", mode="unplanned",
+                                       approval_timeout_minutes=0.05, return_state=True)
+    assert state.is_failed(), state
+    assert "no approval within 0.05 min; nothing was changed" in (state.message or "")
+    assert not web_lab.copy.exists() and serves(web_lab.primary_url)
+    run_id = state.state_details.flow_run_id
+    evidence = web_lab.evidence(str(run_id))
+    assert evidence.outcome == "failed"
+    [approval] = [s for s in evidence.steps if s.name == "approval"]
+    assert approval.detail == "no answer"
+
+
 def test_a_failing_probe_fails_the_failover_and_cancel_restarts_the_primary(
         prefect_server: None, web_lab: WebLab, cli: Cli) -> None:  # noqa: F811
     config = yaml.safe_load(web_lab.config.read_text())

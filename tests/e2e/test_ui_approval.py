@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 class StartedEarly:
     """A run started before the module's other tests and checked by the last one: its approval
-    timeout (whole minutes) then elapses while the others run instead of after them."""
+    timeout then elapses while the others run instead of after them."""
 
     def __init__(self, start: Callable[[], str]) -> None:
         self.run_id = ""
@@ -46,7 +46,7 @@ class StartedEarly:
 @pytest.fixture(scope="module", autouse=True)
 def expiring(ui_stack: RunningStack, patchable_host: HostMaker) -> tuple[StartedEarly, PatchableHost]:
     host = patchable_host("ui-expiring")
-    return StartedEarly(lambda: start_from_ui(ui_stack, DEPLOYMENT, config_path=str(host.config), approval_timeout_minutes=1)), host
+    return StartedEarly(lambda: start_from_ui(ui_stack, DEPLOYMENT, config_path=str(host.config), approval_timeout_minutes=0.25)), host
 
 
 def test_a_run_from_the_ui_pauses_and_resumes_with_input_to_completed(
@@ -101,8 +101,8 @@ def test_a_run_left_waiting_past_its_approval_timeout_fails_cleanly(
     run_id = started.result()
     run = wait_for_state(ui_stack, run_id, timeout=300)
     assert (run["state"]["type"], run["state"]["message"]) == (
-        "FAILED", "no approval within 1 min: nothing installed"), f"{run['state']}\n{ui_stack.logs()}"
+        "FAILED", "no approval within 0.25 min: nothing installed"), f"{run['state']}\n{ui_stack.logs()}"
     assert host.demo_web() == "1.0"
     [record] = host.records()
-    assert (record.run_id, record.status, record.reason) == (run_id, "skipped", "no approval within 1 min")
+    assert (record.run_id, record.status, record.reason) == (run_id, "skipped", "no approval within 0.25 min")
     assert "patch-web-summary" in artifact_keys(ui_stack, run_id)
