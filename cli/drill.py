@@ -111,46 +111,60 @@ def run(
 
 
 @drill_app.command("cleanup")
-def cleanup(run: RunArgument, config: ConfigOption = DEFAULT_CONFIG, as_json: JsonOption = False) -> None:
+def cleanup(run: Annotated[Optional[str], typer.Argument(help="The drill's run id (its Prefect flow run id).")] = None,
+            orphans: Annotated[bool, typer.Option("--orphans", help="Every drill whose ledger is not closed and that "
+                                                  "is not running (no live slot lease): what crashed controllers "
+                                                  "left.")] = False,
+            config: ConfigOption = DEFAULT_CONFIG, as_json: JsonOption = False) -> None:
     """Remove exactly what a drill's ledger names (after a controller crash, say) and verify
     each item gone; exit 1 if any item could not be proven gone."""
     from connectors import connect
     from connectors.stores import StoreError
-    from tasks.drill.cleanup import cleanup_run
+    from tasks.drill.cleanup import cleanup_run, orphaned_runs
     from tasks.drill.ledger import LedgerError
     from tasks.drill.members import CONTROLLER_HOST
+    from tasks.drill.slot import running_runs
     from tasks.drill.steps import record_cleanup
 
+    if (run is None) == (not orphans):
+        fail("name one drill run, or give --orphans for every drill a crashed controller left")
     loaded = load_or_exit(config)
     hosts = {h.name: h for h in loaded.config.hosts} | {CONTROLLER_HOST.name: CONTROLLER_HOST}
-
-    def connect_name(name: str) -> Any:
-        if name not in hosts:
-            raise KeyError(f"{config}: no host {name!r}, named in drill {run}'s ledger")
-        return connect(hosts[name], base_dir=loaded.base_dir)
-
+    reports = []
     try:
         with _store(config) as store:
-            report = cleanup_run(store, run, connect_name)
-            if not report.items:
-                fail(f"{config}: drill {run!r} has no ledger in the store: nothing recorded, nothing removed")
-            record_cleanup(store, run, report)
+            runs = [run] if run is not None else orphaned_runs(store, running_runs(store))
+            for run_id in runs:
+                def connect_name(name: str, run_id: str = run_id) -> Any:
+                    if name not in hosts:
+                        raise KeyError(f"{config}: no host {name!r}, named in drill {run_id}'s ledger")
+                    return connect(hosts[name], base_dir=loaded.base_dir)
+
+                report = cleanup_run(store, run_id, connect_name)
+                if not report.items and run is not None:
+                    fail(f"{config}: drill {run!r} has no ledger in the store: nothing recorded, nothing removed")
+                record_cleanup(store, run_id, report)
+                reports.append(report)
     except (StoreError, LedgerError) as exc:
         fail(str(exc))
 
     def render(data: Any) -> None:
-        table = Table(title=f"cleanup of drill {run}")
-        for column in ("member", "kind", "target", "item", "action", "verified"):
-            table.add_column(column)
-        for item in data.items:
-            table.add_row(item.member or "", item.kind, item.target, item.identifier, item.action,
-                          "[green]yes[/]" if item.verified else "[red]NO[/]")
-        console.print(table)
-        console.print(data.summary(), highlight=False)
+        if not data:
+            console.print("no orphaned drill: every ledger in the store is closed or its drill is running",
+                          highlight=False)
+        for one in data:
+            table = Table(title=f"cleanup of drill {one.run_id}")
+            for column in ("member", "kind", "target", "item", "action", "verified"):
+                table.add_column(column)
+            for item in one.items:
+                table.add_row(item.member or "", item.kind, item.target, item.identifier, item.action,
+                              "[green]yes[/]" if item.verified else "[red]NO[/]")
+            console.print(table)
+            console.print(one.summary(), highlight=False)
 
-    emit({"run_id": report.run_id, "ok": report.ok, "items": [vars(i) for i in report.items]} if as_json else report,
-         as_json, render)
-    if not report.ok:
+    as_data = [{"run_id": r.run_id, "ok": r.ok, "items": [vars(i) for i in r.items]} for r in reports]
+    emit((as_data[0] if run is not None else as_data) if as_json else reports, as_json, render)
+    if not all(r.ok for r in reports):
         raise typer.Exit(EXIT_FAILED)
 
 

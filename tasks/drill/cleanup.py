@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import shlex
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,7 @@ from tasks.drill.ledger import (
     CommandEntry,
     CopyRootEntry,
     DomainEntry,
+    LEDGERS_PREFIX,
     InvalidEntry,
     Ledger,
     NamespaceEntry,
@@ -338,4 +339,16 @@ def cleanup_run(store: BlobStore, run_id: str, connect: Connect, *, grace: float
     return CleanupReport(run_id=run_id, items=report.items, closed=report.ok)
 
 
-__all__ = ["CleanupItem", "CleanupReport", "Connect", "cleanup", "cleanup_run"]
+def orphaned_runs(store: BlobStore, running: Collection[str]) -> list[str]:
+    """Drill runs whose ledger is not closed and that are not running: what a controller that
+    crashed or was killed left behind. Oldest first (by the ledger's first entry)."""
+    runs: dict[str, str] = {}
+    for info in store.list(LEDGERS_PREFIX):
+        run_id, _, rest = info.key[len(LEDGERS_PREFIX):].partition("/")
+        if rest.startswith("ledger/"):
+            runs[run_id] = min(runs.get(run_id, info.key), info.key)
+    return [run_id for run_id in sorted(runs, key=lambda r: runs[r])
+            if run_id not in running and not Ledger(store, run_id).is_closed()]
+
+
+__all__ = ["CleanupItem", "CleanupReport", "Connect", "cleanup", "cleanup_run", "orphaned_runs"]

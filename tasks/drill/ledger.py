@@ -295,8 +295,12 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
+#: every drill run's ledger lives under LEDGERS_PREFIX<run-id>/ledger/
+LEDGERS_PREFIX = "drills/"
+
+
 def ledger_prefix(run_id: str) -> str:
-    return f"drills/{check_run_id(run_id)}/ledger/"
+    return f"{LEDGERS_PREFIX}{check_run_id(run_id)}/ledger/"
 
 
 def _seq_of(key: str) -> int | None:

@@ -140,3 +140,21 @@ def drill_slot(store: BlobStore, plan: str, run_id: str, *, timeout_seconds: flo
 
 
 __all__ = ["SLOT_PREFIX", "SlotBusy", "drill_slot", "live_holder", "slot_prefix"]
+
+
+def running_runs(store: BlobStore, stale: timedelta = LOCK_STALE) -> dict[str, str]:
+    """Drill runs whose slot lease is live (any plan): run id -> its holder in words. A drill
+    holds its lease from before its first ledger entry until after its cleanup."""
+    running: dict[str, str] = {}
+    now = utcnow()
+    for info in store.list(SLOT_PREFIX):
+        try:
+            body = json.loads(store.get(info.key))
+        except (BlobNotFound, ValueError):
+            continue
+        if not isinstance(body, dict):
+            continue
+        state = locks.judge(info.key, body, now=now, stale_after=stale)
+        if not state.stale:
+            running[str(body.get("run_id"))] = state.why
+    return running

@@ -31,10 +31,13 @@ from typer.testing import CliRunner
 from cli.app import app
 from configs.loader import load_config
 from configs.policies import BackupPolicy
-from connectors.stores import open_store
+from connectors.stores import LocalBlobStore, open_store
 from tasks.backup.disk import back_up_disk
+from tasks.drill.copies import MARKER
 from tasks.drill.evidence import DrillEvidence
 from tasks.drill.ledger import Ledger, NamespaceEntry
+from tasks.drill.members import CONTROLLER_HOST
+from tasks.drill.slot import drill_slot
 from tasks.drill.steps import find_evidence
 from tests.alert_checks import alerts_section, events
 from tests.hosts.sshd import SshdFleet
@@ -357,8 +360,20 @@ def test_after_a_controller_crash_drill_cleanup_removes_exactly_what_the_ledger_
     # The crash left the copy running: its namespace, its process, its files.
     assert left and left <= namespaces() and alive(pid) and drill_lab.copy_root(name).exists()
 
-    result = CliRunner().invoke(app, ["drill", "cleanup", evidence.run_id, "--config", str(cfg)])
+    # Another drill is running (it holds its slot lease) and has recorded a file under its copy
+    # root: --orphans must leave it alone.
+    running_root = drill_lab.root / "dr" / "running"
+    (running_root / "www").mkdir(parents=True)
+    (running_root / MARKER).write_text("running\n")
+    store = LocalBlobStore(drill_lab.root / "store")
+    with drill_slot(store, "another-plan", "still-running", timeout_seconds=60):
+        Ledger(store, "still-running").record("path", host=CONTROLLER_HOST.name, copy_root=str(running_root),
+                                              path=str(running_root / "www"))
+        result = CliRunner().invoke(app, ["drill", "cleanup", "--orphans", "--config", str(cfg)])
+        Ledger(store, "still-running").close(1)  # as that drill's own cleanup does before it gives up its slot
     assert result.exit_code == 0, result.output
+    assert f"cleanup of drill {evidence.run_id}" in result.output and "still-running" not in result.output
+    assert (running_root / "www").is_dir()
     after = evidence_of(cfg, evidence.run_id)
     assert after.outcome == "crashed"
     assert_cleaned(after, drill_lab, name, cfg)
@@ -366,6 +381,8 @@ def test_after_a_controller_crash_drill_cleanup_removes_exactly_what_the_ledger_
     assert (bystander / "keep").read_text() == "not the drill's"
     again = CliRunner().invoke(app, ["drill", "cleanup", evidence.run_id, "--config", str(cfg)])
     assert again.exit_code == 0, again.output  # idempotent: everything proven gone again
+    none_left = CliRunner().invoke(app, ["drill", "cleanup", "--orphans", "--config", str(cfg)])
+    assert none_left.exit_code == 0 and "no orphaned drill" in none_left.output, none_left.output
 
 
 def test_a_second_drill_of_the_same_plan_waits_for_the_first(prefect_server: None, drill_lab: DrillLab,
