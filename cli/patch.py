@@ -251,6 +251,7 @@ def history_command(
     """The host's patch runs of the last days (30 by default), newest first."""
     from connectors.stores import StoreError, open_store
     from tasks.patching.history import HistoryError, history
+    from tasks.patching.safety.report import unavailability_trend
 
     loaded = load_or_exit(config)
     if host not in {h.name for h in loaded.config.hosts}:
@@ -263,11 +264,14 @@ def history_command(
 
     def render(data: list[Any]) -> None:
         table = Table(title=f"{host}: last {days} days")
-        for column in ("started", "run", "month", "status", "rebooted", "updates", "reason"):
+        for column in ("started", "run", "month", "status", "rebooted", "unavailable", "updates", "reason"):
             table.add_column(column)
         for r in data:
             table.add_row(r.started_at.isoformat(timespec="minutes"), r.run_id[:8], r.month_kind, _status(r.status),
-                          "yes" if r.rebooted else "no", str(len(r.updates)), r.reason)
+                          "yes" if r.rebooted else "no", r.unavailability.text() if r.unavailability else "-",
+                          str(len(r.updates)), r.reason)
         console.print(table)
+        if trend := unavailability_trend(data):
+            console.print(trend)
 
     emit(records, as_json, render)

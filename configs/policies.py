@@ -27,6 +27,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import core_schema
 
+from configs.patch_safety import UnavailabilityProbing
 from configs.probes import ChecksumProbe, Probe
 from configs.secrets import check_reference
 
@@ -173,6 +174,9 @@ class PatchPolicy(_Frozen):
     health_probes: list[Probe] = Field(default_factory=list, description="Checks after install/reboot (the probes of configs/probes.py); a failure counts against max_errors.")
     reboot_timeout_minutes: int = Field(default=15, gt=0, description="How long a host may take to go down and come back.")
     approval_required: bool = Field(default=False, description="Pause the run for approval of the assessment before installing.")
+    unavailability: UnavailabilityProbing = Field(
+        default_factory=UnavailabilityProbing,
+        description="How each patched host's unavailability is measured: probe interval (the resolution), timeout, settle time.")
 
     @field_validator("health_probes")
     @classmethod

@@ -42,6 +42,7 @@ from tasks.patching.plan.host import HostAssessment, HostPlan, plan_host, record
 from tasks.patching.plan.report import compliance_rows, summary_markdown
 from tasks.patching.plan.rollout import Batch, Rollout, RolloutPlan, plan
 from tasks.patching.report import write_records_task
+from tasks.patching.safety.report import unavailability_rows
 from tasks.patching.slots import reboot_limit_name, update_domain_slot
 from tasks.patching.survey import EnrollmentRow, enroll_task, survey_batches, survey_task
 from tasks.rendering import artifact_key, markdown_text
@@ -171,6 +172,9 @@ def publish_report(report: PatchRunReport) -> None:
         return
     create_table_artifact(key=artifact_key("patch", report.scope, "compliance"), table=compliance_rows(report.records),
                           description=f"{title}: compliance per host and update")
+    if measured := unavailability_rows(report.records):
+        create_table_artifact(key=artifact_key("patch", report.scope, "unavailability"), table=measured,
+                              description=f"{title}: measured unavailability per host, update domain and run")
     create_markdown_artifact(key=artifact_key("patch", report.scope, "summary"), description=title,
                              markdown=summary_markdown(title, report.records, plan_text=report.plan.as_text(),
                                                        stopped=report.stopped))

@@ -32,6 +32,7 @@ from tasks.patching.linux_host import InstallResult
 from tasks.patching.models import ComplianceState, Enrollment, HostPatchRecord, Update, UpdateOutcome
 from tasks.patching.plan import windows
 from tasks.patching.plan.host import HostPlan, unpatched_updates
+from tasks.patching.safety.unavailability import meter_for
 from tasks.patching.reboot_gate import RebootFailed, decide, reboot_and_wait
 from tasks.patching.slots import HOST_SLOT_TIMEOUT_SECONDS, host_busy, host_slots
 from tasks.retry import retry_transient
@@ -188,10 +189,14 @@ def _patch_host(host: HostConfig, ctx: PatchContext, enrollment: Enrollment, pla
         if refused:
             return record.model_copy(update={"status": "skipped", "reason": refused,
                                              "updates": unpatched_updates(plan, refused)})
-    installed = install_task(host, ctx.base_dir, enrollment, plan.install, policy.max_duration_minutes * 60.0)
-    outcomes = list(installed.outcomes)
-    gate = reboot_gate_task(host, ctx, enrollment, plan, installed.reboot_required or plan.reboot_pending,
-                            record.model_copy(update={"updates": [*plan.held, *outcomes]}))
+    with meter_for(host, ctx.base_dir, policy.unavailability, policy.health_probes, plan.update_domain) as meter:
+        installed = install_task(host, ctx.base_dir, enrollment, plan.install, policy.max_duration_minutes * 60.0)
+        outcomes = list(installed.outcomes)
+        gate = reboot_gate_task(host, ctx, enrollment, plan, installed.reboot_required or plan.reboot_pending,
+                                record.model_copy(update={"updates": [*plan.held, *outcomes]}))
+        unavailability = meter.finish(policy.unavailability.settle_seconds)
+    log.info("unavailability measured", host=host.name, seconds=round(unavailability.seconds, 2),
+             resolution=unavailability.resolution_seconds, probe=unavailability.probe)
     outcomes = _after_reboot(outcomes, gate.still_pending) if gate.rebooted else outcomes
     problems = [f"{o.update_id}: {o.reason}" for o in outcomes if o.state is ComplianceState.FAILED]
     if gate.error:
@@ -208,5 +213,5 @@ def _patch_host(host: HostConfig, ctx: PatchContext, enrollment: Enrollment, pla
     return record.model_copy(update={
         "status": "failed" if problems else "succeeded", "reason": reason, "rebooted": gate.rebooted,
         "boot_id_before": gate.boot_id_before, "boot_id_after": gate.boot_id_after,
-        "updates": [*plan.held, *outcomes],
+        "updates": [*plan.held, *outcomes], "unavailability": unavailability,
     })

@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from configs.policies import Classification, Severity
+from tasks.patching.safety.records import Unavailability
 
 
 class _Frozen(BaseModel):
@@ -117,6 +118,7 @@ class HostPatchRecord(_Frozen):
     boot_id_before: str | None = None
     boot_id_after: str | None = None
     updates: list[UpdateOutcome] = Field(default_factory=list)
+    unavailability: Unavailability | None = Field(default=None, description="Measured while it was patched; none when it was not.")
 
     def count(self, state: ComplianceState) -> int:
         return sum(1 for outcome in self.updates if outcome.state is state)

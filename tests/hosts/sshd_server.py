@@ -145,6 +145,9 @@ class SshdHost:
     _process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _reboot_thread: threading.Thread | None = field(default=None, repr=False)
     _reboot_error: BaseException | None = field(default=None, repr=False)
+    #: Each simulated reboot's (went down, listening again), in time.monotonic() seconds: its
+    #: real length as the host saw it.
+    outages: list[tuple[float, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -332,6 +335,7 @@ class SshdHost:
         if not self.namespace:
             raise RuntimeError(f"sshd host {self.name!r}: reboot() needs a host made with namespace=True")
         self.join_reboot()
+        went_down = time.monotonic()
         self.stop()
         for entry in self.run_dir.iterdir():
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
@@ -341,6 +345,7 @@ class SshdHost:
             try:
                 time.sleep(down_for)
                 self.start()
+                self.outages.append((went_down, time.monotonic()))
             except BaseException as exc:  # noqa: BLE001 - reported by join_reboot()
                 self._reboot_error = exc
 
