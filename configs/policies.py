@@ -27,7 +27,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import core_schema
 
-from configs.patch_safety import UnavailabilityProbing
+from configs.patch_safety import ClockCheck, NoticeHook, UnavailabilityProbing
 from configs.probes import ChecksumProbe, Probe
 from configs.secrets import check_reference
 
@@ -177,6 +177,10 @@ class PatchPolicy(_Frozen):
     unavailability: UnavailabilityProbing = Field(
         default_factory=UnavailabilityProbing,
         description="How each patched host's unavailability is measured: probe interval (the resolution), timeout, settle time.")
+    clock: ClockCheck | None = Field(default=None, description="Check each host's clock against the controller's after its "
+                                     "install and reboot; unset: not checked.")
+    notice: NoticeHook | None = Field(default=None, description="Tell each host (a command on it, a command on the controller "
+                                      "or a webhook) before its batch starts and after it ends; it may ask to defer.")
 
     @field_validator("health_probes")
     @classmethod

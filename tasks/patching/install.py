@@ -32,6 +32,7 @@ from tasks.patching.linux_host import InstallResult
 from tasks.patching.models import ComplianceState, Enrollment, HostPatchRecord, Update, UpdateOutcome
 from tasks.patching.plan import windows
 from tasks.patching.plan.host import HostPlan, unpatched_updates
+from tasks.patching.safety.clock import after_what, clock_task
 from tasks.patching.safety.unavailability import meter_for
 from tasks.patching.reboot_gate import RebootFailed, decide, reboot_and_wait
 from tasks.patching.slots import HOST_SLOT_TIMEOUT_SECONDS, host_busy, host_slots
@@ -204,6 +205,9 @@ def _patch_host(host: HostConfig, ctx: PatchContext, enrollment: Enrollment, pla
     unhealthy = health_task(host, ctx.base_dir, policy)
     if unhealthy:
         problems.append(f"health: {unhealthy}")
+    clock = clock_task(host, ctx.base_dir, policy.clock, after_what(gate.rebooted, unavailability)) if policy.clock else None
+    if clock is not None and clock.failure:
+        problems.append(f"health: {clock.failure}")
     if policy.post_hooks and not gate.error:
         with connect(host, base_dir=ctx.base_dir) as conn:
             post = _run_hooks(conn, policy.post_hooks, policy.hook_timeout_seconds, "post")
@@ -213,5 +217,5 @@ def _patch_host(host: HostConfig, ctx: PatchContext, enrollment: Enrollment, pla
     return record.model_copy(update={
         "status": "failed" if problems else "succeeded", "reason": reason, "rebooted": gate.rebooted,
         "boot_id_before": gate.boot_id_before, "boot_id_after": gate.boot_id_after,
-        "updates": [*plan.held, *outcomes], "unavailability": unavailability,
+        "updates": [*plan.held, *outcomes], "unavailability": unavailability, "clock": clock,
     })

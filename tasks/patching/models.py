@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from configs.policies import Classification, Severity
-from tasks.patching.safety.records import Unavailability
+from tasks.patching.safety.records import ClockReading, NoticeAnswer, Unavailability
 
 
 class _Frozen(BaseModel):
@@ -119,6 +119,8 @@ class HostPatchRecord(_Frozen):
     boot_id_after: str | None = None
     updates: list[UpdateOutcome] = Field(default_factory=list)
     unavailability: Unavailability | None = Field(default=None, description="Measured while it was patched; none when it was not.")
+    clock: ClockReading | None = Field(default=None, description="Its clock after the install, when the policy checks it.")
+    notices: list[NoticeAnswer] = Field(default_factory=list, description="What the policy's notice hook answered.")
 
     def count(self, state: ComplianceState) -> int:
         return sum(1 for outcome in self.updates if outcome.state is state)

@@ -9,6 +9,7 @@ not from anything the product reports.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from cli.app import app
 from connectors.stores import LocalBlobStore
 from tasks.patching.history import history
 from tests.e2e.test_patch_run import (  # noqa: F401 - fixtures
-    HEALTH_PROBE, LabMaker, RebootWatcher, baseline_now, lab_host, reboot_watcher, records, run_artifacts, run_patch,
+    HEALTH_PROBE, LabHost, LabMaker, RebootWatcher, baseline_now, lab_host, reboot_watcher, records, run_artifacts, run_patch,
     write_config,
 )
 
@@ -82,3 +83,67 @@ def test_unavailability_is_measured_within_one_probe_interval_of_the_real_reboot
     assert shown.exit_code == 0, shown.output
     assert f"{measured.seconds:.1f} s (baseline) → 0.0 s (baseline)" in shown.output
     assert "ssh connect" in shown.output and "health probes" in shown.output
+
+
+# --------------------------------------------------------------------------- the clock
+
+
+def fake_time_source(host: LabHost, *, offset_seconds: int, leap_status: str) -> None:
+    """Put a time source of the test's choosing on the host's PATH (first on it, as the
+    `shutdown` stub is): `date` answers as if the clock were `offset_seconds` off (GNU date
+    itself, asked for "now + N seconds"), and systemctl/chronyc/timedatectl answer as a host
+    running chrony with `leap_status` would. A wrapper, not libfaketime: the product reads the
+    host's time with `date`, and no chrony runs on this machine to ask."""
+    stubs = host.lab.base / "bin"
+    scripts = {
+        "date": f'#!/bin/sh\nexec /usr/bin/date -d "now {offset_seconds:+d} seconds" "$@"\n',
+        "systemctl": '#!/bin/sh\n[ "$1 $2" = "is-active chrony" ] && { echo active; exit 0; }\necho inactive\nexit 3\n',
+        "chronyc": f'#!/bin/sh\necho "A9FEA97B,169.254.169.123,4,1764662400.1,-0.000012,0.000003,0.000020,'
+                   f'-5.1,0.001,0.02,0.0005,0.0001,64.2,{leap_status}"\n',
+        "timedatectl": "#!/bin/sh\necho yes\n",
+    }
+    for name, text in scripts.items():
+        (stubs / name).write_text(text)
+        (stubs / name).chmod(0o755)
+
+
+def test_a_skewed_clock_fails_the_health_gate_and_an_in_sync_one_passes(
+        prefect_server: None, lab_host: LabMaker, tmp_path: Path) -> None:
+    skewed, steady = lab_host("clock-skewed", 1), lab_host("clock-steady", 1)
+    fake_time_source(skewed, offset_seconds=3600, leap_status="Not synchronised")
+    fake_time_source(steady, offset_seconds=0, leap_status="Normal")
+    cfg = write_config(tmp_path / "fleet.yaml", [skewed.config(), steady.config()],
+                       {"baseline_months": baseline_now(), "max_concurrency": 2, "max_errors": 1,
+                        "clock": {"max_skew_seconds": 5}})
+
+    state, report = run_patch(config_path=str(cfg))
+
+    rows = records(report)
+    assert state.is_failed() and "clock-skewed" in (state.message or "") and "clock-steady" not in (state.message or "")
+    bad, good = rows["clock-skewed"], rows["clock-steady"]
+    assert bad.status == "failed" and bad.rebooted and bad.clock is not None and good.clock is not None
+    assert bad.clock.skew_seconds is not None and abs(bad.clock.skew_seconds - 3600) <= bad.clock.uncertainty_seconds + 1
+    assert bad.clock.after == "reboot" and bad.clock.sync.service == "chrony" and bad.clock.sync.synchronized is False
+    assert re.search(r"health: clock 3\d{3}\.\d{3} s ahead of the controller's \(±[\d.]+ s\), beyond the limit of 5 s",
+                     bad.reason), bad.reason
+    assert good.status == "succeeded" and good.clock.failure == "" and good.clock.sync.synchronized is True
+    assert good.clock.skew_seconds is not None and abs(good.clock.skew_seconds) <= good.clock.uncertainty_seconds + 1
+    # The skewed host's record in the store says the same.
+    [stored] = history(LocalBlobStore(tmp_path / "store"), "clock-skewed")
+    assert stored.clock == bad.clock and stored.reason == bad.reason
+
+
+def test_require_sync_fails_a_host_whose_time_service_is_not_synchronised(
+        prefect_server: None, lab_host: LabMaker, tmp_path: Path) -> None:
+    host = lab_host("clock-unsynced", 1)
+    fake_time_source(host, offset_seconds=0, leap_status="Not synchronised")
+    cfg = write_config(tmp_path / "fleet.yaml", [host.config()],
+                       {"baseline_months": baseline_now(), "reboot": "Never", "max_errors": 1,
+                        "clock": {"max_skew_seconds": 5, "require_sync": True}})
+
+    state, report = run_patch(config_path=str(cfg))
+
+    [record] = report.records
+    assert state.is_failed() and record.status == "failed" and not record.rebooted
+    assert record.reason == "health: time sync required: chrony is not synchronised"
+    assert record.clock is not None and record.clock.after == "install"
