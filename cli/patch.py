@@ -265,7 +265,8 @@ def history_command(
     def render(data: list[Any]) -> None:
         table = Table(title=f"{host}: last {days} days")
         for column in ("started", "run", "month", "status", "rebooted", "unavailable", "updates", "reason"):
-            table.add_column(column)
+            # The short columns stay whole on a narrow terminal; the long ones wrap.
+            table.add_column(column, no_wrap=column in ("run", "month", "status", "rebooted"))
         for r in data:
             table.add_row(r.started_at.isoformat(timespec="minutes"), r.run_id[:8], r.month_kind, _status(r.status),
                           "yes" if r.rebooted else "no", r.unavailability.text() if r.unavailability else "-",
