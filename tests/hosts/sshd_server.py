@@ -9,6 +9,7 @@ real paths by the product.
 from __future__ import annotations
 
 import os
+import pwd
 import shlex
 import shutil
 import signal
@@ -259,9 +260,14 @@ class SshdHost:
         if not self.namespace:
             return sshd
         mount = shutil.which("mount") or "/bin/mount"
+        # A host of its own does not run the controller's shell start-up file either: a simulated
+        # reboot kills sessions as they start, and one killed inside it (pyenv's rehash, say) can
+        # leave a lock that every later shell on the machine then waits on.
+        bashrc = shlex.quote(str(Path(pwd.getpwnam(self.user).pw_dir) / ".bashrc"))
         script = " && ".join([
             f"{mount} --bind {shlex.quote(str(self.run_dir))} /run",
             f"{mount} --bind {shlex.quote(str(self.boot_id_path))} {BOOT_ID}",
+            f"{{ [ ! -e {bashrc} ] || {mount} --bind /dev/null {bashrc}; }}",
             "exec " + shlex.join(sshd),
         ])
         return ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", script]
