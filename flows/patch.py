@@ -42,6 +42,7 @@ from tasks.patching.plan.host import HostAssessment, HostPlan, plan_host, record
 from tasks.patching.plan.report import compliance_rows, summary_markdown
 from tasks.patching.plan.rollout import Batch, Rollout, RolloutPlan, plan
 from tasks.patching.report import write_records_task
+from tasks.patching.safety.notice import announce, conclude, held_back, stops
 from tasks.patching.safety.report import unavailability_rows
 from tasks.patching.slots import reboot_limit_name, update_domain_slot
 from tasks.patching.survey import EnrollmentRow, enroll_task, survey_batches, survey_task
@@ -152,8 +153,11 @@ def patch_batch(batch: Batch, fleet: PatchFleet, ctx: PatchContext, report: Asse
     log.info("batch starting", batch=batch.index, update_domain=batch.update_domain, hosts=batch.hosts)
     try:
         with update_domain_slot(batch.update_domain, slot_timeout_seconds):
-            futures = [patch_host_task.submit(hosts[name], ctx, enrollments[name], plans[name]) for name in batch.hosts]
-            return [future.result() for future in futures]
+            told = announce(ctx, batch, hosts, plans)
+            futures = [patch_host_task.submit(hosts[name], ctx, enrollments[name], plans[name])
+                       for name in batch.hosts if not stops(told.get(name))]
+            patched = [future.result() for future in futures]
+            return conclude(ctx, batch, hosts, told, patched + held_back(ctx, told, plans))
     except TimeoutError:
         reason = (f"update domain {batch.update_domain} is being patched by another run "
                   f"(concurrency limit {reboot_limit_name(batch.update_domain)} stayed busy)")

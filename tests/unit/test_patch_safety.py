@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
-from configs.patch_safety import ClockCheck
+from configs.patch_safety import ClockCheck, HostCommandNotice
+from connectors.base import CommandResult
+from tasks.patching.models import Update
+from tasks.patching.plan.host import HostPlan
 from tasks.patching.safety.clock import ClockUnreadable, after_what, judge, parse_linux_sync, parse_windows_sync
+from tasks.patching.safety.notice import _command_answer, expected_reboot, stops
 from tasks.patching.safety.records import TimeSync
 from tasks.patching.safety.unavailability import Observation, measure
 
@@ -103,3 +108,57 @@ def test_the_check_says_what_it_followed() -> None:
     paused = _measure(_probes("+-+"))
     assert [after_what(True, quiet), after_what(False, paused), after_what(False, quiet), after_what(False, None)] == \
         ["reboot", "outage", "install", "install"]
+
+
+# --------------------------------------------------------------------------- notices
+
+
+def _answer(exit_code: int, stdout: str = "", stderr: str = ""):
+    hook = HostCommandNotice(command="check-batch-jobs")
+    result = CommandResult(host="h", command=hook.command, exit_code=exit_code, stdout=stdout, stderr=stderr)
+    return _command_answer(hook, "before", EPOCH, result)
+
+
+def test_a_command_defers_with_its_exit_code_and_says_why_in_its_last_line() -> None:
+    deferred = _answer(75, "checking\nexport still running\n")
+    assert (deferred.deferred, deferred.failed, deferred.reason) == (True, False, "export still running")
+    assert stops(deferred) and _answer(75).reason == "exit code 75"
+
+
+def test_any_other_failure_stops_the_host_as_a_failed_notice_and_zero_lets_it_go() -> None:
+    failed = _answer(2, stderr="no such file")
+    assert (failed.deferred, failed.failed, failed.reason) == (False, True, "exited 2: no such file")
+    assert stops(failed) and not stops(_answer(0, "noted")) and not stops(None)
+
+
+def test_the_expected_reboot_follows_the_plan() -> None:
+    def plan(**fields: object) -> HostPlan:
+        base = {"host": "h", "update_domain": 1, "month_kind": "baseline", "install": [], "held": [],
+                "reboot_pending": False, "reboot_allowed_by_calendar": True, "expects_reboot": False,
+                "in_window": True, "window": "open"}
+        return HostPlan.model_validate({**base, **fields})
+
+    kernel = Update(id="linux-image", reboot_behaviour="may")
+    defender = Update(id="KB1", reboot_behaviour="never")
+    assert expected_reboot(plan(expects_reboot=True), "IfRequired") == "expected"
+    assert expected_reboot(plan(install=[kernel]), "IfRequired") == "possible"
+    assert expected_reboot(plan(install=[kernel]), "Never") == "none"
+    assert expected_reboot(plan(install=[defender]), "Always") == "none"
+    assert expected_reboot(plan(install=[kernel], reboot_allowed_by_calendar=False), "IfRequired") == "none"
+
+
+def test_config_check_names_the_line_of_a_bad_notice_or_clock(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli.app import app
+
+    config = tmp_path / "fleet.yaml"
+    config.write_text("storage: {kind: local, path: store}\nhosts:\n  - {name: a, transport: local}\n"
+                      "patch_policies:\n  default:\n    notice: {kind: pager, command: x}\n"
+                      "    clock: {max_skew_seconds: -1}\n"
+                      "    unavailability: {interval_seconds: 0}\n")
+    result = CliRunner().invoke(app, ["config", "check", str(config)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{config}:6: patch_policies.default.notice: Input tag 'pager'" in result.output
+    assert f"{config}:7: patch_policies.default.clock.max_skew_seconds" in result.output
+    assert f"{config}:8: patch_policies.default.unavailability.interval_seconds" in result.output
