@@ -251,6 +251,7 @@ def history_command(
     """The host's patch runs of the last days (30 by default), newest first."""
     from connectors.stores import StoreError, open_store
     from tasks.patching.history import HistoryError, history
+    from tasks.patching.safety.report import unavailability_trend
 
     loaded = load_or_exit(config)
     if host not in {h.name for h in loaded.config.hosts}:
@@ -265,13 +266,17 @@ def history_command(
         table = Table(title=f"{host}: last {days} days")
         # The recovery-point column only for hosts whose policy has the gate: the table stays narrow otherwise.
         gated = any(r.recovery is not None for r in data)
-        for column in ("started", "run", "month", "status", "rebooted", "updates",
+        for column in ("started", "run", "month", "status", "rebooted", "unavailable", "updates",
                        *(["recovery point"] if gated else []), "reason"):
-            table.add_column(column)
+            # The short columns stay whole on a narrow terminal; the long ones wrap.
+            table.add_column(column, no_wrap=column in ("run", "month", "status", "rebooted"))
         for r in data:
             recovery = [r.recovery.describe() if r.recovery else ""] if gated else []
             table.add_row(r.started_at.isoformat(timespec="minutes"), r.run_id[:8], r.month_kind, _status(r.status),
-                          "yes" if r.rebooted else "no", str(len(r.updates)), *recovery, r.reason)
+                          "yes" if r.rebooted else "no", r.unavailability.text() if r.unavailability else "-",
+                          str(len(r.updates)), *recovery, r.reason)
         console.print(table)
+        if trend := unavailability_trend(data):
+            console.print(trend)
 
     emit(records, as_json, render)

@@ -27,6 +27,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import core_schema
 
+from configs.patch_safety import ClockCheck, NoticeHook, UnavailabilityProbing
 from configs.probes import ChecksumProbe, Probe
 from configs.recovery_point import RecoveryPointGate
 from configs.secrets import check_reference
@@ -177,6 +178,13 @@ class PatchPolicy(_Frozen):
     recovery_point: RecoveryPointGate | None = Field(
         default=None, description="No patch without a fresh recovery point of every protected disk (checked, or "
         "taken right before the install), and what a failed health check does: report, or restore that point.")
+    unavailability: UnavailabilityProbing = Field(
+        default_factory=UnavailabilityProbing,
+        description="How each patched host's unavailability is measured: probe interval (the resolution), timeout, settle time.")
+    clock: ClockCheck | None = Field(default=None, description="Check each host's clock against the controller's after its "
+                                     "install and reboot; unset: not checked.")
+    notice: NoticeHook | None = Field(default=None, description="Tell each host (a command on it, a command on the controller "
+                                      "or a webhook) before its batch starts and after it ends; it may ask to defer.")
 
     @field_validator("health_probes")
     @classmethod

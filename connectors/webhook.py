@@ -31,6 +31,12 @@ def post_json(url: str, document: dict[str, Any], *, timeout: float, attempts: i
     """POST `document` as JSON; the answer's status code. Raises WebhookError once every attempt
     failed: network errors, timeouts, 408/425/429 and 5xx answers are retried with exponential
     backoff and jitter, other 4xx answers are not (the URL or the document is wrong)."""
+    return post_json_reply(url, document, timeout=timeout, attempts=attempts, max_wait=max_wait)[0]
+
+
+def post_json_reply(url: str, document: dict[str, Any], *, timeout: float, attempts: int,
+                    max_wait: float = 8.0) -> tuple[int, Any]:
+    """post_json, and the answer's body read as JSON (None when it is empty or not JSON)."""
     try:
         with httpx.Client(timeout=timeout, follow_redirects=False) as client:
             for attempt in Retrying(stop=stop_after_attempt(attempts), reraise=True,
@@ -39,9 +45,13 @@ def post_json(url: str, document: dict[str, Any], *, timeout: float, attempts: i
                 with attempt:
                     response = client.post(url, json=document)
                     response.raise_for_status()
-        return response.status_code
     except httpx.HTTPStatusError as exc:
         raise WebhookError(f"answered HTTP {exc.response.status_code}") from None
     except httpx.HTTPError as exc:
         # httpx's own messages may quote the request's URL; the kind of fault is enough.
         raise WebhookError(f"{type(exc).__name__} after {attempts} attempt(s)") from None
+    try:
+        reply = response.json() if response.content else None
+    except ValueError:
+        reply = None
+    return response.status_code, reply

@@ -43,6 +43,8 @@ from tasks.patching.plan.report import compliance_rows, summary_markdown
 from tasks.patching.plan.rollout import Batch, Rollout, RolloutPlan, plan
 from tasks.patching.report import write_records_task
 from tasks.patching.safety.recovery_gate import point_policy
+from tasks.patching.safety.notice import announce, conclude, held_back, stops
+from tasks.patching.safety.report import unavailability_rows
 from tasks.patching.slots import reboot_limit_name, update_domain_slot
 from tasks.patching.survey import EnrollmentRow, enroll_task, survey_batches, survey_task
 from tasks.rendering import artifact_key, markdown_text
@@ -152,8 +154,11 @@ def patch_batch(batch: Batch, fleet: PatchFleet, ctx: PatchContext, report: Asse
     log.info("batch starting", batch=batch.index, update_domain=batch.update_domain, hosts=batch.hosts)
     try:
         with update_domain_slot(batch.update_domain, slot_timeout_seconds):
-            futures = [patch_host_task.submit(hosts[name], ctx, enrollments[name], plans[name]) for name in batch.hosts]
-            return [future.result() for future in futures]
+            told = announce(ctx, batch, hosts, plans)
+            futures = [patch_host_task.submit(hosts[name], ctx, enrollments[name], plans[name])
+                       for name in batch.hosts if not stops(told.get(name))]
+            patched = [future.result() for future in futures]
+            return conclude(ctx, batch, hosts, told, patched + held_back(ctx, told, plans))
     except TimeoutError:
         reason = (f"update domain {batch.update_domain} is being patched by another run "
                   f"(concurrency limit {reboot_limit_name(batch.update_domain)} stayed busy)")
@@ -172,6 +177,9 @@ def publish_report(report: PatchRunReport) -> None:
         return
     create_table_artifact(key=artifact_key("patch", report.scope, "compliance"), table=compliance_rows(report.records),
                           description=f"{title}: compliance per host and update")
+    if measured := unavailability_rows(report.records):
+        create_table_artifact(key=artifact_key("patch", report.scope, "unavailability"), table=measured,
+                              description=f"{title}: measured unavailability per host, update domain and run")
     create_markdown_artifact(key=artifact_key("patch", report.scope, "summary"), description=title,
                              markdown=summary_markdown(title, report.records, plan_text=report.plan.as_text(),
                                                        stopped=report.stopped))

@@ -32,6 +32,8 @@ from tasks.patching.linux_host import InstallResult
 from tasks.patching.models import ComplianceState, Enrollment, HostPatchRecord, Update, UpdateOutcome
 from tasks.patching.plan import windows
 from tasks.patching.plan.host import HostPlan, unpatched_updates
+from tasks.patching.safety.clock import after_what, clock_task
+from tasks.patching.safety.unavailability import meter_for
 from tasks.patching.reboot_gate import RebootFailed, decide, reboot_and_wait
 from tasks.patching.safety.recovery_gate import PointPolicy, gate_host
 from tasks.patching.safety.rollback import after_failed_health
@@ -195,10 +197,14 @@ def _patch_host(host: HostConfig, ctx: PatchContext, enrollment: Enrollment, pla
         if refused:
             return record.model_copy(update={"status": "skipped", "reason": refused,
                                              "updates": unpatched_updates(plan, refused)})
-    installed = install_task(host, ctx.base_dir, enrollment, plan.install, policy.max_duration_minutes * 60.0)
-    outcomes = list(installed.outcomes)
-    gate = reboot_gate_task(host, ctx, enrollment, plan, installed.reboot_required or plan.reboot_pending,
-                            record.model_copy(update={"updates": [*plan.held, *outcomes]}))
+    with meter_for(host, ctx.base_dir, policy.unavailability, policy.health_probes, plan.update_domain) as meter:
+        installed = install_task(host, ctx.base_dir, enrollment, plan.install, policy.max_duration_minutes * 60.0)
+        outcomes = list(installed.outcomes)
+        gate = reboot_gate_task(host, ctx, enrollment, plan, installed.reboot_required or plan.reboot_pending,
+                                record.model_copy(update={"updates": [*plan.held, *outcomes]}))
+        unavailability = meter.finish(policy.unavailability.settle_seconds)
+    log.info("unavailability measured", host=host.name, seconds=round(unavailability.seconds, 2),
+             resolution=unavailability.resolution_seconds, probe=unavailability.probe)
     outcomes = _after_reboot(outcomes, gate.still_pending) if gate.rebooted else outcomes
     problems = [f"{o.update_id}: {o.reason}" for o in outcomes if o.state is ComplianceState.FAILED]
     if gate.error:
@@ -208,6 +214,9 @@ def _patch_host(host: HostConfig, ctx: PatchContext, enrollment: Enrollment, pla
         problems.append(f"health: {unhealthy}")
         record, rolled_back = after_failed_health(host, ctx, record)
         problems += rolled_back
+    clock = clock_task(host, ctx.base_dir, policy.clock, after_what(gate.rebooted, unavailability)) if policy.clock else None
+    if clock is not None and clock.failure:
+        problems.append(f"health: {clock.failure}")
     if policy.post_hooks and not gate.error:
         with connect(host, base_dir=ctx.base_dir) as conn:
             post = _run_hooks(conn, policy.post_hooks, policy.hook_timeout_seconds, "post")
@@ -217,5 +226,5 @@ def _patch_host(host: HostConfig, ctx: PatchContext, enrollment: Enrollment, pla
     return record.model_copy(update={
         "status": "failed" if problems else "succeeded", "reason": reason, "rebooted": gate.rebooted,
         "boot_id_before": gate.boot_id_before, "boot_id_after": gate.boot_id_after,
-        "updates": [*plan.held, *outcomes],
+        "updates": [*plan.held, *outcomes], "unavailability": unavailability, "clock": clock,
     })

@@ -16,6 +16,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from configs.policies import Classification, Severity
 from tasks.patching.safety.records import RecoveryRecord
+from tasks.patching.safety.records import ClockReading, NoticeAnswer, Unavailability
 
 
 class _Frozen(BaseModel):
@@ -121,6 +122,9 @@ class HostPatchRecord(_Frozen):
     recovery: RecoveryRecord | None = Field(
         default=None, description="The recovery points that let the host be patched, and any rollback (policies "
                                   "with a recovery_point gate).")
+    unavailability: Unavailability | None = Field(default=None, description="Measured while it was patched; none when it was not.")
+    clock: ClockReading | None = Field(default=None, description="Its clock after the install, when the policy checks it.")
+    notices: list[NoticeAnswer] = Field(default_factory=list, description="What the policy's notice hook answered.")
 
     def count(self, state: ComplianceState) -> int:
         return sum(1 for outcome in self.updates if outcome.state is state)

@@ -89,6 +89,8 @@ class RebootWatcher:
 
     def __init__(self) -> None:
         self.hosts: list[SshdHost] = []
+        #: How long a simulated reboot keeps a host down before its sshd starts again.
+        self.down_for = 0.3
         self.reboots: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="reboot-watcher", daemon=True)
@@ -99,7 +101,7 @@ class RebootWatcher:
             for host in list(self.hosts):
                 if (host.run_dir / REBOOT_REQUEST).exists():
                     self.reboots[host.name] = self.reboots.get(host.name, 0) + 1
-                    host.reboot(down_for=0.3)
+                    host.reboot(down_for=self.down_for)
 
     def close(self) -> None:
         self._stop.set()

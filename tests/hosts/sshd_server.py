@@ -9,6 +9,7 @@ real paths by the product.
 from __future__ import annotations
 
 import os
+import pwd
 import shlex
 import shutil
 import signal
@@ -145,6 +146,9 @@ class SshdHost:
     _process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _reboot_thread: threading.Thread | None = field(default=None, repr=False)
     _reboot_error: BaseException | None = field(default=None, repr=False)
+    #: Each simulated reboot's (went down, listening again), in time.monotonic() seconds: its
+    #: real length as the host saw it.
+    outages: list[tuple[float, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -256,9 +260,14 @@ class SshdHost:
         if not self.namespace:
             return sshd
         mount = shutil.which("mount") or "/bin/mount"
+        # A host of its own does not run the controller's shell start-up file either: a simulated
+        # reboot kills sessions as they start, and one killed inside it (pyenv's rehash, say) can
+        # leave a lock that every later shell on the machine then waits on.
+        bashrc = shlex.quote(str(Path(pwd.getpwnam(self.user).pw_dir) / ".bashrc"))
         script = " && ".join([
             f"{mount} --bind {shlex.quote(str(self.run_dir))} /run",
             f"{mount} --bind {shlex.quote(str(self.boot_id_path))} {BOOT_ID}",
+            f"{{ [ ! -e {bashrc} ] || {mount} --bind /dev/null {bashrc}; }}",
             "exec " + shlex.join(sshd),
         ])
         return ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", script]
@@ -332,6 +341,7 @@ class SshdHost:
         if not self.namespace:
             raise RuntimeError(f"sshd host {self.name!r}: reboot() needs a host made with namespace=True")
         self.join_reboot()
+        went_down = time.monotonic()
         self.stop()
         for entry in self.run_dir.iterdir():
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
@@ -341,6 +351,7 @@ class SshdHost:
             try:
                 time.sleep(down_for)
                 self.start()
+                self.outages.append((went_down, time.monotonic()))
             except BaseException as exc:  # noqa: BLE001 - reported by join_reboot()
                 self._reboot_error = exc
 

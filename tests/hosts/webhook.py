@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -27,6 +27,8 @@ class WebhookReceiver:
     posts: list[dict[str, Any]] = field(default_factory=list)
     failures: list[int] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: What a post is answered with (a JSON body) when it is accepted; None: "ok".
+    reply: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
     @property
     def url(self) -> str:
@@ -42,6 +44,7 @@ class WebhookReceiver:
         with self.lock:
             self.posts.clear()
             self.failures.clear()
+            self.reply = None
 
     def received(self, event: str | None = None) -> list[dict[str, Any]]:
         with self.lock:
@@ -59,16 +62,19 @@ def _handler(receiver: WebhookReceiver) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            answer = b"ok"
             with receiver.lock:
                 status = receiver.failures.pop(0) if receiver.failures else 200
                 if status == 200 and self.path == f"/hooks/{receiver.token}":
                     receiver.posts.append(json.loads(body))
+                    if receiver.reply is not None:
+                        answer = json.dumps(receiver.reply(receiver.posts[-1])).encode()
                 elif status == 200:
                     status = 404
             self.send_response(status)
-            self.send_header("Content-Length", "2")
+            self.send_header("Content-Length", str(len(answer)))
             self.end_headers()
-            self.wfile.write(b"ok")
+            self.wfile.write(answer)
 
         def log_message(self, *_: Any) -> None:
             pass

@@ -20,6 +20,7 @@ from tasks.backup import remote_restore
 from tasks.backup.sources import windows_direct_upload as staged
 from tasks.drill import readiness
 from tasks.patching import windows_update
+from tasks.patching.safety import clock
 
 POWERSHELL = Language(tree_sitter_powershell.language())
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,7 +46,7 @@ def test_every_script_the_code_sends_is_checked() -> None:
     sent = {winrm.STDIN_LOADER, winrm.BOOT_IDENTITY, winrm.FILE_WRITE_CHUNK, winrm.FILE_COMMIT, winrm.FILE_STAT,
             winrm.FILE_READ_CHUNK, snapshot.VSS_SCRIPT, snapshot.VSS_REMOVE_SCRIPT, staged.HOST_SCRIPT,
             windows_update.SCRIPT, probes.WINDOWS_SCRIPT, readiness.FREE_SPACE_SCRIPT,
-            remote_restore.WINDOWS_SCRIPT}
+            remote_restore.WINDOWS_SCRIPT, clock.WINDOWS_SCRIPT}
     missing = sorted(str(path) for path in sent if path.resolve() not in SCRIPTS)
     assert not missing, f"sent to hosts but not found by the glob: {missing}"
 

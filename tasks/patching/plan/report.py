@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from configs.secrets import redact
 from tasks.patching.models import ComplianceState, HostPatchRecord
-from tasks.patching.safety.report import recovery_markdown
+from tasks.patching.safety.report import recovery_markdown, unavailability_markdown
 from tasks.rendering import markdown_text
 
 
 def compliance_rows(records: list[HostPatchRecord]) -> list[dict[str, str]]:
     rows: list[dict[str, str]] = []
     for record in sorted(records, key=lambda r: r.host):
-        base = {"host": record.host, "status": record.status, "rebooted": "yes" if record.rebooted else "no"}
+        base = {"host": record.host, "status": record.status, "rebooted": "yes" if record.rebooted else "no",
+                "unavailable": record.unavailability.text() if record.unavailability else "not measured"}
         if not record.updates:
             rows.append({**base, "update": "", "classification": "", "state": "", "reason": redact(record.reason)})
         for outcome in record.updates:
@@ -35,5 +36,5 @@ def summary_markdown(title: str, records: list[HostPatchRecord], *, plan_text: s
         lines.append(f"| {markdown_text(r.host)} | {r.status} | {'yes' if r.rebooted else 'no'} | "
                      + " | ".join(str(c) for c in counts) + f" | {markdown_text(r.reason)} |")
     lines += recovery_markdown(records)
-    lines += ["", "## Plan", "", "```", plan_text, "```"]
+    lines += ["", *unavailability_markdown(records), "## Plan", "", "```", plan_text, "```"]
     return redact("\n".join(lines))
