@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize("private", [True, False], ids=["background-server", "configured-server"])
 def test_manual_actions_are_not_asked_for_on_the_private_server(monkeypatch: pytest.MonkeyPatch, private: bool) -> None:
-    """Stops at the decision: Prefect's pause is replaced by one that records it was asked and
+    """Stops at the decision: the pause (flows/pause.py) is replaced by one that records it was asked and
     raises (a real pause needs a flow run on a server a person resumes, which is not the point here)."""
     import flows.drill as drill_flow
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -30,11 +30,11 @@ def test_manual_actions_are_not_asked_for_on_the_private_server(monkeypatch: pyt
     group = [dataclasses.replace(member, spec=member.spec.model_copy(update={"pre_actions": [manual]}))]
     asked: list[str] = []
 
-    def pause(**_: object) -> None:
+    def pause(*_: object, **__: object) -> None:
         asked.append("paused")
         raise RuntimeError("paused")
 
-    monkeypatch.setattr(drill_flow, "pause_flow_run", pause)
+    monkeypatch.setattr(drill_flow, "wait_for_answer", pause)
     if private:
         monkeypatch.setenv("PATCHDRILL_PRIVATE_API", "1")
     else:
