@@ -95,7 +95,9 @@ def forget_and_prune(repo: Repository, rules: KeepRules, *, hosts: Sequence[str]
         forgotten = _forget(repo, rules, hosts, None, dry_run) if not rules.keeps_everything else ForgetReport()
         if prune_data == "never" or (prune_data == "after-forget" and not forgotten.forgotten):
             return forgotten, None
-        return forgotten, _prune(repo, dry_run, held.removed_stale)
+        # A dry run forgot nothing, so the points it would forget are still there: prune must
+        # count as if they were gone, or it reports the data they alone hold as kept.
+        return forgotten, _prune(repo, dry_run, held.removed_stale, frozenset(forgotten.forgotten))
 
 
 def _forget(repo: Repository, rules: KeepRules, hosts: Sequence[str] | None, disk: str | None,
@@ -118,9 +120,10 @@ def _forget(repo: Repository, rules: KeepRules, hosts: Sequence[str] | None, dis
     return report
 
 
-def _prune(repo: Repository, dry_run: bool, stale_removed: list[str]) -> PruneReport:
+def _prune(repo: Repository, dry_run: bool, stale_removed: list[str], forgotten: frozenset[str] = frozenset()) -> PruneReport:
+    """`forgotten`: point keys to treat as gone (a dry run's forget left them in place)."""
     report = PruneReport(dry_run=dry_run, stale_locks_removed=list(stale_removed))
-    points = repo.points()
+    points = [point for point in repo.points() if point.key not in forgotten]
     report.points = len(points)
     # An unreadable map must stop prune: deleting "unreferenced" chunks without knowing
     # what that point names could destroy it.
