@@ -15,8 +15,17 @@ PreviousMap = BlockMap | dict[str, TreeEntry] | None
 
 def damaged_chunks(repo: Repository, previous: PreviousMap, known: set[bytes]) -> set[bytes]:
     """Chunks a backup must write again even for unchanged data: recorded by verify as corrupt
-    or missing, or named by the parent's map and absent from the store (`known`)."""
-    return set(repo.damaged_chunks()) | (_chunks_of(previous) - known)
+    or missing, or named by the parent's map and absent from the store.
+
+    `known` is what the index says is stored. A parent chunk it lacks is looked up in the store
+    (one exists() each; none when the index is whole) and added to `known` when there."""
+    absent = set()
+    for chunk_id in _chunks_of(previous) - known:
+        if repo.has_chunk(chunk_id):
+            known.add(chunk_id)
+        else:
+            absent.add(chunk_id)
+    return set(repo.damaged_chunks()) | absent
 
 
 def damaged_blocks(previous: BlockMap | None, damaged: set[bytes]) -> set[int]:
