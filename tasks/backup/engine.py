@@ -13,7 +13,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any, Literal, Sequence
+from typing import Any, Container, Literal, Sequence
 
 import structlog
 from pydantic import BaseModel, ConfigDict
@@ -41,18 +41,17 @@ class _ChunkWriter:
     `only_damaged` (repair) writes nothing else.
     """
 
-    def __init__(self, repo: Repository, known: set[bytes], progress: ProgressSink,
+    def __init__(self, repo: Repository, indexed: Container[bytes], progress: ProgressSink,
                  damaged: set[bytes] | None = None, *, only_damaged: bool = False,
-                 indexed: set[bytes] | None = None) -> None:
+                 found: set[bytes] | None = None) -> None:
         self.repo = repo
         self.damaged = set(damaged or ())
-        self.known = known - self.damaged
         #: what the index files name: a changed block matching one is looked up before it is
         #: skipped, since a chunk deleted behind the index's back must be uploaded again
-        self.indexed = indexed if indexed is not None else set()
-        #: stored ids this run wrote, found already there, or looked up: its own index file
-        #: names those the index does not
-        self.confirmed: set[bytes] = set(known - self.indexed)
+        self.indexed = indexed
+        #: stored ids this run wrote, found already there or looked up (`found`: those it knew
+        #: of before the scan); its own index file names those the index does not
+        self.seen: set[bytes] = set(found or ()) - self.damaged
         self.repaired: set[bytes] = set()
         self.only_damaged = only_damaged
         self.progress = progress
@@ -77,12 +76,11 @@ class _ChunkWriter:
                 # and if this upload fails the whole backup fails before any point is written.
                 rewrite = chunk_id in self.damaged
                 self.damaged.discard(chunk_id)
-                wanted = changed and not self.only_damaged
-                new = wanted and chunk_id not in self.known
-                look_up = wanted and not new and not rewrite and chunk_id not in self.confirmed
-                self.known.add(chunk_id)
+                wanted = changed and not self.only_damaged and not rewrite and chunk_id not in self.seen
+                look_up = wanted and chunk_id in self.indexed
+                new = wanted and not look_up
                 if new or rewrite or look_up:
-                    self.confirmed.add(chunk_id)
+                    self.seen.add(chunk_id)
             if look_up and not self.repo.has_chunk(chunk_id):
                 log.warning("backup.index_stale", chunk=chunk_id.hex())
                 new = True
@@ -102,7 +100,7 @@ class _ChunkWriter:
     def write_index(self) -> None:
         """This run's index file: the stored chunks the index did not name. Written after every
         upload and before the point, so a point's new chunks are indexed before it exists."""
-        self.repo.write_index(self.confirmed - self.indexed)
+        self.repo.write_index({chunk_id for chunk_id in self.seen if chunk_id not in self.indexed})
 
     def _count(self, **amounts: int) -> None:
         with self._totals_lock:
@@ -175,10 +173,10 @@ def scan_and_upload(repo: Repository, source: BlockSource | TreeSource, request:
     moment = request.snapshot_time or utcnow()
     parent = repo.latest_point(request.host, request.disk)
     index = chunk_index.load(repo)
-    known = set(index.ids)
+    found = set(index.listing or ())
     previous = _previous_map(repo, parent, request.block_size)
-    damaged = damaged_chunks(repo, previous, known)
-    writer = _ChunkWriter(repo, known, sink, damaged, indexed=set() if index.listed else index.ids)
+    damaged = damaged_chunks(repo, previous, index, found)
+    writer = _ChunkWriter(repo, index, sink, damaged, found=found)
     scanned = _scan(source, request, previous, writer, sink)
     # The last moment to stop: a scan cut short by a stop holds only part of the disk.
     cancel.check()

@@ -7,8 +7,7 @@ import random
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
-from urllib.parse import unquote
+from typing import Iterator
 
 import pytest
 from azure.storage.blob import ContainerClient
@@ -18,26 +17,16 @@ from tasks.backup.engine import BackupRequest, backup
 from tasks.backup.repo import index as chunk_index
 from tasks.backup.repo.repository import Repository
 from tasks.backup.sources.local import LocalBlockSource
-from tests.hosts.azurite import AzuriteServer
+from tests.hosts.azurite import AzuriteServer, ListRequests
 
 BLOCK = 64 * 1024
 #: more than one page of a listing (5,000 names): listing chunks/ would take one call more
 EXTRA_CHUNKS = 5_200
 
 
-class ListCalls:
-    def __init__(self) -> None:
-        self.prefixes: list[str] = []
-
-    def __call__(self, request: Any) -> None:
-        query = request.http_request.query
-        if query.get("comp") == "list":
-            self.prefixes.append(unquote(query.get("prefix", "")))
-
-
 @pytest.fixture
-def counted(azurite: AzuriteServer) -> Iterator[tuple[AzureBlobStore, ListCalls]]:
-    calls = ListCalls()
+def counted(azurite: AzuriteServer) -> Iterator[tuple[AzureBlobStore, ListRequests]]:
+    calls = ListRequests()
     container = ContainerClient.from_connection_string(azurite.connection_string, f"t-{uuid.uuid4().hex[:24]}",
                                                        raw_request_hook=calls)
     container.create_container()
@@ -48,7 +37,7 @@ def counted(azurite: AzuriteServer) -> Iterator[tuple[AzureBlobStore, ListCalls]
         container.close()
 
 
-def _backup_counting(repo: Repository, image: Path, calls: ListCalls, block: int) -> list[str]:
+def _backup_counting(repo: Repository, image: Path, calls: ListRequests, block: int) -> list[str]:
     with open(image, "r+b") as handle:
         handle.seek(block * BLOCK)
         handle.write(random.Random(block + 100).randbytes(BLOCK))
@@ -58,7 +47,7 @@ def _backup_counting(repo: Repository, image: Path, calls: ListCalls, block: int
     return list(calls.prefixes)
 
 
-def test_list_calls_per_backup_do_not_grow_with_stored_chunks(counted: tuple[AzureBlobStore, ListCalls],
+def test_list_calls_per_backup_do_not_grow_with_stored_chunks(counted: tuple[AzureBlobStore, ListRequests],
                                                                tmp_path: Path) -> None:
     store, calls = counted
     repo = Repository.open(store, create=True)

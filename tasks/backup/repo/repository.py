@@ -352,14 +352,14 @@ class Repository:
             pass  # the same content, written before
         return key
 
-    def read_index(self, key: str) -> set[bytes]:
-        """The chunk ids an index file names; ChunkCorrupt if it is not intact, BlobNotFound if gone."""
+    def read_index(self, key: str) -> bytes:
+        """The sorted 32-byte chunk ids an index file names, concatenated; ChunkCorrupt if the file
+        is not intact, BlobNotFound if it is gone."""
         self._need_key()
         data = self.codec.decode(bytes.fromhex(content_id(key)), self.store.get(key), point=None)
         if not data.startswith(INDEX_MAGIC) or (len(data) - len(INDEX_MAGIC)) % 32:
             raise ChunkCorrupt(content_id(key), None, "is not an index file")
-        view = memoryview(data)[len(INDEX_MAGIC):]
-        return {bytes(view[i:i + 32]) for i in range(0, len(view), 32)}
+        return data[len(INDEX_MAGIC):]
 
     def delete_index(self, key: str) -> None:
         try:

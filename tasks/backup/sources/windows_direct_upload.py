@@ -138,7 +138,8 @@ def plan_upload(repo: Repository, host: str, disk: str, size: int, block_size: i
     if rehash:
         changed = tuple(range(expected))
     else:
-        forced = damaged_blocks(previous, damaged_chunks(repo, previous, set(chunk_index.load(repo).ids)))
+        index = chunk_index.load(repo)
+        forced = damaged_blocks(previous, damaged_chunks(repo, previous, index, set(index.listing or ())))
         changed = tuple(changed_blocks(fingerprints, unmatchable(previous, forced), FINGERPRINT, block_size))
     return UploadPlan(host, disk, prefix, size, block_size, fingerprints, changed)
 
