@@ -97,7 +97,8 @@ def local(sizes: list[int], disk_mib: int, runs: int, workdir: Path) -> None:
         repo = Repository.open(store, create=True)
         _fill_local(repo, root, count)
         image = workdir / f"disk-{count}.img"
-        image.write_bytes(random.Random(1).randbytes(disk_mib * BLOCK))
+        rng = random.Random(1)
+        image.write_bytes(b"".join(rng.randbytes(BLOCK) for _ in range(disk_mib)))
         seconds = _incremental(repo, image, runs)
         times.append(seconds)
         print(f"{count:>14,} {seconds:>9.3f} {_listing_seconds(repo):>18.3f}")
