@@ -62,6 +62,7 @@ bench: bootstrap
 	@$(UV) run --frozen python bench/backup_vs_restic.py
 	@$(UV) run --frozen python bench/fanout_vs_ansible.py
 	@$(UV) run --frozen python bench/worker_capacity.py
+	@$(UV) run --frozen python bench/repo_index.py
 
 clean:
 	rm -rf .lab .bench .pytest_cache

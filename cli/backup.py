@@ -357,13 +357,17 @@ def repair(config: ConfigOption = DEFAULT_CONFIG, policy: PolicyOption = None, a
         repo = _run(lambda: open_repository(loaded.config.storage, loaded.base_dir, chosen))
         report = _run(lambda: repair_repository(repo, partial(live_source, loaded.config, loaded.base_dir),
                                                 workers=chosen.workers))
-    emit(vars(report) | {"damaged_points": report.damaged_points, "ok": report.ok}, as_json,
+    emit(vars(report) | {"index": vars(report.index), "damaged_points": report.damaged_points, "ok": report.ok}, as_json,
          lambda _: _render_repair(report))
     if not report.ok:
         raise typer.Exit(1)
 
 
 def _render_repair(report: Any) -> None:
+    index = report.index
+    if index.rebuilt:
+        console.print(f"index rebuilt from the store's {index.stored} chunks ({index.stale} stale entries, "
+                      f"{index.unindexed} chunks unindexed, {index.unreadable} unreadable index files)", highlight=False)
     if not report.recorded:
         console.print("nothing to repair: no damage recorded (run `patchdrill verify` first)")
         return

@@ -13,12 +13,13 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any, Literal, Sequence
+from typing import Any, Container, Literal, Sequence
 
 import structlog
 from pydantic import BaseModel, ConfigDict
 
 from tasks.backup import cancel, progress as progress_mod
+from tasks.backup.repo import index as chunk_index
 from tasks.backup.repo.blockmap import BlockMap, TreeEntry, TreeMap
 from tasks.backup.progress import ProgressSink
 from tasks.backup.repo.damage import PreviousMap, damaged_blocks, damaged_chunks, unmatchable
@@ -40,11 +41,17 @@ class _ChunkWriter:
     `only_damaged` (repair) writes nothing else.
     """
 
-    def __init__(self, repo: Repository, known: set[bytes], progress: ProgressSink,
-                 damaged: set[bytes] | None = None, *, only_damaged: bool = False) -> None:
+    def __init__(self, repo: Repository, indexed: Container[bytes], progress: ProgressSink,
+                 damaged: set[bytes] | None = None, *, only_damaged: bool = False,
+                 found: set[bytes] | None = None) -> None:
         self.repo = repo
         self.damaged = set(damaged or ())
-        self.known = known - self.damaged
+        #: what the index files name: a changed block matching one is looked up before it is
+        #: skipped, since a chunk deleted behind the index's back must be uploaded again
+        self.indexed = indexed
+        #: stored ids this run wrote, found already there or looked up (`found`: those it knew
+        #: of before the scan); its own index file names those the index does not
+        self.seen: set[bytes] = set(found or ()) - self.damaged
         self.repaired: set[bytes] = set()
         self.only_damaged = only_damaged
         self.progress = progress
@@ -69,8 +76,14 @@ class _ChunkWriter:
                 # and if this upload fails the whole backup fails before any point is written.
                 rewrite = chunk_id in self.damaged
                 self.damaged.discard(chunk_id)
-                new = changed and not self.only_damaged and chunk_id not in self.known
-                self.known.add(chunk_id)
+                wanted = changed and not self.only_damaged and not rewrite and chunk_id not in self.seen
+                look_up = wanted and chunk_id in self.indexed
+                new = wanted and not look_up
+                if new or rewrite or look_up:
+                    self.seen.add(chunk_id)
+            if look_up and not self.repo.has_chunk(chunk_id):
+                log.warning("backup.index_stale", chunk=chunk_id.hex())
+                new = True
             if rewrite or new:
                 stored = self.repo.put_chunk(chunk_id, block.data, replace=rewrite)
                 self._count(uploaded_chunks=1 if stored else 0, uploaded_bytes=block.length if stored else 0,
@@ -83,6 +96,11 @@ class _ChunkWriter:
             return chunk_id, block.fingerprint or chunk_id
         finally:
             block.release()
+
+    def write_index(self) -> None:
+        """This run's index file: the stored chunks the index did not name. Written after every
+        upload and before the point, so a point's new chunks are indexed before it exists."""
+        self.repo.write_index({chunk_id for chunk_id in self.seen if chunk_id not in self.indexed})
 
     def _count(self, **amounts: int) -> None:
         with self._totals_lock:
@@ -154,13 +172,15 @@ def scan_and_upload(repo: Repository, source: BlockSource | TreeSource, request:
     # snapshot's from when it was taken.
     moment = request.snapshot_time or utcnow()
     parent = repo.latest_point(request.host, request.disk)
-    known = repo.chunk_ids()
+    index = chunk_index.load(repo)
+    found = set(index.listing or ())
     previous = _previous_map(repo, parent, request.block_size)
-    damaged = damaged_chunks(repo, previous, known)
-    writer = _ChunkWriter(repo, known, sink, damaged)
+    damaged = damaged_chunks(repo, previous, index, found)
+    writer = _ChunkWriter(repo, index, sink, damaged, found=found)
     scanned = _scan(source, request, previous, writer, sink)
     # The last moment to stop: a scan cut short by a stop holds only part of the disk.
     cancel.check()
+    writer.write_index()
     map_id = repo.put_map(scanned.map_body)
     totals = writer.totals.model_copy(update={"size": scanned.size, "skipped": len(getattr(source, "skipped", []))})
     return Upload(kind=scanned.kind, time=moment, source_path=source.path,
@@ -202,9 +222,10 @@ def rewrite_damaged(repo: Repository, source: BlockSource | TreeSource, request:
     # Positions mean the same only at one block size: the newest point's.
     block_size = points[-1].block_size
     maps = [m for m in (_previous_map(repo, p, block_size) for p in points) if m is not None]
-    writer = _ChunkWriter(repo, repo.chunk_ids(), sink, damaged, only_damaged=True)
+    writer = _ChunkWriter(repo, set(), sink, damaged, only_damaged=True)
     # The newest map drives the scan; the others add the positions they had damaged chunks at.
     _scan(source, replace(request, block_size=block_size), maps[-1], writer, sink, also=maps[:-1])
+    writer.write_index()
     for chunk_id in writer.repaired:
         repo.clear_damage(chunk_id.hex())
     return writer.repaired

@@ -20,6 +20,7 @@ from connectors.stores import StoreError
 from tasks.backup.engine import BackupRequest, rewrite_damaged
 from tasks.backup.scheduling import default_workers
 from tasks.backup.errors import BackupError
+from tasks.backup.repo import index as chunk_index
 from tasks.backup.repo.repository import RecoveryPoint, Repository
 from tasks.backup.sources.base import BlockSource, TreeSource
 from tasks.backup.repo.verify import readable_points, referenced_chunks
@@ -30,8 +31,24 @@ SourceOpener = Callable[[str, str], AbstractContextManager[BlockSource | TreeSou
 
 
 @dataclass
+class IndexSummary:
+    """The index check repair starts with (docs/repository.md, *Index*)."""
+
+    stored: int = 0
+    #: entries naming chunks the store lacks
+    stale: int = 0
+    #: stored chunks no index file named
+    unindexed: int = 0
+    #: index files that were torn or altered
+    unreadable: int = 0
+    #: whether the index was replaced by one built from a listing
+    rebuilt: bool = False
+
+
+@dataclass
 class RepairReport:
-    #: damaged chunks verify had recorded when repair started
+    index: IndexSummary = field(default_factory=IndexSummary)
+    #: damaged chunks recorded (by verify, or by the index check) when the rewrite started
     recorded: int = 0
     repaired: list[str] = field(default_factory=list)
     #: chunk id -> points that still name it, damaged
@@ -51,14 +68,28 @@ class RepairReport:
 
 
 def repair(repo: Repository, open_source: SourceOpener, *, workers: int | None = None) -> RepairReport:
-    damaged = repo.damaged_chunks()
-    report = RepairReport(recorded=len(damaged))
-    if not damaged:
-        return report
     # A backup's lock: repair writes chunks the way a backup does, beside backups, never beside prune.
     with repo.lock("backup"):
-        points = readable_points(repo, report.broken_points)
-        users = referenced_chunks(repo, points, report.broken_points)
+        index = chunk_index.check_and_rebuild(repo)
+        report = RepairReport(index=IndexSummary(stored=index.stored, stale=len(index.stale),
+                                                 unindexed=index.unindexed, unreadable=len(index.unreadable),
+                                                 rebuilt=index.rebuilt))
+        points: list[RecoveryPoint] | None = None
+        users: dict[bytes, list[str]] = {}
+        if index.stale:
+            # Chunks deleted behind the index's back: the points naming them are damaged, as if
+            # verify had found them missing, and their data is looked for on the live disks.
+            points = readable_points(repo, report.broken_points)
+            users = referenced_chunks(repo, points, report.broken_points)
+            for chunk_id in index.stale & set(users):
+                repo.record_damage(chunk_id.hex(), "missing", sorted(users[chunk_id]))
+        damaged = repo.damaged_chunks()
+        report.recorded = len(damaged)
+        if not damaged:
+            return report
+        if points is None:
+            points = readable_points(repo, report.broken_points)
+            users = referenced_chunks(repo, points, report.broken_points)
         by_disk: dict[tuple[str, str], list[RecoveryPoint]] = {}
         named = {key for chunk_id in damaged for key in users.get(chunk_id, [])}
         for point in points:

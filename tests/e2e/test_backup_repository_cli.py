@@ -134,3 +134,19 @@ def test_nightly_run_shows_prune_deferred_in_its_artifact(prefect_server: None, 
     latest = [d for d in anyio.run(descriptions) if "prune deferred" in d]
     assert latest and "repository busy: a backup lock (locks/elsewhere.json) of pid 4242 on host db-7.example" in latest[0]
     assert len(list((tmp_path / "store" / "points").rglob("*.json"))) == 2
+
+
+def test_repair_rebuilds_a_deleted_index_from_the_command(prefect_server: None, lab: Path, tmp_path: Path,
+                                                         cli: Cli) -> None:
+    assert cli("backup", "-c", str(lab))[0] == 0
+    index = tmp_path / "store" / "index"
+    chunks = {p.name for p in (tmp_path / "store" / "chunks").rglob("*") if p.is_file()}
+    for leftover in index.iterdir():
+        leftover.unlink()
+    code, out, err = cli("repair", "-c", str(lab))
+    assert code == 0, err
+    assert f"index rebuilt from the store's {len(chunks)} chunks (0 stale entries, {len(chunks)} chunks" in out
+    assert len(list(index.iterdir())) == 1
+    code, out, err = cli("repair", "-c", str(lab), "--json")
+    assert code == 0 and json.loads(out)["index"] == {"stored": len(chunks), "stale": 0, "unindexed": 0,
+                                                     "unreadable": 0, "rebuilt": False}

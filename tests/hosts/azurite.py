@@ -22,7 +22,8 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+from urllib.parse import unquote
 
 import httpx
 import pytest
@@ -77,6 +78,19 @@ class AzuriteServer:
 
     def container(self, name: str) -> ContainerClient:
         return ContainerClient.from_connection_string(self.connection_string, name)
+
+
+class ListRequests:
+    """A `raw_request_hook` for a ContainerClient: the prefix of every List Blobs request it sends
+    (one per page of up to 5,000 names), as the service sees them."""
+
+    def __init__(self) -> None:
+        self.prefixes: list[str] = []
+
+    def __call__(self, request: Any) -> None:
+        query = request.http_request.query
+        if query.get("comp") == "list":
+            self.prefixes.append(unquote(query.get("prefix", "")))
 
 
 def ensure_azurite_installed() -> Path:

@@ -225,7 +225,8 @@ def test_damaged_and_missing_chunks_are_uploaded_again_and_rehash_reads_everythi
     blob = repo.store.get(chunk_key(corrupt))
     repo.store.put(chunk_key(corrupt), blob[:-1] + bytes([blob[-1] ^ 1]), overwrite=True)
     assert list(verify(repo).corrupt) == [corrupt.hex()]  # recorded for the next backup
-    repo.store.delete(chunk_key(missing))  # no verify ran since: found by the backup itself
+    repo.store.delete(chunk_key(missing))
+    assert list(verify(repo).missing) == [missing.hex()]  # deleted behind the index's back: verify finds it
 
     again = back_up_disk(config.storage, tmp_path, host, disk, POLICY)
     assert simulated.uploaded[1] == [3, 5]

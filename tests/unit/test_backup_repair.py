@@ -14,6 +14,7 @@ from connectors.stores import LocalBlobStore
 from tasks.backup.engine import BackupRequest, backup
 from tasks.backup.errors import ChunkCorrupt, SourceError
 from tasks.backup.repair import repair
+from tasks.backup.repo import index as chunk_index
 from tasks.backup.repo.repository import Repository, chunk_key
 from tasks.backup.restore import restore
 from tasks.backup.repo.retention import prune
@@ -73,16 +74,39 @@ def test_unchanged_file_with_a_bad_chunk_is_read_again(repo: Repository, store: 
     assert verify(repo).ok
 
 
-def test_missing_chunk_is_uploaded_again_without_verify(repo: Repository, store: LocalBlobStore, tmp_path: Path) -> None:
+def test_a_chunk_deleted_behind_the_index_is_found_by_verify_or_repair_and_written_again(
+        repo: Repository, store: LocalBlobStore, tmp_path: Path) -> None:
+    """Backups trust the index for unchanged blocks (docs/repository.md, *Index*): a chunk deleted
+    outside patchdrill is found by verify, or by repair's index check, and then written again."""
     image = tmp_path / "disk.img"
     image.write_bytes(random.Random(4).randbytes(8 * BLOCK))
-    backup(repo, LocalBlockSource(image), request())
+    first = backup(repo, LocalBlockSource(image), request())
     gone = repo.codec.chunk_id(image.read_bytes()[:BLOCK])
-    store.delete(chunk_key(gone))
 
+    store.delete(chunk_key(gone))
+    assert verify(repo).missing == {gone.hex(): [first.key]}
     second = backup(repo, LocalBlockSource(image), request())
     assert second.totals.repaired_chunks == 1
     assert verify(repo).ok
+
+    store.delete(chunk_key(gone))
+    found = repair(repo, lambda host, disk: _open(image))
+    assert (found.index.stale, found.index.rebuilt, found.repaired) == (1, True, [gone.hex()])
+    assert gone in chunk_index.load(repo).ids and verify(repo).ok
+
+    # The live disk cannot give it back: repair records it, and the next backup rewrites it.
+    store.delete(chunk_key(gone))
+
+    @contextmanager
+    def unreadable(host: str, disk: str) -> Iterator[BlockSource | TreeSource]:
+        raise SourceError(f"cannot back up {host}/{disk}: host unreachable")
+        yield  # pragma: no cover
+
+    found = repair(repo, unreadable)
+    assert found.index.stale == 1 and not found.ok and gone not in chunk_index.load(repo).ids
+    third = backup(repo, LocalBlockSource(image), request())
+    assert third.totals.repaired_chunks == 1 and third.totals.changed_blocks == 0
+    assert verify(repo).ok and repair(repo, unreadable).index.rebuilt is False
 
 
 def test_repair_rewrites_from_the_live_disk_and_names_what_stays_damaged(repo: Repository, store: LocalBlobStore,

@@ -181,7 +181,7 @@ def test_the_repository_core_stands_on_its_own() -> None:
 
 
 #: The first segment of every kind of key in a backup repository (docs/repository.md).
-REPOSITORY_KEYS = ("config.json", "chunks/", "maps/", "points/", "locks/", "damaged/", "staging/")
+REPOSITORY_KEYS = ("config.json", "chunks/", "maps/", "points/", "locks/", "damaged/", "staging/", "index/")
 
 
 def test_only_the_repository_module_names_repository_keys() -> None:

@@ -5,6 +5,7 @@ even when it did not change, so the backup writes the chunk anew."""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Container
 
 from tasks.backup.repo.blockmap import BlockMap, TreeEntry
 from tasks.backup.repo.repository import Repository
@@ -13,10 +14,24 @@ from tasks.backup.repo.repository import Repository
 PreviousMap = BlockMap | dict[str, TreeEntry] | None
 
 
-def damaged_chunks(repo: Repository, previous: PreviousMap, known: set[bytes]) -> set[bytes]:
+def damaged_chunks(repo: Repository, previous: PreviousMap, indexed: Container[bytes],
+                   found: set[bytes] | None = None) -> set[bytes]:
     """Chunks a backup must write again even for unchanged data: recorded by verify as corrupt
-    or missing, or named by the parent's map and absent from the store (`known`)."""
-    return set(repo.damaged_chunks()) | (_chunks_of(previous) - known)
+    or missing, or named by the parent's map and absent from the store.
+
+    `indexed` is what the index says is stored, `found` what this run knows is stored besides. A
+    parent chunk neither names is looked up in the store (one exists() each; none when the index
+    is whole) and, when there, added to `found`."""
+    found = found if found is not None else set()
+    absent = set()
+    for chunk_id in _chunks_of(previous):
+        if chunk_id in found or chunk_id in indexed or chunk_id in absent:
+            continue
+        if repo.has_chunk(chunk_id):
+            found.add(chunk_id)
+        else:
+            absent.add(chunk_id)
+    return set(repo.damaged_chunks()) | absent
 
 
 def damaged_blocks(previous: BlockMap | None, damaged: set[bytes]) -> set[int]:

@@ -46,6 +46,9 @@ STAGING_PREFIX = "staging/"
 LOCK_REFRESH = timedelta(minutes=5)
 LOCK_STALE = timedelta(minutes=30)
 DAMAGE_PREFIX = "damaged/"
+INDEX_PREFIX = "index/"
+#: The first bytes of an index file's plaintext; the 32-byte chunk ids follow, concatenated.
+INDEX_MAGIC = b"patchdrill-index 1\n"
 Consistency = Literal["application-consistent", "file-system-consistent", "crash-consistent"]
 
 
@@ -318,6 +321,51 @@ class Repository:
         """Every chunk blob with its id; `uncommitted` adds uploads that never completed."""
         for info in self.store.list("chunks/", uncommitted=uncommitted):
             yield bytes.fromhex(content_id(info.key)), info
+
+    def has_chunks(self) -> bool:
+        """Whether the store holds any chunk (one listing call, however many there are)."""
+        return next(iter(self.store.list("chunks/")), None) is not None
+
+    def has_chunk(self, chunk_id: bytes) -> bool:
+        return self.store.exists(chunk_key(chunk_id))
+
+    # -- the index of stored chunks (docs/repository.md, *Index*) ------------------------------
+
+    def index_keys(self) -> list[str]:
+        return sorted(info.key for info in self.store.list(INDEX_PREFIX))
+
+    def write_index(self, ids: set[bytes]) -> str | None:
+        """Store an index file naming ids; returns its key (None for no ids).
+
+        The file is content-addressed and encoded like a chunk: a put is atomic on both stores,
+        and a torn or altered file fails its hash on reading, so it is never taken as valid.
+        """
+        if not ids:
+            return None
+        self._need_key()
+        data = INDEX_MAGIC + b"".join(sorted(ids))
+        index_id = self.codec.chunk_id(data)
+        key = INDEX_PREFIX + index_id.hex()
+        try:
+            self.store.put(key, self.codec.encode(index_id, data), overwrite=False)
+        except BlobExists:
+            pass  # the same content, written before
+        return key
+
+    def read_index(self, key: str) -> bytes:
+        """The sorted 32-byte chunk ids an index file names, concatenated; ChunkCorrupt if the file
+        is not intact, BlobNotFound if it is gone."""
+        self._need_key()
+        data = self.codec.decode(bytes.fromhex(content_id(key)), self.store.get(key), point=None)
+        if not data.startswith(INDEX_MAGIC) or (len(data) - len(INDEX_MAGIC)) % 32:
+            raise ChunkCorrupt(content_id(key), None, "is not an index file")
+        return data[len(INDEX_MAGIC):]
+
+    def delete_index(self, key: str) -> None:
+        try:
+            self.store.delete(key)
+        except BlobNotFound:
+            pass
 
     def map_blobs(self) -> Iterator[tuple[str, BlobInfo]]:
         """Every block-map blob with its (hex) id."""

@@ -15,6 +15,7 @@ import structlog
 
 from configs.policies import KeepRules
 from connectors.stores import BlobNotFound
+from tasks.backup.repo import index as chunk_index
 from tasks.backup.repo.repository import LOCK_STALE, RecoveryPoint, Repository
 from tasks.backup.repo.staging import remove_staged
 from tasks.backup.repo.verify import referenced_chunks
@@ -95,7 +96,9 @@ def forget_and_prune(repo: Repository, rules: KeepRules, *, hosts: Sequence[str]
         forgotten = _forget(repo, rules, hosts, None, dry_run) if not rules.keeps_everything else ForgetReport()
         if prune_data == "never" or (prune_data == "after-forget" and not forgotten.forgotten):
             return forgotten, None
-        return forgotten, _prune(repo, dry_run, held.removed_stale)
+        # A dry run forgot nothing, so the points it would forget are still there: prune must
+        # count as if they were gone, or it reports the data they alone hold as kept.
+        return forgotten, _prune(repo, dry_run, held.removed_stale, frozenset(forgotten.forgotten))
 
 
 def _forget(repo: Repository, rules: KeepRules, hosts: Sequence[str] | None, disk: str | None,
@@ -118,23 +121,32 @@ def _forget(repo: Repository, rules: KeepRules, hosts: Sequence[str] | None, dis
     return report
 
 
-def _prune(repo: Repository, dry_run: bool, stale_removed: list[str]) -> PruneReport:
+def _prune(repo: Repository, dry_run: bool, stale_removed: list[str], forgotten: frozenset[str] = frozenset()) -> PruneReport:
+    """`forgotten`: point keys to treat as gone (a dry run's forget left them in place)."""
     report = PruneReport(dry_run=dry_run, stale_locks_removed=list(stale_removed))
-    points = repo.points()
+    points = [point for point in repo.points() if point.key not in forgotten]
     report.points = len(points)
     # An unreadable map must stop prune: deleting "unreferenced" chunks without knowing
     # what that point names could destroy it.
     live = referenced_chunks(repo, points)
     live_maps = {p.map.id for p in points}
+    old_index = repo.index_keys()
+    kept: set[bytes] = set()
+    doomed = []
     # Uncommitted too: a chunk upload killed midway (the SDK uploads blocks past 64 MiB).
     for chunk_id, info in list(repo.chunk_blobs(uncommitted=True)):
         if chunk_id in live:
-            report.chunks_kept += 1
+            kept.add(chunk_id)
             continue
-        report.chunks_deleted += 1
+        doomed.append(info.key)
         report.bytes_freed += info.size
-        if not dry_run:
-            _delete(repo, info.key)
+    report.chunks_kept, report.chunks_deleted = len(kept), len(doomed)
+    if not dry_run:
+        # The consolidated index is complete before the old files go, and it names no chunk
+        # about to be deleted, so a crash anywhere leaves an index that names only stored chunks.
+        chunk_index.replace(repo, kept, old_index)
+        for key in doomed:
+            _delete(repo, key)
     for map_id, info in list(repo.map_blobs()):
         if map_id not in live_maps:
             report.maps_deleted += 1

@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from connectors.base import CommandResult, Connector
 from connectors.stores import BlobNotFound, BlobStore
+from tasks.backup.repo import index as chunk_index
 from tasks.backup.repo.blockmap import BlockMap
 from tasks.backup.repo.damage import damaged_blocks, damaged_chunks, unmatchable
 from tasks.backup.errors import SourceError
@@ -137,7 +138,8 @@ def plan_upload(repo: Repository, host: str, disk: str, size: int, block_size: i
     if rehash:
         changed = tuple(range(expected))
     else:
-        forced = damaged_blocks(previous, damaged_chunks(repo, previous, repo.chunk_ids()))
+        index = chunk_index.load(repo)
+        forced = damaged_blocks(previous, damaged_chunks(repo, previous, index, set(index.listing or ())))
         changed = tuple(changed_blocks(fingerprints, unmatchable(previous, forced), FINGERPRINT, block_size))
     return UploadPlan(host, disk, prefix, size, block_size, fingerprints, changed)
 

@@ -1,0 +1,128 @@
+"""What the store holds, from its index files instead of a listing of chunks/ (restic's index).
+
+A backup reads the index files (one listing of index/, one read per file) to learn which chunks
+are stored, and writes one file of its own naming the chunks it stored; prune consolidates them
+into one under its exclusive lock, and repair rebuilds them from a listing when they are missing
+or stale. docs/repository.md, *Index*, says why a backup stays safe when the index is wrong.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import structlog
+
+from connectors.stores import BlobNotFound
+from tasks.backup.errors import ChunkCorrupt
+from tasks.backup.repo.repository import Repository
+
+log = structlog.stdlib.get_logger("patchdrill.backup")
+
+
+class SortedIds:
+    """The ids of one index file, searched in place: building a set of every id would cost each
+    backup time in proportion to the repository, a lookup here costs ~17 comparisons."""
+
+    def __init__(self, packed: bytes) -> None:
+        self._packed = packed
+
+    def __len__(self) -> int:
+        return len(self._packed) // 32
+
+    def __getitem__(self, position: int) -> bytes:
+        return self._packed[position * 32:position * 32 + 32]
+
+    def __contains__(self, chunk_id: object) -> bool:
+        position = bisect_left(self, chunk_id)  # type: ignore[call-overload]
+        return position < len(self) and self[position] == chunk_id
+
+    def __iter__(self) -> Iterator[bytes]:
+        return (self[i] for i in range(len(self)))
+
+
+@dataclass
+class ChunkIndex:
+    #: the index files read
+    files: list[str] = field(default_factory=list)
+    #: index file -> why it could not be read (torn, altered): its chunks count as not indexed
+    unreadable: dict[str, str] = field(default_factory=dict)
+    #: what a listing of chunks/ found, when no index file existed beside stored chunks
+    #: (None when there was an index): a backup then writes all of it into its own file
+    listing: set[bytes] | None = None
+    parts: list[SortedIds] = field(default_factory=list)
+
+    def __contains__(self, chunk_id: object) -> bool:
+        """Whether an index file names chunk_id (a listing that stood in for one does not count)."""
+        return any(chunk_id in part for part in self.parts)
+
+    @property
+    def listed(self) -> bool:
+        return self.listing is not None
+
+    @property
+    def ids(self) -> set[bytes]:
+        """Every id known, as one set: for repair and prune, which list the store anyway."""
+        return set(self.listing or ()).union(*self.parts)
+
+
+def load(repo: Repository) -> ChunkIndex:
+    """The chunks the index names; a repository with chunks but no index file at all (made before
+    the index, or its index deleted) is listed once instead, and `listing` holds what was found."""
+    index = ChunkIndex(files=repo.index_keys())
+    if not index.files:
+        if repo.has_chunks():
+            index.listing = repo.chunk_ids()
+            log.warning("index.missing", repository=repo.name, chunks=len(index.listing))
+        return index
+    for key in index.files:
+        try:
+            index.parts.append(SortedIds(repo.read_index(key)))
+        except BlobNotFound:
+            continue  # consolidated by prune or repair while this read: its chunks are in the new file
+        except ChunkCorrupt as exc:
+            index.unreadable[key] = str(exc)
+            log.warning("index.unreadable", repository=repo.name, file=key, error=str(exc))
+    return index
+
+
+@dataclass
+class IndexCheck:
+    """What repair found comparing the index with a listing of the store."""
+
+    indexed: int = 0
+    stored: int = 0
+    #: chunk ids the index names that the store lacks (deleted behind its back)
+    stale: set[bytes] = field(default_factory=set)
+    #: stored chunks no index file names (a backup killed before writing its index file)
+    unindexed: int = 0
+    unreadable: dict[str, str] = field(default_factory=dict)
+    rebuilt: bool = False
+
+
+def check_and_rebuild(repo: Repository) -> IndexCheck:
+    """Compare the index with the store and, when they differ, replace it by one file naming what
+    the store holds. Safe beside backups (call under a backup lock): only the files read before
+    the listing are removed, so a backup's file written meanwhile stays, and the new file is
+    complete before any old one goes."""
+    index = load(repo)
+    stored = repo.chunk_ids()
+    indexed = set() if index.listed else index.ids  # a listing stood in for a missing index
+    check = IndexCheck(indexed=len(indexed), stored=len(stored), stale=indexed - stored,
+                       unindexed=len(stored - indexed), unreadable=index.unreadable)
+    if check.stale or check.unindexed or check.unreadable:
+        replace(repo, stored, index.files)
+        check.rebuilt = True
+        log.warning("index.rebuilt", repository=repo.name, stale=len(check.stale), unindexed=check.unindexed,
+                    unreadable=len(check.unreadable))
+    return check
+
+
+def replace(repo: Repository, ids: set[bytes], old_files: list[str]) -> None:
+    """Write one index file naming ids, then remove old_files (all but the new one, should the
+    content be the same)."""
+    new = repo.write_index(ids)
+    for key in old_files:
+        if key != new:
+            repo.delete_index(key)
