@@ -35,10 +35,16 @@ Cli = Callable[..., tuple[int, str, str]]
 
 
 @pytest.fixture(scope="module")
-def prefect_homes(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """A PREFECT_HOME per concurrent process: their temporary servers' SQLite databases must not
-    be shared."""
-    return [tmp_path_factory.mktemp(f"prefect-home-{i}") for i in range(2)]
+def prefect_homes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Path]]:
+    """A PREFECT_HOME per concurrent process: their servers' SQLite databases must not be shared.
+    Each command starts the background server of its home (cli/api.py); they are stopped after
+    the module, with the warm processes beside them, so nothing is left running."""
+    homes = [tmp_path_factory.mktemp(f"prefect-home-{i}") for i in range(2)]
+    yield homes
+    for home in homes:
+        env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(home)}
+        subprocess.run([str(PATCHDRILL), "server", "stop"], env=env, capture_output=True, timeout=HANG_GUARD,
+                       check=False)
 
 
 @pytest.fixture
@@ -54,8 +60,8 @@ def launched() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 def start_alone(cfg: Path, name: str, home: Path, log: Path,
                 launched: list[subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
-    """`patchdrill drill run` with no Prefect server: it starts a temporary API of its own.
-    Both run with `--yes`."""
+    """`patchdrill drill run` with no Prefect server configured: it runs on its home's background
+    server. Both run with `--yes`."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env |= {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     with open(log, "wb") as sink:
