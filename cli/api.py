@@ -71,15 +71,7 @@ def healthy(url: str, timeout: float = HEALTH_TIMEOUT_SECONDS) -> bool:
 _read_json = warm.read_state
 
 
-def _running(pid: int, marker: str | None = None) -> bool:
-    """The process is alive (not a zombie) and, when a marker is given, its command line has it:
-    a pid from an old state file may belong to another program by now."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z" and (marker is None or marker in cmdline)
+_running = warm.alive
 
 
 # --------------------------------------------------------------------------- `make server`'s record

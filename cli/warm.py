@@ -133,13 +133,15 @@ def read_state(path: Path) -> dict[str, Any] | None:
     return found if isinstance(found, dict) else None
 
 
-def alive(pid: int) -> bool:
-    """The process exists and is not a zombie."""
+def alive(pid: int, marker: str | None = None) -> bool:
+    """The process exists, is not a zombie and, when a marker is given, its command line has it:
+    a pid from an old state file may belong to another program by now."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace") if marker else ""
     except OSError:
         return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    return stat.rsplit(")", 1)[1].split()[0] != "Z" and (marker is None or marker in cmdline)
 
 
 # --------------------------------------------------------------------------- the caller's half

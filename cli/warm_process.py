@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cli import warm
+from cli.server_daemon import write_state
 from cli.warm import CHECK_SECONDS, HEADER, PEERCRED, STDIO, alive, read_state
 
 def serve(key: str, server_state: Path) -> None:
@@ -43,7 +44,7 @@ def serve(key: str, server_state: Path) -> None:
 
     signal.signal(signal.SIGTERM, stop_serving)
     state = {"pid": os.getpid(), "key": key, "socket": str(path), "served": 0}
-    _write_state(own_state, state)
+    write_state(own_state, state)
     try:
         while _still_wanted(own_state, server_state):
             try:
@@ -61,19 +62,13 @@ def serve(key: str, server_state: Path) -> None:
                 _become_the_command(connection)  # never returns
             connection.close()
             state["served"] += 1
-            _write_state(own_state, state)
+            write_state(own_state, state)
     finally:
         listener.close()
         path.unlink(missing_ok=True)
         found = read_state(own_state)
         if found is not None and found.get("pid") == os.getpid():
             own_state.unlink(missing_ok=True)
-
-
-def _write_state(path: Path, state: dict[str, Any]) -> None:
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    partial.write_text(json.dumps(state))
-    partial.replace(path)
 
 
 def _still_wanted(own_state: Path, server_state: Path) -> bool:
