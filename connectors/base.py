@@ -160,6 +160,43 @@ class RetryPolicy:
 Script = Path | str
 
 
+class CommandStream(abc.ABC):
+    """A command left running with its stdin and stdout open: requests go in, answers come
+    back as lines (see connectors/agent.py). Its stderr is not read: redirect it."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self._pending = bytearray()
+
+    @abc.abstractmethod
+    def send(self, data: bytes) -> None:
+        """Write data to the command's stdin; HostUnreachable when the command is gone."""
+
+    @abc.abstractmethod
+    def _receive(self, timeout: float) -> bytes | None:
+        """Some of stdout: b"" once it has ended, None when nothing came within timeout."""
+
+    @abc.abstractmethod
+    def close(self, grace: float = 2.0) -> None:
+        """End of input; the command is waited for up to grace seconds, then killed."""
+
+    def read_line(self, timeout: float) -> bytes:
+        """The next line of stdout, without its newline: HostTimeout when none comes within
+        timeout, HostUnreachable when the command ended first."""
+        deadline = time.monotonic() + timeout
+        while (end := self._pending.find(b"\n")) < 0:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise HostTimeout(self.host, f"a running command sent no answer within {timeout:g}s")
+            data = self._receive(remaining)
+            if data == b"":
+                raise HostUnreachable(self.host, "a running command ended before it answered")
+            self._pending += data or b""
+        line = bytes(self._pending[:end])
+        del self._pending[:end + 1]
+        return line
+
+
 class Connector(abc.ABC):
     """One host, one transport. Reuses its connection within a run; close() releases it."""
 
@@ -213,6 +250,10 @@ class Connector(abc.ABC):
                 raise HostTimeout(self.name, f"still on boot {not_boot_id} after {timeout:.0f}s: it did not reboot")
             time.sleep(interval)
 
+    def open_stream(self, command: str) -> CommandStream:
+        """Start command with its stdin and stdout left open (POSIX shells only)."""
+        raise NotImplementedError(f"host {self.name!r}: this transport cannot keep a command's input open")
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release the connection; the next call reconnects."""
@@ -236,14 +277,28 @@ def script_source(script: Script) -> tuple[str, str]:
 
 def posix_interpreter(script: Script) -> list[str]:
     """How a POSIX host runs a script fed on standard input: python3 for a .py file or a text
-    whose first line names python, sh for a .sh file or any other text."""
+    whose first line names python, sh for a .sh file or any other text. The project's own
+    Python host scripts run as HOST_PYTHON; a user's script gets the host's python3 as it is."""
     if isinstance(script, Path):
         runner = _POSIX_RUNNERS.get(script.suffix)
         if runner is None:
             raise ValueError(f"cannot run script {script.name!r} on a POSIX host: expected .sh or .py")
-        return runner
+        return HOST_PYTHON if runner is _PYTHON and is_own_host_script(script) else runner
     first = script.lstrip().split("\n", 1)[0]
     return _POSIX_RUNNERS[".py" if first.startswith("#!") and "python" in first else ".sh"]
 
 
-_POSIX_RUNNERS = {".sh": ["sh", "-s", "--"], ".py": ["python3", "-"]}
+#: The project's Python host scripts need the standard library only. Isolated (-I: no PYTHON*
+#: variables, no user site, no current directory on the path) and without site (-S), a host's
+#: site-packages can neither shadow the standard library nor slow every call: a virtualenv's
+#: python3 spends about 30 ms of each start reading its .pth files, several times per drill step.
+HOST_PYTHON = ["python3", "-I", "-S", "-"]
+_PYTHON = ["python3", "-"]
+_POSIX_RUNNERS = {".sh": ["sh", "-s", "--"], ".py": _PYTHON}
+_PROJECT = Path(__file__).resolve().parents[1]
+
+
+def is_own_host_script(script: Path) -> bool:
+    """A script shipped in one of the project's host_scripts directories."""
+    resolved = script.resolve()
+    return resolved.parent.name == "host_scripts" and resolved.is_relative_to(_PROJECT)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import select
 import shutil
 import subprocess
 import time
@@ -13,8 +14,10 @@ from pathlib import Path
 from connectors.base import (
     BootIdentity,
     CommandResult,
+    CommandStream,
     Connector,
     HostTimeout,
+    HostUnreachable,
     Script,
     posix_interpreter,
     script_source,
@@ -70,6 +73,10 @@ class LocalConnector(Connector):
         )
         return result.check() if check else result
 
+    def open_stream(self, command: str) -> CommandStream:
+        return _LocalStream(self.name, subprocess.Popen(["sh", "-c", command], stdin=subprocess.PIPE,
+                                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
+
     def put(self, local: Path, remote: str) -> None:
         target = Path(remote)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -98,3 +105,36 @@ def _os_pretty_name() -> str:
         return platform.freedesktop_os_release().get("PRETTY_NAME", platform.platform())
     except OSError:
         return platform.platform()
+
+
+class _LocalStream(CommandStream):
+    def __init__(self, host: str, process: subprocess.Popen[bytes]) -> None:
+        super().__init__(host)
+        self.process = process
+        assert process.stdin is not None and process.stdout is not None
+        self._stdin, self._stdout = process.stdin, process.stdout.fileno()
+
+    def send(self, data: bytes) -> None:
+        try:
+            self._stdin.write(data)
+            self._stdin.flush()
+        except (BrokenPipeError, ValueError):
+            raise HostUnreachable(self.host, "a running command ended before it took its input") from None
+
+    def _receive(self, timeout: float) -> bytes | None:
+        ready, _, _ = select.select([self._stdout], [], [], timeout)
+        return os.read(self._stdout, 1 << 16) if ready else None
+
+    def close(self, grace: float = 2.0) -> None:
+        try:
+            self._stdin.close()
+        except BrokenPipeError:
+            pass
+        try:
+            self.process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        finally:
+            if self.process.stdout is not None:
+                self.process.stdout.close()

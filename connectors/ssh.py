@@ -37,6 +37,7 @@ from connectors.base import (
     BootIdentity,
     CommandFailed,
     CommandResult,
+    CommandStream,
     Connector,
     ConnectorError,
     HostKeyRejected,
@@ -552,6 +553,15 @@ class SshConnector(Connector):
             # its exit code tells the caller what happened.
             errors.append(exc)
 
+    def open_stream(self, command: str) -> CommandStream:
+        channel = self._with_retry("open session", self._open_channel)
+        try:
+            channel.exec_command(command)
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            channel.close()
+            raise HostUnreachable(self.name, f"cannot start {redact(command)[:80]!r}: {exc or type(exc).__name__}") from None
+        return _SshStream(self.name, channel)
+
     def run_script(self, script: Script, args: list[str] | None = None, *,
                    timeout: float | None = None, check: bool = False) -> CommandResult:
         """Feed a script on stdin to sh or python3, so nothing is left on the host."""
@@ -650,3 +660,34 @@ class SshConnector(Connector):
 
 
 __all__ = ["KEEPALIVE_SECONDS", "SshConnector", "SshSettings"]
+
+
+class _SshStream(CommandStream):
+    def __init__(self, host: str, channel: paramiko.Channel) -> None:
+        super().__init__(host)
+        self.channel = channel
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.channel.sendall(data)
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise HostUnreachable(self.host, f"a running command's channel closed: {exc or type(exc).__name__}") from None
+
+    def _receive(self, timeout: float) -> bytes | None:
+        if not self.channel.recv_ready():
+            if self.channel.eof_received or self.channel.closed:
+                return b""
+            select.select([self.channel.fileno()], [], [], timeout)
+            if not self.channel.recv_ready():
+                return b"" if self.channel.eof_received or self.channel.closed else None
+        return self.channel.recv(_READ_CHUNK)
+
+    def close(self, grace: float = 2.0) -> None:
+        try:
+            self.channel.shutdown_write()
+            self.channel.status_event.wait(grace)
+        except (paramiko.SSHException, EOFError, OSError):
+            pass
+        finally:
+            # Closing the channel hangs up the command: sshd signals it when it has not ended.
+            self.channel.close()

@@ -44,7 +44,10 @@ from configs.probes import (
     TcpProbe,
 )
 from configs.secrets import SecretError, redact, resolve
-from connectors.base import CommandResult, Connector, ConnectorError, posix_interpreter, script_source
+from connectors.agent import ScriptAgent
+from connectors.base import (
+    CommandResult, Connector, ConnectorError, is_own_host_script, posix_interpreter, script_source,
+)
 from connectors.powershell import ps_arguments, ps_quote
 
 HOST_SCRIPTS = Path(__file__).with_name("host_scripts")
@@ -74,6 +77,8 @@ class ProbeContext:
     #: Relative script paths are read from here (the config file's directory).
     base_dir: Path | None = None
     expected_digests: ExpectedDigests | None = None
+    #: Runs the project's host-side checks behind the prefix without a new interpreter each.
+    agent: ScriptAgent | None = None
 
     @classmethod
     def for_host(cls, host: HostConfig, connector: Connector, *, prefix: str = "", base_dir: Path | None = None,
@@ -129,6 +134,8 @@ def _run_script(ctx: ProbeContext, script: Path, args: list[str], timeout: float
         interpreter = posix_interpreter(script)
     except ValueError as exc:
         raise _CannotRun(str(exc)) from None
+    if ctx.agent is not None and is_own_host_script(script):
+        return ctx.agent.run_script(script, args, timeout=timeout)
     if not ctx.prefix:
         return ctx.connector.run_script(script, args, timeout=timeout)
     _, text = script_source(script)

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from configs.plans import PRESET_OS, AppControl
+from connectors.agent import ScriptAgent
 from connectors.base import Connector
 from connectors.powershell import ps_quote
 from tasks.drill.isolation import namespace_name
@@ -264,6 +265,18 @@ class Started:
 
     entry: Resource
     rendered: Rendered
+    #: With a ready wait: whether the copy accepted connections on its port within it.
+    listening: bool | None = None
+    #: A plain process that exited during the ready wait: its exit status (-N: signal N).
+    exited: int | None = None
+
+    def not_ready(self, port: int, seconds: float) -> str | None:
+        """Why the copy is not up after its ready wait, or None when it listens."""
+        if self.listening is not False:
+            return None
+        if self.exited is not None:
+            return f"the copy exited with status {self.exited} before it listened on port {port}"
+        return f"the copy does not listen on port {port} after {seconds:g} s"
 
 
 def state_paths(context: CopyContext) -> tuple[str, str]:
@@ -272,20 +285,28 @@ def state_paths(context: CopyContext) -> tuple[str, str]:
     return f"{context.root}/{STATE_DIR}/{slug}.pid", f"{context.root}/{STATE_DIR}/{slug}.log"
 
 
-def start_copy(connector: Connector, ledger: Ledger, spec: ControlSpec, context: CopyContext) -> Started:
-    """Record the copy in the ledger, then start it (inside its namespace when it has one)."""
+def start_copy(connector: Connector, ledger: Ledger, spec: ControlSpec, context: CopyContext, *,
+               ready_wait: float | None = None, agent: ScriptAgent | None = None) -> Started:
+    """Record the copy in the ledger, then start it (inside its namespace when it has one).
+    ready_wait: then wait up to that many seconds for it to listen on context.port (a plain
+    process in the same host call as its start). agent: a script agent inside the namespace."""
     rendered = render_for(connector, spec, context, run_id=ledger.run_id)
     common = {"host": connector.name, "member": context.member}
+    waits = ready_wait is not None and context.port is not None
     if rendered.preset == "process":
         pidfile, logfile = state_paths(context)
         entry = ledger.record("process", **common, copy_root=context.root, pidfile=pidfile,
                               namespace=context.namespace, port=context.port)
-        started = host_script(connector, "start", pidfile, logfile, context.root, rendered.start,
-                              namespace=context.namespace)
+        wait_args = (f"127.0.0.1:{context.port}", ready_wait) if waits else ()
+        started = host_script(connector, "start", pidfile, logfile, context.root, rendered.start, *wait_args,
+                              namespace=context.namespace, timeout=DEFAULT_TIMEOUT + (ready_wait or 0), agent=agent)
+        # The pidfile recorded above already lets cleanup find the process; this adds its identity.
         entry = ledger.record("process", **common, copy_root=context.root, pidfile=pidfile,
                               namespace=context.namespace, port=context.port, refines=entry.seq,
                               pid=started["pid"], start_time=started["start_time"], boot_id=started["boot_id"])
-        return Started(entry=_as_resource(entry), rendered=rendered)
+        waited = started.get("wait") or {}
+        return Started(entry=_as_resource(entry), rendered=rendered,
+                       listening=bool(waited["connected"]) if waits else None, exited=waited.get("exited"))
     if rendered.preset == "systemd":
         entry = ledger.record("unit", **common, unit=rendered.name, namespace=context.namespace, port=context.port)
     elif rendered.preset == "windows-service":
@@ -301,7 +322,9 @@ def start_copy(connector: Connector, ledger: Ledger, spec: ControlSpec, context:
     if rendered.preset == "command" and context.namespace:
         start = in_namespace(context.namespace, f"sh -c {shlex.quote(start)}")
     shell(connector, start)
-    return Started(entry=entry, rendered=rendered)  # type: ignore[arg-type]
+    listening = wait_listening(connector, context.port, namespace=context.namespace, timeout=ready_wait, agent=agent) \
+        if waits and ready_wait is not None and context.port is not None else None
+    return Started(entry=entry, rendered=rendered, listening=listening)  # type: ignore[arg-type]
 
 
 def _as_resource(entry: Resource) -> Resource:
@@ -310,10 +333,11 @@ def _as_resource(entry: Resource) -> Resource:
     return entry.model_copy(update={"seq": entry.refines, "refines": None}) if entry.refines is not None else entry
 
 
-def wait_listening(connector: Connector, port: int, *, namespace: str | None, timeout: float = 30.0) -> bool:
+def wait_listening(connector: Connector, port: int, *, namespace: str | None, timeout: float = 30.0,
+                   agent: ScriptAgent | None = None) -> bool:
     """Whether something answers on 127.0.0.1:port (inside the namespace) within `timeout`."""
     return bool(host_script(connector, "wait", timeout, f"127.0.0.1:{port}", namespace=namespace,
-                            timeout=timeout + 60)["connected"])
+                            timeout=timeout + 60, agent=agent)["connected"])
 
 
 @dataclass(frozen=True)

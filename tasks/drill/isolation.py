@@ -17,6 +17,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Literal
 
+from connectors.agent import ScriptAgent
 from connectors.base import Connector
 from tasks.drill.ledger import Ledger
 from tasks.drill.target import TargetError, host_script, in_namespace, shell
@@ -165,7 +166,7 @@ def _attempts(results: list[dict[str, object]]) -> list[ConnectAttempt]:
 
 
 def prove_isolation(connector: Connector, namespace: Namespace, production: list[tuple[str, int]], *,
-                    copy_port: int | None = None) -> IsolationProof:
+                    copy_port: int | None = None, agent: ScriptAgent | None = None) -> IsolationProof:
     """Prove the namespace is isolated: only loopback inside, no route, every production
     endpoint refused or unreachable from inside at once, and (when `copy_port` is given) the
     copy answering on loopback inside.
@@ -177,7 +178,8 @@ def prove_isolation(connector: Connector, namespace: Namespace, production: list
     if not production:
         raise ValueError(f"namespace {namespace.name}: a proof of isolation needs at least one production endpoint")
     endpoints = [*production, *([("127.0.0.1", copy_port)] if copy_port else [])]
-    seen = host_script(connector, "inside", CONNECT_TIMEOUT, *_endpoint_args(endpoints), namespace=namespace.name)
+    seen = host_script(connector, "inside", CONNECT_TIMEOUT, *_endpoint_args(endpoints), namespace=namespace.name,
+                       agent=agent)
     attempts = _attempts(seen["results"])
     inside, copy = attempts[:len(production)], (attempts[-1] if copy_port else None)
     outside = connect_attempts(connector, production, namespace=None)

@@ -16,12 +16,14 @@ from pathlib import Path
 
 from configs.models import HostConfig
 from configs.probes import ChecksumProbe, Probe
+from connectors.agent import ScriptAgent
 from connectors.base import Connector
 from tasks.drill.evidence import ProbePhase, ProbeRecord, utcnow
 from tasks.probes import ExpectedDigests, ProbeContext, ProbeResult, run_probes
 
-#: Seconds between two rounds of a copy's probes while it starts.
-RETRY_INTERVAL = 0.5
+#: Seconds between two rounds of a copy's probes while it starts: the first retry comes soon
+#: (most copies are up by then and every wasted moment is RTO), later ones back off to the last.
+RETRY_INTERVALS = (0.05, 0.1, 0.2, 0.5)
 
 
 def _record(member: str, phase: ProbePhase, result: ProbeResult) -> ProbeRecord:
@@ -52,18 +54,20 @@ def fill_templates(probe: Probe, values: Mapping[str, str]) -> Probe:
 def copy_probes(member: str, target: HostConfig, connector: Connector, probes: list[Probe], *,
                 prefix: str, values: Mapping[str, str], expected: ExpectedDigests | None,
                 wait_seconds: float, base_dir: Path | None = None,
-                stopped: Callable[[], bool] = lambda: False) -> list[ProbeRecord]:
+                stopped: Callable[[], bool] = lambda: False, agent: ScriptAgent | None = None) -> list[ProbeRecord]:
     """Every probe of the copy, retried as a round until all pass or wait_seconds ran out; the
     last round is what the evidence keeps. Network probes address the copy on loopback."""
     filled = [fill_templates(p, values) for p in probes]
     ctx = ProbeContext(name=f"{target.name} (copy of {member})", address="127.0.0.1", connector=connector,
-                       os_family=target.os_family, prefix=prefix, base_dir=base_dir, expected_digests=expected)
+                       os_family=target.os_family, prefix=prefix, base_dir=base_dir, expected_digests=expected,
+                       agent=agent)
     deadline = time.monotonic() + wait_seconds
+    intervals = iter(RETRY_INTERVALS)
     while True:
         results = run_probes(ctx, filled)
         if all(r.ok for r in results) or time.monotonic() >= deadline or stopped():
             return [_record(member, "copy", r) for r in results]
-        time.sleep(RETRY_INTERVAL)
+        time.sleep(next(intervals, RETRY_INTERVALS[-1]))
 
 
 def checksum_paths(probe: ChecksumProbe, disks: Mapping[str, str]) -> tuple[str, list[tuple[str, str]]]:

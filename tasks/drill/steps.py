@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import shlex
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +30,13 @@ from configs.plans import CONTROLLER, Action, RecoveryPlan
 from configs.probes import ChecksumProbe
 from configs.secrets import redact
 from connectors import connect
+from connectors.agent import ScriptAgent
 from connectors.base import Connector, ConnectorError
 from connectors.stores import BlobStore, open_store
 from tasks.backup import cancel
 from tasks.backup.repo.repository import RecoveryPoint, Repository
 from tasks.drill.cleanup import CleanupReport, cleanup_run
-from tasks.drill.control import ControlSpec, CopyContext, control_spec, start_copy, wait_listening
+from tasks.drill.control import ControlSpec, CopyContext, control_spec, start_copy
 from tasks.drill.copies import claim_copy_root, record_path
 from tasks.drill.copy import disk_digest, point_file_digests, repository, restore_copy
 from tasks.drill.evidence import (
@@ -46,6 +47,8 @@ from tasks.drill.ledger import Ledger
 from tasks.drill.members import CONTROLLER_HOST, Member, find_plan, primary_disk_path, resolve
 from tasks.drill.probing import checksum_paths, copy_probes
 from tasks.drill.readiness import Readiness, check_readiness
+from tasks.drill.target import HOST_SCRIPT, in_namespace
+from tasks.probes import LINUX_SCRIPT as PROBE_SCRIPT
 
 log = structlog.stdlib.get_logger("patchdrill.drill")
 
@@ -207,18 +210,47 @@ def _control_spec(member: Member) -> ControlSpec | None:
     return None if member.spec.app is None else control_spec(member.spec.app)
 
 
-def _isolate(ctx: DrillContext, member: Member, timeline: Timeline, outcome: MemberOutcome) -> str:
-    """Create the member's network namespace on its target and prove it cannot reach the
-    primary; its name. A connection of its own: it runs beside the restore."""
+def namespace_agent(connector: Connector, namespace: str) -> ScriptAgent:
+    """A script agent inside namespace on the target, with the drill's and the probes' host
+    scripts loaded: the copy's start, wait and probes in one interpreter rather than one each."""
+    agent = ScriptAgent.start(connector, in_namespace(namespace, "").strip())
+    try:
+        agent.load(HOST_SCRIPT, PROBE_SCRIPT)
+    except ConnectorError:
+        agent.close()  # each call then runs afresh, as without an agent
+    return agent
+
+
+@dataclass
+class Isolated:
+    """A member's namespace and the script agent inside it (on the member's own connection,
+    which outlives the isolating one): the copy's start, wait and probes go through it."""
+
+    namespace: str
+    agent: ScriptAgent
+
+
+def _isolate(ctx: DrillContext, member: Member, timeline: Timeline, outcome: MemberOutcome,
+             member_target: Connector) -> Isolated:
+    """Create the member's network namespace on its target, start a script agent inside it and
+    prove it cannot reach the primary. A connection of its own: it runs beside the restore."""
     with ctx.connect(member.target) as target, timeline.step("isolate") as step:
         require_isolation(target, member.id, "netns")
         space = create_namespace(target, ctx.ledger, member=member.id)
-        proof = prove_isolation(target, space, [(member.primary.address, member.primary.effective_port)])
+        # Inside the ledgered namespace: its removal stops the agent too, should it outlive us.
+        agent = namespace_agent(member_target, space.name)
+        try:
+            proof = prove_isolation(target, space, [(member.primary.address, member.primary.effective_port)],
+                                    agent=agent)
+        except BaseException:
+            agent.close()
+            raise
         outcome.isolation = proof.evidence
         step.detail = proof.evidence
         if not proof.ok:
+            agent.close()
             raise RuntimeError(f"namespace {space.name} is not isolated: {'; '.join(proof.problems)}")
-        return space.name
+        return Isolated(space.name, agent)
 
 
 def failover_member(ctx: DrillContext, member: Member, points: dict[str, RecoveryPoint]) -> MemberOutcome:
@@ -229,6 +261,7 @@ def failover_member(ctx: DrillContext, member: Member, points: dict[str, Recover
     outcome = MemberOutcome(member=member.id, group=member.group)
     timeline = Timeline(member.group, member.id)
     outcome.steps = timeline.steps
+    isolating: Future[Isolated] | None = None
     try:
         with ctx.connect(member.target) as target:
             with timeline.step("copy root", f"{member.target.name}:{member.root}"):
@@ -237,7 +270,7 @@ def failover_member(ctx: DrillContext, member: Member, points: dict[str, Recover
             # runs, so it costs the RTO nothing. Leaving this block waits for it either way, so
             # the ledger names it before any cleanup starts.
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="isolate") as beside:
-                isolated = beside.submit(_isolate, ctx, member, timeline, outcome) \
+                isolating = beside.submit(_isolate, ctx, member, timeline, outcome, target) \
                     if member.isolation == "netns" else None
                 for disk in member.disks:
                     cancel.check()
@@ -250,7 +283,8 @@ def failover_member(ctx: DrillContext, member: Member, points: dict[str, Recover
                                                     point_id=point.key, taken_at=point.time,
                                                     consistency=point.consistency, bytes_written=result.bytes_written,
                                                     restore_seconds=result.seconds))
-            namespace = isolated.result() if isolated is not None else None
+            isolated = isolating.result() if isolating is not None else None
+            namespace, agent = (isolated.namespace, isolated.agent) if isolated else (None, None)
             cancel.check()
             run_actions(ctx, member, member.spec.pre_actions, target, namespace, timeline, "pre")
             spec = _control_spec(member)
@@ -261,11 +295,11 @@ def failover_member(ctx: DrillContext, member: Member, points: dict[str, Recover
                 with timeline.step("start", f"{app.preset}: {app.template}"):
                     copy = CopyContext(member=member.id, root=member.root, name=app.name or "", port=app.port,
                                        namespace=namespace, disks=member.restored)
-                    start_copy(target, ctx.ledger, spec, copy)
-                    if app.port is not None and not wait_listening(target, app.port, namespace=namespace,
-                                                                   timeout=app.ready_wait_seconds):
-                        raise RuntimeError(f"the copy does not listen on port {app.port} after "
-                                           f"{app.ready_wait_seconds:g} s")
+                    started = start_copy(target, ctx.ledger, spec, copy, ready_wait=app.ready_wait_seconds,
+                                         agent=agent)
+                    problem = started.not_ready(app.port or 0, app.ready_wait_seconds)
+                    if problem:
+                        raise RuntimeError(problem)
             cancel.check()
             with timeline.step("probes") as step:
                 wait = member.spec.app.ready_wait_seconds if member.spec.app else 0
@@ -273,7 +307,8 @@ def failover_member(ctx: DrillContext, member: Member, points: dict[str, Recover
                 outcome.probes = copy_probes(
                     member.id, member.target, target, member.spec.probes, prefix=prefix,
                     values=template_values(member, namespace), expected=_expected(ctx, member, points),
-                    wait_seconds=wait, base_dir=ctx.base_dir, stopped=lambda: cancel.requested() is not None)
+                    wait_seconds=wait, base_dir=ctx.base_dir, stopped=lambda: cancel.requested() is not None,
+                    agent=agent)
                 failed = [f"{p.probe}: {p.detail}" for p in outcome.probes if not p.ok]
                 step.ok = not failed
                 step.detail = "; ".join(failed) or f"{len(outcome.probes)} probe(s) passed"
@@ -286,6 +321,10 @@ def failover_member(ctx: DrillContext, member: Member, points: dict[str, Recover
     except Exception as exc:  # noqa: BLE001 - a member's failure is evidence; cleanup follows either way
         outcome.error = redact(f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc))
         log.error("drill.member_failed", member=member.id, error=outcome.error)
+    finally:
+        # Before cleanup counts the namespace's processes; also when the restore failed beside it.
+        if isolating is not None and isolating.done() and not isolating.cancelled() and isolating.exception() is None:
+            isolating.result().agent.close()
     return outcome
 
 

@@ -12,7 +12,8 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from connectors.base import CommandFailed, CommandResult, Connector
+from connectors.agent import ScriptAgent
+from connectors.base import HOST_PYTHON, CommandFailed, CommandResult, Connector
 
 HOST_SCRIPT = Path(__file__).parent / "host_scripts" / "drill_host.py"
 #: How long one host-script call may take: `stop` waits for its grace period plus five seconds.
@@ -39,10 +40,14 @@ def in_namespace(namespace: str | None, command: str) -> str:
 
 
 def host_script(connector: Connector, *args: str | int | float, namespace: str | None = None,
-                timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
-    """Run one subcommand of host_scripts/drill_host.py on the target and return its JSON."""
-    command = in_namespace(namespace, "python3 - " + " ".join(shlex.quote(str(arg)) for arg in args))
-    result = connector.run(command, timeout=timeout, stdin=HOST_SCRIPT.read_bytes())
+                timeout: float = DEFAULT_TIMEOUT, agent: ScriptAgent | None = None) -> dict[str, Any]:
+    """Run one subcommand of host_scripts/drill_host.py on the target and return its JSON;
+    through agent when given (it runs where the call belongs: inside `namespace`)."""
+    if agent is not None:
+        result = agent.run_script(HOST_SCRIPT, [str(arg) for arg in args], timeout=timeout)
+    else:
+        command = in_namespace(namespace, shlex.join([*HOST_PYTHON, *(str(arg) for arg in args)]))
+        result = connector.run(command, timeout=timeout, stdin=HOST_SCRIPT.read_bytes())
     if result.exit_code == REFUSED_EXIT:
         raise Refused(f"{connector.name}: {_tail(result)}")
     if not result.ok:
@@ -66,3 +71,4 @@ def shell(connector: Connector, command: str, *, timeout: float = DEFAULT_TIMEOU
 def _tail(result: CommandResult) -> str:
     text = (result.stderr.strip() or result.stdout.strip()).splitlines()
     return " | ".join(text[-3:]) or "(no output)"
+

@@ -38,11 +38,15 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 def http(url: str, timeout: str, verify: str, ca_bundle: str = "") -> dict[str, object]:
-    context = ssl.create_default_context(cafile=ca_bundle or None)
-    if verify != "1":
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    opener = urllib.request.build_opener(_NoRedirect, urllib.request.HTTPSHandler(context=context))
+    handlers: list[urllib.request.BaseHandler] = [_NoRedirect()]
+    if url.lower().startswith("https:"):
+        # Only for HTTPS: loading the trust store costs milliseconds a plain-HTTP probe need not pay.
+        context = ssl.create_default_context(cafile=ca_bundle or None)
+        if verify != "1":
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    opener = urllib.request.build_opener(*handlers)
     try:
         with opener.open(url, timeout=float(timeout)) as response:
             return {"status": response.status, "body": response.read(BODY_LIMIT).decode("utf-8", "replace")}
