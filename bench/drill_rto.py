@@ -37,7 +37,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -98,10 +99,16 @@ recovery_plans:
 class Floor:
     restore_seconds: float
     start_seconds: float
+    #: Each round's (bare restore, drill RTO), side by side in time: their ratios are the
+    #: comparison least moved by this disk's swings.
+    rounds: list[tuple[float, float | None]] = field(default_factory=list)
 
     @property
     def seconds(self) -> float:
         return self.restore_seconds + self.start_seconds
+
+    def round_ratios(self) -> list[float]:
+        return [rto / (bare + self.start_seconds) for bare, rto in self.rounds if rto is not None]
 
 
 def patchdrill(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -200,6 +207,7 @@ def floor_and_drill(config: Path, copy: Path, port: int, runs: int,
     different stretches of the disk's speed, not the two ways of restoring."""
     best: float | None = None
     drilled: DrillEvidence | str | None = None
+    rounds: list[tuple[float, float | None]] = []
     for _ in range(runs):
         shutil.rmtree(copy, ignore_errors=True)
         if previous is not None:
@@ -209,10 +217,11 @@ def floor_and_drill(config: Path, copy: Path, port: int, runs: int,
         if isinstance(drilled, str):
             continue  # the drill could not be measured: only the floor is
         outcome = drill(config, previous)
+        rounds.append((seconds, None if isinstance(outcome, str) else outcome.rto_seconds))
         if isinstance(outcome, str) or drilled is None or (outcome.rto_seconds or float("inf")) < (drilled.rto_seconds or float("inf")):
             drilled = outcome
     assert best is not None and drilled is not None
-    return Floor(best, app_start(copy, port)), drilled
+    return Floor(best, app_start(copy, port), rounds), drilled
 
 
 def _place_previous_copy(previous: Path, root: Path) -> None:
@@ -266,7 +275,10 @@ def report(title: str, floor: Floor, outcome: DrillEvidence | str) -> None:
         print(f"{'drill RTO':<28} not reached (outcome {outcome.outcome}): {'; '.join(outcome.notes)[-300:]}")
     else:
         verdict = "within" if rto / floor.seconds <= TARGET_RATIO else "over"
-        print(f"{'drill RTO':<28} {rto:8.2f} s   {rto / floor.seconds:.2f}x the floor ({verdict} {TARGET_RATIO}x)")
+        print(f"{'drill RTO':<28} {rto:8.2f} s   {rto / floor.seconds:.2f}x the floor ({verdict} {TARGET_RATIO}x), best against best")
+        if ratios := floor.round_ratios():
+            print(f"{'per round (drill / floor)':<28} {' '.join(f'{r:.2f}x' for r in ratios)}   "
+                  f"median {statistics.median(ratios):.2f}x")
     for point in outcome.points:
         written = f"{point.bytes_written / (1 << 20):.1f} MiB written" if point.bytes_written is not None else ""
         print(f"  drill restore of {point.disk:<12} {point.restore_seconds or 0:8.2f} s  {written}")
