@@ -371,6 +371,8 @@ def _render_repair(report: Any) -> None:
     if index.rebuilt:
         console.print(f"index rebuilt from the store's {index.stored} chunks ({index.stale} stale entries, "
                       f"{index.unindexed} chunks unindexed, {index.unreadable} unreadable index files)", highlight=False)
+    elif index.folded:
+        console.print(f"index of {index.stored} chunks folded from {index.folded} files into one", highlight=False)
     if not report.recorded:
         console.print("nothing to repair: no damage recorded (run `patchdrill verify` first)")
         return

@@ -110,10 +110,11 @@ class _ChunkWriter:
             found = self._zero_ids[length] = self.repo.codec.chunk_id(bytes(length))
         return found
 
-    def write_index(self) -> None:
-        """This run's index file: the stored chunks the index did not name. Written after every
-        upload and before the point, so a point's new chunks are indexed before it exists."""
-        self.repo.write_index({chunk_id for chunk_id in self.seen if chunk_id not in self.indexed})
+    def write_index(self) -> str | None:
+        """This run's index file (its key; None when there was nothing new): the stored chunks the
+        index did not name. Written after every upload and before the point, so a point's new
+        chunks are indexed before it exists."""
+        return self.repo.write_index({chunk_id for chunk_id in self.seen if chunk_id not in self.indexed})
 
     def _count(self, **amounts: int) -> None:
         with self._totals_lock:
@@ -193,7 +194,7 @@ def scan_and_upload(repo: Repository, source: BlockSource | TreeSource, request:
     scanned = _scan(source, request, previous, writer, sink)
     # The last moment to stop: a scan cut short by a stop holds only part of the disk.
     cancel.check()
-    writer.write_index()
+    chunk_index.fold_if_many(repo, index, writer.write_index())
     map_id = repo.put_map(scanned.map_body)
     totals = writer.totals.model_copy(update={"size": scanned.size, "used": scanned.used,
                                               "skipped": len(getattr(source, "skipped", []))})
