@@ -105,10 +105,12 @@ def next_data(fd, offset):
 
 
 def read_at(fd, view, offset):
-    """Fill view from offset; returns the bytes read (fewer at the end of the file)."""
+    """Fill view from offset; returns the bytes read (fewer at the end of the file). Moves the
+    file's position: one reader per descriptor (os.preadv would not, but needs Python 3.7)."""
+    os.lseek(fd, offset, os.SEEK_SET)
     filled = 0
     while filled < len(view):
-        got = os.preadv(fd, [view[filled:]], offset + filled)
+        got = os.readv(fd, [view[filled:]])
         if not got:
             break
         filled += got
