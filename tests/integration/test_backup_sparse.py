@@ -1,11 +1,15 @@
 """Sparse images on hosts: the host's scan skips holes and names zero blocks by their hash, so
 neither crosses the wire nor reaches the store; restores onto a host leave holes as holes and
 make an existing image equal the point. A real sshd host (SFTP reads) and the local connector
-(blockscan's read mode in a python3 subprocess)."""
+(blockscan's read mode in a python3 subprocess); a sparse image on a loop-mounted XFS, and a
+loop block device as source and as target (where holes cannot be punched: zeros are written)."""
 
 from __future__ import annotations
 
 import random
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,6 +26,7 @@ from tasks.backup.repo.verify import verify
 from tasks.backup.restore import restore
 from tasks.backup.sources.local import LocalBlockSource
 from tasks.backup.sources.remote import RemoteBlockSource
+from tests.hosts.loopfs import xfs  # noqa: F401 - fixture
 from tests.trees import allocated
 from tests.unit.test_backup_sparse import (
     BLOCK, DATA_BLOCKS, IMAGE_BLOCKS, _old_format_point, sparse_image, stored_bytes,
@@ -104,3 +109,37 @@ def test_restores_onto_an_ssh_host_keep_holes_and_equal_the_point(ssh_host_confi
         restore_to_host(repo, old, connector, str(live), force=True)
         assert live.read_bytes() == image.read_bytes()
     assert sorted(p.name for p in dr.iterdir()) == ["fresh.img", "longer.img", "old.img", "same.img"]
+
+
+@contextmanager
+def loop_device(backing: Path) -> Iterator[Path]:
+    """A real loop block device over backing (needs root), detached at the end."""
+    attached = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True, text=True)
+    if attached.returncode != 0:
+        pytest.skip(f"cannot attach a loop device here: {attached.stderr.strip()}")
+    device = Path(attached.stdout.strip())
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "--detach", str(device)], check=True)
+
+
+def test_a_sparse_image_on_xfs_and_a_block_device_as_source_and_target(tmp_path: Path, xfs: Path) -> None:
+    image = sparse_image(xfs / "vm.img")
+    repo = Repository.open(LocalBlobStore(tmp_path / "repo"), create=True)
+    point = backup(repo, LocalBlockSource(image), _request("xfs"))
+    assert point.totals.scanned == len(DATA_BLOCKS) * BLOCK and point.totals.used == len(DATA_BLOCKS) * BLOCK
+    restore(repo, point, xfs / "fresh.img")
+    assert (xfs / "fresh.img").read_bytes() == image.read_bytes()
+    assert allocated(xfs / "fresh.img") <= allocated(image)
+
+    backing = tmp_path / "device.img"
+    backing.write_bytes(random.Random(5).randbytes(IMAGE_BLOCKS * BLOCK))  # a used disk: every block differs
+    with loop_device(backing) as device:
+        done = restore(repo, point, device, force=True)  # no punching on a device: its holes get zeros
+        assert device.read_bytes() == image.read_bytes()
+        assert done.blocks_written == IMAGE_BLOCKS
+        # The device as a source: every block is data to SEEK_DATA, the zero blocks are found by reading.
+        from_device = backup(repo, LocalBlockSource(device), _request("dev"))
+    assert from_device.totals.used == len(DATA_BLOCKS) * BLOCK and from_device.totals.uploaded_chunks == 0
+    assert from_device.totals.scanned == len(DATA_BLOCKS) * BLOCK
