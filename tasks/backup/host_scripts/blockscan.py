@@ -104,6 +104,18 @@ def next_data(fd, offset):
         return offset
 
 
+def next_hole(fd, offset, end):
+    """Where the first hole at or after offset begins (SEEK_HOLE; the end of the file is one),
+    at most end; end where the file system cannot tell."""
+    seek_hole = getattr(os, "SEEK_HOLE", None)
+    if seek_hole is None:
+        return end
+    try:
+        return min(os.lseek(fd, offset, seek_hole), end)
+    except OSError:
+        return end
+
+
 def read_at(fd, view, offset):
     """Fill view from offset; returns the bytes read (fewer at the end of the file). Moves the
     file's position: one reader per descriptor (os.preadv would not, but needs Python 3.7)."""
@@ -115,6 +127,28 @@ def read_at(fd, view, offset):
             break
         filled += got
     return filled
+
+
+def read_data(fd, view, offset):
+    """Fill view from offset as read_at does, reading only the data extents SEEK_DATA and
+    SEEK_HOLE find in the range: its holes are filled with zeros, not read."""
+    end = offset + len(view)
+    position = offset
+    while position < end:
+        data_at = next_data(fd, position)
+        if data_at is None or data_at >= end:
+            # A hole to the end of the range, or of the file (which may end inside the range).
+            stop = min(end, max(position, os.fstat(fd).st_size))
+            view[position - offset:stop - offset] = zeros(stop - position)
+            return stop - offset
+        if data_at > position:
+            view[position - offset:data_at - offset] = zeros(data_at - position)
+        stop = next_hole(fd, data_at, end)
+        got = read_at(fd, view[data_at - offset:stop - offset], data_at)
+        if got < stop - data_at:
+            return data_at + got - offset  # the file ends here
+        position = stop
+    return len(view)
 
 
 def block_layout(fd, size, block_size):
@@ -145,7 +179,7 @@ def scan(path, block_size):
             if in_hole:
                 digests.append(zero_digest(length))
                 continue
-            filled = read_at(fd, view[:length], offset)
+            filled = read_data(fd, view[:length], offset)
             if filled == 0:
                 break  # cut short since its size was taken
             data = view[:filled]

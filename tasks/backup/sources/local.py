@@ -69,7 +69,7 @@ def _read_image(path: str, block_size: int, pool: BufferPool, size: int) -> Iter
             buffer = pool.acquire()
             view = memoryview(buffer)[:length]
             try:
-                filled = blockscan.read_at(fd, view, offset)
+                filled = blockscan.read_data(fd, view, offset)
             except OSError as exc:
                 pool.release(buffer)
                 raise SourceError(f"read error in {path!r} at offset {offset}: {exc.strerror}") from None
