@@ -154,7 +154,7 @@ def read_data(fd, view, offset):
 def block_layout(fd, size, block_size):
     """(offset, length, in_hole) for each block up to size; in_hole when SEEK_DATA finds no
     data in the block, which then need not be read."""
-    data_at = 0
+    data_at = -1
     for offset in range(0, size, block_size):
         length = min(block_size, size - offset)
         if data_at is not None and data_at < offset:
