@@ -200,7 +200,8 @@ def points(config: ConfigOption = DEFAULT_CONFIG,
            host: Annotated[Optional[str], typer.Option("--host", help="Only this host.")] = None,
            disk: Annotated[Optional[str], typer.Option("--disk", help="Only this disk.")] = None,
            as_json: JsonOption = False) -> None:
-    """List recovery points: time, consistency, sizes. Needs no encryption key."""
+    """List recovery points: time, consistency, the disk's size and the bytes it holds (used:
+    its size less holes and zero blocks), what was uploaded. Needs no encryption key."""
     from connectors.stores import open_store
     from tasks.backup.repo.repository import Repository
 
@@ -213,12 +214,14 @@ def points(config: ConfigOption = DEFAULT_CONFIG,
 
 def _render_points(found: list[Any]) -> None:
     table = Table(title="recovery points (sizes in MiB)")
-    for column in ("host", "disk", "time (UTC)", "kind", "consistency", "size", "uploaded", "s"):
-        table.add_column(column, no_wrap=column == "time (UTC)",
-                         justify="right" if column in ("size", "uploaded", "s") else "left")
+    numbers = ("size", "used", "uploaded", "s")
+    for column in ("host", "disk", "time (UTC)", "kind", "consistency", *numbers):
+        table.add_column(column, no_wrap=column == "time (UTC)", justify="right" if column in numbers else "left")
     for p in found:
+        # Points from before holes were recorded say nothing of their used bytes.
+        used = "—" if p.totals.used is None else f"{p.totals.used / 1048576:,.1f}"
         table.add_row(p.host, p.disk, p.time.strftime("%Y-%m-%d %H:%M:%S"), p.kind,
-                      p.consistency.removesuffix("-consistent"), f"{p.totals.size / 1048576:,.1f}",
+                      p.consistency.removesuffix("-consistent"), f"{p.totals.size / 1048576:,.1f}", used,
                       f"{p.totals.uploaded_bytes / 1048576:,.1f}", f"{p.seconds:.1f}")
     console.print(table)
 
@@ -368,6 +371,8 @@ def _render_repair(report: Any) -> None:
     if index.rebuilt:
         console.print(f"index rebuilt from the store's {index.stored} chunks ({index.stale} stale entries, "
                       f"{index.unindexed} chunks unindexed, {index.unreadable} unreadable index files)", highlight=False)
+    elif index.folded:
+        console.print(f"index of {index.stored} chunks folded from {index.folded} files into one", highlight=False)
     if not report.recorded:
         console.print("nothing to repair: no damage recorded (run `patchdrill verify` first)")
         return

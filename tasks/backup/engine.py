@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tasks.backup import cancel, progress as progress_mod
 from tasks.backup.repo import index as chunk_index
-from tasks.backup.repo.blockmap import BlockMap, TreeEntry, TreeMap
+from tasks.backup.repo.blockmap import HOLE, BlockMap, TreeEntry, TreeMap
 from tasks.backup.progress import ProgressSink
 from tasks.backup.repo.damage import PreviousMap, damaged_blocks, damaged_chunks, unmatchable
 from tasks.backup.scheduling import default_workers
@@ -58,11 +58,17 @@ class _ChunkWriter:
         self.totals = Totals()
         self._totals_lock = threading.Lock()
         self._known_lock = threading.Lock()
+        self._zero_ids: dict[int, bytes] = {}
 
     def process(self, block: SourceBlock, previous_id: bytes | None) -> tuple[bytes, bytes]:
         """(chunk id, fingerprint) of the block; uploads it if the store lacks it."""
         try:
             cancel.check()  # blocks queued before a stop are dropped, not uploaded
+            if block.hole:  # reads as zeros: the map records a hole, and nothing is stored
+                if previous_id not in (HOLE, self._zero_id(block.length)):
+                    self._count(changed_blocks=1, changed_bytes=block.length)
+                self.progress.advance("scanned", block.length)
+                return HOLE, block.fingerprint or HOLE
             if block.data is None:
                 assert previous_id is not None and block.fingerprint is not None
                 return previous_id, block.fingerprint
@@ -97,10 +103,18 @@ class _ChunkWriter:
         finally:
             block.release()
 
-    def write_index(self) -> None:
-        """This run's index file: the stored chunks the index did not name. Written after every
-        upload and before the point, so a point's new chunks are indexed before it exists."""
-        self.repo.write_index({chunk_id for chunk_id in self.seen if chunk_id not in self.indexed})
+    def _zero_id(self, length: int) -> bytes:
+        """The chunk id of zeros, which maps before holes were recorded hold instead of a hole."""
+        found = self._zero_ids.get(length)
+        if found is None:
+            found = self._zero_ids[length] = self.repo.codec.chunk_id(bytes(length))
+        return found
+
+    def write_index(self) -> str | None:
+        """This run's index file (its key; None when there was nothing new): the stored chunks the
+        index did not name. Written after every upload and before the point, so a point's new
+        chunks are indexed before it exists."""
+        return self.repo.write_index({chunk_id for chunk_id in self.seen if chunk_id not in self.indexed})
 
     def _count(self, **amounts: int) -> None:
         with self._totals_lock:
@@ -180,9 +194,10 @@ def scan_and_upload(repo: Repository, source: BlockSource | TreeSource, request:
     scanned = _scan(source, request, previous, writer, sink)
     # The last moment to stop: a scan cut short by a stop holds only part of the disk.
     cancel.check()
-    writer.write_index()
+    chunk_index.fold_if_many(repo, index, writer.write_index())
     map_id = repo.put_map(scanned.map_body)
-    totals = writer.totals.model_copy(update={"size": scanned.size, "skipped": len(getattr(source, "skipped", []))})
+    totals = writer.totals.model_copy(update={"size": scanned.size, "used": scanned.used,
+                                              "skipped": len(getattr(source, "skipped", []))})
     return Upload(kind=scanned.kind, time=moment, source_path=source.path,
                   map=MapRef(id=map_id, blocks=scanned.blocks, files=scanned.files),
                   parent=parent.key if parent else None, totals=totals,
@@ -272,6 +287,8 @@ class _Scanned:
     size: int
     blocks: int
     files: int | None
+    #: bytes in blocks that hold data (not holes)
+    used: int
 
 
 def _submit(executor: ThreadPoolExecutor, writer: _ChunkWriter, block: SourceBlock, previous_id: bytes | None,
@@ -305,7 +322,7 @@ def _scan_blocks(source: BlockSource, request: BackupRequest, previous: BlockMap
     block_map = BlockMap(size=size, block_size=request.block_size, chunks=[cid for cid, _ in results],
                          fingerprint=source.fingerprint,
                          fingerprints=[fp for _, fp in results] if host_side else None)
-    return _Scanned("block", block_map.to_json(), size, len(results), None)
+    return _Scanned("block", block_map.to_json(), size, len(results), None, block_map.used_bytes())
 
 
 def _scan_tree(source: TreeSource, request: BackupRequest, previous: dict[str, TreeEntry], forced: set[str],
@@ -342,4 +359,4 @@ def _scan_tree(source: TreeSource, request: BackupRequest, previous: dict[str, T
     tree = TreeMap(block_size=request.block_size, entries=entries, root=getattr(source, "root", None),
                    skipped=list(getattr(source, "skipped", [])))
     size = sum(e.size for e in entries)
-    return _Scanned("directory", tree.to_json(), size, sum(len(e.chunks) for e in entries), len(entries))
+    return _Scanned("directory", tree.to_json(), size, sum(len(e.chunks) for e in entries), len(entries), size)

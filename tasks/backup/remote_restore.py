@@ -4,7 +4,8 @@ The host first describes the target (blockscan probe, which also removes what a 
 left there), and the same rules as a local restore decide what may be touched (restore.decide).
 Images: the host hashes what its target holds (blockscan scan), the controller compares with
 the point and sends only the blocks that differ, verified, in patch files that the host applies
-in place (blockscan apply). A new target is assembled under a temporary name and renamed when
+in place (blockscan apply); the point's holes cost no data (left alone in a new target, sent as
+zero records where the target holds data). A new target is assembled under a temporary name and renamed when
 complete; the directories above it are created first (a fresh DR volume). Directories: the controller verifies every chunk and ships the tree's plan and the
 blocks of its files (onto an existing tree only those whose host-side hash differs, blockscan
 hashes); the host writes them with the same tree writer a local restore uses (blockscan
@@ -32,8 +33,9 @@ import structlog
 from connectors.base import CommandResult, Connector
 from tasks.backup.host_scripts import blockscan
 from tasks.backup import cancel
-from tasks.backup.repo.blockmap import BlockMap, TreeMap
+from tasks.backup.repo.blockmap import HOLE, BlockMap, TreeMap
 from tasks.backup.errors import BackupError, RestoreFailed
+from tasks.backup.sources.base import ZeroFingerprints
 from tasks.backup.sources.remote import FINGERPRINT, SCRIPT, RemoteBlockSource, host_fingerprint
 from tasks.backup.sources.windows_direct_upload import FINGERPRINT as WINDOWS_FINGERPRINT
 from tasks.backup.sources.windows_direct_upload import scan_on_host, sha256_fingerprint
@@ -107,6 +109,8 @@ class _ImageHost(Protocol):
 
     #: the name of the block hash `fingerprint` computes (a point's map may hold the same kind)
     fingerprint_name: str
+    #: whether its patch files take zero records (a range made zeros, no data sent)
+    zero_records: bool
 
     def scan(self, block_size: int) -> list[bytes]: ...
 
@@ -123,6 +127,7 @@ class _LinuxImage:
         self.exists = exists
         self.work = target if exists else blockscan.temp_name(target)
         self.fingerprint_name = FINGERPRINT
+        self.zero_records = True
 
     def scan(self, block_size: int) -> list[bytes]:
         return RemoteBlockSource(self.connector, self.target).scan(block_size)
@@ -154,6 +159,8 @@ class _WindowsImage:
     cannot read the repository's compressed, possibly encrypted chunks itself)."""
 
     fingerprint_name = WINDOWS_FINGERPRINT
+    #: win_restore.ps1 reads data records only: zeros are sent as data
+    zero_records = False
 
     def __init__(self, connector: Connector, target: str, exists: bool, block_map: BlockMap) -> None:
         self.connector, self.target, self.block_map, self.exists = connector, target, block_map, exists
@@ -199,6 +206,14 @@ class _Patches:
         if self.pending >= PATCH_BYTES:
             self.ship(finish=False)
 
+    def add_zeros(self, index: int, length: int) -> None:
+        """Block index is to read as zeros (a hole of the point where the host's copy has data)."""
+        if not self.host.zero_records:
+            self.add(index, bytes(length))
+            return
+        self._file.write(struct.pack(">QI", index | blockscan.ZERO_RECORD, length))
+        self.blocks += 1
+
     def ship(self, *, finish: bool) -> None:
         self._file.close()
         self.host.ship(self.scratch / "patch", finish=finish)
@@ -218,6 +233,7 @@ def _restore_image(repo: Repository, point: RecoveryPoint, connector: Connector,
     theirs: list[bytes] = host.scan(block_map.block_size) if exists else []
     known = block_map.fingerprints if block_map.fingerprint == host.fingerprint_name else None
     zero = repo.codec.chunk_id(bytes(block_map.block_size))
+    host_zero = ZeroFingerprints(host.fingerprint)
     recurring = {c for c, n in Counter(block_map.chunks).items() if n > 1}
     cache: dict[bytes, bytes] = {}
     scratch = Path(tempfile.mkdtemp(prefix="patchdrill-restore-"))
@@ -225,10 +241,15 @@ def _restore_image(repo: Repository, point: RecoveryPoint, connector: Connector,
     try:
         for index, chunk_id in enumerate(block_map.chunks):
             cancel.check()
-            if not exists and chunk_id == zero:
+            if not exists and chunk_id in (zero, HOLE):
                 continue  # a fresh file reads as zeros there already
             if exists and known is not None and index < len(theirs) and theirs[index] == known[index]:
                 continue  # the host already holds this block: nothing to fetch or send
+            if chunk_id == HOLE:
+                length = block_map.block_length(index)
+                if index >= len(theirs) or theirs[index] != host_zero(length):
+                    patches.add_zeros(index, length)
+                continue
             data = cache.get(chunk_id) or repo.get_chunk(chunk_id, point=point.key)
             if chunk_id in recurring and len(cache) < 16:
                 cache[chunk_id] = data

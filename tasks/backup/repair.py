@@ -43,6 +43,8 @@ class IndexSummary:
     unreadable: int = 0
     #: whether the index was replaced by one built from a listing
     rebuilt: bool = False
+    #: index files folded into one (the index was right, but spread over them)
+    folded: int = 0
 
 
 @dataclass
@@ -73,7 +75,7 @@ def repair(repo: Repository, open_source: SourceOpener, *, workers: int | None =
         index = chunk_index.check_and_rebuild(repo)
         report = RepairReport(index=IndexSummary(stored=index.stored, stale=len(index.stale),
                                                  unindexed=index.unindexed, unreadable=len(index.unreadable),
-                                                 rebuilt=index.rebuilt))
+                                                 rebuilt=index.rebuilt, folded=index.folded))
         points: list[RecoveryPoint] | None = None
         users: dict[bytes, list[str]] = {}
         if index.stale:

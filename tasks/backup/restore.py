@@ -30,7 +30,7 @@ import structlog
 
 from tasks.backup.host_scripts import blockscan
 from tasks.backup import cancel, progress as progress_mod
-from tasks.backup.repo.blockmap import BlockMap, TreeEntry, TreeMap
+from tasks.backup.repo.blockmap import HOLE, BlockMap, TreeEntry, TreeMap
 from tasks.backup.scheduling import default_workers
 from tasks.backup.errors import PointNotFound, RestoreFailed, TargetExists
 from tasks.backup.progress import ProgressSink
@@ -91,6 +91,9 @@ class _Blocks:
         written); otherwise the block is hashed first and written only if it differs, with
         zero pages punched as holes where punch (regular files)."""
         cancel.check()  # every block is queued up front: a stop drops the rest unwritten
+        if chunk_id == HOLE:
+            self._hole(fd, offset, length, fresh=fresh, punch=punch)
+            return
         if not fresh:
             current = os.pread(fd, length, offset)
             if len(current) == length and self.repo.codec.chunk_id(current) == chunk_id:
@@ -102,6 +105,17 @@ class _Blocks:
             with self._lock:
                 self.written_blocks += 1
                 self.written_bytes += len(data)
+        self.sink.advance("restored", length)
+
+    def _hole(self, fd: int, offset: int, length: int, *, fresh: bool, punch: bool) -> None:
+        """A block the point holds as a hole: left alone in a fresh file, made zeros (punched
+        where punch) in an existing one unless it reads as zeros already."""
+        if not fresh:
+            current = os.pread(fd, length, offset)
+            if len(current) < length or not blockscan.is_zero(current):
+                blockscan.write_zeros(fd, offset, length, False, punch)
+                with self._lock:
+                    self.written_blocks += 1
         self.sink.advance("restored", length)
 
 

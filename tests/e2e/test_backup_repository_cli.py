@@ -149,4 +149,4 @@ def test_repair_rebuilds_a_deleted_index_from_the_command(prefect_server: None, 
     assert len(list(index.iterdir())) == 1
     code, out, err = cli("repair", "-c", str(lab), "--json")
     assert code == 0 and json.loads(out)["index"] == {"stored": len(chunks), "stale": 0, "unindexed": 0,
-                                                     "unreadable": 0, "rebuilt": False}
+                                                     "unreadable": 0, "rebuilt": False, "folded": 0}

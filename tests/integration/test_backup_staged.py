@@ -299,3 +299,27 @@ def test_prune_removes_the_uncommitted_blocks_of_a_killed_chunk_upload(azure_sto
     assert list(azure_store.list("chunks/")) == []
     assert prune(repo).chunks_deleted == 1
     assert list(azure_store.list("chunks/", uncommitted=True)) == []
+
+
+def test_a_windows_host_uploads_no_zero_block(azure_store: AzureBlobStore, tmp_path: Path) -> None:
+    """The host reports every block's SHA-256; the controller knows a zero block (the last,
+    shorter one too) by the hash of zeros and never signs a URL for it."""
+    image = bytearray(40 * BLOCK + 500)
+    for index in (2, 30):
+        image[index * BLOCK:(index + 1) * BLOCK] = random.Random(index).randbytes(BLOCK)
+    repo = Repository.open(azure_store, create=True)
+    first_image = bytes(image)
+    plan, first = _backup(repo, azure_store, first_image)
+    assert plan.changed == (2, 30)
+    assert first.totals.uploaded_chunks == 2 and first.totals.used == 2 * BLOCK
+
+    image[2 * BLOCK:3 * BLOCK] = bytes(BLOCK)  # data becomes zeros: changed, still nothing to upload
+    image[7 * BLOCK] = 1
+    plan, second = _backup(repo, azure_store, bytes(image))
+    assert plan.changed == (7,) and second.totals.changed_blocks == 2 and second.totals.used == 2 * BLOCK
+    restore(repo, second, tmp_path / "c.img")
+    assert (tmp_path / "c.img").read_bytes() == bytes(image)
+    live = tmp_path / "live.img"
+    live.write_bytes(random.Random(5).randbytes(len(image)))
+    restore(repo, first, live, force=True)
+    assert live.read_bytes() == first_image

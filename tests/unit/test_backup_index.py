@@ -11,6 +11,8 @@ import textwrap
 from pathlib import Path
 from typing import Iterator
 
+import pytest
+
 from connectors.stores import BlobInfo, LocalBlobStore
 from tasks.backup.engine import BackupRequest, backup
 from tasks.backup.repair import repair
@@ -129,14 +131,25 @@ def test_prune_leaves_one_index_naming_exactly_the_kept_chunks(tmp_path: Path) -
     assert len(_index_files(store)) == 1
 
 
-_KILLED_IN_INDEX_WRITE = textwrap.dedent("""
-    import os, sys, threading
-    from pathlib import Path
-    from connectors.stores import LocalBlobStore
-    from tasks.backup.engine import BackupRequest, backup
-    from tasks.backup.repo.repository import Repository
-    from tasks.backup.sources.local import LocalBlockSource
+def _backup_process(store_class: str, setup: str = "") -> str:
+    """The script of a backup process (store root and image as its arguments) on a store of
+    store_class, a LocalBlobStore subclass named StallingStore that pauses where it prints."""
+    return textwrap.dedent("""
+        import os, sys, threading
+        from pathlib import Path
+        from connectors.stores import LocalBlobStore
+        from tasks.backup.engine import BackupRequest, backup
+        from tasks.backup.repo import index
+        from tasks.backup.repo.repository import Repository
+        from tasks.backup.sources.local import LocalBlockSource
+    """) + textwrap.dedent(store_class) + textwrap.dedent(setup) + textwrap.dedent("""
+        repo = Repository.open(StallingStore(Path(sys.argv[1])))
+        backup(repo, LocalBlockSource(sys.argv[2]),
+               BackupRequest(host="web-1", disk="data", block_size=65536, workers=2))
+    """)
 
+
+_KILLED_IN_INDEX_WRITE = _backup_process("""
     class StallingStore(LocalBlobStore):
         # An index file's temp file gets half its bytes, then the process waits to be killed.
         def _write_temp(self, key, directory, data):
@@ -147,10 +160,23 @@ _KILLED_IN_INDEX_WRITE = textwrap.dedent("""
             os.fsync(fd)
             print("writing index", flush=True)
             threading.Event().wait()
-
-    repo = Repository.open(StallingStore(Path(sys.argv[1])))
-    backup(repo, LocalBlockSource(sys.argv[2]), BackupRequest(host="web-1", disk="data", block_size=65536, workers=2))
 """)
+
+
+def _kill_backup_at(script: str, store: LocalBlobStore, image: Path, marker: str) -> None:
+    """Run a backup process (script) on store and image, SIGKILL it once it prints marker."""
+    proc = subprocess.Popen([sys.executable, "-c", script, str(store.root), str(image)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the backup logs to stdout too
+            if line == marker + "\n":
+                break
+        else:
+            raise AssertionError(f"the backup ended before {marker!r}: {proc.stderr and proc.stderr.read()}")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
 
 
 def test_a_backup_killed_while_writing_its_index_leaves_a_readable_repository(tmp_path: Path) -> None:
@@ -162,18 +188,7 @@ def test_a_backup_killed_while_writing_its_index_leaves_a_readable_repository(tm
     backup(repo, LocalBlockSource(image), request())
     indexed = chunk_index.load(repo).ids
     rewrite_blocks(image, [1, 5])
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED_IN_INDEX_WRITE, str(store.root), str(image)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:  # the backup logs to stdout too
-            if line == "writing index\n":
-                break
-        else:
-            raise AssertionError(f"the backup ended before writing its index: {proc.stderr and proc.stderr.read()}")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    _kill_backup_at(_KILLED_IN_INDEX_WRITE, store, image, "writing index")
     assert any(p.name.startswith(".patchdrill-tmp-") for p in (store.root / "index").iterdir())  # the half file
 
     index = chunk_index.load(repo)
@@ -182,3 +197,97 @@ def test_a_backup_killed_while_writing_its_index_leaves_a_readable_repository(tm
     point = backup(repo, LocalBlockSource(image), request())
     assert point.totals.uploaded_bytes == 0 and point.totals.changed_blocks == 2  # already there
     assert chunk_index.load(repo).ids == repo.chunk_ids() and verify(repo).ok
+
+
+def _backups_each_adding_a_chunk(repo: Repository, image: Path, count: int, start: int = 0) -> None:
+    for n in range(start, start + count):
+        rewrite_blocks(image, [n % 8], seed=100 + n)
+        backup(repo, LocalBlockSource(image), request())
+
+
+def _three_index_files_at_a_fold_threshold_of_three(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                     ) -> tuple[LocalBlobStore, Repository, Path]:
+    """A repository after three backups (three index files), with FOLD_AT set to 3: the next
+    backup that stores a chunk folds."""
+    monkeypatch.setattr(chunk_index, "FOLD_AT", 3)
+    store = LocalBlobStore(tmp_path / "repo")
+    repo = Repository.open(store, create=True)
+    image = make_image(tmp_path / "disk.img", 8)
+    backup(repo, LocalBlockSource(image), request())
+    _backups_each_adding_a_chunk(repo, image, 2)
+    return store, repo, image
+
+
+def test_a_backup_past_the_threshold_folds_the_index_files_into_one(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    store, repo, image = _three_index_files_at_a_fold_threshold_of_three(tmp_path, monkeypatch)
+    assert len(_index_files(store)) == 3  # one per backup, none past the threshold yet
+    _backups_each_adding_a_chunk(repo, image, 1, start=2)  # read 3, wrote its 4th: folded
+    assert len(_index_files(store)) == 1
+    assert chunk_index.load(repo).ids == repo.chunk_ids() == point_ids(repo)
+    _backups_each_adding_a_chunk(repo, image, 1, start=3)
+    assert len(_index_files(store)) == 2 and chunk_index.load(repo).ids == repo.chunk_ids()
+
+    found = repair(repo, lambda host, disk: iter(()))  # type: ignore[arg-type,return-value]
+    assert not found.index.rebuilt and found.index.folded == 2  # right, but in two files: folded
+    assert len(_index_files(store)) == 1 and chunk_index.load(repo).ids == repo.chunk_ids()
+
+
+_KILLED_IN_FOLD = _backup_process("""
+    class StallingStore(LocalBlobStore):
+        # The fold's new file is written; at its first delete the process waits to be killed.
+        def delete(self, key):
+            if key.startswith("index/"):
+                print("folded file written", flush=True)
+                threading.Event().wait()
+            return super().delete(key)
+""", setup="index.FOLD_AT = 3\n")
+
+
+def test_a_backup_killed_between_writing_the_folded_index_and_deleting_the_old_loses_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pause at the first delete is the one instrumented step (a store subclass in the child);
+    the kill is a real SIGKILL of the real backup process."""
+    store, repo, image = _three_index_files_at_a_fold_threshold_of_three(tmp_path, monkeypatch)
+    before = _index_files(store)
+    rewrite_blocks(image, [6], seed=77)
+    _kill_backup_at(_KILLED_IN_FOLD, store, image, "folded file written")
+    after = _index_files(store)
+    # The old files and the folded one (plus the killed run's own): every id is named at least once.
+    assert set(before) < set(after) and len(after) == len(before) + 2
+    assert chunk_index.load(repo).ids == repo.chunk_ids()
+
+    point = backup(repo, LocalBlockSource(image), request())  # reads them all, then folds again
+    assert point.totals.uploaded_bytes == 0 and point.totals.changed_blocks == 1
+    assert len(_index_files(store)) == 1
+    assert chunk_index.load(repo).ids == repo.chunk_ids() and verify(repo).ok
+
+
+class FoldingWhileListedStore(LocalBlobStore):
+    """A real local store on which, right after a reader lists index/, another backup folds the
+    files it listed (the interleaving a backup reading beside a folding one can meet)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.fold_next_listing = False
+
+    def list(self, prefix: str = "", *, uncommitted: bool = False) -> Iterator[BlobInfo]:
+        listed = list(super().list(prefix, uncommitted=uncommitted))
+        if prefix == "index/" and self.fold_next_listing:
+            self.fold_next_listing = False
+            other = Repository.open(LocalBlobStore(self.root))
+            chunk_index.replace(other, chunk_index.load(other).ids, [info.key for info in listed])
+        return iter(listed)
+
+
+def test_a_reader_listing_before_a_fold_loses_nothing(tmp_path: Path) -> None:
+    store = FoldingWhileListedStore(tmp_path / "repo")
+    repo = Repository.open(store, create=True)
+    image = make_image(tmp_path / "disk.img", 8)
+    backup(repo, LocalBlockSource(image), request())
+    _backups_each_adding_a_chunk(repo, image, 3)
+    listed = _index_files(store)
+    store.fold_next_listing = True
+    index = chunk_index.load(repo)
+    assert not set(listed) & set(_index_files(store))  # every file it listed was gone when read
+    assert index.ids == repo.chunk_ids() and index.unreadable == {}

@@ -7,7 +7,9 @@ listing and the tree writer below are the same code for a local disk and a host'
 
     python3 - scan PATH BLOCK_SIZE
         one JSON object: {"hash": "blake2b-256", "size": N, "block_size": B, "fingerprints": "<hex>"}
-        (the 32-byte digests of every block, concatenated in order)
+        (the 32-byte digests of every block, concatenated in order); blocks inside a hole
+        (SEEK_DATA) are not read, and they and all-zero blocks get the digest of zeros, by
+        which the controller knows them
     python3 - read PATH BLOCK_SIZE INDEX...
         one line per index: "<index> <base64 of the block>"
     python3 - files ROOT BLOCK_SIZE RELPATH...
@@ -15,7 +17,8 @@ listing and the tree writer below are the same code for a local disk and a host'
         (file number = position in the argument list; an empty file has no line)
     python3 - apply PATCH WORK BLOCK_SIZE SIZE FINISH RENAME
         write the blocks in PATCH (records: 8-byte big-endian index, 4-byte length, data) into
-        WORK at index * BLOCK_SIZE, leaving zero pages as holes, then delete PATCH; with
+        WORK at index * BLOCK_SIZE, leaving zero pages as holes (a record whose index has its
+        top bit set carries no data: its LENGTH bytes are made zeros), then delete PATCH; with
         FINISH=1 also cut WORK to SIZE (regular files), fsync it and, unless RENAME is "-",
         rename it to RENAME and fsync the directory
     python3 - tree PATH 0
@@ -42,6 +45,7 @@ Exit status 2 with a one-line message on stderr when the path cannot be read or 
 import base64
 import ctypes
 import ctypes.util
+import errno
 import hashlib
 import json
 import os
@@ -64,32 +68,127 @@ _OWNED_XATTRS = ("user.", "system.posix_acl_")
 #: again as trusted.SGI_ACL_*): recording it would plant a stray attribute on any other file system
 _FS_INTERNAL_XATTRS = ("trusted.SGI_ACL_",)
 _FALLOC_PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+#: set in a patch record's index: the record has no data, its length of bytes become zeros
+ZERO_RECORD = 1 << 63
+_zeros = {}
 
 
-def disk_size(handle):
-    return handle.seek(0, os.SEEK_END)
+def zeros(length):
+    """length zero bytes, kept: a disk's blocks have one or two lengths."""
+    found = _zeros.get(length)
+    if found is None:
+        found = _zeros[length] = bytes(length)
+    return found
+
+
+def is_zero(data):
+    """Whether data is all zero bytes. One byte per page is looked at first: most data is
+    rejected at once, and only data that passes is compared in full."""
+    view = memoryview(data)
+    if any(view[::PAGE]):
+        return False
+    return view.tobytes() == zeros(len(view))
+
+
+def next_data(fd, offset):
+    """Where the first data at or after offset begins (SEEK_DATA); None when only a hole
+    follows; offset itself where the file system cannot tell (all of it counts as data)."""
+    seek_data = getattr(os, "SEEK_DATA", None)
+    if seek_data is None:
+        return offset
+    try:
+        return os.lseek(fd, offset, seek_data)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            return None
+        return offset
+
+
+def next_hole(fd, offset, end):
+    """Where the first hole at or after offset begins (SEEK_HOLE; the end of the file is one),
+    at most end; end where the file system cannot tell."""
+    seek_hole = getattr(os, "SEEK_HOLE", None)
+    if seek_hole is None:
+        return end
+    try:
+        return min(os.lseek(fd, offset, seek_hole), end)
+    except OSError:
+        return end
+
+
+def read_at(fd, view, offset):
+    """Fill view from offset; returns the bytes read (fewer at the end of the file). Moves the
+    file's position: one reader per descriptor (os.preadv would not, but needs Python 3.7)."""
+    os.lseek(fd, offset, os.SEEK_SET)
+    filled = 0
+    while filled < len(view):
+        got = os.readv(fd, [view[filled:]])
+        if not got:
+            break
+        filled += got
+    return filled
+
+
+def read_data(fd, view, offset):
+    """Fill view from offset as read_at does, reading only the data extents SEEK_DATA and
+    SEEK_HOLE find in the range: its holes are filled with zeros, not read."""
+    end = offset + len(view)
+    position = offset
+    while position < end:
+        data_at = next_data(fd, position)
+        if data_at is None or data_at >= end:
+            # A hole to the end of the range, or of the file (which may end inside the range).
+            stop = min(end, max(position, os.fstat(fd).st_size))
+            view[position - offset:stop - offset] = zeros(stop - position)
+            return stop - offset
+        if data_at > position:
+            view[position - offset:data_at - offset] = zeros(data_at - position)
+        stop = next_hole(fd, data_at, end)
+        got = read_at(fd, view[data_at - offset:stop - offset], data_at)
+        if got < stop - data_at:
+            return data_at + got - offset  # the file ends here
+        position = stop
+    return len(view)
+
+
+def block_layout(fd, size, block_size):
+    """(offset, length, in_hole) for each block up to size; in_hole when SEEK_DATA finds no
+    data in the block, which then need not be read."""
+    data_at = -1
+    for offset in range(0, size, block_size):
+        length = min(block_size, size - offset)
+        if data_at is not None and data_at < offset:
+            data_at = next_data(fd, offset)
+        yield offset, length, data_at is None or data_at >= offset + length
 
 
 def scan(path, block_size):
-    buffer = bytearray(block_size)
-    view = memoryview(buffer)
+    view = memoryview(bytearray(block_size))
     digests = []
-    with open(path, "rb", buffering=0) as handle:
-        size = disk_size(handle)
-        handle.seek(0)
-        remaining = size
-        while remaining > 0:
-            want = min(block_size, remaining)
-            filled = 0
-            while filled < want:
-                got = handle.readinto(view[filled:want])
-                if not got:
-                    break
-                filled += got
+    zero_digests = {}
+
+    def zero_digest(length):
+        if length not in zero_digests:
+            zero_digests[length] = hashlib.blake2b(zeros(length), digest_size=DIGEST_SIZE).hexdigest()
+        return zero_digests[length]
+
+    fd = os.open(path, os.O_RDONLY | _CLOEXEC)
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        for offset, length, in_hole in block_layout(fd, size, block_size):
+            if in_hole:
+                digests.append(zero_digest(length))
+                continue
+            filled = read_data(fd, view[:length], offset)
             if filled == 0:
+                break  # cut short since its size was taken
+            data = view[:filled]
+            digests.append(zero_digest(filled) if is_zero(data)
+                           else hashlib.blake2b(data, digest_size=DIGEST_SIZE).hexdigest())
+            if filled < length:
                 break
-            digests.append(hashlib.blake2b(view[:filled], digest_size=DIGEST_SIZE).hexdigest())
-            remaining -= filled
+    finally:
+        os.close(fd)
     json.dump({"hash": "blake2b-256", "size": size, "block_size": block_size, "fingerprints": "".join(digests)},
               sys.stdout)
 
@@ -159,6 +258,17 @@ def write_sparse(fd, data, offset, fresh, punch):
         os.pwrite(fd, view[done:], offset + done)
 
 
+def write_zeros(fd, offset, length, fresh, punch):
+    """Make a range read as zeros: nothing to do in a fresh file, a hole punched where punch is
+    allowed (regular files), zeros written elsewhere (block devices)."""
+    if fresh:
+        return
+    if punch:
+        punch_hole(fd, offset, length)
+    else:
+        os.pwrite(fd, zeros(length), offset)
+
+
 def fsync_dir(path):
     fd = os.open(path, DIR_NOFOLLOW)
     try:
@@ -182,6 +292,9 @@ def apply(patch, work, block_size, size, finish, rename):
                 if len(head) < 12:
                     break
                 index, length = struct.unpack(">QI", head)
+                if index & ZERO_RECORD:
+                    write_zeros(fd, (index & ~ZERO_RECORD) * block_size, length, fresh, regular)
+                    continue
                 data = records.read(length)
                 if len(data) != length:
                     raise OSError(5, "truncated patch file")

@@ -9,6 +9,12 @@ from tasks.backup.errors import RepositoryError
 from tasks.backup.repo.ids import ID_SIZE
 
 CHUNK_ID_FINGERPRINT = "chunk-id"
+#: The id a block map gives a block that reads as zeros (a hole, or all-zero data): no chunk is
+#: stored for it. No BLAKE3 output is 32 zero bytes in practice, so it names no real chunk.
+HOLE = bytes(ID_SIZE)
+#: block maps before version 2 hold the zero block's real chunk id where version 2 has HOLE;
+#: both restore the same bytes
+BLOCK_MAP_VERSION = 2
 
 
 def _join(ids: list[bytes]) -> str:
@@ -29,16 +35,26 @@ class BlockMap:
     chunks: list[bytes]
     fingerprint: str = CHUNK_ID_FINGERPRINT
     fingerprints: list[bytes] | None = None
+    version: int = BLOCK_MAP_VERSION
 
     def block_length(self, index: int) -> int:
         return min(self.block_size, self.size - index * self.block_size)
+
+    def stored_chunks(self) -> set[bytes]:
+        """The ids of the chunks this map needs from the store (holes need none)."""
+        return set(self.chunks) - {HOLE}
+
+    def used_bytes(self) -> int:
+        """The bytes of the disk in blocks that hold data: its size less its holes and zero blocks."""
+        return self.size - sum(self.block_length(i) for i, chunk_id in enumerate(self.chunks) if chunk_id == HOLE)
 
     def fingerprint_of(self, index: int) -> bytes:
         return (self.fingerprints or self.chunks)[index]
 
     def to_json(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"kind": "block", "size": self.size, "block_size": self.block_size,
-                                "chunks": _join(self.chunks), "fingerprint": self.fingerprint}
+        body: dict[str, Any] = {"kind": "block", "version": self.version, "size": self.size,
+                                "block_size": self.block_size, "chunks": _join(self.chunks),
+                                "fingerprint": self.fingerprint}
         if self.fingerprints is not None:
             body["fingerprints"] = _join(self.fingerprints)
         return body
@@ -47,10 +63,14 @@ class BlockMap:
     def from_json(cls, body: dict[str, Any], *, point: str) -> "BlockMap":
         if body.get("kind") != "block":
             raise RepositoryError(f"point {point}: its map is not a block map")
+        version = int(body.get("version", 1))
+        if version > BLOCK_MAP_VERSION:
+            raise RepositoryError(f"point {point}: block map version {version} is newer than this patchdrill reads "
+                                  f"({BLOCK_MAP_VERSION}); upgrade patchdrill to restore it")
         fps = body.get("fingerprints")
         made = cls(size=int(body["size"]), block_size=int(body["block_size"]), chunks=_split(body["chunks"]),
                    fingerprint=body.get("fingerprint", CHUNK_ID_FINGERPRINT),
-                   fingerprints=_split(fps) if fps is not None else None)
+                   fingerprints=_split(fps) if fps is not None else None, version=version)
         expected = -(-made.size // made.block_size) if made.size else 0
         if len(made.chunks) != expected:
             raise RepositoryError(f"point {point}: map lists {len(made.chunks)} chunks for {expected} blocks")

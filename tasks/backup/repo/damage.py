@@ -41,7 +41,7 @@ def damaged_blocks(previous: BlockMap | None, damaged: set[bytes]) -> set[int]:
 
 def _chunks_of(previous: PreviousMap) -> set[bytes]:
     if isinstance(previous, BlockMap):
-        return set(previous.chunks)
+        return previous.stored_chunks()
     return {cid for entry in (previous or {}).values() for cid in entry.chunks}
 
 

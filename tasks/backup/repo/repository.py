@@ -68,6 +68,9 @@ def parse_stamp(stamp: str) -> datetime:
 class Totals(BaseModel):
     model_config = ConfigDict(extra="forbid")
     size: int = 0
+    #: bytes of the disk that hold data: its size less its holes and zero blocks (None in
+    #: points from before holes were recorded)
+    used: int | None = None
     scanned: int = 0
     changed_blocks: int = 0
     changed_bytes: int = 0

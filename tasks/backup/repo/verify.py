@@ -52,7 +52,7 @@ def referenced_chunks(repo: Repository, points: list[RecoveryPoint],
     for point in points:
         try:
             body = repo.get_map(point.map.id, point=point.key)
-            ids = (BlockMap.from_json(body, point=point.key).chunks if point.kind == "block"
+            ids = (BlockMap.from_json(body, point=point.key).stored_chunks() if point.kind == "block"
                    else TreeMap.from_json(body, point=point.key).chunk_ids())
         except BackupError as exc:
             if broken is None:

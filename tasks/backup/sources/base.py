@@ -2,8 +2,10 @@
 
 A block source yields a disk's blocks in order. A local one (local.py) reads every block (into
 reused buffers) and lets the engine hash it; a remote one (remote.py) has the host hash its
-blocks and sends only the changed ones, so unchanged blocks arrive without data. A tree source
-walks a directory and yields entries whose file contents are read in blocks.
+blocks and sends only the changed ones, so unchanged blocks arrive without data. Every block
+source says which blocks read as zeros (holes, which it does not read, and all-zero data): they
+arrive as holes, without data, and are stored as none. A tree source walks a directory and
+yields entries whose file contents are read in blocks.
 """
 
 from __future__ import annotations
@@ -34,17 +36,40 @@ class BufferPool:
 
 @dataclass
 class SourceBlock:
-    """One block of a disk. `data` is None when the source already knows it is unchanged."""
+    """One block of a disk. `data` is None when the source already knows it is unchanged, or
+    that it reads as zeros (`hole`)."""
 
     index: int
     length: int
     data: memoryview | None
     fingerprint: bytes | None
     release: Callable[[], None]
+    hole: bool = False
 
 
 def nothing_to_release() -> None:
     """The release of a block that came without data."""
+
+
+def hole_block(index: int, length: int, fingerprint: bytes | None = None) -> SourceBlock:
+    """A block that reads as zeros; `fingerprint` is a host-side hash of its zeros, kept in the
+    map so the next scan's comparison holds."""
+    return SourceBlock(index, length, None, fingerprint, nothing_to_release, hole=True)
+
+
+class ZeroFingerprints:
+    """The host-side hash of an all-zero block of each length: a block reported with it reads
+    as zeros, so it is recorded as a hole and its data is neither fetched nor stored."""
+
+    def __init__(self, hash_block: Callable[[bytes], bytes]) -> None:
+        self._hash = hash_block
+        self._known: dict[int, bytes] = {}
+
+    def __call__(self, length: int) -> bytes:
+        found = self._known.get(length)
+        if found is None:
+            found = self._known[length] = self._hash(bytes(length))
+        return found
 
 
 @runtime_checkable

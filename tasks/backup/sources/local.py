@@ -1,5 +1,6 @@
-"""Disks on this machine: an image file or block device read directly, and a directory listed
-by the same code a host runs (host_scripts/blockscan.py)."""
+"""Disks on this machine: an image file or block device read directly (holes skipped, as
+SEEK_DATA finds them), and a directory listed by the same code a host runs
+(host_scripts/blockscan.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import structlog
 from tasks.backup.errors import SourceError
 from tasks.backup.host_scripts import blockscan
 from tasks.backup.repo.blockmap import BlockMap, TreeEntry
-from tasks.backup.sources.base import BufferPool, SourceBlock, SourceFile, entry_from_scan
+from tasks.backup.sources.base import BufferPool, SourceBlock, SourceFile, entry_from_scan, hole_block
 
 log = structlog.stdlib.get_logger("patchdrill.backup")
 
@@ -52,6 +53,39 @@ def _read_file(path: str, size: int, block_size: int, pool: BufferPool) -> Itera
     return _read_blocks(path, block_size, pool, size)
 
 
+def _read_image(path: str, block_size: int, pool: BufferPool, size: int) -> Iterator[SourceBlock]:
+    """The blocks of an image: those inside a hole are not read, and they and all-zero blocks
+    come as holes (blocks of a file that shrank since `size` was taken are not invented)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SourceError(f"cannot read {path!r}: {exc.strerror}") from None
+    try:
+        for offset, length, in_hole in blockscan.block_layout(fd, size, block_size):
+            index = offset // block_size
+            if in_hole:
+                yield hole_block(index, length)
+                continue
+            buffer = pool.acquire()
+            view = memoryview(buffer)[:length]
+            try:
+                filled = blockscan.read_data(fd, view, offset)
+            except OSError as exc:
+                pool.release(buffer)
+                raise SourceError(f"read error in {path!r} at offset {offset}: {exc.strerror}") from None
+            if filled == 0 or blockscan.is_zero(view[:filled]):
+                pool.release(buffer)
+                if filled == 0:
+                    return
+                yield hole_block(index, filled)
+            else:
+                yield SourceBlock(index, filled, view[:filled], None, partial(pool.release, buffer))
+            if filled < length:
+                return
+    finally:
+        os.close(fd)
+
+
 class LocalBlockSource:
     """An image file or block device on this machine, read directly."""
 
@@ -73,7 +107,8 @@ class LocalBlockSource:
         return self._size
 
     def blocks(self, block_size: int, previous: BlockMap | None, pool: BufferPool) -> Iterator[SourceBlock]:
-        return _read_blocks(self.path, block_size, pool, self._size)
+        size = self._size if self._size is not None else self.prepare(block_size)
+        return _read_image(self.path, block_size, pool, size)
 
 
 class LocalTreeSource:

@@ -3,8 +3,9 @@
 The scan runs on the host (host_scripts/blockscan.py, standard library only). Changed
 blocks are read over the connector's SFTP session when it offers one (`sftp()`), else through
 blockscan's read mode, which works over any connector that runs Python. A block source compares
-host-side block hashes; a tree source compares file size, mtime, ctime and inode with the
-parent point.
+host-side block hashes, and knows a block that reads as zeros by its hash (the scan does not
+read holes): such a block is neither fetched nor stored. A tree source compares file size,
+mtime, ctime and inode with the parent point.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from connectors.base import Connector
 from tasks.backup.host_scripts import blockscan
 from tasks.backup.repo.blockmap import BlockMap, TreeEntry
 from tasks.backup.errors import SourceError
-from tasks.backup.sources.base import BufferPool, SourceBlock, SourceFile, entry_from_scan, nothing_to_release, unchanged
+from tasks.backup.sources.base import (
+    BufferPool, SourceBlock, SourceFile, ZeroFingerprints, entry_from_scan, hole_block, nothing_to_release, unchanged,
+)
 
 log = structlog.stdlib.get_logger("patchdrill.backup")
 FINGERPRINT = "blake2b-256"
@@ -84,21 +87,28 @@ class RemoteBlockSource:
     def blocks(self, block_size: int, previous: BlockMap | None, pool: BufferPool) -> Iterator[SourceBlock]:
         fingerprints = self.scan(block_size)
         size = self.prepare(block_size)
-        changed = changed_blocks(fingerprints, previous, FINGERPRINT, block_size)
+        zero = ZeroFingerprints(host_fingerprint)
+        holes = {i for i, fp in enumerate(fingerprints) if fp == zero(min(block_size, size - i * block_size))}
+        changed = [i for i in changed_blocks(fingerprints, previous, FINGERPRINT, block_size) if i not in holes]
         wanted = set(changed)
         fetched = self.fetch(changed, block_size, size)
         for index, fp in enumerate(fingerprints):
             length = min(block_size, size - index * block_size)
-            if index in wanted:
+            if index in holes:
+                yield hole_block(index, length, fp)
+            elif index in wanted:
                 got_index, data = next(fetched)
                 if got_index != index or len(data) != length:
                     raise SourceError(f"host {self.connector.name}: {self.path!r} changed size while being read "
                                       f"(block {index}: expected {length} bytes, got {len(data)})")
+                # Hash what actually arrived: the disk may have changed since the scan.
+                arrived = host_fingerprint(data)
+                if arrived == zero(length):
+                    yield hole_block(index, length, arrived)
+                    continue
                 buffer = pool.acquire()
                 buffer[:length] = data
-                # Hash what actually arrived: the disk may have changed since the scan.
-                view = memoryview(buffer)[:length]
-                yield SourceBlock(index, length, view, host_fingerprint(view), partial(pool.release, buffer))
+                yield SourceBlock(index, length, memoryview(buffer)[:length], arrived, partial(pool.release, buffer))
             else:
                 yield SourceBlock(index, length, None, fp, nothing_to_release)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from pathlib import Path
@@ -39,7 +39,7 @@ from tasks.backup.errors import SourceError
 from tasks.backup.sources.remote import changed_blocks
 from tasks.backup.repo.repository import Repository, staged_block_key, staging_prefix
 from tasks.backup.repo.staging import StagingCleanup, remove_staged
-from tasks.backup.sources.base import BufferPool, SourceBlock, nothing_to_release
+from tasks.backup.sources.base import BufferPool, SourceBlock, ZeroFingerprints, hole_block, nothing_to_release
 
 log = structlog.stdlib.get_logger("patchdrill.backup")
 
@@ -83,6 +83,11 @@ class UploadPlan:
 
     def length(self, index: int) -> int:
         return min(self.block_size, self.size - index * self.block_size)
+
+    def holes(self) -> set[int]:
+        """The blocks the host reported reading as zeros: recorded as holes, never uploaded."""
+        zero = ZeroFingerprints(sha256_fingerprint)
+        return {i for i, fp in enumerate(self.fingerprints) if fp == zero(self.length(i))}
 
     def batches(self) -> Iterator[list[int]]:
         """The changed blocks in host calls of at most URLS_PER_CALL blocks and BYTES_PER_CALL bytes."""
@@ -141,7 +146,10 @@ def plan_upload(repo: Repository, host: str, disk: str, size: int, block_size: i
         index = chunk_index.load(repo)
         forced = damaged_blocks(previous, damaged_chunks(repo, previous, index, set(index.listing or ())))
         changed = tuple(changed_blocks(fingerprints, unmatchable(previous, forced), FINGERPRINT, block_size))
-    return UploadPlan(host, disk, prefix, size, block_size, fingerprints, changed)
+    plan = UploadPlan(host, disk, prefix, size, block_size, fingerprints, changed)
+    # A block that reads as zeros is known by its hash: the host need not send it.
+    holes = plan.holes()
+    return replace(plan, changed=tuple(i for i in changed if i not in holes))
 
 
 class StagedBlockSource:
@@ -168,8 +176,12 @@ class StagedBlockSource:
         # Sizes from the listing (the blobs' properties), so a blob the host made larger than its
         # block is refused before a byte of it is downloaded.
         staged = {info.key: info.size for info in self.store.list(plan.prefix + "/")} if changed else {}
+        holes = plan.holes()
         for index, fingerprint in enumerate(plan.fingerprints):
             length = plan.length(index)
+            if index in holes:
+                yield hole_block(index, length, fingerprint)
+                continue
             if index not in changed:
                 yield SourceBlock(index, length, None, fingerprint, nothing_to_release)
                 continue
