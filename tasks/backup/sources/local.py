@@ -14,7 +14,9 @@ import structlog
 from tasks.backup.errors import SourceError
 from tasks.backup.host_scripts import blockscan
 from tasks.backup.repo.blockmap import BlockMap, TreeEntry
-from tasks.backup.sources.base import BufferPool, SourceBlock, SourceFile, entry_from_scan
+from tasks.backup.sources.base import (
+    BufferPool, SourceBlock, SourceFile, TrackedChanges, entry_from_scan, tracked_blocks,
+)
 
 log = structlog.stdlib.get_logger("patchdrill.backup")
 
@@ -53,13 +55,15 @@ def _read_file(path: str, size: int, block_size: int, pool: BufferPool) -> Itera
 
 
 class LocalBlockSource:
-    """An image file or block device on this machine, read directly."""
+    """An image file or block device on this machine, read directly (only the changed blocks
+    when `tracked` says which)."""
 
     fingerprint = "chunk-id"
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
         self._size: int | None = None
+        self.tracked: TrackedChanges | None = None
         try:
             st = os.stat(self.path)
         except OSError as exc:
@@ -73,7 +77,29 @@ class LocalBlockSource:
         return self._size
 
     def blocks(self, block_size: int, previous: BlockMap | None, pool: BufferPool) -> Iterator[SourceBlock]:
-        return _read_blocks(self.path, block_size, pool, self._size)
+        if self.tracked is None:
+            return _read_blocks(self.path, block_size, pool, self._size)
+        return self._tracked_blocks(self.tracked, block_size, previous, pool)
+
+    def _tracked_blocks(self, tracked: TrackedChanges, block_size: int, previous: BlockMap | None,
+                        pool: BufferPool) -> Iterator[SourceBlock]:
+        if tracked.size != self._size:
+            raise SourceError(f"{self.path!r} is {self._size} bytes, but its tracked changes describe {tracked.size}")
+        with open(self.path, "rb", buffering=0) as handle:
+            def read(index: int, length: int) -> SourceBlock:
+                buffer = pool.acquire()
+                view = memoryview(buffer)[:length]
+                try:
+                    got = os.preadv(handle.fileno(), [view], index * block_size)
+                except OSError as exc:
+                    pool.release(buffer)
+                    raise SourceError(f"read error in {self.path!r} at offset {index * block_size}: {exc.strerror}") from None
+                if got != length:
+                    pool.release(buffer)
+                    raise SourceError(f"{self.path!r} changed size while being read (block {index})")
+                return SourceBlock(index, length, view, None, partial(pool.release, buffer))
+
+            yield from tracked_blocks(tracked, previous, block_size, read)
 
 
 class LocalTreeSource:

@@ -22,7 +22,9 @@ from connectors.base import Connector
 from tasks.backup.host_scripts import blockscan
 from tasks.backup.repo.blockmap import BlockMap, TreeEntry
 from tasks.backup.errors import SourceError
-from tasks.backup.sources.base import BufferPool, SourceBlock, SourceFile, entry_from_scan, nothing_to_release, unchanged
+from tasks.backup.sources.base import (
+    BufferPool, SourceBlock, SourceFile, TrackedChanges, entry_from_scan, nothing_to_release, tracked_blocks, unchanged,
+)
 
 log = structlog.stdlib.get_logger("patchdrill.backup")
 FINGERPRINT = "blake2b-256"
@@ -50,6 +52,14 @@ def host_fingerprint(data: bytes | bytearray | memoryview) -> bytes:
     return hashlib.blake2b(data, digest_size=32).digest()
 
 
+_EMPTY = memoryview(b"")
+
+
+def _placeholder(index: int, length: int) -> SourceBlock:
+    """A block marked for reading, without its data: what planning a tracked fetch needs."""
+    return SourceBlock(index, length, _EMPTY, None, nothing_to_release)
+
+
 class RemoteBlockSource:
     fingerprint = FINGERPRINT
 
@@ -58,6 +68,8 @@ class RemoteBlockSource:
         self.path = path
         self._scan: dict[str, Any] | None = None
         self._scan_block_size = 0
+        #: set when the host's file system told what changed: no host-side scan then
+        self.tracked: TrackedChanges | None = None
 
     def _scanned(self, block_size: int) -> dict[str, Any]:
         if self._scan is None or self._scan_block_size != block_size:
@@ -74,7 +86,9 @@ class RemoteBlockSource:
         return self._scan
 
     def prepare(self, block_size: int) -> int:
-        """Run the scan on the host; returns the disk's size."""
+        """Run the scan on the host (unless the changes are tracked); returns the disk's size."""
+        if self.tracked is not None:
+            return self.tracked.size
         return int(self._scanned(block_size)["size"])
 
     def scan(self, block_size: int) -> list[bytes]:
@@ -82,6 +96,9 @@ class RemoteBlockSource:
         return [raw[i:i + 32] for i in range(0, len(raw), 32)]
 
     def blocks(self, block_size: int, previous: BlockMap | None, pool: BufferPool) -> Iterator[SourceBlock]:
+        if self.tracked is not None:
+            yield from self._tracked_blocks(self.tracked, block_size, previous, pool)
+            return
         fingerprints = self.scan(block_size)
         size = self.prepare(block_size)
         changed = changed_blocks(fingerprints, previous, FINGERPRINT, block_size)
@@ -101,6 +118,25 @@ class RemoteBlockSource:
                 yield SourceBlock(index, length, view, host_fingerprint(view), partial(pool.release, buffer))
             else:
                 yield SourceBlock(index, length, None, fp, nothing_to_release)
+
+    def _tracked_blocks(self, tracked: TrackedChanges, block_size: int, previous: BlockMap | None,
+                        pool: BufferPool) -> Iterator[SourceBlock]:
+        # Which blocks tracked_blocks will ask for, so they are fetched in pipelined batches.
+        wanted = [block.index for block in tracked_blocks(tracked, previous, block_size, _placeholder)
+                  if block.data is not None]
+        fetched = self.fetch(wanted, block_size, tracked.size)
+
+        def read(index: int, length: int) -> SourceBlock:
+            got_index, data = next(fetched)
+            if got_index != index or len(data) != length:
+                raise SourceError(f"host {self.connector.name}: {self.path!r} changed size while being read "
+                                  f"(block {index}: expected {length} bytes, got {len(data)})")
+            buffer = pool.acquire()
+            buffer[:length] = data
+            view = memoryview(buffer)[:length]
+            return SourceBlock(index, length, view, host_fingerprint(view), partial(pool.release, buffer))
+
+        yield from tracked_blocks(tracked, previous, block_size, read)
 
     def fetch(self, indexes: list[int], block_size: int, size: int) -> Iterator[tuple[int, bytes]]:
         sftp_factory = getattr(self.connector, "sftp", None)
