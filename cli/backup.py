@@ -27,7 +27,7 @@ from cli.common import (
 )
 from cli.interrupts import stoppable
 from flows.logs import JsonLinesHandler, json_lines
-from tasks.backup import cancel, progress
+from tasks.backup import cancel, kept, progress
 from tasks.backup.cancel import Interrupted
 from tasks.backup.errors import BackupError
 from tasks.backup.policy import policy_from_config
@@ -189,6 +189,13 @@ def restore(host: Annotated[str, typer.Argument(help="Host whose disk to restore
 
 
 def _render_restore(r: dict[str, Any]) -> None:
+    for note in r["notes"]:
+        err_console.print(f"[yellow]from the repository:[/] {note}", highlight=False)
+    if r["source"] == "instant copy":
+        console.print(f"[green]restored[/] {r['point']} to {r['target']} from its instant copy on the host "
+                      f"({_mib(r['bytes_written'])} cloned, nothing read from the store) in {r['seconds']:.1f}s",
+                      highlight=False)
+        return
     removed = f", {r['removed']} entries the point lacks removed" if r["removed"] else ""
     console.print(f"[green]restored[/] {r['point']} to {r['target']}: {r['blocks_written']}/{r['blocks']} blocks "
                   f"written ({_mib(r['bytes_written'])}){removed} in {r['seconds']:.1f}s", highlight=False)
@@ -199,8 +206,9 @@ def _render_restore(r: dict[str, Any]) -> None:
 def points(config: ConfigOption = DEFAULT_CONFIG,
            host: Annotated[Optional[str], typer.Option("--host", help="Only this host.")] = None,
            disk: Annotated[Optional[str], typer.Option("--disk", help="Only this disk.")] = None,
+           instant_copies: Annotated[bool, typer.Option("--instant/--no-instant", help="Ask each host with image points which still have their clone kept there (an instant restore).")] = True,
            as_json: JsonOption = False) -> None:
-    """List recovery points: time, consistency, sizes. Needs no encryption key."""
+    """List recovery points: time, consistency, sizes, and whether an instant copy is kept on the host. Needs no encryption key."""
     from connectors.stores import open_store
     from tasks.backup.repo.repository import Repository
 
@@ -208,18 +216,23 @@ def points(config: ConfigOption = DEFAULT_CONFIG,
     store = _run(lambda: open_store(loaded.config.storage, loaded.base_dir))
     # Points are plaintext: listing them needs the store, not the key.
     found = _run(lambda: Repository.open(store, metadata_only=True).points(host, disk))
-    emit(found, as_json, _render_points)
+    # Whether a point's clone is still kept on its host is the host's to say (one call per host).
+    instant = kept.instant_points(loaded.config.hosts, loaded.base_dir, found) if instant_copies else {}
+    rows = [p.model_dump(mode="json") | {"instant_copy": instant.get(p.key)} for p in found]
+    emit(rows, as_json, _render_points)
 
 
-def _render_points(found: list[Any]) -> None:
+def _render_points(found: list[dict[str, Any]]) -> None:
     table = Table(title="recovery points (sizes in MiB)")
-    for column in ("host", "disk", "time (UTC)", "kind", "consistency", "size", "uploaded", "s"):
+    for column in ("host", "disk", "time (UTC)", "kind", "consistency", "size", "uploaded", "s", "instant"):
         table.add_column(column, no_wrap=column == "time (UTC)",
                          justify="right" if column in ("size", "uploaded", "s") else "left")
     for p in found:
-        table.add_row(p.host, p.disk, p.time.strftime("%Y-%m-%d %H:%M:%S"), p.kind,
-                      p.consistency.removesuffix("-consistent"), f"{p.totals.size / 1048576:,.1f}",
-                      f"{p.totals.uploaded_bytes / 1048576:,.1f}", f"{p.seconds:.1f}")
+        totals = p["totals"]
+        table.add_row(p["host"], p["disk"], p["time"][:19].replace("T", " "), p["kind"],
+                      p["consistency"].removesuffix("-consistent"), f"{totals['size'] / 1048576:,.1f}",
+                      f"{totals['uploaded_bytes'] / 1048576:,.1f}", f"{p['seconds']:.1f}",
+                      {True: "yes", False: "-", None: "?" if p["kind"] == "block" else "-"}[p["instant_copy"]])
     console.print(table)
 
 

@@ -15,6 +15,7 @@ device-mapper, which the machines this was built and tested on lack, so LVM disk
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -22,11 +23,13 @@ from typing import Any
 
 import structlog
 
-from configs.models import DiskConfig
+from configs.models import DiskConfig, HostConfig
+from connectors import connect
 from configs.policies import KeptClones
-from connectors.base import Connector, ConnectorError
+from connectors.base import Connector, ConnectorError, RetryPolicy
 from tasks.backup.errors import BackupError
-from tasks.backup.host_scripts import kept_clones as helper
+from tasks.backup.host_scripts import blockscan, kept_clones as helper
+from tasks.backup.restore import RestoreResult, decide
 from tasks.backup.repo.repository import KeptClone, RecoveryPoint, Repository, parse_stamp, point_stamp, utcnow
 from tasks.backup.snapshot.view import SnapshotRecord
 from tasks.backup.sources.base import TrackedChanges
@@ -123,11 +126,12 @@ def keep(connector: Connector, host: str, disk: DiskConfig, snap: SnapshotRecord
     return Kept(clone=clone, notes=[f"clone kept on the host for changed-block tracking and instant restore ({label})"])
 
 
-def drop_unwanted(repo: Repository, connector: Connector, host: str, disks: list[DiskConfig], rules: KeptClones,
-                  protect: frozenset[tuple[str, str]] = frozenset()) -> list[str]:
+def drop_unwanted(repo: Repository, connector: Connector, host: str, disks: list[DiskConfig],
+                  rules: KeptClones | None, protect: frozenset[tuple[str, str]] = frozenset()) -> list[str]:
     """Remove the host's kept clones whose point is gone, is not among its disk's newest
     `rules.points` or is older than `rules.days`; then the oldest until the clones hold no more
-    than the space limit. `protect` ((disk, stamp)) is never dropped. Returns what went."""
+    than the space limit. Without rules, only those whose point is gone. `protect` ((disk,
+    stamp)) is never dropped. Returns what went ("disk/stamp")."""
     where = f"host {host}"
     held = _call(connector, "usage", [host, *images(disks)], where)
     wanted = _tier(repo, host, rules)
@@ -135,6 +139,8 @@ def drop_unwanted(repo: Repository, connector: Connector, host: str, disks: list
               if (c["disk"], c["stamp"]) not in wanted and (c["disk"], c["stamp"]) not in protect]
     dropped = _drop(connector, host, disks, doomed, where)
     remaining = sorted(((c["stamp"], c["disk"]) for c in held["clones"] if (c["disk"], c["stamp"]) not in doomed))
+    if rules is None:
+        return dropped
     own = int(held["own_bytes"]) if not dropped else int(_call(connector, "usage", [host, *images(disks)], where)["own_bytes"])
     for stamp, disk in remaining:
         if own <= rules.space_limit:
@@ -148,12 +154,15 @@ def drop_unwanted(repo: Repository, connector: Connector, host: str, disks: list
     return dropped
 
 
-def _tier(repo: Repository, host: str, rules: KeptClones) -> set[tuple[str, str]]:
-    oldest = utcnow() - timedelta(days=rules.days)
+def _tier(repo: Repository, host: str, rules: KeptClones | None) -> set[tuple[str, str]]:
+    """(disk, stamp) of the points whose clones the rules keep (every point's, without rules)."""
     wanted = set()
     for key in repo.point_keys(host):
         _, _, disk, name = key.split("/", 3)
         wanted.add((disk, name.removesuffix(".json")))
+    if rules is None:
+        return wanted
+    oldest = utcnow() - timedelta(days=rules.days)
     kept: set[tuple[str, str]] = set()
     for disk in {d for d, _ in wanted}:
         stamps = sorted((s for d, s in wanted if d == disk), reverse=True)[:rules.points]
@@ -193,13 +202,63 @@ def instant_copies(connector: Connector, host: str, disks: list[DiskConfig]) -> 
     return {(c["disk"], c["stamp"]) for c in held["clones"]}
 
 
-def restore_from_clone(connector: Connector, point: RecoveryPoint, target: str, *, in_place: bool) -> int:
-    """Clone the point's kept clone onto target on the same host; its size. CannotServe when the
-    clone is gone, was touched, or is on another file system than the target."""
+def instant_points(hosts: list[HostConfig], base_dir: Path, points: list[RecoveryPoint]) -> dict[str, bool | None]:
+    """For each block point of a host in `hosts`: whether its clone is kept on the host now
+    (None: the host could not be asked). One call per host, none for hosts without block points."""
+    found: dict[str, bool | None] = {}
+    by_name = {h.name: h for h in hosts}
+    for name in sorted({p.host for p in points if p.kind == "block"}):
+        host = by_name.get(name)
+        if host is None or host.transport == "winrm":
+            continue
+        disks = [_placed(host, d, base_dir) for d in host.disks]
+        try:
+            with connect(host, base_dir=base_dir, retry=RetryPolicy(attempts=1)) as connector:
+                there: set[tuple[str, str]] | None = instant_copies(connector, name, disks)
+        except (BackupError, CannotServe, ConnectorError) as exc:
+            log.warning("kept.unknown", host=name, error=str(exc))
+            there = None
+        for point in points:
+            if point.host == name and point.kind == "block":
+                stamp = point.key.rsplit("/", 1)[1].removesuffix(".json")
+                found[point.key] = None if there is None else (point.disk, stamp) in there
+    return found
+
+
+def _placed(host: HostConfig, disk: DiskConfig, base_dir: Path) -> DiskConfig:
+    # The lab's local paths are relative to the config file (tasks/backup/disk.placed_disk).
+    if host.transport == "local" and not Path(disk.path).is_absolute():
+        return disk.model_copy(update={"path": str(base_dir / disk.path)})
+    return disk
+
+
+def restore_instantly(point: RecoveryPoint, source_host: HostConfig, target_host: HostConfig | None, target: str,
+                      base_dir: Path, force: bool) -> RestoreResult | str:
+    """Restore a point by cloning its kept clone onto target, on the host that keeps it; or why
+    that cannot be done (the caller restores from the repository). Refuses an existing target
+    without force exactly as a restore from the repository does."""
     assert point.kept_clone is not None
-    out = _call(connector, "restore", [point.kept_clone.path, target, _identity(point.kept_clone), "1" if in_place else "0"],
-                f"host {point.host} disk {point.disk}")
-    return int(out["size"])
+    onto = target_host or (source_host if source_host.transport == "local" else None)
+    if onto is None or onto.name != source_host.name:
+        return f"the instant copy of {point.key} is on host {source_host.name}, not where the restore goes"
+    if onto.transport == "winrm":
+        return f"host {onto.name} keeps no instant copies (Windows)"
+    started = time.monotonic()
+    where = target if onto.transport != "local" else str(Path(target).absolute())
+    with connect(onto, base_dir=base_dir) as connector:
+        probed = connector.run_script(Path(blockscan.__file__), ["probe", where, "0"], timeout=_TIMEOUT)
+        if not probed.ok:
+            return f"cannot look at {where} on host {onto.name}: {probed.tail(1)}"
+        in_place = decide(json.loads(probed.stdout), point, force, where)
+        try:
+            out = _call(connector, "restore", [point.kept_clone.path, where, _identity(point.kept_clone),
+                                               "1" if in_place else "0"], f"host {point.host} disk {point.disk}")
+        except CannotServe as why:
+            return f"instant copy not used: {why}"
+    log.info("restore.instant", point=point.key, host=onto.name, target=where, in_place=in_place)
+    return RestoreResult(point=point.key, target=where, blocks=point.map.blocks, blocks_written=0,
+                         bytes_written=int(out["size"]), files=None, seconds=round(time.monotonic() - started, 3),
+                         source="instant copy")
 
 
 def _gib(n: int) -> str:

@@ -295,7 +295,10 @@ def restore(kept, target, expected, in_place):
                 raise CannotServe(f"{target} is not a regular file: a clone restores only onto an image file")
             work = None
         else:
-            work = os.path.join(os.path.dirname(target), f".patchdrill-restore-{uuid.uuid4().hex[:12]}")
+            parent, name = os.path.split(os.path.abspath(target))
+            os.makedirs(parent, exist_ok=True)
+            # blockscan's temporary name: the next restore of target removes it if this one dies.
+            work = os.path.join(parent, f".{name}.patchdrill-restore-{uuid.uuid4().hex[:12]}")
             fd = os.open(work, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             # The length first: a clone may end in a partial block only at the target's end.
@@ -315,7 +318,7 @@ def restore(kept, target, expected, in_place):
         os.close(fd)
         if work:
             os.rename(work, target)
-        fsync_dir(os.path.dirname(target) or ".")
+        fsync_dir(os.path.dirname(os.path.abspath(target)))
     finally:
         os.close(source)
     return {"size": found["size"]}
