@@ -225,7 +225,7 @@ def points(config: ConfigOption = DEFAULT_CONFIG,
 def _render_points(found: list[dict[str, Any]]) -> None:
     table = Table(title="recovery points (sizes in MiB)")
     for column in ("host", "disk", "time (UTC)", "kind", "consistency", "size", "uploaded", "s", "instant"):
-        table.add_column(column, no_wrap=column == "time (UTC)",
+        table.add_column(column, no_wrap=column in ("time (UTC)", "instant"), min_width=7 if column == "instant" else None,
                          justify="right" if column in ("size", "uploaded", "s") else "left")
     for p in found:
         totals = p["totals"]
@@ -316,10 +316,15 @@ def prune(config: ConfigOption = DEFAULT_CONFIG, host: HostsOption = None, group
     assert report is not None
     for why in report.stale_locks_removed:
         err_console.print(f"[yellow]removed stale lock[/] {why}", highlight=False)
-    emit({"forgotten": summary.forgotten, **vars(report)}, as_json, lambda s: console.print(
+    emit({"forgotten": summary.forgotten, **vars(report), "kept_clones_dropped": summary.kept_clones_dropped},
+         as_json, lambda s: console.print(
         f"{'would forget' if dry_run else 'forgot'} {len(s['forgotten'])} points; "
         f"{'would delete' if dry_run else 'deleted'} {s['chunks_deleted']} chunks and {s['maps_deleted']} maps, "
-        f"{_mib(s['bytes_freed'])}; {s['chunks_kept']} chunks kept"))
+        f"{_mib(s['bytes_freed'])}; {s['chunks_kept']} chunks kept"
+        + (f"; removed {len(s['kept_clones_dropped'])} kept clones from hosts" if s["kept_clones_dropped"] else "")))
+    if summary.kept_clones_error:
+        err_console.print(f"[yellow]warning:[/] kept clones of forgotten points stay on hosts until their next "
+                          f"backup: {summary.kept_clones_error}", highlight=False)
     if report.staged_left:
         err_console.print(f"[yellow]warning:[/] {report.staged_left} staged upload blobs could not be deleted "
                           "(see the log); the next prune tries again", highlight=False)
