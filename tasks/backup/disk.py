@@ -201,7 +201,7 @@ def _write_point_keeping_clone(repo: Repository, base_dir: Path, host: HostConfi
         warning = held.warning
         try:
             kept.drop_unwanted(repo, connector, host.name, disks, rules,
-                               protect=frozenset({(disk.name, point_stamp(snap.taken_at))}))
+                               protect=frozenset({(disk.name, point_stamp(snap.taken_at))}), held=held.held)
         except (BackupError, ConnectorError) as exc:
             warning = "; ".join(filter(None, (warning, f"kept clones not trimmed: {exc}")))
     return point, warning

@@ -98,6 +98,8 @@ class Kept:
     notes: list[str] = field(default_factory=list)
     #: why no clone was kept, when the host cannot hold one (for the disk's report)
     warning: str | None = None
+    #: the host's kept clones and the bytes they hold of their own, as the keep step found them
+    held: dict[str, Any] | None = None
 
 
 def keep(connector: Connector, host: str, disk: DiskConfig, snap: SnapshotRecord, rules: KeptClones,
@@ -107,33 +109,32 @@ def keep(connector: Connector, host: str, disk: DiskConfig, snap: SnapshotRecord
     where = f"host {host} disk {disk.name}"
     if snap.method != "reflink":
         return Kept()
-    held = _call(connector, "usage", [host, *images(disks)], where)
-    # The clone stays where the snapshot clone is: beside the image, on its file system.
-    fs = _call(connector, "fs", [snap.read_path], where)
-    room = rules.space_limit - int(held["own_bytes"])
-    if fs["free"] < room:
+    out = _call(connector, "keep", [snap.read_path, disk.path, host, disk.name, point_stamp(snap.taken_at),
+                                    str(int(rules.space_limit)), *images(disks)], where)
+    fs, label = out["fs"], f"{out['fs']['type']} at {out['fs']['mount']}"
+    if not out["kept"]:
         warning = (f"{where}: no clone kept: the {fs['type']} file system at {fs['mount']} has {_gib(fs['free'])} "
-                   f"free, less than the {_gib(room)} the kept clones of host {host} may still grow to "
+                   f"free, less than the {_gib(out['room'])} the kept clones of host {host} may still grow to "
                    f"(kept_clones.space_limit {_gib(rules.space_limit)}); free space there or lower the limit. "
                    "The next backup reads and hashes the whole disk")
-        log.warning("kept.no_room", host=host, disk=disk.name, fs=fs["mount"], free=fs["free"], room=room)
-        return Kept(notes=[warning.removeprefix(f"{where}: ")], warning=warning)
-    stamp = point_stamp(snap.taken_at)
-    out = _call(connector, "keep", [snap.read_path, disk.path, host, disk.name, stamp], where)
-    label = f"{out['fs']['type']} at {out['fs']['mount']}"
+        log.warning("kept.no_room", host=host, disk=disk.name, fs=fs["mount"], free=fs["free"], room=out["room"])
+        return Kept(notes=[warning.removeprefix(f"{where}: ")], warning=warning, held=out)
     clone = KeptClone(**{k: out["identity"][k] for k in ("path", "device", "inode", "ctime_ns", "size")},
                       file_system=label)
-    return Kept(clone=clone, notes=[f"clone kept on the host for changed-block tracking and instant restore ({label})"])
+    return Kept(clone=clone, notes=[f"clone kept on the host for changed-block tracking and instant restore ({label})"],
+                held=out)
 
 
 def drop_unwanted(repo: Repository, connector: Connector, host: str, disks: list[DiskConfig],
-                  rules: KeptClones | None, protect: frozenset[tuple[str, str]] = frozenset()) -> list[str]:
+                  rules: KeptClones | None, protect: frozenset[tuple[str, str]] = frozenset(),
+                  held: dict[str, Any] | None = None) -> list[str]:
     """Remove the host's kept clones whose point is gone, is not among its disk's newest
     `rules.points` or is older than `rules.days`; then the oldest until the clones hold no more
     than the space limit. Without rules, only those whose point is gone. `protect` ((disk,
-    stamp)) is never dropped. Returns what went ("disk/stamp")."""
+    stamp)) is never dropped; `held` is the host's usage listing when the caller has it.
+    Returns what went ("disk/stamp")."""
     where = f"host {host}"
-    held = _call(connector, "usage", [host, *images(disks)], where)
+    held = held or _call(connector, "usage", [host, *images(disks)], where)
     wanted = _tier(repo, host, rules)
     doomed = [(c["disk"], c["stamp"]) for c in held["clones"]
               if (c["disk"], c["stamp"]) not in wanted and (c["disk"], c["stamp"]) not in protect]

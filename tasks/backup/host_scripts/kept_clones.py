@@ -13,9 +13,11 @@ them to other data. Only the other ranges are read and hashed.
         be trusted (IDENTITY is the JSON `identity` the keep action printed: a kept clone whose
         inode, size or ctime moved was touched since, and one on another file system shares
         nothing)
-    python3 - keep CLONE IMAGE HOST DISK STAMP
-        renames the snapshot clone CLONE to the kept path of IMAGE's point STAMP; prints
-        {"identity": {...}, "fs": {...}}
+    python3 - keep CLONE IMAGE HOST DISK STAMP LIMIT IMAGE...
+        renames the snapshot clone CLONE to the kept path of IMAGE's point STAMP when its file
+        system has LIMIT bytes free beyond what HOST's kept clones beside the IMAGEs hold of
+        their own; prints {"kept": bool, "identity": {...}, "fs": {...}, "room": N} with the
+        usage listing below
     python3 - usage HOST IMAGE...
         {"clones": [{"disk", "stamp", "path"}], "own_bytes": N, "file_systems": [{...}]}: the
         kept clones of HOST beside each IMAGE and the bytes they alone hold (their extents that
@@ -198,13 +200,21 @@ def fsync_dir(path):
         os.close(fd)
 
 
-def keep(clone, image, host, disk, stamp):
+def keep(clone, image, host, disk, stamp, limit, images):
+    """Keep the snapshot clone where its file system has room for the host's kept clones to grow
+    to `limit` bytes of their own; what the host holds either way."""
+    held = usage(host, images)
+    fs = file_system(os.path.dirname(clone))
+    room = limit - held["own_bytes"]
+    if fs["free"] < room:
+        return {"kept": False, "fs": fs, "room": room, **held}
     directory = kept_dir(image, host, disk)
     os.makedirs(directory, mode=0o700, exist_ok=True)
     target = os.path.join(directory, _name(stamp, "stamp") + ".img")
     os.rename(clone, target)
     fsync_dir(directory)
-    return {"identity": identity(target), "fs": file_system(directory)}
+    held["clones"].append({"disk": disk, "stamp": stamp, "path": target})
+    return {"kept": True, "identity": identity(target), "fs": fs, "room": room, **held}
 
 
 def _clones(host, images):
@@ -328,8 +338,8 @@ def main(argv):
     action, args = (argv[0], argv[1:]) if argv else ("", [])
     if action == "changed" and len(args) == 4:
         return changed(args[0], args[1], int(args[2]), json.loads(args[3]))
-    if action == "keep" and len(args) == 5:
-        return keep(*args)
+    if action == "keep" and len(args) >= 6:
+        return keep(*args[:5], int(args[5]), args[6:])
     if action == "usage" and len(args) >= 2:
         return usage(args[0], args[1:])
     if action == "fs" and len(args) == 1:
