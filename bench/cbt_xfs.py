@@ -19,7 +19,6 @@ every timed step where the machine allows it, so each tool reads from the disk.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import random
@@ -36,7 +35,7 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.backup_vs_restic import BLOCK, MIB, PASSWORD, Restic, make_image, parse_size  # noqa: E402
+from bench.backup_vs_restic import BLOCK, MIB, PASSWORD, Restic, digest, make_image, parse_size  # noqa: E402
 from configs.models import DiskConfig, HostConfig, LocalStorage  # noqa: E402
 from configs.policies import BackupPolicy  # noqa: E402
 from tasks.backup.disk import back_up_disk, open_repository  # noqa: E402
@@ -62,14 +61,6 @@ def timed(action: Callable[[], object], cold: bool) -> float:
     started = time.perf_counter()
     action()
     return time.perf_counter() - started
-
-
-def digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while piece := handle.read(8 * MIB):
-            h.update(piece)
-    return h.hexdigest()
 
 
 @contextmanager

@@ -305,6 +305,12 @@ class _Scanned:
     files: int | None
 
 
+def _resolved(result: tuple[bytes, bytes]) -> Future[tuple[bytes, bytes]]:
+    done: Future[tuple[bytes, bytes]] = Future()
+    done.set_result(result)
+    return done
+
+
 def _submit(executor: ThreadPoolExecutor, writer: _ChunkWriter, block: SourceBlock, previous_id: bytes | None,
             failed: threading.Event) -> Future[tuple[bytes, bytes]]:
     future = executor.submit(writer.process, block, previous_id)
@@ -330,7 +336,12 @@ def _scan_blocks(source: BlockSource, request: BackupRequest, previous: BlockMap
             break  # a worker failed or a stop was asked for: stop reading
         prev_id = previous.chunks[block.index] if previous and block.index < len(previous.chunks) else None
         size += block.length  # what was read: a live image may have shrunk since prepare()
-        futures.append(_submit(executor, writer, block, prev_id, failed))
+        if block.data is None:
+            # Known unchanged: nothing to hash, so no round trip through the pool, whose cost
+            # per block would make a tracked incremental grow with the disk, not the change.
+            futures.append(_resolved(writer.process(block, prev_id)))
+        else:
+            futures.append(_submit(executor, writer, block, prev_id, failed))
     results = _collect(futures, failed)
     host_side = source.fingerprint != "chunk-id"
     block_map = BlockMap(size=size, block_size=request.block_size, chunks=[cid for cid, _ in results],

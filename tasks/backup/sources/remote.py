@@ -107,15 +107,7 @@ class RemoteBlockSource:
         for index, fp in enumerate(fingerprints):
             length = min(block_size, size - index * block_size)
             if index in wanted:
-                got_index, data = next(fetched)
-                if got_index != index or len(data) != length:
-                    raise SourceError(f"host {self.connector.name}: {self.path!r} changed size while being read "
-                                      f"(block {index}: expected {length} bytes, got {len(data)})")
-                buffer = pool.acquire()
-                buffer[:length] = data
-                # Hash what actually arrived: the disk may have changed since the scan.
-                view = memoryview(buffer)[:length]
-                yield SourceBlock(index, length, view, host_fingerprint(view), partial(pool.release, buffer))
+                yield self._arrived(fetched, index, length, pool)
             else:
                 yield SourceBlock(index, length, None, fp, nothing_to_release)
 
@@ -125,18 +117,20 @@ class RemoteBlockSource:
         wanted = [block.index for block in tracked_blocks(tracked, previous, block_size, _placeholder)
                   if block.data is not None]
         fetched = self.fetch(wanted, block_size, tracked.size)
+        yield from tracked_blocks(tracked, previous, block_size,
+                                  lambda index, length: self._arrived(fetched, index, length, pool))
 
-        def read(index: int, length: int) -> SourceBlock:
-            got_index, data = next(fetched)
-            if got_index != index or len(data) != length:
-                raise SourceError(f"host {self.connector.name}: {self.path!r} changed size while being read "
-                                  f"(block {index}: expected {length} bytes, got {len(data)})")
-            buffer = pool.acquire()
-            buffer[:length] = data
-            view = memoryview(buffer)[:length]
-            return SourceBlock(index, length, view, host_fingerprint(view), partial(pool.release, buffer))
-
-        yield from tracked_blocks(tracked, previous, block_size, read)
+    def _arrived(self, fetched: Iterator[tuple[int, bytes]], index: int, length: int, pool: BufferPool) -> SourceBlock:
+        """The next fetched block, which must be block `index` of `length` bytes."""
+        got_index, data = next(fetched)
+        if got_index != index or len(data) != length:
+            raise SourceError(f"host {self.connector.name}: {self.path!r} changed size while being read "
+                              f"(block {index}: expected {length} bytes, got {len(data)})")
+        buffer = pool.acquire()
+        buffer[:length] = data
+        # Hash what actually arrived: the disk may have changed since the scan.
+        view = memoryview(buffer)[:length]
+        return SourceBlock(index, length, view, host_fingerprint(view), partial(pool.release, buffer))
 
     def fetch(self, indexes: list[int], block_size: int, size: int) -> Iterator[tuple[int, bytes]]:
         sftp_factory = getattr(self.connector, "sftp", None)
