@@ -210,7 +210,9 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the work directory (unmounted)")
     args = parser.parse_args()
     if os.geteuid() != 0 or not shutil.which("mkfs.xfs"):
-        raise SystemExit("needs root and xfsprogs: it loop-mounts an XFS and drops the page cache")
+        # Said, not failed: `make bench` runs the others as any user.
+        print("cbt_xfs: skipped: needs root and xfsprogs (it loop-mounts an XFS and drops the page cache)")
+        return
     work = Path(tempfile.mkdtemp(prefix="pd-cbt-", dir=args.workdir))
     try:
         run(work, sorted(parse_size(s) for s in args.sizes.split(",")), not args.no_restic)
