@@ -29,7 +29,6 @@ from tasks.backup.cancel import Interrupted
 from tasks.backup.errors import BackupError, RepositoryBusy
 from tasks.backup.remote_restore import restore_to_host
 from tasks.backup import kept
-from tasks.backup.kept import restore_instantly
 from tasks.backup.restore import RestoreResult, restore
 from tasks.backup.repo.repository import RecoveryPoint, Repository
 from tasks.backup.repo.retention import PruneData, PruneReport, forget_and_prune
@@ -157,7 +156,7 @@ def restore_task(storage: StorageConfig, base_dir: Path, host_name: str, disk_na
     chosen = repo.find_point(host_name, disk_name, point)
     notes: list[str] = []
     if chosen.kept_clone is not None and chosen.kind == "block" and not include and source_host is not None:
-        instant = restore_instantly(chosen, source_host, target_host, target, base_dir, force)
+        instant = kept.restore_instantly(chosen, source_host, target_host, target, base_dir, force)
         if isinstance(instant, RestoreResult):
             return instant
         notes.append(instant)
