@@ -63,6 +63,7 @@ bench: bootstrap
 	@$(UV) run --frozen python bench/fanout_vs_ansible.py
 	@$(UV) run --frozen python bench/worker_capacity.py
 	@$(UV) run --frozen python bench/repo_index.py
+	@$(UV) run --frozen python bench/cbt_xfs.py
 
 clean:
 	rm -rf .lab .bench .pytest_cache

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Iterator, Optional, TypeVar
 
 import typer
+from rich import box
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
@@ -27,7 +28,7 @@ from cli.common import (
 )
 from cli.interrupts import stoppable
 from flows.logs import JsonLinesHandler, json_lines
-from tasks.backup import cancel, progress
+from tasks.backup import cancel, kept, progress
 from tasks.backup.cancel import Interrupted
 from tasks.backup.errors import BackupError
 from tasks.backup.policy import policy_from_config
@@ -189,6 +190,13 @@ def restore(host: Annotated[str, typer.Argument(help="Host whose disk to restore
 
 
 def _render_restore(r: dict[str, Any]) -> None:
+    for note in r["notes"]:
+        err_console.print(f"[yellow]from the repository:[/] {note}", highlight=False)
+    if r["source"] == "instant copy":
+        console.print(f"[green]restored[/] {r['point']} to {r['target']} from its instant copy on the host "
+                      f"({_mib(r['bytes_written'])} cloned, nothing read from the store) in {r['seconds']:.1f}s",
+                      highlight=False)
+        return
     removed = f", {r['removed']} entries the point lacks removed" if r["removed"] else ""
     console.print(f"[green]restored[/] {r['point']} to {r['target']}: {r['blocks_written']}/{r['blocks']} blocks "
                   f"written ({_mib(r['bytes_written'])}){removed} in {r['seconds']:.1f}s", highlight=False)
@@ -199,9 +207,11 @@ def _render_restore(r: dict[str, Any]) -> None:
 def points(config: ConfigOption = DEFAULT_CONFIG,
            host: Annotated[Optional[str], typer.Option("--host", help="Only this host.")] = None,
            disk: Annotated[Optional[str], typer.Option("--disk", help="Only this disk.")] = None,
+           instant_copies: Annotated[bool, typer.Option("--instant/--no-instant", help="Ask each host with image points which still have their clone kept there (an instant restore).")] = True,
            as_json: JsonOption = False) -> None:
     """List recovery points: time, consistency, the disk's size and the bytes it holds (used:
-    its size less holes and zero blocks), what was uploaded. Needs no encryption key."""
+    its size less holes and zero blocks), what was uploaded, and whether an instant copy is kept
+    on the host. Needs no encryption key."""
     from connectors.stores import open_store
     from tasks.backup.repo.repository import Repository
 
@@ -209,20 +219,30 @@ def points(config: ConfigOption = DEFAULT_CONFIG,
     store = _run(lambda: open_store(loaded.config.storage, loaded.base_dir))
     # Points are plaintext: listing them needs the store, not the key.
     found = _run(lambda: Repository.open(store, metadata_only=True).points(host, disk))
-    emit(found, as_json, _render_points)
+    # Whether a point's clone is still kept on its host is the host's to say (one call per host).
+    instant = kept.instant_points(loaded.config.hosts, loaded.base_dir, found) if instant_copies else {}
+    rows = [p.model_dump(mode="json") | {"instant_copy": instant.get(p.key)} for p in found]
+    emit(rows, as_json, _render_points)
 
 
-def _render_points(found: list[Any]) -> None:
-    table = Table(title="recovery points (sizes in MiB)")
-    numbers = ("size", "used", "uploaded", "s")
-    for column in ("host", "disk", "time (UTC)", "kind", "consistency", *numbers):
-        table.add_column(column, no_wrap=column == "time (UTC)", justify="right" if column in numbers else "left")
+_SHORT_LEVEL = {"crash-consistent": "crash", "application-consistent": "app", "file-system-consistent": "fs"}
+
+
+def _render_points(found: list[dict[str, Any]]) -> None:
+    # Fits 80 columns: short kinds (--json has the full words and the seconds each point took).
+    table = Table(title="recovery points (sizes in MiB)", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0))
+    numbers = ("size", "used", "uploaded")
+    for column in ("host", "disk", "time (UTC)", "kind", *numbers, "instant"):
+        table.add_column(column, no_wrap=column in ("time (UTC)", "kind", "instant"), justify="right" if column in numbers else "left")
     for p in found:
+        totals = p["totals"]
         # Points from before holes were recorded say nothing of their used bytes.
-        used = "—" if p.totals.used is None else f"{p.totals.used / 1048576:,.1f}"
-        table.add_row(p.host, p.disk, p.time.strftime("%Y-%m-%d %H:%M:%S"), p.kind,
-                      p.consistency.removesuffix("-consistent"), f"{p.totals.size / 1048576:,.1f}", used,
-                      f"{p.totals.uploaded_bytes / 1048576:,.1f}", f"{p.seconds:.1f}")
+        used = "—" if totals.get("used") is None else f"{totals['used'] / 1048576:,.1f}"
+        level = _SHORT_LEVEL.get(p["consistency"], p["consistency"])
+        table.add_row(p["host"], p["disk"], p["time"][:16].replace("T", " "),
+                      f"{'dir' if p['kind'] == 'directory' else p['kind']}, {level}",
+                      f"{totals['size'] / 1048576:,.1f}", used, f"{totals['uploaded_bytes'] / 1048576:,.1f}",
+                      {True: "yes", False: "-", None: "?" if p["kind"] == "block" else "-"}[p["instant_copy"]])
     console.print(table)
 
 
@@ -306,10 +326,15 @@ def prune(config: ConfigOption = DEFAULT_CONFIG, host: HostsOption = None, group
     assert report is not None
     for why in report.stale_locks_removed:
         err_console.print(f"[yellow]removed stale lock[/] {why}", highlight=False)
-    emit({"forgotten": summary.forgotten, **vars(report)}, as_json, lambda s: console.print(
+    emit({"forgotten": summary.forgotten, **vars(report), "kept_clones_dropped": summary.kept_clones_dropped},
+         as_json, lambda s: console.print(
         f"{'would forget' if dry_run else 'forgot'} {len(s['forgotten'])} points; "
         f"{'would delete' if dry_run else 'deleted'} {s['chunks_deleted']} chunks and {s['maps_deleted']} maps, "
-        f"{_mib(s['bytes_freed'])}; {s['chunks_kept']} chunks kept"))
+        f"{_mib(s['bytes_freed'])}; {s['chunks_kept']} chunks kept"
+        + (f"; removed {len(s['kept_clones_dropped'])} kept clones from hosts" if s["kept_clones_dropped"] else "")))
+    if summary.kept_clones_error:
+        err_console.print(f"[yellow]warning:[/] kept clones of forgotten points stay on hosts until their next "
+                          f"backup: {summary.kept_clones_error}", highlight=False)
     if report.staged_left:
         err_console.print(f"[yellow]warning:[/] {report.staged_left} staged upload blobs could not be deleted "
                           "(see the log); the next prune tries again", highlight=False)

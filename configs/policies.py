@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
+    ByteSize,
     ConfigDict,
     Field,
     GetCoreSchemaHandler,
@@ -265,6 +266,22 @@ class SnapshotPolicy(BaseModel):
         return policy.snapshot_settings
 
 
+class KeptClones(BaseModel):
+    """Reflink clones of image files kept on their host after a backup: the next backup compares
+    extent maps with the newest one instead of reading the disk (changed-block tracking), and a
+    restore of a point whose clone is still there clones it back (the instant-restore tier)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    points: int = Field(default=1, ge=1, le=30, description="Keep the clones of each disk's newest N points "
+                        "(1: only what changed-block tracking needs; more: an instant-restore tier of N points).")
+    days: float = Field(default=2, gt=0, le=30, description="...and none older than this many days "
+                        "(Azure Backup's instant restore keeps 1-5).")
+    space_limit: ByteSize = Field(description="Bytes the kept clones of one host may hold of their own (blocks "
+                                  "no live image shares any more), e.g. '20GiB'; the oldest go first when it is "
+                                  "exceeded, and no clone is kept where the file system has not this much free.")
+
+
 #: BackupPolicy's flat shorthands -> the SnapshotPolicy field each stands for.
 _SHORTHANDS = {"snapshot_method": "method", "pre_script": "pre_script", "post_script": "post_script"}
 
@@ -291,6 +308,10 @@ class BackupPolicy(BaseModel):
         default=None, description="Oldest a disk's newest point may be (ISO 8601 duration such as PT26H, or seconds): "
         "the freshness check raises a patchdrill.backup.stale alert for every disk this policy backs up whose newest "
         "point is older, or that has none. Unset: not checked.")
+    kept_clones: KeptClones | None = Field(
+        default=None, description="Keep the reflink clone a backup read an image file from (XFS, Btrfs) on the "
+        "host: changed-block tracking for the next backup and instant restores. Unset: clones are removed and "
+        "every backup reads and hashes the whole image.")
     rehash: bool = Field(default=False, description="Read and hash every file and block instead of skipping files whose size, mtime, ctime and inode match the previous point (and blocks whose host-side hash does): slower, for a periodic full check (e.g. a weekly policy).")
     snapshot_method: SnapshotMethod = Field(default="auto", description="Shorthand for snapshot.method.")
     snapshot: SnapshotPolicy | None = Field(

@@ -100,7 +100,7 @@ def _back_up(config_path: str, hosts: list[str] | None, groups: list[str] | None
     reports.sort(key=lambda r: (r.host, r.disk))
 
     retention = retention_task(loaded.config.storage, loaded.base_dir, chosen,
-                               sorted({r.host for r in reports if r.status == "ok"}))
+                               sorted({r.host for r in reports if r.status == "ok"}), host_configs=[h for h, _ in work])
     _publish(reports, retention, key)
     failed = [r for r in reports if r.status != "ok"]
     if failed:

@@ -41,7 +41,7 @@ def prune_run(config_path: str = "configs/lab.yaml", hosts: Names = [], groups: 
     except KeyError as exc:
         raise BackupError(f"{config_path}: {exc.args[0]}") from None
     summary = retention_task(loaded.config.storage, loaded.base_dir, chosen, selected, dry_run=dry_run,
-                             prune_data="always")
+                             prune_data="always", host_configs=list(loaded.config.hosts))
     if summary.prune_deferred is not None:
         raise RepositoryBusy(summary.prune_deferred)
     pruned = summary.prune

@@ -58,13 +58,13 @@ def _restore(config_path: str, host: str, disk: str, target: str, point: str | N
     configure()
     # Read and validated once: the task gets typed models, never the file again.
     loaded = load_config(Path(config_path))
-    find_disk(loaded.config, host, disk)
+    source_host, _ = find_disk(loaded.config, host, disk)
     onto = {h.name: h for h in loaded.config.hosts}.get(target_host) if target_host is not None else None
     if target_host is not None and onto is None:
         raise BackupError(f"{config_path}: no host {target_host!r} to restore onto")
     chosen = policy_from_config(loaded.config.backup_policies, policy, source=config_path)
     result = restore_task(loaded.config.storage, loaded.base_dir, host, disk, target, chosen, point=point, force=force,
-                          include=include, target_host=onto)
+                          include=include, target_host=onto, source_host=source_host)
     key = artifact_key("restore", host, disk)
     row = {**{k: v for k, v in vars(result).items() if k != "skipped"}, "skipped": len(result.skipped),
            "bytes_written": human_size(result.bytes_written), "seconds": f"{result.seconds:.1f} s"}

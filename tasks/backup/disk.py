@@ -22,16 +22,16 @@ import structlog
 from pydantic import BaseModel
 
 from configs.models import DiskConfig, HostConfig, PatchdrillConfig, StorageConfig
-from configs.policies import BackupPolicy, SnapshotPolicy
+from configs.policies import BackupPolicy, KeptClones, SnapshotPolicy
 from configs.secrets import redact
 from connectors import connect
-from connectors.base import Connector, RetryPolicy
+from connectors.base import Connector, ConnectorError, RetryPolicy
 from connectors.stores import open_store
-from tasks.backup import cancel
+from tasks.backup import cancel, kept
 from tasks.backup.engine import LOCK_WAIT, BackupRequest, Upload, scan_and_upload, write_point
 from tasks.backup.errors import BackupError, SourceError
 from tasks.backup.policy import policy_from_config
-from tasks.backup.repo.repository import Repository
+from tasks.backup.repo.repository import RecoveryPoint, Repository, point_stamp
 from tasks.backup.scheduling import default_workers
 from tasks.backup.snapshot import take as snapshots
 from tasks.backup.snapshot.host import attach
@@ -151,7 +151,17 @@ def scan_and_upload_disk(storage: StorageConfig, base_dir: Path, host: HostConfi
         if host.transport == "winrm":
             # Windows hosts upload straight to Azure Blob (docs/repository.md, *Windows hosts*).
             return _upload_from_windows(repo, connector, snap.read_path, request)
-        return DiskUpload(upload=scan_and_upload(repo, _source(connector, host, disk, snap.read_path), request))
+        source = _source(connector, host, disk, snap.read_path)
+        tracking: list[str] = []
+        if policy.kept_clones is not None and hasattr(source, "tracked"):
+            found = kept.track(connector, host.name, disk.name, repo.latest_point(host.name, disk.name), snap,
+                               policy.block_size)
+            if isinstance(found, str):
+                tracking.append(found)
+            else:
+                source.tracked = found  # type: ignore[union-attr]
+        upload = scan_and_upload(repo, source, request)
+        return DiskUpload(upload=upload.model_copy(update={"notes": [*tracking, *upload.notes]}))
 
 
 def write_disk_point(storage: StorageConfig, base_dir: Path, host: HostConfig, disk: DiskConfig,
@@ -159,12 +169,42 @@ def write_disk_point(storage: StorageConfig, base_dir: Path, host: HostConfig, d
                      policy_name: str | None = None) -> DiskReport:
     """Step 4: the recovery point, written last, under the lock the upload was made under."""
     repo = open_repository(storage, base_dir, policy)
-    point = write_point(repo, done.upload, _request(host, disk, policy, snap, policy_name))
+    rules = policy.kept_clones
+    if rules is None or snap.method != "reflink" or host.transport == "winrm":
+        point = write_point(repo, done.upload, _request(host, disk, policy, snap, policy_name))
+    else:
+        point, warning = _write_point_keeping_clone(repo, base_dir, host, disk, policy, rules, snap, done, policy_name)
+        done = done.model_copy(update={"warning": "; ".join(w for w in (done.warning, warning) if w) or None})
     t = point.totals
     return DiskReport(host=host.name, disk=disk.name, point=point.key, consistency=point.consistency,
                       snapshot_method=point.snapshot_method, scanned_bytes=t.scanned, changed_bytes=t.changed_bytes,
                       uploaded_bytes=t.uploaded_bytes, stored_bytes=t.stored_bytes, size_bytes=t.size,
                       repaired_chunks=t.repaired_chunks, staging_left=done.staging_left, warning=done.warning)
+
+
+def _write_point_keeping_clone(repo: Repository, base_dir: Path, host: HostConfig, disk: DiskConfig,
+                               policy: BackupPolicy, rules: KeptClones, snap: SnapshotRecord, done: DiskUpload,
+                               policy_name: str | None) -> tuple[RecoveryPoint, str | None]:
+    """The point, with the clone it was read from kept on the host (before the point is written,
+    so the point records it), then the host's kept clones cut back to the policy's tier and
+    space limit. A clone that cannot be kept or trimmed costs a warning, never the point."""
+    disks = [placed_disk(host, d, base_dir) for d in host.disks]
+    with connect(host, base_dir=base_dir) as connector:
+        held = kept.keep(connector, host.name, disk, snap, rules, disks)
+        upload = done.upload.model_copy(update={"notes": [*done.upload.notes, *held.notes]})
+        try:
+            point = write_point(repo, upload, _request(host, disk, policy, snap, policy_name), held.clone)
+        except BaseException:
+            if held.clone is not None:
+                kept.drop_clone(connector, host.name, disk, point_stamp(snap.taken_at))
+            raise
+        warning = held.warning
+        try:
+            kept.drop_unwanted(repo, connector, host.name, disks, rules,
+                               protect=frozenset({(disk.name, point_stamp(snap.taken_at))}), held=held.held)
+        except (BackupError, ConnectorError) as exc:
+            warning = "; ".join(filter(None, (warning, f"kept clones not trimmed: {exc}")))
+    return point, warning
 
 
 def remove_disk_snapshot(host: HostConfig, disk: DiskConfig, policy: BackupPolicy, base_dir: Path,

@@ -20,12 +20,12 @@ from pydantic import BaseModel, ConfigDict
 
 from tasks.backup import cancel, progress as progress_mod
 from tasks.backup.repo import index as chunk_index
-from tasks.backup.repo.blockmap import HOLE, BlockMap, TreeEntry, TreeMap
+from tasks.backup.repo.blockmap import CHUNK_ID_FINGERPRINT, HOLE, BlockMap, TreeEntry, TreeMap
 from tasks.backup.progress import ProgressSink
 from tasks.backup.repo.damage import PreviousMap, damaged_blocks, damaged_chunks, unmatchable
 from tasks.backup.scheduling import default_workers
 from tasks.backup.repo.repository import (
-    Consistency, MapRef, RecoveryPoint, Repository, Totals, tool_version, utcnow,
+    Consistency, KeptClone, MapRef, RecoveryPoint, Repository, Totals, tool_version, utcnow,
 )
 from tasks.backup.sources.base import BlockSource, BufferPool, SourceBlock, TreeSource, unchanged
 
@@ -164,6 +164,8 @@ class Upload(BaseModel):
     #: damaged chunks this backup wrote again (hex ids): their damage records go with the point
     repaired: list[str] = []
     seconds: float = 0.0
+    #: which way the disk went (changed-block tracking, or read and hash and why)
+    notes: list[str] = []
 
 
 def backup(repo: Repository, source: BlockSource | TreeSource, request: BackupRequest,
@@ -191,6 +193,7 @@ def scan_and_upload(repo: Repository, source: BlockSource | TreeSource, request:
     previous = _previous_map(repo, parent, request.block_size)
     damaged = damaged_chunks(repo, previous, index, found)
     writer = _ChunkWriter(repo, index, sink, damaged, found=found)
+    notes = _settle_tracking(source, request, parent, previous, damaged)
     scanned = _scan(source, request, previous, writer, sink)
     # The last moment to stop: a scan cut short by a stop holds only part of the disk.
     cancel.check()
@@ -202,17 +205,20 @@ def scan_and_upload(repo: Repository, source: BlockSource | TreeSource, request:
                   map=MapRef(id=map_id, blocks=scanned.blocks, files=scanned.files),
                   parent=parent.key if parent else None, totals=totals,
                   repaired=sorted(chunk_id.hex() for chunk_id in writer.repaired),
-                  seconds=time.monotonic() - started)
+                  seconds=time.monotonic() - started, notes=notes)
 
 
-def write_point(repo: Repository, upload: Upload, request: BackupRequest) -> RecoveryPoint:
+def write_point(repo: Repository, upload: Upload, request: BackupRequest,
+                kept_clone: KeptClone | None = None) -> RecoveryPoint:
     """Write the recovery point of an upload: the last write of a backup, never overwritten.
-    Call under the same backup lock as `scan_and_upload`."""
+    Call under the same backup lock as `scan_and_upload`. `kept_clone`: the clone it was read
+    from, kept on the host (tasks/backup/kept.py)."""
     started = time.monotonic()
     cancel.check()
     point = RecoveryPoint(
         host=request.host, disk=request.disk, time=upload.time, kind=upload.kind, source_path=upload.source_path,
-        consistency=request.consistency, snapshot_method=request.snapshot_method, notes=list(request.notes),
+        consistency=request.consistency, snapshot_method=request.snapshot_method,
+        notes=[*request.notes, *upload.notes], kept_clone=kept_clone,
         block_size=request.block_size, map=upload.map, parent=upload.parent, totals=upload.totals,
         seconds=round(upload.seconds + time.monotonic() - started, 3),
         completed=utcnow(), tool=tool_version(), policy=request.policy,
@@ -244,6 +250,31 @@ def rewrite_damaged(repo: Repository, source: BlockSource | TreeSource, request:
     for chunk_id in writer.repaired:
         repo.clear_damage(chunk_id.hex())
     return writer.repaired
+
+
+def _settle_tracking(source: BlockSource | TreeSource, request: BackupRequest, parent: RecoveryPoint | None,
+                     previous: PreviousMap, damaged: set[bytes]) -> list[str]:
+    """Whether what the file system said changed (the source's `tracked`) holds for this scan,
+    with the damaged blocks added that must be read anyway; the note saying which way it went."""
+    tracked = getattr(source, "tracked", None)
+    if tracked is None:
+        return []
+    blocks = previous if isinstance(previous, BlockMap) else None
+    host_side = source.fingerprint != CHUNK_ID_FINGERPRINT
+    why = ("the policy asks to rehash every block" if request.rehash
+           else f"the newest point is no longer {tracked.parent}, whose clone was compared"
+           if parent is None or parent.key != tracked.parent
+           else f"point {tracked.parent} was made at another block size" if blocks is None
+           else f"point {tracked.parent} has no {source.fingerprint} fingerprints to carry over"
+           if host_side and (blocks.fingerprint != source.fingerprint or blocks.fingerprints is None) else None)
+    if why:
+        source.tracked = None  # type: ignore[union-attr]
+        return [f"read and hash: {why}"]
+    assert blocks is not None
+    changed = tracked.changed | damaged_blocks(blocks, damaged)
+    source.tracked = replace(tracked, changed=changed)  # type: ignore[union-attr]
+    total = -(-tracked.size // blocks.block_size)
+    return [f"changed-block tracking: {tracked.how}; {len(changed)} of {total} blocks read"]
 
 
 def _previous_map(repo: Repository, point: RecoveryPoint | None, block_size: int) -> PreviousMap:
@@ -291,6 +322,12 @@ class _Scanned:
     used: int
 
 
+def _resolved(result: tuple[bytes, bytes]) -> Future[tuple[bytes, bytes]]:
+    done: Future[tuple[bytes, bytes]] = Future()
+    done.set_result(result)
+    return done
+
+
 def _submit(executor: ThreadPoolExecutor, writer: _ChunkWriter, block: SourceBlock, previous_id: bytes | None,
             failed: threading.Event) -> Future[tuple[bytes, bytes]]:
     future = executor.submit(writer.process, block, previous_id)
@@ -316,7 +353,12 @@ def _scan_blocks(source: BlockSource, request: BackupRequest, previous: BlockMap
             break  # a worker failed or a stop was asked for: stop reading
         prev_id = previous.chunks[block.index] if previous and block.index < len(previous.chunks) else None
         size += block.length  # what was read: a live image may have shrunk since prepare()
-        futures.append(_submit(executor, writer, block, prev_id, failed))
+        if block.data is None:
+            # Known unchanged: nothing to hash, so no round trip through the pool, whose cost
+            # per block would make a tracked incremental grow with the disk, not the change.
+            futures.append(_resolved(writer.process(block, prev_id)))
+        else:
+            futures.append(_submit(executor, writer, block, prev_id, failed))
     results = _collect(futures, failed)
     host_side = source.fingerprint != "chunk-id"
     block_map = BlockMap(size=size, block_size=request.block_size, chunks=[cid for cid, _ in results],

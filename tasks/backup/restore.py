@@ -56,6 +56,10 @@ class RestoreResult:
     #: "path: why" for what was not restored as recorded (e.g. a device node without root,
     #: an xattr the target's file system refuses, a socket the backup could not keep)
     skipped: list[str] = field(default_factory=list)
+    #: where the data came from: "repository", or "instant copy" (the point's clone kept on its host)
+    source: str = "repository"
+    #: why an instant copy could not serve, when the point had one
+    notes: list[str] = field(default_factory=list)
 
 
 class _Blocks:

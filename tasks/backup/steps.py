@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 import shlex
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
+import structlog
 from prefect import task
 from pydantic import BaseModel
 from prefect.cache_policies import NO_CACHE
@@ -22,18 +24,24 @@ from prefect.transactions import CommitMode, transaction
 from configs.models import DiskConfig, HostConfig, StorageConfig
 from configs.policies import BackupPolicy
 from connectors import connect
+from connectors.base import ConnectorError
 from tasks.backup.cancel import Interrupted
-from tasks.backup.errors import RepositoryBusy
+from tasks.backup.errors import BackupError, RepositoryBusy
 from tasks.backup.remote_restore import restore_to_host
+from tasks.backup import kept
 from tasks.backup.restore import RestoreResult, restore
+from tasks.backup.repo.repository import RecoveryPoint, Repository
 from tasks.backup.repo.retention import PruneData, PruneReport, forget_and_prune
 from tasks.backup.disk import (
-    DiskReport, DiskSteps, DiskUpload, back_up_disk, open_repository, remove_disk_snapshot, scan_and_upload_disk,
+    DiskReport, DiskSteps, DiskUpload, back_up_disk, open_repository, placed_disk, remove_disk_snapshot,
+    scan_and_upload_disk,
     take_disk_snapshot, write_disk_point,
 )
 from tasks.backup.snapshot.view import SnapshotRecord
 from tasks.backup.repo.verify import VerifyReport, verify
 from tasks.retry import retry_transient
+
+log = structlog.stdlib.get_logger("patchdrill.backup")
 
 
 # Two layers on purpose, at different time scales: the Azure SDK retries a single request within
@@ -88,13 +96,18 @@ class RetentionSummary(BaseModel):
     prune: PruneReport | None = None
     #: why retention did not run now (a backup elsewhere held the repository); nothing was deleted
     prune_deferred: str | None = None
+    #: kept clones removed from hosts with their points ("host/disk/stamp"), and why some could not be
+    kept_clones_dropped: list[str] = []
+    kept_clones_error: str | None = None
 
 
 @task(name="retention", cache_policy=NO_CACHE)
 def retention_task(storage: StorageConfig, base_dir: Path, policy: BackupPolicy, hosts: list[str], *,
-                   dry_run: bool = False, prune_data: PruneData | None = None) -> RetentionSummary:
+                   dry_run: bool = False, prune_data: PruneData | None = None,
+                   host_configs: list[HostConfig] | None = None) -> RetentionSummary:
     """Forget these hosts' points the policy no longer keeps, then prune (deferred, not failed, if
-    busy). `prune_data` defaults to the policy's: after forgetting something, when policy.prune."""
+    busy). `prune_data` defaults to the policy's: after forgetting something, when policy.prune.
+    The clones kept on `host_configs` for points that are gone go with them."""
     summary = RetentionSummary()
     mode: PruneData = prune_data or ("after-forget" if policy.prune else "never")
     if mode != "always" and (not hosts or policy.keep.keeps_everything):
@@ -107,16 +120,52 @@ def retention_task(storage: StorageConfig, base_dir: Path, policy: BackupPolicy,
         summary.prune_deferred = str(exc)
         return summary
     summary.forgotten, summary.prune = forgotten.forgotten, pruned
+    if not dry_run and forgotten.forgotten and host_configs:
+        _drop_kept_clones(repo, base_dir, policy, [h for h in host_configs if h.name in hosts], summary)
     return summary
+
+
+def _drop_kept_clones(repo: Repository, base_dir: Path, policy: BackupPolicy, hosts: list[HostConfig],
+                      summary: RetentionSummary) -> None:
+    """Remove the clones of forgotten points from their hosts. A host that cannot be reached
+    keeps them until its next backup trims them; that is reported, not raised."""
+    errors = []
+    for host in hosts:
+        if host.transport == "winrm":
+            continue
+        disks = [placed_disk(host, d, base_dir) for d in host.disks]
+        try:
+            with connect(host, base_dir=base_dir) as connector:
+                dropped = kept.drop_unwanted(repo, connector, host.name, disks, policy.kept_clones)
+        except (BackupError, ConnectorError) as exc:
+            errors.append(str(exc))
+            continue
+        summary.kept_clones_dropped += [f"{host.name}/{d}" for d in dropped]
+    summary.kept_clones_error = "; ".join(errors) or None
 
 
 @task(name="restore-point", task_run_name="restore {host_name}/{disk_name}", cache_policy=NO_CACHE)
 def restore_task(storage: StorageConfig, base_dir: Path, host_name: str, disk_name: str, target: str,
                  policy: BackupPolicy, point: str | None = None, force: bool = False,
-                 include: list[str] | None = None, target_host: HostConfig | None = None) -> RestoreResult:
-    """Restore onto this machine, or onto target_host (a host of the config) when it is not local."""
+                 include: list[str] | None = None, target_host: HostConfig | None = None,
+                 source_host: HostConfig | None = None) -> RestoreResult:
+    """Restore onto this machine, or onto target_host (a host of the config) when it is not local.
+    A point whose clone is still kept on its host (source_host), restored onto that host, is
+    cloned from it there; otherwise, or when the clone cannot serve, from the repository."""
     repo = open_repository(storage, base_dir, policy)
     chosen = repo.find_point(host_name, disk_name, point)
+    notes: list[str] = []
+    if chosen.kept_clone is not None and chosen.kind == "block" and not include and source_host is not None:
+        instant = kept.restore_instantly(chosen, source_host, target_host, target, base_dir, force)
+        if isinstance(instant, RestoreResult):
+            return instant
+        notes.append(instant)
+        log.info("restore.from_repository", point=chosen.key, why=instant)
+    return replace(_restore_from_repository(repo, chosen, base_dir, target, force, include, target_host), notes=notes)
+
+
+def _restore_from_repository(repo: Repository, chosen: RecoveryPoint, base_dir: Path, target: str, force: bool,
+                             include: list[str] | None, target_host: HostConfig | None) -> RestoreResult:
     if target_host is not None:
         host = target_host
         if host.transport != "local":

@@ -8,6 +8,7 @@ can be rotated by adding a wrapped copy, never by re-encrypting chunks.
 from __future__ import annotations
 
 import base64
+import functools
 import os
 import uuid
 from dataclasses import dataclass
@@ -52,8 +53,15 @@ class MasterKey:
 def _derive(passphrase: str, salt: bytes, kdf: dict[str, Any]) -> bytes:
     if kdf.get("name") != "scrypt":
         raise RepositoryError(f"unsupported key derivation {kdf.get('name')!r} in config.json")
-    return Scrypt(salt=salt, length=32, n=int(kdf["n"]), r=int(kdf["r"]), p=int(kdf["p"])).derive(
-        passphrase.encode("utf-8"))
+    return _scrypt(passphrase, salt, int(kdf["n"]), int(kdf["r"]), int(kdf["p"]))
+
+
+# A disk's backup opens the repository once per step (each may be a task of its own), and
+# scrypt costs ~0.16 s by design: deriving once per process and salt keeps that off every step.
+# The passphrase is held in this process anyway (for redaction); nothing is kept on disk.
+@functools.lru_cache(maxsize=16)
+def _scrypt(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(passphrase.encode("utf-8"))
 
 
 def check_passphrase(passphrase: str, *, reference: str) -> None:

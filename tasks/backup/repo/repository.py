@@ -89,6 +89,21 @@ class MapRef(BaseModel):
     files: int | None = None
 
 
+class KeptClone(BaseModel):
+    """The reflink clone a point was read from, kept on its host (docs/repository.md, *Kept
+    clones*): what tells the next backup and a restore that it is still the clone the point
+    read, untouched (a write, truncation or replacement moves its ctime or inode)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: str
+    device: int
+    inode: int
+    ctime_ns: int
+    size: int
+    #: the file system it lives on, as the host named it (type and mount point)
+    file_system: str
+
+
 class RecoveryPoint(BaseModel):
     """The manifest of one backup of one disk; see docs/repository.md, *Recovery points*."""
 
@@ -115,6 +130,8 @@ class RecoveryPoint(BaseModel):
     parent: str | None = None
     totals: Totals = Field(default_factory=Totals)
     seconds: float = 0.0
+    #: sealed in an encrypted repository (it names a path on the host)
+    kept_clone: KeptClone | None = None
 
     @property
     def key(self) -> str:
@@ -122,7 +139,7 @@ class RecoveryPoint(BaseModel):
 
 
 #: What an encrypted repository seals inside a point (they name paths on the host).
-SEALED_FIELDS = ("source_path", "notes")
+SEALED_FIELDS = ("source_path", "notes", "kept_clone")
 _POINT_AAD = b"patchdrill point v2\n"
 
 

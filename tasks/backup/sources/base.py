@@ -72,16 +72,50 @@ class ZeroFingerprints:
         return found
 
 
+@dataclass(frozen=True)
+class TrackedChanges:
+    """What the host's file system says about a disk since a parent point (changed-block
+    tracking, tasks/backup/kept.py): the blocks that may differ; every other block holds what
+    the parent point recorded, and is neither read nor hashed."""
+
+    #: the key of the point whose kept clone the new snapshot was compared with
+    parent: str
+    size: int
+    changed: frozenset[int]
+    #: how the comparison was made, for the point's notes
+    how: str
+
+
+def tracked_blocks(tracked: TrackedChanges, previous: BlockMap | None, block_size: int,
+                   read: Callable[[int, int], SourceBlock]) -> Iterator[SourceBlock]:
+    """Every block of a tracked disk: `read(index, length)` for the changed ones and any the
+    parent cannot vouch for; the parent's fingerprint, without data, for the rest."""
+    for index in range(-(-tracked.size // block_size)):
+        length = min(block_size, tracked.size - index * block_size)
+        known = (previous is not None and index < len(previous.chunks) and previous.block_length(index) == length)
+        if index in tracked.changed or not known:
+            yield read(index, length)
+        else:
+            assert previous is not None
+            yield SourceBlock(index, length, None, previous.fingerprint_of(index), nothing_to_release)
+
+
 @runtime_checkable
 class BlockSource(Protocol):
     path: str
     #: "chunk-id" when the engine hashes the data it is given; otherwise the host-side hash name
     fingerprint: str
+    # A source that can skip unchanged blocks has a `tracked: TrackedChanges | None` attribute,
+    # set before a scan when the file system told what changed; the engine clears it when it
+    # cannot be used (another parent, a rehash) and adds the blocks it must read anyway. Not a
+    # protocol member: sources without it (Windows staging) stay block sources.
 
     def prepare(self, block_size: int) -> int:
         """Get ready to yield blocks (a remote source scans here); returns the disk's size."""
 
-    def blocks(self, block_size: int, previous: BlockMap | None, pool: BufferPool) -> Iterator[SourceBlock]: ...
+    def blocks(self, block_size: int, previous: BlockMap | None, pool: BufferPool) -> Iterator[SourceBlock]:
+        """Every block in order. With `tracked` set, only its changed blocks come with data; the
+        rest carry the fingerprint `previous` has at their index."""
 
 
 @dataclass

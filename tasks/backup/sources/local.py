@@ -15,7 +15,9 @@ import structlog
 from tasks.backup.errors import SourceError
 from tasks.backup.host_scripts import blockscan
 from tasks.backup.repo.blockmap import BlockMap, TreeEntry
-from tasks.backup.sources.base import BufferPool, SourceBlock, SourceFile, entry_from_scan, hole_block
+from tasks.backup.sources.base import (
+    BufferPool, SourceBlock, SourceFile, TrackedChanges, entry_from_scan, hole_block, tracked_blocks,
+)
 
 log = structlog.stdlib.get_logger("patchdrill.backup")
 
@@ -87,13 +89,15 @@ def _read_image(path: str, block_size: int, pool: BufferPool, size: int) -> Iter
 
 
 class LocalBlockSource:
-    """An image file or block device on this machine, read directly."""
+    """An image file or block device on this machine, read directly (only the changed blocks
+    when `tracked` says which)."""
 
     fingerprint = "chunk-id"
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
         self._size: int | None = None
+        self.tracked: TrackedChanges | None = None
         try:
             st = os.stat(self.path)
         except OSError as exc:
@@ -107,8 +111,33 @@ class LocalBlockSource:
         return self._size
 
     def blocks(self, block_size: int, previous: BlockMap | None, pool: BufferPool) -> Iterator[SourceBlock]:
-        size = self._size if self._size is not None else self.prepare(block_size)
-        return _read_image(self.path, block_size, pool, size)
+        if self.tracked is None:
+            size = self._size if self._size is not None else self.prepare(block_size)
+            return _read_image(self.path, block_size, pool, size)
+        return self._tracked_blocks(self.tracked, block_size, previous, pool)
+
+    def _tracked_blocks(self, tracked: TrackedChanges, block_size: int, previous: BlockMap | None,
+                        pool: BufferPool) -> Iterator[SourceBlock]:
+        if tracked.size != self._size:
+            raise SourceError(f"{self.path!r} is {self._size} bytes, but its tracked changes describe {tracked.size}")
+        with open(self.path, "rb", buffering=0) as handle:
+            def read(index: int, length: int) -> SourceBlock:
+                buffer = pool.acquire()
+                view = memoryview(buffer)[:length]
+                try:
+                    got = blockscan.read_data(handle.fileno(), view, index * block_size)
+                except OSError as exc:
+                    pool.release(buffer)
+                    raise SourceError(f"read error in {self.path!r} at offset {index * block_size}: {exc.strerror}") from None
+                if got != length:
+                    pool.release(buffer)
+                    raise SourceError(f"{self.path!r} changed size while being read (block {index})")
+                if blockscan.is_zero(view):
+                    pool.release(buffer)
+                    return hole_block(index, length)
+                return SourceBlock(index, length, view, None, partial(pool.release, buffer))
+
+            yield from tracked_blocks(tracked, previous, block_size, read)
 
 
 class LocalTreeSource:

@@ -24,7 +24,8 @@ from tasks.backup.host_scripts import blockscan
 from tasks.backup.repo.blockmap import BlockMap, TreeEntry
 from tasks.backup.errors import SourceError
 from tasks.backup.sources.base import (
-    BufferPool, SourceBlock, SourceFile, ZeroFingerprints, entry_from_scan, hole_block, nothing_to_release, unchanged,
+    BufferPool, SourceBlock, SourceFile, TrackedChanges, ZeroFingerprints, entry_from_scan, hole_block,
+    nothing_to_release, tracked_blocks, unchanged,
 )
 
 log = structlog.stdlib.get_logger("patchdrill.backup")
@@ -53,6 +54,18 @@ def host_fingerprint(data: bytes | bytearray | memoryview) -> bytes:
     return hashlib.blake2b(data, digest_size=32).digest()
 
 
+#: A block the host fingerprints as zeros is a hole: neither fetched nor stored.
+_ZERO = ZeroFingerprints(host_fingerprint)
+
+
+_EMPTY = memoryview(b"")
+
+
+def _placeholder(index: int, length: int) -> SourceBlock:
+    """A block marked for reading, without its data: what planning a tracked fetch needs."""
+    return SourceBlock(index, length, _EMPTY, None, nothing_to_release)
+
+
 class RemoteBlockSource:
     fingerprint = FINGERPRINT
 
@@ -61,6 +74,8 @@ class RemoteBlockSource:
         self.path = path
         self._scan: dict[str, Any] | None = None
         self._scan_block_size = 0
+        #: set when the host's file system told what changed: no host-side scan then
+        self.tracked: TrackedChanges | None = None
 
     def _scanned(self, block_size: int) -> dict[str, Any]:
         if self._scan is None or self._scan_block_size != block_size:
@@ -77,7 +92,9 @@ class RemoteBlockSource:
         return self._scan
 
     def prepare(self, block_size: int) -> int:
-        """Run the scan on the host; returns the disk's size."""
+        """Run the scan on the host (unless the changes are tracked); returns the disk's size."""
+        if self.tracked is not None:
+            return self.tracked.size
         return int(self._scanned(block_size)["size"])
 
     def scan(self, block_size: int) -> list[bytes]:
@@ -85,10 +102,12 @@ class RemoteBlockSource:
         return [raw[i:i + 32] for i in range(0, len(raw), 32)]
 
     def blocks(self, block_size: int, previous: BlockMap | None, pool: BufferPool) -> Iterator[SourceBlock]:
+        if self.tracked is not None:
+            yield from self._tracked_blocks(self.tracked, block_size, previous, pool)
+            return
         fingerprints = self.scan(block_size)
         size = self.prepare(block_size)
-        zero = ZeroFingerprints(host_fingerprint)
-        holes = {i for i, fp in enumerate(fingerprints) if fp == zero(min(block_size, size - i * block_size))}
+        holes = {i for i, fp in enumerate(fingerprints) if fp == _ZERO(min(block_size, size - i * block_size))}
         changed = [i for i in changed_blocks(fingerprints, previous, FINGERPRINT, block_size) if i not in holes]
         wanted = set(changed)
         fetched = self.fetch(changed, block_size, size)
@@ -97,20 +116,32 @@ class RemoteBlockSource:
             if index in holes:
                 yield hole_block(index, length, fp)
             elif index in wanted:
-                got_index, data = next(fetched)
-                if got_index != index or len(data) != length:
-                    raise SourceError(f"host {self.connector.name}: {self.path!r} changed size while being read "
-                                      f"(block {index}: expected {length} bytes, got {len(data)})")
-                # Hash what actually arrived: the disk may have changed since the scan.
-                arrived = host_fingerprint(data)
-                if arrived == zero(length):
-                    yield hole_block(index, length, arrived)
-                    continue
-                buffer = pool.acquire()
-                buffer[:length] = data
-                yield SourceBlock(index, length, memoryview(buffer)[:length], arrived, partial(pool.release, buffer))
+                yield self._arrived(fetched, index, length, pool)
             else:
                 yield SourceBlock(index, length, None, fp, nothing_to_release)
+
+    def _tracked_blocks(self, tracked: TrackedChanges, block_size: int, previous: BlockMap | None,
+                        pool: BufferPool) -> Iterator[SourceBlock]:
+        # Which blocks tracked_blocks will ask for, so they are fetched in pipelined batches.
+        wanted = [block.index for block in tracked_blocks(tracked, previous, block_size, _placeholder)
+                  if block.data is not None]
+        fetched = self.fetch(wanted, block_size, tracked.size)
+        yield from tracked_blocks(tracked, previous, block_size,
+                                  lambda index, length: self._arrived(fetched, index, length, pool))
+
+    def _arrived(self, fetched: Iterator[tuple[int, bytes]], index: int, length: int, pool: BufferPool) -> SourceBlock:
+        """The next fetched block, which must be block `index` of `length` bytes."""
+        got_index, data = next(fetched)
+        if got_index != index or len(data) != length:
+            raise SourceError(f"host {self.connector.name}: {self.path!r} changed size while being read "
+                              f"(block {index}: expected {length} bytes, got {len(data)})")
+        # Hash what actually arrived: the disk may have changed since the scan.
+        arrived = host_fingerprint(data)
+        if arrived == _ZERO(length):
+            return hole_block(index, length, arrived)
+        buffer = pool.acquire()
+        buffer[:length] = data
+        return SourceBlock(index, length, memoryview(buffer)[:length], arrived, partial(pool.release, buffer))
 
     def fetch(self, indexes: list[int], block_size: int, size: int) -> Iterator[tuple[int, bytes]]:
         sftp_factory = getattr(self.connector, "sftp", None)
