@@ -43,6 +43,10 @@ if [ -s "$pidfile" ]; then kill -TERM "$(cat "$pidfile")" 2>/dev/null || true; f
 """
 
 
+class ServiceFailed(RuntimeError):
+    """notes-app did not come up; the message says where its log is."""
+
+
 class NotesService:
     """notes-app on port 18082, started again RESTART_SECONDS after it exits until stop()."""
 
@@ -61,7 +65,7 @@ class NotesService:
         while not healthy():
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"notes-app did not answer on port {PORT}; see {SERVICE / 'log'}")
+                raise ServiceFailed(f"notes-app did not answer on port {PORT}; see {SERVICE / 'log'}")
             time.sleep(0.1)
         return self
 
@@ -111,11 +115,18 @@ def prepare_update(pidfile: Path) -> None:
 
 def patch_with_safety_net(config: Path, console: Console) -> bool:
     """Dry run, then the run: gate, notices, install, measured unavailability. True when it succeeded."""
+    try:
+        return _patch(config, console)
+    except (ServiceFailed, lab_apt.LabAptError) as exc:
+        console.print(f"[red]patch step not run[/]: {exc}", highlight=False)
+        return False
+
+
+def _patch(config: Path, console: Console) -> bool:
     from flows.patch import PatchRunReport, patch_run
     from tasks.patching.models import ComplianceState
 
-    home = LAB / "notes-app"
-    with NotesService(home) as service:
+    with NotesService(LAB / "notes-app") as service:
         prepare_update(service.pidfile)
         dry = patch_run(config_path=str(config), hosts=[HOST], policy=POLICY, dry_run=True, return_state=True)
         planned = dry.result(raise_on_failure=False)

@@ -73,7 +73,7 @@ def test_an_approved_rollback_restores_the_pre_patch_point(ui_stack: RunningStac
     rollback = record.recovery.rollback
     assert rollback.status == "restored" and rollback.probes_after == "passed", rollback
     assert [d.point for d in rollback.disks] == [p.point for p in record.recovery.points]
-    assert "rolled back to the pre-patch point (root;" in record.reason and "awaiting" not in record.reason
+    assert "rolled back to the pre-patch point (root;" in record.reason and "waiting for approval" not in record.reason
 
 
 def test_invalid_input_is_rejected_and_a_declined_rollback_leaves_the_host(
