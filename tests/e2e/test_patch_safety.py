@@ -189,12 +189,14 @@ def test_a_rollback_whose_workload_will_not_stop_restores_nothing_and_says_so(
     assert host.versions() == PATCHED
 
 
-def closing_window(minutes_left: int) -> list[dict[str, Any]]:
-    """A window open every day since an hour ago, closing `minutes_left` minutes from now (UTC,
-    the test hosts' zone): the run may patch, and knows how much time a rollback has."""
-    opened = datetime.now(timezone.utc) - timedelta(hours=1)
-    return [{"days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"], "start": opened.strftime("%H:%M"),
-             "duration_minutes": 60 + minutes_left}]
+def closing_window(minutes_left: int) -> tuple[list[dict[str, Any]], datetime]:
+    """A window open every day since an hour ago (to the minute), closing `minutes_left` minutes
+    after that minute (UTC, the test hosts' zone), and when it closes: the run may patch, and
+    knows how much time a rollback has."""
+    opened = datetime.now(timezone.utc).replace(second=0, microsecond=0) - timedelta(hours=1)
+    window = {"days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"], "start": opened.strftime("%H:%M"),
+              "duration_minutes": 60 + minutes_left}
+    return [window], opened + timedelta(minutes=60 + minutes_left)
 
 
 def test_a_rollback_that_could_not_finish_inside_the_window_is_not_started_and_alerted(
@@ -202,7 +204,7 @@ def test_a_rollback_that_could_not_finish_inside_the_window_is_not_started_and_a
     """The window closes in about 30 min and the policy says a rollback may need 45: none starts.
     The restore is not begun at all, so the host keeps the patched (unhealthy) state, not a
     half-restored disk, and a person is told which points to restore."""
-    host = lab_host("rollback-late", 1, breaks_health=True, windows=closing_window(30))
+    host = lab_host("rollback-late", 1, breaks_health=True, windows=closing_window(30)[0])
     cfg = write_config(tmp_path / "fleet.yaml", [protected(host)], {
         "baseline_months": baseline_now(), "max_errors": 1, "health_probes": [HEALTH_PROBE],
         "recovery_point": {"take_before_install": True, "rollback": "restore", "rollback_minutes": 45}},
@@ -229,3 +231,37 @@ def test_a_rollback_that_could_not_finish_inside_the_window_is_not_started_and_a
     [posted] = webhook.received("patchdrill.patch.rollback-not-started")
     assert posted["text"].startswith("patchdrill: rollback-late failed its health probes after patching and was not "
                                      "rolled back: the maintenance window closes in")
+
+
+def test_an_approval_nobody_gives_before_the_rollback_would_outrun_the_window_ends_the_wait_there(
+        prefect_server: None, lab_host: LabMaker, tmp_path: Path, webhook: WebhookReceiver) -> None:
+    """rollback: ask with a generous rollback_approval_minutes, but a window that leaves the
+    rollback only about a minute after the run starts: the pause ends when a rollback
+    could last be started and still finish in the window, not at the approval timeout, and then
+    no rollback is started. Nobody answers the Resume form; the run's own pause (flows/pause.py)
+    on the Prefect test server is what waits."""
+    window, closes = closing_window(30)
+    host = lab_host("rollback-window", 1, breaks_health=True, windows=window)
+    margin = 60.0  # what the run has from now until a rollback could last start: the install happens in it
+    rollback_minutes = ((closes - datetime.now(timezone.utc)).total_seconds() - margin) / 60
+    cfg = write_config(tmp_path / "fleet.yaml", [protected(host)], {
+        "baseline_months": baseline_now(), "max_errors": 1, "health_probes": [HEALTH_PROBE],
+        "recovery_point": {"take_before_install": True, "rollback": "ask", "rollback_approval_minutes": 600,
+                           "rollback_minutes": rollback_minutes}}, alerts=alerts_section())
+
+    state, report = run_patch(config_path=str(cfg), refresh=False)
+
+    record = records(report)["rollback-window"]
+    assert record.recovery is not None and record.recovery.rollback is not None
+    rollback = record.recovery.rollback
+    assert rollback.status == "unanswered", rollback
+    assert re.fullmatch(r"nobody approved it within [\d.]+ min \(the time left in the maintenance window\); the host "
+                        r"is left as patched for a person", rollback.error), rollback.error
+    waited = float(re.search(r"within ([\d.]+) min", rollback.error).group(1))  # type: ignore[union-attr]
+    assert waited < margin / 60 < 600
+    assert state.is_failed() and f"rollback-window: rollback not started: {rollback.error}" in (state.message or "")
+    assert host.versions() == PATCHED and record.status == "failed"
+    [stored] = history(LocalBlobStore(tmp_path / "store"), "rollback-window")
+    assert stored.recovery == record.recovery
+    [alert] = events("patchdrill.patch.rollback-not-started", "patchdrill.host.rollback-window")
+    assert alert.payload["status"] == "unanswered" and alert.payload["run_id"] == report.run_id
