@@ -39,28 +39,28 @@ def environment() -> dict[str, str]:
             "DPKG_ADMINDIR": str(lab_apt_root() / "var" / "lib" / "dpkg")}
 
 
-def _dpkg_options() -> list[str]:
-    root = lab_apt_root()
+def dpkg_options(root: Path) -> list[str]:
+    """What dpkg needs to install into the sandbox at `root` and nowhere else."""
     # Without chrootless, maintainer scripts would run chrooted into a root with no shell.
     options = [f"--root={root}", f"--admindir={root}/var/lib/dpkg", f"--log={root}/var/log/dpkg.log",
                "--force-script-chrootless"]
     return options if os.geteuid() == 0 else [*options, "--force-not-root"]
 
 
-def make_lab_apt_root(repository: Path | None = None) -> None:
-    """The sandbox: no sources (apt-get update and -s upgrade succeed and find nothing), or the
-    one flat `repository`."""
-    root = lab_apt_root()
+def write_sandbox(root: Path, repositories: list[Path], config: Path) -> None:
+    """An apt root at `root` whose sources are the flat `repositories` (none: apt-get update
+    and -s upgrade succeed and find nothing), configured by the apt.conf written at `config`."""
     for sub in ("etc/apt/apt.conf.d", "etc/apt/preferences.d", "etc/apt/sources.list.d",
-                "var/cache/apt/archives/partial", "var/lib/apt/lists/partial", "var/log/apt", "var/lib/dpkg"):
+                "var/cache/apt/archives/partial", "var/lib/apt/lists/partial", "var/log/apt", "var/lib/dpkg/info",
+                "var/lib/dpkg/updates"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     status = root / "var" / "lib" / "dpkg" / "status"
     if not status.exists():
         status.write_text("")
-    sources = f"deb [trusted=yes] file:{repository} ./\n" if repository is not None else ""
-    (root / "etc" / "apt" / "sources.list").write_text(sources)
-    options = " ".join(f'"{option}";' for option in _dpkg_options())
-    (root / "etc" / "apt" / "apt.conf").write_text(
+    (root / "etc" / "apt" / "sources.list").write_text(
+        "".join(f"deb [trusted=yes] file:{repository} ./\n" for repository in repositories))
+    options = " ".join(f'"{option}";' for option in dpkg_options(root))
+    config.write_text(
         f'Dir "{root}/";\n'
         f'Dir::State::status "{status}";\n'
         f"DPkg::Options {{ {options} }};\n"
@@ -70,6 +70,12 @@ def make_lab_apt_root(repository: Path | None = None) -> None:
     )
 
 
+def make_lab_apt_root(repository: Path | None = None) -> None:
+    """The lab host's sandbox: no sources, or the one flat `repository`."""
+    root = lab_apt_root()
+    write_sandbox(root, [repository] if repository is not None else [], root / "etc" / "apt" / "apt.conf")
+
+
 def _run(argv: list[str], cwd: Path | None = None) -> str:
     done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -77,10 +83,10 @@ def _run(argv: list[str], cwd: Path | None = None) -> str:
     return done.stdout
 
 
-def build_package(name: str, version: str, directory: Path, *, description: str,
-                  postinst: str | None = None) -> Path:
+def build_package(name: str, version: str, directory: Path, *, description: str, postinst: str | None = None,
+                  build_root: Path = LAB / "apt-build") -> Path:
     """A small Architecture: all package with no dependencies, built with dpkg-deb."""
-    tree = LAB / "apt-build" / f"{name}_{version}"
+    tree = build_root / f"{name}_{version}"
     (tree / "DEBIAN").mkdir(parents=True, exist_ok=True)
     (tree / "usr" / "share" / name).mkdir(parents=True, exist_ok=True)
     (tree / "usr" / "share" / name / "version").write_text(version + "\n")
@@ -96,17 +102,17 @@ def build_package(name: str, version: str, directory: Path, *, description: str,
     return deb
 
 
-def install_package(deb: Path) -> None:
+def install_package(deb: Path, root: Path | None = None) -> None:
     """Install straight with dpkg into the sandbox: the host's state before any update."""
-    _run(["dpkg", *_dpkg_options(), "-i", str(deb)])
+    _run(["dpkg", *dpkg_options(root or lab_apt_root()), "-i", str(deb)])
 
 
-def index_repository(directory: Path) -> None:
-    """Packages and a security Release for the flat repository, with apt-ftparchive."""
+def index_repository(directory: Path, release: dict[str, str] = SECURITY_RELEASE) -> None:
+    """Packages and a Release (a security one by default) for the flat repository, with apt-ftparchive."""
     (directory / "Packages").write_text(_run(["apt-ftparchive", "packages", "."], cwd=directory))
-    options = [f"-oAPT::FTPArchive::Release::{key}={value}" for key, value in SECURITY_RELEASE.items()]
+    options = [f"-oAPT::FTPArchive::Release::{key}={value}" for key, value in release.items()]
     (directory / "Release").write_text(_run(["apt-ftparchive", *options, "release", "."], cwd=directory))
 
 
-__all__ = ["LabAptError", "REPOSITORY", "build_package", "environment", "index_repository", "install_package",
-           "lab_apt_root", "make_lab_apt_root"]
+__all__ = ["LabAptError", "REPOSITORY", "SECURITY_RELEASE", "build_package", "dpkg_options", "environment",
+           "index_repository", "install_package", "lab_apt_root", "make_lab_apt_root", "write_sandbox"]
