@@ -118,7 +118,7 @@ def patch_with_safety_net(config: Path, console: Console) -> bool:
     try:
         return _patch(config, console)
     except (ServiceFailed, lab_apt.LabAptError) as exc:
-        console.print(f"[red]patch step not run[/]: {exc}", highlight=False)
+        console.print(f"[red]patch step not run[/]: {exc}", highlight=False, soft_wrap=True)
         return False
 
 
@@ -131,32 +131,32 @@ def _patch(config: Path, console: Console) -> bool:
         dry = patch_run(config_path=str(config), hosts=[HOST], policy=POLICY, dry_run=True, return_state=True)
         planned = dry.result(raise_on_failure=False)
         if not isinstance(planned, PatchRunReport):
-            console.print(f"[red]patch dry run {dry.name}[/]: {dry.message}", highlight=False)
+            console.print(f"[red]patch dry run {dry.name}[/]: {dry.message}", highlight=False, soft_wrap=True)
             return False
         chosen = ", ".join(u.id for p in planned.assessment.plans for u in p.install) or "nothing"
-        console.print(f"patch dry run (policy {POLICY}): {chosen}", highlight=False)
-        console.print(planned.plan.as_text(), highlight=False)
+        console.print(f"patch dry run (policy {POLICY}): {chosen}", highlight=False, soft_wrap=True)
+        console.print(planned.plan.as_text(), highlight=False, soft_wrap=True)
         state = patch_run(config_path=str(config), hosts=[HOST], policy=POLICY, return_state=True)
         report = state.result(raise_on_failure=False)
     if not isinstance(report, PatchRunReport) or len(report.records) != 1:
-        console.print(f"[red]patch run {state.name}[/]: {state.message}", highlight=False)
+        console.print(f"[red]patch run {state.name}[/]: {state.message}", highlight=False, soft_wrap=True)
         return False
     [record] = report.records
     for used in record.recovery.points if record.recovery else []:
         console.print(f"recovery-point gate: passed on {used.disk}@{used.point.rsplit('/', 1)[1].removesuffix('.json')} "
-                      f"({used.consistency}, {'taken now' if used.taken else 'from the last backup'})", highlight=False)
+                      f"({used.consistency}, {'taken now' if used.taken else 'from the last backup'})", highlight=False, soft_wrap=True)
     notices = {notice.phase: notice for notice in record.notices}
     if "before" in notices:
-        console.print(f"notice before: {notices['before'].reason}", highlight=False)
+        console.print(f"notice before: {notices['before'].reason}", highlight=False, soft_wrap=True)
     done = (ComplianceState.INSTALLED, ComplianceState.INSTALLED_PENDING_REBOOT)
     installed = ", ".join(o.update_id for o in record.updates if o.state in done) or "nothing"
     color = "green" if record.status == "succeeded" else "red"
     console.print(f"patch {record.host}: [{color}]{record.status}[/], installed {installed}"
-                  + ("" if record.status == "succeeded" else f": {record.reason}"), highlight=False)
+                  + ("" if record.status == "succeeded" else f": {record.reason}"), highlight=False, soft_wrap=True)
     if record.unavailability is not None:
-        console.print(f"measured unavailability: {record.unavailability.text()}", highlight=False)
+        console.print(f"measured unavailability: {record.unavailability.text()}", highlight=False, soft_wrap=True)
     if "after" in notices:
-        console.print(f"notice after: {notices['after'].reason}", highlight=False)
+        console.print(f"notice after: {notices['after'].reason}", highlight=False, soft_wrap=True)
     return state.is_completed() and record.status == "succeeded"
 
 
