@@ -5,7 +5,9 @@ seeded SQLite database) under .lab/, backs them up to the local store, changes a
 first two, backs up again (only the changes travel), verifies every chunk and restores the latest
 points beside the originals, checking they are byte-identical. Then it drills plan lab-notes:
 the application restored, started inside a network namespace of its own, probed over HTTP, by
-SQL and by checksums, removed with proof; the RTO/RPO line and the HTML report's path end it.
+SQL and by checksums, removed with proof; the RTO/RPO line and the HTML report's path follow.
+Last, a patch run with its safety net on the lab host (cli/demo_patch.py): the plan, the
+recovery-point gate, the notice hook's lines, the install and the measured unavailability.
 Prefect runs in its ephemeral mode: the flows are the same ones a deployment schedules.
 """
 
@@ -21,6 +23,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from cli.demo_patch import patch_with_safety_net
 from configs.loader import load_config
 from tasks.drill.evidence import DrillEvidence
 from flows.logs import configure
@@ -179,6 +182,7 @@ def main() -> int:
         console.print(f"restore {disk}: {result.point} → {target}: {result.bytes_written / MIB:.1f} MiB written, "
                       + ("[green]byte-identical[/]" if identical else "[red]DIFFERS[/]"))
     ok &= drill(LAB_CONFIG)
+    ok &= patch_with_safety_net(LAB_CONFIG, console)
     return 0 if ok else 1
 
 

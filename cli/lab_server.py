@@ -30,6 +30,7 @@ from typing import Any
 
 import httpx
 
+from cli import lab_apt
 from cli.api import forget_lab_server, record_lab_server
 from cli.demo import install_notes_app, make_sample_data
 from cli.lab_postgres import LabPostgres, PostgresFailed
@@ -56,35 +57,10 @@ def stack_environment(port: int, base: dict[str, str] | None = None) -> dict[str
         "PREFECT_SERVER_API_HOST": "127.0.0.1",
         "PREFECT_SERVER_API_PORT": str(port),
         "PATCHDRILL_HOME": str(REPO),
-        # The lab host is this machine: its package manager is an empty sandbox (lab_apt_root),
+        # The lab host is this machine: its package manager is an empty sandbox (cli/lab_apt.py),
         # so a lab patch run assesses and "installs" without touching the machine's packages.
-        "APT_CONFIG": str(lab_apt_root() / "etc" / "apt" / "apt.conf"),
-        "DPKG_ADMINDIR": str(lab_apt_root() / "var" / "lib" / "dpkg"),
+        **lab_apt.environment(),
     }
-
-
-def lab_apt_root() -> Path:
-    return LAB / "apt"
-
-
-def make_lab_apt_root() -> None:
-    """An apt root with no sources and no packages: `apt-get update` and `-s upgrade` succeed
-    and find nothing (DESIGN.md, "Real apt and dpkg without touching the machine's own packages")."""
-    root = lab_apt_root()
-    for sub in ("etc/apt/apt.conf.d", "etc/apt/preferences.d", "etc/apt/sources.list.d",
-                "var/cache/apt/archives/partial", "var/lib/apt/lists/partial", "var/log/apt", "var/lib/dpkg"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    status = root / "var" / "lib" / "dpkg" / "status"
-    if not status.exists():
-        status.write_text("")
-    (root / "etc" / "apt" / "sources.list").write_text("")
-    (root / "etc" / "apt" / "apt.conf").write_text(
-        f'Dir "{root}/";\n'
-        f'Dir::State::status "{status}";\n'
-        f'DPkg::Options {{ "--root={root}"; "--admindir={root}/var/lib/dpkg"; "--log={root}/var/log/dpkg.log"; '
-        '"--force-script-chrootless"; };\n'
-        'Acquire::Languages "none";\nDPkg::Use-Pty "false";\n'
-    )
 
 
 def make_lab_data() -> None:
@@ -158,7 +134,7 @@ class LabStack:
     def start(self) -> None:
         _check_port_free(self.port)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        make_lab_apt_root()
+        lab_apt.make_lab_apt_root()
         make_lab_data()
         try:
             server_env = self._server_environment()

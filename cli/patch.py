@@ -196,6 +196,10 @@ def run(
     if fleet.policy.approval_required and not dry_run and not yes and not wait_for_approval:
         fail(f"policy {fleet.policy_name!r} requires approval: review `patchdrill patch run --dry-run`, then run "
              "again with --yes, or with --wait-for-approval to approve in the Prefect UI")
+    gate = fleet.policy.recovery_point
+    if gate is not None and gate.rollback == "ask" and not dry_run and not wait_for_approval:
+        fail(f"policy {fleet.policy_name!r} asks before a rollback (recovery_point.rollback: ask), which is answered "
+             "in the Prefect UI: run with --wait-for-approval (a Prefect server: PREFECT_API_URL)")
     with using_api():
         state = patch_run(config_path=str(config), groups=group, hosts=host, policy=policy, dry_run=dry_run,
                           ignore_windows=ignore_windows, reboot_outside_window=reboot_outside_window, approved=yes,

@@ -2,7 +2,7 @@
 what happens when its health probes fail afterwards (report, or restore that point).
 
 The model (`PatchPolicy.recovery_point`) and the checks that need the rest of the config: which
-backup policy takes and reads the points, and, for `rollback: restore`, whether every disk the
+backup policy takes and reads the points, and, for `rollback: restore` or `ask`, whether every disk the
 policy protects can be restored on a running host. They run at `config check` time, so a disk
 that cannot be rolled back is found then, not during a failed maintenance night.
 """
@@ -76,11 +76,22 @@ class RecoveryPointGate(BaseModel):
                                   "only one defined, or the built-in defaults when none is.")
     disks: list[str] = Field(
         default_factory=list, description="The protected disks, by name; empty for every disk of the host.")
-    rollback: Literal["report", "restore"] = Field(
+    rollback: Literal["report", "restore", "ask"] = Field(
         default="report", description="When the host's health probes fail after install and reboot: 'report' "
-                                      "only, or 'restore' the pre-patch points onto its disks and probe again "
-                                      "(destructive: an explicit choice). A rollback fails the host and counts "
-                                      "against max_errors. Needs take_before_install.")
+                                      "only, 'restore' the pre-patch points onto its disks and probe again "
+                                      "(destructive: an explicit choice), or 'ask': pause the run for a person to "
+                                      "approve the restore in the Prefect UI (no answer in time: no rollback). A "
+                                      "rollback fails the host and counts against max_errors. Needs "
+                                      "take_before_install.")
+    rollback_approval_minutes: float = Field(
+        default=30.0, gt=0, le=24 * 60,
+        description="With rollback: ask, how long the run waits for the answer; never past the moment a rollback "
+                    "could still finish inside the host's maintenance window.")
+    rollback_minutes: float | None = Field(
+        default=None, gt=0, le=24 * 60,
+        description="How long a rollback of one host may take: one is started only while this much of the host's "
+                    "maintenance window is left (else the host is left for a person, and an alert says so). "
+                    "Unset: twice as long as taking its pre-patch points took.")
     workload_stop: str | None = Field(
         default=None, description="Command on the host that stops the workload before a rollback restores its "
                                   "disks (needed for image disks: an open image cannot be rewritten safely).")
@@ -94,14 +105,19 @@ class RecoveryPointGate(BaseModel):
         if self.max_age_hours is None and not self.take_before_install:
             raise field_error("max_age_hours", "gate_empty",
                               "set max_age_hours (a point no older than N hours), take_before_install: true, or both")
-        if self.rollback == "restore" and not self.take_before_install:
+        if self.rollback != "report" and not self.take_before_install:
             raise field_error("rollback", "rollback_needs_point",
-                              "rollback: restore needs take_before_install: true; an older point would throw away "
+                              f"rollback: {self.rollback} needs take_before_install: true; an older point would throw away "
                               "everything written since it was taken")
         if (self.workload_stop is None) != (self.workload_start is None):
             missing = "workload_start" if self.workload_start is None else "workload_stop"
             raise field_error(missing, "workload_pair", "give workload_stop and workload_start together")
         return self
+
+    @property
+    def rolls_back(self) -> bool:
+        """Whether a failed health check may restore the pre-patch points (at once, or once approved)."""
+        return self.rollback != "report"
 
     @property
     def age_text(self) -> str:
@@ -161,7 +177,7 @@ def gate_problems(policies: Mapping[str, _Policy], hosts: Sequence["_Host[DiskT]
             elif not disks:
                 problems.append(config_problem(loc, "nothing_protected",
                                          f"host {host.name} has no disks: no recovery point can let it be patched"))
-            if gate.rollback == "restore":
+            if gate.rolls_back:
                 problems += [config_problem((*loc, "rollback"), "rollback_impossible", why)
                              for disk in disks if (why := rollback_problem(host, disk, gate)) is not None]
     return problems

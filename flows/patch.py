@@ -10,8 +10,9 @@ The runbook, step by step:
    package lists were refreshed unless `refresh` is off: then no host changed at all);
 5. if the policy asks for approval, pause until someone approves in the UI (or the CLI said --yes);
 6. patch batch after batch, each holding its update domain's concurrency slot: pre-hooks,
-   install, reboot gate, health probes, post-hooks; once failures exceed the budget no new
-   batch starts, while the hosts in flight finish;
+   install, reboot gate, health probes, post-hooks; a rollback a person must approve pauses
+   the run once the batch's hosts are done (flows/rollback_approval.py); once failures exceed
+   the budget no new batch starts, while the hosts in flight finish;
 7. record a history entry per host, publish the compliance table and the summary.
 
 The config is read once, when the run starts; its tasks receive the hosts, the policy and the
@@ -34,6 +35,7 @@ from pydantic import BaseModel, Field
 from flows.alerting import ALERT_ON_CRASH, ALERT_ON_FAILURE
 from flows.logs import configure
 from flows.pause import wait_for_answer
+from flows.rollback_approval import settle_rollbacks
 from flows.run_form import Names, OptionalName, current_run_name, run_name, selection
 from tasks.patching.models import HostPatchRecord
 from tasks.patching.fleet import PatchFleet, load_fleet
@@ -157,7 +159,8 @@ def patch_batch(batch: Batch, fleet: PatchFleet, ctx: PatchContext, report: Asse
             told = announce(ctx, batch, hosts, plans)
             futures = [patch_host_task.submit(hosts[name], ctx, enrollments[name], plans[name])
                        for name in batch.hosts if not stops(told.get(name))]
-            patched = [future.result() for future in futures]
+            patched = settle_rollbacks(ctx, batch, hosts, [future.result() for future in futures],
+                                       fleet.loaded.config.alerts, APPROVAL_POLL_SECONDS)
             return conclude(ctx, batch, hosts, told, patched + held_back(ctx, told, plans))
     except TimeoutError:
         reason = (f"update domain {batch.update_domain} is being patched by another run "
@@ -360,7 +363,9 @@ def run_state(report: PatchRunReport, failed: list[str]) -> State[PatchRunReport
     """The run's final state: Failed when a host failed or the rollout stopped, so the runs list
     and "on Failed" automations tell the outcome; the report (and its artifacts) either way."""
     problems = ([f"rollout stopped: {report.stopped}"] if report.stopped else []) + (
-        [f"{len(failed)} host(s) not patched: {', '.join(failed)}"] if failed else [])
+        [f"{len(failed)} host(s) not patched: {', '.join(failed)}"] if failed else []) + [
+        f"{r.host}: {r.recovery.rollback.describe()}" for r in report.records
+        if r.recovery is not None and r.recovery.rollback is not None and r.recovery.rollback.status != "restored"]
     if problems:
         return Failed(message="; ".join(problems), data=report)
     counts: dict[str, int] = {}

@@ -9,6 +9,9 @@ The events (their resource ids and payloads are listed in the README, *Alerts*):
   above its plan's target; resource `patchdrill.plan.<plan>`;
 - `patchdrill.backup.stale`: a disk's newest recovery point is older than its backup policy's
   `max_point_age`, or it has none; resource `patchdrill.disk.<host>/<disk>`.
+- `patchdrill.patch.rollback-not-started`: a host failed its health probes after its patch and
+  its policy's rollback was not started (too late for its window, or nobody approved it in
+  time), so it is left as patched for a person; resource `patchdrill.host.<host>`.
 
 Raising an alert never raises: a webhook that is down, a Prefect API that is away or a secret
 that cannot be read costs a warning in the log, never the run's outcome or its original error.
@@ -36,7 +39,8 @@ RUN_FAILED = "patchdrill.run.failed"
 RTO_MISSED = "patchdrill.drill.rto-missed"
 RPO_MISSED = "patchdrill.drill.rpo-missed"
 BACKUP_STALE = "patchdrill.backup.stale"
-EVENTS = (RUN_FAILED, RTO_MISSED, RPO_MISSED, BACKUP_STALE)
+ROLLBACK_NOT_STARTED = "patchdrill.patch.rollback-not-started"
+EVENTS = (RUN_FAILED, RTO_MISSED, RPO_MISSED, BACKUP_STALE, ROLLBACK_NOT_STARTED)
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,18 @@ def stale_point(host: str, disk: str, policy: str, newest: datetime | None, max_
                  "age_seconds": None if age is None else round(age.total_seconds(), 1),
                  "max_age_seconds": max_age.total_seconds()},
         text=f"patchdrill: {host}/{disk} {said}; backup policy {policy} allows {_hours(max_age)}",
+    )
+
+
+def rollback_not_started(host: str, run_id: str, status: str, reason: str, points: list[str]) -> Alert:
+    """A host left unhealthy and patched: its rollback was not started (too late, or unanswered)."""
+    said = redact(reason)
+    return Alert(
+        event=ROLLBACK_NOT_STARTED,
+        resource={"prefect.resource.id": f"patchdrill.host.{host}", "prefect.resource.name": host,
+                  "patchdrill.host": host},
+        payload={"host": host, "run_id": run_id, "status": status, "reason": said, "points": points},
+        text=f"patchdrill: {host} failed its health probes after patching and was not rolled back: {said}",
     )
 
 

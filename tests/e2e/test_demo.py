@@ -1,12 +1,15 @@
-"""`make demo` end to end: the lab's backups, restores and DR drill on the embedded default.
+"""`make demo` end to end: the lab's backups, restores, DR drill and patch run on the embedded default.
 
 The real demo runs as a subprocess, as `make demo` starts it: real backups into the local store,
 a real drill of plan lab-notes (notes-app restored, started inside a real network namespace,
-probed over HTTP, with sqlite3 and by checksums), on Prefect's ephemeral server.
+probed over HTTP, with sqlite3 and by checksums), and a real patch run of the lab host with
+policy lab-safety (real apt-get and dpkg in the lab's sandbox, a package built by the demo, the
+running notes-app restarted by it and probed over HTTP), on Prefect's ephemeral server.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -15,6 +18,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
+from cli.app import app
 
 REPO = Path(__file__).resolve().parents[2]
 DRILL_COPY = REPO / ".lab" / "drill" / "lab-notes"
@@ -79,6 +85,35 @@ def test_demo_drills_the_notes_app_and_prints_rto_rpo_and_report(demo: subproces
     assert run_id in page and "lab-notes" in page
 
 
+def test_demo_patches_the_lab_host_behind_its_safety_net(demo: subprocess.CompletedProcess[str]) -> None:
+    out = demo.stdout
+    assert demo.returncode == 0, out[-3000:] + demo.stderr[-3000:]
+    assert "patch dry run (policy lab-safety): notes-app=1.1" in out
+    assert re.search(r"batch 1  update domain 0  lab-local", out)
+    # The gate passed on the point the demo's second backup made of the notes disk.
+    gate = re.search(r"recovery-point gate: passed on notes@(\S+) \(crash-consistent, from the last backup\)", out)
+    assert gate, out[-3000:]
+    assert re.search(r"notice before: notes-app told: before, reboot none, window ends \S+Z", out)
+    assert "patch lab-local: succeeded, installed notes-app=1.1" in out
+    assert re.search(r"notice after: notes-app told: after, reboot no, window ends \S+Z", out)
+    # The update restarted the app: an outage seen by its health probe, and over.
+    measured = re.search(r"measured unavailability: ([\d.]+) s ±[\d.]+ s \(health probes: notes-app /health\)$", out,
+                         re.MULTILINE)
+    assert measured and float(measured.group(1)) > 0, out[-3000:]
+    # What the host's history keeps says the same, and the sandbox now holds the update.
+    shown = CliRunner().invoke(app, ["patch", "history", "lab-local", "--json", "--config",
+                                     str(REPO / "configs" / "lab.yaml")])
+    assert shown.exit_code == 0, shown.output
+    [record] = json.loads(shown.stdout)
+    assert record["status"] == "succeeded" and record["recovery"]["points"][0]["point"].endswith(f"{gate.group(1)}.json")
+    assert [n["phase"] for n in record["notices"]] == ["before", "after"]
+    assert f"{record['unavailability']['seconds']:.1f}" == measured.group(1)
+    sandbox = REPO / ".lab" / "apt" / "var" / "lib" / "dpkg"
+    installed = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "notes-app"], capture_output=True, text=True,
+                               env=os.environ | {"DPKG_ADMINDIR": str(sandbox)})
+    assert installed.stdout == "1.1"
+
+
 def test_demo_leaves_nothing_running(demo: subprocess.CompletedProcess[str]) -> None:
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
     namespace = re.search(r"namespace\s*│ (\S+)", demo.stdout)
@@ -88,4 +123,7 @@ def test_demo_leaves_nothing_running(demo: subprocess.CompletedProcess[str]) -> 
     # The copy's process (pid recorded above) ran from the copy's path: none such is left.
     assert processes_mentioning(str(DRILL_COPY)) == []
     assert not port_open(18081)
+    # Nor the lab's notes-app service the patch step ran and restarted.
+    assert not port_open(18082) and processes_mentioning("--port 18082") == []
+    assert not (REPO / ".lab" / "notes-service" / "pid").exists()
     assert not DRILL_COPY.exists()

@@ -7,7 +7,9 @@ length is taken on the host's side (SshdHost.outages: from the kill to sshd list
 not from anything the product reports. The clock tests fake the host's time source with a
 `date` wrapper on its PATH (fake_time_source says what else it stubs); the notice tests run
 real hooks: a shell command on the controller, one on the host, and a webhook receiver on
-loopback (tests/hosts/webhook.py) that answers with a deferral.
+loopback (tests/hosts/webhook.py) that answers with a deferral. The Windows tests use the
+WinRM test host: real WS-Management, logins and outages, simulated Windows (each test's
+docstring says where the simulation starts).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from tests.e2e.test_patch_run import (  # noqa: F401 - lab_host and reboot_watch
 )
 from tests.hosts.webhook import WebhookReceiver
 from tests.hosts.winrm import HostFactory
+from tests.hosts.wsman_sim import Invocation, SimResult
 from tests.hosts.wu_sim import SimulatedUpdate, SimulatedWindowsUpdate
 
 pytestmark = pytest.mark.e2e
@@ -276,3 +279,102 @@ def test_a_deferring_hook_keeps_its_host_untouched_within_the_failure_budget(
     [post] = webhook.received("patchdrill.maintenance")
     assert (post["host"], post["phase"], post["reboot"]) == ("notice-webhook", "before", "possible")
     assert webhook.token not in record.model_dump_json()
+
+
+# --------------------------------------------------------------------------- Windows hosts
+
+
+def test_a_windows_reboot_is_measured_within_one_probe_interval_by_winrm_logins(
+        prefect_server: None, wsman_host_factory: HostFactory, tmp_path: Path) -> None:
+    """Real: the WS-Management endpoint going down (connections refused) for the simulated
+    reboot and coming back, the WinRM logins that probe it, and the product's measurement.
+    Simulated (tests/hosts/wu_sim.py): Windows Update and `Restart-Computer`, which makes the
+    test host go down DOWN_FOR seconds; its real length is taken on the host's side (when it
+    stopped answering, when it listened again)."""
+    winrm = wsman_host_factory(scheme="https", auth=("ntlm",))
+    wu = SimulatedWindowsUpdate(winrm, [SimulatedUpdate("KB5080002", "2026-12 Cumulative Update for Windows Server",
+                                                        reboot_behaviour="always")],
+                                caption="Microsoft Windows Server 2022 Datacenter", reboot_down_for=DOWN_FOR).attach()
+    windows = winrm.host_config("win-reboot", connect_timeout=60, update_domain=2, maintenance_windows=ALWAYS_OPEN)
+    cfg = write_config(tmp_path / "fleet.yaml", [windows.model_dump(mode="json", exclude_none=True)],
+                       {"baseline_months": baseline_now(), "unavailability": {"interval_seconds": INTERVAL}})
+
+    state, report = run_patch(config_path=str(cfg))
+
+    [record] = report.records
+    assert state.is_completed() and record.rebooted and wu.reboots == 1, record.reason
+    [(went_down, came_back)] = winrm.outages
+    measured = record.unavailability
+    assert measured is not None and measured.probe == "winrm connect" and measured.update_domain == 2
+    [outage] = measured.outages
+    assert outage.recovered and measured.resolution_seconds >= INTERVAL
+    assert abs(measured.seconds - (came_back - went_down)) <= measured.resolution_seconds, (measured, winrm.outages)
+
+
+# The hook a Windows host's owner might write: it reads the notice from standard input and
+# defers while a marker file says the workload is busy (its content is the reason).
+WINDOWS_HOOK = ("$notice = [Console]::In.ReadToEnd() | ConvertFrom-Json\n"
+                "$busy = 'C:\\ProgramData\\payroll\\busy'\n"
+                "if ($notice.phase -eq 'before' -and (Test-Path $busy)) { Get-Content $busy; exit 75 }\n"
+                "\"told: $($notice.phase) $env:PATCHDRILL_NOTICE_REBOOT\"")
+
+
+class SimulatedHook:
+    """What WINDOWS_HOOK does on its host, simulated (no PowerShell here): the handler sees the
+    command text, the session's `$env:` variables and standard input exactly as the WinRM
+    connector delivered them, and answers as the hook would, given whether the marker file
+    exists (`busy`, its content)."""
+
+    def __init__(self, busy: str | None) -> None:
+        self.busy = busy
+        self.seen: list[tuple[dict[str, Any], dict[str, str]]] = []
+
+    def __call__(self, call: Invocation) -> SimResult | None:
+        if call.script.strip() != WINDOWS_HOOK:
+            return None
+        notice = json.loads(call.stdin())
+        self.seen.append((notice, {k: v for k, v in call.env.items() if k.startswith("PATCHDRILL_NOTICE_")}))
+        if notice["phase"] == "before" and self.busy is not None:
+            return SimResult(stdout=self.busy + "\r\n", exit_code=75)
+        return SimResult(stdout=f"told: {notice['phase']} {call.env['PATCHDRILL_NOTICE_REBOOT']}\r\n")
+
+
+def test_a_notice_hook_runs_on_windows_hosts_over_winrm_and_one_defers(
+        prefect_server: None, wsman_host_factory: HostFactory, tmp_path: Path) -> None:
+    """Real: the hook command, its PATCHDRILL_NOTICE_* variables and the JSON on its standard
+    input travelling over WinRM as the product sends them, and the product reading the exit code
+    and last line. Simulated: what the PowerShell hook does on the host (SimulatedHook), and
+    Windows Update (tests/hosts/wu_sim.py)."""
+    hosts, hooks, updates = [], {}, {}
+    for name, busy in (("win-told", None), ("win-busy", "payroll run until 02:00")):
+        winrm = wsman_host_factory(scheme="https", auth=("ntlm",))
+        updates[name] = SimulatedWindowsUpdate(winrm, [SimulatedUpdate("KB5080003", "2026-12 Security Update",
+                                                                       reboot_behaviour="never")]).attach()
+        hooks[name] = SimulatedHook(busy)
+        winrm.windows.session_handlers.insert(0, hooks[name])
+        hosts.append(winrm.host_config(name, connect_timeout=60, update_domain=1, maintenance_windows=ALWAYS_OPEN)
+                     .model_dump(mode="json", exclude_none=True))
+    cfg = write_config(tmp_path / "fleet.yaml", hosts, {
+        "baseline_months": baseline_now(), "max_concurrency": 2, "max_errors": 1,
+        "notice": {"kind": "host", "command": WINDOWS_HOOK, "lead_seconds": NOTICE_LEAD}})
+
+    state, report = run_patch(config_path=str(cfg))
+
+    rows = records(report)
+    assert state.is_failed() and "win-busy" in (state.message or "") and not report.stopped
+    told, busy = rows["win-told"], rows["win-busy"]
+    assert told.status == "succeeded" and updates["win-told"].installed == {"KB5080003"}
+    assert [(n.phase, n.hook, n.deferred, n.reason) for n in told.notices] == [
+        ("before", "host", False, "told: before none"), ("after", "host", False, "told: after no")]
+    (before, env), (after, _) = hooks["win-told"].seen
+    assert (before["host"], before["phase"], before["reboot"], before["updates"]) == (
+        "win-told", "before", "none", ["KB5080003"])
+    assert env == {"PATCHDRILL_NOTICE_PHASE": "before", "PATCHDRILL_NOTICE_HOST": "win-told",
+                   "PATCHDRILL_NOTICE_NOT_BEFORE": before["not_before"], "PATCHDRILL_NOTICE_REBOOT": "none",
+                   "PATCHDRILL_NOTICE_WINDOW_END": before["window_end"],
+                   "PATCHDRILL_NOTICE_JSON": json.dumps(before, separators=(",", ":"))}
+    assert (after["phase"], after["status"]) == ("after", "succeeded")
+    # The deferring host was told once, and left untouched.
+    assert busy.status == "skipped" and busy.reason == "deferred by the notice hook: payroll run until 02:00"
+    assert updates["win-busy"].install_requests == [] and updates["win-busy"].reboots == 0
+    assert [notice["phase"] for notice, _ in hooks["win-busy"].seen] == ["before"]

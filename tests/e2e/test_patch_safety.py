@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,8 @@ from connectors.stores import LocalBlobStore
 from tasks.backup.repo.repository import Repository
 from tasks.drill.copy import point_file_digests
 from tasks.patching.history import history
+from tests.alert_checks import alerts_section, events
+from tests.hosts.webhook import WebhookReceiver
 from tests.e2e.test_patch_run import (  # noqa: F401 - fixtures used by name
     HEALTH_PROBE, LabHost, LabMaker, baseline_now, lab_host, reboot_watcher, records, run_artifacts, run_patch,
     tree_digest, write_config,
@@ -183,3 +187,81 @@ def test_a_rollback_whose_workload_will_not_stop_restores_nothing_and_says_so(
     assert f"rollback failed: {rollback.error}" in record.reason
     # Nothing was restored over a workload that still runs: the host keeps the patched packages.
     assert host.versions() == PATCHED
+
+
+def closing_window(minutes_left: int) -> tuple[list[dict[str, Any]], datetime]:
+    """A window open every day since an hour ago (to the minute), closing `minutes_left` minutes
+    after that minute (UTC, the test hosts' zone), and when it closes: the run may patch, and
+    knows how much time a rollback has."""
+    opened = datetime.now(timezone.utc).replace(second=0, microsecond=0) - timedelta(hours=1)
+    window = {"days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"], "start": opened.strftime("%H:%M"),
+              "duration_minutes": 60 + minutes_left}
+    return [window], opened + timedelta(minutes=60 + minutes_left)
+
+
+def test_a_rollback_that_could_not_finish_inside_the_window_is_not_started_and_alerted(
+        prefect_server: None, lab_host: LabMaker, tmp_path: Path, webhook: WebhookReceiver) -> None:
+    """The window closes in about 30 min and the policy says a rollback may need 45: none starts.
+    The restore is not begun at all, so the host keeps the patched (unhealthy) state, not a
+    half-restored disk, and a person is told which points to restore."""
+    host = lab_host("rollback-late", 1, breaks_health=True, windows=closing_window(30)[0])
+    cfg = write_config(tmp_path / "fleet.yaml", [protected(host)], {
+        "baseline_months": baseline_now(), "max_errors": 1, "health_probes": [HEALTH_PROBE],
+        "recovery_point": {"take_before_install": True, "rollback": "restore", "rollback_minutes": 45}},
+        alerts=alerts_section())
+
+    state, report = run_patch(config_path=str(cfg), refresh=False)
+
+    record = records(report)["rollback-late"]
+    assert state.is_failed() and record.status == "failed" and host.versions() == PATCHED
+    assert record.recovery is not None and record.recovery.rollback is not None
+    rollback, [used] = record.recovery.rollback, record.recovery.points
+    assert rollback.status == "too-late" and rollback.disks == [] and rollback.left_for_a_person
+    assert re.fullmatch(r"the maintenance window closes in (29|30)\.\d min and a rollback may need 45\.0 min, so none "
+                        r"was started: the host is left as patched for a person to restore \(root from "
+                        + re.escape(used.point) + r"\)", rollback.error), rollback.error
+    assert f"rollback not started: {rollback.error}" in record.reason
+    # The run's own state says it, and so do the history and the alert.
+    assert f"rollback-late: rollback not started: {rollback.error}" in (state.message or "")
+    [stored] = history(LocalBlobStore(tmp_path / "store"), "rollback-late")
+    assert stored.recovery == record.recovery
+    [alert] = events("patchdrill.patch.rollback-not-started", "patchdrill.host.rollback-late")
+    assert alert.payload["run_id"] == report.run_id and alert.payload["status"] == "too-late"
+    assert alert.payload["points"] == [used.point]
+    [posted] = webhook.received("patchdrill.patch.rollback-not-started")
+    assert posted["text"].startswith("patchdrill: rollback-late failed its health probes after patching and was not "
+                                     "rolled back: the maintenance window closes in")
+
+
+def test_an_approval_nobody_gives_before_the_rollback_would_outrun_the_window_ends_the_wait_there(
+        prefect_server: None, lab_host: LabMaker, tmp_path: Path, webhook: WebhookReceiver) -> None:
+    """rollback: ask with a generous rollback_approval_minutes, but a window that leaves the
+    rollback only about a minute after the run starts: the pause ends when a rollback
+    could last be started and still finish in the window, not at the approval timeout, and then
+    no rollback is started. Nobody answers the Resume form; the run's own pause (flows/pause.py)
+    on the Prefect test server is what waits."""
+    window, closes = closing_window(30)
+    host = lab_host("rollback-window", 1, breaks_health=True, windows=window)
+    margin = 60.0  # what the run has from now until a rollback could last start: the install happens in it
+    rollback_minutes = ((closes - datetime.now(timezone.utc)).total_seconds() - margin) / 60
+    cfg = write_config(tmp_path / "fleet.yaml", [protected(host)], {
+        "baseline_months": baseline_now(), "max_errors": 1, "health_probes": [HEALTH_PROBE],
+        "recovery_point": {"take_before_install": True, "rollback": "ask", "rollback_approval_minutes": 600,
+                           "rollback_minutes": rollback_minutes}}, alerts=alerts_section())
+
+    state, report = run_patch(config_path=str(cfg), refresh=False)
+
+    record = records(report)["rollback-window"]
+    assert record.recovery is not None and record.recovery.rollback is not None
+    rollback = record.recovery.rollback
+    assert rollback.status == "unanswered", rollback
+    assert re.fullmatch(r"nobody approved it within [\d.]+ min \(the time left in the maintenance window\); the host "
+                        r"is left as patched for a person", rollback.error), rollback.error
+    waited = float(re.search(r"within ([\d.]+) min", rollback.error).group(1))  # type: ignore[union-attr]
+    assert waited < margin / 60 < 600
+    assert state.is_failed() and f"rollback-window: rollback not started: {rollback.error}" in (state.message or "")
+    assert host.versions() == PATCHED and record.status == "failed"
+    [stored] = history(LocalBlobStore(tmp_path / "store"), "rollback-window")
+    assert stored.recovery == record.recovery
+    [alert] = events("patchdrill.patch.rollback-not-started", "patchdrill.host.rollback-window")
+    assert alert.payload["status"] == "unanswered" and alert.payload["run_id"] == report.run_id

@@ -4,6 +4,7 @@ Nothing touches the machine's own packages: APT_CONFIG points apt at a private r
 --root/--admindir through DPkg::Options, and dpkg-query reads DPKG_ADMINDIR. Two flat
 repositories are built with apt-ftparchive; one carries a security Release (Label
 Debian-Security, Suite stable-security), which is how apt tells security updates apart.
+The sandbox and the packages are made by cli/lab_apt.py, as the lab host's are for `make demo`.
 An SSH test host passes `AptLab.env` with sshd's SetEnv (`AptLab.sshd_setenv`).
 """
 
@@ -17,11 +18,12 @@ from typing import Iterator, Literal
 
 import pytest
 
+from cli import lab_apt
+
 Repository = Literal["main", "security"]
 _RELEASES: dict[Repository, dict[str, str]] = {
     "main": {"Origin": "Debian", "Label": "Debian", "Suite": "stable", "Codename": "bookworm", "Version": "12"},
-    "security": {"Origin": "Debian", "Label": "Debian-Security", "Suite": "stable-security",
-                 "Codename": "bookworm-security", "Version": "12"},
+    "security": lab_apt.SECURITY_RELEASE,
 }
 # The postinst of a kernel-like package: what Debian's kernel packages do to ask for a reboot.
 # With --force-script-chrootless dpkg runs it on the real root and says where its root is.
@@ -64,66 +66,28 @@ class AptLab:
         return "SetEnv " + " ".join(f"{key}={value}" for key, value in self.env.items())
 
     def create(self) -> "AptLab":
-        for directory in ("etc/apt/apt.conf.d", "etc/apt/preferences.d", "etc/apt/sources.list.d",
-                          "var/cache/apt/archives/partial", "var/log/apt", "var/lib/apt/lists/partial",
-                          "var/lib/dpkg/info", "var/lib/dpkg/updates", "run"):
-            (self.root / directory).mkdir(parents=True, exist_ok=True)
-        (self.admindir / "status").touch()
-        dpkg_options = [f"--root={self.root}", f"--admindir={self.admindir}",
-                        f"--log={self.root}/var/log/dpkg.log", "--force-script-chrootless"]
-        if os.geteuid() != 0:
-            dpkg_options.append("--force-not-root")
-        self._dpkg_options = dpkg_options
-        options = " ".join(f'"{option}";' for option in dpkg_options)
-        self.apt_config.write_text(
-            f'Dir "{self.root}/";\n'
-            f'Dir::State::status "{self.admindir}/status";\n'
-            f"DPkg::Options {{ {options} }};\n"
-            'Acquire::Languages "none";\n'
-            'DPkg::Use-Pty "false";\n'
-            # Fetching file: repositories as root would otherwise drop to _apt and warn.
-            'APT::Sandbox::User "root";\n'
-        )
-        sources = "".join(f"deb [trusted=yes] file:{self.repository(r)} ./\n" for r in _RELEASES)
-        (self.root / "etc/apt/sources.list").write_text(sources)
+        # The sandbox the lab host's patch runs use too (cli/lab_apt.py), with two repositories.
+        lab_apt.write_sandbox(self.root, [self.repository(r) for r in _RELEASES], self.apt_config)
+        (self.root / "run").mkdir(exist_ok=True)
         for repository in _RELEASES:
             self.repository(repository).mkdir(parents=True, exist_ok=True)
             self._index(repository)
         return self
 
     def build(self, name: str, version: str, directory: Path, *, postinst: str | None = None) -> Path:
-        tree = self.base / "build" / f"{name}_{version}"
-        (tree / "DEBIAN").mkdir(parents=True, exist_ok=True)
-        (tree / "usr/share" / name).mkdir(parents=True, exist_ok=True)
-        (tree / "usr/share" / name / "version").write_text(version + "\n")
-        (tree / "DEBIAN/control").write_text(
-            f"Package: {name}\nVersion: {version}\nArchitecture: all\n"
-            f"Maintainer: patchdrill lab <lab@example.invalid>\nDescription: {name} test package\n"
-        )
-        if postinst is not None:
-            script = tree / "DEBIAN/postinst"
-            script.write_text(postinst)
-            script.chmod(0o755)
-        directory.mkdir(parents=True, exist_ok=True)
-        deb = directory / f"{name}_{version}_all.deb"
-        _run(["dpkg-deb", "--root-owner-group", "--build", str(tree), str(deb)])
-        return deb
+        return lab_apt.build_package(name, version, directory, description=f"{name} test package", postinst=postinst,
+                                     build_root=self.base / "build")
 
     def install_base(self, name: str, version: str) -> None:
         """Install a package straight with dpkg: the host's state before any update."""
-        deb = self.build(name, version, self.base / "base")
-        _run(["dpkg", *self._dpkg_options, "-i", str(deb)])
+        lab_apt.install_package(self.build(name, version, self.base / "base"), self.root)
 
     def publish(self, repository: Repository, name: str, version: str, *, postinst: str | None = None) -> None:
         self.build(name, version, self.repository(repository), postinst=postinst)
         self._index(repository)
 
     def _index(self, repository: Repository) -> None:
-        directory = self.repository(repository)
-        (directory / "Packages").write_text(_run(["apt-ftparchive", "packages", "."], cwd=directory))
-        options = [f"-oAPT::FTPArchive::Release::{key}={value}" for key, value in _RELEASES[repository].items()]
-        release = _run(["apt-ftparchive", *options, "release", "."], cwd=directory)
-        (directory / "Release").write_text(release)
+        lab_apt.index_repository(self.repository(repository), _RELEASES[repository])
 
     def apt_get(self, *args: str) -> str:
         return _run(["apt-get", "-q", *args], env={**self.env, "LC_ALL": "C"})

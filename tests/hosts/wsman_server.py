@@ -19,6 +19,7 @@ import re
 import socket
 import ssl
 import threading
+import time
 import uuid
 import xml.etree.ElementTree as ET
 from base64 import b64decode, b64encode
@@ -433,6 +434,7 @@ class WsmanTestHost:
         self._thread: threading.Thread | None = None
         self._lifecycle = threading.Lock()
         self._coming_back: threading.Timer | None = None
+        self.outages: list[tuple[float, float]] = []
 
     # the simulated machine --------------------------------------------------------------------
     @property
@@ -485,12 +487,15 @@ class WsmanTestHost:
         self.service.drop_all()
 
     def reboot(self, down_for: float = 1.0) -> None:
-        """Go down now; come back after `down_for` seconds with a new LastBootUpTime."""
+        """Go down now; come back after `down_for` seconds with a new LastBootUpTime. The
+        outage, from going down to listening again, is kept in `outages` (monotonic seconds)."""
+        went_down = time.monotonic()
         self.go_down()
 
         def come_back() -> None:
             self.boot_time = dt.datetime.now(dt.timezone.utc)
             self.start()
+            self.outages.append((went_down, time.monotonic()))
 
         self._coming_back = threading.Timer(down_for, come_back)
         self._coming_back.daemon = True

@@ -8,7 +8,8 @@ do on Windows is simulated, and only that:
   OutputEncoding = <a UTF-8 encoding>`, `$OutputEncoding = …`, `$ProgressPreference = '…'`,
   `$ErrorActionPreference = '…'`, `$env:NAME = '…'`) are interpreted; `& { <script> } -Name
   'value' …` is split into the script and its arguments.
-* The script then goes to the **handlers**, in list order; the first that returns a
+* The script then goes to the **handlers**, in list order (first the session handlers, which
+  also see the session's `$env:` variables and standard input); the first that returns a
   `SimResult` answers the command. Handlers stand in for Windows itself: built-in ones answer
   the WinRM connector's own boot-identity and file-transfer scripts; tests add more (a
   simulated Windows Update, VSS) with `script_handler` or any `Handler` callable.
@@ -63,6 +64,28 @@ class SimResult:
 #: (script text without session preamble, its arguments) -> a result, or None if not this handler's script.
 #: Arguments keep PowerShell's tokens: bare `-Name` parameter names and unquoted values.
 Handler = Callable[[str, list[str]], "SimResult | None"]
+
+
+@dataclass
+class Invocation:
+    """One command as a session handler sees it: besides the script and its arguments, the
+    session's environment (`$env:` lines of the preamble) and its standard input."""
+
+    script: str
+    args: list[str]
+    env: dict[str, str]
+    streams: "CommandStreams"
+
+    def stdin(self) -> bytes:
+        """All of standard input, once the client has ended it."""
+        data = bytearray()
+        while chunk := self.streams.read_stdin_chunk():
+            data += chunk
+        return bytes(data)
+
+
+#: A handler that needs the command's environment or standard input (a user's hook command).
+SessionHandler = Callable[[Invocation], "SimResult | None"]
 
 
 def named_args(args: list[str]) -> dict[str, str]:
@@ -330,6 +353,8 @@ class SimulatedWindows:
     version: str = "10.0.20348"
     boot_time: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
     handlers: list[Handler] = field(default_factory=list)
+    #: asked before `handlers`
+    session_handlers: list[SessionHandler] = field(default_factory=list)
     shell_fallback: bool = True
     use_pwsh: bool = field(default_factory=lambda: shutil.which("pwsh") is not None)
 
@@ -367,6 +392,11 @@ class SimulatedWindows:
 
     def _dispatch(self, body: str, args: list[str], full_script: str, streams: CommandStreams,
                   encoding: str, env: dict[str, str]) -> int:
+        for session_handler in list(self.session_handlers):
+            answered = session_handler(Invocation(body, args, env, streams))
+            if answered is not None:
+                _emit(answered, streams, encoding)
+                return answered.exit_code
         for handler in list(self.handlers):
             result = handler(body, args)
             if result is not None:

@@ -63,6 +63,17 @@ def test_run_refuses_an_approval_policy_without_yes(tmp_path: Path) -> None:
     assert not (tmp_path / "store").exists()
 
 
+def test_run_refuses_a_policy_that_asks_before_a_rollback_without_a_server_to_answer_on(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, {"recovery_point": {"take_before_install": True, "rollback": "ask"}})
+    config = yaml.safe_load(cfg.read_text())
+    config["hosts"][0]["disks"] = [{"name": "www", "path": "/srv/www", "kind": "directory"}]
+    cfg.write_text(yaml.safe_dump(config))
+    result = runner.invoke(app, ["patch", "run", "--config", str(cfg), "--group", "web", "--yes"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "policy 'web' asks before a rollback (recovery_point.rollback: ask)" in result.output
+    assert "--wait-for-approval" in result.output and not (tmp_path / "store").exists()
+
+
 def test_run_names_the_unknown_host_or_policy(tmp_path: Path) -> None:
     cfg = _config(tmp_path)
     host = runner.invoke(app, ["patch", "run", "--config", str(cfg), "--host", "web-9", "--dry-run"])

@@ -17,6 +17,8 @@ from configs.policies import BackupPolicy, SnapshotPolicy
 from configs.recovery_point import RecoveryPointGate
 from tasks.backup.disk import back_up_disk
 from tasks.patching.safety.recovery_gate import PointPolicy, check_recovery_points, window_closed_meanwhile
+from tasks.patching.safety.records import PointUsed, RecoveryRecord
+from tasks.patching.safety.rollback import needed_seconds, seconds_to_spare, too_late
 
 HEAD = """\
 storage: {kind: local, path: store}
@@ -82,6 +84,21 @@ def test_a_gate_with_restorable_disks_passes(tmp_path: Path) -> None:
       rollback: restore
 """, ["F:28: patch_policies.web.recovery_point.rollback: rollback: restore needs take_before_install: true; an older "
       "point would throw away everything written since it was taken"]),
+    # An approved rollback restores the same points: the same rules, checked up front.
+    ("""\
+  web:
+    recovery_point: {max_age_hours: 24, rollback: ask}
+""", ["F:26: patch_policies.web.recovery_point.rollback: rollback: ask needs take_before_install: true; an older "
+      "point would throw away everything written since it was taken"]),
+    ("""\
+  win:
+    recovery_point: {take_before_install: true, rollback: ask, rollback_approval_minutes: 0}
+""", ["F:26: patch_policies.win.recovery_point.rollback_approval_minutes: Input should be greater than 0"]),
+    ("""\
+  win:
+    recovery_point: {take_before_install: true, rollback: ask}
+""", ["F:26: patch_policies.win.recovery_point.rollback: host win-01 disk files: a Windows host takes image points "
+      "only, so its directory disks cannot be rolled back"]),
     ("""\
   web:
     recovery_point:
@@ -190,3 +207,29 @@ def test_a_window_that_closed_while_the_points_were_taken_stops_the_install() ->
         "UTC); the install would run outside it")
     # A host started outside its window was started by a run that overrides windows: no check.
     assert window_closed_meanwhile(host, day.replace(hour=5), day.replace(hour=6)) is None
+
+
+def test_a_rollback_starts_only_while_the_window_has_the_time_it_may_need() -> None:
+    host = HostConfig(name="h1", transport="local",
+                      maintenance_windows=[{"start": "02:00", "duration_minutes": 60}])  # type: ignore[list-item]
+    day = datetime(2026, 12, 2, tzinfo=timezone.utc)
+    started = day.replace(hour=2, minute=5)
+    taken = PointUsed(disk="data", point="points/h1/data/20261202T020500Z.json", time=started,
+                      consistency="crash-consistent", taken=True, seconds=240.0)
+    recovery = RecoveryRecord(points=[taken])
+    measured, stated = RecoveryPointGate(take_before_install=True), RecoveryPointGate(take_before_install=True,
+                                                                                      rollback_minutes=20)
+    # Unset, twice what taking the point took (8 min); else what the policy says.
+    assert (needed_seconds(measured, recovery), needed_seconds(stated, recovery)) == (480.0, 1200.0)
+    at = day.replace(hour=2, minute=45)  # 15 min left
+    assert seconds_to_spare(host, measured, recovery, started, at) == 420.0
+    assert too_late(host, measured, recovery, started, at) is None
+    assert too_late(host, stated, recovery, started, at) == (
+        "the maintenance window closes in 15.0 min and a rollback may need 20.0 min, so none was started: the host is "
+        "left as patched for a person to restore (data from points/h1/data/20261202T020500Z.json)")
+    closed = too_late(host, measured, recovery, started, day.replace(hour=3, minute=1))
+    assert closed is not None and closed.startswith("the maintenance window has closed and a rollback may need 8.0 min")
+    # A host the run patched outside its window (windows overridden) is not held to one.
+    outside = day.replace(hour=5)
+    assert seconds_to_spare(host, stated, recovery, outside, outside) is None
+    assert too_late(host, stated, recovery, outside, outside.replace(hour=6)) is None

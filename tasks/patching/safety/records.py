@@ -25,6 +25,7 @@ class PointUsed(_Frozen):
     time: AwareDatetime = Field(description="When the data is from (the snapshot's time).")
     consistency: str
     taken: bool = Field(description="Taken by this run right before the install (else an existing point).")
+    seconds: float | None = Field(default=None, description="How long taking it took (a point this run took).")
 
 
 class RestoredDisk(_Frozen):
@@ -35,10 +36,16 @@ class RestoredDisk(_Frozen):
     seconds: float
 
 
-class RollbackRecord(_Frozen):
-    """A rollback after failed health probes: what was restored, and the probes after it."""
+#: A rollback that was never started: waiting for its approval, declined by a person, not
+#: answered in time, or too late to finish inside the maintenance window.
+NOT_STARTED = ("awaiting-approval", "declined", "unanswered", "too-late")
 
-    status: Literal["restored", "failed", "not-possible"]
+
+class RollbackRecord(_Frozen):
+    """A rollback after failed health probes: what was restored, and the probes after it; or why
+    none was started (`error` then says why)."""
+
+    status: Literal["restored", "failed", "not-possible", "awaiting-approval", "declined", "unanswered", "too-late"]
     disks: list[RestoredDisk] = Field(default_factory=list)
     seconds: float = 0.0
     probes_after: str = Field(default="", description="'passed', or what still failed after the restore.")
@@ -48,7 +55,14 @@ class RollbackRecord(_Frozen):
     def bytes_written(self) -> int:
         return sum(d.bytes_written for d in self.disks)
 
+    @property
+    def left_for_a_person(self) -> bool:
+        """The host is left as patched and unhealthy: no rollback was started, and no person chose that."""
+        return self.status in ("unanswered", "too-late")
+
     def describe(self) -> str:
+        if self.status in NOT_STARTED:
+            return f"rollback not started: {self.error}"
         if self.status != "restored":
             return f"rollback {self.status}: {self.error}"
         disks = ", ".join(d.disk for d in self.disks)
@@ -130,4 +144,4 @@ class NoticeAnswer(_Frozen):
     reason: str = ""
 
 
-__all__ = ["ClockReading", "NoticeAnswer", "NoticePhase", "Outage", "PointUsed", "RecoveryRecord", "RestoredDisk", "RollbackRecord", "TimeSync", "Unavailability"]
+__all__ = ["NOT_STARTED", "ClockReading", "NoticeAnswer", "NoticePhase", "Outage", "PointUsed", "RecoveryRecord", "RestoredDisk", "RollbackRecord", "TimeSync", "Unavailability"]

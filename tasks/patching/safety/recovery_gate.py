@@ -127,7 +127,8 @@ def take_point(storage: StorageConfig, base_dir: Path, host: HostConfig, disk: D
     if gate.app_consistent and report.consistency != APPLICATION:
         return (f"disk {disk.name}: the point taken before install ({report.point}) is {report.consistency}; "
                 f"the policy requires {APPLICATION}")
-    return _used(disk.name, report.point, report.consistency, taken=True)
+    return _used(disk.name, report.point, report.consistency, taken=True).model_copy(
+        update={"seconds": round(report.seconds, 3)})
 
 
 def _repository(storage: StorageConfig, base_dir: Path, source: PointPolicy) -> Repository | None:

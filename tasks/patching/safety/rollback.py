@@ -1,12 +1,21 @@
 """Rollback when a host's health probes fail after its install and reboot.
 
-Only with the policy's explicit `rollback: restore`, and only onto disks restored from points
-this run took right before the install (an older point would throw away what was written since):
-the workload is stopped (`workload_stop`, needed for image disks), each protected disk is
-restored in place from its pre-patch point through the backup pipeline's delta-aware restore
-(only blocks and files that differ travel; what the point lacks is removed, so the disk equals
-the point), the workload is started again and the health probes run once more. Everything is
-recorded: the disks and points restored, bytes written, seconds, and the probes after it.
+Destructive, so only with the policy's explicit `rollback: restore`, or with `rollback: ask`
+once a person approved it in the run's pause (flows/rollback_approval.py); and only onto disks
+restored from points this run took right before the install (an older point would throw away
+what was written since): the workload is stopped (`workload_stop`, needed for image disks),
+each protected disk is restored in place from its pre-patch point through the backup pipeline's
+delta-aware restore (only blocks and files that differ travel; what the point lacks is removed,
+so the disk equals the point), the workload is started again and the health probes run once
+more. Everything is recorded: the disks and points restored, bytes written, seconds, and the
+probes after it.
+
+Inside the window, or not at all: a restore stopped half-way leaves a disk that is neither the
+patched state nor the pre-patch one, so a rollback starts only while the host's maintenance
+window has `rollback_minutes` left (unset: twice what taking the pre-patch points took, as a
+restore reads and compares what that backup read). Otherwise it is not started ("too-late"),
+the host is left as patched for a person and the run raises an alert saying which points to
+restore. A run that started the host outside its window (it overrides windows) is not held to it.
 
 A rolled-back host still failed its patch: its record stays `failed`, so the rollback counts
 against the failure budget (max_errors) as any failed host does.
@@ -15,13 +24,14 @@ against the failure budget (max_errors) as any failed host does.
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 
 import structlog
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from configs.models import HostConfig
-from configs.recovery_point import protected_disks, rollback_problem
+from configs.recovery_point import RecoveryPointGate, protected_disks, rollback_problem
 from configs.secrets import redact
 from connectors import connect
 from connectors.base import Connector
@@ -29,6 +39,7 @@ from tasks.backup.disk import open_repository, placed_disk as placed_on_host
 from tasks.drill.copy import restore_copy
 from tasks.patching.errors import error_text
 from tasks.patching.models import HostPatchRecord
+from tasks.patching.plan import windows
 from tasks.patching.safety.recovery_gate import RunContext
 from tasks.patching.safety.records import RecoveryRecord, RestoredDisk, RollbackRecord
 from tasks.probes import check_health, failure_summary
@@ -61,15 +72,54 @@ def why_not(host: HostConfig, ctx: RunContext, recovery: RecoveryRecord) -> str 
     return None
 
 
+def needed_seconds(gate: RecoveryPointGate, recovery: RecoveryRecord) -> float:
+    """How long the host's rollback is allowed to need: the policy's rollback_minutes, else
+    twice what taking its pre-patch points took."""
+    if gate.rollback_minutes is not None:
+        return gate.rollback_minutes * 60
+    return 2 * sum(p.seconds or 0.0 for p in recovery.points if p.taken)
+
+
+def seconds_to_spare(host: HostConfig, gate: RecoveryPointGate, recovery: RecoveryRecord, started_at: datetime,
+                     now: datetime) -> float | None:
+    """Seconds from now until a rollback started now must have finished to end inside the host's
+    window (negative: too late already); None when the window does not bind it (the run started
+    the host outside its window)."""
+    if not windows.is_open(host, started_at):
+        return None
+    span = windows.open_span(host, now)
+    left = (span.end - now).total_seconds() if span is not None else 0.0
+    return left - needed_seconds(gate, recovery)
+
+
+def too_late(host: HostConfig, gate: RecoveryPointGate, recovery: RecoveryRecord, started_at: datetime,
+             now: datetime) -> str | None:
+    """Why a rollback may not start now, the window being too short for it; None when it may."""
+    spare = seconds_to_spare(host, gate, recovery, started_at, now)
+    if spare is None or spare >= 0:
+        return None
+    span = windows.open_span(host, now)
+    window = (f"the maintenance window closes in {(span.end - now).total_seconds() / 60:.1f} min"
+              if span is not None else "the maintenance window has closed")
+    points = ", ".join(f"{p.disk} from {p.point}" for p in recovery.points)
+    return (f"{window} and a rollback may need {needed_seconds(gate, recovery) / 60:.1f} min, so none was started: "
+            f"the host is left as patched for a person to restore ({points})")
+
+
 @task(name="rollback", task_run_name="roll back {host.name}", cache_policy=NO_CACHE)
-def rollback_task(host: HostConfig, ctx: RunContext, recovery: RecoveryRecord) -> RollbackRecord:
-    """Stop the workload, restore every protected disk's pre-patch point, start it, probe again."""
+def rollback_task(host: HostConfig, ctx: RunContext, recovery: RecoveryRecord, started_at: datetime) -> RollbackRecord:
+    """Stop the workload, restore every protected disk's pre-patch point, start it, probe again;
+    nothing when it could not finish inside the window the host's install started in."""
     gate, source = ctx.policy.recovery_point, ctx.point_policy
     assert gate is not None and source is not None
     refused = why_not(host, ctx, recovery)
     if refused:
         log.error("rollback not possible", host=host.name, reason=refused)
         return RollbackRecord(status="not-possible", error=refused)
+    late = too_late(host, gate, recovery, started_at, datetime.now(timezone.utc))
+    if late:
+        log.error("rollback not started", host=host.name, reason=late)
+        return RollbackRecord(status="too-late", error=late)
     disks = {d.name: placed_on_host(host, d, ctx.base_dir) for d in protected_disks(host, gate)}
     started, restored = time.monotonic(), []
     try:
@@ -103,15 +153,35 @@ def rollback_task(host: HostConfig, ctx: RunContext, recovery: RecoveryRecord) -
     return record
 
 
+#: What a host's record says while its rollback waits for a person's answer (and keeps saying
+#: in the history if the run dies meanwhile).
+AWAITING = RollbackRecord(status="awaiting-approval", error="waiting for approval in the Prefect UI")
+
+
 def after_failed_health(host: HostConfig, ctx: RunContext, record: HostPatchRecord) -> tuple[HostPatchRecord, list[str]]:
-    """The record with its rollback, and what to add to its reason; unchanged unless the
-    policy says `rollback: restore`."""
+    """The record with its rollback (or, with `rollback: ask`, one awaiting approval, which the
+    flow asks for once the batch is done), and what to add to its reason; unchanged with
+    `rollback: report`."""
     gate = ctx.policy.recovery_point
-    if gate is None or gate.rollback != "restore" or record.recovery is None:
+    if gate is None or not gate.rolls_back or record.recovery is None:
         return record, []
-    rolled = rollback_task(host, ctx, record.recovery)
+    rolled = AWAITING if gate.rollback == "ask" else rollback_task(host, ctx, record.recovery, record.started_at)
     recovery = record.recovery.model_copy(update={"rollback": rolled})
     return record.model_copy(update={"recovery": recovery}), [rolled.describe()]
 
 
-__all__ = ["RollbackFailed", "after_failed_health", "rollback_task", "why_not"]
+def awaiting_approval(record: HostPatchRecord) -> bool:
+    return (record.recovery is not None and record.recovery.rollback is not None
+            and record.recovery.rollback.status == AWAITING.status)
+
+
+def with_rollback(record: HostPatchRecord, rolled: RollbackRecord) -> HostPatchRecord:
+    """The record with the rollback that replaced the one awaiting approval, in its reason too."""
+    assert record.recovery is not None and record.recovery.rollback is not None
+    reason = record.reason.replace(record.recovery.rollback.describe(), rolled.describe())
+    return record.model_copy(update={"recovery": record.recovery.model_copy(update={"rollback": rolled}),
+                                     "reason": reason})
+
+
+__all__ = ["AWAITING", "RollbackFailed", "after_failed_health", "awaiting_approval", "needed_seconds",
+           "rollback_task", "seconds_to_spare", "too_late", "why_not", "with_rollback"]
