@@ -34,6 +34,9 @@ class RestoredDisk(_Frozen):
     bytes_written: int = Field(description="Bytes the restore wrote onto the host (only what differed).")
     removed: int = Field(default=0, description="Entries the point lacked, removed so the disk equals it.")
     seconds: float
+    source: str = Field(default="repository", description="Where the data came from: the repository, or the "
+                                                          "instant copy (the point's clone kept on the host).")
+    notes: list[str] = Field(default_factory=list, description="Why an instant copy the point had could not serve.")
 
 
 #: A rollback that was never started: waiting for its approval, declined by a person, not
@@ -65,7 +68,7 @@ class RollbackRecord(_Frozen):
             return f"rollback not started: {self.error}"
         if self.status != "restored":
             return f"rollback {self.status}: {self.error}"
-        disks = ", ".join(d.disk for d in self.disks)
+        disks = ", ".join(d.disk + (" from its instant copy" if d.source == "instant copy" else "") for d in self.disks)
         probes = "probes passed after it" if self.probes_after == "passed" else f"still unhealthy: {self.probes_after}"
         return (f"rolled back to the pre-patch point ({disks}; {self.bytes_written} bytes written in "
                 f"{self.seconds:.1f} s); {probes}")

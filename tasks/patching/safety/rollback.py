@@ -4,9 +4,10 @@ Destructive, so only with the policy's explicit `rollback: restore`, or with `ro
 once a person approved it in the run's pause (flows/rollback_approval.py); and only onto disks
 restored from points this run took right before the install (an older point would throw away
 what was written since): the workload is stopped (`workload_stop`, needed for image disks),
-each protected disk is restored in place from its pre-patch point through the backup pipeline's
-delta-aware restore (only blocks and files that differ travel; what the point lacks is removed,
-so the disk equals the point), the workload is started again and the health probes run once
+each protected disk is restored in place from its pre-patch point: cloned from the point's
+reflink clone where the host keeps it (the backup policy's kept_clones: the instant-restore
+tier), else through the backup pipeline's delta-aware restore (only blocks and files that differ
+travel; what the point lacks is removed, so the disk equals the point), the workload is started again and the health probes run once
 more. Everything is recorded: the disks and points restored, bytes written, seconds, and the
 probes after it.
 
@@ -24,7 +25,9 @@ against the failure budget (max_errors) as any failed host does.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
+from pathlib import Path
 
 import structlog
 from prefect import task
@@ -35,7 +38,10 @@ from configs.recovery_point import RecoveryPointGate, protected_disks, rollback_
 from configs.secrets import redact
 from connectors import connect
 from connectors.base import Connector
+from tasks.backup import kept
 from tasks.backup.disk import open_repository, placed_disk as placed_on_host
+from tasks.backup.repo.repository import RecoveryPoint, Repository
+from tasks.backup.restore import RestoreResult
 from tasks.drill.copy import restore_copy
 from tasks.patching.errors import error_text
 from tasks.patching.models import HostPatchRecord
@@ -106,6 +112,20 @@ def too_late(host: HostConfig, gate: RecoveryPointGate, recovery: RecoveryRecord
             f"the host is left as patched for a person to restore ({points})")
 
 
+def restore_pre_patch(repo: Repository, point: RecoveryPoint, host: HostConfig, conn: Connector, path: str,
+                      base_dir: Path) -> RestoreResult:
+    """One disk back to its pre-patch point, in place: cloned from the point's clone where the
+    host still keeps it (the instant-restore tier: seconds, nothing read from the store), else
+    the delta-aware restore from the repository, with the reason in its notes."""
+    if point.kept_clone is None or point.kind != "block":
+        return restore_copy(repo, point, conn, path)
+    instant = kept.restore_instantly(point, host, host, path, base_dir, force=True)
+    if isinstance(instant, RestoreResult):
+        return instant
+    log.info("rollback.from_repository", host=host.name, point=point.key, why=instant)
+    return replace(restore_copy(repo, point, conn, path), notes=[instant])
+
+
 @task(name="rollback", task_run_name="roll back {host.name}", cache_policy=NO_CACHE)
 def rollback_task(host: HostConfig, ctx: RunContext, recovery: RecoveryRecord, started_at: datetime) -> RollbackRecord:
     """Stop the workload, restore every protected disk's pre-patch point, start it, probe again;
@@ -129,13 +149,15 @@ def rollback_task(host: HostConfig, ctx: RunContext, recovery: RecoveryRecord, s
                 _workload(conn, gate.workload_stop, gate.stop_timeout_seconds, "workload_stop")
             for used in recovery.points:
                 try:
-                    result = restore_copy(repo, repo.read_point(used.point), conn, disks[used.disk].path)
+                    result = restore_pre_patch(repo, repo.read_point(used.point), host, conn, disks[used.disk].path,
+                                               ctx.base_dir)
                 except Exception as exc:  # noqa: BLE001 - named, then raised as the rollback's failure
                     left = " (the workload is left stopped)" if gate.workload_stop else ""
                     raise RollbackFailed(f"restore of disk {used.disk} from {used.point} failed part-way{left}: "
                                          f"{error_text(exc)}") from exc
                 restored.append(RestoredDisk(disk=used.disk, point=used.point, bytes_written=result.bytes_written,
-                                             removed=result.removed, seconds=round(result.seconds, 3)))
+                                             removed=result.removed, seconds=round(result.seconds, 3),
+                                             source=result.source, notes=list(result.notes)))
                 log.info("disk rolled back", host=host.name, disk=used.disk, point=used.point,
                          bytes_written=result.bytes_written)
             if gate.workload_start:
