@@ -18,7 +18,7 @@ APT_PACKAGES := openssh-server openssh-client apt-utils dpkg-dev restic xfsprogs
 .PHONY: help demo test server deploy bootstrap uv python-deps node-deps system-deps bench clean
 
 help:
-	@echo "make demo    run the main job on the embedded lab (local store, local host)"
+	@echo "make demo    run the main job on the embedded lab (local store, local host); VERBOSE=1 shows the logs live"
 	@echo "make test    run the whole test suite (installs everything it needs)"
 	@echo "make server  Prefect server + UI + worker + every deployment on http://127.0.0.1:$(PORT) (PORT=...; Ctrl-C stops all)"
 	@echo "             DB=postgres: the server on its own PostgreSQL cluster (.lab/postgres); WORKERS=2: two workers"
@@ -47,7 +47,7 @@ system-deps:
 bootstrap: python-deps node-deps system-deps
 
 demo: python-deps
-	@$(UV) run --frozen python -m cli.demo
+	@$(UV) run --frozen python -m cli.demo $(if $(VERBOSE),--verbose)
 
 test: bootstrap
 	@$(UV) run --frozen pytest -q --numprocesses 2 --dist loadfile

@@ -1,10 +1,12 @@
-"""`make demo` end to end: the lab's backups, restores, DR drill and patch run on the embedded default.
+"""`make demo` end to end: the whole cycle on the embedded lab, one block per step, in 80 columns.
 
-The real demo runs as a subprocess, as `make demo` starts it: real backups into the local store,
-a real drill of plan lab-notes (notes-app restored, started inside a real network namespace,
-probed over HTTP, with sqlite3 and by checksums), and a real patch run of the lab host with
-policy lab-safety (real apt-get and dpkg in the lab's sandbox, a package built by the demo, the
-running notes-app restarted by it and probed over HTTP), on Prefect's ephemeral server.
+The real demo runs as a subprocess, as `make demo` starts it: a real enrollment and assessment of
+the lab host through its sandboxed apt, a real dry run, real backups into the local store, a real
+drill of plan lab-notes (notes-app restored, started inside a real network namespace, probed over
+HTTP, with sqlite3 and by checksums), a real patch run of the lab host (real apt-get and dpkg in
+the lab's sandbox, packages built by the demo, the running notes-app restarted by one and its
+database broken by the next, probed over HTTP) and the real rollback of the notes disk, all on
+Prefect's temporary server.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import os
 import re
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +26,9 @@ from typer.testing import CliRunner
 from cli.app import app
 
 REPO = Path(__file__).resolve().parents[2]
-DRILL_COPY = REPO / ".lab" / "drill" / "lab-notes"
+LAB = REPO / ".lab"
+DRILL_COPY = LAB / "drill" / "lab-notes"
+STEPS = ("lab", "assess", "plan", "backup", "incremental", "verify", "restore", "drill", "patch", "safety net")
 pytestmark = pytest.mark.e2e
 
 
@@ -50,80 +55,154 @@ def port_open(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
+def demo_env(tmp: Path, **extra: str) -> dict[str, str]:
+    """A terminal wider than 80 columns (the demo must keep to 80 anyway), no Prefect server
+    configured, and a Prefect home of its own: no `make server` another test runs is found."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PATCHDRILL_SERVER")}
+    return env | {"COLUMNS": "200", "PREFECT_HOME": str(tmp / "prefect-home")} | extra
+
+
 @pytest.fixture(scope="module")
-def demo() -> subprocess.CompletedProcess[str]:
-    # Wide lines, so rich wraps no name or path the assertions read.
-    env = os.environ | {"COLUMNS": "250"}
+def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("demo")
+
+
+@pytest.fixture(scope="module")
+def demo(demo_home: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "cli.demo"], cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env=env)
+                          env=demo_env(demo_home))
 
 
-def test_demo_backs_up_and_restores_byte_identical(demo: subprocess.CompletedProcess[str]) -> None:
-    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
-    assert "lab-local: up" in demo.stdout
-    assert demo.stdout.count("byte-identical") == 2
-    assert "all intact" in demo.stdout
-    assert "Traceback" not in demo.stderr
+def block(out: str, step: str) -> str:
+    """The lines of one step's block: its mark line and the indented lines under it."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if re.match(rf"[✓✗] {re.escape(step)}\s", line))
+    end = next((i for i in range(start + 1, len(lines)) if not lines[i].startswith(" ")), len(lines))
+    return "\n".join(lines[start:end])
 
 
-def test_demo_drills_the_notes_app_and_prints_rto_rpo_and_report(demo: subprocess.CompletedProcess[str]) -> None:
+def test_every_step_has_its_tick_in_runbook_order_on_one_80_column_screen(
+        demo: subprocess.CompletedProcess[str]) -> None:
     out = demo.stdout
     assert demo.returncode == 0, out[-3000:] + demo.stderr[-3000:]
-    # Each of the copy's probes passed: HTTP's row count, the SQL count and the checksums.
-    for probe in ("containing 'ok notes=120'", "SELECT count(*) FROM notes", "checksum app.py, data/notes.sqlite3"):
-        line = next((l for l in out.splitlines() if probe in l), None)
-        assert line is not None and "pass" in line, f"{probe}: {line}"
-    assert "returned '120'" in out
-    assert re.search(r"RTO\s*│ [\d.]+ (ms|s|min).* against 5 min 00 s: pass ✓", out), out[-2000:]
-    assert re.search(r"RPO\s*│ [\d.]+ (ms|s|min).* against 24 h 00 min: pass ✓", out), out[-2000:]
-    assert re.search(r"drill run [0-9a-f-]{36}; cleanup verified", out)
-    assert "drill passed" in out
-    report = re.search(r"HTML report: (\S+\.html)", out)
-    assert report, out[-2000:]
-    run_id = re.search(r"drill run ([0-9a-f-]{36})", out).group(1)  # type: ignore[union-attr]
-    page = Path(report.group(1)).read_text()
-    assert run_id in page and "lab-notes" in page
+    marked = [line for line in out.splitlines() if line[:2] in ("✓ ", "✗ ")]
+    # A block's first line: the mark, the step's name in 11 columns, what it did.
+    assert [line[2:13].strip() for line in marked[:-1]] == list(STEPS), out
+    assert all(line.startswith("✓") for line in marked), out
+    assert marked[-1] == "✓ the whole cycle ran"
+    widest = max(len(line) for line in out.splitlines())
+    assert widest <= 80, [line for line in out.splitlines() if len(line) > 80]
+    assert len(out.splitlines()) <= 45, out
+    # Each step's first line ends with its seconds.
+    for step in STEPS:
+        assert re.search(r"\d+\.\d s$", block(out, step).splitlines()[0]), block(out, step)
 
 
-def test_demo_patches_the_lab_host_behind_its_safety_net(demo: subprocess.CompletedProcess[str]) -> None:
+def test_the_logs_are_in_the_file_it_names_and_not_on_the_screen(demo: subprocess.CompletedProcess[str]) -> None:
     out = demo.stdout
     assert demo.returncode == 0, out[-3000:] + demo.stderr[-3000:]
-    assert "patch dry run (policy lab-safety): notes-app=1.1" in out
-    assert re.search(r"batch 1  update domain 0  lab-local", out)
-    # The gate passed on the point the demo's second backup made of the notes disk.
-    gate = re.search(r"recovery-point gate: passed on notes@(\S+) \(crash-consistent, from the last backup\)", out)
-    assert gate, out[-3000:]
-    assert re.search(r"notice before: notes-app told: before, reboot none, window ends \S+Z", out)
-    assert "patch lab-local: succeeded, installed notes-app=1.1" in out
-    assert re.search(r"notice after: notes-app told: after, reboot no, window ends \S+Z", out)
-    # The update restarted the app: an outage seen by its health probe, and over.
-    measured = re.search(r"measured unavailability: ([\d.]+) s ±[\d.]+ s \(health probes: notes-app /health\)$", out,
-                         re.MULTILINE)
-    assert measured and float(measured.group(1)) > 0, out[-3000:]
-    # What the host's history keeps says the same, and the sandbox now holds the update.
+    assert re.search(r"^logs    \.lab/demo\.log$", out, re.MULTILINE), out[-500:]
+    log = (LAB / "demo.log").read_text()
+    # structlog events, Prefect's run lines, and the temporary server's own lines (a child process).
+    assert "backup.point" in log and "Beginning flow run" in log and "Starting temporary server" in log
+    assert "Stopping temporary server" in log  # written at exit, after the screen's last line
+    for noise in ("[info", "INFO", "Flow run", "Task run"):
+        assert noise not in out, noise
+    assert demo.stderr == ""
+    assert "Traceback" not in log
+
+
+def test_assess_and_plan_are_read_only_and_name_the_update_the_window_and_the_reboots(
+        demo: subprocess.CompletedProcess[str]) -> None:
+    assess, plan = block(demo.stdout, "assess"), block(demo.stdout, "plan")
+    assert re.search(r"lab-local: .+, apt", assess), assess
+    assert "missing: notes-app=1.1 (Security); reboot pending: no" in assess
+    assert "dry run, policy lab-safety: 1 host in 1 batch" in plan
+    assert "batch 1: update domain 0: lab-local" in plan
+    assert re.search(r"window open until \S+ UTC", plan), plan
+    assert "reboots expected: none" in plan
+
+
+def test_backup_incremental_verify_and_restore_show_their_figures(demo: subprocess.CompletedProcess[str]) -> None:
+    out = demo.stdout
+    full = re.search(r"([\d.]+) MiB read, ([\d.]+) MiB stored", block(out, "backup"))
+    incremental = re.search(r"([\d.]+) MiB read, ([\d.]+) MiB stored", block(out, "incremental"))
+    assert full and incremental, out
+    # Two 1 MiB image blocks and a small file changed: what is stored is what changed.
+    assert float(incremental.group(2)) == 2.0 and float(full.group(2)) > 30
+    assert re.search(r"(\d+)/\1 chunks of 6 points read back, all intact", block(out, "verify"))
+    assert "byte-identical to the originals" in block(out, "restore")
+
+
+def test_the_drill_shows_its_probes_rto_rpo_and_cleanup_proof(demo: subprocess.CompletedProcess[str]) -> None:
+    drill = block(demo.stdout, "drill")
+    assert re.search(r"plan lab-notes: notes@\d{8}T\d{6}Z restored", drill), drill
+    assert re.search(r"started in namespace pd-\S+: no route out", drill), drill
+    assert "probes inside it: http ✓  sql ✓  checksum ✓" in drill
+    assert re.search(r"│ RTO │ [\d.]+ (s|min)\s*│ 5 min 00 s\s*│ ✓ │", drill), drill
+    assert re.search(r"│ RPO │ [\d.]+ (s|min)\s*│ 24 h 00 min │ ✓ │", drill), drill
+    assert "cleanup: process, namespace, path, copy-root: each checked gone" in drill
+    assert "primary untouched: checksums equal before and after" in drill
+    report = re.search(r"^report  (\S+\.html)$", demo.stdout, re.MULTILINE)
+    assert report, demo.stdout[-500:]
+    page = (REPO / report.group(1)).read_text()
+    assert "lab-notes" in page and "cleanup" in page
+
+
+def test_the_patch_passes_its_gate_and_the_bad_update_is_rolled_back(demo: subprocess.CompletedProcess[str]) -> None:
+    patch, net = block(demo.stdout, "patch"), block(demo.stdout, "safety net")
+    gate = re.search(r"gate: notes@(\d{8}T\d{6})Z, from the last backup", patch)
+    assert gate, patch
+    assert "installed notes-app=1.1, no reboot; notices: before and after" in patch
+    unavailable = re.search(r"unavailable ([\d.]+) s ±[\d.]+ s \(health probes: notes-app /health\)", patch)
+    assert unavailable and float(unavailable.group(1)) > 0, patch
+    taken = re.search(r"notes-app=1\.2 installed after point notes@(\d{8}T\d{6})Z", net)
+    assert taken, net
+    assert "health probe failed: notes-app /health: answered 503, expected 200" in net
+    assert re.search(r"rolled back: notes restored from that point, [\d.]+ KiB written", net), net
+    assert "health probe after: passed; the run ends Failed, as it must" in net
+    # The history says the same, newest first: the rollback, then the patch behind the gate.
     shown = CliRunner().invoke(app, ["patch", "history", "lab-local", "--json", "--config",
                                      str(REPO / "configs" / "lab.yaml")])
     assert shown.exit_code == 0, shown.output
-    [record] = json.loads(shown.stdout)
-    assert record["status"] == "succeeded" and record["recovery"]["points"][0]["point"].endswith(f"{gate.group(1)}.json")
-    assert [n["phase"] for n in record["notices"]] == ["before", "after"]
-    assert f"{record['unavailability']['seconds']:.1f}" == measured.group(1)
-    sandbox = REPO / ".lab" / "apt" / "var" / "lib" / "dpkg"
+    rolled, patched = json.loads(shown.stdout)
+    assert patched["status"] == "succeeded" and gate.group(1) in patched["recovery"]["points"][0]["point"]
+    assert f"{patched['unavailability']['seconds']:.1f}" == unavailable.group(1)
+    assert rolled["status"] == "failed" and taken.group(1) in rolled["recovery"]["points"][0]["point"]
+    rollback = rolled["recovery"]["rollback"]
+    assert rollback["status"] == "restored" and rollback["probes_after"] == "passed"
+    assert [d["disk"] for d in rollback["disks"]] == ["notes"]
+    # The database is the point's again: the table 1.2's migration renamed is back, every note in it.
+    with sqlite3.connect(LAB / "notes-app" / "data" / "notes.sqlite3") as db:
+        assert db.execute("SELECT count(*) FROM notes").fetchone() == (120,)
+    sandbox = LAB / "apt" / "var" / "lib" / "dpkg"
     installed = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "notes-app"], capture_output=True, text=True,
                                env=os.environ | {"DPKG_ADMINDIR": str(sandbox)})
-    assert installed.stdout == "1.1"
+    assert installed.stdout == "1.2"  # the package database is not on the notes disk
 
 
-def test_demo_leaves_nothing_running(demo: subprocess.CompletedProcess[str]) -> None:
+def test_the_demo_leaves_nothing_running(demo: subprocess.CompletedProcess[str], demo_home: Path) -> None:
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
-    namespace = re.search(r"namespace\s*│ (\S+)", demo.stdout)
-    pid = re.search(r"process\s*│ pid (\d+)", demo.stdout)
-    assert namespace and pid, demo.stdout[-3000:]
+    namespace = re.search(r"started in namespace (\S+):", demo.stdout)
+    assert namespace, demo.stdout
     assert namespace.group(1) not in namespaces()
-    # The copy's process (pid recorded above) ran from the copy's path: none such is left.
-    assert processes_mentioning(str(DRILL_COPY)) == []
-    assert not port_open(18081)
-    # Nor the lab's notes-app service the patch step ran and restarted.
+    assert processes_mentioning(str(DRILL_COPY)) == [] and not port_open(18081) and not DRILL_COPY.exists()
+    # Nor the lab's notes-app service the patch steps ran, restarted and rolled back.
     assert not port_open(18082) and processes_mentioning("--port 18082") == []
-    assert not (REPO / ".lab" / "notes-service" / "pid").exists()
-    assert not DRILL_COPY.exists()
+    assert not (LAB / "notes-service" / "pid").exists()
+    # Nor Prefect's temporary server, nor a background server.
+    server = re.search(r"Starting temporary server on http://127\.0\.0\.1:(\d+)", (LAB / "demo.log").read_text())
+    assert server and not port_open(int(server.group(1)))
+    assert processes_mentioning(str(demo_home)) == []
+
+
+def test_a_configured_server_that_does_not_answer_stops_it_before_anything_is_touched(
+        demo: subprocess.CompletedProcess[str], tmp_path: Path) -> None:
+    before = (LAB / "demo.log").stat().st_mtime_ns
+    refused = subprocess.run([sys.executable, "-m", "cli.demo", "--verbose"], cwd=REPO, capture_output=True, text=True,
+                             timeout=120, env=demo_env(tmp_path, PREFECT_API_URL="http://127.0.0.1:9/api"))
+    assert refused.returncode == 1
+    assert "✗ the Prefect server at http://127.0.0.1:9/api (PREFECT_API_URL) does not answer" in refused.stdout
+    assert "Traceback" not in refused.stderr
+    # The last demo's lab is as it left it.
+    assert (LAB / "demo.log").stat().st_mtime_ns == before and (LAB / "store").is_dir()

@@ -7,6 +7,7 @@ started in a real network namespace and probed there over HTTP and with sqlite3.
 
 from __future__ import annotations
 
+import io
 import re
 import subprocess
 from pathlib import Path
@@ -14,8 +15,10 @@ from typing import Any
 
 import pytest
 import yaml
+from rich.console import Console
 
 import cli.demo as demo
+from cli.demo_screen import WIDTH, Step, block
 from configs.loader import load_config
 from configs.policies import BackupPolicy
 from tasks.backup.disk import back_up_disk
@@ -41,7 +44,7 @@ def lab_notes_config(root: Path, home: Path) -> Path:
 
 
 def test_a_copy_with_other_data_fails_the_demo_drill_and_is_still_cleaned_up(
-        prefect_server: None, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+        prefect_server: None, tmp_path: Path) -> None:
     # Seeded with fewer notes than plan lab-notes expects: the app starts, but /health and the
     # SQL count disagree with the plan, as after a restore of the wrong data.
     home = tmp_path / "notes-app"
@@ -51,19 +54,23 @@ def test_a_copy_with_other_data_fails_the_demo_drill_and_is_still_cleaned_up(
     host = loaded.config.hosts[0]
     back_up_disk(loaded.config.storage, loaded.base_dir, host, host.disks[0],
                  BackupPolicy(block_size=65536, snapshot_method="none"))
-    monkeypatch.setattr(demo.console, "width", 250)  # no wrapped names in what is read below
+    step = Step("drill")
 
-    assert demo.drill(cfg, reports=tmp_path / "reports") is False
+    report = demo.drill_step(step, cfg, reports=tmp_path / "reports")
 
-    out = capsys.readouterr().out
-    assert re.search(r"ok notes=120.*FAIL", out), out
-    assert "returned '7'" in out
-    assert re.search(r"checksum app\.py, data/notes\.sqlite3.*pass", out), out
-    assert re.search(r"drill run [0-9a-f-]{36}; cleanup verified", out), out
-    assert "drill failed" in out
-    namespace = re.search(r"namespace\s*│ (\S+)", out)
+    assert step.ok is False
+    console = Console(width=WIDTH, record=True, file=io.StringIO())
+    console.print(block(step, 1.0))
+    out = console.export_text()
+    assert "probes inside it: http ✗  sql ✗  checksum ✓" in out, out
+    assert re.search(r"sql: returned '7'", out), out
+    assert "cleanup: process, namespace, path, copy-root: each checked gone" in out, out
+    assert "drill failed" in out, out
+    assert max(len(line) for line in out.splitlines()) <= WIDTH
+    namespace = re.search(r"started in namespace (\S+):", out)
     assert namespace, out
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     assert namespace.group(1) not in listed
     assert not (tmp_path / "drill").exists()
+    assert report is not None and report.exists()
     assert len(list((tmp_path / "reports").glob("drill-lab-notes-*.html"))) == 1
