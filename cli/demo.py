@@ -37,6 +37,7 @@ from cli.api import ApiUnavailable
 from cli.demo_patch import HOST, POLICY, NotesService, patch_step, prepare_update, safety_net_step
 from cli.demo_screen import CROSS, TICK, Screen, Step, StepFailed, console_width, plural, send_logs_to, small_table
 from flows.logs import configure
+from tasks.backup import cancel
 from tasks.drill.evidence import DrillEvidence
 from tasks.rendering import human_size
 
@@ -51,6 +52,8 @@ NOTES_HOME = LAB / "notes-app"
 #: The notes the lab's copy of notes-app holds; plan lab-notes in lab.yaml probes for this count.
 NOTES_SEEDED = 120
 DRILL_PLAN = "lab-notes"
+#: Where Prefect's temporary API server keeps its database (read by that server's process).
+DATABASE_ENV = "PREFECT_SERVER_DATABASE_CONNECTION_URL"
 
 
 def make_sample_data(rng: random.Random) -> None:
@@ -269,7 +272,6 @@ def prefect_api() -> Iterator[str]:
     stopping the step under way. Yields where the runs go (cli/api.py's names)."""
     from cli.api import using_api
     from cli.temporary_server import kill_ephemeral_server
-    from tasks.backup import cancel
 
     with using_api() as where, cancel.stop_on_signals(), cancel.on_hard_exit(kill_ephemeral_server):
         yield where
@@ -277,12 +279,12 @@ def prefect_api() -> Iterator[str]:
 
 def run_steps(screen: Screen) -> None:
     """Every step in order; the first cross ends the demo (StepFailed)."""
-    with screen.step("lab", "making the lab's disks") as step:
-        lab_step(step)
-    from tasks.backup import cancel
-
-    with NotesService(NOTES_HOME) as service, cancel.on_hard_exit(service.kill):
-        prepare_update(service.pidfile)
+    with contextlib.ExitStack() as running:
+        with screen.step("lab", "making the lab's disks") as step:
+            lab_step(step)
+            service = running.enter_context(NotesService(NOTES_HOME))
+            running.enter_context(cancel.on_hard_exit(service.kill))
+            prepare_update(service.pidfile)
         with screen.step("assess", "enrolling and assessing lab-local") as step:
             assess_step(step)
         with screen.step("plan", "the patch run's dry run") as step:
@@ -334,17 +336,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Never patchdrill's background server: the demo leaves nothing running.
     os.environ[MODE_ENV] = "temporary"
     try:
-        choose_api()
+        where, _ = choose_api()
     except ApiUnavailable as exc:  # a configured server that does not answer: before .lab/ is touched
         screen.print(f"{CROSS} {exc}")
         return 1
     # The demo owns .lab/: start from nothing so every run tells the same story.
     shutil.rmtree(LAB, ignore_errors=True)
     LAB.mkdir(parents=True)
+    if where == "temporary":
+        # The temporary API's database in .lab/ too: a demo killed part-way leaves no run, and no
+        # host slot its lease still holds, for the next demo to find.
+        (LAB / "prefect").mkdir()
+        os.environ.setdefault(DATABASE_ENV, f"sqlite+aiosqlite:///{LAB / 'prefect' / 'prefect.db'}")
     if not args.verbose:
         send_logs_to(LOG_FILE)
     configure()
-    where, ok = None, False
+    ok = False
     try:
         with prefect_api() as where:
             run_steps(screen)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -115,6 +116,9 @@ class NotesService:
         self._thread = threading.Thread(target=self._supervise, name="notes-service", daemon=True)
 
     def __enter__(self) -> "NotesService":
+        if port_taken():
+            raise ServiceFailed(f"port {PORT} is taken already (a notes-app an earlier demo left when it was "
+                                f"killed?): stop what listens there, e.g. `fuser -k {PORT}/tcp`")
         SERVICE.mkdir(parents=True, exist_ok=True)
         ctl = SERVICE / "ctl"
         ctl.write_text(CTL.format(port=PORT, startup=STARTUP_SECONDS))
@@ -166,6 +170,11 @@ class NotesService:
             self._thread.join()
         self.pidfile.unlink(missing_ok=True)
         os.environ.pop(SERVICE_ENV, None)
+
+
+def port_taken() -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", PORT)) == 0
 
 
 def healthy() -> bool:

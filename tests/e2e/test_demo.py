@@ -194,6 +194,8 @@ def test_the_demo_leaves_nothing_running(demo: subprocess.CompletedProcess[str],
     server = re.search(r"Starting temporary server on http://127\.0\.0\.1:(\d+)", (LAB / "demo.log").read_text())
     assert server and not port_open(int(server.group(1)))
     assert processes_mentioning(str(demo_home)) == []
+    # Its runs were kept in .lab's own database: none left in the user's Prefect home.
+    assert (LAB / "prefect" / "prefect.db").stat().st_size > 0 and not (demo_home / "prefect-home" / "prefect.db").exists()
 
 
 def test_a_configured_server_that_does_not_answer_stops_it_before_anything_is_touched(
@@ -206,3 +208,18 @@ def test_a_configured_server_that_does_not_answer_stops_it_before_anything_is_to
     assert "Traceback" not in refused.stderr
     # The last demo's lab is as it left it.
     assert (LAB / "demo.log").stat().st_mtime_ns == before and (LAB / "store").is_dir()
+
+
+def test_a_notes_app_left_on_its_port_stops_the_demo_at_the_lab_step_with_what_to_do(tmp_path: Path) -> None:
+    """Last in this file: it starts a new demo, which empties .lab/ before it stops."""
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", 18082))
+        squatter.listen()
+        stopped = subprocess.run([sys.executable, "-m", "cli.demo"], cwd=REPO, capture_output=True, text=True,
+                                 timeout=300, env=demo_env(tmp_path))
+    assert stopped.returncode == 1, stopped.stdout
+    lab = block(stopped.stdout, "lab")
+    assert lab.startswith("✗ lab") and "port 18082 is taken already" in lab and "fuser -k 18082/tcp" in lab
+    assert "✗ the demo stopped at lab" in stopped.stdout
+    assert processes_mentioning("--port 18082") == [] and not (LAB / "notes-service" / "pid").exists()
