@@ -291,3 +291,25 @@ def test_a_reader_listing_before_a_fold_loses_nothing(tmp_path: Path) -> None:
     index = chunk_index.load(repo)
     assert not set(listed) & set(_index_files(store))  # every file it listed was gone when read
     assert index.ids == repo.chunk_ids() and index.unreadable == {}
+
+
+def test_a_missing_index_is_a_warning_only_once_a_point_needs_it(tmp_path: Path) -> None:
+    """A new repository's first backups write chunks before any index file (each writes its own
+    when it ends): a disk backed up beside them sees chunks and no index, which is not a fault."""
+    from structlog.testing import capture_logs
+
+    store = LocalBlobStore(tmp_path / "repo")
+    repo = Repository.open(store, create=True)
+    backup(repo, LocalBlockSource(make_image(tmp_path / "disk.img", 4)), request())
+    points = repo.point_keys()
+    for key in [*points, *_index_files(store)]:
+        store.delete(key)  # as while that first backup ran: its chunks stored, no point, no index yet
+    with capture_logs() as fresh:
+        assert chunk_index.load(repo).listed
+    backup(repo, LocalBlockSource(make_image(tmp_path / "disk.img", 4)), request())
+    for key in _index_files(store):
+        store.delete(key)
+    with capture_logs() as lost:
+        assert chunk_index.load(repo).listed
+    assert [(e["event"], e["log_level"]) for e in fresh] == [("index.missing", "info")]
+    assert [(e["event"], e["log_level"]) for e in lost] == [("index.missing", "warning")]

@@ -83,7 +83,10 @@ def load(repo: Repository) -> ChunkIndex:
     if not index.files:
         if repo.has_chunks():
             index.listing = repo.chunk_ids()
-            log.warning("index.missing", repository=repo.name, chunks=len(index.listing))
+            # Chunks with no point yet are a new repository's first backups under way (each
+            # writes its index file when it ends), not an index that went missing.
+            report = log.warning if repo.point_keys() else log.info
+            report("index.missing", repository=repo.name, chunks=len(index.listing))
         return index
     pending = list(index.files)
     for _ in range(_RELISTS):
