@@ -167,7 +167,9 @@ def plan_step(step: Step) -> None:
 def backup_step(step: Step, title: str) -> list[Any]:
     from flows.backup import backup_run
 
-    reports = completed(backup_run(str(LAB_CONFIG), return_state=True), step) or []
+    reports = completed(backup_run(str(LAB_CONFIG), return_state=True), step)
+    if reports is None:
+        return []
     bad = [r for r in reports if r.status != "ok"]
     if bad:
         step.failed(*(f"{r.disk}: {r.status} {r.error or ''}" for r in bad))
@@ -359,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StepFailed:
         pass
     footer(screen, ok=ok, verbose=args.verbose, where=where)
-    return 0 if ok else 1
+    return 0 if ok else cancel.exit_code()
 
 
 if __name__ == "__main__":

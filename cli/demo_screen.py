@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Iterator
 
 from rich.console import Console, RenderableType
+from rich.live import Live
+from rich.spinner import Spinner
 from rich.table import Table
 
 from configs.secrets import redact
@@ -94,12 +96,15 @@ class Screen:
         step = Step(name)
         self.steps.append(step)
         started = time.monotonic()
-        status = self.console.status(f"{name}: {doing}") if self.console.is_terminal and not self.live \
-            else contextlib.nullcontext()
+        # rich's own status() would redirect standard error onto the screen while it spins,
+        # and with it every log line that belongs in the log file.
+        status = Live(Spinner("dots", text=_Doing(name, doing), style="green"), console=self.console, transient=True,
+                      redirect_stdout=False, redirect_stderr=False, refresh_per_second=12.5) \
+            if self.console.is_terminal and not self.live else contextlib.nullcontext()
         try:
             with status:
                 yield step
-                if cancel.requested():
+                if cancel.requested() and step.ok is not False:
                     step.failed(f"stopped: {cancel.requested()}")
         except Exception as exc:  # noqa: BLE001 - shown as the step's cross; the traceback is in the log
             log.exception("demo step %s failed", name)
@@ -111,6 +116,19 @@ class Screen:
 
     def print(self, text: str) -> None:
         self.console.print(text, highlight=False, soft_wrap=True)
+
+
+class _Doing:
+    """The spinner's text: what the step does, or, once Ctrl-C asked for a stop (whose own
+    notice went to the log file), that the demo stops when the step has stopped."""
+
+    def __init__(self, name: str, doing: str) -> None:
+        self.name, self.doing = name, doing
+
+    def __rich__(self) -> str:
+        if cancel.requested():
+            return f"[yellow]{self.name}: stopping (Ctrl-C again exits at once, leaving what it ran)[/]"
+        return f"{self.name}: {self.doing}"
 
 
 def block(step: Step, seconds: float) -> Table:

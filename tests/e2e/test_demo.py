@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
+import select
+import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -195,7 +199,8 @@ def test_the_demo_leaves_nothing_running(demo: subprocess.CompletedProcess[str],
     assert server and not port_open(int(server.group(1)))
     assert processes_mentioning(str(demo_home)) == []
     # Its runs were kept in .lab's own database: none left in the user's Prefect home.
-    assert (LAB / "prefect" / "prefect.db").stat().st_size > 0 and not (demo_home / "prefect-home" / "prefect.db").exists()
+    assert (LAB / "prefect" / "prefect.db").stat().st_size > 0
+    assert not (demo_home / "prefect-home" / "prefect.db").exists()
 
 
 def test_a_configured_server_that_does_not_answer_stops_it_before_anything_is_touched(
@@ -208,6 +213,47 @@ def test_a_configured_server_that_does_not_answer_stops_it_before_anything_is_to
     assert "Traceback" not in refused.stderr
     # The last demo's lab is as it left it.
     assert (LAB / "demo.log").stat().st_mtime_ns == before and (LAB / "store").is_dir()
+
+
+def run_in_terminal(env: dict[str, str], interrupt_at: bytes, timeout: float = 300) -> tuple[str, int]:
+    """The demo on a real pseudo-terminal (so its spinner runs), sent one SIGINT, as Ctrl-C
+    sends it, once `interrupt_at` is on the screen; what the terminal showed and the exit code."""
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: the demo, as `make demo` starts it
+        os.chdir(REPO)
+        os.execve(sys.executable, [sys.executable, "-m", "cli.demo"], env)
+    shown, interrupted, deadline = b"", False, time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if select.select([terminal], [], [], 0.2)[0]:
+                try:
+                    chunk = os.read(terminal, 65536)
+                except OSError:  # the child has gone: its side of the terminal closed
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+            if not interrupted and interrupt_at in shown:
+                os.kill(pid, signal.SIGINT)
+                interrupted = True
+    finally:
+        os.close(terminal)
+    _, status = os.waitpid(pid, 0)
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.decode(errors="replace")), os.waitstatus_to_exitcode(status)
+
+
+def test_ctrl_c_stops_the_step_under_way_and_the_demo_with_nothing_left(tmp_path: Path) -> None:
+    """After the tests that read the full run's .lab/: this demo starts afresh and is stopped."""
+    # Interrupted while it assesses (seconds long: the temporary API starts then), so the stop
+    # lands inside a step whatever the machine's speed; a backup's own stop is in test_stop_signals.
+    shown, code = run_in_terminal(demo_env(tmp_path, COLUMNS="80"), interrupt_at=b"assess: enrolling")
+    assert code == 130, shown[-2000:]
+    assert re.search(r"✗ assess .*\n(.*\n)*\s+stopped: interrupted by SIGINT", shown), shown[-2000:]
+    assert "✗ the demo stopped at assess" in shown and "plan" not in shown.split("✗ assess", 1)[1]
+    assert "Beginning flow run" not in shown and "[info" not in shown  # the logs stayed in the file
+    assert "SIGINT: stopping cleanly" in (LAB / "demo.log").read_text()
+    assert not port_open(18082) and processes_mentioning("--port 18082") == []
+    assert processes_mentioning(str(tmp_path)) == []
 
 
 def test_a_notes_app_left_on_its_port_stops_the_demo_at_the_lab_step_with_what_to_do(tmp_path: Path) -> None:
