@@ -13,7 +13,7 @@ import shlex
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import structlog
 from prefect import task
@@ -24,7 +24,8 @@ from prefect.transactions import CommitMode, transaction
 from configs.models import DiskConfig, HostConfig, StorageConfig
 from configs.policies import BackupPolicy
 from connectors import connect
-from connectors.base import ConnectorError
+from connectors.base import Connector, ConnectorError
+from connectors.local import LocalConnector
 from tasks.backup.cancel import Interrupted
 from tasks.backup.errors import BackupError, RepositoryBusy
 from tasks.backup.remote_restore import restore_to_host
@@ -154,14 +155,36 @@ def restore_task(storage: StorageConfig, base_dir: Path, host_name: str, disk_na
     cloned from it there; otherwise, or when the clone cannot serve, from the repository."""
     repo = open_repository(storage, base_dir, policy)
     chosen = repo.find_point(host_name, disk_name, point)
-    notes: list[str] = []
-    if chosen.kept_clone is not None and chosen.kind == "block" and not include and source_host is not None:
-        instant = kept.restore_instantly(chosen, source_host, target_host, target, base_dir, force)
-        if isinstance(instant, RestoreResult):
-            return instant
-        notes.append(instant)
-        log.info("restore.from_repository", point=chosen.key, why=instant)
-    return replace(_restore_from_repository(repo, chosen, base_dir, target, force, include, target_host), notes=notes)
+
+    def from_repository() -> RestoreResult:
+        return _restore_from_repository(repo, chosen, base_dir, target, force, include, target_host)
+
+    if include or source_host is None:
+        return from_repository()
+    return instantly_or(chosen, source_host, target_host, target, base_dir, force, from_repository)
+
+
+def instantly_or(point: RecoveryPoint, source_host: HostConfig, target_host: HostConfig | None, target: str,
+                 base_dir: Path, force: bool, from_repository: Callable[[], RestoreResult]) -> RestoreResult:
+    """The point cloned from the clone its host keeps (the instant-restore tier: seconds, nothing
+    read from the store) where that can serve this restore; else `from_repository()`, with the
+    reason the clone could not serve in its notes."""
+    if point.kept_clone is None or point.kind != "block":
+        return from_repository()
+    instant = kept.restore_instantly(point, source_host, target_host, target, base_dir, force)
+    if isinstance(instant, RestoreResult):
+        return instant
+    log.info("restore.from_repository", point=point.key, why=instant)
+    return replace(from_repository(), notes=[instant])
+
+
+def restore_on(repo: Repository, point: RecoveryPoint, connector: Connector, path: str) -> RestoreResult:
+    """Restore point at path on the connector's host (this machine for the local transport) in
+    place, delta-aware: what is there already is rewritten only where it differs from the point,
+    and what the point lacks is removed. A drill's copy, a failover's target, a rollback's disk."""
+    if isinstance(connector, LocalConnector):
+        return restore(repo, point, path, force=True)
+    return restore_to_host(repo, point, connector, path, force=True)
 
 
 def _restore_from_repository(repo: Repository, chosen: RecoveryPoint, base_dir: Path, target: str, force: bool,

@@ -18,12 +18,9 @@ from pathlib import Path
 from configs.models import PatchdrillConfig
 from configs.plans import PointSelector
 from connectors.base import Connector
-from connectors.local import LocalConnector
 from tasks.backup.repo.blockmap import TreeMap
 from tasks.backup.policy import policy_from_config
-from tasks.backup.remote_restore import restore_to_host
 from tasks.backup.repo.repository import RecoveryPoint, Repository, parse_stamp
-from tasks.backup.restore import RestoreResult, restore
 from tasks.backup.disk import open_repository
 
 DIGEST_SCRIPT = Path(__file__).parent / "host_scripts" / "digest.py"
@@ -54,14 +51,6 @@ def choose_point(repo: Repository, host: str, disk: str, selector: PointSelector
     why = {"latest": "no recovery point", "latest-application-consistent": "no application-consistent point",
            "before": f"no point taken before {cutoff.isoformat() if cutoff else ''}"}[selector.select]
     raise PointMissing(f"{why} of {host}/{disk} in {repo.name}" + (f" (it has {len(keys)} other points)" if keys else ""))
-
-
-def restore_copy(repo: Repository, point: RecoveryPoint, connector: Connector, path: str) -> RestoreResult:
-    """Restore point at path on the connector's host, delta-aware: a previous drill's copy left
-    there is rewritten block by block where it differs, and what the point lacks is removed."""
-    if isinstance(connector, LocalConnector):
-        return restore(repo, point, path, force=True)
-    return restore_to_host(repo, point, connector, path, force=True)
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,8 @@ from tasks.backup.repo.repository import RecoveryPoint, Repository
 from tasks.backup.restore import RestoreResult
 from tasks.backup.disk import DiskReport, back_up_disk, policy_name
 from tasks.drill.control import CopyContext, TemplateError, check_preset, control_spec, start_service, stop_service
-from tasks.drill.copy import PointMissing, choose_point, restore_copy
+from tasks.backup.steps import restore_on
+from tasks.drill.copy import PointMissing, choose_point
 from tasks.drill.evidence import DrillEvidence, ProbeRecord, Step, evidence_key, utcnow
 from tasks.drill.members import Member, PlanError, find_plan, primary_disk_path, resolve
 from tasks.drill.probing import fill_templates
@@ -244,7 +245,7 @@ def restore_side_task(repo: Repository, point: RecoveryPoint, side: Side, disk: 
     """Restore point onto the side's path for disk, delta-aware: what is there already (an
     earlier copy, the primary's own disk on failback) is rewritten only where it differs."""
     with connect(side.host, base_dir=base_dir) as connector:
-        return restore_copy(repo, point, connector, side.paths[disk])
+        return restore_on(repo, point, connector, side.paths[disk])
 
 
 # --------------------------------------------------------------------------- evidence

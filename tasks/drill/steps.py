@@ -38,7 +38,8 @@ from tasks.backup.repo.repository import RecoveryPoint, Repository
 from tasks.drill.cleanup import CleanupReport, cleanup_run
 from tasks.drill.control import ControlSpec, CopyContext, control_spec, start_copy
 from tasks.drill.copies import claim_copy_root, record_path
-from tasks.drill.copy import disk_digest, point_file_digests, repository, restore_copy
+from tasks.backup.steps import restore_on
+from tasks.drill.copy import disk_digest, point_file_digests, repository
 from tasks.drill.evidence import (
     Checksum, CleanupItem, DrillEvidence, PointUsed, ProbeRecord, Step, evidence_key, utcnow,
 )
@@ -277,7 +278,7 @@ def failover_member(ctx: DrillContext, member: Member, points: dict[str, Recover
                     point, path = points[disk], member.disk_path(disk)
                     with timeline.step(f"restore {disk}", f"{point.key} -> {member.target.name}:{path}") as step:
                         record_path(target, ctx.ledger, member=member.id, root=member.root, path=path)
-                        result = restore_copy(ctx.repo, point, target, path)
+                        result = restore_on(ctx.repo, point, target, path)
                         step.detail += f" ({result.blocks_written}/{result.blocks} blocks written, {result.seconds:.1f} s)"
                     outcome.points.append(PointUsed(member=member.id, host=member.primary.name, disk=disk,
                                                     point_id=point.key, taken_at=point.time,

@@ -25,7 +25,6 @@ against the failure budget (max_errors) as any failed host does.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -38,11 +37,10 @@ from configs.recovery_point import RecoveryPointGate, protected_disks, rollback_
 from configs.secrets import redact
 from connectors import connect
 from connectors.base import Connector
-from tasks.backup import kept
 from tasks.backup.disk import open_repository, placed_disk as placed_on_host
 from tasks.backup.repo.repository import RecoveryPoint, Repository
 from tasks.backup.restore import RestoreResult
-from tasks.drill.copy import restore_copy
+from tasks.backup.steps import instantly_or, restore_on
 from tasks.patching.errors import error_text
 from tasks.patching.models import HostPatchRecord
 from tasks.patching.plan import windows
@@ -117,13 +115,7 @@ def restore_pre_patch(repo: Repository, point: RecoveryPoint, host: HostConfig, 
     """One disk back to its pre-patch point, in place: cloned from the point's clone where the
     host still keeps it (the instant-restore tier: seconds, nothing read from the store), else
     the delta-aware restore from the repository, with the reason in its notes."""
-    if point.kept_clone is None or point.kind != "block":
-        return restore_copy(repo, point, conn, path)
-    instant = kept.restore_instantly(point, host, host, path, base_dir, force=True)
-    if isinstance(instant, RestoreResult):
-        return instant
-    log.info("rollback.from_repository", host=host.name, point=point.key, why=instant)
-    return replace(restore_copy(repo, point, conn, path), notes=[instant])
+    return instantly_or(point, host, host, path, base_dir, True, lambda: restore_on(repo, point, conn, path))
 
 
 @task(name="rollback", task_run_name="roll back {host.name}", cache_policy=NO_CACHE)
