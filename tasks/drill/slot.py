@@ -60,9 +60,10 @@ def _body(run_id: str, created: str | None = None) -> bytes:
     return json.dumps(body).encode()
 
 
-def _leases(store: BlobStore, plan: str) -> list[tuple[str, dict[str, object]]]:
+def _leases(store: BlobStore, prefix: str) -> list[tuple[str, dict[str, object]]]:
+    """The leases under prefix (one plan's, or every plan's), as their key and body."""
     found = []
-    for info in store.list(slot_prefix(plan)):
+    for info in store.list(prefix):
         try:
             body = json.loads(store.get(info.key))
         except (BlobNotFound, ValueError):
@@ -84,7 +85,7 @@ def live_holder(store: BlobStore, plan: str, mine: str, stale: timedelta = LOCK_
     Leases whose holder is dead or silent are removed on the way, and said so."""
     holders = []
     now = utcnow()
-    for key, body in _leases(store, plan):
+    for key, body in _leases(store, slot_prefix(plan)):
         if key == mine:
             continue
         state = locks.judge(key, body, now=now, stale_after=stale)
@@ -147,14 +148,8 @@ def running_runs(store: BlobStore, stale: timedelta = LOCK_STALE) -> dict[str, s
     holds its lease from before its first ledger entry until after its cleanup."""
     running: dict[str, str] = {}
     now = utcnow()
-    for info in store.list(SLOT_PREFIX):
-        try:
-            body = json.loads(store.get(info.key))
-        except (BlobNotFound, ValueError):
-            continue
-        if not isinstance(body, dict):
-            continue
-        state = locks.judge(info.key, body, now=now, stale_after=stale)
+    for key, body in _leases(store, SLOT_PREFIX):
+        state = locks.judge(key, body, now=now, stale_after=stale)
         if not state.stale:
             running[str(body.get("run_id"))] = state.why
     return running
