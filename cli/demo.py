@@ -28,6 +28,7 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -279,15 +280,30 @@ def prefect_api() -> Iterator[str]:
         yield where
 
 
-def run_steps(screen: Screen) -> None:
+def start_temporary_api() -> threading.Thread:
+    """Start Prefect's temporary API server beside the lab step (it takes seconds), instead of
+    at the first flow's start. The first step to run a flow joins the thread first, so the wait
+    left is its time."""
+    import prefect.main  # noqa: F401 - Prefect's logging set up first, so the server's start is logged
+    from prefect.server.api.server import SubprocessASGIServer
+
+    starting = threading.Thread(target=SubprocessASGIServer().start, name="temporary-api", daemon=True)
+    starting.start()
+    return starting
+
+
+def run_steps(screen: Screen, where: str) -> None:
     """Every step in order; the first cross ends the demo (StepFailed)."""
     with contextlib.ExitStack() as running:
         with screen.step("lab", "making the lab's disks") as step:
+            starting = start_temporary_api() if where == "temporary" else None
             lab_step(step)
             service = running.enter_context(NotesService(NOTES_HOME))
             running.enter_context(cancel.on_hard_exit(service.kill))
             prepare_update(service.pidfile)
         with screen.step("assess", "enrolling and assessing lab-local") as step:
+            if starting is not None:
+                starting.join()
             assess_step(step)
         with screen.step("plan", "the patch run's dry run") as step:
             plan_step(step)
@@ -356,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ok = False
     try:
         with prefect_api() as where:
-            run_steps(screen)
+            run_steps(screen, where)
         ok = True
     except StepFailed:
         pass
