@@ -90,28 +90,31 @@ class _Blocks:
                     self._cached_bytes += len(data)
         return data
 
-    def write(self, fd: int, chunk_id: bytes, offset: int, length: int, *, fresh: bool, punch: bool) -> None:
-        """Write one block. fresh: the file is new and reads as zeros (only non-zero pages are
-        written); otherwise the block is hashed first and written only if it differs, with
-        zero pages punched as holes where punch (regular files)."""
+    def write(self, fd: int, chunk_id: bytes, offset: int, length: int, *, fresh: bool, punch: bool) -> bool:
+        """Write one block; whether anything was written. fresh: the file is new and reads as
+        zeros (only non-zero pages are written); otherwise the block is hashed first and written
+        only if it differs, with zero pages punched as holes where punch (regular files)."""
         cancel.check()  # every block is queued up front: a stop drops the rest unwritten
         if chunk_id == HOLE:
-            self._hole(fd, offset, length, fresh=fresh, punch=punch)
-            return
+            wrote = self._hole(fd, offset, length, fresh=fresh, punch=punch)
+            self.sink.advance("restored", length)
+            return wrote
         if not fresh:
             current = os.pread(fd, length, offset)
             if len(current) == length and self.repo.codec.chunk_id(current) == chunk_id:
                 self.sink.advance("restored", length)
-                return
-        if not (fresh and chunk_id == self.zero):
+                return False
+        wrote = not (fresh and chunk_id == self.zero)
+        if wrote:
             data = self.chunk(chunk_id)
             blockscan.write_sparse(fd, data, offset, fresh, punch)
             with self._lock:
                 self.written_blocks += 1
                 self.written_bytes += len(data)
         self.sink.advance("restored", length)
+        return wrote
 
-    def _hole(self, fd: int, offset: int, length: int, *, fresh: bool, punch: bool) -> None:
+    def _hole(self, fd: int, offset: int, length: int, *, fresh: bool, punch: bool) -> bool:
         """A block the point holds as a hole: left alone in a fresh file, made zeros (punched
         where punch) in an existing one unless it reads as zeros already."""
         if not fresh:
@@ -120,7 +123,8 @@ class _Blocks:
                 blockscan.write_zeros(fd, offset, length, False, punch)
                 with self._lock:
                     self.written_blocks += 1
-        self.sink.advance("restored", length)
+                return True
+        return False
 
 
 def decide(found: Mapping[str, Any], point: RecoveryPoint, force: bool, where: str) -> bool:
@@ -249,8 +253,15 @@ def _restore_image(block_map: BlockMap, target: Path, in_place: bool, blocks: _B
 
 def _write_blocks(fd: int, chunks: list[bytes], block_size: int, size: int, blocks: _Blocks,
                   pool: ThreadPoolExecutor, *, fresh: bool, punch: bool) -> None:
-    futures = [pool.submit(blocks.write, fd, cid, i * block_size, min(block_size, size - i * block_size),
-                           fresh=fresh, punch=punch) for i, cid in enumerate(chunks)]
+    behind = blockscan.WriteBehind(fd)
+
+    def write(chunk_id: bytes, offset: int, length: int) -> None:
+        # Only what was written: a block found equal is read, not dirtied, and stays cached.
+        if blocks.write(fd, chunk_id, offset, length, fresh=fresh, punch=punch):
+            behind.written(offset, length)
+
+    futures = [pool.submit(write, cid, i * block_size, min(block_size, size - i * block_size))
+               for i, cid in enumerate(chunks)]
     try:
         for f in futures:
             f.result()

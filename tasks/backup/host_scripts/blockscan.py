@@ -43,6 +43,7 @@ Exit status 2 with a one-line message on stderr when the path cannot be read or 
 """
 
 import base64
+import collections
 import ctypes
 import ctypes.util
 import errno
@@ -52,6 +53,7 @@ import os
 import stat
 import struct
 import sys
+import threading
 import uuid
 
 DIGEST_SIZE = 32
@@ -207,19 +209,89 @@ def read(path, block_size, indexes):
 _libc = None
 
 
-def punch_hole(fd, offset, length):
-    """Deallocate a range of a regular file (it reads as zeros); write zeros where the file
-    system cannot punch."""
+def libc():
+    """The C library with fallocate and sync_file_range declared, or False where there is none."""
     global _libc
     if _libc is None:
         try:
             _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
             _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+            _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
         except (OSError, AttributeError):
             _libc = False
-    if _libc and _libc.fallocate(fd, _FALLOC_PUNCH, offset, length) == 0:
+    return _libc
+
+
+def punch_hole(fd, offset, length):
+    """Deallocate a range of a regular file (it reads as zeros); write zeros where the file
+    system cannot punch."""
+    found = libc()
+    if found and found.fallocate(fd, _FALLOC_PUNCH, offset, length) == 0:
         return
     os.pwrite(fd, bytes(length), offset)
+
+
+#: how much of a file being restored stays in the page cache: past it, what was written is
+#: waited for on disk and dropped from the cache
+WRITE_BEHIND_BYTES = 64 * 1024 * 1024
+_SYNC_WAIT_BEFORE, _SYNC_WRITE, _SYNC_WAIT_AFTER = 1, 2, 4
+
+
+class WriteBehind(object):
+    """Sends a restore's writes to disk as they are made and drops them from the page cache
+    once there, keeping the last WRITE_BEHIND_BYTES of a file cached.
+
+    A restored file is fsynced before it counts as restored, so every byte reaches the disk
+    before the end anyway. Left to the page cache, a multi-gigabyte restore holds it all dirty
+    until that fsync, which then writes it in one go while nothing else is being fetched; it
+    fills memory the target's own programs were using, runs into the kernel's dirty limit
+    (which throttles every writer on the host) and costs a page allocation for every byte
+    (on a VM whose host reclaims free memory, a fault to the host for each of them). Written
+    back as it goes (sync_file_range), the disk writes while blocks are still arriving, the
+    final fsync finds little left and the restore reuses the same few megabytes of memory.
+
+    Ranges may be reported from several threads at once and in any order. Durability is still
+    the caller's fsync: sync_file_range neither writes metadata nor flushes the disk's cache.
+    Where the C library has no sync_file_range, or the file cannot take it (a pipe, a file
+    system without writeback), ranges are left to the page cache as before.
+    """
+
+    def __init__(self, fd, window=None):
+        found = libc()
+        self.fd = fd
+        self.window = WRITE_BEHIND_BYTES if window is None else window
+        self.enabled = bool(found) and hasattr(found, "sync_file_range")
+        self._lock = threading.Lock()
+        self._pending = collections.deque()
+        self._pending_bytes = 0
+
+    def written(self, offset, length):
+        """offset..offset+length is written (or was left as it was): start writing it back, and
+        wait for and drop the oldest ranges beyond the window."""
+        if not self.enabled or length <= 0:
+            return
+        if not self._sync(offset, length, _SYNC_WRITE):
+            return
+        due = []
+        with self._lock:
+            self._pending.append((offset, length))
+            self._pending_bytes += length
+            while self._pending_bytes > self.window:
+                oldest = self._pending.popleft()
+                self._pending_bytes -= oldest[1]
+                due.append(oldest)
+        for start, size in due:
+            if self._sync(start, size, _SYNC_WAIT_BEFORE | _SYNC_WRITE | _SYNC_WAIT_AFTER):
+                os.posix_fadvise(self.fd, start, size, os.POSIX_FADV_DONTNEED)
+
+    def _sync(self, offset, length, flags):
+        if libc().sync_file_range(self.fd, offset, length, flags) == 0:
+            return True
+        code = ctypes.get_errno()
+        if code in (errno.ESPIPE, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            self.enabled = False  # nothing to write back on this file: the page cache it is
+            return False
+        raise OSError(code, "cannot write back the restored data: %s" % os.strerror(code))
 
 
 def zero_pages(data):
@@ -286,6 +358,7 @@ def apply(patch, work, block_size, size, finish, rename):
         regular = stat.S_ISREG(st.st_mode)
         # The temporary file of a new restore starts empty and every block is written once.
         fresh = rename != "-" and regular
+        behind = WriteBehind(fd)
         with open(patch, "rb") as records:
             while True:
                 head = records.read(12)
@@ -299,6 +372,7 @@ def apply(patch, work, block_size, size, finish, rename):
                 if len(data) != length:
                     raise OSError(5, "truncated patch file")
                 write_sparse(fd, data, index * block_size, fresh, regular)
+                behind.written(index * block_size, length)
         os.unlink(patch)
         if finish:
             if regular:
@@ -857,6 +931,7 @@ def place(plan_path, data_path, target):
                 # that was compared: writing them into an empty file would corrupt it.
                 raise OSError(11, "%s changed while being restored; restore again" % entry["path"])
             number = numbers[entry["path"]]
+            behind = WriteBehind(fd)
             while True:
                 head = waiting.pop() if waiting else data.read(_RECORD.size)
                 if len(head) < _RECORD.size:
@@ -869,6 +944,7 @@ def place(plan_path, data_path, target):
                 if len(piece) != length:
                     raise OSError(5, "data file ends inside %s" % entry["path"])
                 write_sparse(fd, piece, index * block_size, not in_place, True)
+                behind.written(index * block_size, length)
 
         try:
             removed, skipped = place_tree(target, plan, write_file, os.geteuid() == 0)
