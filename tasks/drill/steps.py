@@ -43,12 +43,12 @@ from tasks.drill.copy import disk_digest, point_file_digests, repository
 from tasks.drill.evidence import (
     Checksum, CleanupItem, DrillEvidence, PointUsed, ProbeRecord, Step, evidence_key, utcnow,
 )
-from tasks.drill.isolation import create_namespace, prove_isolation, require_isolation
+from tasks.drill.isolation import IsolationProof, create_namespace, prove_isolation, require_isolation, with_control
 from tasks.drill.ledger import Ledger
 from tasks.drill.members import CONTROLLER_HOST, Member, find_plan, primary_disk_path, resolve
 from tasks.drill.probing import checksum_paths, copy_probes
 from tasks.drill.readiness import Readiness, check_readiness
-from tasks.drill.target import HOST_SCRIPT, in_namespace
+from tasks.drill.target import HOST_SCRIPT, TargetError, in_namespace
 from tasks.probes import LINUX_SCRIPT as PROBE_SCRIPT
 
 log = structlog.stdlib.get_logger("patchdrill.drill")
@@ -225,24 +225,28 @@ def namespace_agent(connector: Connector, namespace: str) -> ScriptAgent:
 @dataclass
 class Isolated:
     """A member's namespace and the script agent inside it (on the member's own connection,
-    which outlives the isolating one): the copy's start, wait and probes go through it."""
+    which outlives the isolating one): the copy's start, wait and probes go through it. The
+    proof still lacks its control, made once the probes are in (`_add_control`)."""
 
     namespace: str
     agent: ScriptAgent
+    proof: IsolationProof
+    production: list[tuple[str, int]]
+    step: Step
 
 
 def _isolate(ctx: DrillContext, member: Member, timeline: Timeline, outcome: MemberOutcome,
              member_target: Connector) -> Isolated:
     """Create the member's network namespace on its target, start a script agent inside it and
     prove it cannot reach the primary. A connection of its own: it runs beside the restore."""
+    production = [(member.primary.address, member.primary.effective_port)]
     with ctx.connect(member.target) as target, timeline.step("isolate") as step:
         require_isolation(target, member.id, "netns")
         space = create_namespace(target, ctx.ledger, member=member.id)
         # Inside the ledgered namespace: its removal stops the agent too, should it outlive us.
         agent = namespace_agent(member_target, space.name)
         try:
-            proof = prove_isolation(target, space, [(member.primary.address, member.primary.effective_port)],
-                                    agent=agent)
+            proof = prove_isolation(target, space, production, agent=agent, control=False)
         except BaseException:
             agent.close()
             raise
@@ -251,7 +255,19 @@ def _isolate(ctx: DrillContext, member: Member, timeline: Timeline, outcome: Mem
         if not proof.ok:
             agent.close()
             raise RuntimeError(f"namespace {space.name} is not isolated: {'; '.join(proof.problems)}")
-        return Isolated(space.name, agent)
+        return Isolated(space.name, agent, proof, production, step)
+
+
+def _add_control(target: Connector, isolated: Isolated, outcome: MemberOutcome) -> None:
+    """The isolation proof's control (production tried from the target itself, outside the
+    namespace), made after the probes: it is evidence, not a condition, and it starts an
+    interpreter on the target, which beside the restore would take a core from it."""
+    try:
+        proof = with_control(target, isolated.proof, isolated.production)
+    except (ConnectorError, TargetError, OSError) as exc:
+        outcome.isolation = isolated.step.detail = f"{isolated.proof.evidence}\ncontrol from outside not made: {redact(str(exc))}"
+        return
+    outcome.isolation = isolated.step.detail = proof.evidence
 
 
 def failover_member(ctx: DrillContext, member: Member, points: dict[str, RecoveryPoint]) -> MemberOutcome:
@@ -313,6 +329,8 @@ def failover_member(ctx: DrillContext, member: Member, points: dict[str, Recover
                 failed = [f"{p.probe}: {p.detail}" for p in outcome.probes if not p.ok]
                 step.ok = not failed
                 step.detail = "; ".join(failed) or f"{len(outcome.probes)} probe(s) passed"
+            if isolated is not None:
+                _add_control(target, isolated, outcome)
             if failed:
                 outcome.error = f"probes failed: {'; '.join(failed)}"
                 return outcome
