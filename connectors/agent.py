@@ -35,6 +35,15 @@ AGENT_SCRIPT = Path(__file__).parent / "host_scripts" / "script_agent.py"
 _FLAGS = [flag for flag in HOST_PYTHON[1:] if flag != "-"]
 
 
+def run_afresh(connector: Connector, script: Path, args: list[str], *, prefix: str = "", timeout: float,
+               interpreter: list[str] = HOST_PYTHON) -> CommandResult:
+    """script ARGS in an interpreter of its own on the connector's host, behind prefix (e.g.
+    `ip netns exec NAME`), the script's text on its standard input: what an agent's call
+    answers as, started afresh."""
+    command = " ".join(filter(None, [prefix, shlex.join([*interpreter, *map(str, args)])]))
+    return connector.run(command, timeout=timeout, stdin=script_source(script)[1].encode("utf-8"))
+
+
 class ScriptAgent:
     """Runs own host scripts on one host, behind `prefix` (e.g. `ip netns exec NAME`)."""
 
@@ -112,8 +121,7 @@ class ScriptAgent:
         if args is None:  # loading ahead is only for an agent
             return CommandResult(host=self.connector.name, command=f"load {script.name}", exit_code=0,
                                  stdout="", stderr="", seconds=0.0)
-        command = " ".join(filter(None, [self.prefix, shlex.join([*HOST_PYTHON, *map(str, args)])]))
-        return self.connector.run(command, timeout=timeout, stdin=script_source(script)[1].encode("utf-8"))
+        return run_afresh(self.connector, script, args, prefix=self.prefix, timeout=timeout)
 
     def _drop(self) -> None:
         if self._stream is not None:

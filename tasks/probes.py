@@ -44,9 +44,9 @@ from configs.probes import (
     TcpProbe,
 )
 from configs.secrets import SecretError, redact, resolve
-from connectors.agent import ScriptAgent
+from connectors.agent import ScriptAgent, run_afresh
 from connectors.base import (
-    CommandResult, Connector, ConnectorError, is_own_host_script, posix_interpreter, script_source,
+    CommandResult, Connector, ConnectorError, is_own_host_script, posix_interpreter,
 )
 from connectors.powershell import ps_arguments, ps_quote
 
@@ -138,9 +138,7 @@ def _run_script(ctx: ProbeContext, script: Path, args: list[str], timeout: float
         return ctx.agent.run_script(script, args, timeout=timeout)
     if not ctx.prefix:
         return ctx.connector.run_script(script, args, timeout=timeout)
-    _, text = script_source(script)
-    command = " ".join([ctx.prefix, *interpreter, *(shlex.quote(a) for a in args)])
-    return ctx.connector.run(command, timeout=timeout, stdin=text.encode("utf-8"))
+    return run_afresh(ctx.connector, script, args, prefix=ctx.prefix, timeout=timeout, interpreter=interpreter)
 
 
 def _refuse_prefix_on_windows(ctx: ProbeContext) -> None:

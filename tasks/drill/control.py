@@ -322,8 +322,10 @@ def start_copy(connector: Connector, ledger: Ledger, spec: ControlSpec, context:
     if rendered.preset == "command" and context.namespace:
         start = in_namespace(context.namespace, f"sh -c {shlex.quote(start)}")
     shell(connector, start)
-    listening = wait_listening(connector, context.port, namespace=context.namespace, timeout=ready_wait, agent=agent) \
-        if waits and ready_wait is not None and context.port is not None else None
+    listening = None
+    if ready_wait is not None and context.port is not None:
+        listening = wait_listening(connector, context.port, namespace=context.namespace, timeout=ready_wait,
+                                   agent=agent)
     return Started(entry=entry, rendered=rendered, listening=listening)  # type: ignore[arg-type]
 
 

@@ -48,7 +48,7 @@ from tasks.drill.ledger import Ledger
 from tasks.drill.members import CONTROLLER_HOST, Member, find_plan, primary_disk_path, resolve
 from tasks.drill.probing import checksum_paths, copy_probes
 from tasks.drill.readiness import Readiness, check_readiness
-from tasks.drill.target import HOST_SCRIPT, TargetError, in_namespace
+from tasks.drill.target import HOST_SCRIPT, TargetError, namespace_prefix
 from tasks.probes import LINUX_SCRIPT as PROBE_SCRIPT
 
 log = structlog.stdlib.get_logger("patchdrill.drill")
@@ -214,7 +214,7 @@ def _control_spec(member: Member) -> ControlSpec | None:
 def namespace_agent(connector: Connector, namespace: str) -> ScriptAgent:
     """A script agent inside namespace on the target, with the drill's and the probes' host
     scripts loaded: the copy's start, wait and probes in one interpreter rather than one each."""
-    agent = ScriptAgent.start(connector, in_namespace(namespace, "").strip())
+    agent = ScriptAgent.start(connector, namespace_prefix(namespace))
     try:
         agent.load(HOST_SCRIPT, PROBE_SCRIPT)
     except ConnectorError:

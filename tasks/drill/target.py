@@ -12,8 +12,8 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from connectors.agent import ScriptAgent
-from connectors.base import HOST_PYTHON, CommandFailed, CommandResult, Connector
+from connectors.agent import ScriptAgent, run_afresh
+from connectors.base import CommandFailed, CommandResult, Connector
 
 HOST_SCRIPT = Path(__file__).parent / "host_scripts" / "drill_host.py"
 #: How long one host-script call may take: `stop` waits for its grace period plus five seconds.
@@ -32,22 +32,23 @@ class Refused(TargetError):
 REFUSED_EXIT = 3
 
 
+def namespace_prefix(namespace: str | None) -> str:
+    """What runs a command inside network namespace `namespace` ("" when None)."""
+    return "" if namespace is None else f"ip netns exec {shlex.quote(namespace)}"
+
+
 def in_namespace(namespace: str | None, command: str) -> str:
     """`command` as run inside network namespace `namespace` (unchanged when None)."""
-    if namespace is None:
-        return command
-    return f"ip netns exec {shlex.quote(namespace)} {command}"
+    return " ".join(filter(None, [namespace_prefix(namespace), command]))
 
 
 def host_script(connector: Connector, *args: str | int | float, namespace: str | None = None,
                 timeout: float = DEFAULT_TIMEOUT, agent: ScriptAgent | None = None) -> dict[str, Any]:
     """Run one subcommand of host_scripts/drill_host.py on the target and return its JSON;
     through agent when given (it runs where the call belongs: inside `namespace`)."""
-    if agent is not None:
-        result = agent.run_script(HOST_SCRIPT, [str(arg) for arg in args], timeout=timeout)
-    else:
-        command = in_namespace(namespace, shlex.join([*HOST_PYTHON, *(str(arg) for arg in args)]))
-        result = connector.run(command, timeout=timeout, stdin=HOST_SCRIPT.read_bytes())
+    argv = [str(arg) for arg in args]
+    result = agent.run_script(HOST_SCRIPT, argv, timeout=timeout) if agent is not None else \
+        run_afresh(connector, HOST_SCRIPT, argv, prefix=namespace_prefix(namespace), timeout=timeout)
     if result.exit_code == REFUSED_EXIT:
         raise Refused(f"{connector.name}: {_tail(result)}")
     if not result.ok:
