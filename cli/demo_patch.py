@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -99,6 +100,11 @@ else:
 """
 
 
+#: The app gets SIGTERM when the thread that started it ends, the demo killed with it (kill -9
+#: included), as a unit ends with its service manager; setpriv is util-linux's, on every Debian.
+DIE_WITH_DEMO = ["setpriv", "--pdeathsig", "TERM"] if shutil.which("setpriv") else []
+
+
 class ServiceFailed(RuntimeError):
     """notes-app did not come up; the message says where its log is."""
 
@@ -146,8 +152,9 @@ class NotesService:
                 if self._stopping.is_set():
                     return
                 self._process = subprocess.Popen(
-                    [sys.executable, str(self.home / "app.py"), "--data", str(self.home / "data"), "--port", str(PORT),
-                     "--bind", "127.0.0.1"], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+                    [*DIE_WITH_DEMO, sys.executable, str(self.home / "app.py"), "--data", str(self.home / "data"),
+                     "--port", str(PORT), "--bind", "127.0.0.1"], stdin=subprocess.DEVNULL, stdout=log,
+                    stderr=subprocess.STDOUT)
                 self.pidfile.write_text(f"{self._process.pid}\n")
             self._process.wait()
             if not (SERVICE / "stopped").exists():

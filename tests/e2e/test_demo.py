@@ -256,6 +256,30 @@ def test_ctrl_c_stops_the_step_under_way_and_the_demo_with_nothing_left(tmp_path
     assert processes_mentioning(str(tmp_path)) == []
 
 
+def test_kill_9_of_the_demo_takes_its_notes_service_with_it(tmp_path: Path) -> None:
+    """After the tests that read the full run's .lab/: this demo starts afresh and is killed.
+    Prefect's temporary server, started in a session of its own so that a Ctrl-C cannot end it
+    under a run, outlives a kill -9 (cli/temporary_server.py): it is ended here."""
+    demo = subprocess.Popen([sys.executable, "-m", "cli.demo"], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                            env=demo_env(tmp_path))
+    assert demo.stdout is not None
+    try:
+        for line in demo.stdout:
+            if line.startswith("✓ assess"):  # the notes service runs from the lab step on
+                break
+        assert port_open(18082)
+        demo.kill()
+        demo.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while (port_open(18082) or processes_mentioning("--port 18082")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not port_open(18082) and processes_mentioning("--port 18082") == []
+    finally:
+        server = re.search(r"Starting temporary server on http://127\.0\.0\.1:(\d+)", (LAB / "demo.log").read_text())
+        for pid in processes_mentioning(f"--port {server.group(1)}") if server else []:
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_a_notes_app_left_on_its_port_stops_the_demo_at_the_lab_step_with_what_to_do(tmp_path: Path) -> None:
     """Last in this file: it starts a new demo, which empties .lab/ before it stops."""
     with socket.socket() as squatter:
