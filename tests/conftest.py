@@ -13,7 +13,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 pytest_plugins = ["tests.hosts.sshd", "tests.hosts.winrm", "tests.hosts.azurite", "tests.hosts.aptlab",
                   "tests.hosts.loopfs", "tests.hosts.postgres", "tests.hosts.webhook", "tests.hosts.lab_stack",
-                  "tests.hosts.patch_host"]
+                  "tests.hosts.patch_host", "tests.scheduling"]
 
 
 @pytest.fixture(scope="session")
