@@ -6,7 +6,8 @@ Two things differ here, both only in where and when a file runs:
 - The files that drive the session's `make server` stack (tests/hosts/lab_stack.py, `ui_stack`)
   are one work unit, so one worker starts the stack once for all of them instead of each worker
   starting its own (a stack takes half a minute or more to come up). Each of their tests still
-  starts its own run on its own host.
+  starts its own run on its own host. The test that stops the stack with Ctrl-C is moved after
+  every other test, so the stack is up for all the others however the suite is run.
 - Work units start longest first: the files measured slowest (`--durations`), then the rest of
   e2e, integration and unit. The short files then fill in at the end on whichever worker is free,
   instead of a long file starting last while the other worker idles. LONGEST_FIRST is a hint: a
@@ -21,13 +22,13 @@ import pytest
 from xdist.scheduler import LoadFileScheduling
 
 SHARED_STACK = "the make-server stack's files"
-SHARED_STACK_FILES = frozenset({"tests/e2e/test_ui_approval.py", "tests/e2e/test_ui_browser.py",
-                                "tests/e2e/test_ui_rollback_approval.py"})
+SHARED_STACK_FILES = frozenset({"tests/e2e/test_lab_stack.py", "tests/e2e/test_ui_approval.py",
+                                "tests/e2e/test_ui_browser.py", "tests/e2e/test_ui_rollback_approval.py"})
+STOPS_THE_SHARED_STACK = "tests/e2e/test_lab_stack.py::test_ctrl_c_stops_everything_it_started"
 # Slowest first, as measured on two cores; each runs minutes on its own.
-LONGEST_FIRST = ("tests/e2e/test_stop_signals.py", SHARED_STACK, "tests/e2e/test_lab_stack.py",
-                 "tests/e2e/test_scale_stack.py", "tests/integration/test_changed_block_tracking.py",
-                 "tests/e2e/test_background_server.py", "tests/e2e/test_patch_run.py", "tests/e2e/test_drill_run.py",
-                 "tests/e2e/test_patch_safety.py")
+LONGEST_FIRST = (SHARED_STACK, "tests/e2e/test_stop_signals.py", "tests/e2e/test_background_server.py",
+                 "tests/e2e/test_scale_stack.py", "tests/e2e/test_patch_run.py", "tests/e2e/test_drill_run.py",
+                 "tests/e2e/test_patch_safety.py", "tests/integration/test_changed_block_tracking.py")
 KINDS = ("tests/e2e/", "tests/integration/")
 
 
@@ -51,6 +52,11 @@ class LongestFirstByFile(LoadFileScheduling):
             self.workqueue.update(ranked)
             self._ranked = True
         super()._assign_work_unit(node)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # In each worker's collection too: a work unit's tests run in collection order.
+    items.sort(key=lambda item: item.nodeid == STOPS_THE_SHARED_STACK)
 
 
 @pytest.hookimpl(tryfirst=True)
