@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 
 import pytest
@@ -11,9 +12,15 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
+# Tests press Ctrl-C (SIGINT) on what they start, as a terminal does. A suite started in the
+# background (`make test &` in a script, nohup) inherits SIGINT ignored, and an ignored signal
+# stays ignored across exec: every server it starts would shrug off that Ctrl-C.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 pytest_plugins = ["tests.hosts.sshd", "tests.hosts.winrm", "tests.hosts.azurite", "tests.hosts.aptlab",
                   "tests.hosts.loopfs", "tests.hosts.postgres", "tests.hosts.webhook", "tests.hosts.lab_stack",
-                  "tests.hosts.patch_host"]
+                  "tests.hosts.patch_host", "tests.scheduling"]
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,10 @@
 """`make server PORT=…` as a user starts it: a real Prefect server with its scheduler, the UI,
 the `patchdrill` work pool, a worker and every deployment of deployments/prefect.yaml.
 
-One stack serves the whole module (it takes about a minute to come up); the last test stops it
-with SIGINT, as Ctrl-C in a terminal would, and checks nothing it started is left running.
+The session's stack (tests/hosts/lab_stack.py) serves this module and the UI files, which run
+on the same worker (it takes about a minute to come up). The Ctrl-C test stops it with SIGINT, as
+Ctrl-C in a terminal would, and checks nothing it started is left running: tests/scheduling.py
+runs it after every other test.
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import date, datetime, timedelta, time as clock, timezone
 from pathlib import Path
 from typing import Any
@@ -26,24 +26,16 @@ import httpx
 import pytest
 import yaml
 
-from tests.hosts.lab_stack import processes_with
+from tests.hosts.lab_stack import RunningStack, processes_with
 
 REPO = Path(__file__).resolve().parents[2]
 SERVER_LOGS = REPO / ".lab" / "server"
 pytestmark = pytest.mark.e2e
 
 
-@dataclass
-class Stack:
-    process: subprocess.Popen[str]
-    port: int
-    home: Path
-    deployed_at: datetime
-    output: Path
-
-    @property
-    def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api"
+@pytest.fixture
+def stack(ui_stack: RunningStack) -> RunningStack:
+    return ui_stack
 
 
 def _free_port() -> int:
@@ -52,34 +44,7 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               # Quicker than the defaults (60 s, 10 s), same code paths.
-               PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5", PREFECT_WORKER_QUERY_SECONDS="2",
-               PREFECT_RUNNER_POLL_FREQUENCY="2")
-    output = home / "make-server.out"
-    started = datetime.now(timezone.utc)
-    with output.open("w") as out:
-        process = subprocess.Popen(["make", "--no-print-directory", "server", f"PORT={port}"], cwd=REPO, env=env,
-                                   stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while "Prefect UI:" not in output.read_text():
-        assert process.poll() is None, output.read_text()
-        assert time.monotonic() < deadline, output.read_text()
-        time.sleep(1)
-    yield Stack(process, port, home, started, output)
-    if process.poll() is None:  # a test failed before stopping it
-        os.killpg(process.pid, signal.SIGINT)
-        process.wait(timeout=60)
-    for pid in processes_with(f"PREFECT_HOME={home}"):
-        os.kill(pid, signal.SIGKILL)
-
-
-def _client(stack: Stack) -> Any:
+def _client(stack: RunningStack) -> Any:
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -140,7 +105,7 @@ def test_the_formula_matches_known_patch_tuesdays() -> None:
     assert [patch_tuesday(2026, m) for m in (1, 2, 12)] == [date(2026, 1, 13), date(2026, 2, 10), date(2026, 12, 8)]
 
 
-def test_scheduler_creates_every_deployments_runs_at_the_expected_times(stack: Stack) -> None:
+def test_scheduler_creates_every_deployments_runs_at_the_expected_times(stack: RunningStack) -> None:
     """Fails with SQLAlchemy 2.1.x: Prefect 3.8's scheduler then raises in schedule_deployments
     every cycle and no deployment ever gets an upcoming run."""
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState
@@ -172,7 +137,7 @@ def test_scheduler_creates_every_deployments_runs_at_the_expected_times(stack: S
         needed = 1 if name.endswith("-quarterly") else 3
         assert len(got) >= needed, f"{name}: the scheduler created {len(got)} run(s)"
         # The first expected occurrence may have passed between deploying and the scheduler's cycle.
-        expected = _occurrences(stack.deployed_at, zone, times, on_day, len(got) + 1)
+        expected = _occurrences(stack.started, zone, times, on_day, len(got) + 1)
         assert got in (expected[:-1], expected[1:]), name
     log = (SERVER_LOGS / "server.log").read_text()
     assert "Traceback" not in log and "InvalidRequestError" not in log, log[-3000:]
@@ -181,14 +146,14 @@ def test_scheduler_creates_every_deployments_runs_at_the_expected_times(stack: S
 # ----------------------------------------------------------------------------- the UI's port
 
 
-def test_the_ui_calls_the_api_on_the_chosen_port(stack: Stack) -> None:
+def test_the_ui_calls_the_api_on_the_chosen_port(stack: RunningStack) -> None:
     assert f"http://127.0.0.1:{stack.port}" in stack.output.read_text()
     settings = httpx.get(f"http://127.0.0.1:{stack.port}/ui-settings", timeout=10).json()
     assert settings["api_url"] == stack.api_url
     assert httpx.get(f"http://127.0.0.1:{stack.port}/", timeout=10).status_code == 200  # the UI itself
 
 
-def test_the_work_pool_and_every_deployment_are_registered(stack: Stack) -> None:
+def test_the_work_pool_and_every_deployment_are_registered(stack: RunningStack) -> None:
     declared = yaml.safe_load((REPO / "deployments/prefect.yaml").read_text())["deployments"]
 
     async def read() -> tuple[Any, dict[str, Any]]:
@@ -223,7 +188,7 @@ async def _run_from_ui(client: Any, deployment_name: str) -> Any:
     return await _final(client, await _start_from_ui(client, deployment_name))
 
 
-def test_every_deployment_runs_with_its_defaults_on_the_lab(stack: Stack) -> None:
+def test_every_deployment_runs_with_its_defaults_on_the_lab(stack: RunningStack) -> None:
     """Each shipped deployment, started with its defaults as from the UI, ends Completed, with a
     readable run name and its artifacts keyed per group or plan."""
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
@@ -306,8 +271,9 @@ def test_a_busy_port_is_one_clear_line_and_starts_nothing(tmp_path: Path) -> Non
 # ----------------------------------------------------------------------------- Ctrl-C
 
 
-def test_ctrl_c_stops_everything_it_started(stack: Stack) -> None:
-    """Last in this module: SIGINT to make's process group, as a terminal's Ctrl-C sends it."""
+def test_ctrl_c_stops_everything_it_started(stack: RunningStack) -> None:
+    """After every other test of the stack (tests/scheduling.py): SIGINT to make's process
+    group, as a terminal's Ctrl-C sends it."""
     assert processes_with(f"PREFECT_HOME={stack.home}")  # server and worker are up
     os.killpg(stack.process.pid, signal.SIGINT)
     # make re-raises the interrupt once its recipe has exited (or exits 2).

@@ -236,13 +236,15 @@ def test_a_rollback_that_could_not_finish_inside_the_window_is_not_started_and_a
 def test_an_approval_nobody_gives_before_the_rollback_would_outrun_the_window_ends_the_wait_there(
         prefect_server: None, lab_host: LabMaker, tmp_path: Path, webhook: WebhookReceiver) -> None:
     """rollback: ask with a generous rollback_approval_minutes, but a window that leaves the
-    rollback only about a minute after the run starts: the pause ends when a rollback
+    rollback only about half a minute after the run starts: the pause ends when a rollback
     could last be started and still finish in the window, not at the approval timeout, and then
     no rollback is started. Nobody answers the Resume form; the run's own pause (flows/pause.py)
     on the Prefect test server is what waits."""
     window, closes = closing_window(30)
     host = lab_host("rollback-window", 1, breaks_health=True, windows=window)
-    margin = 60.0  # what the run has from now until a rollback could last start: the install happens in it
+    # What the run has from now until a rollback could last start. The point, the install and the
+    # health probe happen in it (about 7 s on a busy 2-core machine); the rest is the pause's wait.
+    margin = 30.0
     rollback_minutes = ((closes - datetime.now(timezone.utc)).total_seconds() - margin) / 60
     cfg = write_config(tmp_path / "fleet.yaml", [protected(host)], {
         "baseline_months": baseline_now(), "max_errors": 1, "health_probes": [HEALTH_PROBE],

@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from tests.alert_checks import alerts_section
+from tests.e2e.test_backup_cli import cli  # noqa: F401 - the in-process CLI fixture
 from tests.hosts.webhook import WebhookReceiver
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,6 +37,7 @@ IMAGE_MIB = 1024
 BLOCK = MIB
 HANG_GUARD = 300.0
 pytestmark = pytest.mark.e2e
+Cli = Callable[..., tuple[int, str, str]]
 
 
 @dataclass(frozen=True)
@@ -198,11 +200,11 @@ def _finish(command: Command) -> tuple[int, str]:
     return code, command.err()
 
 
-def _unlocked(lab: Lab, cfg: Path) -> None:
-    """No lock left behind: prune, which waits for no lock and excludes every other, runs now."""
-    pruned = subprocess.run([str(PATCHDRILL), "prune", "-c", str(cfg)], cwd=lab.root, env=_env(lab),
-                            capture_output=True, text=True, timeout=HANG_GUARD)
-    assert pruned.returncode == 0, pruned.stderr
+def _unlocked(cli: Cli, lab: Lab, cfg: Path) -> None:
+    """No lock left behind: prune, which waits for no lock and excludes every other, runs now. It
+    runs in this process on the test server: the command under test is the one that needs its own."""
+    code, _, err = cli("prune", "-c", str(cfg))
+    assert code == 0, err
     assert not _files(lab.store(cfg.stem) / "locks")
 
 
@@ -226,7 +228,8 @@ def _allocated(path: Path) -> int:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_a_signal_stops_a_backup_cleanly(lab: Lab, signum: int, webhook: WebhookReceiver) -> None:
+def test_a_signal_stops_a_backup_cleanly(prefect_server: None, cli: Cli, lab: Lab, signum: int,
+                                         webhook: WebhookReceiver) -> None:
     name = f"backup-{signal.Signals(signum).name.lower()}"
     cfg = lab.config(name, alerts=True)
     command = _start(lab, name, "backup", "-c", str(cfg))
@@ -244,7 +247,7 @@ def test_a_signal_stops_a_backup_cleanly(lab: Lab, signum: int, webhook: Webhook
     assert len(_files(chunks)) < IMAGE_MIB * MIB // BLOCK, "the upload ran to the end"
     assert lab.snapshot_removed(name)
     assert all(_ended(pid) for pid in servers), "the temporary Prefect server outlived the command"
-    _unlocked(lab, cfg)
+    _unlocked(cli, lab, cfg)
     # Stopped by its operator, not failed: no alert (the hook would have posted before the exit).
     assert webhook.received() == []
 
@@ -288,7 +291,8 @@ def test_a_second_signal_exits_at_once(lab: Lab, restorable: Path, what: str) ->
         assert not _files(lab.store(name) / "points")
 
 
-def test_ctrl_c_stops_a_restore_and_leaves_no_target_and_no_temporary_file(lab: Lab, restorable: Path) -> None:
+def test_ctrl_c_stops_a_restore_and_leaves_no_target_and_no_temporary_file(prefect_server: None, cli: Cli, lab: Lab,
+                                                                           restorable: Path) -> None:
     target = lab.root / "restored-new.img"
     command = _start(lab, "restore-new", "restore", "lab-1", "os", str(target), "-c", str(restorable))
     temporary = lambda: list(lab.root.glob(f".{target.name}.*"))  # noqa: E731
@@ -302,7 +306,7 @@ def test_ctrl_c_stops_a_restore_and_leaves_no_target_and_no_temporary_file(lab: 
     assert f"stopped; {target} was not created and nothing is left behind" in err
     assert not target.exists() and not temporary()
     assert all(_ended(pid) for pid in servers), "the temporary Prefect server outlived the command"
-    _unlocked(lab, restorable)
+    _unlocked(cli, lab, restorable)
 
 
 def test_sigterm_stops_a_forced_restore_in_place_and_says_so(lab: Lab, restorable: Path) -> None:
@@ -328,7 +332,7 @@ def test_sigterm_stops_a_forced_restore_in_place_and_says_so(lab: Lab, restorabl
     assert filecmp.cmp(target, lab.image, shallow=False)
 
 
-def test_a_prefect_cancellation_stops_a_served_backup(prefect_server: None, lab: Lab) -> None:
+def test_a_prefect_cancellation_stops_a_served_backup(prefect_server: None, cli: Cli, lab: Lab) -> None:
     """Cancelled as the UI cancels (the run set to Cancelling on the server), with the run in a
     process started by `serve()`, whose runner then sends that process SIGTERM."""
     from prefect.client.orchestration import get_client
@@ -375,4 +379,4 @@ def test_a_prefect_cancellation_stops_a_served_backup(prefect_server: None, lab:
     assert not _files(lab.store("served") / "points")
     assert len(_files(chunks)) < IMAGE_MIB * MIB // BLOCK, "the upload ran to the end"
     assert lab.snapshot_removed("served")
-    _unlocked(lab, cfg)
+    _unlocked(cli, lab, cfg)

@@ -2,7 +2,9 @@
 
     ui_stack   session   RunningStack: a real Prefect server (API, UI, scheduler and the other
                          services) with its own PREFECT_HOME on a free port, the `patchdrill`
-                         process work pool, a worker and every deployment of deployments/prefect.yaml
+                         process work pool, a worker and every deployment of deployments/prefect.yaml.
+                         Its files run on one worker (tests/scheduling.py), so it starts once;
+                         test_lab_stack.py's Ctrl-C test stops it, after all of them.
 
 Poll intervals are shortened (the worker's query, the runner's and a paused patch run's polls)
 so a test does not wait out production's 10 s cycles; the code paths are the same. The stack is
@@ -17,6 +19,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +58,7 @@ class RunningStack:
     port: int
     home: Path
     output: Path
+    started: datetime  # when `make server` was started, before it deployed anything
 
     @property
     def ui_url(self) -> str:
@@ -93,16 +97,17 @@ def start_stack(home: Path) -> RunningStack:
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", **FAST_POLLS)
     output = home / "make-server.out"
+    started = datetime.now(timezone.utc)
     with output.open("w") as out:
         process = subprocess.Popen(["make", "--no-print-directory", "server", f"PORT={port}"], cwd=REPO, env=env,
                                    stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
     while "Prefect UI:" not in output.read_text():
         if process.poll() is not None or time.monotonic() > deadline:
-            stop_stack(RunningStack(process, port, home, output))
+            stop_stack(RunningStack(process, port, home, output, started))
             raise RuntimeError(f"make server did not come up:\n{output.read_text()[-3000:]}")
         time.sleep(1)
-    stack = RunningStack(process, port, home, output)
+    stack = RunningStack(process, port, home, output, started)
     _wait_for_the_schedulers_first_pass(stack)
     return stack
 
