@@ -14,6 +14,7 @@ import contextlib
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -26,17 +27,30 @@ def _detached_server_class() -> type:
         """Prefect's temporary server, started as Prefect 3.8 starts it, in a new session."""
 
         def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
-            return subprocess.Popen(
-                args=[sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
-                      "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
-                      "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
-                env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-                     "PREFECT__SERVER_FINAL": "1",
-                     **get_current_settings().to_environment_variables(exclude_unset=True)},
-                start_new_session=True,
-            )
+            # Its own output goes to a log file, not the command's terminal: a server stopped
+            # while the interrupted run's last requests were in flight logs their cancelled
+            # database sessions, tracebacks that are no user's mistake.
+            log = server_log()
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with log.open("ab") as output:
+                return subprocess.Popen(
+                    args=[sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
+                          "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+                          "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
+                    env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                         "PREFECT__SERVER_FINAL": "1",
+                         **get_current_settings().to_environment_variables(exclude_unset=True)},
+                    stdin=subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True,
+                )
 
     return DetachedEphemeralServer
+
+
+def server_log() -> Path:
+    """Where the temporary servers' own output goes (appended): <PREFECT_HOME>/patchdrill/."""
+    from prefect.settings import get_current_settings
+
+    return Path(get_current_settings().home).expanduser() / "patchdrill" / "temporary-server.log"
 
 
 def detach_ephemeral_server() -> None:
