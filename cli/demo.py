@@ -35,7 +35,7 @@ from typing import Any, Iterator, Sequence
 from rich.console import Console
 
 from cli.api import ApiUnavailable
-from cli.demo_patch import HOST, POLICY, NotesService, patch_step, prepare_update, safety_net_step
+from cli.demo_patch import HOST, POLICY, NotesService, patch_step, prepare_update, safety_net_step, stamp
 from cli.demo_screen import CROSS, TICK, Screen, Step, StepFailed, console_width, plural, send_logs_to, small_table
 from flows.logs import configure
 from tasks.backup import cancel
@@ -235,7 +235,7 @@ def drill_step(step: Step, config: Path = LAB_CONFIG, reports: Path = REPORTS) -
     if evidence is None:
         step.failed(f"drill {DRILL_PLAN} {state.name}: {state.message or ''}")
         return None
-    points = ", ".join(f"{p.disk}@{p.point_id.rsplit('/', 1)[-1].split('.')[0]}Z" for p in evidence.points)
+    points = ", ".join(f"{p.disk}@{stamp(p.point_id)}" for p in evidence.points)
     isolate = next((s for s in evidence.steps if s.name == "isolate"), None)
     namespace = isolate.detail.split(" on ", 1)[0].removeprefix("namespace ") if isolate and isolate.ok else ""
     step.passed(f"plan {evidence.plan}: {points} restored",
