@@ -7,14 +7,17 @@ The runbook, step by step:
    DR target answers with room for the restore, its primary's steady-state probes pass; a
    failure ends the run here, naming member and reason;
 3. checksum the primaries' disks (read-only digests);
-4. group after group, each starting only when the one before passed its probes: per member,
-   record in the ledger, restore the point onto the DR target (delta-aware), isolate the copy in
-   a network namespace of its own (proven unable to reach the primary), start it, probe it
-   inside its namespace; a group's pass time is when its last probe passed;
-5. cleanup, always (a failed probe, an error, a cancellation, Ctrl-C or SIGTERM): everything
+4. each member's test network: a network namespace of its own on its DR target, recorded in the
+   ledger, proven unable to reach the primary; a member that cannot be isolated stops the drill
+   here (cleanup still runs);
+5. the failover, where the RTO clock starts: group after group, each starting only when the one
+   before passed its probes: per member, record in the ledger, restore the point onto the DR
+   target (delta-aware), start it inside its namespace, probe it there; a group's pass time is
+   when its last probe passed;
+6. cleanup, always (a failed probe, an error, a cancellation, Ctrl-C or SIGTERM): everything
    the ledger names is removed and each removal verified;
-6. checksum the primaries again and probe their steady state: a test failover never touches them;
-7. the evidence record (DrillEvidence) goes to the store, the report to the run's artifacts.
+7. checksum the primaries again and probe their steady state: a test failover never touches them;
+8. the evidence record (DrillEvidence) goes to the store, the report to the run's artifacts.
 
 The run ends Completed only when every probe passed, cleanup was verified and the primaries are
 unchanged; Failed otherwise; Cancelled when it was stopped (cleanup still ran).
@@ -52,8 +55,8 @@ from tasks.drill.probing import primary_probes
 from tasks.drill.report import artifact_keys, drill_markdown, drill_title, member_rows
 from tasks.drill.members import Member
 from tasks.drill.steps import (
-    DrillContext, MemberOutcome, Timeline, checksums, cleanup_items, cleanup_step, extra_cleanup,
-    failover_member_task, open_drill, primary_digests, readiness_step, write_evidence,
+    DrillContext, Isolated, MemberOutcome, Timeline, checksums, cleanup_items, cleanup_step, extra_cleanup,
+    failover_member_task, isolate_members, open_drill, primary_digests, readiness_step, write_evidence,
 )
 from tasks.patching.slots import exclusive
 from tasks.drill.slot import SlotBusy, drill_slot
@@ -189,13 +192,20 @@ def _drill(ctx: DrillContext, evidence: DrillEvidence, manual_timeout_minutes: f
 
     with timeline.step("primary checksums before"):
         before = primary_digests(ctx, "before")
-    # The RTO clock starts with the failover itself: readiness and the primary's checksums are
-    # evidence about production, not part of recovering it (ASR measures from failover start too).
-    evidence.started = utcnow()
     outcomes: list[MemberOutcome] = []
     stopped: Stop | None = None
+    isolated: dict[str, Isolated] = {}
     try:
-        for group in ctx.groups:
+        isolated, unisolated = isolate_members(ctx)
+        for outcome in unisolated:
+            evidence.steps += outcome.steps
+        evidence.steps += [i.step for i in isolated.values()]
+        outcomes += unisolated
+        # The RTO clock starts with the failover itself: readiness, the primary's checksums and
+        # the test networks are about production or the drill's own apparatus, not part of
+        # recovering (ASR measures from failover start too).
+        evidence.started = utcnow()
+        for group in ctx.groups if not unisolated else []:
             if cancel.requested():
                 break
             result = GroupResult(name=group[0].group, started=utcnow())
@@ -204,7 +214,8 @@ def _drill(ctx: DrillContext, evidence: DrillEvidence, manual_timeout_minutes: f
             if stopped:
                 result.detail = stopped.reason
                 break
-            futures = [failover_member_task.submit(ctx, member, {d: ready.points[(member.id, d)] for d in member.disks})
+            futures = [failover_member_task.submit(ctx, member, {d: ready.points[(member.id, d)] for d in member.disks},
+                                                   isolated.get(member.id))
                        for member in group]
             done = [future.result() for future in futures]
             outcomes += done
@@ -224,6 +235,8 @@ def _drill(ctx: DrillContext, evidence: DrillEvidence, manual_timeout_minutes: f
                 result.ok, result.detail = False, f"{result.detail}; {stopped.reason}"
                 break
     finally:
+        for each in isolated.values():
+            each.close()
         _clean_up(ctx, evidence, timeline)
 
     with timeline.step("primary checksums after") as step:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import re
 import shlex
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 from connectors.agent import ScriptAgent
@@ -166,18 +166,14 @@ def _attempts(results: list[dict[str, object]]) -> list[ConnectAttempt]:
 
 
 def prove_isolation(connector: Connector, namespace: Namespace, production: list[tuple[str, int]], *,
-                    copy_port: int | None = None, agent: ScriptAgent | None = None,
-                    control: bool = True) -> IsolationProof:
+                    copy_port: int | None = None, agent: ScriptAgent | None = None) -> IsolationProof:
     """Prove the namespace is isolated: only loopback inside, no route, every production
     endpoint refused or unreachable from inside at once, and (when `copy_port` is given) the
     copy answering on loopback inside.
 
     The same production endpoints are tried from the target itself, outside the namespace, as
     a control: an inside failure means more when the outside connect works. The control is
-    evidence, not a condition: a DR target may be firewalled from production anyway. control=False
-    leaves it out, for the caller to add with `with_control` where it costs less (a drill adds it
-    once its copy's probes are in: it is another interpreter on the target, which beside a
-    restore takes a core from it).
+    evidence, not a condition: a DR target may be firewalled from production anyway.
     """
     if not production:
         raise ValueError(f"namespace {namespace.name}: a proof of isolation needs at least one production endpoint")
@@ -186,7 +182,7 @@ def prove_isolation(connector: Connector, namespace: Namespace, production: list
                        agent=agent)
     attempts = _attempts(seen["results"])
     inside, copy = attempts[:len(production)], (attempts[-1] if copy_port else None)
-    outside = connect_attempts(connector, production, namespace=None) if control else []
+    outside = connect_attempts(connector, production, namespace=None)
     links, routes = list(seen["links"]), list(seen["routes"])
     problems = [f"interface {link} besides loopback" for link in links if link != "lo"]
     problems += [f"route {route!r}" for route in routes]
@@ -200,11 +196,6 @@ def prove_isolation(connector: Connector, namespace: Namespace, production: list
         problems.append(f"the copy does not answer on 127.0.0.1:{copy.port} inside the namespace ({copy.errno})")
     return IsolationProof(namespace=namespace.name, host=connector.name, links=links, routes=routes,
                           production_inside=inside, production_outside=outside, copy_inside=copy, problems=problems)
-
-
-def with_control(connector: Connector, proof: IsolationProof, production: list[tuple[str, int]]) -> IsolationProof:
-    """The proof with the control added: the production endpoints tried from the target itself."""
-    return replace(proof, production_outside=connect_attempts(connector, production, namespace=None))
 
 
 def namespace_pids(connector: Connector, name: str) -> list[int]:
@@ -246,5 +237,5 @@ def remove_namespace(connector: Connector, name: str, *, grace: float = 5.0) -> 
 __all__ = [
     "ConnectAttempt", "Isolation", "IsolationProof", "IsolationUnsupported", "Namespace", "NamespaceRemoval",
     "connect_attempts", "create_namespace", "list_namespaces", "namespace_exists", "namespace_name",
-    "namespace_pids", "prove_isolation", "remove_namespace", "require_isolation", "with_control",
+    "namespace_pids", "prove_isolation", "remove_namespace", "require_isolation",
 ]

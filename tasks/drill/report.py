@@ -97,6 +97,17 @@ def _offset(evidence: DrillEvidence, moment: datetime) -> float:
     return (moment - evidence.started).total_seconds()
 
 
+CLOCK_NOTE = ("Starts count from failover start, where the RTO clock starts; a negative start came before it "
+              "(readiness, the primary's checksums and the test networks, which a real failover does not have).")
+
+
+def _since_clock(evidence: DrillEvidence, moment: datetime) -> str:
+    """`+4.0 s` after failover start (the RTO clock's zero); `-1.7 s` for what came before it
+    (readiness, the primary's checksums, the test networks)."""
+    offset = _offset(evidence, moment)
+    return ("+" if offset >= 0 else "") + _duration(offset)
+
+
 def _member_groups(evidence: DrillEvidence) -> dict[str, str]:
     """Which group each member ran in, as its steps recorded it."""
     groups: dict[str, str] = {}
@@ -187,12 +198,12 @@ def drill_markdown(evidence: DrillEvidence) -> str:
     if e.groups:
         lines += ["## RTO per group", ""]
         lines += _md_table(["group", "started", "probes passed", "RTO", "ok", "detail"],
-                           [(g.name, f"+{_duration(_offset(e, g.started))}", _when(g.probes_passed_at),
+                           [(g.name, _since_clock(e, g.started), _when(g.probes_passed_at),
                              _duration(e.group_rto_seconds(g.name)), "yes" if g.ok else "no", g.detail)
                             for g in e.groups])
-    lines += ["## Timeline", ""]
+    lines += ["## Timeline", "", CLOCK_NOTE, ""]
     lines += _md_table(["step", "group", "member", "start", "duration", "ok", "detail"],
-                       [(s.name, s.group or "", s.member or "", f"+{_duration(_offset(e, s.started))}",
+                       [(s.name, s.group or "", s.member or "", _since_clock(e, s.started),
                          _duration(s.seconds), _step_ok(s.ok), s.detail) for s in e.steps]) \
         if e.steps else ["No step recorded.", ""]
     lines += ["## Probes", ""]
@@ -376,7 +387,7 @@ def drill_html(evidence: DrillEvidence) -> str:
         e=e, title=drill_title(e), rto=rto_line(e), rpo=rpo_line(e), targets_met=targets_met(e),
         cleanup=_cleanup_summary(e), primary_untouched=primary_untouched(e), chart=timeline_chart(e), members=member_rows(e),
         probe_phases=[(title, [p for p in e.probes if p.phase == phase]) for phase, title in PROBE_PHASES],
-        offset=lambda moment: _offset(e, moment), group_rto=e.group_rto_seconds,
+        since_clock=lambda moment: _since_clock(e, moment), clock_note=CLOCK_NOTE, group_rto=e.group_rto_seconds,
     )
 
 

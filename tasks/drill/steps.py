@@ -7,15 +7,16 @@ an ordinary failure: it returns what it did, timestamped, with the reason it sto
 evidence keeps the whole picture and cleanup always follows.
 
 Reusable beyond the test failover (planned/unplanned failover and failback build on them):
-`open_drill`, `primary_digests`, `failover_member` (restore + isolate + start + probe one
-member onto its target), `run_actions`, `cleanup_step`, `write_evidence`.
+`open_drill`, `primary_digests`, `isolate_members` (each member's test network, before the
+RTO clock), `failover_member` (restore + start + probe one member onto its target),
+`run_actions`, `cleanup_step`, `write_evidence`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import shlex
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,12 +44,12 @@ from tasks.drill.copy import disk_digest, point_file_digests, repository
 from tasks.drill.evidence import (
     Checksum, CleanupItem, DrillEvidence, PointUsed, ProbeRecord, Step, evidence_key, utcnow,
 )
-from tasks.drill.isolation import IsolationProof, create_namespace, prove_isolation, require_isolation, with_control
+from tasks.drill.isolation import create_namespace, prove_isolation, require_isolation
 from tasks.drill.ledger import Ledger
 from tasks.drill.members import CONTROLLER_HOST, Member, find_plan, primary_disk_path, resolve
 from tasks.drill.probing import checksum_paths, copy_probes
 from tasks.drill.readiness import Readiness, check_readiness
-from tasks.drill.target import HOST_SCRIPT, TargetError, namespace_prefix
+from tasks.drill.target import HOST_SCRIPT, namespace_prefix
 from tasks.probes import LINUX_SCRIPT as PROBE_SCRIPT
 
 log = structlog.stdlib.get_logger("patchdrill.drill")
@@ -160,7 +161,6 @@ class MemberOutcome:
     steps: list[Step] = field(default_factory=list)
     points: list[PointUsed] = field(default_factory=list)
     probes: list[ProbeRecord] = field(default_factory=list)
-    isolation: str | None = None
     error: str | None = None
     cancelled: bool = False
 
@@ -224,84 +224,108 @@ def namespace_agent(connector: Connector, namespace: str) -> ScriptAgent:
 
 @dataclass
 class Isolated:
-    """A member's namespace and the script agent inside it (on the member's own connection,
-    which outlives the isolating one): the copy's start, wait and probes go through it. The
-    proof still lacks its control, made once the probes are in (`_add_control`)."""
+    """A member's test network, made before the failover's clock starts: its namespace, the
+    proof that it cannot reach the primary, and a script agent inside it (on a connection of
+    its own, held until the drill ends) through which the copy's start, wait and probes go."""
 
     namespace: str
     agent: ScriptAgent
-    proof: IsolationProof
-    production: list[tuple[str, int]]
+    connection: Connector
     step: Step
 
+    def close(self) -> None:
+        """Ends the agent and its connection (again is harmless): before cleanup counts the
+        namespace's processes."""
+        self.agent.close()
+        self.connection.close()
 
-def _isolate(ctx: DrillContext, member: Member, timeline: Timeline, outcome: MemberOutcome,
-             member_target: Connector) -> Isolated:
-    """Create the member's network namespace on its target, start a script agent inside it and
-    prove it cannot reach the primary. A connection of its own: it runs beside the restore."""
+
+def isolate(ctx: DrillContext, member: Member, timeline: Timeline) -> Isolated:
+    """Create the member's network namespace on its target (recorded in the ledger first),
+    start a script agent inside it and prove the namespace cannot reach the primary."""
     production = [(member.primary.address, member.primary.effective_port)]
-    with ctx.connect(member.target) as target, timeline.step("isolate") as step:
-        require_isolation(target, member.id, "netns")
-        space = create_namespace(target, ctx.ledger, member=member.id)
-        # Inside the ledgered namespace: its removal stops the agent too, should it outlive us.
-        agent = namespace_agent(member_target, space.name)
-        try:
-            proof = prove_isolation(target, space, production, agent=agent, control=False)
-        except BaseException:
-            agent.close()
-            raise
-        outcome.isolation = proof.evidence
-        step.detail = proof.evidence
-        if not proof.ok:
-            agent.close()
-            raise RuntimeError(f"namespace {space.name} is not isolated: {'; '.join(proof.problems)}")
-        return Isolated(space.name, agent, proof, production, step)
-
-
-def _add_control(target: Connector, isolated: Isolated, outcome: MemberOutcome) -> None:
-    """The isolation proof's control (production tried from the target itself, outside the
-    namespace), made after the probes: it is evidence, not a condition, and it starts an
-    interpreter on the target, which beside the restore would take a core from it."""
+    connection = ctx.connect(member.target)
+    agent: ScriptAgent | None = None
     try:
-        proof = with_control(target, isolated.proof, isolated.production)
-    except (ConnectorError, TargetError, OSError) as exc:
-        outcome.isolation = isolated.step.detail = f"{isolated.proof.evidence}\ncontrol from outside not made: {redact(str(exc))}"
-        return
-    outcome.isolation = isolated.step.detail = proof.evidence
+        with timeline.step("isolate") as step:
+            require_isolation(connection, member.id, "netns")
+            space = create_namespace(connection, ctx.ledger, member=member.id)
+            # Inside the ledgered namespace: its removal stops the agent too, should it outlive us.
+            agent = namespace_agent(connection, space.name)
+            proof = prove_isolation(connection, space, production, agent=agent)
+            step.detail = proof.evidence
+            if not proof.ok:
+                raise RuntimeError(f"namespace {space.name} is not isolated: {'; '.join(proof.problems)}")
+            return Isolated(space.name, agent, connection, step)
+    except BaseException:
+        if agent is not None:
+            agent.close()
+        connection.close()
+        raise
 
 
-def failover_member(ctx: DrillContext, member: Member, points: dict[str, RecoveryPoint]) -> MemberOutcome:
-    """Restore the member's points onto its target (isolating it meanwhile), start and probe the copy.
+def isolate_members(ctx: DrillContext) -> tuple[dict[str, Isolated], list[MemberOutcome]]:
+    """Every member's test network, before the failover's clock starts.
+
+    The namespace is the drill's own apparatus, as Azure Site Recovery's isolated test network
+    is made before a test failover: a real failover has none, so timing it would make a drill's
+    RTO promise less than the failover it rehearses. Members isolate side by side; each one's
+    failure (a member that cannot be isolated stops the drill before anything is restored) or
+    cancellation comes back as that member's outcome. What was made is in the ledger either way.
+    """
+    wanted = [m for m in ctx.members if m.isolation == "netns"]
+    isolated: dict[str, Isolated] = {}
+    failed: list[MemberOutcome] = []
+
+    def one(member: Member) -> None:
+        timeline = Timeline(member.group, member.id)
+        try:
+            cancel.check()
+            isolated[member.id] = isolate(ctx, member, timeline)
+        except cancel.Interrupted as exc:
+            failed.append(MemberOutcome(member.id, member.group, timeline.steps, error=str(exc), cancelled=True))
+        except Exception as exc:  # noqa: BLE001 - a member's failure is evidence; cleanup follows either way
+            failed.append(MemberOutcome(member.id, member.group, timeline.steps, error=_member_error(member, exc)))
+
+    if wanted:
+        with ThreadPoolExecutor(max_workers=min(len(wanted), 8), thread_name_prefix="isolate") as pool:
+            list(pool.map(one, wanted))
+    return isolated, failed
+
+
+def _member_error(member: Member, exc: Exception) -> str:
+    """What stopped a member, redacted and logged (an exception without a message by its type)."""
+    error = redact(str(exc) or type(exc).__name__)
+    log.error("drill.member_failed", member=member.id, error=error)
+    return error
+
+
+def failover_member(ctx: DrillContext, member: Member, points: dict[str, RecoveryPoint],
+                    isolated: Isolated | None = None) -> MemberOutcome:
+    """Restore the member's points onto its target, start the copy (inside its test network
+    when isolated) and probe it.
 
     Stops at the first failing step (its reason in `error`); what it created is in the ledger.
     """
     outcome = MemberOutcome(member=member.id, group=member.group)
     timeline = Timeline(member.group, member.id)
     outcome.steps = timeline.steps
-    isolating: Future[Isolated] | None = None
+    namespace, agent = (isolated.namespace, isolated.agent) if isolated else (None, None)
     try:
         with ctx.connect(member.target) as target:
             with timeline.step("copy root", f"{member.target.name}:{member.root}"):
                 claim_copy_root(target, ctx.ledger, member=member.id, root=member.root)
-            # The namespace does not depend on the data: it is made and proven while the restore
-            # runs, so it costs the RTO nothing. Leaving this block waits for it either way, so
-            # the ledger names it before any cleanup starts.
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="isolate") as beside:
-                isolating = beside.submit(_isolate, ctx, member, timeline, outcome, target) \
-                    if member.isolation == "netns" else None
-                for disk in member.disks:
-                    cancel.check()
-                    point, path = points[disk], member.disk_path(disk)
-                    with timeline.step(f"restore {disk}", f"{point.key} -> {member.target.name}:{path}") as step:
-                        record_path(target, ctx.ledger, member=member.id, root=member.root, path=path)
-                        result = restore_on(ctx.repo, point, target, path)
-                        step.detail += f" ({result.blocks_written}/{result.blocks} blocks written, {result.seconds:.1f} s)"
-                    outcome.points.append(PointUsed(member=member.id, host=member.primary.name, disk=disk,
-                                                    point_id=point.key, taken_at=point.time,
-                                                    consistency=point.consistency, bytes_written=result.bytes_written,
-                                                    restore_seconds=result.seconds))
-            isolated = isolating.result() if isolating is not None else None
-            namespace, agent = (isolated.namespace, isolated.agent) if isolated else (None, None)
+            for disk in member.disks:
+                cancel.check()
+                point, path = points[disk], member.disk_path(disk)
+                with timeline.step(f"restore {disk}", f"{point.key} -> {member.target.name}:{path}") as step:
+                    record_path(target, ctx.ledger, member=member.id, root=member.root, path=path)
+                    result = restore_on(ctx.repo, point, target, path)
+                    step.detail += f" ({result.blocks_written}/{result.blocks} blocks written, {result.seconds:.1f} s)"
+                outcome.points.append(PointUsed(member=member.id, host=member.primary.name, disk=disk,
+                                                point_id=point.key, taken_at=point.time,
+                                                consistency=point.consistency, bytes_written=result.bytes_written,
+                                                restore_seconds=result.seconds))
             cancel.check()
             run_actions(ctx, member, member.spec.pre_actions, target, namespace, timeline, "pre")
             spec = _control_spec(member)
@@ -329,8 +353,6 @@ def failover_member(ctx: DrillContext, member: Member, points: dict[str, Recover
                 failed = [f"{p.probe}: {p.detail}" for p in outcome.probes if not p.ok]
                 step.ok = not failed
                 step.detail = "; ".join(failed) or f"{len(outcome.probes)} probe(s) passed"
-            if isolated is not None:
-                _add_control(target, isolated, outcome)
             if failed:
                 outcome.error = f"probes failed: {'; '.join(failed)}"
                 return outcome
@@ -338,12 +360,10 @@ def failover_member(ctx: DrillContext, member: Member, points: dict[str, Recover
     except cancel.Interrupted as exc:
         outcome.error, outcome.cancelled = str(exc), True
     except Exception as exc:  # noqa: BLE001 - a member's failure is evidence; cleanup follows either way
-        outcome.error = redact(f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc))
-        log.error("drill.member_failed", member=member.id, error=outcome.error)
+        outcome.error = _member_error(member, exc)
     finally:
-        # Before cleanup counts the namespace's processes; also when the restore failed beside it.
-        if isolating is not None and isolating.done() and not isolating.cancelled() and isolating.exception() is None:
-            isolating.result().agent.close()
+        if isolated is not None:
+            isolated.close()  # its work is done; the copy it started runs on without it
     return outcome
 
 
@@ -356,8 +376,9 @@ def _expected(ctx: DrillContext, member: Member, points: dict[str, RecoveryPoint
 
 
 @task(name="drill-failover-member", task_run_name="failover {member.id}", cache_policy=NO_CACHE)
-def failover_member_task(ctx: DrillContext, member: Member, points: dict[str, RecoveryPoint]) -> MemberOutcome:
-    return failover_member(ctx, member, points)
+def failover_member_task(ctx: DrillContext, member: Member, points: dict[str, RecoveryPoint],
+                         isolated: Isolated | None = None) -> MemberOutcome:
+    return failover_member(ctx, member, points, isolated)
 
 
 # --------------------------------------------------------------------------- cleanup

@@ -145,7 +145,7 @@ def test_the_drill_shows_its_probes_rto_rpo_and_cleanup_proof(demo: subprocess.C
     assert "probes inside it: http ✓  sql ✓  checksum ✓" in drill
     assert re.search(r"│ RTO │ [\d.]+ (s|min)\s*│ 5 min 00 s\s*│ ✓ │", drill), drill
     assert re.search(r"│ RPO │ [\d.]+ (s|min)\s*│ 24 h 00 min │ ✓ │", drill), drill
-    assert "cleanup: process, namespace, path, copy-root: each checked gone" in drill
+    assert "cleanup: process, path, copy-root, namespace: each checked gone" in drill
     assert "primary untouched: checksums equal before and after" in drill
     report = re.search(r"^report  (\S+\.html)$", demo.stdout, re.MULTILINE)
     assert report, demo.stdout[-500:]

@@ -64,7 +64,7 @@ def test_a_copy_with_other_data_fails_the_demo_drill_and_is_still_cleaned_up(
     out = console.export_text()
     assert "probes inside it: http ✗  sql ✗  checksum ✓" in out, out
     assert re.search(r"sql: returned '7'", out), out
-    assert "cleanup: process, namespace, path, copy-root: each checked gone" in out, out
+    assert "cleanup: process, path, copy-root, namespace: each checked gone" in out, out
     assert "drill failed" in out, out
     assert max(len(line) for line in out.splitlines()) <= WIDTH
     namespace = re.search(r"started in namespace (\S+):", out)

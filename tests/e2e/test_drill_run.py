@@ -195,9 +195,11 @@ def test_a_passing_drill_restores_isolates_probes_and_cleans_up_with_proof(prefe
     # From inside the namespace the primary's sshd is refused; from the target itself it answers.
     assert f"inside -> production {drill_lab.primary.address}:{drill_lab.primary.port}: ECONNREFUSED" in isolate.detail
     assert f"outside -> production {drill_lab.primary.address}:{drill_lab.primary.port}: connected" in isolate.detail
-    # The namespace does not wait for the data: it is made while the restore runs (off the RTO).
+    # The test network is the drill's own apparatus (a real failover has none): made and proven
+    # before the RTO clock starts; the restore, the copy's start and its probes are on the clock.
     restored = next(s for s in evidence.steps if s.name == "restore www")
-    assert restored.finished is not None and isolate.ok and isolate.started < restored.finished, evidence.steps
+    assert isolate.ok and isolate.finished is not None, evidence.steps
+    assert isolate.finished <= evidence.started <= restored.started, evidence.steps
     [checksum] = evidence.primary_checksums
     assert checksum.unchanged is True
     # --yes confirmed the manual action in advance: recorded, no pause.
@@ -495,3 +497,44 @@ def test_a_manual_action_nobody_answers_fails_the_drill_and_cleanup_still_runs(
     [manual] = [s for s in evidence.steps if s.name.startswith("manual ")]
     assert not manual.ok and "nobody answered within 0.05 min" in manual.detail
     assert_cleaned(evidence, drill_lab, name, cfg)
+
+
+def test_a_member_that_cannot_be_isolated_fails_alone_and_what_the_others_made_is_cleaned(
+        drill_lab: DrillLab, tmp_path: Path) -> None:
+    """Isolation runs before the failover's clock, every member side by side: one whose target
+    stopped answering after readiness (here: a port nothing listens on) comes back as that
+    member's failure naming its host, never as an exception that would leave the others'
+    namespaces unrecorded; the one isolated is in the ledger and cleanup removes it, verified.
+    No Prefect server: `isolate_members` is called as the flow calls it."""
+    from tasks.drill.cleanup import cleanup_run
+    from tasks.drill.steps import isolate_members, open_drill
+    from tests.hosts.sshd_server import free_port
+
+    name = "unisolated"
+    spec = plan(drill_lab, name)
+    gone = drill_lab.target.host_config(name="dr-gone", port=free_port(drill_lab.target.address))
+    second = dict(spec["groups"][0]["members"][0], target={"host": "dr-gone", "path": str(drill_lab.copy_root(name))})
+    spec["groups"].append({"name": "later", "members": [second]})
+    cfg = drill_lab.config(name, spec)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["hosts"].append(gone.model_dump(exclude_none=True))
+    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
+    run_id = f"isolate-{os.getpid()}-{time.time_ns()}"
+    ctx = open_drill(str(cfg), name, run_id)
+    [first, later] = ctx.members
+    isolated, failed = isolate_members(ctx)
+    try:
+        assert set(isolated) == {first.id}
+        [outcome] = failed
+        assert outcome.member == later.id and not outcome.cancelled
+        assert outcome.error and "dr-gone" in outcome.error, outcome.error
+        [step] = outcome.steps
+        assert step.name == "isolate" and step.ok is False
+        assert isolated[first.id].namespace in namespaces()
+    finally:
+        for each in isolated.values():
+            each.close()
+    report = cleanup_run(ctx.store, run_id, ctx.connect_name)
+    assert report.ok, report.summary()
+    ours = ledger_namespaces(cfg, run_id)
+    assert isolated[first.id].namespace in ours and not ours & namespaces()

@@ -184,6 +184,21 @@ def test_a_step_begun_before_the_clock_is_drawn_from_its_start() -> None:
     assert (bar.x, bar.width) == (CHART_LEFT, 2.0)
 
 
+def test_steps_before_the_clock_read_as_negative_starts_in_markdown_and_html() -> None:
+    """The test network is made before failover start (the RTO clock's zero): its start reads
+    `-1.7 s`, never `+-1.7 s`, and the page says what a negative start means."""
+    evidence = drill()
+    evidence.steps.insert(0, evidence.steps[0].model_copy(update={"name": "isolate", "started": at(-1.7),
+                                                                  "finished": at(-0.2)}))
+    markdown = drill_markdown(evidence)
+    [row] = [line for line in markdown.splitlines() if line.startswith("| isolate ")]
+    assert "| -1.7 s | 1.5 s |" in row and "+-" not in markdown
+    assert "a negative start came before it" in markdown
+    page = Page(drill_html(evidence))
+    assert "-1.7 s" in page.all_text and "+-" not in page.all_text and "a negative start came before it" in page.all_text
+    assert "+4.0 s" in page.all_text  # the first restore, on the clock
+
+
 def test_html_report_is_written_whole_under_a_safe_name(tmp_path: Path) -> None:
     evidence = drill(plan="../../etc/Shop Plan", run_id="Run/7")
     path = write_html_report(evidence, tmp_path / "reports")
