@@ -116,8 +116,9 @@ def cleanup(run: Annotated[Optional[str], typer.Argument(help="The drill's run i
                                                   "is not running (no live slot lease): what crashed controllers "
                                                   "left.")] = False,
             config: ConfigOption = DEFAULT_CONFIG, as_json: JsonOption = False) -> None:
-    """Remove exactly what a drill's ledger names (after a controller crash, say) and verify
-    each item gone; exit 1 if any item could not be proven gone."""
+    """Remove exactly what a drill's ledger names and verify each item gone; exit 1 if any is not.
+
+    For a run whose controller crashed, say; removing twice is harmless."""
     from connectors import connect
     from connectors.stores import StoreError
     from tasks.drill.cleanup import cleanup_run, orphaned_runs
