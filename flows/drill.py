@@ -292,6 +292,10 @@ def _manual_gate(group: list[Member], phase: str, timeline: Timeline, timeout_mi
         key = re.sub(r"[^A-Za-z0-9_-]", "-", f"manual-{group[0].group}-{phase}")  # a pause key is a URL path part
         answer = wait_for_answer(form, key=key, timeout_seconds=timeout_minutes * 60,
                                  poll_seconds=MANUAL_POLL_SECONDS)
+        if answer is None and cancel.requested():
+            step.ok = False
+            step.detail += f"; stopped while waiting: {cancel.requested()}"
+            return Stop(f"stopped while waiting for the manual actions of group {group[0].group}: {cancel.requested()}")
         if answer is None:
             step.ok = False
             step.detail += f"; nobody answered within {timeout_minutes:g} min"

@@ -137,8 +137,9 @@ def _approval_detail(answer: FailoverApproval | None) -> str:
 
 @dataclass(frozen=True)
 class Refusal:
-    """Why a failover or failback did not start: a person said no (the run ends Cancelled), or
-    nobody answered in time (it ends Failed, which alerts); either way nothing changed."""
+    """Why a failover or failback did not start: a person said no or cancelled the run while it
+    waited (it ends Cancelled), or nobody answered in time (it ends Failed, which alerts); either
+    way nothing changed."""
 
     reason: str
     by_person: bool
@@ -150,6 +151,8 @@ def _approve(journal: Journal, description: str, approved: bool, timeout_minutes
         journal.evidence.notes.append(f"approved on the command line by {journal.evidence.operator}")
         return None
     answer = journal.step("approval", lambda: request_approval(description, timeout_minutes), detail=_approval_detail)
+    if answer is None and cancel.requested():
+        return Refusal(f"stopped while waiting for approval: {cancel.requested()}", by_person=True)
     if answer is None:
         return Refusal(f"no approval within {timeout_minutes:g} min", by_person=False)
     if answer.approve:

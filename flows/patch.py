@@ -37,6 +37,7 @@ from flows.logs import configure
 from flows.pause import wait_for_answer
 from flows.rollback_approval import settle_rollbacks
 from flows.run_form import Names, OptionalName, current_run_name, run_name, selection
+from tasks.backup import cancel
 from tasks.patching.models import HostPatchRecord
 from tasks.patching.fleet import PatchFleet, load_fleet
 from tasks.patching.install import PatchContext, patch_host_task
@@ -293,12 +294,16 @@ def patch_run(
     if fleet.policy.approval_required and not approved and rollout_plan.batches:
         answer = request_approval(assessment_markdown(assessment, rollout_plan), approval_timeout_minutes)
         if answer is None or not answer.approve:
-            refused = (f"no approval within {approval_timeout_minutes:g} min" if answer is None
+            stopped = cancel.requested() if answer is None else None
+            refused = (f"stopped while waiting for approval: {stopped}" if stopped
+                       else f"no approval within {approval_timeout_minutes:g} min" if answer is None
                        else f"not approved{': ' + answer.comment if answer.comment else ''}")
             log.info("not approved", reason=refused)
             unpatched += [record_for_unpatched(run_id, p.host, now, p, "skipped", refused)
                           for p in with_work if p.host in rollout_plan.scheduled]
             report = _finish(report, fleet, unpatched, stopped=refused)
+            if stopped:
+                return Cancelled(message=f"{refused}: nothing installed", data=report)
             if answer is None:
                 return Failed(message=f"{refused}: nothing installed", data=report)
             return Cancelled(message=answer.comment or "not approved", data=report)
@@ -313,6 +318,10 @@ def patch_run(
         unpatched += [record_for_unpatched(run_id, name, now, plans[name], "skipped", rollout.stop_reason)
                       for name in rollout.not_started]
     report = _finish(report, fleet, unpatched, stopped=rollout.stop_reason, patched=patched)
+    if stop := cancel.requested():
+        # Cancelling runs may only become Cancelled; the report says what was done before the stop.
+        return Cancelled(message=f"stopped: {stop}; {run_state(report, failed_hosts(patched, unpatched)).message}",
+                         data=report)
     return run_state(report, failed_hosts(patched, unpatched))
 
 
@@ -324,6 +333,8 @@ def roll_out(rollout_plan: RolloutPlan, fleet: PatchFleet, ctx: PatchContext, as
         for record in patch_batch(batch, fleet, ctx, assessment, slot_timeout_seconds):
             rollout.record(record.host, record.status == "succeeded", record.reason)
             records.append(record)
+        if stop := cancel.requested():  # cancelled in Prefect (noticed in a pause) or a signal
+            rollout.stop(stop)
     if rollout.stop_reason:
         log.error("rollout stopped", reason=rollout.stop_reason, not_started=rollout.not_started)
     return rollout, records

@@ -8,6 +8,12 @@ the flow can neither record why nothing happened nor end with its own message. H
 the server holds outlasts the answer's deadline by PAUSE_GRACE_SECONDS, and at the deadline the
 flow takes itself out of the pause (Paused → Running, as a resume does): it gets None and carries
 on to record the outcome and choose its final state.
+
+A stop does not wait for the deadline: a signal (Ctrl-C, SIGTERM from a worker) wakes the wait at
+once and leaves the pause the same way; a cancellation from the UI or the API (the run is then
+Cancelling, or Cancelled) sets the process's stop token (tasks/backup/cancel.py). Either way the
+answer is None and `cancel.requested()` says why, so the caller stops as it would on a signal:
+a drill cleans up and ends Cancelled.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from prefect.context import FlowRunContext
 from prefect.input import RunInput, keyset_from_paused_state
 from prefect.input.actions import read_flow_run_input
 from prefect.states import Paused, Running
+
+from tasks.backup import cancel
 
 log = structlog.stdlib.get_logger("patchdrill.pause")
 
@@ -51,14 +59,23 @@ def wait_for_answer(form: type[Form], *, key: str, timeout_seconds: float, poll_
             raise RuntimeError(f"the flow run could not pause: {result.details}")
         form.save(keyset)
         deadline = time.monotonic() + timeout_seconds
+        why = f"no answer within {timeout_seconds:g} s"
         while True:
-            time.sleep(max(0.0, min(poll_seconds, deadline - time.monotonic())))
+            if cancel.wait(max(0.0, min(poll_seconds, deadline - time.monotonic()))):
+                why = f"{cancel.requested()} while it waited for an answer"
+                break
             state = client.read_flow_run(run_id).state
             if state is not None and state.is_running():
                 return form.load(keyset)
+            if state is not None and (state.is_cancelling() or state.is_cancelled()):
+                # Cancelled from the UI or the API: only Cancelled may follow, and the run
+                # reaches it by itself once its caller has stopped (and cleaned up).
+                cancel.request(f"cancelled in Prefect while it waited for an answer ({key})")
+                log.info("pause.cancelled", flow_run=str(run_id), key=key)
+                return None
             if time.monotonic() >= deadline:
                 break
-        result = client.set_flow_run_state(run_id, Running(message=f"no answer within {timeout_seconds:g} s"))
+        result = client.set_flow_run_state(run_id, Running(message=why))
     if result.state is None or not result.state.is_running():
         raise RuntimeError(f"the flow run could not leave its pause: {result.details}")
     # A Resume submitted just before our own transition was accepted too: it still counts.

@@ -30,6 +30,7 @@ from pydantic import Field
 from configs.alerts import AlertsConfig
 from configs.models import HostConfig
 from flows.pause import wait_for_answer
+from tasks.backup import cancel
 from tasks.alerts import raise_alert, rollback_not_started
 from tasks.patching.install import PatchContext
 from tasks.patching.models import HostPatchRecord
@@ -97,8 +98,9 @@ def ask_and_roll_back(ctx: PatchContext, batch: Batch, hosts: dict[str, HostConf
                              poll_seconds=poll_seconds)
     if answer is None:
         why = "the time left in the maintenance window" if timeout < limit else "rollback_approval_minutes"
-        error = (f"nobody approved it within {timeout / 60:.3g} min ({why}); the host is left as patched "
-                 f"for a person")
+        error = (f"stopped while waiting for the rollback's approval ({cancel.requested()}); the host is left as "
+                 f"patched for a person" if cancel.requested() else
+                 f"nobody approved it within {timeout / 60:.3g} min ({why}); the host is left as patched for a person")
         log.error("rollback not approved in time", hosts=[r.host for r in askable], error=error)
         return decided | {r.host: RollbackRecord(status="unanswered", error=error) for r in askable}
     log.info("rollback answered", roll_back=answer.roll_back, comment=answer.comment)

@@ -23,6 +23,18 @@ pytest_plugins = ["tests.hosts.sshd", "tests.hosts.winrm", "tests.hosts.azurite"
                   "tests.hosts.patch_host", "tests.scheduling"]
 
 
+@pytest.fixture(autouse=True)
+def _fresh_stop_token() -> Iterator[None]:
+    """Each test starts with no stop asked for: the stop token (tasks/backup/cancel.py) is the
+    process's, and a flow run in a test's thread (where signals cannot be owned, so nothing
+    resets it) may have been stopped on purpose, by a cancellation it noticed."""
+    from tasks.backup import cancel
+
+    cancel.reset()
+    yield
+    cancel.reset()
+
+
 @pytest.fixture(scope="session")
 def prefect_server() -> Iterator[None]:
     """A real temporary Prefect server (SQLite) for flows run in tests.

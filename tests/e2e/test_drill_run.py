@@ -292,14 +292,16 @@ def _no_leftovers() -> Iterator[None]:
     _launched.clear()
 
 
-def start(cfg: Path, name: str, stderr: Path) -> subprocess.Popen[bytes]:
-    """`patchdrill drill run` in a subprocess against the test's Prefect server."""
+def start(cfg: Path, name: str, stderr: Path, *, confirmed: bool = True) -> subprocess.Popen[bytes]:
+    """`patchdrill drill run` in a subprocess against the test's Prefect server (confirmed:
+    with --yes, so it never pauses for a plan's manual actions)."""
     from prefect.settings import get_current_settings
 
     env = {**os.environ, "PREFECT_API_URL": str(get_current_settings().api.url),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     with open(stderr, "wb") as sink:
-        process = subprocess.Popen([str(PATCHDRILL), "drill", "run", name, "--config", str(cfg), "--yes"],
+        process = subprocess.Popen([str(PATCHDRILL), "drill", "run", name, "--config", str(cfg),
+                                    *(["--yes"] if confirmed else [])],
                                    env=env, stdout=subprocess.DEVNULL, stderr=sink, start_new_session=True)
     _launched.append(process)
     return process
@@ -339,6 +341,40 @@ def test_a_cancelled_drill_cleans_up_and_exits_3(prefect_server: None, drill_lab
     assert process.wait(timeout=HANG_GUARD) == 3, stderr.read_text()
     evidence = latest_evidence(cfg, name)
     assert evidence.outcome == "cancelled"
+    assert_cleaned(evidence, drill_lab, name, cfg)
+
+
+def test_sigterm_while_a_drill_waits_for_a_person_stops_it_at_once_and_cleans_up(
+        prefect_server: None, drill_lab: DrillLab, tmp_path: Path) -> None:
+    """`kill PID` (or a worker's cancellation) while the drill is paused for a manual action,
+    its copy up: the wait ends at the signal, not at the pause's 4-hour deadline; cleanup runs,
+    verified; exit 3 and the run Cancelled on the server."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    name = "sigterm-paused"
+    spec = plan(drill_lab, name)
+    spec["groups"][0]["members"][0]["post_actions"] = [{"kind": "manual", "instructions": "Check the copy by hand"}]
+    cfg = drill_lab.config(name, spec)
+    stderr = tmp_path / "stderr"
+    process = start(cfg, name, stderr, confirmed=False)
+    states = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
+
+    def paused() -> bool:
+        with get_client(sync_client=True) as client:
+            return any(r.name.startswith(f"drill {name} ") for r in client.read_flow_runs(flow_run_filter=states))
+
+    wait_for("the drill paused for its manual action", paused, process, stderr)
+    assert serving(drill_lab, name)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=HANG_GUARD) == 3, stderr.read_text()
+    evidence = latest_evidence(cfg, name)
+    assert evidence.outcome == "cancelled"
+    [manual] = [s for s in evidence.steps if s.name.startswith("manual post")]
+    assert "stopped while waiting: interrupted by SIGTERM" in manual.detail, manual.detail
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(evidence.run_id).state.is_cancelled()
     assert_cleaned(evidence, drill_lab, name, cfg)
 
 
@@ -461,6 +497,53 @@ def test_manual_actions_pause_the_drill_and_are_answered_through_the_prefect_api
     assert evidence.outcome == "cancelled"
     answers = [s.detail for s in evidence.steps if s.name.startswith("manual ")]
     assert "answered done=True: DBA told" in answers[0] and "answered done=False" in answers[1]
+    assert_cleaned(evidence, drill_lab, name, cfg)
+
+
+def test_a_drill_cancelled_in_prefect_while_it_waits_for_a_person_stops_at_once_and_cleans_up(
+        prefect_server: None, drill_lab: DrillLab, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The UI's Cancel on a drill paused for a manual action (the copy is up meanwhile): the
+    run is Cancelling on the server, the drill notices at its next poll instead of at the
+    pause's deadline (4 h by default), cleans up with proof and ends Cancelled, the one state
+    Prefect lets a cancelling run reach."""
+    import flows.drill as drill_flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    from tests.e2e.test_patch_run import cancel_as_the_ui_does
+
+    monkeypatch.setattr(drill_flow, "MANUAL_POLL_SECONDS", 1)
+    name = "cancel-paused"
+    spec = plan(drill_lab, name)
+    spec["groups"][0]["members"][0]["post_actions"] = [{"kind": "manual", "instructions": "Check the copy by hand"}]
+    cfg = drill_lab.config(name, spec)
+    outcome: dict[str, Any] = {}
+    worker = threading.Thread(target=lambda: outcome.update(
+        state=drill_flow.drill_run(config_path=str(cfg), plan=name, return_state=True)), name="paused-drill")
+    worker.start()
+    states = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
+    deadline = time.monotonic() + HANG_GUARD
+    found: list[Any] = []
+    while worker.is_alive() and time.monotonic() < deadline and not found:
+        with get_client(sync_client=True) as client:
+            found = [r for r in client.read_flow_runs(flow_run_filter=states) if r.name.startswith(f"drill {name} ")]
+        time.sleep(0.2)
+    assert found, f"the drill never paused: {outcome}"
+    run_id = found[0].id
+    assert serving(drill_lab, name)  # the copy is up while the person would check it
+    cancel_as_the_ui_does(run_id)
+    worker.join(HANG_GUARD)
+    assert not worker.is_alive(), "the drill kept waiting for its manual action after the cancellation"
+    state = outcome["state"]
+    assert state.is_cancelled(), state
+    assert "cancelled in Prefect while it waited for an answer" in state.message, state.message
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(run_id).state.is_cancelled()
+    evidence = evidence_of(cfg, str(run_id))
+    assert evidence.outcome == "cancelled"
+    [manual] = [s for s in evidence.steps if s.name.startswith("manual post")]
+    assert manual.ok is False and "stopped while waiting" in manual.detail
     assert_cleaned(evidence, drill_lab, name, cfg)
 
 

@@ -26,7 +26,7 @@ import yaml
 from connectors.stores import LocalBlobStore
 from tasks.drill.evidence import DrillEvidence, evidence_key
 from tests.e2e.test_backup_cli import cli  # noqa: F401 - the in-process CLI fixture
-from tests.e2e.test_patch_run import in_thread, joined, paused_run
+from tests.e2e.test_patch_run import cancelled_while_paused, in_thread, joined, paused_run
 from tests.hosts.sshd import SshdMaker
 from tests.hosts.sshd_server import free_port
 
@@ -191,6 +191,24 @@ def test_unplanned_failover_waits_for_approval_states_the_rpo_and_a_rejection_ch
     assert state.is_completed(), state
     assert serves(web_lab.copy_url)
     assert [s.name for s in web_lab.evidence(str(paused)).steps][:2] == ["choose-points", "approval"]
+
+
+def test_a_failover_cancelled_in_prefect_while_it_waits_for_approval_ends_cancelled_having_changed_nothing(
+        prefect_server: None, web_lab: WebLab, cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """The UI's Cancel on a failover paused for approval: noticed at the next poll instead of
+    at the approval's deadline, nothing restored, the run Cancelled."""
+    import flows.failover as failover_flow
+
+    monkeypatch.setattr(failover_flow, "APPROVAL_POLL_SECONDS", 1)
+    assert cli("backup", "-c", str(web_lab.config))[0] == 0
+    worker, outcome = in_thread(lambda: failover_flow.failover_run(
+        config_path=str(web_lab.config), plan="web", mode="unplanned", approval_timeout_minutes=240,
+        return_state=True), "cancelled-failover")
+    paused, state = cancelled_while_paused(worker, outcome)
+    assert state.is_cancelled(), state
+    assert "stopped while waiting for approval: cancelled in Prefect" in (state.message or ""), state.message
+    assert not web_lab.copy.exists() and serves(web_lab.primary_url)
+    assert web_lab.evidence(str(paused)).outcome == "cancelled"
 
 
 def test_a_failover_nobody_approves_in_time_fails_having_changed_nothing(

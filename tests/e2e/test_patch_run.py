@@ -179,6 +179,25 @@ def run_patch(**parameters: Any) -> tuple[State[Any], PatchRunReport]:
     return stored, report
 
 
+def cancel_as_the_ui_does(run_id: UUID) -> None:
+    """What the Prefect UI's Cancel does to a run: Cancelling, on the server."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    with get_client(sync_client=True) as client:
+        assert client.set_flow_run_state(run_id, Cancelling(message="cancelled in the UI")).state.is_cancelling()
+
+
+def cancelled_while_paused(worker: threading.Thread, outcome: dict[str, Any]) -> tuple[UUID, Any]:
+    """Cancel the run once it is paused, as the UI does; its id and what the run returned,
+    which must come well before any pause's deadline (the tests give those hours)."""
+    paused = paused_run(worker, outcome)
+    cancel_as_the_ui_does(paused)
+    worker.join(120)
+    assert not worker.is_alive(), "the run kept waiting in its pause after the cancellation"
+    return paused, joined(worker, outcome)
+
+
 def records(report: PatchRunReport) -> dict[str, HostPatchRecord]:
     return {r.host: r for r in report.records}
 
@@ -610,6 +629,34 @@ def test_rejected_approval_cancels_the_run_with_the_approvers_comment(
     assert host.versions() == {"demo-web": "1.0", "demo-kernel": "1.0", "demo-db": "1.0"}
     table = {row["update"]: row["state"] for row in run_artifacts(str(paused))["patch-all-compliance"]}
     assert table == {"demo-kernel=1.1": "Missing", "demo-web=1.1": "Missing", "demo-db=1.2": "Excluded"}
+
+
+def test_a_run_cancelled_in_prefect_while_it_waits_for_approval_ends_cancelled_at_once(
+        prefect_server: None, lab_host: LabMaker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The UI's Cancel on a run paused for approval: the run notices at its next poll (not at
+    the approval's deadline), installs nothing and ends Cancelled, the one state a cancelling
+    run may reach (it used to stay Cancelling for good after an error at the deadline)."""
+    import flows.patch as patch_flow
+    from typer.testing import CliRunner
+
+    from cli.app import app
+
+    monkeypatch.setattr(patch_flow, "APPROVAL_POLL_SECONDS", 1)
+    host = lab_host("cancel-me", 1)
+    cfg = write_config(tmp_path / "fleet.yaml", [host.config()],
+                       {"baseline_months": baseline_now(), "approval_required": True})
+    worker, outcome = in_thread(lambda: CliRunner().invoke(
+        app, ["patch", "run", "--config", str(cfg), "--wait-for-approval", "--json"]),
+        "cancelled-patch-run")
+    paused, result = cancelled_while_paused(worker, outcome)
+
+    assert result.exit_code == 3, result.output
+    state = flow_run_state(str(paused))
+    assert state.is_cancelled(), state
+    assert "stopped while waiting for approval: cancelled in Prefect" in (state.message or ""), state.message
+    [record] = json.loads(result.stdout)["records"]
+    assert record["status"] == "skipped" and record["reason"].startswith("stopped while waiting for approval")
+    assert host.versions() == {"demo-web": "1.0", "demo-kernel": "1.0", "demo-db": "1.0"}
 
 
 def test_a_failed_install_fails_the_run_and_the_command_and_alerts(prefect_server: None, lab_host: LabMaker,

@@ -267,3 +267,35 @@ def test_an_approval_nobody_gives_before_the_rollback_would_outrun_the_window_en
     assert stored.recovery == record.recovery
     [alert] = events("patchdrill.patch.rollback-not-started", "patchdrill.host.rollback-window")
     assert alert.payload["status"] == "unanswered" and alert.payload["run_id"] == report.run_id
+
+
+def test_a_run_cancelled_while_a_rollback_waits_for_approval_starts_no_other_update_domain(
+        prefect_server: None, lab_host: LabMaker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """rollback: ask, two update domains; the first host fails its health probe and the run
+    pauses for the rollback's approval. The Prefect UI's Cancel (the run is then Cancelling):
+    the pause ends at its next poll instead of after 600 min, nothing is restored, the host is
+    recorded as left for a person and why, the second update domain is never started, and the
+    run ends Cancelled, the one state a cancelling run may reach."""
+    import flows.patch as patch_flow
+
+    from tests.e2e.test_patch_run import cancelled_while_paused, in_thread
+
+    monkeypatch.setattr(patch_flow, "APPROVAL_POLL_SECONDS", 1)
+    first = lab_host("cancel-ask", 0, breaks_health=True)
+    second = lab_host("cancel-next", 1)
+    cfg = write_config(tmp_path / "fleet.yaml", [protected(first), protected(second)], {
+        "baseline_months": baseline_now(), "max_errors": 5, "health_probes": [HEALTH_PROBE],
+        "recovery_point": {"take_before_install": True, "rollback": "ask", "rollback_approval_minutes": 600}})
+    worker, outcome = in_thread(lambda: run_patch(config_path=str(cfg), refresh=False), "cancelled-rollback-approval")
+    _, (state, report) = cancelled_while_paused(worker, outcome)
+
+    assert state.is_cancelled(), state
+    assert "cancelled in Prefect while it waited for an answer" in (state.message or ""), state.message
+    found = records(report)
+    rollback = found["cancel-ask"].recovery.rollback  # type: ignore[union-attr]
+    assert rollback is not None and rollback.status == "unanswered"
+    assert rollback.error.startswith("stopped while waiting for the rollback's approval (cancelled in Prefect")
+    assert first.versions() == PATCHED  # nothing restored: a person decides
+    assert found["cancel-next"].status == "skipped" and "no new batch was started" in found["cancel-next"].reason
+    assert second.versions() == {"demo-web": "1.0", "demo-kernel": "1.0", "demo-db": "1.0"}
+    assert report.stopped and report.stopped.startswith("cancelled in Prefect")

@@ -70,6 +70,19 @@ def test_budget_stops_new_batches_while_in_flight_hosts_finish() -> None:
     assert "exceed the budget of 0" in (rollout.stop_reason or "")
 
 
+def test_a_stop_lets_the_running_batch_finish_and_starts_no_other() -> None:
+    rollout = Rollout(plan(hosts_in(0, 1, 2), Quota.parse(1), Quota.parse(5)))
+    first = rollout.next_batch()
+    assert first is not None and first.hosts == ["h0"]
+    rollout.stop("cancelled in Prefect")
+    rollout.stop("interrupted by SIGINT")  # the first reason stands
+    assert not rollout.finished  # h0 is still in flight
+    rollout.record("h0", True)
+    assert rollout.finished and rollout.next_batch() is None
+    assert rollout.not_started == ["h1", "h2"]
+    assert rollout.stop_reason == "cancelled in Prefect: no new batch was started"
+
+
 def test_recording_a_host_not_in_flight_is_an_error() -> None:
     rollout = Rollout(plan(hosts_in(0), Quota.parse(1), Quota.parse(0)))
     with pytest.raises(ValueError, match="'h0' is not in flight"):

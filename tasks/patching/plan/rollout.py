@@ -115,6 +115,11 @@ class Rollout:
         self.started: list[Batch] = []
         self.succeeded: list[str] = []
         self.failed: dict[str, str] = {}
+        self._stopped: str | None = None
+
+    def stop(self, reason: str) -> None:
+        """Start no new batch (the run was cancelled or asked to stop); the one running ends."""
+        self._stopped = self._stopped or reason
 
     @property
     def in_flight(self) -> frozenset[str]:
@@ -126,6 +131,8 @@ class Rollout:
 
     @property
     def stop_reason(self) -> str | None:
+        if self._stopped:
+            return f"{self._stopped}: no new batch was started"
         if not self.budget_exceeded:
             return None
         return (f"{len(self.failed)} failure(s) exceed the budget of {self.plan.allowed_failures}: "
@@ -138,16 +145,16 @@ class Rollout:
 
     @property
     def finished(self) -> bool:
-        return not self._in_flight and (not self._pending or self.budget_exceeded)
+        return not self._in_flight and (not self._pending or self.budget_exceeded or self._stopped is not None)
 
     def next_batch(self) -> Batch | None:
-        """The next batch to start, or None when the rollout is done or stopped by its budget."""
+        """The next batch to start, or None when the rollout is done, stopped or out of budget."""
         if self._in_flight:
             raise RuntimeError(
                 f"batch {self.started[-1].index} is still running ({', '.join(sorted(self._in_flight))}): "
                 "record every host before asking for the next batch"
             )
-        if self.budget_exceeded or not self._pending:
+        if self.budget_exceeded or self._stopped is not None or not self._pending:
             return None
         batch = self._pending.pop(0)
         self._in_flight.update(batch.hosts)
