@@ -14,6 +14,7 @@ import typer
 from rich.table import Table
 
 from cli.api import using_api
+from cli.interrupts import stoppable
 from cli.common import (
     DEFAULT_CONFIG, ConfigOption, GroupsOption, HostsOption, JsonOption, console, emit, exit_as,
     fail, flow_result, load_or_exit,
@@ -182,7 +183,8 @@ def run(
     """Patch hosts by update domain inside their windows.
 
     Exit 0 when the run completed, 1 when a host failed or the rollout stopped (the run's state
-    is Failed), 3 when the run was not approved (Cancelled).
+    is Failed), 3 when the run was not approved or was stopped (Cancelled): Ctrl-C lets the
+    running batch finish and starts no other; a second Ctrl-C exits at once.
     """
     from prefect.settings import get_current_settings
 
@@ -200,7 +202,7 @@ def run(
     if gate is not None and gate.rollback == "ask" and not dry_run and not wait_for_approval:
         fail(f"policy {fleet.policy_name!r} asks before a rollback (recovery_point.rollback: ask), which is answered "
              "in the Prefect UI: run with --wait-for-approval (a Prefect server: PREFECT_API_URL)")
-    with using_api():
+    with stoppable():  # Ctrl-C: the running batch ends and is recorded, no other starts (exit 3)
         state = patch_run(config_path=str(config), groups=group, hosts=host, policy=policy, dry_run=dry_run,
                           ignore_windows=ignore_windows, reboot_outside_window=reboot_outside_window, approved=yes,
                           forks=forks, refresh=refresh, return_state=True)

@@ -276,65 +276,71 @@ def patch_run(
         refresh: Refresh each host's package lists before assessing; off reads the lists the host has cached.
     """
     configure()
-    fleet = load_fleet(config_path, groups, hosts, policy)
-    run_id, now = _run_id(), datetime.now(timezone.utc)
-    log.info("patch run", run_id=run_id, hosts=len(fleet.hosts), policy=fleet.policy_name, dry_run=dry_run)
+    # A signal (Ctrl-C, a worker's SIGTERM) or a cancellation noticed in a pause lets the running
+    # batch finish and record its hosts, then starts no other: never a host left mid-install or
+    # mid-reboot without a record. A second signal exits at once.
+    with cancel.stop_on_signals():
+        fleet = load_fleet(config_path, groups, hosts, policy)
+        run_id, now = _run_id(), datetime.now(timezone.utc)
+        log.info("patch run", run_id=run_id, hosts=len(fleet.hosts), policy=fleet.policy_name, dry_run=dry_run)
 
-    assessment = survey_hosts(fleet, now, record=not dry_run, refresh=refresh, forks=forks,
-                              ignore_windows=ignore_windows)
-    with_work = [p for p in assessment.plans if p.has_work]
-    rollout_plan = plan([rollout_host(p) for p in with_work], fleet.policy.max_concurrency, fleet.policy.max_errors)
-    report = PatchRunReport(run_id=run_id, run_name=current_run_name(run_id), scope=selection({"groups": groups, "hosts": hosts}),
-                            policy=fleet.policy_name, dry_run=dry_run, plan=rollout_plan, assessment=assessment)
-    if dry_run:
-        publish_report(report)
-        return Completed(message="dry run: nothing installed", data=report)
+        assessment = survey_hosts(fleet, now, record=not dry_run, refresh=refresh, forks=forks,
+                                  ignore_windows=ignore_windows)
+        with_work = [p for p in assessment.plans if p.has_work]
+        rollout_plan = plan([rollout_host(p) for p in with_work], fleet.policy.max_concurrency, fleet.policy.max_errors)
+        report = PatchRunReport(run_id=run_id, run_name=current_run_name(run_id), scope=selection({"groups": groups, "hosts": hosts}),
+                                policy=fleet.policy_name, dry_run=dry_run, plan=rollout_plan, assessment=assessment)
+        if dry_run:
+            publish_report(report)
+            return Completed(message="dry run: nothing installed", data=report)
 
-    unpatched = records_outside_rollout(run_id, now, assessment, rollout_plan)
-    if fleet.policy.approval_required and not approved and rollout_plan.batches:
-        answer = request_approval(assessment_markdown(assessment, rollout_plan), approval_timeout_minutes)
-        if answer is None or not answer.approve:
-            stopped = cancel.requested() if answer is None else None
-            refused = (f"stopped while waiting for approval: {stopped}" if stopped
-                       else f"no approval within {approval_timeout_minutes:g} min" if answer is None
-                       else f"not approved{': ' + answer.comment if answer.comment else ''}")
-            log.info("not approved", reason=refused)
-            unpatched += [record_for_unpatched(run_id, p.host, now, p, "skipped", refused)
-                          for p in with_work if p.host in rollout_plan.scheduled]
-            report = _finish(report, fleet, unpatched, stopped=refused)
-            if stopped:
-                return Cancelled(message=f"{refused}: nothing installed", data=report)
-            if answer is None:
-                return Failed(message=f"{refused}: nothing installed", data=report)
-            return Cancelled(message=answer.comment or "not approved", data=report)
-        log.info("approval answered", approve=answer.approve, comment=answer.comment)
-        reboot_outside_window = reboot_outside_window or answer.reboot_outside_window
+        unpatched = records_outside_rollout(run_id, now, assessment, rollout_plan)
+        if fleet.policy.approval_required and not approved and rollout_plan.batches:
+            answer = request_approval(assessment_markdown(assessment, rollout_plan), approval_timeout_minutes)
+            if answer is None or not answer.approve:
+                stopped = cancel.requested() if answer is None else None
+                refused = (f"stopped while waiting for approval: {stopped}" if stopped
+                           else f"no approval within {approval_timeout_minutes:g} min" if answer is None
+                           else f"not approved{': ' + answer.comment if answer.comment else ''}")
+                log.info("not approved", reason=refused)
+                unpatched += [record_for_unpatched(run_id, p.host, now, p, "skipped", refused)
+                              for p in with_work if p.host in rollout_plan.scheduled]
+                report = _finish(report, fleet, unpatched, stopped=refused)
+                if stopped:
+                    return Cancelled(message=f"{refused}: nothing installed", data=report)
+                if answer is None:
+                    return Failed(message=f"{refused}: nothing installed", data=report)
+                return Cancelled(message=answer.comment or "not approved", data=report)
+            log.info("approval answered", approve=answer.approve, comment=answer.comment)
+            reboot_outside_window = reboot_outside_window or answer.reboot_outside_window
 
-    ctx = PatchContext(run_id=run_id, records=fleet.records, base_dir=fleet.base_dir, policy=fleet.policy,
-                       reboot_outside_window=reboot_outside_window, point_policy=point_policy(fleet))
-    rollout, patched = roll_out(rollout_plan, fleet, ctx, assessment, domain_slot_timeout_minutes * 60)
-    if rollout.stop_reason:
-        plans = {p.host: p for p in with_work}
-        unpatched += [record_for_unpatched(run_id, name, now, plans[name], "skipped", rollout.stop_reason)
-                      for name in rollout.not_started]
-    report = _finish(report, fleet, unpatched, stopped=rollout.stop_reason, patched=patched)
-    if stop := cancel.requested():
-        # Cancelling runs may only become Cancelled; the report says what was done before the stop.
-        return Cancelled(message=f"stopped: {stop}; {run_state(report, failed_hosts(patched, unpatched)).message}",
-                         data=report)
-    return run_state(report, failed_hosts(patched, unpatched))
+        ctx = PatchContext(run_id=run_id, records=fleet.records, base_dir=fleet.base_dir, policy=fleet.policy,
+                           reboot_outside_window=reboot_outside_window, point_policy=point_policy(fleet))
+        rollout, patched = roll_out(rollout_plan, fleet, ctx, assessment, domain_slot_timeout_minutes * 60)
+        if rollout.stop_reason:
+            plans = {p.host: p for p in with_work}
+            unpatched += [record_for_unpatched(run_id, name, now, plans[name], "skipped", rollout.stop_reason)
+                          for name in rollout.not_started]
+        report = _finish(report, fleet, unpatched, stopped=rollout.stop_reason, patched=patched)
+        if stop := cancel.requested():
+            # Cancelling runs may only become Cancelled; the report says what was done before the stop.
+            return Cancelled(message=f"stopped: {stop}; {run_state(report, failed_hosts(patched, unpatched)).message}",
+                             data=report)
+        return run_state(report, failed_hosts(patched, unpatched))
 
 
 def roll_out(rollout_plan: RolloutPlan, fleet: PatchFleet, ctx: PatchContext, assessment: AssessmentReport,
              slot_timeout_seconds: float) -> tuple[Rollout, list[HostPatchRecord]]:
     """Batch after batch, one update domain at a time, until done or the budget is spent."""
     rollout, records = Rollout(rollout_plan), []
-    while (batch := rollout.next_batch()) is not None:
+    while True:
+        if stop := cancel.requested():  # a signal, or a cancellation noticed in a pause
+            rollout.stop(stop)
+        if (batch := rollout.next_batch()) is None:
+            break
         for record in patch_batch(batch, fleet, ctx, assessment, slot_timeout_seconds):
             rollout.record(record.host, record.status == "succeeded", record.reason)
             records.append(record)
-        if stop := cancel.requested():  # cancelled in Prefect (noticed in a pause) or a signal
-            rollout.stop(stop)
     if rollout.stop_reason:
         log.error("rollout stopped", reason=rollout.stop_reason, not_started=rollout.not_started)
     return rollout, records

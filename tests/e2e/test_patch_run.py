@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -657,6 +658,52 @@ def test_a_run_cancelled_in_prefect_while_it_waits_for_approval_ends_cancelled_a
     [record] = json.loads(result.stdout)["records"]
     assert record["status"] == "skipped" and record["reason"].startswith("stopped while waiting for approval")
     assert host.versions() == {"demo-web": "1.0", "demo-kernel": "1.0", "demo-db": "1.0"}
+
+
+def test_ctrl_c_lets_the_running_batch_finish_and_starts_no_other_update_domain(
+        prefect_server: None, lab_host: LabMaker, tmp_path: Path) -> None:
+    """`patchdrill patch run` sent SIGINT (a terminal's Ctrl-C) while update domain 0 installs:
+    that batch ends and is recorded (never a host left mid-install without a record), domain 1
+    is never started, the command exits 3 and the run is Cancelled, saying why. A pre-install
+    hook that marks the moment and waits is what makes "while it installs" certain."""
+    import signal
+
+    from prefect.settings import get_current_settings
+
+    marker = tmp_path / "installing"
+    first, second = lab_host("ctrl-c-first", 0), lab_host("ctrl-c-second", 1)
+    cfg = write_config(tmp_path / "fleet.yaml", [first.config(), second.config()], {
+        "baseline_months": baseline_now(), "max_errors": 5,
+        "pre_hooks": [f"if [ ! -e {marker} ]; then touch {marker}; sleep 3; fi"]})
+    env = {**os.environ, "PREFECT_API_URL": str(get_current_settings().api.url)}
+    stderr = tmp_path / "stderr"
+    with open(stderr, "wb") as sink:
+        process = subprocess.Popen([str(Path(sys.executable).with_name("patchdrill")), "patch", "run", "--config",
+                                    str(cfg), "--no-refresh", "--json"], env=env, stdout=subprocess.PIPE,
+                                   stderr=sink, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists():
+            assert process.poll() is None, stderr.read_text()
+            assert time.monotonic() < deadline, "the first host's install never started"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 3, stderr.read_text()[-3000:]
+    report = json.loads(out)
+    found = {r["host"]: r for r in report["records"]}
+    assert found["ctrl-c-first"]["status"] == "succeeded", found["ctrl-c-first"]
+    assert first.versions()["demo-web"] == "1.1"
+    assert found["ctrl-c-second"]["status"] == "skipped"
+    assert found["ctrl-c-second"]["reason"] == "interrupted by SIGINT: no new batch was started"
+    assert second.versions() == {"demo-web": "1.0", "demo-kernel": "1.0", "demo-db": "1.0"}
+    state = flow_run_state(report["run_id"])
+    assert state.is_cancelled() and (state.message or "").startswith("stopped: interrupted by SIGINT"), state
+    assert "Traceback" not in stderr.read_text()
 
 
 def test_a_failed_install_fails_the_run_and_the_command_and_alerts(prefect_server: None, lab_host: LabMaker,
