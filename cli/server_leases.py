@@ -11,10 +11,10 @@ later run waited for the slot until its timeout.
 
 Every server patchdrill starts therefore
 
-- keeps leases in Prefect's filesystem lease storage (<PREFECT_HOME>/concurrency_leases), unless
-  the environment names another: a lease outlives the server, and the next server on the same
-  PREFECT_HOME gives its slot back once it expires (the lease's duration after the holder's last
-  renewal);
+- keeps leases in files (Prefect's filesystem lease storage, a directory per database:
+  cli/lease_storage.py), unless the environment names another storage: a lease outlives the
+  server, and the next server on the same database and PREFECT_HOME gives its slot back once it
+  expires (the lease's duration after the holder's last renewal);
 - runs Prefect's own lease revocation (`revoke_expired_lease`, the repossessor's step) on the
   ephemeral app too, every PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS;
 - once per database, gives back the slots left busy from before (when leases were kept in memory):
@@ -28,7 +28,6 @@ Every server patchdrill starts therefore
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import sys
 from collections.abc import AsyncIterator, Mapping
@@ -42,7 +41,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
 LEASE_STORAGE_ENV = "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE"
-FILESYSTEM_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
+FILE_LEASES = "cli.lease_storage"
 MEMORY_LEASES = "prefect.server.concurrency.lease_storage.memory"
 #: the limits the sweep looks at: patchdrill's own (tasks/patching/slots.py, flows/drill.py)
 LIMIT_PREFIX = "patchdrill-"
@@ -53,7 +52,7 @@ SETTLE_SECONDS = 5.0
 
 def server_environment(env: Mapping[str, str]) -> dict[str, str]:
     """env for a Prefect server: leases in files unless env names a lease storage of its own."""
-    return {LEASE_STORAGE_ENV: FILESYSTEM_LEASES, **env}
+    return {LEASE_STORAGE_ENV: FILE_LEASES, **env}
 
 
 def _logger() -> Any:
@@ -103,14 +102,12 @@ async def _unleased_slots() -> dict[UUID, tuple[str, int]]:
 
 def _sweep_record() -> Path:
     """The record that this database's slots from before were swept: one per database (a
-    PREFECT_HOME can serve several, `make server DB=postgres` beside the temporary API's SQLite),
-    named by a hash of its URL (which may hold a password)."""
-    from prefect.server.database import provide_database_interface
+    PREFECT_HOME can serve several), named as its lease directory is."""
     from prefect.settings import get_current_settings
 
-    url = provide_database_interface().database_config.connection_url
-    digest = hashlib.sha256(str(url).encode()).hexdigest()[:16]
-    return Path(get_current_settings().home).expanduser() / "patchdrill" / "slot-sweeps" / f"{digest}.json"
+    from cli.lease_storage import database_key
+
+    return Path(get_current_settings().home).expanduser() / "patchdrill" / "slot-sweeps" / f"{database_key()}.json"
 
 
 async def return_unleased_slots(settle_seconds: float = SETTLE_SECONDS) -> list[str]:

@@ -176,7 +176,7 @@ def test_a_slot_no_lease_names_comes_back_once(runs: Runs) -> None:
     holder = runs.start("holder", "hold", "temporary", timeout_seconds=HANG_GUARD, **memory)
     held = runs.held("holder", holder)
     runs.kill(holder, held["server_pid"])
-    assert not list((runs.home / "concurrency_leases").glob("*-*.json")), "the holder's lease was kept in a file"
+    assert not list((runs.home / "concurrency_leases").rglob("*-*.json")), "the holder's lease was kept in a file"
 
     taker = runs.start("taker", "take", "temporary", timeout_seconds=HANG_GUARD)
     assert runs.outcome("taker", taker) == "took"
