@@ -36,6 +36,7 @@ from typing import Any, Iterator
 
 from cli import warm
 from cli.common import fail, notice
+from cli.server_leases import server_environment
 
 MODE_ENV = "PATCHDRILL_SERVER"
 IDLE_ENV = "PATCHDRILL_SERVER_IDLE_MINUTES"
@@ -153,7 +154,9 @@ class BackgroundServer:
     def _start(self, timeout: float) -> str:
         idle = float(os.environ.get(IDLE_ENV) or DEFAULT_IDLE_MINUTES)
         self.state_file.unlink(missing_ok=True)
-        env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_API_URL")}
+        # Leases in files under its PREFECT_HOME (cli/server_leases.py): they outlive the server.
+        env = server_environment({key: value for key, value in os.environ.items()
+                                  if not key.startswith("PREFECT_API_URL")})
         env.update(PREFECT_HOME=str(self.root / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                    PREFECT_UI_ENABLED="false")
         with open(self.log_file, "ab") as log:

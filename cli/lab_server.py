@@ -17,6 +17,7 @@ PREFECT_API_URL from the user's profile, which may name another port.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import signal
@@ -34,6 +35,7 @@ from cli import lab_apt
 from cli.api import forget_lab_server, record_lab_server
 from cli.demo import install_notes_app, make_sample_data
 from cli.lab_postgres import LabPostgres, PostgresFailed
+from cli.server_leases import server_environment
 
 REPO = Path(__file__).resolve().parent.parent
 PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
@@ -50,8 +52,10 @@ class StackFailed(RuntimeError):
 def stack_environment(port: int, base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment every process of the stack shares: one port for the API and the UI."""
     api_url = f"http://127.0.0.1:{port}/api"
+    # The server keeps its leases in files (cli/server_leases.py): a slot whose holder was killed
+    # comes back once its lease expires, across a restart of the server too.
     return {
-        **(base if base is not None else os.environ),
+        **server_environment(base if base is not None else os.environ),
         "PREFECT_API_URL": api_url,
         "PREFECT_UI_API_URL": api_url,
         "PREFECT_SERVER_API_HOST": "127.0.0.1",
@@ -131,6 +135,14 @@ class LabStack:
             time.sleep(0.5)
         raise StackFailed(f"the Prefect server did not answer on port {self.port} within {STARTUP_TIMEOUT_SECONDS:.0f} s")
 
+    def _sweep_slots(self, server_env: dict[str, str]) -> None:
+        """Slots left busy from before leases were kept in files: once per database, with the
+        server's environment (its database), and its repossessor then returns them
+        (cli/server_leases.py). Not a process of the stack: it ends, and a failure is only logged."""
+        with (self.log_dir / "slot-sweep.log").open("wb") as log, contextlib.suppress(subprocess.TimeoutExpired):
+            subprocess.run([sys.executable, "-m", "cli.server_leases"], cwd=REPO, env=server_env, stdout=log,
+                           stderr=subprocess.STDOUT, timeout=STARTUP_TIMEOUT_SECONDS, check=False)
+
     def start(self) -> None:
         _check_port_free(self.port)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -143,6 +155,7 @@ class LabStack:
         server = self._spawn("server", "server", "start", "--host", "127.0.0.1", "--port", str(self.port),
                              env=server_env)
         self._wait_healthy(server)
+        self._sweep_slots(server_env)
         self._prefect("work-pool", "create", WORK_POOL, "--type", "process", "--overwrite")
         self._prefect("deploy", "--all", "--prefect-file", str(PREFECT_YAML))
         limit = ["--limit", str(self.worker_limit)] if self.worker_limit else []

@@ -78,7 +78,11 @@ def serve(state_file: Path, idle_minutes: float) -> None:
     import uvicorn
     from prefect.server.api.server import create_app
 
-    clock = ActivityClock(create_app(ephemeral=True, final=True))
+    from cli.server_leases import keep_leases
+
+    # Expired leases revoked here too (Prefect runs its repossessor only on a full server): a
+    # command killed mid-run gives its slots back instead of keeping them for the server's life.
+    clock = ActivityClock(keep_leases(create_app(ephemeral=True, final=True), repossess=True))
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("127.0.0.1", 0))

@@ -23,6 +23,8 @@ def _detached_server_class() -> type:
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import get_current_settings
 
+    from cli.server_leases import server_environment
+
     class DetachedEphemeralServer(SubprocessASGIServer):
         """Prefect's temporary server, started as Prefect 3.8 starts it, in a new session."""
 
@@ -34,12 +36,14 @@ def _detached_server_class() -> type:
             log.parent.mkdir(parents=True, exist_ok=True)
             with log.open("ab") as output:
                 return subprocess.Popen(
+                    # Prefect's app with its leases kept in files and its expired leases revoked
+                    # (cli/server_leases.py): a run killed here does not keep its slots for good.
                     args=[sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
-                          "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+                          "--factory", "cli.server_leases:create_app", "--host", "127.0.0.1",
                           "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
-                    env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-                         "PREFECT__SERVER_FINAL": "1",
-                         **get_current_settings().to_environment_variables(exclude_unset=True)},
+                    env=server_environment({**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                                            "PREFECT__SERVER_FINAL": "1",
+                                            **get_current_settings().to_environment_variables(exclude_unset=True)}),
                     stdin=subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True,
                 )
 

@@ -27,8 +27,9 @@ SHARED_STACK_FILES = frozenset({"tests/e2e/test_lab_stack.py", "tests/e2e/test_u
 STOPS_THE_SHARED_STACK = "tests/e2e/test_lab_stack.py::test_ctrl_c_stops_everything_it_started"
 # Slowest first, as measured on two cores; each runs minutes on its own.
 LONGEST_FIRST = (SHARED_STACK, "tests/e2e/test_stop_signals.py", "tests/e2e/test_background_server.py",
-                 "tests/e2e/test_scale_stack.py", "tests/e2e/test_patch_run.py", "tests/e2e/test_drill_run.py",
-                 "tests/e2e/test_patch_safety.py", "tests/integration/test_changed_block_tracking.py")
+                 "tests/e2e/test_slot_leases.py", "tests/e2e/test_scale_stack.py", "tests/e2e/test_patch_run.py",
+                 "tests/e2e/test_drill_run.py", "tests/e2e/test_patch_safety.py",
+                 "tests/integration/test_changed_block_tracking.py")
 KINDS = ("tests/e2e/", "tests/integration/")
 
 
