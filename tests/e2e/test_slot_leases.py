@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,25 +112,29 @@ def _state(pid: int) -> str:
         return "gone"
 
 
-@pytest.fixture
-def runs(tmp_path: Path) -> Iterator[Runs]:
-    runs = Runs(tmp_path / "prefect-home")
+@contextlib.contextmanager
+def started_in(home: Path) -> Iterator[Runs]:
+    """The runs of one scenario, with a PREFECT_HOME of its own; everything they started is
+    killed at the end, and a background server stopped."""
+    runs = Runs(home)
     runs.home.mkdir()
-    yield runs
-    for process in runs.processes:
-        if process.poll() is None:
+    try:
+        yield runs
+    finally:
+        for process in runs.processes:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        for pid in runs.server_pids:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    for pid in runs.server_pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    # A background server a taking run started (and the warm process beside it, were there one).
-    subprocess.run([str(PATCHDRILL), "server", "stop"], env=runs.env("background"), capture_output=True,
-                   timeout=HANG_GUARD, check=False)
+                os.kill(pid, signal.SIGKILL)
+        # A background server a taking run started (and the warm process beside it, were there one).
+        subprocess.run([str(PATCHDRILL), "server", "stop"], env=runs.env("background"), capture_output=True,
+                       timeout=HANG_GUARD, check=False)
 
 
-def test_a_live_holder_keeps_its_slot_and_a_killed_ones_comes_back(runs: Runs) -> None:
+def a_live_holder_keeps_its_slot_and_a_killed_ones_comes_back(runs: Runs) -> None:
     """On Prefect's temporary API, where the slots were seen stuck for hours. While the holder
     renews its lease, a second run waits longer than the lease and times out, saying who holds
     the slot, even through a sweep for slots no lease names (as if this database had never been
@@ -157,7 +162,7 @@ def test_a_live_holder_keeps_its_slot_and_a_killed_ones_comes_back(runs: Runs) -
     assert runs.outcome("taker", taker) == "took"
 
 
-def test_a_killed_holders_slot_comes_back_on_the_next_background_server(runs: Runs) -> None:
+def a_killed_holders_slot_comes_back_on_the_next_background_server(runs: Runs) -> None:
     """The same on patchdrill's background server (cli/server_daemon.py), where commands run by
     default: the holder and the server killed, the next command starts a new one on the home."""
     holder = runs.start("holder", "hold", "background", timeout_seconds=HANG_GUARD)
@@ -168,7 +173,7 @@ def test_a_killed_holders_slot_comes_back_on_the_next_background_server(runs: Ru
     assert runs.outcome("taker", taker) == "took"
 
 
-def test_a_slot_no_lease_names_comes_back_once(runs: Runs) -> None:
+def a_slot_no_lease_names_comes_back_once(runs: Runs) -> None:
     """What servers that kept leases in memory left: the holder took the slot through a server
     whose leases died with it (Prefect's default), and both were killed; the database says the
     slot is busy and no lease names it. The next server patchdrill starts gives it back."""
@@ -182,3 +187,26 @@ def test_a_slot_no_lease_names_comes_back_once(runs: Runs) -> None:
     assert runs.outcome("taker", taker) == "took"
     [record] = (runs.home / "patchdrill" / "slot-sweeps").glob("*.json")
     assert json.loads(record.read_text())["returned"] == [LIMIT]
+
+
+SCENARIOS = [a_live_holder_keeps_its_slot_and_a_killed_ones_comes_back,
+             a_killed_holders_slot_comes_back_on_the_next_background_server, a_slot_no_lease_names_comes_back_once]
+
+
+def test_killed_holders_slots_come_back_and_a_live_holders_does_not(tmp_path: Path) -> None:
+    """The three scenarios above, side by side, each with a PREFECT_HOME and servers of its own:
+    each spends most of its minutes waiting out a lease (60 s at the least), so one after another
+    they would hold a test worker for five minutes doing nothing. Each scenario's failure is
+    reported under its name."""
+    def scenario(index: int) -> None:
+        with started_in(tmp_path / f"home-{index}") as runs:
+            SCENARIOS[index](runs)
+
+    with ThreadPoolExecutor(max_workers=len(SCENARIOS), thread_name_prefix="slot-scenario") as pool:
+        futures = {SCENARIOS[i].__name__: pool.submit(scenario, i) for i in range(len(SCENARIOS))}
+    failures = []
+    for name, future in futures.items():
+        error = future.exception()
+        if error is not None:
+            failures.append(f"{name}: {type(error).__name__}: {error}")
+    assert not failures, "\n".join(failures)
