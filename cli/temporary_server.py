@@ -17,6 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+#: The temporary server's app, as uvicorn's --factory names it (and its command line shows it).
+APP_FACTORY = "cli.server_leases:create_app"
+
 
 def _detached_server_class() -> type:
     import prefect
@@ -39,7 +42,7 @@ def _detached_server_class() -> type:
                     # Prefect's app with its leases kept in files and its expired leases revoked
                     # (cli/server_leases.py): a run killed here does not keep its slots for good.
                     args=[sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
-                          "--factory", "cli.server_leases:create_app", "--host", "127.0.0.1",
+                          "--factory", APP_FACTORY, "--host", "127.0.0.1",
                           "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
                     env=server_environment({**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                                             "PREFECT__SERVER_FINAL": "1",

@@ -26,6 +26,7 @@ import anyio
 import pytest
 import yaml
 
+from cli.temporary_server import APP_FACTORY
 from tests.alert_checks import alerts_section
 from tests.e2e.test_backup_cli import cli  # noqa: F401 - the in-process CLI fixture
 from tests.hosts.webhook import WebhookReceiver
@@ -174,13 +175,13 @@ def _ended(pid: int) -> bool:
 
 def _is_server(pid: int) -> bool:
     try:
-        return not _ended(pid) and b"prefect.server.api.server" in (Path("/proc") / str(pid) / "cmdline").read_bytes()
+        return not _ended(pid) and APP_FACTORY.encode() in (Path("/proc") / str(pid) / "cmdline").read_bytes()
     except OSError:
         return False
 
 
 def _server_of(command: Command) -> list[int]:
-    servers = [pid for pid, cmdline in _children(command.pid).items() if "prefect.server.api.server" in cmdline]
+    servers = [pid for pid, cmdline in _children(command.pid).items() if APP_FACTORY in cmdline]
     assert servers, f"the command runs no temporary Prefect server: {_children(command.pid)}"
     # Not the test's child, so recognised by its command line before it is killed.
     _launched.extend((lambda pid=pid: _is_server(pid), lambda pid=pid: os.kill(pid, signal.SIGKILL))
