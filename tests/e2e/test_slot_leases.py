@@ -134,14 +134,10 @@ def started_in(home: Path) -> Iterator[Runs]:
                        timeout=HANG_GUARD, check=False)
 
 
-def a_live_holder_keeps_its_slot_and_a_killed_ones_comes_back(runs: Runs) -> None:
-    """On Prefect's temporary API, where the slots were seen stuck for hours. While the holder
-    renews its lease, a second run waits longer than the lease and times out, saying who holds
-    the slot, even through a sweep for slots no lease names (as if this database had never been
-    swept). Then the holder and its server are killed, and a third run, on a new server on the
-    same home (database and lease files), gets the slot once the dead holder's lease expires;
-    before leases were kept in files and revoked on these servers, it waited out its timeout
-    (HANG_GUARD here, an hour for a host in a patch run)."""
+def a_live_holder_keeps_its_slot(runs: Runs) -> None:
+    """On Prefect's temporary API: while the holder renews its lease, a second run waits longer
+    than the lease and times out, saying who holds the slot, even through a sweep for slots no
+    lease names (as if this database had never been swept)."""
     holder = runs.start("holder", "hold", "temporary", timeout_seconds=HANG_GUARD)
     held = runs.held("holder", holder)
     for record in (runs.home / "patchdrill" / "slot-sweeps").glob("*.json"):
@@ -157,6 +153,15 @@ def a_live_holder_keeps_its_slot_and_a_killed_ones_comes_back(runs: Runs) -> Non
     assert waiting["held_for"]
     assert list((runs.home / "patchdrill" / "slot-sweeps").glob("*.json")), "the waiter's server did not sweep"
 
+
+def a_killed_holders_slot_comes_back_on_the_next_temporary_api(runs: Runs) -> None:
+    """On Prefect's temporary API, where the slots were seen stuck for hours: the holder and its
+    server are killed, and the next run, on a new server on the same home (database and lease
+    files), gets the slot once the dead holder's lease expires; before leases were kept in files
+    and revoked on these servers, it waited out its timeout (HANG_GUARD here, an hour for a host
+    in a patch run)."""
+    holder = runs.start("holder", "hold", "temporary", timeout_seconds=HANG_GUARD)
+    held = runs.held("holder", holder)
     runs.kill(holder, held["server_pid"])
     taker = runs.start("taker", "take", "temporary", timeout_seconds=HANG_GUARD)
     assert runs.outcome("taker", taker) == "took"
@@ -189,12 +194,12 @@ def a_slot_no_lease_names_comes_back_once(runs: Runs) -> None:
     assert json.loads(record.read_text())["returned"] == [LIMIT]
 
 
-SCENARIOS = [a_live_holder_keeps_its_slot_and_a_killed_ones_comes_back,
+SCENARIOS = [a_live_holder_keeps_its_slot, a_killed_holders_slot_comes_back_on_the_next_temporary_api,
              a_killed_holders_slot_comes_back_on_the_next_background_server, a_slot_no_lease_names_comes_back_once]
 
 
 def test_killed_holders_slots_come_back_and_a_live_holders_does_not(tmp_path: Path) -> None:
-    """The three scenarios above, side by side, each with a PREFECT_HOME and servers of its own:
+    """The scenarios above, side by side, each with a PREFECT_HOME and servers of its own:
     each spends most of its minutes waiting out a lease (60 s at the least), so one after another
     they would hold a test worker for five minutes doing nothing. Each scenario's failure is
     reported under its name."""
