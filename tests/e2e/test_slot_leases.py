@@ -160,21 +160,22 @@ def a_killed_holders_slot_comes_back_on_the_next_temporary_api(runs: Runs) -> No
     files), gets the slot once the dead holder's lease expires; before leases were kept in files
     and revoked on these servers, it waited out its timeout (HANG_GUARD here, an hour for a host
     in a patch run)."""
-    holder = runs.start("holder", "hold", "temporary", timeout_seconds=HANG_GUARD)
-    held = runs.held("holder", holder)
-    runs.kill(holder, held["server_pid"])
-    taker = runs.start("taker", "take", "temporary", timeout_seconds=HANG_GUARD)
-    assert runs.outcome("taker", taker) == "took"
+    _killed_holder_then_taker(runs, "temporary")
 
 
 def a_killed_holders_slot_comes_back_on_the_next_background_server(runs: Runs) -> None:
     """The same on patchdrill's background server (cli/server_daemon.py), where commands run by
     default: the holder and the server killed, the next command starts a new one on the home."""
-    holder = runs.start("holder", "hold", "background", timeout_seconds=HANG_GUARD)
+    _killed_holder_then_taker(runs, "background")
+
+
+def _killed_holder_then_taker(runs: Runs, mode: str) -> None:
+    """A holder takes the slot on a server of this mode; both are killed; a new run on a new
+    server of the same home gets the slot."""
+    holder = runs.start("holder", "hold", mode, timeout_seconds=HANG_GUARD)
     held = runs.held("holder", holder)
     runs.kill(holder, held["server_pid"])
-
-    taker = runs.start("taker", "take", "background", timeout_seconds=HANG_GUARD)
+    taker = runs.start("taker", "take", mode, timeout_seconds=HANG_GUARD)
     assert runs.outcome("taker", taker) == "took"
 
 
